@@ -1,0 +1,48 @@
+# fedcollab: `make demo` and `make test` set everything up from nothing.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_UPDATE_CHECK := 1
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: demo test install install-dev lint-imports bench clean schema
+
+$(VENV)/.created:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	touch $@
+
+# The constraints file pins the CPU build of torch (see constraints.txt).
+$(VENV)/.installed: $(VENV)/.created pyproject.toml constraints.txt
+	$(PIP) install -q -c constraints.txt -e '.[all]'
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install -q -c constraints.txt -e '.[all,dev]'
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/fedcollab demo --out runs/demo
+
+lint-imports: $(VENV)/.installed-dev
+	$(VENV)/bin/lint-imports
+
+test: $(VENV)/.installed-dev
+	$(VENV)/bin/lint-imports
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+schema: $(VENV)/.installed
+	$(VENV)/bin/fedcollab spec schema --out protocols
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/utility.py
+	$(PY) benchmarks/overhead.py
+
+clean:
+	rm -rf $(VENV) runs

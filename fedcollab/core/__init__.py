@@ -1,0 +1,40 @@
+"""Foundation: config base, errors, exit codes, logging. Imports nothing from fedcollab."""
+
+from fedcollab.core._config import FrozenModel, format_validation_error
+from fedcollab.core._errors import (
+    BudgetExhausted,
+    ConfigError,
+    CryptoError,
+    DataValidationError,
+    FedcollabError,
+    NodeError,
+    PrivacyError,
+    ProtocolError,
+    SpecError,
+    TransportError,
+    UpdateError,
+)
+from fedcollab.core._exit_codes import EXIT_CODE_HELP, ExitCode
+from fedcollab.core._log import get_logger
+from fedcollab.core._node_codes import NODE_ERROR_HELP, NodeErrorCode
+
+__all__ = [
+    "EXIT_CODE_HELP",
+    "NODE_ERROR_HELP",
+    "BudgetExhausted",
+    "ConfigError",
+    "CryptoError",
+    "DataValidationError",
+    "ExitCode",
+    "FedcollabError",
+    "FrozenModel",
+    "NodeError",
+    "NodeErrorCode",
+    "PrivacyError",
+    "ProtocolError",
+    "SpecError",
+    "TransportError",
+    "UpdateError",
+    "format_validation_error",
+    "get_logger",
+]

@@ -1,0 +1,54 @@
+"""A frozen, closed, strict pydantic base and one error-message format."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+
+class FrozenModel(BaseModel):
+    """Base for every config a user writes.
+
+    Notes
+    -----
+    ``extra="forbid"`` so a misspelt ``noise_multipler`` is an error, not silently dropped;
+    ``strict=True`` so ``epsilon = true`` is not turned into ``1.0``; ``frozen=True`` so a
+    validated config cannot drift afterwards (use ``model_copy(update=...)``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "<root>"
+
+
+def _got(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def format_validation_error(exc: ValidationError, *, prefix: str = "") -> list[str]:
+    """One line per problem: the field, what was expected, what was got."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = _loc(tuple(err["loc"]))
+        if prefix:
+            loc = f"{prefix}.{loc}" if loc != "<root>" else prefix
+        msg = err["msg"]
+        if err["type"] == "missing":
+            lines.append(f"`{loc}` is required but missing.")
+        elif err["type"] == "extra_forbidden":
+            lines.append(f"`{loc}` is not a known field (got {_got(err.get('input'))}).")
+        else:
+            lines.append(f"`{loc}`: {msg.rstrip('.')}; got {_got(err.get('input'))}.")
+    return lines

@@ -1,0 +1,36 @@
+"""CLI exit codes, each with help text (a test checks that every code has some)."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Process exit codes of the ``fedcollab`` command."""
+
+    OK = 0
+    ERROR = 1
+    CONFIG_INVALID = 2
+    DATA_INVALID = 3
+    PRIVACY_INVALID = 4
+    BUDGET_EXHAUSTED = 5
+    CRYPTO_FAILED = 6
+    PROTOCOL_FAILED = 7
+    TRANSPORT_FAILED = 8
+    NODE_FAILED = 9
+    MISSING_EXTRA = 10
+
+
+EXIT_CODE_HELP: dict[ExitCode, str] = {
+    ExitCode.OK: "Success.",
+    ExitCode.ERROR: "An unexpected error; see the log.",
+    ExitCode.CONFIG_INVALID: "The spec or policy is invalid; each problem names the field, the expectation and the value.",
+    ExitCode.DATA_INVALID: "A silo's data does not match the shared schema; nothing was sent.",
+    ExitCode.PRIVACY_INVALID: "Invalid privacy parameters (epsilon <= 0, delta outside [0, 1), NaN) or an unsupported event.",
+    ExitCode.BUDGET_EXHAUSTED: "A release would exceed a privacy budget; it was refused before anything left the node.",
+    ExitCode.CRYPTO_FAILED: "A signature, key or ciphertext check failed.",
+    ExitCode.PROTOCOL_FAILED: "A protocol message was malformed (NaN or wrongly shaped update, wrong stage).",
+    ExitCode.TRANSPORT_FAILED: "The Flower runtime failed to deliver messages.",
+    ExitCode.NODE_FAILED: "Too few nodes replied successfully; their error codes are listed.",
+    ExitCode.MISSING_EXTRA: "A needed extra is not installed (for example: pip install 'fedcollab[node]').",
+}

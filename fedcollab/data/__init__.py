@@ -1,0 +1,26 @@
+"""Node-local data: reading a silo's source, schema validation, encoding, splits, statistics.
+
+Runs at the partner only: the coordinator never imports this package (import-linter contract).
+"""
+
+from fedcollab.data._encode import FeatureEncoder, feature_bounds
+from fedcollab.data._prepare import PartnerData, load_partner_data, prepare_frame
+from fedcollab.data._source import EMBEDDED_PREFIX, embedded_path, read_source
+from fedcollab.data._split import split_indices
+from fedcollab.data._stats import exact_statistics, normalise_bounded
+from fedcollab.data._validate import validate_frame
+
+__all__ = [
+    "EMBEDDED_PREFIX",
+    "FeatureEncoder",
+    "PartnerData",
+    "embedded_path",
+    "exact_statistics",
+    "feature_bounds",
+    "load_partner_data",
+    "normalise_bounded",
+    "prepare_frame",
+    "read_source",
+    "split_indices",
+    "validate_frame",
+]

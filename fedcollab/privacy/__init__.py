@@ -1,0 +1,1 @@
+"""Privacy: accounting (events, epsilon, calibration) and mechanisms (clip and noise)."""

@@ -1,0 +1,84 @@
+"""Calibration of a DP-SGD noise multiplier to a target (epsilon, delta)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from fedcollab.core import PrivacyError
+from fedcollab.privacy.accounting._accountant import AccountantName, _dpa, _fresh, compose_event, compute_epsilon
+from fedcollab.privacy.accounting._events import GaussianMechanism, PoissonSubsampledGaussian
+from fedcollab.privacy.accounting._validate import check_count, check_delta, check_epsilon, check_rate
+
+_MAX_SIGMA = 1e4
+
+
+def calibrate_noise_multiplier(
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float | None,
+    steps: int,
+    accountant: AccountantName,
+    prior: Sequence[Any] = (),
+) -> float:
+    """Smallest noise multiplier such that ``prior`` then the mechanism stays within epsilon.
+
+    With ``sample_rate`` the mechanism is DP-SGD (``PoissonSubsampledGaussian(z, q, steps)``);
+    with ``sample_rate=None`` it is ``steps`` plain Gaussian releases.
+
+    Notes
+    -----
+    Bisection by ``dp_accounting.calibrate_dp_mechanism``; the result is re-checked with
+    :func:`compute_epsilon` and never exceeds the target.
+    """
+    target_epsilon = check_epsilon(target_epsilon, "target_epsilon")
+    delta = check_delta(delta)
+    steps = check_count(steps, "steps")
+    if sample_rate is not None:
+        sample_rate = check_rate(sample_rate)
+    if steps == 0:
+        raise PrivacyError("`steps` must be >= 1 to calibrate a mechanism, got 0.")
+    dpa = _dpa()
+
+    def mech(z: float) -> Any:
+        if sample_rate is None:
+            return GaussianMechanism(noise_multiplier=z, releases=steps)
+        return PoissonSubsampledGaussian(noise_multiplier=z, sample_rate=sample_rate, steps=steps)
+
+    prior = list(prior)
+    prior_eps = compute_epsilon(prior, delta=delta, accountant=accountant).epsilon if prior else 0.0
+    if prior_eps >= target_epsilon:
+        raise PrivacyError(
+            f"earlier releases already spend epsilon {prior_eps:.4g} >= target_epsilon {target_epsilon:.4g}; no noise multiplier can fit."
+        )
+    worst = compute_epsilon([*prior, mech(_MAX_SIGMA)], delta=delta, accountant=accountant).epsilon
+    if worst > target_epsilon:
+        raise PrivacyError(f"no noise multiplier <= {_MAX_SIGMA:g} reaches target_epsilon {target_epsilon:.4g} at delta {delta:g}.")
+
+    def solve(name: str, low: float, high: float) -> float:
+        try:
+            return float(
+                dpa.calibrate_dp_mechanism(
+                    lambda: _fresh(name),
+                    lambda z: compose_event([*prior, mech(z)]),
+                    target_epsilon,
+                    delta,
+                    bracket_interval=dpa.ExplicitBracketInterval(low, high),
+                    tol=1e-4,
+                )
+            )
+        except (ValueError, RuntimeError, MemoryError) as exc:
+            raise PrivacyError(f"calibration failed: {exc}") from None
+
+    # RDP first: cheap and robust over a wide bracket. PLD is tighter (its epsilon is at most
+    # RDP's), so its answer lies below RDP's; a narrow bracket keeps PLD's grids small.
+    z = solve("rdp", 1e-3, _MAX_SIGMA)
+    if accountant == "pld":
+        low = max(z / 3.0, 0.3)
+        if low < z:
+            z = solve("pld", low, z)
+    # Never trust the bisection alone: the claim is what the accountant says.
+    while compute_epsilon([*prior, mech(z)], delta=delta, accountant=accountant).epsilon > target_epsilon:
+        z *= 1.0001
+    return z

@@ -1,0 +1,291 @@
+"""Pydantic models of a collaboration spec (``protocols/*.toml``).
+
+Every model is frozen, closed (``extra="forbid"``) and strict; numbers must be finite.
+Integral floats (``20.0``) are accepted where an integer is meant.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, PrivateAttr, model_validator
+
+from fedcollab.core import FrozenModel
+
+
+def _integral_float_to_int(value: Any) -> Any:
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_integral_float_to_int)]
+PosInt = Annotated[int, BeforeValidator(_integral_float_to_int), Field(gt=0)]
+Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Scalar = str | int | float | bool
+
+SCHEMA_VERSION = 1
+
+
+class SourceSpec(FrozenModel):
+    """Where a partner's rows live (simulation only; in deployment each node supplies its own)."""
+
+    path: str = Field(min_length=1, description="CSV or Parquet file, relative to the spec file, or `embedded://NAME` for data shipped with fedcollab.")
+    format: Literal["csv", "parquet"] | None = Field(default=None, description="File format; inferred from the suffix when omitted.")
+    where: dict[str, Scalar] = Field(default_factory=dict, description="Keep only rows whose columns equal these values (several partners may share one file in simulation).")
+
+
+class SplitSpec(FrozenModel):
+    """How a partner's rows divide into train and test: a ratio, or a column."""
+
+    test_fraction: Finite | None = Field(default=None, gt=0.0, lt=1.0, description="Share of rows held out for testing.")
+    stratify: bool = Field(default=True, description="Stratify the split by label (skipped where a class has fewer than 3 rows).")
+    seed: Int | None = Field(default=None, ge=0, description="Seed of the split; defaults to the spec's seed.")
+    column: str | None = Field(default=None, description="Column whose value `test_value` marks test rows (instead of a ratio).")
+    test_value: Scalar = Field(default="test", description="Value of `column` that marks a test row.")
+
+    @model_validator(mode="after")
+    def _one_way(self) -> SplitSpec:
+        if (self.test_fraction is None) == (self.column is None):
+            raise ValueError("give exactly one of `test_fraction` or `column`")
+        return self
+
+
+class PartnerSpec(FrozenModel):
+    """One partner (a silo)."""
+
+    name: Name
+    source: SourceSpec | None = Field(default=None, description="Local data (simulation). Omit in deployment.")
+    split: SplitSpec = Field(default_factory=lambda: SplitSpec(test_fraction=0.34))
+
+
+class ColumnSpec(FrozenModel):
+    """One column of the shared data schema."""
+
+    name: str = Field(min_length=1)
+    type: Literal["number", "bool", "category"]
+    bounds: list[Finite] | None = Field(default=None, min_length=2, max_length=2, description="Public [min, max] of a number column; required when it is a feature. Values outside are an error.")
+    levels: list[Scalar] | None = Field(default=None, description="Allowed values of a category column, reference level first.")
+    nullable: bool = Field(default=False, description="Whether missing values are allowed.")
+    integer: bool = Field(default=False, description="Number column whose values must be integral.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ColumnSpec:
+        if self.type == "category":
+            if not self.levels:
+                raise ValueError(f"category column `{self.name}` needs non-empty `levels`")
+            if len(set(map(str, self.levels))) != len(self.levels):
+                raise ValueError(f"`levels` of `{self.name}` must be unique")
+        elif self.levels is not None:
+            raise ValueError(f"`levels` is only for category columns, `{self.name}` is {self.type}")
+        if self.bounds is not None:
+            if self.type != "number":
+                raise ValueError(f"`bounds` is only for number columns, `{self.name}` is {self.type}")
+            if not self.bounds[0] < self.bounds[1]:
+                raise ValueError(f"`bounds` of `{self.name}` must be [min, max] with min < max, got {list(self.bounds)}")
+        return self
+
+
+class LabelSpec(FrozenModel):
+    """The binary label: positive when the column is above a threshold or in a set of levels."""
+
+    column: str = Field(min_length=1)
+    positive_above: Finite | None = Field(default=None, description="Number label: positive when value > this.")
+    positive_levels: list[Scalar] | None = Field(default=None, description="Category or bool label: positive when value is one of these.")
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> LabelSpec:
+        if (self.positive_above is None) == (self.positive_levels is None):
+            raise ValueError("give exactly one of `positive_above` or `positive_levels`")
+        return self
+
+
+class SchemaSpec(FrozenModel):
+    """The data schema every partner shares."""
+
+    columns: list[ColumnSpec] = Field(min_length=1)
+    features: list[str] = Field(min_length=1, description="Columns the model sees; categories are one-hot encoded (reference level dropped), bools as 0/1.")
+    label: LabelSpec
+    missing: Literal["drop_rows", "error"] = Field(default="drop_rows", description="Rows with a missing feature or label in a nullable column: dropped at the node, or an error.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SchemaSpec:
+        names = [c.name for c in self.columns]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        problems = []
+        if dupes:
+            problems.append(f"duplicate columns {dupes}")
+        by_name = {c.name: c for c in self.columns}
+        for f in self.features:
+            col = by_name.get(f)
+            if col is None:
+                problems.append(f"feature `{f}` is not a declared column")
+            elif col.type == "number" and col.bounds is None:
+                problems.append(f"number feature `{f}` needs public `bounds`")
+        if len(set(self.features)) != len(self.features):
+            problems.append("`features` lists a column twice")
+        lab = by_name.get(self.label.column)
+        if lab is None:
+            problems.append(f"label column `{self.label.column}` is not a declared column")
+        else:
+            if self.label.column in self.features:
+                problems.append(f"label column `{self.label.column}` is also a feature")
+            if lab.type == "number" and self.label.positive_above is None:
+                problems.append("a number label needs `positive_above`")
+            if lab.type != "number" and self.label.positive_levels is None:
+                problems.append(f"a {lab.type} label needs `positive_levels`")
+            if lab.type == "category" and self.label.positive_levels is not None:
+                unknown = [v for v in self.label.positive_levels if str(v) not in {str(x) for x in lab.levels or []}]
+                if unknown:
+                    problems.append(f"`positive_levels` {unknown} are not levels of `{lab.name}`")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def column(self, name: str) -> ColumnSpec:
+        """The column called ``name``."""
+        for c in self.columns:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+
+class ModelSpec(FrozenModel):
+    """The model every partner trains."""
+
+    kind: Literal["logistic_regression", "mlp", "custom"] = "logistic_regression"
+    hidden: list[PosInt] = Field(default_factory=list, description="MLP hidden layer widths.")
+    target: str | None = Field(default=None, description="Custom model: `package.module:ClassName`, a torch.nn.Module built as Class(n_features, **options) returning one logit per row.")
+    options: dict[str, Scalar] = Field(default_factory=dict, description="Keyword arguments of a custom model.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelSpec:
+        if self.kind == "mlp" and not self.hidden:
+            raise ValueError("an `mlp` model needs `hidden` widths, e.g. [32, 16]")
+        if self.kind != "mlp" and self.hidden:
+            raise ValueError(f"`hidden` is only for `mlp`, kind is `{self.kind}`")
+        if self.kind == "custom":
+            if not self.target or not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", self.target):
+                raise ValueError(f"a custom model needs `target` = 'package.module:ClassName', got {self.target!r}")
+        elif self.target is not None or self.options:
+            raise ValueError("`target` and `options` are only for `custom` models")
+        return self
+
+
+class TrainingSpec(FrozenModel):
+    """Federated training."""
+
+    rounds: PosInt = 20
+    local_epochs: PosInt = 1
+    batch_size: PosInt = 32
+    learning_rate: Finite = Field(default=0.05, gt=0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: Finite = Field(default=0.0, ge=0, lt=1)
+    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    proximal_mu: Finite = Field(default=0.01, ge=0, description="FedProx proximal term weight.")
+    server_learning_rate: Finite = Field(default=0.1, gt=0, description="FedAdam server learning rate (eta).")
+    server_beta_1: Finite = Field(default=0.9, ge=0, lt=1)
+    server_beta_2: Finite = Field(default=0.99, ge=0, lt=1)
+    server_tau: Finite = Field(default=1e-3, gt=0)
+    evaluate_every: PosInt = Field(default=1, description="Federated evaluation every this many rounds (and always after the last).")
+
+
+class PrivacySpec(FrozenModel):
+    """Privacy: none, or record-level DP-SGD at every partner."""
+
+    mode: Literal["none", "record"] = "none"
+    target_epsilon: Finite | None = Field(default=None, gt=0, description="Per-partner epsilon over the whole collaboration, all data-dependent releases included.")
+    delta: Finite | None = Field(default=None, gt=0, lt=1)
+    clip_norm: Finite = Field(default=3.0, gt=0, description="Per-example gradient L2 clipping norm C.")
+    accountant: Literal["rdp", "pld"] = "rdp"
+    preprocessing_epsilon_share: Finite = Field(default=0.0, ge=0, lt=1, description="Share of the target epsilon spent on DP statistics for feature scaling (scaling = 'dp_statistics').")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PrivacySpec:
+        if self.mode == "record":
+            missing = [n for n in ("target_epsilon", "delta") if getattr(self, n) is None]
+            if missing:
+                raise ValueError(f"record-level DP needs {missing}")
+        elif self.target_epsilon is not None or self.delta is not None:
+            raise ValueError("`target_epsilon` and `delta` need mode = 'record'")
+        return self
+
+
+class PreprocessingSpec(FrozenModel):
+    """Global feature scaling (never per silo)."""
+
+    scaling: Literal["auto", "federated_statistics", "dp_statistics", "public_bounds", "none"] = Field(
+        default="auto",
+        description="auto: exact federated statistics without DP, public bounds with DP (measured better, see docs).",
+    )
+
+
+class Spec(FrozenModel):
+    """A collaboration spec."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: Name
+    seed: Int = Field(default=0, ge=0, description="Governs model initialisation and splits only.")
+    aggregation: Literal["plain"] = Field(default="plain", description="How updates are combined; `secagg` and `he` come with their own capabilities.")
+    partners: list[PartnerSpec] = Field(min_length=1)
+    data_schema: SchemaSpec = Field(alias="schema")
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    privacy: PrivacySpec = Field(default_factory=PrivacySpec)
+    preprocessing: PreprocessingSpec = Field(default_factory=PreprocessingSpec)
+
+    _base_dir: str = PrivateAttr(default=".")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Spec:
+        problems = []
+        names = [p.name for p in self.partners]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            problems.append(f"duplicate partner names {dupes}")
+        cols = {c.name: c for c in self.data_schema.columns}
+        for i, p in enumerate(self.partners):
+            if p.source is not None:
+                for key, value in p.source.where.items():
+                    col = cols.get(key)
+                    if col is None:
+                        problems.append(f"partners[{i}].source.where: `{key}` is not a declared column")
+                    elif col.type == "category" and str(value) not in {str(x) for x in col.levels or []}:
+                        problems.append(f"partners[{i}].source.where: {value!r} is not a level of `{key}`")
+            if p.split.column is not None and p.split.column not in cols:
+                problems.append(f"partners[{i}].split.column `{p.split.column}` is not a declared column")
+        scaling = self.preprocessing.scaling
+        share = self.privacy.preprocessing_epsilon_share
+        if scaling == "dp_statistics":
+            if self.privacy.mode == "none":
+                problems.append("preprocessing.scaling = 'dp_statistics' needs privacy.mode = 'record'")
+            elif share <= 0:
+                problems.append("preprocessing.scaling = 'dp_statistics' needs privacy.preprocessing_epsilon_share in (0, 1)")
+        elif share > 0:
+            problems.append(f"privacy.preprocessing_epsilon_share = {share} is only used with preprocessing.scaling = 'dp_statistics'")
+        if scaling == "federated_statistics" and self.privacy.mode != "none":
+            problems.append("preprocessing.scaling = 'federated_statistics' releases exact statistics, which DP forbids: use 'public_bounds' or 'dp_statistics'")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def resolved_scaling(self) -> str:
+        """The scaling actually used once ``auto`` is resolved."""
+        if self.preprocessing.scaling != "auto":
+            return self.preprocessing.scaling
+        return "federated_statistics" if self.privacy.mode == "none" else "public_bounds"
+
+    @property
+    def base_dir(self) -> str:
+        """Directory relative paths in the spec resolve against."""
+        return self._base_dir
+
+    def with_base_dir(self, base_dir: str) -> Spec:
+        """A copy whose relative paths resolve against ``base_dir``."""
+        new = self.model_copy()
+        new._base_dir = base_dir
+        return new
