@@ -19,14 +19,7 @@ class FeatureEncoder:
     @property
     def feature_names(self) -> list[str]:
         """Names of the encoded features, in order."""
-        names: list[str] = []
-        for f in self.schema.features:
-            col = self.schema.column(f)
-            if col.type == "category":
-                names.extend(f"{f}={lvl}" for lvl in (col.levels or [])[1:])
-            else:
-                names.append(f)
-        return names
+        return self.schema.encoded_features()
 
     @property
     def n_features(self) -> int:
@@ -63,15 +56,5 @@ class FeatureEncoder:
 
 
 def feature_bounds(schema: SchemaSpec) -> np.ndarray:
-    """Public [min, max] of every encoded feature, shape (d, 2): schema bounds, [0, 1] for 0/1 features."""
-    rows: list[tuple[float, float]] = []
-    for f in schema.features:
-        col = schema.column(f)
-        if col.type == "number":
-            assert col.bounds is not None  # enforced by SchemaSpec
-            rows.append((float(col.bounds[0]), float(col.bounds[1])))
-        elif col.type == "bool":
-            rows.append((0.0, 1.0))
-        else:
-            rows.extend((0.0, 1.0) for _ in (col.levels or [])[1:])
-    return np.asarray(rows, dtype=np.float64).reshape(-1, 2)
+    """Public [min, max] of every encoded feature, shape (d, 2)."""
+    return np.asarray(schema.encoded_bounds(), dtype=np.float64).reshape(-1, 2)

@@ -145,6 +145,31 @@ class SchemaSpec(FrozenModel):
             raise ValueError("; ".join(problems))
         return self
 
+    def encoded_features(self) -> list[str]:
+        """Names of the encoded features: numbers and bools as is, categories one-hot without the reference (first) level."""
+        names: list[str] = []
+        for f in self.features:
+            col = self.column(f)
+            if col.type == "category":
+                names.extend(f"{f}={lvl}" for lvl in (col.levels or [])[1:])
+            else:
+                names.append(f)
+        return names
+
+    def encoded_bounds(self) -> list[tuple[float, float]]:
+        """Public [min, max] of every encoded feature: schema bounds, [0, 1] for 0/1 features."""
+        rows: list[tuple[float, float]] = []
+        for f in self.features:
+            col = self.column(f)
+            if col.type == "number":
+                assert col.bounds is not None  # enforced by the validator
+                rows.append((float(col.bounds[0]), float(col.bounds[1])))
+            elif col.type == "bool":
+                rows.append((0.0, 1.0))
+            else:
+                rows.extend((0.0, 1.0) for _ in (col.levels or [])[1:])
+        return rows
+
     def column(self, name: str) -> ColumnSpec:
         """The column called ``name``."""
         for c in self.columns:
@@ -190,6 +215,7 @@ class TrainingSpec(FrozenModel):
     server_beta_1: Finite = Field(default=0.9, ge=0, lt=1)
     server_beta_2: Finite = Field(default=0.99, ge=0, lt=1)
     server_tau: Finite = Field(default=1e-3, gt=0)
+    min_partners: PosInt | None = Field(default=None, description="Fewest partners whose updates a round needs; default all.")
     evaluate_every: PosInt = Field(default=1, description="Federated evaluation every this many rounds (and always after the last).")
 
 
@@ -266,6 +292,9 @@ class Spec(FrozenModel):
                 problems.append("preprocessing.scaling = 'dp_statistics' needs privacy.preprocessing_epsilon_share in (0, 1)")
         elif share > 0:
             problems.append(f"privacy.preprocessing_epsilon_share = {share} is only used with preprocessing.scaling = 'dp_statistics'")
+        mp = self.training.min_partners
+        if mp is not None and mp > len(self.partners):
+            problems.append(f"training.min_partners = {mp} exceeds the {len(self.partners)} partners")
         if scaling == "federated_statistics" and self.privacy.mode != "none":
             problems.append("preprocessing.scaling = 'federated_statistics' releases exact statistics, which DP forbids: use 'public_bounds' or 'dp_statistics'")
         if problems:

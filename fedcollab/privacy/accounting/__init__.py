@@ -9,6 +9,7 @@ from fedcollab.privacy.accounting._accountant import (
     EpsilonResult,
     accountant_version,
     compute_epsilon,
+    merge_mechanisms,
 )
 from fedcollab.privacy.accounting._calibration import calibrate_noise_multiplier
 from fedcollab.privacy.accounting._events import (
@@ -42,4 +43,5 @@ __all__ = [
     "check_positive",
     "compute_epsilon",
     "mechanism_from_dict",
+    "merge_mechanisms",
 ]

@@ -6,7 +6,7 @@ dp-accounting is loaded lazily; no dp-accounting type leaves this module.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
@@ -110,3 +110,20 @@ def compute_epsilon(mechanisms: Sequence[Any], *, delta: float, accountant: Acco
         eps, order = acc.get_epsilon_and_optimal_order(delta)
         return EpsilonResult(float(eps), delta, accountant, version, float(order))
     return EpsilonResult(float(acc.get_epsilon(delta)), delta, accountant, version)
+
+
+def merge_mechanisms(mechanisms: Iterable[object]) -> list[object]:
+    """Merge consecutive DP-SGD events with equal sigma and q (summing steps): same epsilon, faster."""
+    out: list[object] = []
+    for m in mechanisms:
+        prev = out[-1] if out else None
+        if (
+            isinstance(m, PoissonSubsampledGaussian)
+            and isinstance(prev, PoissonSubsampledGaussian)
+            and prev.noise_multiplier == m.noise_multiplier
+            and prev.sample_rate == m.sample_rate
+        ):
+            out[-1] = prev.model_copy(update={"steps": prev.steps + m.steps})
+        else:
+            out.append(m)
+    return out

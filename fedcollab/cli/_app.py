@@ -1,0 +1,170 @@
+"""``fedcollab``: run collaborations, validate specs, export schemas.
+
+Library functions do the work; this module maps :class:`FedcollabError` to exit codes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedcollab.core import EXIT_CODE_HELP, ExitCode, FedcollabError
+
+app = typer.Typer(
+    help="fedcollab: privacy-preserving cross-silo collaboration on Flower.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+spec_app = typer.Typer(help="Validate collaboration specs and export their JSON Schema.", no_args_is_help=True)
+app.add_typer(spec_app, name="spec")
+console = Console(stderr=True)
+Format = Literal["table", "json"]
+
+
+def _fail(exc: FedcollabError) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+    code = getattr(exc, "exit_code", 1)
+    try:
+        console.print(f"[dim]exit {code}: {EXIT_CODE_HELP[ExitCode(code)]}[/]")
+    except ValueError:
+        pass
+    return typer.Exit(code)
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:.{digits}f}"
+
+
+def print_result_table(summary: Any) -> None:
+    """The final table: per-partner and pooled metrics and each partner's epsilon."""
+    out = Console()
+    g = summary.privacy.guarantees[0] if summary.privacy.guarantees else None
+    title = f"{summary.spec.name}: {summary.rounds} rounds, {summary.strategy}, {summary.aggregation}, scaling {summary.scaling}"
+    t = Table(title=title)
+    for col in ("partner", "n test", "accuracy", "AUC"):
+        t.add_column(col, justify="right" if col != "partner" else "left")
+    if g:
+        t.add_column(f"ε (δ={g.delta:g}, {g.accountant})", justify="right")
+        t.add_column("σ", justify="right")
+        t.add_column("steps", justify="right")
+    for name, m in summary.metrics.partners.items():
+        row = [name, str(m.n), _fmt(m.accuracy), _fmt(m.auc)]
+        if g:
+            pg = g.partners.get(name)
+            row += [_fmt(pg.epsilon, 4) if pg else "", _fmt(pg.noise_multiplier, 3) if pg else "", str(pg.steps) if pg else ""]
+        t.add_row(*row)
+    p = summary.metrics.pooled_test
+    row = ["[bold]pooled[/]", str(p.n), f"[bold]{_fmt(p.accuracy)}[/]", f"[bold]{_fmt(p.auc)}[/]"]
+    if g:
+        row += ["", "", ""]
+    t.add_row(*row)
+    out.print(t)
+    if not g:
+        out.print("[yellow]privacy: none[/] (every model update is a non-private release)")
+    out.print(f"non-private releases: {len(summary.privacy.non_private_releases)} (see summary.json)  wall {summary.wall_seconds:.1f} s")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def run(
+    spec: Annotated[Path, typer.Argument(help="Collaboration spec (TOML).", exists=False)],
+    out: Annotated[Path | None, typer.Option("--out", help="Folder for summary.json, metrics.jsonl and the model.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table or json (the summary on stdout).")] = "table",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log node and coordinator events.")] = False,
+) -> None:
+    """Run a collaboration on Flower's simulation engine (one machine, offline)."""
+    _setup_logging(verbose)
+    from fedcollab.runner import run as run_spec
+
+    try:
+        result = run_spec(spec, out=out or Path("runs") / spec.stem, progress=fmt == "table")
+    except FedcollabError as exc:
+        raise _fail(exc) from None
+    _emit(result, fmt)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("runs/demo"),
+    fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Four hospitals train on the embedded Heart Disease data with record-level DP-SGD (ε = 1)."""
+    _setup_logging(verbose)
+    from fedcollab.runner import run_demo
+
+    try:
+        result = run_demo(out=out, progress=fmt == "table")
+    except FedcollabError as exc:
+        raise _fail(exc) from None
+    _emit(result, fmt)
+
+
+def _emit(result: Any, fmt: str) -> None:
+    if fmt == "json":
+        sys.stdout.write(result.summary.model_dump_json(indent=2) + "\n")
+    else:
+        print_result_table(result.summary)
+        if result.out_dir is not None:
+            Console().print(f"wrote {result.out_dir}/summary.json, metrics.jsonl, {result.summary.model.path}")
+
+
+@spec_app.command("validate")
+def spec_validate(
+    spec: Annotated[Path, typer.Argument(help="Collaboration spec (TOML).")],
+    fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+) -> None:
+    """Check a spec; every problem names the field, the expectation and the value."""
+    from fedcollab.spec import load_spec
+
+    try:
+        s = load_spec(spec)
+    except FedcollabError as exc:
+        if fmt == "json":
+            sys.stdout.write(json.dumps({"valid": False, "problems": exc.problems or [str(exc)]}) + "\n")
+            raise typer.Exit(exc.exit_code) from None
+        raise _fail(exc) from None
+    if fmt == "json":
+        sys.stdout.write(json.dumps({"valid": True, "name": s.name, "partners": [p.name for p in s.partners]}) + "\n")
+    else:
+        Console().print(f"[green]valid[/]: {s.name}, {len(s.partners)} partners, privacy {s.privacy.mode}, scaling {s.resolved_scaling}")
+
+
+@spec_app.command("schema")
+def spec_schema(out: Annotated[Path, typer.Option("--out", help="Folder to write the JSON Schemas to.")] = Path("protocols")) -> None:
+    """Write the JSON Schemas of the spec and of summary.json."""
+    from fedcollab.cli._schemas import write_schemas
+
+    for path in write_schemas(out):
+        Console().print(f"wrote {path}")
+
+
+@app.command("exit-codes")
+def exit_codes(fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table") -> None:
+    """List the exit codes and what each means."""
+    if fmt == "json":
+        sys.stdout.write(json.dumps({int(k): v for k, v in EXIT_CODE_HELP.items()}) + "\n")
+        return
+    t = Table("code", "meaning")
+    for k, v in EXIT_CODE_HELP.items():
+        t.add_row(str(int(k)), v)
+    Console().print(t)
+
+
+def main() -> None:
+    """Entry point of the ``fedcollab`` script."""
+    app()

@@ -1,0 +1,29 @@
+"""JSON Schema export of the published formats."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fedcollab.protocols import Summary
+from fedcollab.spec import Spec
+
+
+def schemas() -> dict[str, dict]:
+    """File name -> JSON Schema."""
+    spec = Spec.model_json_schema(by_alias=True)
+    spec["$id"] = "https://fedcollab.dev/schema/spec.schema.json"
+    summary = Summary.model_json_schema()
+    summary["$id"] = "https://fedcollab.dev/schema/summary.schema.json"
+    return {"schema/spec.schema.json": spec, "summary.schema.json": summary}
+
+
+def write_schemas(out: Path) -> list[Path]:
+    """Write every schema under ``out`` (``protocols/`` in the repo)."""
+    written = []
+    for name, schema in schemas().items():
+        path = out / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(schema, indent=2, sort_keys=True) + "\n")
+        written.append(path)
+    return written

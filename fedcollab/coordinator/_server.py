@@ -1,0 +1,254 @@
+"""The coordinator's ServerApp: setup, statistics, then rounds of train and federated evaluation."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedcollab.core import NodeError, NodeErrorCode, ProtocolError, TransportError, get_logger
+from fedcollab.models import build_model, model_arrays
+from fedcollab.privacy.accounting import Release
+from fedcollab.protocols import MessageKind, PooledMetrics, RecordKey, Scaling, combine_statistics, pooled_metrics, scaling_from_bounds
+from fedcollab.spec import Spec
+
+log = get_logger("coordinator")
+
+
+@dataclass
+class RoundRecord:
+    """What happened in one round."""
+
+    round: int
+    seconds: float
+    partners_trained: list[str]
+    failures: dict[str, int]
+    pooled: PooledMetrics | None
+    partners: dict[str, PooledMetrics]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (one line of metrics.jsonl)."""
+        return {
+            "round": self.round,
+            "seconds": round(self.seconds, 4),
+            "partners_trained": self.partners_trained,
+            "failures": self.failures,
+            "pooled_test": self.pooled.to_dict() if self.pooled else None,
+            "partners": {k: v.to_dict() for k, v in self.partners.items()},
+        }
+
+
+@dataclass
+class CoordinatorRecorder:
+    """Collects what the coordinator learns; callbacks drive progress display."""
+
+    on_setup: Callable[[dict[str, int]], None] | None = None
+    on_round: Callable[[RoundRecord], None] | None = None
+    checkpoint_dir: Path | None = None
+    partners: dict[str, int] = field(default_factory=dict)  # name -> n_train
+    n_test: dict[str, int] = field(default_factory=dict)
+    releases: list[Release] = field(default_factory=list)
+    rounds: list[RoundRecord] = field(default_factory=list)
+    scaling: Scaling | None = None
+    final_arrays: OrderedDict[str, np.ndarray] | None = None
+    failures: dict[str, list[int]] = field(default_factory=dict)
+    finished: bool = False
+
+
+def _strategy(spec: Spec, n: int) -> Any:
+    from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+    t = spec.training
+    common = {"fraction_train": 1.0, "fraction_evaluate": 1.0, "min_train_nodes": n, "min_evaluate_nodes": n, "min_available_nodes": n}
+    if t.strategy == "fedprox":
+        return FedProx(proximal_mu=t.proximal_mu, **common)
+    if t.strategy == "fedadam":
+        return FedAdam(eta=t.server_learning_rate, eta_l=t.learning_rate, beta_1=t.server_beta_1, beta_2=t.server_beta_2, tau=t.server_tau, **common)
+    return FedAvg(**common)
+
+
+def _write_checkpoint(directory: Path, rnd: int, arrays: dict[str, np.ndarray]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".npz.tmp")
+    os.close(fd)
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **{"__round__": np.asarray(rnd)}, **arrays)
+    os.replace(tmp, directory / "checkpoint.npz")
+
+
+def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, timeout: float = 600.0) -> Any:
+    """The Flower ServerApp coordinating ``spec``; results go to ``recorder``."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+    from flwr.serverapp import Grid, ServerApp
+
+    app = ServerApp()
+    n_partners = len(spec.partners)
+    min_partners = n_partners if spec.training.min_partners is None else spec.training.min_partners
+    n_features = len(spec.data_schema.encoded_features())
+    bounds = np.asarray(spec.data_schema.encoded_bounds(), dtype=np.float64).reshape(-1, 2)
+
+    def split_replies(replies: list[Message], node_names: dict[int, str]) -> tuple[list[Message], dict[str, int]]:
+        ok: list[Message] = []
+        failed: dict[str, int] = {}
+        for m in replies:
+            name = node_names.get(m.metadata.src_node_id, f"node-{m.metadata.src_node_id}")
+            if m.has_error():
+                failed[name] = int(m.error.code) if m.error.code else int(NodeErrorCode.INTERNAL)
+            elif RecordKey.ERROR in m.content.config_records:
+                failed[name] = int(m.content.config_records[RecordKey.ERROR]["code"])
+            else:
+                ok.append(m)
+        for name, code in failed.items():
+            recorder.failures.setdefault(name, []).append(code)
+            log.warning("partner %s replied with error code %d (%s)", name, code, _code_name(code))
+        return ok, failed
+
+    def collect_releases(m: Message, expected_party: str) -> None:
+        rec = m.content.config_records.get(RecordKey.RELEASES)
+        if rec is None:
+            raise ProtocolError("a reply without its release records")
+        for item in json.loads(str(rec["json"])):
+            r = Release.model_validate(item)
+            if r.party != expected_party or r.added_by != expected_party:
+                raise ProtocolError("a release attributed to another party")
+            recorder.releases.append(r)
+
+    def scaling_config(scaling: Scaling, rnd: int) -> ConfigRecord:
+        return ConfigRecord({"server-round": rnd, "scale_mean": scaling.mean.tolist(), "scale_std": scaling.std.tolist(), "scale_method": scaling.method})
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        deadline = time.monotonic() + timeout
+        while len(node_ids := list(grid.get_node_ids())) < n_partners:
+            if time.monotonic() > deadline:
+                raise TransportError(f"only {len(node_ids)} of {n_partners} nodes connected")
+            time.sleep(0.1)
+        # --- setup: identities, public row counts, statistics, DP calibration ---------------
+        scaling_name = spec.resolved_scaling
+        setup_cfg = ConfigRecord({"fedcollab.kind": str(MessageKind.SETUP), "scaling": scaling_name})
+        msgs = [Message(content=RecordDict({RecordKey.CONFIG: setup_cfg}), message_type=MessageType.QUERY, dst_node_id=nid) for nid in node_ids]
+        replies = list(grid.send_and_receive(msgs, timeout=timeout))
+        ok, failed = split_replies(replies, {})
+        if failed:
+            raise NodeError("setup failed at some nodes:", codes=failed, problems=[f"{k}: code {v} ({_code_name(v)})" for k, v in failed.items()])
+        node_names: dict[int, str] = {}
+        stats = []
+        for m in ok:
+            info = m.content.config_records[RecordKey.INFO]
+            name = str(info["partner"])
+            if name in node_names.values() or name not in {p.name for p in spec.partners}:
+                raise ProtocolError("unknown or duplicate partner identity in setup")
+            if int(info["n_features"]) != n_features:
+                raise ProtocolError("a node encodes a different number of features")
+            node_names[m.metadata.src_node_id] = name
+            recorder.partners[name] = int(info["n_train"])
+            recorder.n_test[name] = int(info["n_test"])
+            collect_releases(m, name)
+            if "statistics" in m.content.config_records:
+                st = m.content.config_records["statistics"]
+                stats.append({k: list(map(float, st[k])) for k in ("count", "sum", "sumsq")})
+        missing = sorted({p.name for p in spec.partners} - set(node_names.values()))
+        if missing:
+            raise NodeError(f"no reply from partners {missing}")
+        if scaling_name == "federated_statistics":
+            scaling = combine_statistics(stats)
+        elif scaling_name == "dp_statistics":
+            scaling = combine_statistics(stats, bounds=bounds)
+        elif scaling_name == "public_bounds":
+            scaling = scaling_from_bounds(bounds)
+        else:
+            scaling = Scaling(mean=np.zeros(n_features), std=np.ones(n_features), method="none")
+        recorder.scaling = scaling
+        if recorder.on_setup:
+            recorder.on_setup(dict(recorder.partners))
+
+        # --- rounds ---------------------------------------------------------------------------
+        strategy = _strategy(spec, n_partners)
+        model = build_model(spec.model, n_features, seed=spec.seed)
+        names = list(model_arrays(model).keys())
+        arrays = ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in model_arrays(model).items()})
+        for rnd in range(1, spec.training.rounds + 1):
+            t0 = time.perf_counter()
+            train_msgs = list(strategy.configure_train(rnd, arrays, scaling_config(scaling, rnd), grid))
+            replies = list(grid.send_and_receive(train_msgs, timeout=timeout))
+            ok, failed = split_replies(replies, node_names)
+            checked = []
+            for m in ok:
+                name = node_names[m.metadata.src_node_id]
+                collect_releases(m, name)  # a release happened, whatever its update is worth
+                try:
+                    _check_update(m, names, arrays)
+                except ProtocolError:
+                    failed[name] = int(NodeErrorCode.BAD_MODEL_UPDATE)
+                    recorder.failures.setdefault(name, []).append(failed[name])
+                    log.warning("partner %s sent a malformed update; it is left out of round %d", name, rnd)
+                    continue
+                checked.append(m)
+            ok = checked
+            if len(ok) < min_partners:
+                raise NodeError(
+                    f"round {rnd}: {len(ok)} partner(s) replied, at least {min_partners} needed",
+                    codes=failed, problems=[f"{k}: code {v} ({_code_name(v)})" for k, v in failed.items()],
+                )
+            new_arrays, _ = strategy.aggregate_train(rnd, ok)
+            if new_arrays is None:
+                raise ProtocolError(f"round {rnd}: aggregation produced no model")
+            arrays = new_arrays
+            numpy_arrays = OrderedDict((k, arrays[k].numpy()) for k in names)
+            if not all(np.isfinite(v).all() for v in numpy_arrays.values()):
+                raise ProtocolError(f"round {rnd}: the aggregate is not finite")
+            if recorder.checkpoint_dir is not None:
+                _write_checkpoint(recorder.checkpoint_dir, rnd, numpy_arrays)
+            pooled, per = None, {}
+            if rnd % spec.training.evaluate_every == 0 or rnd == spec.training.rounds:
+                eval_msgs = list(strategy.configure_evaluate(rnd, arrays, scaling_config(scaling, rnd), grid))
+                ereplies = list(grid.send_and_receive(eval_msgs, timeout=timeout))
+                eok, efailed = split_replies(ereplies, node_names)
+                failed.update({k: v for k, v in efailed.items() if k not in failed})
+                parts = {}
+                for m in eok:
+                    name = node_names[m.metadata.src_node_id]
+                    collect_releases(m, name)
+                    mr = m.content.metric_records[RecordKey.METRICS]
+                    parts[name] = {k: mr[k] for k in ("n", "correct", "loss_sum", "hist_pos", "hist_neg")}
+                per = {k: pooled_metrics([v]) for k, v in sorted(parts.items())}
+                pooled = pooled_metrics(list(parts.values())) if parts else None
+            record = RoundRecord(rnd, time.perf_counter() - t0, sorted(node_names[m.metadata.src_node_id] for m in ok), failed, pooled, per)
+            recorder.rounds.append(record)
+            recorder.final_arrays = numpy_arrays
+            if recorder.on_round:
+                recorder.on_round(record)
+        recorder.finished = True
+
+    return app
+
+
+def _check_update(m: Any, names: list[str], ref: Any) -> None:
+    rec = m.content.array_records.get(RecordKey.ARRAYS)
+    if rec is None or list(rec.keys()) != names:
+        raise ProtocolError("an update with missing or extra parameters")
+    for k in names:
+        v = rec[k].numpy()
+        if v.shape != ref[k].numpy().shape:
+            raise ProtocolError("an update of the wrong shape")
+        if not np.isfinite(v).all():
+            raise ProtocolError("a non-finite update")
+    n = m.content.metric_records[RecordKey.METRICS].get("num-examples")
+    if n is None or not (isinstance(n, int | float) and math.isfinite(n) and n > 0):
+        raise ProtocolError("an update without a valid example count")
+
+
+def _code_name(code: int) -> str:
+    try:
+        return NodeErrorCode(code).name
+    except ValueError:
+        return "FLOWER_ERROR"

@@ -1,0 +1,110 @@
+"""The published ``summary.json`` format (JSON Schema in ``protocols/summary.schema.json``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SUMMARY_SCHEMA_VERSION = 1
+
+
+class _M(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MetricsEntry(_M):
+    """Test metrics of one partner, or pooled over every partner's test split."""
+
+    accuracy: float
+    auc: float | None = Field(description="ROC AUC from score histograms; null when a class is absent.")
+    loss: float
+    n: int
+
+
+class Metrics(_M):
+    """Final federated evaluation."""
+
+    pooled_test: MetricsEntry
+    partners: dict[str, MetricsEntry]
+
+
+class PartnerGuarantee(_M):
+    """One partner's spend under a guarantee."""
+
+    epsilon: float | None = Field(description="Recomputed by fedcollab's accountant from the recorded events; null = infinite.")
+    target_epsilon: float | None
+    noise_multiplier: float | None
+    clip_norm: float | None
+    sample_rate: float | None
+    expected_batch: float | None
+    steps: int
+    n_train: int
+    statistics_noise_multiplier: float | None = None
+
+
+class Guarantee(_M):
+    """A differential-privacy guarantee: unit, observer, accountant, delta, per-partner spend."""
+
+    unit: Literal["record", "partner"]
+    observer: Literal["coordinator", "model_recipients"]
+    accountant: str
+    accountant_version: str
+    delta: float
+    releases_included: list[str]
+    partners: dict[str, PartnerGuarantee]
+
+
+class NonPrivateRelease(_M):
+    """A release made without noise, and about which data."""
+
+    party: str
+    kind: str
+    about: str
+    observer: str
+    rounds: list[int]
+    declared_public: bool
+    note: str
+
+
+class Privacy(_M):
+    """Every guarantee, and every release outside them."""
+
+    mode: Literal["none", "record"]
+    guarantees: list[Guarantee]
+    non_private_releases: list[NonPrivateRelease]
+
+
+class SpecRef(_M):
+    """The spec the run executed."""
+
+    path: str
+    sha256: str
+    name: str
+
+
+class ModelRef(_M):
+    """The final model file."""
+
+    path: str
+    sha256: str
+    format: Literal["safetensors", "npz"]
+    n_parameters: int
+
+
+class Summary(_M):
+    """What a run produced."""
+
+    schema_version: Literal[1] = SUMMARY_SCHEMA_VERSION
+    run_id: str
+    spec: SpecRef
+    versions: dict[str, str]
+    aggregation: str
+    strategy: str
+    rounds: int
+    wall_seconds: float
+    scaling: str
+    metrics: Metrics
+    privacy: Privacy
+    model: ModelRef
+    failures: dict[str, list[int]] = Field(default_factory=dict, description="Error codes per partner, if any node refused or failed.")
