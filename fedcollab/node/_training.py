@@ -98,25 +98,26 @@ def train_model(
                 noise_generator=_secure_torch_generator(),
             )
         run_opt.expected_batch_size = plan.expected_batch
-    steps = empty = 0
+    steps = empty = seen = 0
     total_loss = 0.0
-    seen = 0
-    for _ in range(training.local_epochs):
-        for xb, yb in loader:
-            run_opt.zero_grad(set_to_none=True)
-            if len(yb) == 0:
-                empty += 1
-                # A noise-only step: per-sample gradients are empty, Opacus adds the noise.
-                out = run_model(xb)
-                (out.sum() * 0.0).backward()
-            else:
-                loss = loss_fn(run_model(xb), yb)
-                loss.backward()
-                total_loss += float(loss.detach()) * len(yb)
-                seen += len(yb)
-            run_opt.step()
-            _proximal_step(model, global_params, training.learning_rate, proximal_mu)
-            steps += 1
+    with warnings.catch_warnings():
+        # Opacus's per-sample hooks fire on a module whose inputs need no gradient: benign.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        for _ in range(training.local_epochs):
+            for xb, yb in loader:
+                run_opt.zero_grad(set_to_none=True)
+                if len(yb) == 0:
+                    # An empty Poisson batch: per-sample gradients are empty, the step adds noise only.
+                    empty += 1
+                    (run_model(xb).sum() * 0.0).backward()
+                else:
+                    loss = loss_fn(run_model(xb), yb)
+                    loss.backward()
+                    total_loss += float(loss.detach()) * len(yb)
+                    seen += len(yb)
+                run_opt.step()
+                _proximal_step(model, global_params, training.learning_rate, proximal_mu)
+                steps += 1
     return TrainOutcome(steps=steps, empty_batches=empty, mean_loss=total_loss / max(seen, 1))
 
 

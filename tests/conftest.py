@@ -1,0 +1,47 @@
+"""Shared fixtures: paths, the Heart specs, and one short session-scoped DP simulation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def root() -> Path:
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def heart_spec():
+    from fedcollab.spec import load_spec
+
+    return load_spec(ROOT / "protocols" / "heart-disease.toml")
+
+
+@pytest.fixture(scope="session")
+def heart_dp_spec():
+    from fedcollab.spec import load_spec
+
+    return load_spec(ROOT / "protocols" / "heart-disease-dp.toml")
+
+
+@pytest.fixture(scope="session")
+def dp_cases() -> list[dict]:
+    local = ROOT / "tests" / "privacy" / "dp-cases.json"
+    return json.loads(local.read_text())
+
+
+@pytest.fixture(scope="session")
+def dp_run(tmp_path_factory, heart_dp_spec):
+    """One short in-process simulation of the Heart spec with DP-SGD on (3 rounds), shared by e2e tests."""
+    import fedcollab
+
+    spec = heart_dp_spec.model_copy(update={"training": heart_dp_spec.training.model_copy(update={"rounds": 3})})
+    spec = spec.with_base_dir(heart_dp_spec.base_dir)
+    out = tmp_path_factory.mktemp("dp-run")
+    return fedcollab.run(spec, out=out, spec_path=ROOT / "protocols" / "heart-disease-dp.toml")

@@ -1,0 +1,154 @@
+"""The collaboration spec: strict validation with one clear message per problem."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedcollab.core import SpecError
+from fedcollab.spec import load_spec, parse_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture()
+def raw() -> dict:
+    return tomllib.loads((ROOT / "protocols" / "heart-disease-dp.toml").read_text())
+
+
+def problems(data: dict) -> list[str]:
+    with pytest.raises(SpecError) as exc:
+        parse_spec(data)
+    return exc.value.problems
+
+
+class TestValid:
+    def test_heart_specs_load(self, heart_spec, heart_dp_spec):
+        """Both shipped specs validate and describe four hospitals with 13 encoded features."""
+        assert [p.name for p in heart_spec.partners] == ["cleveland", "hungary", "switzerland", "va-long-beach"]
+        assert len(heart_spec.data_schema.encoded_features()) == 13
+        assert heart_spec.resolved_scaling == "federated_statistics"
+        assert heart_dp_spec.resolved_scaling == "public_bounds"
+        assert heart_dp_spec.privacy.target_epsilon == 1.0
+
+    def test_integral_float_accepted_for_int(self, raw):
+        """`rounds = 20.0` is read as 20."""
+        raw["training"]["rounds"] = 20.0
+        assert parse_spec(raw).training.rounds == 20
+
+    def test_packaged_copies_match(self):
+        """The specs shipped inside the package are the ones in protocols/."""
+        for name in ("heart-disease.toml", "heart-disease-dp.toml"):
+            assert (ROOT / "protocols" / name).read_bytes() == (ROOT / "fedcollab" / "protocols_dist" / name).read_bytes()
+
+
+class TestInvalid:
+    def test_misspelt_field(self, raw):
+        """An unknown field is named, not silently dropped."""
+        raw["privacy"]["noise_multipler"] = 1.0
+        assert any("privacy.noise_multipler" in p and "not a known field" in p for p in problems(raw))
+
+    def test_bool_for_epsilon(self, raw):
+        """`target_epsilon = true` is refused (strict mode)."""
+        raw["privacy"]["target_epsilon"] = True
+        ps = problems(raw)
+        assert any("privacy.target_epsilon" in p and "True" in p for p in ps)
+
+    @pytest.mark.parametrize("value", [0.0, -1.0, math.nan, math.inf])
+    def test_bad_epsilon(self, raw, value):
+        """epsilon <= 0, NaN and inf are refused, naming the field and the value."""
+        raw["privacy"]["target_epsilon"] = value
+        assert any("privacy.target_epsilon" in p for p in problems(raw))
+
+    @pytest.mark.parametrize("value", [0.0, 1.0, 5.0, -1e-3])
+    def test_bad_delta(self, raw, value):
+        """delta must be in (0, 1) for DP-SGD."""
+        raw["privacy"]["delta"] = value
+        assert any("privacy.delta" in p and repr(value) in p for p in problems(raw))
+
+    def test_several_problems_reported_together(self, raw):
+        """Each problem gets its own line."""
+        raw["training"]["rounds"] = 0
+        raw["training"]["batch_size"] = "32"
+        raw["model"]["kind"] = "transformer"
+        ps = problems(raw)
+        assert len(ps) == 3
+        assert any(p.startswith("`training.rounds`") for p in ps)
+        assert any(p.startswith("`training.batch_size`") and "'32'" in p for p in ps)
+        assert any(p.startswith("`model.kind`") and "transformer" in p for p in ps)
+
+    def test_missing_required(self, raw):
+        """A missing section is named."""
+        del raw["schema"]
+        assert any("`schema` is required" in p for p in problems(raw))
+
+    def test_duplicate_partner(self, raw):
+        raw["partners"].append(copy.deepcopy(raw["partners"][0]))
+        assert any("duplicate partner names ['cleveland']" in p for p in problems(raw))
+
+    def test_undeclared_feature(self, raw):
+        raw["schema"]["features"].append("bmi")
+        assert any("feature `bmi` is not a declared column" in p for p in problems(raw))
+
+    def test_number_feature_needs_bounds(self, raw):
+        for c in raw["schema"]["columns"]:
+            if c["name"] == "age":
+                del c["bounds"]
+        assert any("number feature `age` needs public `bounds`" in p for p in problems(raw))
+
+    def test_bad_bounds(self, raw):
+        for c in raw["schema"]["columns"]:
+            if c["name"] == "age":
+                c["bounds"] = [100, 18]
+        assert any("min < max" in p for p in problems(raw))
+
+    def test_where_level_unknown(self, raw):
+        raw["partners"][0]["source"]["where"] = {"dataset": "Atlantis"}
+        assert any("'Atlantis' is not a level of `dataset`" in p for p in problems(raw))
+
+    def test_exact_statistics_refused_under_dp(self, raw):
+        raw["preprocessing"]["scaling"] = "federated_statistics"
+        assert any("federated_statistics" in p and "DP forbids" in p for p in problems(raw))
+
+    def test_dp_statistics_needs_share(self, raw):
+        raw["preprocessing"]["scaling"] = "dp_statistics"
+        assert any("preprocessing_epsilon_share" in p for p in problems(raw))
+
+    def test_custom_model_needs_target(self, raw):
+        raw["model"] = {"kind": "custom", "target": "not a path"}
+        assert any("package.module:ClassName" in p for p in problems(raw))
+
+    def test_not_toml(self, tmp_path):
+        p = tmp_path / "x.toml"
+        p.write_text("this is = = not toml")
+        with pytest.raises(SpecError, match="not valid TOML"):
+            load_spec(p)
+
+    def test_missing_file(self, tmp_path):
+        with pytest.raises(SpecError, match="cannot read spec"):
+            load_spec(tmp_path / "nope.toml")
+
+
+class TestSchemaExport:
+    def test_committed_schemas_are_current(self):
+        """protocols/schema/spec.schema.json and protocols/summary.schema.json match the models."""
+        from fedcollab.cli._schemas import schemas
+
+        for name, schema in schemas().items():
+            on_disk = json.loads((ROOT / "protocols" / name).read_text())
+            assert on_disk == json.loads(json.dumps(schema)), f"regenerate with `make schema` ({name})"
+
+    def test_schema_accepts_shipped_spec(self, raw):
+        """The exported JSON Schema accepts the shipped spec and rejects an unknown field."""
+        import jsonschema
+
+        schema = json.loads((ROOT / "protocols" / "schema" / "spec.schema.json").read_text())
+        jsonschema.validate(raw, schema)
+        raw["surprise"] = 1
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(raw, schema)
