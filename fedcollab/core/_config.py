@@ -49,6 +49,10 @@ def format_validation_error(exc: ValidationError, *, prefix: str = "") -> list[s
             lines.append(f"`{loc}` is required but missing.")
         elif err["type"] == "extra_forbidden":
             lines.append(f"`{loc}` is not a known field (got {_got(err.get('input'))}).")
+        elif err["type"] == "value_error":
+            # Cross-field checks raise one ValueError listing problems separated by "; ".
+            text = msg.removeprefix("Value error, ")
+            lines.extend(f"`{loc}`: {part}." for part in text.split("; "))
         else:
             lines.append(f"`{loc}`: {msg.rstrip('.')}; got {_got(err.get('input'))}.")
     return lines

@@ -152,3 +152,12 @@ class TestSchemaExport:
         raw["surprise"] = 1
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(raw, schema)
+
+
+class TestCrossFieldProblems:
+    def test_each_cross_field_problem_on_its_own_line(self, raw):
+        """Two schema problems found by one validator still give two lines, each naming `schema`."""
+        raw["schema"]["features"] += ["bmi", "height"]
+        ps = problems(raw)
+        assert "`schema`: feature `bmi` is not a declared column." in ps
+        assert "`schema`: feature `height` is not a declared column." in ps
