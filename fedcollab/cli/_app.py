@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fedcollab.core import EXIT_CODE_HELP, ExitCode, FedcollabError
@@ -31,10 +32,10 @@ Format = Literal["table", "json"]
 
 
 def _fail(exc: FedcollabError) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+    console.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
     code = getattr(exc, "exit_code", 1)
     try:
-        console.print(f"[dim]exit {code}: {EXIT_CODE_HELP[ExitCode(code)]}[/]")
+        console.print(f"[dim]exit {code}: {escape(EXIT_CODE_HELP[ExitCode(code)])}[/]")
     except ValueError:
         pass
     return typer.Exit(code)
@@ -164,7 +165,7 @@ def exit_codes(fmt: Annotated[str, typer.Option("--format", help="table or json.
         return
     t = Table("code", "meaning")
     for k, v in EXIT_CODE_HELP.items():
-        t.add_row(str(int(k)), v)
+        t.add_row(str(int(k)), escape(v))
     Console().print(t)
 
 

@@ -245,10 +245,15 @@ def make_client_app(spec: Spec) -> Any:
             cfg = msg.content.config_records.get(RecordKey.CONFIG, ConfigRecord())
             if str(cfg.get("fedcollab.kind", "")) != MessageKind.SETUP:
                 raise _Coded(NodeErrorCode.BAD_REQUEST)
+            st = state(context)
+            if "setup_done" in st:
+                # A second setup would be a second statistics release the plan did not charge.
+                raise _Coded(NodeErrorCode.BAD_REQUEST)
             node = NodeRuntime(spec, partner)
             info, stats, releases = node.setup(str(cfg.get("scaling", "none")))
+            st["setup_done"] = True
             if "plan" in info:
-                state(context)["plan"] = info["plan"]
+                st["plan"] = info["plan"]
             content = RecordDict({RecordKey.INFO: ConfigRecord(info), RecordKey.RELEASES: releases_record(releases)})
             if stats is not None:
                 content["statistics"] = ConfigRecord(stats)

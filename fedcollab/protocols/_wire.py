@@ -9,7 +9,6 @@ class MessageKind(StrEnum):
     """What the coordinator asks (carried in the message config as ``fedcollab.kind``)."""
 
     SETUP = "setup"
-    STATISTICS = "statistics"
 
 
 class RecordKey(StrEnum):
@@ -21,4 +20,3 @@ class RecordKey(StrEnum):
     RELEASES = "fedcollab.releases"
     INFO = "fedcollab.info"
     ERROR = "fedcollab.error"
-    SCALING = "fedcollab.scaling"

@@ -22,7 +22,7 @@ def _integral_float_to_int(value: Any) -> Any:
 
 
 Int = Annotated[int, BeforeValidator(_integral_float_to_int)]
-PosInt = Annotated[int, BeforeValidator(_integral_float_to_int), Field(gt=0)]
+PosInt = Annotated[int, Field(gt=0), BeforeValidator(_integral_float_to_int)]  # Field first: JSON Schema then says exclusiveMinimum
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 Scalar = str | int | float | bool
@@ -43,7 +43,7 @@ class SplitSpec(FrozenModel):
 
     test_fraction: Finite | None = Field(default=None, gt=0.0, lt=1.0, description="Share of rows held out for testing.")
     stratify: bool = Field(default=True, description="Stratify the split by label (skipped where a class has fewer than 3 rows).")
-    seed: Int | None = Field(default=None, ge=0, description="Seed of the split; defaults to the spec's seed.")
+    seed: Annotated[int, Field(ge=0), BeforeValidator(_integral_float_to_int)] | None = Field(default=None, description="Seed of the split; defaults to the spec's seed.")
     column: str | None = Field(default=None, description="Column whose value `test_value` marks test rows (instead of a ratio).")
     test_value: Scalar = Field(default="test", description="Value of `column` that marks a test row.")
 
@@ -254,7 +254,7 @@ class Spec(FrozenModel):
 
     schema_version: Literal[1] = SCHEMA_VERSION
     name: Name
-    seed: Int = Field(default=0, ge=0, description="Governs model initialisation and splits only.")
+    seed: Annotated[int, Field(ge=0), BeforeValidator(_integral_float_to_int)] = Field(default=0, description="Governs model initialisation, splits and (without DP) batch shuffling; never DP noise, which comes from OS entropy.")
     aggregation: Literal["plain"] = Field(default="plain", description="How updates are combined; `secagg` and `he` come with their own capabilities.")
     partners: list[PartnerSpec] = Field(min_length=1)
     data_schema: SchemaSpec = Field(alias="schema")

@@ -161,3 +161,12 @@ class TestCrossFieldProblems:
         ps = problems(raw)
         assert "`schema`: feature `bmi` is not a declared column." in ps
         assert "`schema`: feature `height` is not a declared column." in ps
+
+
+def test_spec_reference_is_current():
+    """docs/spec-reference.md is what docs/gen_spec_reference.py generates from the models."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(ROOT / "docs" / "gen_spec_reference.py"), "--check"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
