@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from fedcollab.cli._audit import audit_app
 from fedcollab.core import EXIT_CODE_HELP, ExitCode, FedcollabError
 
 app = typer.Typer(
@@ -27,6 +28,7 @@ app = typer.Typer(
 )
 spec_app = typer.Typer(help="Validate collaboration specs and export their JSON Schema.", no_args_is_help=True)
 app.add_typer(spec_app, name="spec")
+app.add_typer(audit_app, name="audit")
 console = Console(stderr=True)
 Format = Literal["table", "json"]
 
