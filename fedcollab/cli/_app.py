@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fedcollab.cli._audit import audit_app
+from fedcollab.cli._node import node_app
 from fedcollab.core import EXIT_CODE_HELP, ExitCode, FedcollabError
 
 app = typer.Typer(
@@ -29,6 +30,7 @@ app = typer.Typer(
 spec_app = typer.Typer(help="Validate collaboration specs and export their JSON Schema.", no_args_is_help=True)
 app.add_typer(spec_app, name="spec")
 app.add_typer(audit_app, name="audit")
+app.add_typer(node_app, name="node")
 console = Console(stderr=True)
 Format = Literal["table", "json"]
 
@@ -88,7 +90,8 @@ def _setup_logging(verbose: bool) -> None:
 @app.command()
 def run(
     spec: Annotated[Path, typer.Argument(help="Collaboration spec (TOML).", exists=False)],
-    out: Annotated[Path | None, typer.Option("--out", help="Folder for summary.json, metrics.jsonl and the model.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Folder for summary.json, metrics.jsonl, ledger.jsonl, roster.json and the model.")] = None,
+    nodes: Annotated[Path | None, typer.Option("--nodes", help="Simulated partners' node folders (keys, policies, ledgers); reuse it to keep budgets across runs. Default OUT/nodes.")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table or json (the summary on stdout).")] = "table",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log node and coordinator events.")] = False,
 ) -> None:
@@ -97,7 +100,7 @@ def run(
     from fedcollab.runner import run as run_spec
 
     try:
-        result = run_spec(spec, out=out or Path("runs") / spec.stem, progress=fmt == "table")
+        result = run_spec(spec, out=out or Path("runs") / spec.stem, nodes=nodes, progress=fmt == "table")
     except FedcollabError as exc:
         raise _fail(exc) from None
     _emit(result, fmt)

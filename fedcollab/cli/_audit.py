@@ -11,3 +11,11 @@ audit_app = typer.Typer(
     help="Verify privacy claims offline: ledgers, epsilons, and what the noise really does.",
     no_args_is_help=True,
 )
+
+
+def _register() -> None:
+    # Command modules register themselves on audit_app when imported.
+    import fedcollab.cli._audit_ledger  # noqa: F401
+
+
+_register()

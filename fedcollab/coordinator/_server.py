@@ -19,6 +19,7 @@ from fedcollab.core import NodeError, NodeErrorCode, ProtocolError, TransportErr
 from fedcollab.models import build_model, model_arrays
 from fedcollab.privacy.accounting import Release
 from fedcollab.protocols import MessageKind, PooledMetrics, RecordKey, Scaling, combine_statistics, pooled_metrics, scaling_from_bounds
+from fedcollab.coordinator._ledger import RunLedger
 from fedcollab.spec import Spec
 
 log = get_logger("coordinator")
@@ -85,8 +86,8 @@ def _write_checkpoint(directory: Path, rnd: int, arrays: dict[str, np.ndarray]) 
     os.replace(tmp, directory / "checkpoint.npz")
 
 
-def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, timeout: float = 600.0) -> Any:
-    """The Flower ServerApp coordinating ``spec``; results go to ``recorder``."""
+def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLedger, timeout: float = 600.0) -> Any:
+    """The Flower ServerApp coordinating ``spec``; results go to ``recorder``, entries to ``ledger``."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
     from flwr.serverapp import Grid, ServerApp
 
@@ -96,15 +97,18 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, timeout: float
     n_features = len(spec.data_schema.encoded_features())
     bounds = np.asarray(spec.data_schema.encoded_bounds(), dtype=np.float64).reshape(-1, 2)
 
-    def split_replies(replies: list[Message], node_names: dict[int, str]) -> tuple[list[Message], dict[str, int]]:
+    def split_replies(replies: list[Message], node_names: dict[int, str], rnd: int) -> tuple[list[Message], dict[str, int]]:
         ok: list[Message] = []
         failed: dict[str, int] = {}
         for m in replies:
             name = node_names.get(m.metadata.src_node_id, f"node-{m.metadata.src_node_id}")
             if m.has_error():
                 failed[name] = int(m.error.code) if m.error.code else int(NodeErrorCode.INTERNAL)
-            elif RecordKey.ERROR in m.content.config_records:
+                continue
+            if RecordKey.ERROR in m.content.config_records:
                 failed[name] = int(m.content.config_records[RecordKey.ERROR]["code"])
+                if name in node_names.values():
+                    collect_lines(m, name, rnd)  # the node's refusal entries
             else:
                 ok.append(m)
         for name, code in failed.items():
@@ -112,18 +116,17 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, timeout: float
             log.warning("partner %s replied with error code %d (%s)", name, code, _code_name(code))
         return ok, failed
 
-    def collect_releases(m: Message, expected_party: str) -> None:
+    def collect_lines(m: Message, party: str, rnd: int) -> None:
         rec = m.content.config_records.get(RecordKey.RELEASES)
         if rec is None:
-            raise ProtocolError("a reply without its release records")
-        for item in json.loads(str(rec["json"])):
-            r = Release.model_validate(item)
-            if r.party != expected_party or r.added_by != expected_party:
-                raise ProtocolError("a release attributed to another party")
-            recorder.releases.append(r)
+            if RecordKey.ERROR in m.content.config_records:
+                return
+            raise ProtocolError("a reply without its ledger entries")
+        ledger.accept(json.loads(str(rec["lines"])), party=party, round=rnd)
 
     def scaling_config(scaling: Scaling, rnd: int) -> ConfigRecord:
-        return ConfigRecord({"server-round": rnd, "scale_mean": scaling.mean.tolist(), "scale_std": scaling.std.tolist(), "scale_method": scaling.method})
+        return ConfigRecord({"server-round": rnd, "fedcollab.run_id": ledger.run_id, "scale_mean": scaling.mean.tolist(),
+                             "scale_std": scaling.std.tolist(), "scale_method": scaling.method})
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
@@ -134,10 +137,10 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, timeout: float
             time.sleep(0.1)
         # --- setup: identities, public row counts, statistics, DP calibration ---------------
         scaling_name = spec.resolved_scaling
-        setup_cfg = ConfigRecord({"fedcollab.kind": str(MessageKind.SETUP), "scaling": scaling_name})
+        setup_cfg = ConfigRecord({"fedcollab.kind": str(MessageKind.SETUP), "scaling": scaling_name, "fedcollab.run_id": ledger.run_id})
         msgs = [Message(content=RecordDict({RecordKey.CONFIG: setup_cfg}), message_type=MessageType.QUERY, dst_node_id=nid) for nid in node_ids]
         replies = list(grid.send_and_receive(msgs, timeout=timeout))
-        ok, failed = split_replies(replies, {})
+        ok, failed = split_replies(replies, {}, 0)
         if failed:
             raise NodeError("setup failed at some nodes:", codes=failed, problems=[f"{k}: code {v} ({_code_name(v)})" for k, v in failed.items()])
         node_names: dict[int, str] = {}
@@ -152,7 +155,7 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, timeout: float
             node_names[m.metadata.src_node_id] = name
             recorder.partners[name] = int(info["n_train"])
             recorder.n_test[name] = int(info["n_test"])
-            collect_releases(m, name)
+            collect_lines(m, name, 0)
             if "statistics" in m.content.config_records:
                 st = m.content.config_records["statistics"]
                 stats.append({k: list(map(float, st[k])) for k in ("count", "sum", "sumsq")})
@@ -180,11 +183,11 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, timeout: float
             t0 = time.perf_counter()
             train_msgs = list(strategy.configure_train(rnd, arrays, scaling_config(scaling, rnd), grid))
             replies = list(grid.send_and_receive(train_msgs, timeout=timeout))
-            ok, failed = split_replies(replies, node_names)
+            ok, failed = split_replies(replies, node_names, rnd)
             checked = []
             for m in ok:
                 name = node_names[m.metadata.src_node_id]
-                collect_releases(m, name)  # a release happened, whatever its update is worth
+                collect_lines(m, name, rnd)  # a release happened, whatever its update is worth
                 try:
                     _check_update(m, names, arrays)
                 except ProtocolError:
@@ -212,12 +215,12 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, timeout: float
             if rnd % spec.training.evaluate_every == 0 or rnd == spec.training.rounds:
                 eval_msgs = list(strategy.configure_evaluate(rnd, arrays, scaling_config(scaling, rnd), grid))
                 ereplies = list(grid.send_and_receive(eval_msgs, timeout=timeout))
-                eok, efailed = split_replies(ereplies, node_names)
+                eok, efailed = split_replies(ereplies, node_names, rnd)
                 failed.update({k: v for k, v in efailed.items() if k not in failed})
                 parts = {}
                 for m in eok:
                     name = node_names[m.metadata.src_node_id]
-                    collect_releases(m, name)
+                    collect_lines(m, name, rnd)
                     mr = m.content.metric_records[RecordKey.METRICS]
                     parts[name] = {k: mr[k] for k in ("n", "correct", "loss_sum", "hist_pos", "hist_neg")}
                 per = {k: pooled_metrics([v]) for k, v in sorted(parts.items())}
@@ -227,6 +230,16 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, timeout: float
             recorder.final_arrays = numpy_arrays
             if recorder.on_round:
                 recorder.on_round(record)
+        # --- close: every chain head listed, signed, then countersigned by every node ----------
+        last = len(recorder.rounds)
+        close = ledger.close(last)
+        close_cfg = ConfigRecord({"fedcollab.kind": str(MessageKind.CLOSE), "fedcollab.run_id": ledger.run_id, "close": close.decode()})
+        msgs = [Message(content=RecordDict({RecordKey.CONFIG: close_cfg}), message_type=MessageType.QUERY, dst_node_id=nid) for nid in node_names]
+        creplies = list(grid.send_and_receive(msgs, timeout=timeout))
+        cok, cfailed = split_replies(creplies, node_names, last)
+        for m in cok:
+            collect_lines(m, node_names[m.metadata.src_node_id], last)
+        recorder.releases = list(ledger.releases)
         recorder.finished = True
 
     return app

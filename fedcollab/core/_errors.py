@@ -6,6 +6,7 @@
   * DataValidationError: silo data that does not match the shared schema
   * PrivacyError: invalid privacy parameters, unsupported events
     * BudgetExhausted: a release would exceed a budget (raised *before* the release)
+  * PolicyRefused: a request the partner's policy forbids (refused at the node)
   * CryptoError
   * ProtocolError
     * UpdateError: a NaN or wrongly shaped model update
@@ -58,6 +59,12 @@ class BudgetExhausted(PrivacyError):
     """A release would exceed a privacy budget."""
 
     exit_code = 5
+
+
+class PolicyRefused(FedcollabError):
+    """A request the partner's policy forbids."""
+
+    exit_code = 11
 
 
 class CryptoError(FedcollabError):

@@ -1,6 +1,8 @@
-"""Cryptographic primitives on real libraries (``cryptography``, TenSEAL).
+"""Cryptographic primitives on real libraries (``cryptography``; TenSEAL later).
 
-Empty for now: secure aggregation and homomorphic encryption arrive with their own capabilities.
+Keys come from the OS CSPRNG; no home-made cipher, PRG or key agreement.
 """
 
-__all__: list[str] = []
+from fedcollab.crypto._keys import generate_signing_key, load_signing_key
+
+__all__ = ["generate_signing_key", "load_signing_key"]

@@ -14,6 +14,7 @@ Errors go back as a closed code; the exception text stays in this node's log.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from dataclasses import asdict
 from typing import Any
 
@@ -24,14 +25,18 @@ from fedcollab.core import (
     DataValidationError,
     FedcollabError,
     NodeErrorCode,
+    PolicyRefused,
     PrivacyError,
     ProtocolError,
     get_logger,
 )
 from fedcollab.data import PartnerData, exact_statistics, feature_bounds, load_partner_data
 from fedcollab.models import build_model, model_arrays, set_model_arrays
+from fedcollab.node._home import NodeHome
 from fedcollab.privacy.accounting import (
     GaussianMechanism,
+    parse_lines,
+    verify_signature,
     NonPrivate,
     PoissonSubsampledGaussian,
     Release,
@@ -76,6 +81,8 @@ def _code_for(exc: BaseException) -> NodeErrorCode:
         return NodeErrorCode.DATA_SCHEMA_MISMATCH
     if isinstance(exc, BudgetExhausted):
         return NodeErrorCode.BUDGET_EXHAUSTED
+    if isinstance(exc, PolicyRefused):
+        return NodeErrorCode.POLICY_REFUSED
     if isinstance(exc, PrivacyError):
         return NodeErrorCode.PRIVACY_INVALID
     if isinstance(exc, ProtocolError):
@@ -86,9 +93,15 @@ def _code_for(exc: BaseException) -> NodeErrorCode:
 class NodeRuntime:
     """The node's logic, independent of Flower records (so it is testable as plain functions)."""
 
-    def __init__(self, spec: Spec, partner: str, *, plan_json: str | None = None) -> None:
+    def __init__(self, spec: Spec, partner: str, *, home: NodeHome, run_id: str, plan_json: str | None = None) -> None:
         self.spec = spec
         self.partner = partner
+        self.run_id = run_id
+        self.dataset = next(p.dataset_id for p in spec.partners if p.name == partner) if partner in {p.name for p in spec.partners} else partner
+        self.gate = home.gate(partner, self.dataset)
+        self.policy = self.gate.policy
+        if self.policy.partner != partner:
+            raise PolicyRefused("the node's policy belongs to another partner")
         key = (_spec_key(spec), partner)
         if key not in _DATA_CACHE:
             _DATA_CACHE[key] = load_partner_data(spec, partner)
@@ -109,16 +122,41 @@ class NodeRuntime:
             _PLAN_CACHE[key] = plan_dp(self.spec, n_train=self.data.n_train, n_features=len(self.data.feature_names))
         return _PLAN_CACHE[key]
 
-    def _release(self, **kw: Any) -> dict[str, Any]:
-        return Release(party=self.partner, added_by=self.partner, **kw).model_dump(mode="json")
+    def _release(self, payload: bytes, **kw: Any) -> str:
+        """Check the release against the policy and budget, record it, and return its ledger line."""
+        release = Release(party=self.partner, added_by=self.partner, **kw)
+        return self.gate.record(release, run_id=self.run_id, payload=payload).decode()
+
+    def check_policy(self) -> None:
+        """Refuse (and record) a collaboration the partner's policy forbids."""
+        spec, pol = self.spec, self.policy
+        problems = []
+        if spec.aggregation not in pol.allowed_aggregation:
+            problems.append("aggregation mode")
+        if pol.allowed_features is not None and not set(spec.data_schema.features) <= set(pol.allowed_features):
+            problems.append("feature columns")
+        if spec.model.kind not in pol.allowed_model_kinds:
+            problems.append("model kind")
+        if spec.training.rounds > pol.max_rounds:
+            problems.append("number of rounds")
+        min_partners = spec.training.min_partners or len(spec.partners)
+        if min_partners < pol.min_partners_per_round:
+            problems.append("minimum partners per round")
+        if problems:
+            reason = "policy forbids the " + ", ".join(problems)
+            self.gate.refuse_request(run_id=self.run_id, round=0, code=int(NodeErrorCode.POLICY_REFUSED), reason=reason)
+            raise PolicyRefused(reason)
 
     # --- setup ------------------------------------------------------------------------------
-    def setup(self, scaling: str) -> tuple[dict[str, Any], dict[str, list[float]] | None, list[dict[str, Any]]]:
+    def setup(self, scaling: str) -> tuple[dict[str, Any], dict[str, list[float]] | None, list[str]]:
         """Row counts, the statistics release (if any) and the DP plan."""
         d = self.data
+        self.check_policy()
+        self.policy.warn_delta(self.dataset, d.n_train) if self.dp else None
+        counts = {"n_train": d.n_train, "n_test": d.n_test}
         releases = [
-            self._release(kind="row_counts", about="train+test", unit="record", observer="coordinator", round=0,
-                          mechanism=NonPrivate(), declared_public=True, details={"n_train": d.n_train, "n_test": d.n_test})
+            self._release(json.dumps(counts).encode(), kind="row_counts", about="train+test", unit="record", observer="coordinator", round=0,
+                          mechanism=NonPrivate(), declared_public=True, details=counts)
         ]
         stats = None
         plan = self.plan()
@@ -126,14 +164,14 @@ class NodeRuntime:
             if self.dp:
                 raise _Coded(NodeErrorCode.POLICY_REFUSED)  # exact statistics are not private
             stats = exact_statistics(d.x_train)
-            releases.append(self._release(kind="statistics", about="train", unit="record", observer="coordinator", round=0,
+            releases.append(self._release(json.dumps(stats).encode(), kind="statistics", about="train", unit="record", observer="coordinator", round=0,
                                           mechanism=NonPrivate(), details={"what": "count, sum, sum of squares per feature"}))
         elif scaling == "dp_statistics":
             if plan is None or plan.stats_noise_multiplier is None:
                 raise _Coded(NodeErrorCode.BAD_REQUEST)
             stats = dp_statistics(d.x_train, feature_bounds(self.spec.data_schema), noise_multiplier=plan.stats_noise_multiplier,
                                   generator=fresh_generator())
-            releases.append(self._release(kind="statistics", about="train", unit="record", observer="coordinator", round=0,
+            releases.append(self._release(json.dumps(stats).encode(), kind="statistics", about="train", unit="record", observer="coordinator", round=0,
                                           mechanism=GaussianMechanism(noise_multiplier=plan.stats_noise_multiplier, releases=1),
                                           details={"l2_sensitivity": plan.stats_sensitivity or 0.0, "noise_rng": "numpy PCG64 seeded from OS entropy (256 bits)"}))
         info: dict[str, Any] = {"partner": self.partner, "n_train": d.n_train, "n_test": d.n_test, "n_features": len(d.feature_names)}
@@ -141,9 +179,21 @@ class NodeRuntime:
             info["plan"] = json.dumps(asdict(plan))
         return info, stats, releases
 
+    # --- close ------------------------------------------------------------------------------
+    def countersign(self, close_line: bytes, coordinator_key: str) -> str:
+        """Check the coordinator's close entry lists this node's chain head, then countersign it."""
+        (ln,) = parse_lines(close_line + b"\n")
+        e = ln.entry
+        if e.get("kind") != "close" or e.get("run_id") != self.run_id or not verify_signature(e, coordinator_key):
+            raise ProtocolError("not a close entry of this run signed by the coordinator")
+        _, head = self.gate.ledger.head()
+        if e["body"]["heads"].get(self.partner) != head:
+            raise ProtocolError("the close entry does not list this node's chain head")
+        return self.gate.ledger.append(kind="countersign", run_id=self.run_id, round=int(e["round"]), body={"close": ln.hash}).decode()
+
     # --- train ------------------------------------------------------------------------------
     def train(self, arrays: dict[str, np.ndarray], *, scaling: Scaling, server_round: int, steps_so_far: int,
-              proximal_mu: float) -> tuple[dict[str, np.ndarray], dict[str, float], list[dict[str, Any]], int]:
+              proximal_mu: float) -> tuple[dict[str, np.ndarray], dict[str, float], list[str], int]:
         """One round of local training; returns the update, metrics, releases and steps taken."""
         spec, d = self.spec, self.data
         model = build_model(spec.model, len(d.feature_names), seed=spec.seed)
@@ -153,8 +203,15 @@ class NodeRuntime:
         if plan is not None:
             planned = spec.training.local_epochs * plan.steps_per_epoch
             if steps_so_far + planned > plan.total_steps:
-                # Fail closed: this round would take the partner past its target epsilon.
+                # Fail closed: this round would take the partner past the collaboration's target.
                 raise BudgetExhausted("DP-SGD steps beyond the calibrated plan")
+            would = Release(party=self.partner, added_by=self.partner, kind="dpsgd_training", about="train", unit="record",
+                            observer="coordinator", round=server_round,
+                            mechanism=PoissonSubsampledGaussian(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=planned))
+            _, total, budget = self.gate.would_spend(would, run_id=self.run_id)
+            if budget is None or total > budget["epsilon"] * (1 + 1e-9):
+                # Refuse before any work; record() would refuse the same release after training.
+                self.gate.record(would, run_id=self.run_id, payload=b"")
         from fedcollab.node._training import train_model
 
         outcome = train_model(model, scaling.apply(d.x_train), d.y_train, training=spec.training, plan=plan,
@@ -171,12 +228,13 @@ class NodeRuntime:
             mech = PoissonSubsampledGaussian(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=outcome.steps)
             details = {"clip_norm": plan.clip_norm, "expected_batch": plan.expected_batch, "n_train": d.n_train,
                        "empty_batches": outcome.empty_batches, "noise_rng": "torch.Generator seeded from os.urandom (64 bits)"}
-        release = self._release(kind="dpsgd_training" if plan else "model_update", about="train", unit="record",
+        payload = b"".join(np.ascontiguousarray(v).tobytes() for v in out.values())
+        release = self._release(payload, kind="dpsgd_training" if plan else "model_update", about="train", unit="record",
                                 observer="coordinator", round=server_round, mechanism=mech, details=details)
         return out, metrics, [release], outcome.steps
 
     # --- evaluate ---------------------------------------------------------------------------
-    def evaluate(self, arrays: dict[str, np.ndarray], *, scaling: Scaling, server_round: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    def evaluate(self, arrays: dict[str, np.ndarray], *, scaling: Scaling, server_round: int) -> tuple[dict[str, Any], list[str]]:
         """Counts and histograms on the test split."""
         spec, d = self.spec, self.data
         model = build_model(spec.model, len(d.feature_names), seed=spec.seed)
@@ -185,7 +243,7 @@ class NodeRuntime:
         from fedcollab.node._training import evaluate_model
 
         res = evaluate_model(model, scaling.apply(d.x_test), d.y_test)
-        release = self._release(kind="test_metrics", about="test", unit="record", observer="coordinator", round=server_round,
+        release = self._release(json.dumps(res).encode(), kind="test_metrics", about="test", unit="record", observer="coordinator", round=server_round,
                                 mechanism=NonPrivate(), details={"what": "count, correct, loss sum, score histograms"})
         return res, [release]
 
@@ -200,21 +258,16 @@ def _check_arrays(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> No
             raise ProtocolError("non-finite parameters")
 
 
-def make_client_app(spec: Spec) -> Any:
-    """The Flower ClientApp of a node taking part in ``spec``."""
+def make_client_app(spec: Spec, homes: dict[str, str], coordinator_key: str) -> Any:
+    """The Flower ClientApp of a node taking part in ``spec``.
+
+    ``homes`` maps partner -> node folder; ``coordinator_key`` is the coordinator's signing key
+    (hex) from the roster the partner obtained out of band.
+    """
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
 
     app = ClientApp()
-
-    def reply(msg: Message, content: RecordDict) -> Message:
-        return Message(content=content, reply_to=msg)
-
-    def error_reply(msg: Message, exc: BaseException, partner: str | None) -> Message:
-        code = _code_for(exc)
-        # Text and traceback stay here; only the code leaves.
-        log.error("node %s refused %s: %s (%s)", partner or "?", msg.metadata.message_type, code.name, exc, exc_info=not isinstance(exc, FedcollabError | _Coded))
-        return reply(msg, RecordDict({RecordKey.ERROR: ConfigRecord({"code": int(code)})}))
 
     def scaling_of(cfg: ConfigRecord) -> Scaling:
         mean = np.asarray(cfg["scale_mean"], dtype=np.float64)
@@ -234,66 +287,80 @@ def make_client_app(spec: Spec) -> Any:
             context.state["fedcollab"] = ConfigRecord({"steps": 0})
         return context.state.config_records["fedcollab"]
 
-    def releases_record(releases: list[dict[str, Any]]) -> ConfigRecord:
-        return ConfigRecord({"json": json.dumps(releases)})
+    def lines_record(lines: list[str]) -> ConfigRecord:
+        return ConfigRecord({"lines": json.dumps(lines)})
 
-    @app.query()
-    def setup(msg: Message, context: Context) -> Message:
+    def handle(msg: Message, context: Context, work: Any) -> Message:
+        """Run ``work(node, cfg, state, msg) -> RecordDict``; any failure leaves as a code plus the refusal entries."""
         partner = None
+        node: NodeRuntime | None = None
+        start = 0
         try:
             partner = _partner_name(spec, context.node_config)
             cfg = msg.content.config_records.get(RecordKey.CONFIG, ConfigRecord())
-            if str(cfg.get("fedcollab.kind", "")) != MessageKind.SETUP:
+            run_id = str(cfg.get("fedcollab.run_id", ""))
+            if not run_id or partner not in homes:
                 raise _Coded(NodeErrorCode.BAD_REQUEST)
             st = state(context)
-            if "setup_done" in st:
-                # A second setup would be a second statistics release the plan did not charge.
-                raise _Coded(NodeErrorCode.BAD_REQUEST)
-            node = NodeRuntime(spec, partner)
-            info, stats, releases = node.setup(str(cfg.get("scaling", "none")))
-            st["setup_done"] = True
-            if "plan" in info:
-                st["plan"] = info["plan"]
-            content = RecordDict({RecordKey.INFO: ConfigRecord(info), RecordKey.RELEASES: releases_record(releases)})
-            if stats is not None:
-                content["statistics"] = ConfigRecord(stats)
-            return reply(msg, content)
+            node = NodeRuntime(spec, partner, home=NodeHome(Path(homes[partner])), run_id=run_id,
+                               plan_json=str(st["plan"]) if "plan" in st else None)
+            start = node.gate.ledger.head()[0]
+            return Message(content=work(node, cfg, st, msg), reply_to=msg)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a code
-            return error_reply(msg, exc, partner)
+            code = _code_for(exc)
+            # Text and traceback stay in this node's log; only the code and ledger entries leave.
+            log.error("node %s refused %s: %s (%s)", partner or "?", msg.metadata.message_type, code.name, exc,
+                      exc_info=not isinstance(exc, FedcollabError | _Coded))
+            content = RecordDict({RecordKey.ERROR: ConfigRecord({"code": int(code)})})
+            if node is not None:
+                new = [ln.raw.decode() for ln in node.gate.ledger.lines()
+                       if ln.entry.get("party") == partner and int(ln.entry.get("seq", -1)) >= start]
+                if new:
+                    content[RecordKey.RELEASES] = lines_record(new)
+            return Message(content=content, reply_to=msg)
+
+    def do_query(node: NodeRuntime, cfg: ConfigRecord, st: ConfigRecord, msg: Message) -> RecordDict:
+        kind = str(cfg.get("fedcollab.kind", ""))
+        if kind == MessageKind.CLOSE:
+            return RecordDict({RecordKey.RELEASES: lines_record([node.countersign(str(cfg["close"]).encode(), coordinator_key)])})
+        if kind != MessageKind.SETUP or "setup_done" in st:
+            # A second setup would be a second statistics release the plan did not charge.
+            raise _Coded(NodeErrorCode.BAD_REQUEST)
+        info, stats, lines = node.setup(str(cfg.get("scaling", "none")))
+        st["setup_done"] = True
+        if "plan" in info:
+            st["plan"] = info["plan"]
+        content = RecordDict({RecordKey.INFO: ConfigRecord(info), RecordKey.RELEASES: lines_record(lines)})
+        if stats is not None:
+            content["statistics"] = ConfigRecord(stats)
+        return content
+
+    def do_train(node: NodeRuntime, cfg: ConfigRecord, st: ConfigRecord, msg: Message) -> RecordDict:
+        arrays, metrics, lines, steps = node.train(
+            arrays_of(msg), scaling=scaling_of(cfg), server_round=int(cfg.get("server-round", 0)),
+            steps_so_far=int(st["steps"]), proximal_mu=float(cfg.get("proximal-mu", 0.0)),
+        )
+        st["steps"] = int(st["steps"]) + steps
+        rec = ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+        return RecordDict({RecordKey.ARRAYS: rec, RecordKey.METRICS: MetricRecord(metrics), RecordKey.RELEASES: lines_record(lines)})
+
+    def do_evaluate(node: NodeRuntime, cfg: ConfigRecord, st: ConfigRecord, msg: Message) -> RecordDict:
+        res, lines = node.evaluate(arrays_of(msg), scaling=scaling_of(cfg), server_round=int(cfg.get("server-round", 0)))
+        metrics = MetricRecord({"num-examples": res["n"], "n": res["n"], "correct": res["correct"], "loss_sum": res["loss_sum"],
+                                "hist_pos": res["hist_pos"], "hist_neg": res["hist_neg"]})
+        return RecordDict({RecordKey.METRICS: metrics, RecordKey.RELEASES: lines_record(lines)})
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return handle(msg, context, do_query)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        partner = None
-        try:
-            partner = _partner_name(spec, context.node_config)
-            cfg = msg.content.config_records.get(RecordKey.CONFIG, ConfigRecord())
-            st = state(context)
-            node = NodeRuntime(spec, partner, plan_json=str(st["plan"]) if "plan" in st else None)
-            arrays, metrics, releases, steps = node.train(
-                arrays_of(msg), scaling=scaling_of(cfg), server_round=int(cfg.get("server-round", 0)),
-                steps_so_far=int(st["steps"]), proximal_mu=float(cfg.get("proximal-mu", 0.0)),
-            )
-            st["steps"] = int(st["steps"]) + steps
-            rec = ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
-            return reply(msg, RecordDict({RecordKey.ARRAYS: rec, RecordKey.METRICS: MetricRecord(metrics),
-                                          RecordKey.RELEASES: releases_record(releases)}))
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a code
-            return error_reply(msg, exc, partner)
+        return handle(msg, context, do_train)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        partner = None
-        try:
-            partner = _partner_name(spec, context.node_config)
-            cfg = msg.content.config_records.get(RecordKey.CONFIG, ConfigRecord())
-            node = NodeRuntime(spec, partner)
-            res, releases = node.evaluate(arrays_of(msg), scaling=scaling_of(cfg), server_round=int(cfg.get("server-round", 0)))
-            metrics = MetricRecord({"num-examples": res["n"], "n": res["n"], "correct": res["correct"], "loss_sum": res["loss_sum"],
-                                    "hist_pos": res["hist_pos"], "hist_neg": res["hist_neg"]})
-            return reply(msg, RecordDict({RecordKey.METRICS: metrics, RecordKey.RELEASES: releases_record(releases)}))
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a code
-            return error_reply(msg, exc, partner)
-
+        return handle(msg, context, do_evaluate)
     return app
 
 

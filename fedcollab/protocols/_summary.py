@@ -92,6 +92,15 @@ class ModelRef(_M):
     n_parameters: int
 
 
+class LedgerRef(_M):
+    """The run ledger (verify with ``fedcollab audit verify LEDGER --roster ROSTER``)."""
+
+    path: str
+    sha256: str
+    entries: int
+    roster: str
+
+
 class Summary(_M):
     """What a run produced."""
 
@@ -107,4 +116,5 @@ class Summary(_M):
     metrics: Metrics
     privacy: Privacy
     model: ModelRef
+    ledger: LedgerRef | None = None
     failures: dict[str, list[int]] = Field(default_factory=dict, description="Error codes per partner, if any node refused or failed.")

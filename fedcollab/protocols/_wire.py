@@ -9,6 +9,7 @@ class MessageKind(StrEnum):
     """What the coordinator asks (carried in the message config as ``fedcollab.kind``)."""
 
     SETUP = "setup"
+    CLOSE = "close"
 
 
 class RecordKey(StrEnum):

@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 
 from fedcollab.core import FedcollabError, TransportError, get_logger
-from fedcollab.coordinator import CoordinatorRecorder, RoundRecord, make_server_app, privacy_section
-from fedcollab.node import make_client_app
+from fedcollab.coordinator import COORDINATOR, CoordinatorRecorder, RoundRecord, RunLedger, make_server_app, privacy_section
+from fedcollab.node import NodeHome, init_node_home, make_client_app
+from fedcollab.spec import BudgetSpec, NodePolicy, Roster, RosterEntry
 from fedcollab.protocols import PooledMetrics, Summary
-from fedcollab.protocols._summary import Metrics, MetricsEntry, ModelRef, SpecRef
+from fedcollab.protocols._summary import LedgerRef, Metrics, MetricsEntry, ModelRef, SpecRef
 from fedcollab.spec import Spec, load_spec
 
 log = get_logger("runner")
@@ -134,6 +135,7 @@ def run(
     spec: Spec | str | Path,
     *,
     out: str | Path | None = None,
+    nodes: str | Path | None = None,
     progress: bool = False,
     spec_path: str | Path | None = None,
     timeout: float = 600.0,
@@ -145,7 +147,12 @@ def run(
     spec : Spec or path
         The collaboration spec (a path is loaded and validated).
     out : path, optional
-        Folder for ``summary.json``, ``metrics.jsonl``, the model and its checkpoint.
+        Folder for ``summary.json``, ``metrics.jsonl``, ``ledger.jsonl``, ``roster.json``, the
+        model and its checkpoint (a temporary folder when omitted).
+    nodes : path, optional
+        Folder of the simulated partners' node folders (keys, policies, ledgers). Reusing it
+        across runs keeps each partner's budget, as a real partner's node would; default
+        ``OUT/nodes``. A missing node folder is created with a policy derived from the spec.
     progress : bool
         Show a rich progress bar per round.
 
@@ -158,16 +165,24 @@ def run(
         spec_path = Path(spec)
         spec = load_spec(spec_path)
     set_flower_env()
-    out_dir = Path(out) if out is not None else None
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    recorder = CoordinatorRecorder(checkpoint_dir=(out_dir / "checkpoints") if out_dir else None)
+    tmp = None
+    if out is None:
+        import tempfile
+
+        tmp = tempfile.TemporaryDirectory(prefix="fedcollab-run-")
+    out_dir = Path(out) if out is not None else Path(tmp.name)  # type: ignore[union-attr]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    recorder = CoordinatorRecorder(checkpoint_dir=out_dir / "checkpoints")
     run_id = uuid.uuid4().hex[:16]
+    homes = prepare_simulated_nodes(spec, Path(nodes) if nodes is not None else out_dir / "nodes")
+    coordinator_key, roster = _coordinator_and_roster(out_dir, homes)
+    ledger = RunLedger(out_dir / "ledger.jsonl", key=coordinator_key, roster=roster, run_id=run_id)
     t0 = time.perf_counter()
     with _Progress(spec, progress) as prog:
         recorder.on_setup = prog.setup
         recorder.on_round = prog.round
-        _simulate(spec, recorder, timeout=timeout)
+        _simulate(spec, recorder, ledger=ledger, homes={k: str(v.root) for k, v in homes.items()},
+                  coordinator_key=roster.parties[COORDINATOR].signing_key, timeout=timeout)
     wall = time.perf_counter() - t0
     if not recorder.finished or recorder.final_arrays is None:
         raise TransportError("the simulation ended before the last round")
@@ -178,11 +193,11 @@ def run(
         pooled_test=_entry(last_eval.pooled if last_eval else None),
         partners={k: _entry(v) for k, v in (last_eval.partners if last_eval else {}).items()},
     )
-    if out_dir is not None:
-        model_path, model_sha, fmt = _save_model(recorder.final_arrays, out_dir)
-        model_ref = ModelRef(path=model_path.name, sha256=model_sha, format=fmt, n_parameters=int(sum(v.size for v in recorder.final_arrays.values())))  # type: ignore[arg-type]
-    else:
-        model_ref = ModelRef(path="", sha256="", format="npz", n_parameters=int(sum(v.size for v in recorder.final_arrays.values())))
+    model_path, model_sha, fmt = _save_model(recorder.final_arrays, out_dir)
+    n_params = int(sum(v.size for v in recorder.final_arrays.values()))
+    model_ref = ModelRef(path=model_path.name, sha256=model_sha, format=fmt, n_parameters=n_params)  # type: ignore[arg-type]
+    ledger_bytes = ledger.path.read_bytes()
+    ledger_ref = LedgerRef(path=ledger.path.name, sha256=hashlib.sha256(ledger_bytes).hexdigest(), entries=ledger_bytes.count(b"\n"), roster="roster.json")
     sp = Path(spec_path) if spec_path is not None else None
     summary = Summary(
         run_id=run_id,
@@ -200,15 +215,16 @@ def run(
         metrics=metrics,
         privacy=privacy,
         model=model_ref,
+        ledger=ledger_ref,
         failures=recorder.failures,
     )
-    if out_dir is not None:
-        _write_atomic(out_dir / "summary.json", summary.model_dump_json(indent=2) + "\n")
-        _write_atomic(out_dir / "metrics.jsonl", "".join(json.dumps(r.to_dict()) + "\n" for r in recorder.rounds))
-    return Result(summary=summary, rounds=list(recorder.rounds), model=recorder.final_arrays, out_dir=out_dir)
+    _write_atomic(out_dir / "summary.json", summary.model_dump_json(indent=2) + "\n")
+    _write_atomic(out_dir / "metrics.jsonl", "".join(json.dumps(r.to_dict()) + "\n" for r in recorder.rounds))
+    return Result(summary=summary, rounds=list(recorder.rounds), model=recorder.final_arrays, out_dir=out_dir if tmp is None else None)
 
 
-def _simulate(spec: Spec, recorder: CoordinatorRecorder, *, timeout: float) -> None:
+def _simulate(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLedger, homes: dict[str, str], coordinator_key: str,
+              timeout: float) -> None:
     try:
         from flwr.simulation import run_simulation
     except ImportError as exc:
@@ -217,8 +233,8 @@ def _simulate(spec: Spec, recorder: CoordinatorRecorder, *, timeout: float) -> N
         err = ConfigError("the simulation needs Flower: pip install 'fedcollab[node,coordinator]'")
         err.exit_code = 10
         raise err from exc
-    client_app = make_client_app(spec)
-    server_app = make_server_app(spec, recorder, timeout=timeout)
+    client_app = make_client_app(spec, homes, coordinator_key)
+    server_app = make_server_app(spec, recorder, ledger=ledger, timeout=timeout)
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
     flwr_logger.setLevel(logging.ERROR)
@@ -243,6 +259,60 @@ def _simulate(spec: Spec, recorder: CoordinatorRecorder, *, timeout: float) -> N
         flwr_logger.setLevel(level)
 
 
-def run_demo(*, out: str | Path | None = None, progress: bool = True) -> Result:
-    """Run the embedded Heart demo (four hospitals, record-level DP-SGD on)."""
-    return run(DEMO_SPEC, out=out, progress=progress)
+#: Budget of a simulated partner whose node folder the runner creates (per dataset, unit record).
+SIMULATED_BUDGET_EPSILON = 8.0
+
+
+def simulated_policy(spec: Spec, partner: str) -> NodePolicy:
+    """The policy the runner writes for a simulated partner that has none: what the spec needs, and a budget."""
+    p = next(x for x in spec.partners if x.name == partner)
+    delta = spec.privacy.delta if spec.privacy.delta is not None else 1e-5
+    eps = max(SIMULATED_BUDGET_EPSILON, spec.privacy.target_epsilon or 0.0)
+    return NodePolicy(
+        partner=partner,
+        budgets=[BudgetSpec(dataset=p.dataset_id, unit="record", epsilon=eps, delta=delta, accountant=spec.privacy.accountant)],
+        allow_non_private_training=spec.privacy.mode == "none",
+        allowed_model_kinds=sorted({"logistic_regression", "mlp", spec.model.kind}),  # type: ignore[arg-type]
+        min_partners_per_round=min(2, len(spec.partners)),
+    )
+
+
+def prepare_simulated_nodes(spec: Spec, nodes_dir: Path) -> dict[str, NodeHome]:
+    """A node folder per partner under ``nodes_dir`` (created with :func:`simulated_policy` if missing)."""
+    homes = {}
+    for p in spec.partners:
+        home = NodeHome(nodes_dir / p.name)
+        if not home.exists():
+            home = init_node_home(home.root, partner=p.name, policy=simulated_policy(spec, p.name))
+        homes[p.name] = home
+    return homes
+
+
+def _coordinator_and_roster(out_dir: Path, homes: dict[str, NodeHome]) -> tuple[Any, Roster]:
+    from fedcollab.crypto import generate_signing_key, load_signing_key
+    from fedcollab.privacy.accounting import public_key_hex
+
+    key_path = out_dir / "coordinator" / "signing_key.pem"
+    key = load_signing_key(key_path) if key_path.exists() else generate_signing_key(key_path)
+    parties = {name: RosterEntry(signing_key=h.public_key()) for name, h in homes.items()}
+    parties[COORDINATOR] = RosterEntry(signing_key=public_key_hex(key), role="coordinator")
+    roster = Roster(parties=parties)
+    # In simulation the runner writes the roster; across organisations parties exchange it out of band.
+    _write_atomic(out_dir / "roster.json", roster.model_dump_json(indent=2) + "\n")
+    return key, roster
+
+
+def run_demo(*, out: str | Path = "runs/demo", progress: bool = True) -> Result:
+    """Run the embedded Heart demo (four hospitals, record-level DP-SGD on).
+
+    The demo's simulated partners start afresh each time (``OUT/nodes`` is recreated), so
+    repeating the demo never exhausts their budgets; ``fedcollab run --nodes`` keeps them.
+    """
+    import shutil
+
+    out_dir = Path(out)
+    shutil.rmtree(out_dir / "nodes", ignore_errors=True)
+    shutil.rmtree(out_dir / "coordinator", ignore_errors=True)
+    for name in ("ledger.jsonl", "roster.json"):
+        (out_dir / name).unlink(missing_ok=True)
+    return run(DEMO_SPEC, out=out_dir, progress=progress)

@@ -58,8 +58,14 @@ class PartnerSpec(FrozenModel):
     """One partner (a silo)."""
 
     name: Name
+    dataset: str | None = Field(default=None, min_length=1, description="Dataset id the partner's budgets are kept under; defaults to the partner's name.")
     source: SourceSpec | None = Field(default=None, description="Local data (simulation). Omit in deployment.")
     split: SplitSpec = Field(default_factory=lambda: SplitSpec(test_fraction=0.34))
+
+    @property
+    def dataset_id(self) -> str:
+        """The dataset id budgets are kept under."""
+        return self.dataset or self.name
 
 
 class ColumnSpec(FrozenModel):

@@ -31,7 +31,10 @@ class TestCodes:
         assert str(e).splitlines() == ["bad", "  - a", "  - b"]
 
     def test_exit_codes_documented(self):
-        """docs/exit-codes.md names every exit code."""
+        """docs/exit-codes.md has a row per exit code and node error code, with the registry's help text."""
         text = (Path(__file__).resolve().parents[2] / "docs" / "exit-codes.md").read_text()
         for code in ExitCode:
-            assert f"| {int(code)} |" in text
+            assert f"| {int(code)} | `{code.name}` |" in text
+            assert EXIT_CODE_HELP[code] in text
+        for code in NodeErrorCode:
+            assert f"| {int(code)} | `{code.name}` | {NODE_ERROR_HELP[code]} |" in text

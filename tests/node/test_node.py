@@ -17,9 +17,23 @@ from fedcollab.privacy.accounting import PoissonSubsampledGaussian, Release, com
 from fedcollab.protocols import Scaling, scaling_from_bounds
 
 
+def make_node(spec, partner, root, *, run_id="run-1", policy=None) -> NodeRuntime:
+    from fedcollab.node import NodeHome, init_node_home
+    from fedcollab.runner._run import simulated_policy
+
+    home = NodeHome(root / partner)
+    if not home.exists():
+        init_node_home(home.root, partner=partner, policy=policy or simulated_policy(spec, partner))
+    return NodeRuntime(spec, partner, home=home, run_id=run_id)
+
+
 @pytest.fixture(scope="module")
-def swiss(heart_dp_spec) -> NodeRuntime:
-    return NodeRuntime(heart_dp_spec, "switzerland")
+def swiss(heart_dp_spec, tmp_path_factory) -> NodeRuntime:
+    return make_node(heart_dp_spec, "switzerland", tmp_path_factory.mktemp("nodes"))
+
+
+def _release(line: str) -> Release:
+    return Release.model_validate(json.loads(line)["body"]["release"])
 
 
 def _init(spec) -> dict[str, np.ndarray]:
@@ -39,8 +53,8 @@ class TestDpPlan:
         eps = compute_epsilon(plan.mechanisms(), delta=plan.delta, accountant=plan.accountant).epsilon
         assert 0.99 < eps <= 1.0
 
-    def test_cleveland_plan(self, heart_dp_spec):
-        plan = NodeRuntime(heart_dp_spec, "cleveland").plan()
+    def test_cleveland_plan(self, heart_dp_spec, tmp_path):
+        plan = make_node(heart_dp_spec, "cleveland", tmp_path).plan()
         assert plan.sample_rate == pytest.approx(32 / 199)
         assert plan.steps_per_epoch == 6 and plan.total_steps == 120
 
@@ -49,7 +63,7 @@ class TestDpPlan:
         info, stats, releases = swiss.setup("public_bounds")
         assert stats is None
         assert info["n_train"] == 30 and "plan" in info
-        (r,) = [Release.model_validate(x) for x in releases]
+        (r,) = [_release(x) for x in releases]
         assert r.kind == "row_counts" and r.declared_public and r.non_private
 
     def test_exact_statistics_refused_under_dp(self, swiss):
@@ -63,7 +77,7 @@ class TestDpPlan:
         arrays, metrics, releases, steps = swiss.train(_init(heart_dp_spec), scaling=_scaling(heart_dp_spec), server_round=1, steps_so_far=0, proximal_mu=0.0)
         assert steps == plan.steps_per_epoch
         assert set(metrics) == {"num-examples"}
-        (r,) = [Release.model_validate(x) for x in releases]
+        (r,) = [_release(x) for x in releases]
         assert r.kind == "dpsgd_training" and r.unit == "record" and r.observer == "coordinator" and r.added_by == "switzerland"
         assert r.mechanism == PoissonSubsampledGaussian(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=steps)
         assert all(np.isfinite(v).all() for v in arrays.values())
@@ -74,12 +88,15 @@ class TestDpPlan:
         with pytest.raises(BudgetExhausted):
             swiss.train(_init(heart_dp_spec), scaling=_scaling(heart_dp_spec), server_round=21, steps_so_far=plan.total_steps, proximal_mu=0.0)
 
-    def test_plan_survives_in_state(self, heart_dp_spec, swiss):
+    def test_plan_survives_in_state(self, heart_dp_spec, swiss, tmp_path):
         """A node restored from its state reuses the calibrated plan."""
         from dataclasses import asdict
 
+        from fedcollab.node import NodeHome
+
         plan = swiss.plan()
-        again = NodeRuntime(heart_dp_spec, "switzerland", plan_json=json.dumps(asdict(plan)))
+        again = NodeRuntime(heart_dp_spec, "switzerland", home=NodeHome(swiss.gate.ledger.path.parent), run_id="r",
+                            plan_json=json.dumps(asdict(plan)))
         assert again.plan() == plan
 
 
@@ -104,9 +121,12 @@ class TestHostileInput:
         assert _code_for(ProtocolError("x")) == NodeErrorCode.BAD_MODEL_UPDATE
         assert _code_for(KeyError("patient_123")) == NodeErrorCode.INTERNAL
 
-    def test_unknown_partner(self, heart_dp_spec):
-        with pytest.raises(DataValidationError, match="unknown partner"):
-            NodeRuntime(heart_dp_spec, "atlantis")
+    def test_unknown_partner(self, heart_dp_spec, swiss):
+        from fedcollab.core import PolicyRefused
+        from fedcollab.node import NodeHome
+
+        with pytest.raises(PolicyRefused, match="another partner"):
+            NodeRuntime(heart_dp_spec, "atlantis", home=NodeHome(swiss.gate.ledger.path.parent), run_id="r")
 
 
 class TestDpSgd:

@@ -1,6 +1,27 @@
-"""The accountant adapter over Google's dp-accounting (RDP and PLD).
+"""The accountant adapter: Google's dp-accounting (RDP and PLD) and fedcollab's closed forms.
 
 dp-accounting is loaded lazily; no dp-accounting type leaves this module.
+
+Which accountant can handle which event, and what its answer is:
+
+================================  ====================  ====================  ======================
+Event                             ``rdp``               ``pld``               ``exact``
+================================  ====================  ====================  ======================
+gaussian                          upper bound           upper bound           exact
+poisson_subsampled_gaussian       upper bound           upper bound           unsupported
+laplace                           upper bound           upper bound           exact (δ = 0, or k=1)
+zcdp                              upper bound           unsupported           upper bound
+non_private                       ε = ∞                 ε = ∞                 ε = ∞
+================================  ====================  ====================  ======================
+
+``upper_bound`` on :class:`EpsilonResult` says which: RDP's conversion to (ε, δ) is an upper
+bound (Canonne, Kamath & Steinke 2020, Prop. 12); dp-accounting's PLD accountant uses its
+pessimistic discretisation (``pessimistic_estimate=True``, its default), an upper bound up to
+floating point; the closed forms in :mod:`._exact` are exact except where that module says not.
+
+At ``delta = 0`` (only allowed when every event is pure DP, i.e. Laplace): the ``exact``
+accountant returns the pure-DP epsilon; RDP and dp-accounting's PLD return infinity, a valid but
+useless bound, which is reported as it is (use ``exact`` for pure DP).
 """
 
 from __future__ import annotations
@@ -17,24 +38,31 @@ from fedcollab.privacy.accounting._events import (
     LaplaceMechanism,
     NonPrivate,
     PoissonSubsampledGaussian,
+    ZCDPMechanism,
 )
 from fedcollab.privacy.accounting._validate import check_delta
 
-AccountantName = Literal["rdp", "pld"]
-_ACCOUNTANTS = ("rdp", "pld")
+AccountantName = Literal["rdp", "pld", "exact"]
+_ACCOUNTANTS = ("rdp", "pld", "exact")
 #: PLD discretisation; 1e-4 matches the reference values in shared/reference/dp-cases.json.
 PLD_VALUE_DISCRETIZATION = 1e-4
 
 
 @dataclass(frozen=True)
 class EpsilonResult:
-    """An epsilon claim: the number and everything needed to recompute it."""
+    """An epsilon claim: the number and everything needed to recompute it.
+
+    ``upper_bound`` is True when the accountant's answer is an upper bound on the true epsilon
+    (RDP, PLD, zCDP conversions), False when it is the exact value (closed forms, and an infinite
+    epsilon for a release without noise).
+    """
 
     epsilon: float
     delta: float
     accountant: str
     accountant_version: str
     optimal_order: float | None = None
+    upper_bound: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (infinite epsilon as ``None``)."""
@@ -44,11 +72,26 @@ class EpsilonResult:
             "accountant": self.accountant,
             "accountant_version": self.accountant_version,
             "optimal_order": self.optimal_order,
+            "upper_bound": self.upper_bound,
         }
+
+
+class _DropExcludedOrderNotices:
+    """dp-accounting logs (through absl) every RDP order it excludes as numerically unstable.
+
+    Excluding an order is conservative (the epsilon stays an upper bound), and the notice
+    repeats for every computation, so it is dropped; every other absl record passes.
+    """
+
+    def filter(self, record: Any) -> bool:  # noqa: D102
+        return "failed to converge" not in str(record.msg)
 
 
 @lru_cache(maxsize=1)
 def _dpa() -> Any:
+    import logging
+
+    logging.getLogger("absl").addFilter(_DropExcludedOrderNotices())
     try:
         import dp_accounting
         import dp_accounting.pld
@@ -58,10 +101,16 @@ def _dpa() -> Any:
     return dp_accounting
 
 
-def accountant_version() -> str:
-    """Version of the dp-accounting package backing every claim."""
-    from importlib.metadata import version
+def accountant_version(accountant: str = "rdp") -> str:
+    """Version of the code backing a claim: dp-accounting for RDP and PLD, fedcollab and scipy for ``exact``."""
+    from importlib.metadata import PackageNotFoundError, version
 
+    if accountant == "exact":
+        try:
+            ours = version("fedcollab")
+        except PackageNotFoundError:  # pragma: no cover - running from a source tree
+            ours = "unknown"
+        return f"fedcollab {ours} closed forms (scipy {version('scipy')})"
     return f"dp-accounting {version('dp-accounting')}"
 
 
@@ -73,9 +122,11 @@ def _to_dp_event(m: Any) -> Any:
         return dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(m.sample_rate, dpa.GaussianDpEvent(m.noise_multiplier)), m.steps)
     if isinstance(m, LaplaceMechanism):
         return dpa.SelfComposedDpEvent(dpa.LaplaceDpEvent(m.scale_b / m.sensitivity_l1), m.releases)
+    if isinstance(m, ZCDPMechanism):
+        return dpa.SelfComposedDpEvent(dpa.ZCDpEvent(m.rho), m.releases)
     if isinstance(m, NonPrivate):
         return dpa.NonPrivateDpEvent()
-    raise PrivacyError(f"unsupported mechanism {type(m).__name__}")
+    raise PrivacyError(f"unsupported: mechanism {type(m).__name__} is not a fedcollab privacy event")
 
 
 def _fresh(accountant: str) -> Any:
@@ -84,6 +135,8 @@ def _fresh(accountant: str) -> Any:
         return dpa.rdp.RdpAccountant()
     if accountant == "pld":
         return dpa.pld.PLDAccountant(value_discretization_interval=PLD_VALUE_DISCRETIZATION)
+    if accountant == "exact":
+        raise PrivacyError("unsupported: the exact accountant is closed forms, not a dp-accounting backend.")
     raise PrivacyError(f"`accountant` must be one of {list(_ACCOUNTANTS)}, got {accountant!r}.")
 
 
@@ -92,24 +145,55 @@ def compose_event(mechanisms: Sequence[Any]) -> Any:
     return _dpa().ComposedDpEvent([_to_dp_event(m) for m in mechanisms])
 
 
+def _check_accountant(accountant: Any) -> str:
+    if accountant not in _ACCOUNTANTS:
+        raise PrivacyError(f"`accountant` must be one of {list(_ACCOUNTANTS)}, got {accountant!r}.")
+    return str(accountant)
+
+
+def _is_pure(m: object) -> bool:
+    return isinstance(m, LaplaceMechanism | NonPrivate)
+
+
 def compute_epsilon(mechanisms: Sequence[Any], *, delta: float, accountant: AccountantName) -> EpsilonResult:
     """Epsilon at ``delta`` of the mechanisms composed in order.
 
-    A non-private mechanism makes epsilon infinite; an empty list gives 0.
+    A non-private mechanism makes epsilon infinite; an empty list gives 0. ``delta = 0`` is
+    accepted only when every mechanism is pure DP (Laplace). An event the accountant cannot
+    handle raises :class:`PrivacyError` with a message starting "unsupported".
     """
-    delta = check_delta(delta)
-    version = accountant_version()
+    accountant = _check_accountant(accountant)  # type: ignore[assignment]
+    delta = check_delta(delta, allow_zero=True)
+    mechanisms = list(mechanisms)
+    if delta == 0.0 and not all(_is_pure(m) for m in mechanisms):
+        kinds = sorted({str(getattr(m, "mechanism", type(m).__name__)) for m in mechanisms if not _is_pure(m)})
+        raise PrivacyError(
+            f"`delta` must be in (0, 1) for events that are not pure DP ({', '.join(kinds)}), got {delta!r}; "
+            "delta = 0 is only meaningful for laplace events."
+        )
+    version = accountant_version(accountant)
     if any(isinstance(m, NonPrivate) for m in mechanisms):
-        return EpsilonResult(math.inf, delta, accountant, version)
+        # Infinite is the exact answer for a release without noise, whatever the accountant.
+        return EpsilonResult(math.inf, delta, accountant, version, upper_bound=False)
+    if accountant == "exact":
+        from fedcollab.privacy.accounting._exact import exact_epsilon
+
+        eps, upper = exact_epsilon(mechanisms, delta=delta)
+        return EpsilonResult(eps, delta, accountant, version, upper_bound=upper)
     acc = _fresh(accountant)
     event = compose_event(mechanisms)
     if not acc.supports(event):
-        raise PrivacyError(f"the {accountant} accountant does not support these events")
-    acc.compose(event)
-    if accountant == "rdp":
-        eps, order = acc.get_epsilon_and_optimal_order(delta)
-        return EpsilonResult(float(eps), delta, accountant, version, float(order))
-    return EpsilonResult(float(acc.get_epsilon(delta)), delta, accountant, version)
+        kinds = sorted({str(getattr(m, "mechanism", type(m).__name__)) for m in mechanisms})
+        hint = " (zcdp: use accountant 'rdp' or 'exact')" if any(isinstance(m, ZCDPMechanism) for m in mechanisms) else ""
+        raise PrivacyError(f"unsupported: the {accountant} accountant cannot account for these events ({', '.join(kinds)}){hint}.")
+    try:
+        acc.compose(event)
+        if accountant == "rdp":
+            eps, order = acc.get_epsilon_and_optimal_order(delta)
+            return EpsilonResult(float(eps), delta, accountant, version, float(order))
+        return EpsilonResult(float(acc.get_epsilon(delta)), delta, accountant, version)
+    except (ValueError, OverflowError) as exc:
+        raise PrivacyError(f"the {accountant} accountant failed on these events: {exc}") from None
 
 
 def merge_mechanisms(mechanisms: Iterable[object]) -> list[object]:

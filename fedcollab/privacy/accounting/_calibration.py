@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
+
+from scipy.optimize import brentq
 
 from fedcollab.core import PrivacyError
 from fedcollab.privacy.accounting._accountant import AccountantName, _dpa, _fresh, compose_event, compute_epsilon
@@ -30,7 +33,9 @@ def calibrate_noise_multiplier(
     Notes
     -----
     Bisection by ``dp_accounting.calibrate_dp_mechanism``; the result is re-checked with
-    :func:`compute_epsilon` and never exceeds the target.
+    :func:`compute_epsilon` and never exceeds the target. With ``accountant="exact"`` (plain
+    Gaussian releases only; DP-SGD is "unsupported") the closed form is solved with
+    :func:`scipy.optimize.brentq` on ``log z`` instead.
     """
     target_epsilon = check_epsilon(target_epsilon, "target_epsilon")
     delta = check_delta(delta)
@@ -71,14 +76,35 @@ def calibrate_noise_multiplier(
         except (ValueError, RuntimeError, MemoryError) as exc:
             raise PrivacyError(f"calibration failed: {exc}") from None
 
-    # RDP first: cheap and robust over a wide bracket. PLD is tighter (its epsilon is at most
-    # RDP's), so its answer lies below RDP's; a narrow bracket keeps PLD's grids small.
-    z = solve("rdp", 1e-3, _MAX_SIGMA)
+    if accountant == "exact":
+        z = _solve_exact(lambda z: compute_epsilon([*prior, mech(z)], delta=delta, accountant="exact").epsilon, target_epsilon)
+    else:
+        # RDP first: cheap and robust over a wide bracket. PLD is tighter (its epsilon is at most
+        # RDP's), so its answer lies below RDP's; a narrow bracket keeps PLD's grids small.
+        z = solve("rdp", 1e-3, _MAX_SIGMA)
     if accountant == "pld":
         low = max(z / 3.0, 0.3)
         if low < z:
             z = solve("pld", low, z)
-    # Never trust the bisection alone: the claim is what the accountant says.
+    # Never trust the root finding alone: the claim is what the accountant says.
     while compute_epsilon([*prior, mech(z)], delta=delta, accountant=accountant).epsilon > target_epsilon:
         z *= 1.0001
     return z
+
+
+def _solve_exact(epsilon_of: Any, target_epsilon: float) -> float:
+    """Root of ``epsilon_of(z) = target`` on ``log z`` in [1e-3, _MAX_SIGMA] (epsilon falls as z grows)."""
+
+    def f(log_z: float) -> float:
+        eps = epsilon_of(math.exp(log_z))
+        return (eps if math.isfinite(eps) else 1e300) - target_epsilon
+
+    low, high = math.log(1e-3), math.log(_MAX_SIGMA)
+    if f(low) <= 0.0:
+        return 1e-3
+    log_z = float(brentq(f, low, high, xtol=1e-12))
+    step = 1e-12
+    while f(log_z) > 0.0:  # round up to the first z whose epsilon is within the target
+        log_z += step
+        step *= 2.0
+    return math.exp(log_z)

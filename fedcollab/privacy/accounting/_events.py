@@ -9,7 +9,11 @@ Mapping to dp-accounting (``dp_accounting.dp_event``):
 * ``PoissonSubsampledGaussian(z, q, T)`` ->
   ``SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(z)), T)`` (DP-SGD, Abadi et al. 2016)
 * ``LaplaceMechanism(b, s, k)`` -> ``SelfComposedDpEvent(LaplaceDpEvent(b / s), k)``
+* ``ZCDPMechanism(rho, k)``   -> ``SelfComposedDpEvent(ZCDpEvent(rho), k)`` (RDP only; Bun & Steinke 2016)
 * ``NonPrivate()``             -> ``NonPrivateDpEvent()`` (epsilon = infinity)
+
+The same events, as JSON, are described by :func:`event_json_schema` (published as
+``protocols/schema/event.schema.json`` and shared with the ledger).
 """
 
 from __future__ import annotations
@@ -54,6 +58,18 @@ class LaplaceMechanism(_Event):
     releases: int = Field(default=1, ge=1)
 
 
+class ZCDPMechanism(_Event):
+    """``releases`` releases, each ``rho``-zCDP (Bun & Steinke 2016, Definition 1.1).
+
+    For mechanisms accounted in zCDP, such as the distributed discrete Gaussian or Skellam
+    noise under secure aggregation. zCDP composes by adding rho (Bun & Steinke 2016, composition lemma).
+    """
+
+    mechanism: Literal["zcdp"] = "zcdp"
+    rho: float = Field(gt=0, description="zCDP parameter per release (unitless).")
+    releases: int = Field(default=1, ge=1)
+
+
 class NonPrivate(_Event):
     """A release without noise: epsilon is infinite."""
 
@@ -61,13 +77,15 @@ class NonPrivate(_Event):
 
 
 Mechanism = Annotated[
-    GaussianMechanism | PoissonSubsampledGaussian | LaplaceMechanism | NonPrivate,
+    GaussianMechanism | PoissonSubsampledGaussian | LaplaceMechanism | ZCDPMechanism | NonPrivate,
     Field(discriminator="mechanism"),
 ]
 _MECHANISM = TypeAdapter(Mechanism)
 
 
-def mechanism_from_dict(data: dict[str, Any]) -> GaussianMechanism | PoissonSubsampledGaussian | LaplaceMechanism | NonPrivate:
+def mechanism_from_dict(
+    data: dict[str, Any],
+) -> GaussianMechanism | PoissonSubsampledGaussian | LaplaceMechanism | ZCDPMechanism | NonPrivate:
     """Parse a mechanism from JSON-like data, with a clear error."""
     from pydantic import ValidationError
 
@@ -77,6 +95,21 @@ def mechanism_from_dict(data: dict[str, Any]) -> GaussianMechanism | PoissonSubs
         return _MECHANISM.validate_python(data)
     except ValidationError as exc:
         raise PrivacyError("invalid privacy event:", problems=format_validation_error(exc, prefix="event")) from None
+
+
+def event_json_schema() -> dict[str, Any]:
+    """The JSON Schema of one privacy event (a :data:`Mechanism`), shared by the ledger and the CLI.
+
+    Published as ``protocols/schema/event.schema.json`` by ``fedcollab spec schema``.
+    """
+    schema = _MECHANISM.json_schema()
+    schema["$id"] = "https://fedcollab.dev/schema/event.schema.json"
+    schema["title"] = "fedcollab privacy event"
+    schema["description"] = (
+        "One privacy event (what was released and with which noise), discriminated by `mechanism`. "
+        "Epsilon is never stored: an accountant recomputes it from the events."
+    )
+    return schema
 
 
 class Release(_Event):

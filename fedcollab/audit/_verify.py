@@ -1,0 +1,267 @@
+"""``fedcollab audit verify``: check a ledger offline with nothing but the roster.
+
+Checks, in order, each failure naming the line:
+
+1. every line is canonical JSON (RFC 8785), signed by its party's roster key;
+2. every party's entries form an unbroken chain (``seq`` + 1, ``prev`` = hash of its previous line);
+3. in a run ledger: every node entry is receipted by the coordinator in arrival order, the run
+   ends with a ``close`` listing each party's chain head, countersigned by every node listed;
+4. every claim: epsilon per (party, dataset, unit, observer) recomputed from the recorded events
+   with the same accountant equals the claim (relative 1e-9);
+5. every budget recorded in an entry holds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedcollab.core import ExitCode
+from fedcollab.privacy.accounting import (
+    GENESIS,
+    LedgerError,
+    LedgerLine,
+    Release,
+    accountant_version,
+    counts_toward_budget,
+    key_fingerprint,
+    parse_lines,
+    verify_signature,
+)
+from fedcollab.privacy.accounting._ledger import spent
+from fedcollab.spec import Roster
+
+CLAIM_RTOL = 1e-9
+COORDINATOR_ROLE = "coordinator"
+
+
+@dataclass
+class Finding:
+    """One problem: its exit code, the line (if any) and what is wrong."""
+
+    code: ExitCode
+    line: int | None
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {"code": int(self.code), "kind": self.code.name.lower(), "line": self.line, "message": self.message}
+
+
+@dataclass
+class GroupSpend:
+    """A party's recomputed spend for one (dataset, unit, observer)."""
+
+    party: str
+    dataset: str
+    unit: str
+    observer: str
+    epsilon: float | None
+    delta: float
+    accountant: str
+    budget: float | None
+    complete_history: bool
+    releases: int
+
+    def to_dict(self) -> dict[str, Any]:  # noqa: D102
+        return dict(self.__dict__)
+
+
+@dataclass
+class Report:
+    """Everything ``audit verify`` found."""
+
+    lines: int = 0
+    findings: list[Finding] = field(default_factory=list)
+    spends: list[GroupSpend] = field(default_factory=list)
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    run_ledger: bool = False
+
+    @property
+    def exit_code(self) -> ExitCode:
+        """The most serious finding's code (tampering first), or OK."""
+        order = [ExitCode.LEDGER_UNREADABLE, ExitCode.LEDGER_TAMPERED, ExitCode.CLAIM_MISMATCH, ExitCode.LEDGER_BUDGET_EXCEEDED]
+        for code in order:
+            if any(f.code == code for f in self.findings):
+                return code
+        return ExitCode.OK
+
+    def to_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {
+            "verified": self.exit_code == ExitCode.OK,
+            "exit_code": int(self.exit_code),
+            "lines": self.lines,
+            "run_ledger": self.run_ledger,
+            "findings": [f.to_dict() for f in self.findings],
+            "parties": self.fingerprints,
+            "spend": [s.to_dict() for s in self.spends],
+            "accountant_version": accountant_version(),
+        }
+
+
+def _enc(x: float) -> float | None:
+    return None if math.isinf(x) else x
+
+
+def _close(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return math.isclose(a, b, rel_tol=CLAIM_RTOL, abs_tol=1e-12)
+
+
+def verify_lines(lines: list[LedgerLine], roster: Roster) -> Report:
+    """Verify parsed ledger lines against ``roster``."""
+    rep = Report(lines=len(lines))
+    rep.fingerprints = {name: key_fingerprint(e.signing_key) for name, e in sorted(roster.parties.items())}
+    tam = rep.findings.append
+
+    # 1. signatures
+    good: list[LedgerLine] = []
+    for ln in lines:
+        e = ln.entry
+        party = e.get("party")
+        entry = roster.parties.get(party) if isinstance(party, str) else None
+        if entry is None:
+            tam(Finding(ExitCode.LEDGER_TAMPERED, ln.number, f"party {party!r} is not in the roster"))
+            continue
+        if not verify_signature(e, entry.signing_key):
+            tam(Finding(ExitCode.LEDGER_TAMPERED, ln.number, f"missing or invalid signature of {party!r}"))
+            continue
+        good.append(ln)
+    if rep.findings:
+        return rep
+
+    # 2. chains
+    last: dict[str, LedgerLine] = {}
+    first: dict[str, LedgerLine] = {}
+    for ln in good:
+        p = ln.entry["party"]
+        prev = last.get(p)
+        if prev is None:
+            first[p] = ln
+            if ln.entry.get("seq") == 0 and ln.entry.get("prev") != GENESIS:
+                tam(Finding(ExitCode.LEDGER_TAMPERED, ln.number, f"{p}: the first entry does not start from genesis"))
+        else:
+            if ln.entry.get("seq") != prev.entry.get("seq", -2) + 1 or ln.entry.get("prev") != prev.hash:
+                tam(Finding(ExitCode.LEDGER_TAMPERED, ln.number,
+                            f"{p}: chain broken after line {prev.number} (an entry is missing, reordered or duplicated)"))
+        last[p] = ln
+
+    # 3. receipts, close and countersignatures (run ledgers)
+    coordinators = {n for n, e in roster.parties.items() if e.role == COORDINATOR_ROLE}
+    rep.run_ledger = any(ln.entry["party"] in coordinators for ln in good)
+    if rep.run_ledger:
+        _check_run_structure(good, coordinators, rep)
+
+    # 4-5. claims and budgets
+    _check_claims(good, rep)
+    return rep
+
+
+def _check_run_structure(good: list[LedgerLine], coordinators: set[str], rep: Report) -> None:
+    tam = rep.findings.append
+    pending: list[LedgerLine] = []
+    close: LedgerLine | None = None
+    heads: dict[str, str] = {}
+    counters: dict[str, LedgerLine] = {}
+    for ln in good:
+        e = ln.entry
+        if e["party"] in coordinators:
+            if e["kind"] == "receipt":
+                want = [{"party": x.entry["party"], "hash": x.hash} for x in pending]
+                if e["body"].get("entries") != want:
+                    tam(Finding(ExitCode.LEDGER_TAMPERED, ln.number, "receipt does not match the node entries before it (one was removed, altered or inserted)"))
+                pending = []
+            elif e["kind"] == "close":
+                if close is not None:
+                    tam(Finding(ExitCode.LEDGER_TAMPERED, ln.number, "a second close entry"))
+                close = ln
+        else:
+            if close is not None and e["kind"] != "countersign":
+                tam(Finding(ExitCode.LEDGER_TAMPERED, ln.number, "a node entry after the close"))
+            if close is None:
+                heads[e["party"]] = ln.hash
+            if e["kind"] == "countersign":
+                counters[e["party"]] = ln
+            pending.append(ln)
+    if pending and any(x.entry["kind"] != "countersign" or close is None for x in pending):
+        tam(Finding(ExitCode.LEDGER_TAMPERED, pending[0].number, "node entries without a coordinator receipt"))
+    end = good[-1].number if good else 0
+    if close is None:
+        tam(Finding(ExitCode.LEDGER_TAMPERED, end + 1, "the run has no close entry (the ledger was cut short)"))
+        return
+    listed = close.entry["body"].get("heads", {})
+    for party, h in sorted(listed.items()):
+        if heads.get(party) != h:
+            tam(Finding(ExitCode.LEDGER_TAMPERED, close.number, f"close lists a head for {party} that is not its last entry"))
+        c = counters.get(party)
+        if c is None:
+            tam(Finding(ExitCode.LEDGER_TAMPERED, end + 1, f"no countersignature of the close by {party} (entries missing at the end)"))
+        elif c.entry["body"].get("close") != close.hash:
+            tam(Finding(ExitCode.LEDGER_TAMPERED, c.number, f"{party} countersigned a different close entry"))
+    for party in sorted(set(heads) - set(listed)):
+        tam(Finding(ExitCode.LEDGER_TAMPERED, close.number, f"close omits {party}'s chain"))
+
+
+def _check_claims(good: list[LedgerLine], rep: Report) -> None:
+    groups: dict[tuple[str, str, str, str], list[tuple[LedgerLine, Release]]] = defaultdict(list)
+    complete = {}
+    for ln in good:
+        e = ln.entry
+        p = e["party"]
+        complete.setdefault(p, e.get("seq") == 0)
+        if e["kind"] != "release":
+            continue
+        r = Release.model_validate(e["body"]["release"])
+        groups[(p, e["body"]["dataset"], r.unit, r.observer)].append((ln, r))
+    for (party, dataset, unit, observer), items in sorted(groups.items(), key=lambda kv: kv[0]):
+        counted_items = [(ln, r) for ln, r in items if counts_toward_budget(r)]
+        hist: list[Release] = []
+        per_run: dict[str, list[Release]] = defaultdict(list)
+        delta, accountant, budget_eps = 1e-5, "rdp", None
+        total = 0.0
+        for ln, r in counted_items:
+            body = ln.entry["body"]
+            c = body.get("claim") or {}
+            delta, accountant = float(c.get("delta", delta)), str(c.get("accountant", accountant))
+            hist.append(r)
+            per_run[ln.entry["run_id"]].append(r)
+            eps_run = spent(per_run[ln.entry["run_id"]], delta=delta, accountant=accountant)
+            total = spent(hist, delta=delta, accountant=accountant)
+            if not body.get("counted", False):
+                rep.findings.append(Finding(ExitCode.CLAIM_MISMATCH, ln.number, f"{party}: a charged release marked as not counted"))
+            if not _close(c.get("epsilon_run"), _enc(eps_run)):
+                rep.findings.append(Finding(ExitCode.CLAIM_MISMATCH, ln.number,
+                                            f"{party}: claimed epsilon {c.get('epsilon_run')} for this run, recomputed {eps_run:.12g}"))
+            if complete.get(party) and not _close(c.get("epsilon_total"), _enc(total)):
+                rep.findings.append(Finding(ExitCode.CLAIM_MISMATCH, ln.number,
+                                            f"{party}: claimed total epsilon {c.get('epsilon_total')}, recomputed {total:.12g}"))
+            b = body.get("budget")
+            if b is not None:
+                budget_eps = float(b["epsilon"])
+                claimed_total = c.get("epsilon_total")
+                worst = max(total if complete.get(party) else 0.0, math.inf if claimed_total is None else float(claimed_total))
+                if worst > budget_eps * (1 + CLAIM_RTOL):
+                    rep.findings.append(Finding(ExitCode.LEDGER_BUDGET_EXCEEDED, ln.number,
+                                                f"{party}: epsilon {worst:.6g} exceeds the budget {budget_eps:g} of {dataset!r}"))
+        rep.spends.append(GroupSpend(party, dataset, unit, observer, _enc(total) if counted_items else 0.0, delta, accountant,
+                                     budget_eps, bool(complete.get(party)), len(counted_items)))
+
+
+def verify_ledger(path: str | Path, roster: Roster) -> Report:
+    """Read and verify a ledger file; unreadable input becomes a finding, never a crash."""
+    rep = Report()
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        rep.findings.append(Finding(ExitCode.LEDGER_UNREADABLE, None, f"cannot read {path}: {exc.strerror}"))
+        return rep
+    try:
+        lines = parse_lines(data)
+    except LedgerError as exc:
+        rep.lines = data.count(b"\n")
+        rep.findings.append(Finding(ExitCode.LEDGER_TAMPERED, exc.line, str(exc).split(": ", 1)[-1]))
+        return rep
+    return verify_lines(lines, roster)

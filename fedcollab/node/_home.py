@@ -1,0 +1,86 @@
+"""A node's home folder: its signing key, its policy and its ledger.
+
+``fedcollab node init DIR --partner NAME`` creates::
+
+    DIR/signing_key.pem   Ed25519, mode 0600, optional passphrase
+    DIR/public_key.hex    the raw public key (goes into the roster, out of band)
+    DIR/policy.toml       NodePolicy v1 template, to edit
+    DIR/ledger.jsonl      the node's chain of privacy events (source of truth for its budget)
+    DIR/nonces.jsonl      commitment nonces, mode 0600 (never sent)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fedcollab.core import ConfigError
+from fedcollab.crypto import generate_signing_key, load_signing_key
+from fedcollab.privacy.accounting import BudgetGate, PartyLedger, public_key_hex
+from fedcollab.spec import NodePolicy, load_policy, policy_toml
+
+
+@dataclass(frozen=True)
+class NodeHome:
+    """Paths of a node's folder."""
+
+    root: Path
+
+    @property
+    def key_path(self) -> Path:  # noqa: D102
+        return self.root / "signing_key.pem"
+
+    @property
+    def public_path(self) -> Path:  # noqa: D102
+        return self.root / "public_key.hex"
+
+    @property
+    def policy_path(self) -> Path:  # noqa: D102
+        return self.root / "policy.toml"
+
+    @property
+    def ledger_path(self) -> Path:  # noqa: D102
+        return self.root / "ledger.jsonl"
+
+    @property
+    def nonce_path(self) -> Path:  # noqa: D102
+        return self.root / "nonces.jsonl"
+
+    def exists(self) -> bool:
+        """Whether the folder holds a key and a policy."""
+        return self.key_path.exists() and self.policy_path.exists()
+
+    def key(self, passphrase: bytes | None = None) -> Ed25519PrivateKey:
+        """The node's signing key."""
+        return load_signing_key(self.key_path, passphrase=passphrase)
+
+    def policy(self) -> NodePolicy:
+        """The node's policy."""
+        return load_policy(self.policy_path)
+
+    def public_key(self) -> str:
+        """The node's public key (hex)."""
+        return self.public_path.read_text().strip()
+
+    def gate(self, party: str, dataset: str, *, passphrase: bytes | None = None) -> BudgetGate:
+        """The budget gate over this node's ledger for ``dataset``."""
+        ledger = PartyLedger(self.ledger_path, party=party, key=self.key(passphrase))
+        return BudgetGate(ledger, self.policy(), dataset=dataset, nonce_path=self.nonce_path)
+
+
+def init_node_home(root: str | Path, *, partner: str, policy: NodePolicy | None = None, passphrase: bytes | None = None) -> NodeHome:
+    """Create a node folder (refuses to overwrite an existing key)."""
+    home = NodeHome(Path(root))
+    if home.key_path.exists():
+        raise ConfigError(f"{home.root} already holds a node (signing_key.pem); refusing to overwrite")
+    home.root.mkdir(parents=True, exist_ok=True)
+    key = generate_signing_key(home.key_path, passphrase=passphrase)
+    home.public_path.write_text(public_key_hex(key) + "\n")
+    pol = policy or NodePolicy(partner=partner)
+    if pol.partner != partner:
+        raise ConfigError(f"policy.partner is {pol.partner!r}, expected {partner!r}")
+    home.policy_path.write_text(policy_toml(pol))
+    home.ledger_path.touch()
+    return home

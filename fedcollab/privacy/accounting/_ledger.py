@@ -1,0 +1,242 @@
+"""The privacy ledger: signed, hash-chained JSON Lines of privacy events.
+
+Every line is byte-identical to its canonical form (RFC 8785 JSON Canonicalization Scheme) and
+carries ``schema_version``, the author ``party``, its position ``seq`` in the party's chain, the
+SHA-256 ``prev`` of the party's previous line, the run id and round, a kind-specific ``body``
+and the party's Ed25519 ``signature`` (lowercase hex) over the canonical form without it.
+
+Kinds: ``release`` (a privacy event, recorded before the release leaves the party),
+``refusal`` (a release refused by policy or budget), ``receipt`` (the coordinator chains the
+hashes of node entries in arrival order), ``close`` (the coordinator lists every party's chain
+head), ``countersign`` (a node signs the close entry's hash). JSON Schema:
+``protocols/ledger.schema.json``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from fedcollab.core import FedcollabError
+from fedcollab.privacy.accounting._accountant import accountant_version, compute_epsilon, merge_mechanisms
+from fedcollab.privacy.accounting._events import Release
+
+LEDGER_SCHEMA_VERSION = 1
+GENESIS = "0" * 64
+EntryKind = Literal["release", "refusal", "receipt", "close", "countersign"]
+
+
+class LedgerError(FedcollabError):
+    """A ledger line is unreadable, tampered, unsigned or out of chain."""
+
+    exit_code = 20
+
+    def __init__(self, message: str, *, line: int | None = None) -> None:
+        self.line = line
+        super().__init__(f"line {line}: {message}" if line is not None else message)
+
+
+def canonical(obj: Any) -> bytes:
+    """RFC 8785 canonical JSON bytes."""
+    import rfc8785
+
+    return rfc8785.dumps(obj)
+
+
+def line_hash(line: bytes) -> str:
+    """SHA-256 (hex) of a ledger line (without its newline)."""
+    return hashlib.sha256(line).hexdigest()
+
+
+def public_key_hex(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
+    """Raw Ed25519 public key, lowercase hex."""
+    pub = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
+    return pub.public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
+
+
+def key_fingerprint(public_hex: str) -> str:
+    """Short fingerprint of a public key: SHA-256 of its raw bytes, first 16 hex digits."""
+    return hashlib.sha256(bytes.fromhex(public_hex)).hexdigest()[:16]
+
+
+def commitment(nonce: bytes, payload: bytes) -> str:
+    """Payload commitment SHA-256(32-byte nonce || payload), hex."""
+    if len(nonce) != 32:
+        raise ValueError("the commitment nonce must be 32 bytes")
+    return hashlib.sha256(nonce + payload).hexdigest()
+
+
+def sign_entry(entry: dict[str, Any], key: Ed25519PrivateKey) -> bytes:
+    """The canonical line of ``entry`` with its signature added."""
+    body = {k: v for k, v in entry.items() if k != "signature"}
+    sig = key.sign(canonical(body)).hex()
+    return canonical({**body, "signature": sig})
+
+
+def verify_signature(entry: dict[str, Any], public_hex: str) -> bool:
+    """Whether ``entry['signature']`` is ``public_hex``'s signature over the rest."""
+    sig = entry.get("signature")
+    if not isinstance(sig, str):
+        return False
+    try:
+        pub = Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_hex))
+        pub.verify(bytes.fromhex(sig), canonical({k: v for k, v in entry.items() if k != "signature"}))
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class LedgerLine:
+    """One parsed line: its 1-based number, its bytes and its content."""
+
+    number: int
+    raw: bytes
+    entry: dict[str, Any]
+
+    @property
+    def hash(self) -> str:
+        """SHA-256 of the line."""
+        return line_hash(self.raw)
+
+
+def parse_lines(data: bytes) -> list[LedgerLine]:
+    """Parse ledger bytes; every line must be canonical JSON (else :class:`LedgerError` naming it)."""
+    out = []
+    if data and not data.endswith(b"\n"):
+        raise LedgerError("the ledger does not end with a newline (truncated?)", line=data.count(b"\n") + 1)
+    for i, raw in enumerate(data.split(b"\n")[:-1] if data else [], start=1):
+        try:
+            entry = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise LedgerError("not valid JSON", line=i) from None
+        if not isinstance(entry, dict):
+            raise LedgerError("not a JSON object", line=i)
+        try:
+            canon = canonical(entry)
+        except Exception:  # noqa: BLE001 - rfc8785 raises its own types for odd numbers
+            raise LedgerError("cannot be canonicalised", line=i) from None
+        if canon != raw:
+            raise LedgerError("not in canonical form (RFC 8785): altered", line=i)
+        out.append(LedgerLine(i, raw, entry))
+    return out
+
+
+def read_ledger(path: str | Path) -> list[LedgerLine]:
+    """Read and parse a ledger file."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise LedgerError(f"cannot read {path}: {exc.strerror}") from None
+    return parse_lines(data)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class PartyLedger:
+    """A party's own append-only chain on disk (the source of truth for its budget).
+
+    Each append re-reads the file, so the budget never rests on run memory.
+    """
+
+    def __init__(self, path: str | Path, *, party: str, key: Ed25519PrivateKey) -> None:
+        self.path = Path(path)
+        self.party = party
+        self.key = key
+
+    def lines(self) -> list[LedgerLine]:
+        """The chain as on disk (empty if the file does not exist)."""
+        if not self.path.exists():
+            return []
+        return read_ledger(self.path)
+
+    def head(self) -> tuple[int, str]:
+        """(next seq, hash of the last line)."""
+        own = [ln for ln in self.lines() if ln.entry.get("party") == self.party]
+        if not own:
+            return 0, GENESIS
+        return int(own[-1].entry["seq"]) + 1, own[-1].hash
+
+    def append(self, *, kind: EntryKind, run_id: str, round: int, body: dict[str, Any]) -> bytes:
+        """Sign and append one entry; returns its line (without newline)."""
+        seq, prev = self.head()
+        entry = {
+            "schema_version": LEDGER_SCHEMA_VERSION,
+            "kind": kind,
+            "party": self.party,
+            "seq": seq,
+            "prev": prev,
+            "run_id": run_id,
+            "round": round,
+            "time": _now(),
+            "body": body,
+        }
+        line = sign_entry(entry, self.key)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "ab") as fh:
+            fh.write(line + b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        return line
+
+
+def counts_toward_budget(release: Release) -> bool:
+    """Whether a release is charged to the party's budget for its dataset.
+
+    Noise added by this party about its training rows counts; test-split metrics (governed by
+    the policy's ``allow_non_private_test_metrics``) and releases declared public do not.
+    """
+    return release.added_by == release.party and release.about != "test" and not release.declared_public
+
+
+def group_key(body: dict[str, Any]) -> tuple[str, str, str]:
+    """(dataset, unit, observer) of a release or refusal body."""
+    r = body["release"]
+    return body["dataset"], r["unit"], r["observer"]
+
+
+def release_bodies(lines: Iterable[LedgerLine], party: str) -> list[tuple[LedgerLine, Release]]:
+    """The party's release entries with their parsed releases."""
+    out = []
+    for ln in lines:
+        e = ln.entry
+        if e.get("party") == party and e.get("kind") == "release":
+            out.append((ln, Release.model_validate(e["body"]["release"])))
+    return out
+
+
+def spent(
+    releases: Sequence[Release], *, delta: float, accountant: str
+) -> float:
+    """Epsilon of the counted releases composed in order (inf if one is non-private)."""
+    mechs = merge_mechanisms([r.mechanism for r in releases if counts_toward_budget(r)])
+    if not mechs:
+        return 0.0
+    return compute_epsilon(mechs, delta=delta, accountant=accountant).epsilon  # type: ignore[arg-type]
+
+
+def claim(eps_run: float, eps_total: float, *, delta: float, accountant: str) -> dict[str, Any]:
+    """A claim block (infinite epsilon as null)."""
+
+    def enc(x: float) -> float | None:
+        return None if x == float("inf") else float(x)
+
+    return {
+        "epsilon_run": enc(eps_run),
+        "epsilon_total": enc(eps_total),
+        "delta": delta,
+        "accountant": accountant,
+        "accountant_version": accountant_version(),
+    }

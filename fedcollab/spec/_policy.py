@@ -1,0 +1,128 @@
+"""``NodePolicy`` v1: the partner's own rules, enforced at its node whatever the coordinator asks.
+
+A TOML file the partner owns. Budgets hold across every run and collaboration: they are checked
+against the node's on-disk ledger before every release.
+"""
+
+from __future__ import annotations
+
+import tomllib
+import warnings
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BeforeValidator, Field, ValidationError, model_validator
+
+from fedcollab.core import ConfigError, FrozenModel, format_validation_error
+from fedcollab.spec._models import _integral_float_to_int
+
+POLICY_SCHEMA_VERSION = 1
+PosInt = Annotated[int, Field(gt=0), BeforeValidator(_integral_float_to_int)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class PolicyWarning(UserWarning):
+    """A policy that is valid but probably not what the partner meant."""
+
+
+class BudgetSpec(FrozenModel):
+    """The most a dataset may ever leak about one unit, as (epsilon, delta)."""
+
+    dataset: str = Field(min_length=1, description="Dataset id (the partner's name for the data, stable across runs).")
+    unit: Literal["record", "partner"] = "record"
+    epsilon: Finite = Field(gt=0, description="Maximum epsilon over all runs and collaborations.")
+    delta: Finite = Field(gt=0, lt=1)
+    accountant: Literal["rdp", "pld"] = Field(default="rdp", description="Accountant the node uses to check the budget.")
+
+
+class StatisticsPolicy(FrozenModel):
+    """Rules for federated statistics queries."""
+
+    min_group_size: PosInt = Field(default=10, description="Groups with fewer (noisy) rows are suppressed.")
+    allowed_queries: list[Literal["count", "sum", "mean", "variance", "histogram", "quantiles"]] = Field(
+        default_factory=lambda: ["count", "sum", "mean", "variance", "histogram", "quantiles"]
+    )
+
+
+class NodePolicy(FrozenModel):
+    """A partner's policy (one model for the whole project; later capabilities wire fields in)."""
+
+    schema_version: Literal[1] = POLICY_SCHEMA_VERSION
+    partner: str = Field(min_length=1, description="The partner this policy belongs to.")
+    budgets: list[BudgetSpec] = Field(default_factory=list, description="A dataset and unit without a budget gets no private release at all.")
+    allow_non_private_training: bool = Field(default=False, description="Allow model updates or statistics about training rows without noise (epsilon infinite).")
+    allow_non_private_test_metrics: bool = Field(default=True, description="Allow test-split metrics (counts, score histograms) without noise.")
+    allowed_aggregation: list[Literal["plain", "secagg", "he"]] = Field(default_factory=lambda: ["plain", "secagg", "he"])
+    allowed_features: list[str] | None = Field(default=None, description="Columns a collaboration may use as features; null = any declared column.")
+    min_partners_per_round: PosInt = Field(default=2, description="Fewest partners a round may aggregate (where it can be checked).")
+    max_rounds: PosInt = Field(default=500, description="Most rounds a single run may ask for.")
+    allowed_model_kinds: list[Literal["logistic_regression", "mlp", "custom"]] = Field(default_factory=lambda: ["logistic_regression", "mlp"])
+    statistics: StatisticsPolicy = Field(default_factory=StatisticsPolicy)
+
+    @model_validator(mode="after")
+    def _unique_budgets(self) -> NodePolicy:
+        keys = [(b.dataset, b.unit) for b in self.budgets]
+        dupes = sorted({k for k in keys if keys.count(k) > 1})
+        if dupes:
+            raise ValueError(f"more than one budget for {dupes}")
+        return self
+
+    def budget(self, dataset: str, unit: str) -> BudgetSpec | None:
+        """The budget of ``(dataset, unit)``, if any."""
+        return next((b for b in self.budgets if b.dataset == dataset and b.unit == unit), None)
+
+    def warn_delta(self, dataset: str, n: int) -> None:
+        """Warn when delta > 1 / (10 n): a mechanism could then leak a whole record outright."""
+        for b in self.budgets:
+            if b.dataset == dataset and n > 0 and b.delta > 1.0 / (10 * n):
+                warnings.warn(
+                    f"budget of {dataset!r}: delta = {b.delta:g} > 1/(10 n) = {1.0 / (10 * n):.3g} for n = {n} rows",
+                    PolicyWarning,
+                    stacklevel=2,
+                )
+
+
+def load_policy(path: str | Path) -> NodePolicy:
+    """Read and validate a policy TOML file."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read policy {p}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p} is not valid TOML: {exc}") from None
+    try:
+        return NodePolicy.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{p} is not a valid node policy:", problems=format_validation_error(exc)) from None
+
+
+def policy_toml(policy: NodePolicy) -> str:
+    """The policy as commented TOML (for ``fedcollab node init``)."""
+    lines = [
+        "# fedcollab node policy (NodePolicy v1). The node enforces it whatever the coordinator asks.",
+        "# Budgets hold across every run and collaboration; the node's ledger.jsonl is the record.",
+        f"schema_version = {policy.schema_version}",
+        f'partner = "{policy.partner}"',
+        f"allow_non_private_training = {str(policy.allow_non_private_training).lower()}",
+        f"allow_non_private_test_metrics = {str(policy.allow_non_private_test_metrics).lower()}",
+        "allowed_aggregation = [" + ", ".join(f'"{a}"' for a in policy.allowed_aggregation) + "]",
+        "# allowed_features = [\"age\", \"sex\"]   # omit to allow every declared column",
+    ]
+    if policy.allowed_features is not None:
+        lines[-1] = "allowed_features = [" + ", ".join(f'"{a}"' for a in policy.allowed_features) + "]"
+    lines += [
+        f"min_partners_per_round = {policy.min_partners_per_round}",
+        f"max_rounds = {policy.max_rounds}",
+        "allowed_model_kinds = [" + ", ".join(f'"{a}"' for a in policy.allowed_model_kinds) + "]",
+        "",
+    ]
+    for b in policy.budgets:
+        lines += ["[[budgets]]", f'dataset = "{b.dataset}"', f'unit = "{b.unit}"', f"epsilon = {b.epsilon!r}", f"delta = {b.delta!r}", f'accountant = "{b.accountant}"', ""]
+    lines += [
+        "[statistics]",
+        f"min_group_size = {policy.statistics.min_group_size}",
+        "allowed_queries = [" + ", ".join(f'"{q}"' for q in policy.statistics.allowed_queries) + "]",
+        "",
+    ]
+    return "\n".join(lines)
