@@ -107,5 +107,5 @@ def probe_gaussian(
     without = np.asarray(mech(rows, repetitions=samples, generator=generator)) @ direction
     with_canary = np.asarray(mech(np.vstack([rows, canary]), repetitions=samples, generator=generator)) @ direction
     audit = audit_scores(without, with_canary, delta=delta, claimed_epsilon=claimed, confidence=confidence)
-    label = getattr(mech, "__name__", type(mech).__name__)
+    label = "fedcollab clip_l2 + gaussian_noise" if isinstance(mech, ClippedGaussianSum) else getattr(mech, "__name__", type(mech).__name__)
     return ProbeResult(mechanism=label, noise_multiplier=z, clip_norm=c, accountant=accountant, audit=audit)

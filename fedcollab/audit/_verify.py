@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +27,17 @@ from fedcollab.privacy.accounting import (
     LedgerLine,
     Release,
     accountant_version,
+    compute_epsilon,
     counts_toward_budget,
     key_fingerprint,
+    merge_mechanisms,
     parse_lines,
     verify_signature,
 )
-from fedcollab.privacy.accounting._ledger import spent
 from fedcollab.spec import Roster
 
 CLAIM_RTOL = 1e-9
+KNOWN_KINDS = {"release", "refusal", "receipt", "close", "countersign", "key_custody"}
 COORDINATOR_ROLE = "coordinator"
 
 
@@ -101,6 +104,17 @@ class Report:
         }
 
 
+@lru_cache(maxsize=4096)
+def _epsilon_cached(mechanisms: tuple[Any, ...], delta: float, accountant: str) -> float:
+    return compute_epsilon(merge_mechanisms(mechanisms), delta=delta, accountant=accountant).epsilon  # type: ignore[arg-type]
+
+
+def spent(releases: list[Release], *, delta: float, accountant: str) -> float:
+    """Epsilon of the counted releases (cached: an audit recomputes the same prefixes often)."""
+    mechs = tuple(r.mechanism for r in releases if counts_toward_budget(r))
+    return _epsilon_cached(mechs, delta, accountant) if mechs else 0.0
+
+
 def _enc(x: float) -> float | None:
     return None if math.isinf(x) else x
 
@@ -133,6 +147,12 @@ def verify_lines(lines: list[LedgerLine], roster: Roster) -> Report:
     if rep.findings:
         return rep
 
+    unknown = [ln for ln in good if ln.entry.get("kind") not in KNOWN_KINDS or ln.entry.get("schema_version") != 1]
+    for ln in unknown:
+        tam(Finding(ExitCode.LEDGER_TAMPERED, ln.number, f"unknown entry kind {ln.entry.get('kind')!r} or schema version"))
+    if rep.findings:
+        return rep
+
     # 2. chains
     last: dict[str, LedgerLine] = {}
     first: dict[str, LedgerLine] = {}
@@ -153,6 +173,9 @@ def verify_lines(lines: list[LedgerLine], roster: Roster) -> Report:
     coordinators = {n for n, e in roster.parties.items() if e.role == COORDINATOR_ROLE}
     rep.run_ledger = any(ln.entry["party"] in coordinators for ln in good)
     if rep.run_ledger:
+        for p in sorted(coordinators & set(first)):
+            if first[p].entry.get("seq") != 0:
+                tam(Finding(ExitCode.LEDGER_TAMPERED, first[p].number, f"{p}: a run ledger's coordinator chain must start at genesis (entries before it are missing)"))
         _check_run_structure(good, coordinators, rep)
 
     # 4-5. claims and budgets
@@ -186,9 +209,9 @@ def _check_run_structure(good: list[LedgerLine], coordinators: set[str], rep: Re
             if e["kind"] == "countersign":
                 counters[e["party"]] = ln
             pending.append(ln)
-    if pending and any(x.entry["kind"] != "countersign" or close is None for x in pending):
-        tam(Finding(ExitCode.LEDGER_TAMPERED, pending[0].number, "node entries without a coordinator receipt"))
     end = good[-1].number if good else 0
+    if pending:
+        tam(Finding(ExitCode.LEDGER_TAMPERED, end + 1, f"entries from line {pending[0].number} on lack the coordinator's receipt (the ledger was cut short)"))
     if close is None:
         tam(Finding(ExitCode.LEDGER_TAMPERED, end + 1, "the run has no close entry (the ledger was cut short)"))
         return

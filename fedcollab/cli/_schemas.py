@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fedcollab.privacy.accounting import event_json_schema
 from fedcollab.protocols import Summary
 from fedcollab.spec import Spec
 
@@ -15,7 +16,7 @@ def schemas() -> dict[str, dict]:
     spec["$id"] = "https://fedcollab.dev/schema/spec.schema.json"
     summary = Summary.model_json_schema()
     summary["$id"] = "https://fedcollab.dev/schema/summary.schema.json"
-    return {"schema/spec.schema.json": spec, "summary.schema.json": summary}
+    return {"schema/spec.schema.json": spec, "summary.schema.json": summary, "schema/event.schema.json": event_json_schema()}
 
 
 def write_schemas(out: Path) -> list[Path]:

@@ -1,1 +1,1 @@
-"""Privacy: accounting (events, epsilon, calibration) and mechanisms (clip and noise)."""
+"""Privacy: accounting (events, epsilon, calibration), mechanisms (clip and noise), empirical (audit statistics)."""

@@ -72,7 +72,8 @@ class CanaryAudit:
     ``lower_bound`` holds with probability at least ``confidence``; ``estimate`` is the epsilon of
     a Gaussian mechanism with the observed separation (a point estimate, no guarantee);
     ``max_lower_bound`` is the largest lower bound these many runs could ever show (perfect
-    separation), so a claimed epsilon above it cannot be refuted by this audit.
+    separation), so a claimed epsilon above it cannot be refuted by this audit. ``runs`` counts
+    both sides; ``fpr`` and ``fnr`` are measured on the evaluation half.
     """
 
     claimed_epsilon: float
@@ -81,7 +82,7 @@ class CanaryAudit:
     max_lower_bound: float
     delta: float
     confidence: float
-    samples: int
+    runs: int
     mu_estimate: float
     threshold: float
     fpr: float
@@ -190,7 +191,7 @@ def audit_scores(
         max_lower_bound=best,
         delta=delta,
         confidence=confidence,
-        samples=len(without) + len(with_canary),
+        runs=len(without) + len(with_canary),
         mu_estimate=mu,
         threshold=threshold,
         fpr=fp_e / len(ev0),

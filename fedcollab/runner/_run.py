@@ -176,7 +176,11 @@ def run(
     run_id = uuid.uuid4().hex[:16]
     homes = prepare_simulated_nodes(spec, Path(nodes) if nodes is not None else out_dir / "nodes")
     coordinator_key, roster = _coordinator_and_roster(out_dir, homes)
-    ledger = RunLedger(out_dir / "ledger.jsonl", key=coordinator_key, roster=roster, run_id=run_id)
+    ledger_path = out_dir / "ledger.jsonl"
+    if ledger_path.exists():
+        # One run ledger per run: an earlier run's is kept beside it under its run id.
+        _keep_previous_ledger(ledger_path)
+    ledger = RunLedger(ledger_path, key=coordinator_key, roster=roster, run_id=run_id)
     t0 = time.perf_counter()
     with _Progress(spec, progress) as prog:
         recorder.on_setup = prog.setup
@@ -268,9 +272,11 @@ def simulated_policy(spec: Spec, partner: str) -> NodePolicy:
     p = next(x for x in spec.partners if x.name == partner)
     delta = spec.privacy.delta if spec.privacy.delta is not None else 1e-5
     eps = max(SIMULATED_BUDGET_EPSILON, spec.privacy.target_epsilon or 0.0)
+    dp = spec.privacy.mode != "none"
     return NodePolicy(
         partner=partner,
-        budgets=[BudgetSpec(dataset=p.dataset_id, unit="record", epsilon=eps, delta=delta, accountant=spec.privacy.accountant)],
+        # Without DP the simulated partner's data is unbudgeted (infinite epsilon exceeds any budget).
+        budgets=[BudgetSpec(dataset=p.dataset_id, unit="record", epsilon=eps, delta=delta, accountant=spec.privacy.accountant)] if dp else [],
         allow_non_private_training=spec.privacy.mode == "none",
         allowed_model_kinds=sorted({"logistic_regression", "mlp", spec.model.kind}),  # type: ignore[arg-type]
         min_partners_per_round=min(2, len(spec.partners)),
@@ -286,6 +292,15 @@ def prepare_simulated_nodes(spec: Spec, nodes_dir: Path) -> dict[str, NodeHome]:
             home = init_node_home(home.root, partner=p.name, policy=simulated_policy(spec, p.name))
         homes[p.name] = home
     return homes
+
+
+def _keep_previous_ledger(path: Path) -> None:
+    first = path.open("rb").readline()
+    try:
+        old_id = str(json.loads(first)["run_id"])
+    except (ValueError, KeyError, TypeError):
+        old_id = uuid.uuid4().hex[:16]
+    os.replace(path, path.with_name(f"ledger.{old_id}.jsonl"))
 
 
 def _coordinator_and_roster(out_dir: Path, homes: dict[str, NodeHome]) -> tuple[Any, Roster]:

@@ -30,7 +30,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from fedcollab.core import PrivacyError
 from fedcollab.privacy.accounting._events import (
@@ -145,10 +145,10 @@ def compose_event(mechanisms: Sequence[Any]) -> Any:
     return _dpa().ComposedDpEvent([_to_dp_event(m) for m in mechanisms])
 
 
-def _check_accountant(accountant: Any) -> str:
+def _check_accountant(accountant: Any) -> AccountantName:
     if accountant not in _ACCOUNTANTS:
         raise PrivacyError(f"`accountant` must be one of {list(_ACCOUNTANTS)}, got {accountant!r}.")
-    return str(accountant)
+    return cast(AccountantName, accountant)
 
 
 def _is_pure(m: object) -> bool:
@@ -162,7 +162,7 @@ def compute_epsilon(mechanisms: Sequence[Any], *, delta: float, accountant: Acco
     accepted only when every mechanism is pure DP (Laplace). An event the accountant cannot
     handle raises :class:`PrivacyError` with a message starting "unsupported".
     """
-    accountant = _check_accountant(accountant)  # type: ignore[assignment]
+    accountant = _check_accountant(accountant)
     delta = check_delta(delta, allow_zero=True)
     mechanisms = list(mechanisms)
     if delta == 0.0 and not all(_is_pure(m) for m in mechanisms):

@@ -89,6 +89,11 @@ class BudgetGate:
                 self._refuse(release, run_id=run_id, code=int(NodeErrorCode.POLICY_REFUSED), reason="non-private release about training rows",
                              would_be=None, budget=budget)
                 raise PolicyRefused("the policy forbids non-private releases about training rows")
+            if release.non_private and budget is not None:
+                # Infinite epsilon exceeds any budget: non-private training is only for unbudgeted data.
+                self._refuse(release, run_id=run_id, code=int(NodeErrorCode.BUDGET_EXHAUSTED), reason="a non-private release exceeds any budget",
+                             would_be=None, budget=budget)
+                raise BudgetExhausted(f"a non-private release about {self.dataset!r} would exceed its budget")
             if not release.non_private:
                 if budget is None:
                     self._refuse(release, run_id=run_id, code=int(NodeErrorCode.BUDGET_EXHAUSTED), reason="no budget for this dataset and unit",

@@ -6,8 +6,6 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from scipy.optimize import brentq
-
 from fedcollab.core import PrivacyError
 from fedcollab.privacy.accounting._accountant import AccountantName, _dpa, _fresh, compose_event, compute_epsilon
 from fedcollab.privacy.accounting._events import GaussianMechanism, PoissonSubsampledGaussian
@@ -94,6 +92,7 @@ def calibrate_noise_multiplier(
 
 def _solve_exact(epsilon_of: Any, target_epsilon: float) -> float:
     """Root of ``epsilon_of(z) = target`` on ``log z`` in [1e-3, _MAX_SIGMA] (epsilon falls as z grows)."""
+    from scipy.optimize import brentq  # lazy, like dp-accounting: importing the package stays cheap
 
     def f(log_z: float) -> float:
         eps = epsilon_of(math.exp(log_z))

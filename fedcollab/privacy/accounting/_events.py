@@ -84,9 +84,9 @@ _MECHANISM = TypeAdapter(Mechanism)
 
 
 def mechanism_from_dict(
-    data: dict[str, Any],
+    data: dict[str, Any], *, prefix: str = "event"
 ) -> GaussianMechanism | PoissonSubsampledGaussian | LaplaceMechanism | ZCDPMechanism | NonPrivate:
-    """Parse a mechanism from JSON-like data, with a clear error."""
+    """Parse a mechanism from JSON-like data, with a clear error (fields named under ``prefix``)."""
     from pydantic import ValidationError
 
     from fedcollab.core import format_validation_error
@@ -94,7 +94,7 @@ def mechanism_from_dict(
     try:
         return _MECHANISM.validate_python(data)
     except ValidationError as exc:
-        raise PrivacyError("invalid privacy event:", problems=format_validation_error(exc, prefix="event")) from None
+        raise PrivacyError("invalid privacy event:", problems=format_validation_error(exc, prefix=prefix)) from None
 
 
 def event_json_schema() -> dict[str, Any]:

@@ -169,21 +169,23 @@ def exact_epsilon(mechanisms: Sequence[object], *, delta: float) -> tuple[float,
             f"unsupported: the exact accountant cannot compose different mechanisms exactly (got {', '.join(names)}); "
             "use accountant 'pld' or 'rdp'."
         )
-    kind = kinds.pop()
-    if kind is GaussianMechanism:
+    gaussian = [m for m in mechanisms if isinstance(m, GaussianMechanism)]
+    laplace = [m for m in mechanisms if isinstance(m, LaplaceMechanism)]
+    zcdp = [m for m in mechanisms if isinstance(m, ZCDPMechanism)]
+    if len(gaussian) == len(mechanisms):
         # Gaussian releases compose exactly into one Gaussian: mu^2 adds up (Dong, Roth & Su 2022,
         # Corollary 3.3); k releases of multiplier z are one release of multiplier z / sqrt(k).
-        mu = math.sqrt(sum(m.releases / m.noise_multiplier**2 for m in mechanisms))  # type: ignore[attr-defined]
+        mu = math.sqrt(math.fsum(m.releases / m.noise_multiplier**2 for m in gaussian))
         return gaussian_epsilon(mu=mu, delta=delta), False
-    if kind is LaplaceMechanism:
-        pure = math.fsum(m.releases * m.sensitivity_l1 / m.scale_b for m in mechanisms)  # type: ignore[attr-defined]
+    if len(laplace) == len(mechanisms):
+        pure = math.fsum(m.releases * m.sensitivity_l1 / m.scale_b for m in laplace)
         if delta == 0.0:
             return pure, False
-        if sum(m.releases for m in mechanisms) == 1:  # type: ignore[attr-defined]
+        if sum(m.releases for m in laplace) == 1:
             return laplace_epsilon(epsilon0=pure, delta=delta), False
         # No closed form for k > 1 Laplace releases at delta > 0: report the pure bound.
         return pure, True
-    if kind is ZCDPMechanism:
-        rho = math.fsum(m.rho * m.releases for m in mechanisms)  # type: ignore[attr-defined]  # zCDP composes additively
+    if len(zcdp) == len(mechanisms):
+        rho = math.fsum(m.rho * m.releases for m in zcdp)  # zCDP composes additively
         return zcdp_epsilon(rho=rho, delta=delta), True
-    raise PrivacyError(f"unsupported: the exact accountant does not know mechanism {kind.__name__}.")
+    raise PrivacyError(f"unsupported: the exact accountant does not know mechanism {type(mechanisms[0]).__name__}.")

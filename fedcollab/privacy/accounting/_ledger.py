@@ -33,7 +33,7 @@ from fedcollab.privacy.accounting._events import Release
 
 LEDGER_SCHEMA_VERSION = 1
 GENESIS = "0" * 64
-EntryKind = Literal["release", "refusal", "receipt", "close", "countersign"]
+EntryKind = Literal["release", "refusal", "receipt", "close", "countersign", "key_custody"]
 
 
 class LedgerError(FedcollabError):
