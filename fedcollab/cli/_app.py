@@ -177,3 +177,15 @@ def exit_codes(fmt: Annotated[str, typer.Option("--format", help="table or json.
 def main() -> None:
     """Entry point of the ``fedcollab`` script."""
     app()
+
+
+def _register_audit_commands() -> None:
+    # Command modules register themselves on `fedcollab audit` when imported; they import this
+    # module's helpers, so they are loaded once it is complete.
+    import fedcollab.cli._audit_epsilon  # noqa: F401
+    import fedcollab.cli._audit_ledger  # noqa: F401
+    import fedcollab.cli._audit_membership  # noqa: F401
+    import fedcollab.cli._audit_probe  # noqa: F401
+
+
+_register_audit_commands()

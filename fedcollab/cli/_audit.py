@@ -12,10 +12,3 @@ audit_app = typer.Typer(
     no_args_is_help=True,
 )
 
-
-def _register() -> None:
-    # Command modules register themselves on audit_app when imported.
-    import fedcollab.cli._audit_ledger  # noqa: F401
-
-
-_register()

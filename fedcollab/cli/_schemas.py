@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 from fedcollab.privacy.accounting import event_json_schema
+from fedcollab.privacy.accounting._ledger import ledger_entry_json_schema
 from fedcollab.protocols import Summary
-from fedcollab.spec import Spec
+from fedcollab.spec import NodePolicy, Spec
 
 
 def schemas() -> dict[str, dict]:
@@ -16,7 +17,13 @@ def schemas() -> dict[str, dict]:
     spec["$id"] = "https://fedcollab.dev/schema/spec.schema.json"
     summary = Summary.model_json_schema()
     summary["$id"] = "https://fedcollab.dev/schema/summary.schema.json"
-    return {"schema/spec.schema.json": spec, "summary.schema.json": summary, "schema/event.schema.json": event_json_schema()}
+    return {
+        "schema/spec.schema.json": spec,
+        "summary.schema.json": summary,
+        "schema/event.schema.json": event_json_schema(),
+        "ledger.schema.json": ledger_entry_json_schema(),
+        "schema/policy.schema.json": {**NodePolicy.model_json_schema(), "$id": "https://fedcollab.dev/schema/policy.schema.json"},
+    }
 
 
 def write_schemas(out: Path) -> list[Path]:

@@ -132,3 +132,12 @@ def evaluate_model(model: nn.Module, x: np.ndarray, y: np.ndarray) -> dict[str, 
     pred = (prob >= 0.5).astype(np.float64)
     pos, neg = score_histograms(prob, y)
     return {"n": len(y), "correct": float((pred == y).sum()), "loss_sum": loss_sum, "hist_pos": pos, "hist_neg": neg}
+
+
+def per_example_losses(model: nn.Module, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Binary cross-entropy of every row (for the membership-inference check, run at the node)."""
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.as_tensor(x, dtype=torch.float32))
+        losses = nn.functional.binary_cross_entropy_with_logits(logits, torch.as_tensor(y, dtype=torch.float32), reduction="none")
+    return losses.numpy().astype(np.float64)

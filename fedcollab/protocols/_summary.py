@@ -113,6 +113,7 @@ class Summary(_M):
     rounds: int
     wall_seconds: float
     scaling: str
+    scaling_parameters: dict[str, list[float]] | None = Field(default=None, description="Global feature scaling sent to every node: mean and std per encoded feature.")
     metrics: Metrics
     privacy: Privacy
     model: ModelRef

@@ -216,6 +216,7 @@ def run(
         rounds=len(recorder.rounds),
         wall_seconds=round(wall, 3),
         scaling=recorder.scaling.method if recorder.scaling else "none",
+        scaling_parameters={"mean": recorder.scaling.mean.tolist(), "std": recorder.scaling.std.tolist()} if recorder.scaling else None,
         metrics=metrics,
         privacy=privacy,
         model=model_ref,

@@ -196,3 +196,36 @@ def test_cli_verify_tampered(run_files, tmp_path):
     r = CliRunner().invoke(app, ["audit", "verify", str(bad), "--roster", str(path.parent / "roster.json")])
     assert r.exit_code == int(ExitCode.LEDGER_TAMPERED)
     assert "line 3" in r.output
+
+
+def test_ledger_lines_follow_published_schema(run_files, dp_run):
+    """Every line of the run ledger and of a node ledger validates against protocols/ledger.schema.json."""
+    import jsonschema
+
+    from tests.conftest import ROOT
+
+    schema = json.loads((ROOT / "protocols" / "ledger.schema.json").read_text())
+    path, _ = run_files
+    kinds = set()
+    for f in (path, dp_run.out_dir / "nodes" / "hungary" / "ledger.jsonl"):
+        for raw in f.read_bytes().splitlines():
+            e = json.loads(raw)
+            jsonschema.validate(e, schema)
+            kinds.add(e["kind"])
+    assert kinds == {"release", "receipt", "close", "countersign"}
+
+
+def test_membership_check_on_the_run(dp_run):
+    """The partner-side membership check reads the run and stays within the DP cap, in plain words."""
+    from typer.testing import CliRunner
+
+    from fedcollab.cli import app
+    from tests.conftest import ROOT
+
+    r = CliRunner().invoke(app, ["audit", "membership", str(dp_run.out_dir), "--partner", "hungary",
+                                 "--spec", str(ROOT / "protocols" / "heart-disease-dp.toml"), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["members"] == 172 and out["non_members"] == 89
+    assert out["bound"] == pytest.approx((2.718281828 ** out["epsilon"] - 1 + 2e-3) / (2.718281828 ** out["epsilon"] + 1), rel=1e-6)
+    assert not out["exceeds_bound"] and "coin flip" in out["summary"]

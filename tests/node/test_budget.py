@@ -51,6 +51,13 @@ class TestAcrossRuns:
         refusals = [e for e in entries if e["kind"] == "refusal"]
         assert refusals and refusals[-1]["body"]["code"] == int(NodeErrorCode.BUDGET_EXHAUSTED)
         assert refusals[-1]["run_id"] == "run-b" and refusals[-1]["body"]["would_be_epsilon"] > 1.5
+        import jsonschema
+
+        from tests.conftest import ROOT
+
+        schema = json.loads((ROOT / "protocols" / "ledger.schema.json").read_text())
+        for e in entries:
+            jsonschema.validate(e, schema)
         # Nothing was released after the refusal, and the node's ledger verifies with its budget intact.
         assert entries[-1]["kind"] == "refusal"
         rep = verify_ledger(second.gate.ledger.path, _roster(second))

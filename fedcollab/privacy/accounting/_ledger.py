@@ -240,3 +240,69 @@ def claim(eps_run: float, eps_total: float, *, delta: float, accountant: str) ->
         "accountant": accountant,
         "accountant_version": accountant_version(),
     }
+
+
+def ledger_entry_json_schema() -> dict[str, Any]:
+    """JSON Schema of one ledger line (published as ``protocols/ledger.schema.json``)."""
+    release = Release.model_json_schema(ref_template="#/$defs/{model}")
+    defs: dict[str, Any] = release.pop("$defs", {})
+    defs["Release"] = release
+    hex64 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+    eps = {"type": ["number", "null"], "description": "null = infinite (a non-private release)"}
+    defs["Claim"] = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["epsilon_run", "epsilon_total", "delta", "accountant", "accountant_version"],
+        "properties": {"epsilon_run": eps, "epsilon_total": eps, "delta": {"type": "number"}, "accountant": {"type": "string"},
+                       "accountant_version": {"type": "string"}},
+        "description": "The party's epsilon for (dataset, unit, observer): this run, and over its whole chain.",
+    }
+    defs["Budget"] = {"type": "object", "additionalProperties": False, "required": ["epsilon", "delta"],
+                      "properties": {"epsilon": {"type": "number"}, "delta": {"type": "number"}}}
+    nullable = lambda ref: {"anyOf": [{"$ref": f"#/$defs/{ref}"}, {"type": "null"}]}  # noqa: E731
+    defs["ReleaseBody"] = {
+        "type": "object", "additionalProperties": False,
+        "required": ["dataset", "release", "non_private", "counted", "claim", "budget", "commitment"],
+        "properties": {"dataset": {"type": "string"}, "release": {"$ref": "#/$defs/Release"}, "non_private": {"type": "boolean"},
+                       "counted": {"type": "boolean"}, "claim": nullable("Claim"), "budget": nullable("Budget"),
+                       "commitment": {**hex64, "description": "SHA-256(32-byte nonce || payload); the nonce stays at the node"}},
+    }
+    defs["RefusalBody"] = {
+        "type": "object", "additionalProperties": False, "required": ["dataset", "code", "reason"],
+        "properties": {"dataset": {"type": "string"}, "code": {"type": "integer"}, "reason": {"type": "string"},
+                       "release": {"$ref": "#/$defs/Release"}, "would_be_epsilon": {"type": ["number", "null"]}, "budget": nullable("Budget")},
+    }
+    defs["ReceiptBody"] = {
+        "type": "object", "additionalProperties": False, "required": ["entries"],
+        "properties": {"entries": {"type": "array", "items": {"type": "object", "additionalProperties": False, "required": ["party", "hash"],
+                                                              "properties": {"party": {"type": "string"}, "hash": hex64}}}},
+    }
+    defs["CloseBody"] = {"type": "object", "additionalProperties": False, "required": ["heads"],
+                         "properties": {"heads": {"type": "object", "additionalProperties": hex64}}}
+    defs["CountersignBody"] = {"type": "object", "additionalProperties": False, "required": ["close"], "properties": {"close": hex64}}
+    by_kind = {"release": "ReleaseBody", "refusal": "RefusalBody", "receipt": "ReceiptBody", "close": "CloseBody", "countersign": "CountersignBody"}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://fedcollab.dev/schema/ledger.schema.json",
+        "title": "fedcollab ledger entry (one JSON Lines line, RFC 8785 canonical form)",
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["schema_version", "kind", "party", "seq", "prev", "run_id", "round", "time", "body", "signature"],
+        "properties": {
+            "schema_version": {"const": LEDGER_SCHEMA_VERSION},
+            "kind": {"enum": ["release", "refusal", "receipt", "close", "countersign", "key_custody"]},
+            "party": {"type": "string"},
+            "seq": {"type": "integer", "minimum": 0},
+            "prev": {**hex64, "description": "SHA-256 of the party's previous line; 64 zeros for the first"},
+            "run_id": {"type": "string"},
+            "round": {"type": "integer", "minimum": 0},
+            "time": {"type": "string"},
+            "body": {"type": "object"},
+            "signature": {"type": "string", "pattern": "^[0-9a-f]{128}$", "description": "Ed25519 over the canonical entry without this field"},
+        },
+        "allOf": [
+            {"if": {"properties": {"kind": {"const": k}}}, "then": {"properties": {"body": {"$ref": f"#/$defs/{ref}"}}}}
+            for k, ref in by_kind.items()
+        ],
+        "$defs": defs,
+    }
