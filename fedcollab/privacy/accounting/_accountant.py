@@ -180,6 +180,22 @@ def compute_epsilon(mechanisms: Sequence[Any], *, delta: float, accountant: Acco
 
         eps, upper = exact_epsilon(mechanisms, delta=delta)
         return EpsilonResult(eps, delta, accountant, version, upper_bound=upper)
+    try:
+        key = (tuple(mechanisms), delta, accountant)
+        hash(key)
+    except TypeError:
+        return _numerical_epsilon(mechanisms, delta, accountant, version)
+    return _cached_epsilon(*key, version)
+
+
+@lru_cache(maxsize=2048)
+def _cached_epsilon(mechanisms: tuple[Any, ...], delta: float, accountant: str, version: str) -> EpsilonResult:
+    # Events are frozen values, so a composition seen before (a budget check followed by the
+    # record of the same release, an audit recomputing prefixes) is not recomputed.
+    return _numerical_epsilon(list(mechanisms), delta, accountant, version)
+
+
+def _numerical_epsilon(mechanisms: list[Any], delta: float, accountant: str, version: str) -> EpsilonResult:
     acc = _fresh(accountant)
     event = compose_event(mechanisms)
     if not acc.supports(event):

@@ -83,8 +83,10 @@ class BudgetGate:
                          would_be=None, budget=None)
             raise PolicyRefused("the policy forbids non-private test metrics")
         counted = counts_toward_budget(release)
-        eps_run, eps_total, budget = self.would_spend(release, run_id=run_id)
+        eps_run = eps_total = 0.0
+        budget = None
         if counted:
+            eps_run, eps_total, budget = self.would_spend(release, run_id=run_id)
             if release.non_private and not self.policy.allow_non_private_training:
                 self._refuse(release, run_id=run_id, code=int(NodeErrorCode.POLICY_REFUSED), reason="non-private release about training rows",
                              would_be=None, budget=budget)
