@@ -4,11 +4,24 @@
 * evaluation: score histograms at the node, pooled accuracy and AUC at the coordinator
 * dpsgd: the DP-SGD plan (sample rate, steps, noise multiplier) a node derives from the spec
 * summary: the published ``summary.json`` format
+* secagg: SecAgg+ secure aggregation as pure stage functions (``from fedcollab.protocols import secagg``)
+* quantize: fixed-point encoding modulo 2^32 / 2^64 for secure aggregation, weights packed in
 * wire: message kinds and record keys
 """
 
+from fedcollab.protocols import _secagg as secagg
 from fedcollab.protocols._dpsgd import DpPlan, plan_dp
 from fedcollab.protocols._evaluation import HIST_BINS, PooledMetrics, pooled_metrics, score_histograms
+from fedcollab.protocols._quantize import (
+    check_headroom,
+    clip_vector,
+    decode_update,
+    dequantize,
+    encode_update,
+    pack,
+    quantize,
+    unpack,
+)
 from fedcollab.protocols._statistics import (
     Scaling,
     combine_statistics,
@@ -28,11 +41,20 @@ __all__ = [
     "RecordKey",
     "Scaling",
     "Summary",
+    "check_headroom",
+    "clip_vector",
     "combine_statistics",
+    "decode_update",
+    "dequantize",
     "dp_statistics",
+    "encode_update",
+    "pack",
     "plan_dp",
     "pooled_metrics",
+    "quantize",
     "scaling_from_bounds",
     "score_histograms",
+    "secagg",
     "statistics_sensitivity",
+    "unpack",
 ]

@@ -21,6 +21,8 @@ from fedcollab.privacy.mechanisms import gaussian_noise
 #: Public-bounds scaling maps [min, max] to [-BOUNDS_SPREAD, BOUNDS_SPREAD].
 BOUNDS_SPREAD = 2.0
 _MIN_STD = 1e-3
+#: DP statistics: the noisy std of a feature is at least this share of its public half-range.
+DP_MIN_STD_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,9 @@ def combine_statistics(parts: Sequence[dict[str, list[float]]], *, bounds: np.nd
         std = np.where(std < _MIN_STD, 1.0, std)
         return Scaling(mean=mean, std=std, method="federated_statistics")
     mean_u = np.clip(mean, -1.0, 1.0)
-    var_u = np.clip(ss / n - mean_u**2, _MIN_STD**2, 1.0)
+    # Noise can make the variance tiny or negative; a floor from the public bounds (std at least
+    # DP_MIN_STD_SHARE of the half-range) keeps one noisy feature from being blown up.
+    var_u = np.clip(ss / n - mean_u**2, DP_MIN_STD_SHARE**2, 1.0)
     c = (bounds[:, 0] + bounds[:, 1]) / 2.0
     r = (bounds[:, 1] - bounds[:, 0]) / 2.0
     return Scaling(mean=c + r * mean_u, std=r * np.sqrt(var_u), method="dp_statistics")

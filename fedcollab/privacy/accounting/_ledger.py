@@ -155,12 +155,30 @@ class PartyLedger:
         self.path = Path(path)
         self.party = party
         self.key = key
+        self._parsed: list[LedgerLine] = []
+        self._parsed_bytes = 0
+        self._parsed_digest = ""
 
     def lines(self) -> list[LedgerLine]:
-        """The chain as on disk (empty if the file does not exist)."""
+        """The chain as on disk (empty if the file does not exist), re-read on every call.
+
+        The file is append-only: bytes already parsed are not parsed again, but if the file no
+        longer starts with them (it was truncated or rewritten) it is read whole.
+        """
         if not self.path.exists():
+            self._parsed, self._parsed_bytes = [], 0
             return []
-        return read_ledger(self.path)
+        data = self.path.read_bytes()
+        done = self._parsed_bytes
+        if done and (len(data) < done or line_hash(data[:done]) != self._parsed_digest):
+            self._parsed, done = [], 0
+        if len(data) > done:
+            fresh = parse_lines(data[done:])
+            offset = len(self._parsed)
+            self._parsed = self._parsed + [LedgerLine(ln.number + offset, ln.raw, ln.entry) for ln in fresh]
+            self._parsed_bytes = len(data)
+            self._parsed_digest = line_hash(data)
+        return list(self._parsed)
 
     def head(self) -> tuple[int, str]:
         """(next seq, hash of the last line)."""
