@@ -12,9 +12,9 @@ Nothing here is home-made: the cipher, the PRG and the key agreement are the one
 masks with ``np.random.RandomState`` seeded by a 32-bit fold of the shared secret, so a server
 can search 2^32 seeds; here the whole 256-bit seed keys AES, and numpy never draws a mask.
 
-Speed of :func:`expand_mask` (one core, x86-64 with AES-NI, ``cryptography`` 50): about
-470 M parameters/s for uint32 and 235 M parameters/s for uint64 (measured by
-``tests/crypto/test_primitives.py::TestExpandMask::test_speed``, which prints the figure).
+Speed of :func:`expand_mask` (one core of a shared 2-core x86-64 VM with AES-NI,
+``cryptography`` 50): 1.2-1.4 G parameters/s for uint32 and 0.4-0.76 G parameters/s for uint64,
+measured by ``tests/crypto/test_primitives.py::TestExpandMask::test_speed``, which prints it.
 """
 
 from __future__ import annotations

@@ -115,7 +115,8 @@ def quantize(
         first scaled to L2 norm ``clip`` (which also bounds every coordinate).
     scale : float
         Fixed-point scale: a coordinate becomes ``round(x * scale)``; the error is at most
-        ``0.5 / scale`` per coordinate and party (``1 / scale`` with stochastic rounding).
+        ``0.5 / scale`` per coordinate and party (``1 / scale`` with stochastic rounding), as long
+        as ``clip * scale <= 2^53`` (beyond that float64 itself rounds; only relevant for bits = 64).
     bits : {32, 64}
         The modulus 2^bits; the result has dtype uint32 or uint64.
     n_parties : int
