@@ -20,6 +20,7 @@ from fedcollab.models import build_model, model_arrays
 from fedcollab.privacy.accounting import Release
 from fedcollab.protocols import MessageKind, PooledMetrics, RecordKey, Scaling, combine_statistics, pooled_metrics, scaling_from_bounds
 from fedcollab.coordinator._ledger import RunLedger
+from fedcollab.coordinator._secagg import secagg_round
 from fedcollab.spec import Spec
 
 log = get_logger("coordinator")
@@ -128,6 +129,34 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
         return ConfigRecord({"server-round": rnd, "fedcollab.run_id": ledger.run_id, "scale_mean": scaling.mean.tolist(),
                              "scale_std": scaling.std.tolist(), "scale_method": scaling.method})
 
+    def secure_aggregate(grid: Grid, node_names: dict[int, str], rnd: int, arrays: Any, partners: list[str]) -> tuple[Any, list[str]]:
+        """FedAvg of the partners' updates learning only their sum (SecAgg+)."""
+        by_name = {v: k for k, v in node_names.items()}
+        names = list(arrays.keys())
+        flat = np.concatenate([arrays[k].numpy().astype(np.float64).ravel() for k in names])
+
+        def send(stage: str, requests: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+            msgs = [
+                Message(content=RecordDict({RecordKey.CONFIG: ConfigRecord({"fedcollab.kind": f"secagg.{stage}", "fedcollab.run_id": ledger.run_id}),
+                                            "secagg": ConfigRecord(req)}), message_type=MessageType.QUERY, dst_node_id=by_name[p])
+                for p, req in requests.items()
+            ]
+            got, failed = split_replies(list(grid.send_and_receive(msgs, timeout=timeout)), node_names, rnd)
+            if failed:
+                log.warning("secagg %s: no answer from %s", stage, sorted(failed))
+            return {node_names[m.metadata.src_node_id]: dict(m.content.config_records["secagg"]) for m in got}
+
+        mean, _, survivors = secagg_round(spec, run_id=ledger.run_id, round_=rnd, participants=partners, length=flat.size + 1,
+                                          max_weight=float(max(recorder.partners.values())), send=send,
+                                          roster_keys={k: v.signing_key for k, v in ledger.roster.parties.items()})
+        new = flat + mean
+        out, offset = {}, 0
+        for k in names:
+            ref = arrays[k].numpy()
+            out[k] = Array(np.ascontiguousarray(new[offset:offset + ref.size].reshape(ref.shape).astype(ref.dtype)))
+            offset += ref.size
+        return ArrayRecord(array_dict=out), survivors
+
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         deadline = time.monotonic() + timeout
@@ -181,13 +210,20 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
         arrays = ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in model_arrays(model).items()})
         for rnd in range(1, spec.training.rounds + 1):
             t0 = time.perf_counter()
-            train_msgs = list(strategy.configure_train(rnd, arrays, scaling_config(scaling, rnd), grid))
+            train_cfg = scaling_config(scaling, rnd)
+            if spec.aggregation == "secagg":
+                train_cfg["secagg.max_weight"] = float(max(recorder.partners.values()))
+                train_cfg["secagg.n_parties"] = len(node_names)
+            train_msgs = list(strategy.configure_train(rnd, arrays, train_cfg, grid))
             replies = list(grid.send_and_receive(train_msgs, timeout=timeout))
             ok, failed = split_replies(replies, node_names, rnd)
             checked = []
             for m in ok:
                 name = node_names[m.metadata.src_node_id]
                 collect_lines(m, name, rnd)  # a release happened, whatever its update is worth
+                if spec.aggregation == "secagg":
+                    checked.append(m)  # the update arrives only masked, in the secagg stages
+                    continue
                 try:
                     _check_update(m, names, arrays)
                 except ProtocolError:
@@ -202,10 +238,14 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
                     f"round {rnd}: {len(ok)} partner(s) replied, at least {min_partners} needed",
                     codes=failed, problems=[f"{k}: code {v} ({_code_name(v)})" for k, v in failed.items()],
                 )
-            new_arrays, _ = strategy.aggregate_train(rnd, ok)
-            if new_arrays is None:
-                raise ProtocolError(f"round {rnd}: aggregation produced no model")
-            arrays = new_arrays
+            if spec.aggregation == "secagg":
+                arrays, trained = secure_aggregate(grid, node_names, rnd, arrays, [node_names[m.metadata.src_node_id] for m in ok])
+                ok = [m for m in ok if node_names[m.metadata.src_node_id] in trained]
+            else:
+                new_arrays, _ = strategy.aggregate_train(rnd, ok)
+                if new_arrays is None:
+                    raise ProtocolError(f"round {rnd}: aggregation produced no model")
+                arrays = new_arrays
             numpy_arrays = OrderedDict((k, arrays[k].numpy()) for k in names)
             if not all(np.isfinite(v).all() for v in numpy_arrays.values()):
                 raise ProtocolError(f"round {rnd}: the aggregate is not finite")

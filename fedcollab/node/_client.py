@@ -46,6 +46,8 @@ from fedcollab.protocols import DpPlan, MessageKind, RecordKey, Scaling, dp_stat
 from fedcollab.spec import Spec
 
 log = get_logger("node")
+SECAGG_VECTOR = "fedcollab.secagg.vector"
+SECAGG_STATE = "fedcollab.secagg.state"
 
 _DATA_CACHE: dict[tuple[str, str], PartnerData] = {}
 _PLAN_CACHE: dict[tuple[str, str, int], DpPlan] = {}
@@ -223,10 +225,10 @@ class NodeRuntime:
         if plan is None:
             mech: Any = NonPrivate()
             metrics["train_loss"] = outcome.mean_loss
-            details: dict[str, Any] = {"steps": outcome.steps}
+            details: dict[str, Any] = {"steps": outcome.steps, "aggregation": spec.aggregation}
         else:
             mech = PoissonSubsampledGaussian(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=outcome.steps)
-            details = {"clip_norm": plan.clip_norm, "expected_batch": plan.expected_batch, "n_train": d.n_train,
+            details = {"clip_norm": plan.clip_norm, "expected_batch": plan.expected_batch, "n_train": d.n_train, "aggregation": spec.aggregation,
                        "empty_batches": outcome.empty_batches, "noise_rng": "torch.Generator seeded from os.urandom (64 bits)"}
         payload = b"".join(np.ascontiguousarray(v).tobytes() for v in out.values())
         release = self._release(payload, kind="dpsgd_training" if plan else "model_update", about="train", unit="record",
@@ -258,12 +260,13 @@ def _check_arrays(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> No
             raise ProtocolError("non-finite parameters")
 
 
-def make_client_app(spec: Spec, homes: dict[str, str], coordinator_key: str) -> Any:
+def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str]) -> Any:
     """The Flower ClientApp of a node taking part in ``spec``.
 
-    ``homes`` maps partner -> node folder; ``coordinator_key`` is the coordinator's signing key
-    (hex) from the roster the partner obtained out of band.
+    ``homes`` maps partner -> node folder; ``roster`` maps every party (the coordinator
+    included) to its Ed25519 signing key (hex), as the partner obtained it out of band.
     """
+    coordinator_key = roster["coordinator"]
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
 
@@ -291,7 +294,7 @@ def make_client_app(spec: Spec, homes: dict[str, str], coordinator_key: str) -> 
         return ConfigRecord({"lines": json.dumps(lines)})
 
     def handle(msg: Message, context: Context, work: Any) -> Message:
-        """Run ``work(node, cfg, state, msg) -> RecordDict``; any failure leaves as a code plus the refusal entries."""
+        """Run ``work(node, cfg, state, msg, context) -> RecordDict``; a failure leaves as a code plus the refusal entries."""
         partner = None
         node: NodeRuntime | None = None
         start = 0
@@ -305,7 +308,7 @@ def make_client_app(spec: Spec, homes: dict[str, str], coordinator_key: str) -> 
             node = NodeRuntime(spec, partner, home=NodeHome(Path(homes[partner])), run_id=run_id,
                                plan_json=str(st["plan"]) if "plan" in st else None)
             start = node.gate.ledger.head()[0]
-            return Message(content=work(node, cfg, st, msg), reply_to=msg)
+            return Message(content=work(node, cfg, st, msg, context), reply_to=msg)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a code
             code = _code_for(exc)
             # Text and traceback stay in this node's log; only the code and ledger entries leave.
@@ -319,8 +322,10 @@ def make_client_app(spec: Spec, homes: dict[str, str], coordinator_key: str) -> 
                     content[RecordKey.RELEASES] = lines_record(new)
             return Message(content=content, reply_to=msg)
 
-    def do_query(node: NodeRuntime, cfg: ConfigRecord, st: ConfigRecord, msg: Message) -> RecordDict:
+    def do_query(node: NodeRuntime, cfg: ConfigRecord, st: ConfigRecord, msg: Message, context: Context) -> RecordDict:
         kind = str(cfg.get("fedcollab.kind", ""))
+        if kind.startswith("secagg."):
+            return do_secagg(node, kind.removeprefix("secagg."), msg, context)
         if kind == MessageKind.CLOSE:
             return RecordDict({RecordKey.RELEASES: lines_record([node.countersign(str(cfg["close"]).encode(), coordinator_key)])})
         if kind != MessageKind.SETUP or "setup_done" in st:
@@ -335,16 +340,58 @@ def make_client_app(spec: Spec, homes: dict[str, str], coordinator_key: str) -> 
             content["statistics"] = ConfigRecord(stats)
         return content
 
-    def do_train(node: NodeRuntime, cfg: ConfigRecord, st: ConfigRecord, msg: Message) -> RecordDict:
+    def do_train(node: NodeRuntime, cfg: ConfigRecord, st: ConfigRecord, msg: Message, context: Context) -> RecordDict:
+        global_arrays = arrays_of(msg)
+        rnd = int(cfg.get("server-round", 0))
+        if spec.aggregation == "secagg":
+            # Check the public encoding parameters before training: a refusal then costs nothing.
+            max_weight = float(cfg["secagg.max_weight"])
+            n_parties = int(cfg["secagg.n_parties"])
+            if not (node.data.n_train <= max_weight and 3 <= n_parties <= len(spec.partners)):
+                raise ProtocolError("secagg encoding parameters out of range")
         arrays, metrics, lines, steps = node.train(
-            arrays_of(msg), scaling=scaling_of(cfg), server_round=int(cfg.get("server-round", 0)),
+            global_arrays, scaling=scaling_of(cfg), server_round=rnd,
             steps_so_far=int(st["steps"]), proximal_mu=float(cfg.get("proximal-mu", 0.0)),
         )
         st["steps"] = int(st["steps"]) + steps
+        if spec.aggregation == "secagg":
+            from fedcollab.node._secagg import encode_for_secagg
+
+            vector = encode_for_secagg(spec, new=arrays, old=global_arrays, weight=float(node.data.n_train),
+                                       max_weight=max_weight, n_parties=n_parties)
+            context.state[SECAGG_VECTOR] = ConfigRecord({"vector": vector.tobytes(), "round": rnd})
+            if SECAGG_STATE in context.state.config_records:
+                del context.state[SECAGG_STATE]
+            # The update leaves only masked, in the secagg stages that follow.
+            return RecordDict({RecordKey.METRICS: MetricRecord(metrics), RecordKey.RELEASES: lines_record(lines)})
         rec = ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
         return RecordDict({RecordKey.ARRAYS: rec, RecordKey.METRICS: MetricRecord(metrics), RecordKey.RELEASES: lines_record(lines)})
 
-    def do_evaluate(node: NodeRuntime, cfg: ConfigRecord, st: ConfigRecord, msg: Message) -> RecordDict:
+    def do_secagg(node: NodeRuntime, stage: str, msg: Message, context: Context) -> RecordDict:
+        from fedcollab.node._secagg import handle_stage
+        from fedcollab.protocols import secagg
+
+        if spec.aggregation != "secagg":
+            raise _Coded(NodeErrorCode.POLICY_REFUSED)
+        stored = context.state.config_records.get(SECAGG_VECTOR)
+        if stored is None:
+            raise ProtocolError("no encoded update to aggregate")
+        request = dict(msg.content.config_records.get("secagg", ConfigRecord()))
+        prev = context.state.config_records.get(SECAGG_STATE)
+        new_state, reply = handle_stage(
+            stage, request, vector=np.frombuffer(stored["vector"], dtype=np.uint32), round_=int(stored["round"]),
+            state_wire=dict(prev) if prev is not None else None, spec=spec, me=node.partner, run_id=node.run_id,
+            identity=secagg.NodeIdentity(name=node.partner, signing_key=node.gate.ledger.key),
+            roster_keys={k: v for k, v in roster.items() if k != "coordinator"}, min_partners=node.policy.min_partners_per_round,
+        )
+        context.state[SECAGG_STATE] = ConfigRecord(new_state)
+        if stage == "unmask":
+            # One round, one aggregate: the update and the protocol secrets are dropped.
+            del context.state[SECAGG_VECTOR]
+            del context.state[SECAGG_STATE]
+        return RecordDict({"secagg": ConfigRecord(reply)})
+
+    def do_evaluate(node: NodeRuntime, cfg: ConfigRecord, st: ConfigRecord, msg: Message, context: Context) -> RecordDict:
         res, lines = node.evaluate(arrays_of(msg), scaling=scaling_of(cfg), server_round=int(cfg.get("server-round", 0)))
         metrics = MetricRecord({"num-examples": res["n"], "n": res["n"], "correct": res["correct"], "loss_sum": res["loss_sum"],
                                 "hist_pos": res["hist_pos"], "hist_neg": res["hist_neg"]})

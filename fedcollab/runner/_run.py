@@ -186,7 +186,7 @@ def run(
         recorder.on_setup = prog.setup
         recorder.on_round = prog.round
         _simulate(spec, recorder, ledger=ledger, homes={k: str(v.root) for k, v in homes.items()},
-                  coordinator_key=roster.parties[COORDINATOR].signing_key, timeout=timeout)
+                  roster={k: v.signing_key for k, v in roster.parties.items()}, timeout=timeout)
     wall = time.perf_counter() - t0
     if not recorder.finished or recorder.final_arrays is None:
         raise TransportError("the simulation ended before the last round")
@@ -228,7 +228,7 @@ def run(
     return Result(summary=summary, rounds=list(recorder.rounds), model=recorder.final_arrays, out_dir=out_dir if tmp is None else None)
 
 
-def _simulate(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLedger, homes: dict[str, str], coordinator_key: str,
+def _simulate(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLedger, homes: dict[str, str], roster: dict[str, str],
               timeout: float) -> None:
     try:
         from flwr.simulation import run_simulation
@@ -238,7 +238,7 @@ def _simulate(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLedger, h
         err = ConfigError("the simulation needs Flower: pip install 'fedcollab[node,coordinator]'")
         err.exit_code = 10
         raise err from exc
-    client_app = make_client_app(spec, homes, coordinator_key)
+    client_app = make_client_app(spec, homes, roster)
     server_app = make_server_app(spec, recorder, ledger=ledger, timeout=timeout)
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level

@@ -246,6 +246,24 @@ class PrivacySpec(FrozenModel):
         return self
 
 
+class SecAggSpec(FrozenModel):
+    """Secure aggregation (SecAgg+, Bell et al. 2020): the coordinator learns only the sum."""
+
+    neighbours: PosInt = Field(default=1000, description="k: neighbours per node in the k-regular (circulant) graph; at least n - 1 means every pair (the complete graph).")
+    threshold: PosInt | None = Field(default=None, description="t: shares needed to unmask a node; default degree - max_dropouts. Must satisfy degree/2 < t <= degree - max_dropouts.")
+    max_dropouts: Annotated[int, Field(ge=0), BeforeValidator(_integral_float_to_int)] = Field(default=1, description="Nodes that may drop out of a round (at any stage) without aborting it.")
+    clip: Finite = Field(default=10.0, gt=0, description="Bound on every coordinate of a model update (difference from the global model) before fixed-point encoding.")
+    scale: Finite = Field(default=float(2**20), gt=0, description="Fixed-point scale: a value x travels as round(x * scale) modulo 2^32.")
+
+    def degree(self, n_partners: int) -> int:
+        """Neighbours each node actually has with ``n_partners`` partners."""
+        return min(self.neighbours, n_partners - 1)
+
+    def resolved_threshold(self, n_partners: int) -> int:
+        """t, defaulting to degree - max_dropouts."""
+        return self.threshold if self.threshold is not None else self.degree(n_partners) - self.max_dropouts
+
+
 class PreprocessingSpec(FrozenModel):
     """Global feature scaling (never per silo)."""
 
@@ -261,7 +279,8 @@ class Spec(FrozenModel):
     schema_version: Literal[1] = SCHEMA_VERSION
     name: Name
     seed: Annotated[int, Field(ge=0), BeforeValidator(_integral_float_to_int)] = Field(default=0, description="Governs model initialisation, splits and (without DP) batch shuffling; never DP noise, which comes from OS entropy.")
-    aggregation: Literal["plain"] = Field(default="plain", description="How updates are combined; `secagg` and `he` come with their own capabilities.")
+    aggregation: Literal["plain", "secagg"] = Field(default="plain", description="How updates are combined: `plain` (the coordinator sees each update) or `secagg` (only their sum); `he` comes with its own capability.")
+    secagg: SecAggSpec = Field(default_factory=SecAggSpec, description="Parameters of secure aggregation (aggregation = 'secagg').")
     partners: list[PartnerSpec] = Field(min_length=1)
     data_schema: SchemaSpec = Field(alias="schema")
     model: ModelSpec = Field(default_factory=ModelSpec)
@@ -298,6 +317,18 @@ class Spec(FrozenModel):
                 problems.append("preprocessing.scaling = 'dp_statistics' needs privacy.preprocessing_epsilon_share in (0, 1)")
         elif share > 0:
             problems.append(f"privacy.preprocessing_epsilon_share = {share} is only used with preprocessing.scaling = 'dp_statistics'")
+        if self.aggregation == "secagg":
+            n = len(self.partners)
+            deg = self.secagg.degree(n)
+            t = self.secagg.resolved_threshold(n)
+            if n < 3:
+                problems.append(f"secure aggregation needs at least 3 partners, got {n}")
+            elif not (deg / 2 < t <= deg - self.secagg.max_dropouts):
+                problems.append(
+                    f"secagg: need degree/2 < threshold <= degree - max_dropouts, got degree {deg}, threshold {t}, max_dropouts {self.secagg.max_dropouts}"
+                )
+            if self.training.strategy == "fedadam":
+                problems.append("secagg supports strategy 'fedavg' or 'fedprox' (a server optimiser needs the plain aggregate)")
         mp = self.training.min_partners
         if mp is not None and mp > len(self.partners):
             problems.append(f"training.min_partners = {mp} exceeds the {len(self.partners)} partners")

@@ -1,0 +1,58 @@
+"""The coordinator's side of secure aggregation: drive the four SecAgg+ stages over Flower.
+
+A node that does not answer a stage (a dropout) is simply missing from the next one; the pure
+protocol functions decide whether the round can still complete (``fedcollab.protocols.secagg``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from fedcollab.core import ProtocolError, get_logger
+from fedcollab.protocols import decode_update, secagg
+from fedcollab.spec import Spec
+
+log = get_logger("coordinator.secagg")
+BITS = 32
+
+#: send(stage, {partner: request wire}) -> {partner: reply wire}; missing partners dropped out.
+Send = Callable[[str, dict[str, dict[str, Any]]], dict[str, dict[str, Any]]]
+
+
+def secagg_round(
+    spec: Spec,
+    *,
+    run_id: str,
+    round_: int,
+    participants: list[str],
+    length: int,
+    max_weight: float,
+    roster_keys: dict[str, str],
+    send: Send,
+) -> tuple[np.ndarray, float, list[str]]:
+    """One secure aggregation: (weighted mean update, total weight, partners whose updates are in it)."""
+    n = len(spec.partners)
+    cfg = secagg.SecAggConfig(
+        run_id=run_id, round=round_, participants=tuple(sorted(participants)), k=spec.secagg.neighbours,
+        threshold=spec.secagg.resolved_threshold(n), max_dropouts=spec.secagg.max_dropouts, bits=BITS, length=length,
+    )
+    state, request = secagg.coord_start(cfg, {k: roster_keys[k] for k in participants})
+    replies = send("advertise", {p: request for p in cfg.participants})
+    ads = {p: secagg.Advertisement.from_wire(w) for p, w in replies.items()}
+    state, per_node = secagg.coord_collect_advertisements(state, ads)
+    replies = send("share", {p: secagg.advertisements_to_wire(a) for p, a in per_node.items()})
+    bundles = {p: secagg.ShareBundle.from_wire(w) for p, w in replies.items()}
+    state, routed = secagg.coord_route_shares(state, bundles)
+    replies = send("masked", {p: m.to_wire() for p, m in routed.items()})
+    masked = {p: secagg.MaskedInput.from_wire(w) for p, w in replies.items()}
+    state, requests = secagg.coord_collect_masked(state, masked)
+    replies = send("unmask", {p: r.to_wire() for p, r in requests.items()})
+    revealed = {p: secagg.RevealedShares.from_wire(w) for p, w in replies.items()}
+    state, total = secagg.coord_unmask(state, revealed)
+    mean, weight = decode_update(total, max_weight=max_weight, scale=spec.secagg.scale, bits=BITS)
+    if not np.isfinite(mean).all():
+        raise ProtocolError("the decoded aggregate is not finite")
+    return mean, weight, sorted(state.survivors)

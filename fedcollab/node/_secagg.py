@@ -1,0 +1,84 @@
+"""The node's side of secure aggregation: encode the update, then answer the four SecAgg+ stages.
+
+The protocol itself is pure (``fedcollab.protocols.secagg``); this module keeps its state in the
+node's own Flower context and checks every coordinator request against the node's own copy of
+the spec, so a coordinator cannot lower the threshold, shrink the group or replay a round.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fedcollab.core import PolicyRefused, ProtocolError
+from fedcollab.protocols import encode_update, secagg
+from fedcollab.spec import Spec
+
+BITS = 32
+
+
+def flatten(arrays: dict[str, np.ndarray], names: list[str]) -> np.ndarray:
+    """One float64 vector of the named arrays, in order."""
+    return np.concatenate([np.asarray(arrays[k], dtype=np.float64).ravel() for k in names])
+
+
+def encode_for_secagg(spec: Spec, *, new: dict[str, np.ndarray], old: dict[str, np.ndarray], weight: float, max_weight: float,
+                      n_parties: int) -> np.ndarray:
+    """The clipped, weighted, fixed-point update (new - old) with its weight as the last coordinate."""
+    names = list(old)
+    update = flatten(new, names) - flatten(old, names)
+    return encode_update(update, weight=weight, max_weight=max_weight, clip=spec.secagg.clip, scale=spec.secagg.scale,
+                         bits=BITS, n_parties=n_parties)
+
+
+def check_config(spec: Spec, cfg: secagg.SecAggConfig, *, me: str, run_id: str, round_: int, length: int, min_partners: int) -> None:
+    """Refuse a round whose public parameters differ from what the spec and the policy allow."""
+    n = len(spec.partners)
+    problems = []
+    if cfg.run_id != run_id or cfg.round != round_:
+        problems.append("run or round")
+    if me not in cfg.participants or not set(cfg.participants) <= {p.name for p in spec.partners}:
+        problems.append("participants")
+    if cfg.k != spec.secagg.neighbours or cfg.threshold != spec.secagg.resolved_threshold(n) or cfg.max_dropouts != spec.secagg.max_dropouts:
+        problems.append("graph or threshold")
+    if cfg.bits != BITS or cfg.length != length:
+        problems.append("encoding")
+    if problems:
+        raise ProtocolError("secagg parameters differ from the spec: " + ", ".join(problems))
+    if len(cfg.participants) < min_partners:
+        raise PolicyRefused("fewer partners in the round than the policy's minimum")
+
+
+def handle_stage(
+    kind: str,
+    request: dict[str, Any],
+    *,
+    vector: np.ndarray,
+    round_: int,
+    state_wire: dict[str, Any] | None,
+    spec: Spec,
+    me: str,
+    run_id: str,
+    identity: secagg.NodeIdentity,
+    roster_keys: dict[str, str],
+    min_partners: int,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Answer one stage from the node's stored update and protocol state: (new state, reply)."""
+    if kind == "advertise":
+        cfg = secagg.SecAggConfig.from_wire(request)
+        check_config(spec, cfg, me=me, run_id=run_id, round_=round_, length=vector.size, min_partners=min_partners)
+        state, ad = secagg.node_advertise(cfg, identity)
+        return state.to_wire(), ad.to_wire()
+    if state_wire is None:
+        raise ProtocolError("secagg stage out of order")
+    state = secagg.NodeState.from_wire(state_wire)
+    if kind == "share":
+        state, out = secagg.node_share(state, secagg.advertisements_from_wire(request), roster_keys)
+    elif kind == "masked":
+        state, out = secagg.node_masked_input(state, secagg.SharesForNode.from_wire(request), vector)
+    elif kind == "unmask":
+        state, out = secagg.node_unmask(state, secagg.UnmaskRequest.from_wire(request))
+    else:
+        raise ProtocolError(f"unknown secagg stage {kind!r}")
+    return state.to_wire(), out.to_wire()
