@@ -33,11 +33,31 @@ def secagg_round(
     roster_keys: dict[str, str],
     send: Send,
 ) -> tuple[np.ndarray, float, list[str]]:
-    """One secure aggregation: (weighted mean update, total weight, partners whose updates are in it)."""
+    """One secure aggregation of model updates: (weighted mean update, total weight, partners in it)."""
+    total, survivors = secure_sum(spec, run_id=run_id, round_=round_, participants=participants, length=length, bits=BITS,
+                                  roster_keys=roster_keys, send=send)
+    mean, weight = decode_update(total, max_weight=max_weight, scale=spec.secagg.scale, bits=BITS)
+    if not np.isfinite(mean).all():
+        raise ProtocolError("the decoded aggregate is not finite")
+    return mean, weight, survivors
+
+
+def secure_sum(
+    spec: Spec,
+    *,
+    run_id: str,
+    round_: int,
+    participants: list[str],
+    length: int,
+    bits: int,
+    roster_keys: dict[str, str],
+    send: Send,
+) -> tuple[np.ndarray, list[str]]:
+    """The modular sum of the participants' vectors, learning nothing else: (sum, partners in it)."""
     n = len(spec.partners)
     cfg = secagg.SecAggConfig(
         run_id=run_id, round=round_, participants=tuple(sorted(participants)), k=spec.secagg.neighbours,
-        threshold=spec.secagg.resolved_threshold(n), max_dropouts=spec.secagg.max_dropouts, bits=BITS, length=length,
+        threshold=spec.secagg.resolved_threshold(n), max_dropouts=spec.secagg.max_dropouts, bits=bits, length=length,
     )
     state, request = secagg.coord_start(cfg, {k: roster_keys[k] for k in participants})
     replies = send("advertise", {p: request for p in cfg.participants})
@@ -52,7 +72,4 @@ def secagg_round(
     replies = send("unmask", {p: r.to_wire() for p, r in requests.items()})
     revealed = {p: secagg.RevealedShares.from_wire(w) for p, w in replies.items()}
     state, total = secagg.coord_unmask(state, revealed)
-    mean, weight = decode_update(total, max_weight=max_weight, scale=spec.secagg.scale, bits=BITS)
-    if not np.isfinite(mean).all():
-        raise ProtocolError("the decoded aggregate is not finite")
-    return mean, weight, sorted(state.survivors)
+    return total, sorted(state.survivors)

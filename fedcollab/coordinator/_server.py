@@ -18,9 +18,19 @@ import numpy as np
 from fedcollab.core import NodeError, NodeErrorCode, ProtocolError, TransportError, get_logger
 from fedcollab.models import build_model, model_arrays
 from fedcollab.privacy.accounting import Release
-from fedcollab.protocols import MessageKind, PooledMetrics, RecordKey, Scaling, combine_statistics, pooled_metrics, scaling_from_bounds
+from fedcollab.protocols import (
+    MessageKind,
+    PooledMetrics,
+    RecordKey,
+    Scaling,
+    combine_statistics,
+    decode_statistics,
+    pooled_metrics,
+    scaling_from_bounds,
+)
+from fedcollab.protocols._statistics import STATS_BITS
 from fedcollab.coordinator._ledger import RunLedger
-from fedcollab.coordinator._secagg import secagg_round
+from fedcollab.coordinator._secagg import secagg_round, secure_sum
 from fedcollab.spec import Spec
 
 log = get_logger("coordinator")
@@ -129,11 +139,8 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
         return ConfigRecord({"server-round": rnd, "fedcollab.run_id": ledger.run_id, "scale_mean": scaling.mean.tolist(),
                              "scale_std": scaling.std.tolist(), "scale_method": scaling.method})
 
-    def secure_aggregate(grid: Grid, node_names: dict[int, str], rnd: int, arrays: Any, partners: list[str]) -> tuple[Any, list[str]]:
-        """FedAvg of the partners' updates learning only their sum (SecAgg+)."""
+    def secagg_sender(grid: Grid, node_names: dict[int, str], rnd: int) -> Any:
         by_name = {v: k for k, v in node_names.items()}
-        names = list(arrays.keys())
-        flat = np.concatenate([arrays[k].numpy().astype(np.float64).ravel() for k in names])
 
         def send(stage: str, requests: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
             msgs = [
@@ -146,9 +153,18 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
                 log.warning("secagg %s: no answer from %s", stage, sorted(failed))
             return {node_names[m.metadata.src_node_id]: dict(m.content.config_records["secagg"]) for m in got}
 
+        return send
+
+    def roster_keys() -> dict[str, str]:
+        return {k: v.signing_key for k, v in ledger.roster.parties.items()}
+
+    def secure_aggregate(grid: Grid, node_names: dict[int, str], rnd: int, arrays: Any, partners: list[str]) -> tuple[Any, list[str]]:
+        """FedAvg of the partners' updates learning only their sum (SecAgg+)."""
+        names = list(arrays.keys())
+        flat = np.concatenate([arrays[k].numpy().astype(np.float64).ravel() for k in names])
         mean, _, survivors = secagg_round(spec, run_id=ledger.run_id, round_=rnd, participants=partners, length=flat.size + 1,
-                                          max_weight=float(max(recorder.partners.values())), send=send,
-                                          roster_keys={k: v.signing_key for k, v in ledger.roster.parties.items()})
+                                          max_weight=float(max(recorder.partners.values())), send=secagg_sender(grid, node_names, rnd),
+                                          roster_keys=roster_keys())
         new = flat + mean
         out, offset = {}, 0
         for k in names:
@@ -156,6 +172,15 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
             out[k] = Array(np.ascontiguousarray(new[offset:offset + ref.size].reshape(ref.shape).astype(ref.dtype)))
             offset += ref.size
         return ArrayRecord(array_dict=out), survivors
+
+    def secure_statistics(grid: Grid, node_names: dict[int, str]) -> dict[str, list[float]]:
+        """The statistics round under SecAgg+ (modulo 2^64): the coordinator sees only the totals."""
+        total, survivors = secure_sum(spec, run_id=ledger.run_id, round_=0, participants=sorted(node_names.values()),
+                                      length=1 + 2 * n_features, bits=STATS_BITS, roster_keys=roster_keys(),
+                                      send=secagg_sender(grid, node_names, 0))
+        if len(survivors) < len(node_names):
+            log.warning("statistics from %d of %d partners (dropouts)", len(survivors), len(node_names))
+        return decode_statistics(total, n_features=n_features)
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
@@ -191,6 +216,8 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
         missing = sorted({p.name for p in spec.partners} - set(node_names.values()))
         if missing:
             raise NodeError(f"no reply from partners {missing}")
+        if spec.aggregation == "secagg" and scaling_name in {"federated_statistics", "dp_statistics"}:
+            stats = [secure_statistics(grid, node_names)]
         if scaling_name == "federated_statistics":
             scaling = combine_statistics(stats)
         elif scaling_name == "dp_statistics":

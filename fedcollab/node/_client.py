@@ -336,7 +336,13 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str]) -
         if "plan" in info:
             st["plan"] = info["plan"]
         content = RecordDict({RecordKey.INFO: ConfigRecord(info), RecordKey.RELEASES: lines_record(lines)})
-        if stats is not None:
+        if stats is not None and spec.aggregation == "secagg":
+            # The statistics leave only masked, summed with the other partners' (round 0, mod 2^64).
+            from fedcollab.protocols import encode_statistics
+
+            vector = encode_statistics(stats, n_parties=len(spec.partners))
+            context.state[SECAGG_VECTOR] = ConfigRecord({"vector": vector.tobytes(), "round": 0, "bits": 64})
+        elif stats is not None:
             content["statistics"] = ConfigRecord(stats)
         return content
 
@@ -359,7 +365,7 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str]) -
 
             vector = encode_for_secagg(spec, new=arrays, old=global_arrays, weight=float(node.data.n_train),
                                        max_weight=max_weight, n_parties=n_parties)
-            context.state[SECAGG_VECTOR] = ConfigRecord({"vector": vector.tobytes(), "round": rnd})
+            context.state[SECAGG_VECTOR] = ConfigRecord({"vector": vector.tobytes(), "round": rnd, "bits": 32})
             if SECAGG_STATE in context.state.config_records:
                 del context.state[SECAGG_STATE]
             # The update leaves only masked, in the secagg stages that follow.
@@ -379,7 +385,8 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str]) -
         request = dict(msg.content.config_records.get("secagg", ConfigRecord()))
         prev = context.state.config_records.get(SECAGG_STATE)
         new_state, reply = handle_stage(
-            stage, request, vector=np.frombuffer(stored["vector"], dtype=np.uint32), round_=int(stored["round"]),
+            stage, request, vector=np.frombuffer(stored["vector"], dtype=np.uint64 if int(stored["bits"]) == 64 else np.uint32),
+            round_=int(stored["round"]),
             state_wire=dict(prev) if prev is not None else None, spec=spec, me=node.partner, run_id=node.run_id,
             identity=secagg.NodeIdentity(name=node.partner, signing_key=node.gate.ledger.key),
             roster_keys={k: v for k, v in roster.items() if k != "coordinator"}, min_partners=node.policy.min_partners_per_round,

@@ -32,7 +32,8 @@ def encode_for_secagg(spec: Spec, *, new: dict[str, np.ndarray], old: dict[str, 
                          bits=BITS, n_parties=n_parties)
 
 
-def check_config(spec: Spec, cfg: secagg.SecAggConfig, *, me: str, run_id: str, round_: int, length: int, min_partners: int) -> None:
+def check_config(spec: Spec, cfg: secagg.SecAggConfig, *, me: str, run_id: str, round_: int, length: int, min_partners: int,
+                 bits: int = BITS) -> None:
     """Refuse a round whose public parameters differ from what the spec and the policy allow."""
     n = len(spec.partners)
     problems = []
@@ -42,7 +43,7 @@ def check_config(spec: Spec, cfg: secagg.SecAggConfig, *, me: str, run_id: str, 
         problems.append("participants")
     if cfg.k != spec.secagg.neighbours or cfg.threshold != spec.secagg.resolved_threshold(n) or cfg.max_dropouts != spec.secagg.max_dropouts:
         problems.append("graph or threshold")
-    if cfg.bits != BITS or cfg.length != length:
+    if cfg.bits != bits or cfg.length != length:
         problems.append("encoding")
     if problems:
         raise ProtocolError("secagg parameters differ from the spec: " + ", ".join(problems))
@@ -67,7 +68,8 @@ def handle_stage(
     """Answer one stage from the node's stored update and protocol state: (new state, reply)."""
     if kind == "advertise":
         cfg = secagg.SecAggConfig.from_wire(request)
-        check_config(spec, cfg, me=me, run_id=run_id, round_=round_, length=vector.size, min_partners=min_partners)
+        check_config(spec, cfg, me=me, run_id=run_id, round_=round_, length=vector.size, min_partners=min_partners,
+                     bits=64 if vector.dtype == np.uint64 else 32)
         state, ad = secagg.node_advertise(cfg, identity)
         return state.to_wire(), ad.to_wire()
     if state_wire is None:

@@ -25,7 +25,9 @@ from fedcollab.protocols._quantize import (
 from fedcollab.protocols._statistics import (
     Scaling,
     combine_statistics,
+    decode_statistics,
     dp_statistics,
+    encode_statistics,
     scaling_from_bounds,
     statistics_sensitivity,
 )
@@ -44,9 +46,11 @@ __all__ = [
     "check_headroom",
     "clip_vector",
     "combine_statistics",
+    "decode_statistics",
     "decode_update",
     "dequantize",
     "dp_statistics",
+    "encode_statistics",
     "encode_update",
     "pack",
     "plan_dp",

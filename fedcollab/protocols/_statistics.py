@@ -109,3 +109,30 @@ def combine_statistics(parts: Sequence[dict[str, list[float]]], *, bounds: np.nd
     c = (bounds[:, 0] + bounds[:, 1]) / 2.0
     r = (bounds[:, 1] - bounds[:, 0]) / 2.0
     return Scaling(mean=c + r * mean_u, std=r * np.sqrt(var_u), method="dp_statistics")
+
+
+#: Statistics under secure aggregation travel modulo 2^64 with this fixed-point scale; every
+#: count, sum and sum of squares must stay below STATS_CLIP in absolute value (checked at the node).
+STATS_BITS = 64
+STATS_SCALE = float(2**12)
+STATS_CLIP = float(2**40)
+
+
+def encode_statistics(stats: dict[str, list[float]], *, n_parties: int) -> np.ndarray:
+    """count, sums and sums of squares as one uint64 fixed-point vector (for secure aggregation)."""
+    from fedcollab.protocols._quantize import quantize
+
+    x = np.asarray([*stats["count"], *stats["sum"], *stats["sumsq"]], dtype=np.float64)
+    if not np.isfinite(x).all() or np.abs(x).max() > STATS_CLIP:
+        raise ProtocolError("statistics out of the range secure aggregation can carry")
+    return quantize(x, clip=STATS_CLIP, scale=STATS_SCALE, bits=STATS_BITS, n_parties=n_parties)
+
+
+def decode_statistics(total: np.ndarray, *, n_features: int) -> dict[str, list[float]]:
+    """The summed statistics (one part, as :func:`combine_statistics` takes them)."""
+    from fedcollab.protocols._quantize import dequantize
+
+    x = dequantize(total, scale=STATS_SCALE, bits=STATS_BITS)
+    if x.size != 1 + 2 * n_features:
+        raise ProtocolError("summed statistics of the wrong length")
+    return {"count": [float(round(x[0]))], "sum": x[1 : 1 + n_features].tolist(), "sumsq": x[1 + n_features :].tolist()}

@@ -44,3 +44,10 @@ def test_secagg_run_ledger_verifies(pair):
     assert rep.exit_code == ExitCode.OK
     details = [r for r in sec.summary.privacy.non_private_releases if r.kind == "model_update"]
     assert {r.party for r in details} == {"cleveland", "hungary", "switzerland", "va-long-beach"}
+
+
+def test_statistics_summed_under_secagg(pair):
+    """The scaling statistics went through secure aggregation (mod 2^64) and match the plain round's."""
+    plain, sec = pair
+    for key in ("mean", "std"):
+        np.testing.assert_allclose(sec.summary.scaling_parameters[key], plain.summary.scaling_parameters[key], rtol=1e-5, atol=1e-5)
