@@ -68,12 +68,18 @@ class Config:
     scaling: str | None = None  # override preprocessing.scaling
     epsilon_share: float | None = None  # override privacy.preprocessing_epsilon_share
     gated: bool = True  # its bars decide the overall verdict (False: measured for comparison only)
+    aggregation: str | None = None  # override the spec's aggregation ("secagg")
 
 
 CONFIGS = [
     Config("nodp", "no DP (federated statistics)", NODP_SPEC, BAR_NODP, None),
     Config("dp_eps1", "DP eps=1 (public_bounds)", DP_SPEC, BAR_DP, STRETCH_DP),
     Config("dp_eps1_dpstats", "DP eps=1 (dp_statistics, share 0.1) [comparison]", DP_SPEC, BAR_DP, STRETCH_DP, "dp_statistics", 0.1, gated=False),
+]
+#: With --secagg: the two default configurations again under secure aggregation (same bars).
+SECAGG_CONFIGS = [
+    Config("nodp_secagg", "no DP, secagg", NODP_SPEC, BAR_NODP, None, aggregation="secagg"),
+    Config("dp_eps1_secagg", "DP eps=1 (public_bounds), secagg", DP_SPEC, BAR_DP, STRETCH_DP, aggregation="secagg"),
 ]
 
 
@@ -108,6 +114,8 @@ def build_spec(config: Config, seed: int, rounds: int | None) -> Any:
         update["preprocessing"] = base.preprocessing.model_copy(update={"scaling": config.scaling})
     if config.epsilon_share is not None:
         update["privacy"] = base.privacy.model_copy(update={"preprocessing_epsilon_share": config.epsilon_share})
+    if config.aggregation is not None:
+        update["aggregation"] = config.aggregation
     spec = base.model_copy(update=update).with_base_dir(base.base_dir)
     # model_copy skips validation: re-validate so an inconsistent override fails loudly here.
     type(spec).model_validate(spec.model_dump(by_alias=True))
@@ -156,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=3, help="number of model-initialisation seeds, 0..N-1 (default 3)")
     ap.add_argument("--rounds", type=int, default=None, help="override training.rounds in every spec (default: the spec's, 20)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a bar or the epsilon check fails")
+    ap.add_argument("--secagg", action="store_true", help="also run the default configurations with aggregation = 'secagg' (JSON keys *_secagg)")
     args = ap.parse_args(argv)
+    configs = CONFIGS + (SECAGG_CONFIGS if args.secagg else [])
     if args.seeds < 1:
         ap.error("--seeds must be >= 1")
     if args.rounds is not None and args.rounds < 1:
@@ -167,11 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Console(width=None if sys.stdout.isatty() else 160)  # table and verdicts: stdout, before the JSON line
     err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
     seeds = list(range(args.seeds))
-    outcomes = [ConfigOutcome(c) for c in CONFIGS]
+    outcomes = [ConfigOutcome(c) for c in configs]
     t0 = time.perf_counter()
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[status]}"), console=err, transient=False) as progress:
-        task = progress.add_task("utility runs", total=len(CONFIGS) * len(seeds), status="")
+        task = progress.add_task("utility runs", total=len(configs) * len(seeds), status="")
         for seed in seeds:  # seed-major, so a partial run still covers every config
             for oc in outcomes:
                 progress.update(task, description=f"{oc.config.key} seed {seed}", status="")
@@ -238,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
               + ("[green]pass[/green]" if ok else "[red]FAIL[/red]"))
     out.file.flush()
     rounded = {k: (None if v is None else round(v, 4)) for k, v in payload.items()}
-    order = [f"heart_{m}_{c.key}" for c in CONFIGS for m in ("acc", "auc")] + [f"heart_{m}_{c.key}_sd" for c in CONFIGS for m in ("acc", "auc")]
+    order = [f"heart_{m}_{c.key}" for c in configs for m in ("acc", "auc")] + [f"heart_{m}_{c.key}_sd" for c in configs for m in ("acc", "auc")]
     sys.stdout.write(json.dumps({k: rounded[k] for k in order}) + "\n")
     sys.stdout.flush()
     return 1 if (args.strict and not ok) else 0

@@ -1,6 +1,6 @@
 """Foundation: config base, errors, exit codes, logging. Imports nothing from fedcollab."""
 
-from fedcollab.core._config import FrozenModel, format_validation_error
+from fedcollab.core._config import FrozenModel, format_validation_error, validate_config
 from fedcollab.core._errors import (
     BudgetExhausted,
     ConfigError,
@@ -39,4 +39,5 @@ __all__ = [
     "UpdateError",
     "format_validation_error",
     "get_logger",
+    "validate_config",
 ]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 class FrozenModel(BaseModel):
@@ -56,3 +59,13 @@ def format_validation_error(exc: ValidationError, *, prefix: str = "") -> list[s
         else:
             lines.append(f"`{loc}`: {msg.rstrip('.')}; got {_got(err.get('input'))}.")
     return lines
+
+
+def validate_config(model: type[ModelT], data: Any, *, what: str, error: type[Exception] | None = None) -> ModelT:
+    """``model.model_validate(data)``, or ``error`` (default ConfigError) listing each problem."""
+    from fedcollab.core._errors import ConfigError
+
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise (error or ConfigError)(f"{what}:", problems=format_validation_error(exc)) from None

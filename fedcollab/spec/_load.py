@@ -7,9 +7,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
-from fedcollab.core import SpecError, format_validation_error
+from fedcollab.core import SpecError, validate_config
 from fedcollab.spec._models import Spec
 
 
@@ -21,10 +19,7 @@ def parse_spec(data: dict[str, Any], *, base_dir: str | Path = ".", source: str 
     SpecError
         With one line per problem: the field, what was expected, what was got.
     """
-    try:
-        spec = Spec.model_validate(data)
-    except ValidationError as exc:
-        raise SpecError(f"{source} is not a valid collaboration spec:", problems=format_validation_error(exc)) from None
+    spec = validate_config(Spec, data, what=f"{source} is not a valid collaboration spec", error=SpecError)
     return spec.with_base_dir(str(base_dir))
 
 

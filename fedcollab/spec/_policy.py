@@ -11,9 +11,9 @@ import warnings
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, Field, ValidationError, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 
-from fedcollab.core import ConfigError, FrozenModel, format_validation_error
+from fedcollab.core import ConfigError, FrozenModel, validate_config
 from fedcollab.spec._models import _integral_float_to_int
 
 POLICY_SCHEMA_VERSION = 1
@@ -91,10 +91,7 @@ def load_policy(path: str | Path) -> NodePolicy:
         raise ConfigError(f"cannot read policy {p}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p} is not valid TOML: {exc}") from None
-    try:
-        return NodePolicy.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(f"{p} is not a valid node policy:", problems=format_validation_error(exc)) from None
+    return validate_config(NodePolicy, data, what=f"{p} is not a valid node policy")
 
 
 def policy_toml(policy: NodePolicy) -> str:

@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from fedcollab.core import ConfigError, FrozenModel, format_validation_error
+from fedcollab.core import ConfigError, FrozenModel, validate_config
 
 
 class RosterEntry(FrozenModel):
@@ -37,7 +37,4 @@ def load_roster(path: str | Path) -> Roster:
         raise ConfigError(f"cannot read roster {p}: {exc.strerror}") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{p} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
-    try:
-        return Roster.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(f"{p} is not a valid roster:", problems=format_validation_error(exc)) from None
+    return validate_config(Roster, data, what=f"{p} is not a valid roster")
