@@ -43,6 +43,7 @@ schema: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/utility.py
 	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/secagg.py
 
 clean:
 	rm -rf $(VENV) runs

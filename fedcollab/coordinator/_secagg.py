@@ -22,24 +22,39 @@ BITS = 32
 Send = Callable[[str, dict[str, dict[str, Any]]], dict[str, dict[str, Any]]]
 
 
-def secagg_round(
-    spec: Spec,
-    *,
-    run_id: str,
-    round_: int,
-    participants: list[str],
-    length: int,
-    max_weight: float,
-    roster_keys: dict[str, str],
-    send: Send,
-) -> tuple[np.ndarray, float, list[str]]:
-    """One secure aggregation of model updates: (weighted mean update, total weight, partners in it)."""
-    total, survivors = secure_sum(spec, run_id=run_id, round_=round_, participants=participants, length=length, bits=BITS,
-                                  roster_keys=roster_keys, send=send)
-    mean, weight = decode_update(total, max_weight=max_weight, scale=spec.secagg.scale, bits=BITS)
+def start_round(spec: Spec, *, run_id: str, round_: int, participants: list[str], length: int, bits: int,
+                roster_keys: dict[str, str]) -> tuple[Any, dict[str, Any]]:
+    """Open a round: the coordinator's state and the ADVERTISE request (the public config) for every participant."""
+    n = len(spec.partners)
+    cfg = secagg.SecAggConfig(
+        run_id=run_id, round=round_, participants=tuple(sorted(participants)), k=spec.secagg.neighbours,
+        threshold=spec.secagg.resolved_threshold(n), max_dropouts=spec.secagg.max_dropouts, bits=bits, length=length,
+    )
+    return secagg.coord_start(cfg, {k: roster_keys[k] for k in participants})
+
+
+def finish_round(state: Any, advertisements: dict[str, dict[str, Any]], send: Send) -> tuple[np.ndarray, list[str]]:
+    """SHARE, MASKED_INPUT and UNMASK after the advertisements came in: (modular sum, partners in it)."""
+    ads = {p: secagg.Advertisement.from_wire(w) for p, w in advertisements.items()}
+    state, per_node = secagg.coord_collect_advertisements(state, ads)
+    replies = send("share", {p: secagg.advertisements_to_wire(a) for p, a in per_node.items()})
+    bundles = {p: secagg.ShareBundle.from_wire(w) for p, w in replies.items()}
+    state, routed = secagg.coord_route_shares(state, bundles)
+    replies = send("masked", {p: m.to_wire() for p, m in routed.items()})
+    masked = {p: secagg.MaskedInput.from_wire(w) for p, w in replies.items()}
+    state, requests = secagg.coord_collect_masked(state, masked)
+    replies = send("unmask", {p: r.to_wire() for p, r in requests.items()})
+    revealed = {p: secagg.RevealedShares.from_wire(w) for p, w in replies.items()}
+    state, total = secagg.coord_unmask(state, revealed)
+    return total, sorted(state.survivors)
+
+
+def decode_mean_update(spec: Spec, total: np.ndarray, *, max_weight: float) -> np.ndarray:
+    """The weighted mean update from the modular sum of encoded updates."""
+    mean, _ = decode_update(total, max_weight=max_weight, scale=spec.secagg.scale, bits=BITS)
     if not np.isfinite(mean).all():
         raise ProtocolError("the decoded aggregate is not finite")
-    return mean, weight, survivors
+    return mean
 
 
 def secure_sum(
@@ -53,23 +68,8 @@ def secure_sum(
     roster_keys: dict[str, str],
     send: Send,
 ) -> tuple[np.ndarray, list[str]]:
-    """The modular sum of the participants' vectors, learning nothing else: (sum, partners in it)."""
-    n = len(spec.partners)
-    cfg = secagg.SecAggConfig(
-        run_id=run_id, round=round_, participants=tuple(sorted(participants)), k=spec.secagg.neighbours,
-        threshold=spec.secagg.resolved_threshold(n), max_dropouts=spec.secagg.max_dropouts, bits=bits, length=length,
-    )
-    state, request = secagg.coord_start(cfg, {k: roster_keys[k] for k in participants})
-    replies = send("advertise", {p: request for p in cfg.participants})
-    ads = {p: secagg.Advertisement.from_wire(w) for p, w in replies.items()}
-    state, per_node = secagg.coord_collect_advertisements(state, ads)
-    replies = send("share", {p: secagg.advertisements_to_wire(a) for p, a in per_node.items()})
-    bundles = {p: secagg.ShareBundle.from_wire(w) for p, w in replies.items()}
-    state, routed = secagg.coord_route_shares(state, bundles)
-    replies = send("masked", {p: m.to_wire() for p, m in routed.items()})
-    masked = {p: secagg.MaskedInput.from_wire(w) for p, w in replies.items()}
-    state, requests = secagg.coord_collect_masked(state, masked)
-    replies = send("unmask", {p: r.to_wire() for p, r in requests.items()})
-    revealed = {p: secagg.RevealedShares.from_wire(w) for p, w in replies.items()}
-    state, total = secagg.coord_unmask(state, revealed)
-    return total, sorted(state.survivors)
+    """The modular sum of the participants' vectors in four exchanges, learning nothing else."""
+    state, request = start_round(spec, run_id=run_id, round_=round_, participants=participants, length=length, bits=bits,
+                                 roster_keys=roster_keys)
+    replies = send("advertise", {p: request for p in state.cfg.participants})
+    return finish_round(state, replies, send)

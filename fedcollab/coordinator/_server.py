@@ -30,7 +30,7 @@ from fedcollab.protocols import (
 )
 from fedcollab.protocols._statistics import STATS_BITS
 from fedcollab.coordinator._ledger import RunLedger
-from fedcollab.coordinator._secagg import secagg_round, secure_sum
+from fedcollab.coordinator._secagg import decode_mean_update, finish_round, secure_sum, start_round
 from fedcollab.spec import Spec
 
 log = get_logger("coordinator")
@@ -158,14 +158,13 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
     def roster_keys() -> dict[str, str]:
         return {k: v.signing_key for k, v in ledger.roster.parties.items()}
 
-    def secure_aggregate(grid: Grid, node_names: dict[int, str], rnd: int, arrays: Any, partners: list[str]) -> tuple[Any, list[str]]:
-        """FedAvg of the partners' updates learning only their sum (SecAgg+)."""
+    def secure_aggregate(grid: Grid, node_names: dict[int, str], rnd: int, arrays: Any, state: Any,
+                         advertisements: dict[str, dict[str, Any]]) -> tuple[Any, list[str]]:
+        """FedAvg of the partners' updates learning only their sum (SecAgg+); the advertisements came with the training replies."""
         names = list(arrays.keys())
         flat = np.concatenate([arrays[k].numpy().astype(np.float64).ravel() for k in names])
-        mean, _, survivors = secagg_round(spec, run_id=ledger.run_id, round_=rnd, participants=partners, length=flat.size + 1,
-                                          max_weight=float(max(recorder.partners.values())), send=secagg_sender(grid, node_names, rnd),
-                                          roster_keys=roster_keys())
-        new = flat + mean
+        total, survivors = finish_round(state, advertisements, secagg_sender(grid, node_names, rnd))
+        new = flat + decode_mean_update(spec, total, max_weight=float(max(recorder.partners.values())))
         out, offset = {}, 0
         for k in names:
             ref = arrays[k].numpy()
@@ -239,8 +238,14 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
             t0 = time.perf_counter()
             train_cfg = scaling_config(scaling, rnd)
             if spec.aggregation == "secagg":
+                # Training and the ADVERTISE stage share one exchange: the round's public config
+                # travels with the model, each node answers with its update's release and its keys.
+                n_params = int(sum(arrays[k].numpy().size for k in arrays.keys()))
+                sa_state, sa_request = start_round(spec, run_id=ledger.run_id, round_=rnd, participants=sorted(node_names.values()),
+                                                   length=n_params + 1, bits=32, roster_keys=roster_keys())
                 train_cfg["secagg.max_weight"] = float(max(recorder.partners.values()))
                 train_cfg["secagg.n_parties"] = len(node_names)
+                train_cfg["secagg.config"] = json.dumps(sa_request)
             train_msgs = list(strategy.configure_train(rnd, arrays, train_cfg, grid))
             replies = list(grid.send_and_receive(train_msgs, timeout=timeout))
             ok, failed = split_replies(replies, node_names, rnd)
@@ -266,7 +271,8 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
                     codes=failed, problems=[f"{k}: code {v} ({_code_name(v)})" for k, v in failed.items()],
                 )
             if spec.aggregation == "secagg":
-                arrays, trained = secure_aggregate(grid, node_names, rnd, arrays, [node_names[m.metadata.src_node_id] for m in ok])
+                ads = {node_names[m.metadata.src_node_id]: dict(m.content.config_records["secagg"]) for m in ok}
+                arrays, trained = secure_aggregate(grid, node_names, rnd, arrays, sa_state, ads)
                 ok = [m for m in ok if node_names[m.metadata.src_node_id] in trained]
             else:
                 new_arrays, _ = strategy.aggregate_train(rnd, ok)

@@ -14,6 +14,7 @@ Errors go back as a closed code; the exception text stays in this node's log.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from dataclasses import asdict
 from typing import Any
@@ -340,8 +341,7 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str]) -
             # The statistics leave only masked, summed with the other partners' (round 0, mod 2^64).
             from fedcollab.protocols import encode_statistics
 
-            vector = encode_statistics(stats, n_parties=len(spec.partners))
-            context.state[SECAGG_VECTOR] = ConfigRecord({"vector": vector.tobytes(), "round": 0, "bits": 64})
+            keep_vector(node, context, encode_statistics(stats, n_parties=len(spec.partners)), 0)
         elif stats is not None:
             content["statistics"] = ConfigRecord(stats)
         return content
@@ -365,28 +365,38 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str]) -
 
             vector = encode_for_secagg(spec, new=arrays, old=global_arrays, weight=float(node.data.n_train),
                                        max_weight=max_weight, n_parties=n_parties)
-            context.state[SECAGG_VECTOR] = ConfigRecord({"vector": vector.tobytes(), "round": rnd, "bits": 32})
-            if SECAGG_STATE in context.state.config_records:
-                del context.state[SECAGG_STATE]
-            # The update leaves only masked, in the secagg stages that follow.
-            return RecordDict({RecordKey.METRICS: MetricRecord(metrics), RecordKey.RELEASES: lines_record(lines)})
+            keep_vector(node, context, vector, rnd)
+            # The update leaves only masked, in the secagg stages that follow; the round's ADVERTISE
+            # stage rides on this reply (fresh keys, checked against this node's spec first).
+            ad = secagg_stage(node, "advertise", json.loads(str(cfg["secagg.config"])), context)
+            return RecordDict({RecordKey.METRICS: MetricRecord(metrics), RecordKey.RELEASES: lines_record(lines), "secagg": ConfigRecord(ad)})
         rec = ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
         return RecordDict({RecordKey.ARRAYS: rec, RecordKey.METRICS: MetricRecord(metrics), RecordKey.RELEASES: lines_record(lines)})
 
-    def do_secagg(node: NodeRuntime, stage: str, msg: Message, context: Context) -> RecordDict:
+    def keep_vector(node: NodeRuntime, context: Context, vector: np.ndarray, rnd: int) -> None:
+        # The encoded vector waits at the node (its folder, mode 0600) until the masked-input stage,
+        # instead of travelling inside the Flower context with every message.
+        path = Path(homes[node.partner]) / "secagg" / f"{node.run_id}-{rnd}.bin"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(vector.tobytes())
+        context.state[SECAGG_VECTOR] = ConfigRecord({"path": str(path), "round": rnd, "bits": int(vector.dtype.itemsize * 8)})
+        if SECAGG_STATE in context.state.config_records:
+            del context.state[SECAGG_STATE]
+
+    def secagg_stage(node: NodeRuntime, stage: str, request: dict[str, Any], context: Context) -> dict[str, Any]:
         from fedcollab.node._secagg import handle_stage
         from fedcollab.protocols import secagg
 
-        if spec.aggregation != "secagg":
-            raise _Coded(NodeErrorCode.POLICY_REFUSED)
         stored = context.state.config_records.get(SECAGG_VECTOR)
         if stored is None:
             raise ProtocolError("no encoded update to aggregate")
-        request = dict(msg.content.config_records.get("secagg", ConfigRecord()))
+        path = Path(str(stored["path"]))
+        vector = np.fromfile(path, dtype=np.uint64 if int(stored["bits"]) == 64 else np.uint32)
         prev = context.state.config_records.get(SECAGG_STATE)
         new_state, reply = handle_stage(
-            stage, request, vector=np.frombuffer(stored["vector"], dtype=np.uint64 if int(stored["bits"]) == 64 else np.uint32),
-            round_=int(stored["round"]),
+            stage, request, vector=vector, round_=int(stored["round"]),
             state_wire=dict(prev) if prev is not None else None, spec=spec, me=node.partner, run_id=node.run_id,
             identity=secagg.NodeIdentity(name=node.partner, signing_key=node.gate.ledger.key),
             roster_keys={k: v for k, v in roster.items() if k != "coordinator"}, min_partners=node.policy.min_partners_per_round,
@@ -396,7 +406,14 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str]) -
             # One round, one aggregate: the update and the protocol secrets are dropped.
             del context.state[SECAGG_VECTOR]
             del context.state[SECAGG_STATE]
-        return RecordDict({"secagg": ConfigRecord(reply)})
+            path.unlink(missing_ok=True)
+        return reply
+
+    def do_secagg(node: NodeRuntime, stage: str, msg: Message, context: Context) -> RecordDict:
+        if spec.aggregation != "secagg":
+            raise _Coded(NodeErrorCode.POLICY_REFUSED)
+        request = dict(msg.content.config_records.get("secagg", ConfigRecord()))
+        return RecordDict({"secagg": ConfigRecord(secagg_stage(node, stage, request, context))})
 
     def do_evaluate(node: NodeRuntime, cfg: ConfigRecord, st: ConfigRecord, msg: Message, context: Context) -> RecordDict:
         res, lines = node.evaluate(arrays_of(msg), scaling=scaling_of(cfg), server_round=int(cfg.get("server-round", 0)))
