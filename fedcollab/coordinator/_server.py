@@ -28,9 +28,10 @@ from fedcollab.protocols import (
     pooled_metrics,
     scaling_from_bounds,
 )
+from fedcollab.protocols import secagg
 from fedcollab.protocols._statistics import STATS_BITS
 from fedcollab.coordinator._ledger import RunLedger
-from fedcollab.coordinator._secagg import decode_mean_update, finish_round, secure_sum, start_round
+from fedcollab.coordinator._secagg import decode_mean_update, secure_sum, start_round
 from fedcollab.spec import Spec
 
 log = get_logger("coordinator")
@@ -140,37 +141,41 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
                              "scale_std": scaling.std.tolist(), "scale_method": scaling.method})
 
     def secagg_sender(grid: Grid, node_names: dict[int, str], rnd: int) -> Any:
-        by_name = {v: k for k, v in node_names.items()}
+        """send(stage, {partner: request}) -> {partner: reply}: one stand-alone exchange of a secagg stage."""
 
         def send(stage: str, requests: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-            msgs = [
-                Message(content=RecordDict({RecordKey.CONFIG: ConfigRecord({"fedcollab.kind": f"secagg.{stage}", "fedcollab.run_id": ledger.run_id}),
-                                            "secagg": ConfigRecord(req)}), message_type=MessageType.QUERY, dst_node_id=by_name[p])
-                for p, req in requests.items()
-            ]
-            got, failed = split_replies(list(grid.send_and_receive(msgs, timeout=timeout)), node_names, rnd)
-            if failed:
-                log.warning("secagg %s: no answer from %s", stage, sorted(failed))
-            return {node_names[m.metadata.src_node_id]: dict(m.content.config_records["secagg"]) for m in got}
+            cfg = {"fedcollab.kind": "secagg", "fedcollab.run_id": ledger.run_id, "secagg.stage": stage, "secagg.round": rnd}
+            got = exchange(grid, node_names, rnd, MessageType.QUERY, {p: (None, cfg, {"secagg": r}) for p, r in requests.items()})
+            return {p: dict(m.content.config_records["secagg"]) for p, m in got.items() if "secagg" in m.content.config_records}
 
         return send
 
+    def exchange(grid: Grid, node_names: dict[int, str], rnd: int, message_type: str,
+                 per_node: dict[str, tuple[Any, dict[str, Any], dict[str, dict[str, Any]]]]) -> dict[str, Message]:
+        """One exchange with per-node content (arrays or None, config, extra ConfigRecords); replies by partner.
+
+        Failed or missing replies are dropouts: logged, recorded, and absent from the result.
+        """
+        by_name = {v: k for k, v in node_names.items()}
+        msgs = []
+        for p, (arr, cfg, extra) in per_node.items():
+            content = RecordDict({RecordKey.CONFIG: ConfigRecord(cfg), **{k: ConfigRecord(v) for k, v in extra.items()}})
+            if arr is not None:
+                content[RecordKey.ARRAYS] = arr
+            msgs.append(Message(content=content, message_type=message_type, dst_node_id=by_name[p]))
+        got, failed = split_replies(list(grid.send_and_receive(msgs, timeout=timeout)), node_names, rnd)
+        if failed:
+            log.warning("round %d %s: no answer from %s", rnd, message_type, sorted(failed))
+        out = {}
+        for m in got:
+            name = node_names[m.metadata.src_node_id]
+            if RecordKey.RELEASES in m.content.config_records:
+                collect_lines(m, name, rnd)
+            out[name] = m
+        return out
+
     def roster_keys() -> dict[str, str]:
         return {k: v.signing_key for k, v in ledger.roster.parties.items()}
-
-    def secure_aggregate(grid: Grid, node_names: dict[int, str], rnd: int, arrays: Any, state: Any,
-                         advertisements: dict[str, dict[str, Any]]) -> tuple[Any, list[str]]:
-        """FedAvg of the partners' updates learning only their sum (SecAgg+); the advertisements came with the training replies."""
-        names = list(arrays.keys())
-        flat = np.concatenate([arrays[k].numpy().astype(np.float64).ravel() for k in names])
-        total, survivors = finish_round(state, advertisements, secagg_sender(grid, node_names, rnd))
-        new = flat + decode_mean_update(spec, total, max_weight=float(max(recorder.partners.values())))
-        out, offset = {}, 0
-        for k in names:
-            ref = arrays[k].numpy()
-            out[k] = Array(np.ascontiguousarray(new[offset:offset + ref.size].reshape(ref.shape).astype(ref.dtype)))
-            offset += ref.size
-        return ArrayRecord(array_dict=out), survivors
 
     def secure_statistics(grid: Grid, node_names: dict[int, str]) -> dict[str, list[float]]:
         """The statistics round under SecAgg+ (modulo 2^64): the coordinator sees only the totals."""
@@ -180,6 +185,113 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
         if len(survivors) < len(node_names):
             log.warning("statistics from %d of %d partners (dropouts)", len(survivors), len(node_names))
         return decode_statistics(total, n_features=n_features)
+
+    def secagg_rounds(grid: Grid, node_names: dict[int, str], arrays: Any, scaling: Scaling, evaluate: Any) -> None:
+        """Rounds under SecAgg+, pipelined: three exchanges a round, keys fresh every round.
+
+        Round r: train + MASKED_INPUT (with the shares routed for r), UNMASK + ADVERTISE(r + 1),
+        evaluate + SHARE(r + 1). Round 1's ADVERTISE and SHARE run on their own first.
+        """
+        names = list(arrays.keys())
+        length = int(sum(arrays[k].numpy().size for k in names)) + 1
+        max_weight = float(max(recorder.partners.values()))
+        rounds = spec.training.rounds
+
+        def open_round(rnd: int, participants: list[str]) -> tuple[Any, dict[str, Any]]:
+            return start_round(spec, run_id=ledger.run_id, round_=rnd, participants=participants, length=length, bits=32,
+                               roster_keys=roster_keys())
+
+        def base_cfg(rnd: int) -> dict[str, Any]:
+            cfg = dict(scaling_config(scaling, rnd))
+            cfg["secagg.max_weight"] = max_weight
+            cfg["secagg.n_parties"] = len(node_names)
+            if spec.training.strategy == "fedprox":
+                cfg["proximal-mu"] = spec.training.proximal_mu
+            return cfg
+
+        # Round 1's keys and shares.
+        state, request = open_round(1, sorted(node_names.values()))
+        send = secagg_sender(grid, node_names, 1)
+        state, per_node = secagg.coord_collect_advertisements(state, {p: secagg.Advertisement.from_wire(w) for p, w in send("advertise", {p: request for p in state.cfg.participants}).items()})
+        state, routed = secagg.coord_route_shares(state, {p: secagg.ShareBundle.from_wire(w) for p, w in send("share", {p: secagg.advertisements_to_wire(a) for p, a in per_node.items()}).items()})
+        for rnd in range(1, rounds + 1):
+            t0 = time.perf_counter()
+            # train + MASKED_INPUT
+            cfg = {**base_cfg(rnd), "secagg.stage": "masked", "secagg.round": rnd}
+            got = exchange(grid, node_names, rnd, MessageType.TRAIN, {p: (arrays, cfg, {"secagg": m.to_wire()}) for p, m in routed.items()})
+            masked = {p: secagg.MaskedInput.from_wire(dict(m.content.config_records["secagg"])) for p, m in got.items() if "secagg" in m.content.config_records}
+            failed = {p: c[-1] for p, c in recorder.failures.items() if p not in masked and p in routed}
+            if len(masked) < min_partners:
+                raise NodeError(f"round {rnd}: {len(masked)} partner(s) sent a masked update, at least {min_partners} needed", codes=failed)
+            state, requests = secagg.coord_collect_masked(state, masked)
+            # UNMASK + the next round's ADVERTISE
+            nxt = open_round(rnd + 1, sorted(requests)) if rnd < rounds else None
+            per: dict[str, tuple[Any, dict[str, Any], dict[str, dict[str, Any]]]] = {}
+            for p, req in requests.items():
+                c = {"fedcollab.kind": "secagg", "fedcollab.run_id": ledger.run_id, "secagg.stage": "unmask", "secagg.round": rnd}
+                extra = {"secagg": req.to_wire()}
+                if nxt is not None:
+                    c.update({"secagg.next.stage": "advertise", "secagg.next.round": rnd + 1})
+                    extra["secagg.next"] = nxt[1]
+                per[p] = (None, c, extra)
+            got = exchange(grid, node_names, rnd, MessageType.QUERY, per)
+            revealed = {p: secagg.RevealedShares.from_wire(dict(m.content.config_records["secagg"])) for p, m in got.items() if "secagg" in m.content.config_records}
+            state, total = secagg.coord_unmask(state, revealed)
+            trained = sorted(state.survivors)
+            flat = np.concatenate([arrays[k].numpy().astype(np.float64).ravel() for k in names])
+            new = flat + decode_mean_update(spec, total, max_weight=max_weight)
+            out, offset = {}, 0
+            for k in names:
+                ref = arrays[k].numpy()
+                out[k] = Array(np.ascontiguousarray(new[offset:offset + ref.size].reshape(ref.shape).astype(ref.dtype)))
+                offset += ref.size
+            arrays = ArrayRecord(array_dict=out)
+            numpy_arrays = OrderedDict((k, arrays[k].numpy()) for k in names)
+            if recorder.checkpoint_dir is not None:
+                _write_checkpoint(recorder.checkpoint_dir, rnd, numpy_arrays)
+            # evaluate + the next round's SHARE
+            share_req: dict[str, dict[str, Any]] = {}
+            if nxt is not None:
+                ads = {p: secagg.Advertisement.from_wire(dict(m.content.config_records["secagg.next"])) for p, m in got.items() if "secagg.next" in m.content.config_records}
+                next_state, per_node = secagg.coord_collect_advertisements(nxt[0], ads)
+                share_req = {p: secagg.advertisements_to_wire(a) for p, a in per_node.items()}
+            parts: dict[str, dict[str, Any]] = {}
+            evaluating = rnd % spec.training.evaluate_every == 0 or rnd == rounds
+            if evaluating or share_req:
+                targets = sorted(set(share_req) | (set(node_names.values()) if evaluating else set()))
+                per = {}
+                for p in targets:
+                    c = dict(scaling_config(scaling, rnd))
+                    if not evaluating:
+                        c["fedcollab.kind"] = "secagg"
+                    extra = {}
+                    if p in share_req:
+                        c.update({"secagg.stage" if not evaluating else "secagg.next.stage": "share",
+                                  "secagg.round" if not evaluating else "secagg.next.round": rnd + 1})
+                        extra["secagg" if not evaluating else "secagg.next"] = share_req[p]
+                    per[p] = (arrays if evaluating else None, c, extra)
+                got = exchange(grid, node_names, rnd, MessageType.EVALUATE if evaluating else MessageType.QUERY, per)
+                slot = "secagg.next" if evaluating else "secagg"
+                if share_req:
+                    bundles = {p: secagg.ShareBundle.from_wire(dict(m.content.config_records[slot])) for p, m in got.items() if slot in m.content.config_records}
+                    state, routed = secagg.coord_route_shares(next_state, bundles)
+                if evaluating:
+                    for p, m in got.items():
+                        mr = m.content.metric_records[RecordKey.METRICS]
+                        parts[p] = {k: mr[k] for k in ("n", "correct", "loss_sum", "hist_pos", "hist_neg")}
+            evaluate(rnd, t0, trained, failed, parts, numpy_arrays)
+
+    def record_round(rnd: int, t0: float, trained: list[str], failed: dict[str, int], parts: dict[str, dict[str, Any]],
+                     numpy_arrays: OrderedDict[str, np.ndarray]) -> None:
+        if not all(np.isfinite(v).all() for v in numpy_arrays.values()):
+            raise ProtocolError(f"round {rnd}: the aggregate is not finite")
+        per = {k: pooled_metrics([v]) for k, v in sorted(parts.items())}
+        pooled = pooled_metrics(list(parts.values())) if parts else None
+        record = RoundRecord(rnd, time.perf_counter() - t0, trained, failed, pooled, per)
+        recorder.rounds.append(record)
+        recorder.final_arrays = numpy_arrays
+        if recorder.on_round:
+            recorder.on_round(record)
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
@@ -234,28 +346,17 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
         model = build_model(spec.model, n_features, seed=spec.seed)
         names = list(model_arrays(model).keys())
         arrays = ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in model_arrays(model).items()})
-        for rnd in range(1, spec.training.rounds + 1):
+        if spec.aggregation == "secagg":
+            secagg_rounds(grid, node_names, arrays, scaling, record_round)
+        for rnd in range(1, spec.training.rounds + 1) if spec.aggregation == "plain" else ():
             t0 = time.perf_counter()
-            train_cfg = scaling_config(scaling, rnd)
-            if spec.aggregation == "secagg":
-                # Training and the ADVERTISE stage share one exchange: the round's public config
-                # travels with the model, each node answers with its update's release and its keys.
-                n_params = int(sum(arrays[k].numpy().size for k in arrays.keys()))
-                sa_state, sa_request = start_round(spec, run_id=ledger.run_id, round_=rnd, participants=sorted(node_names.values()),
-                                                   length=n_params + 1, bits=32, roster_keys=roster_keys())
-                train_cfg["secagg.max_weight"] = float(max(recorder.partners.values()))
-                train_cfg["secagg.n_parties"] = len(node_names)
-                train_cfg["secagg.config"] = json.dumps(sa_request)
-            train_msgs = list(strategy.configure_train(rnd, arrays, train_cfg, grid))
+            train_msgs = list(strategy.configure_train(rnd, arrays, scaling_config(scaling, rnd), grid))
             replies = list(grid.send_and_receive(train_msgs, timeout=timeout))
             ok, failed = split_replies(replies, node_names, rnd)
             checked = []
             for m in ok:
                 name = node_names[m.metadata.src_node_id]
                 collect_lines(m, name, rnd)  # a release happened, whatever its update is worth
-                if spec.aggregation == "secagg":
-                    checked.append(m)  # the update arrives only masked, in the secagg stages
-                    continue
                 try:
                     _check_update(m, names, arrays)
                 except ProtocolError:
@@ -270,39 +371,25 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
                     f"round {rnd}: {len(ok)} partner(s) replied, at least {min_partners} needed",
                     codes=failed, problems=[f"{k}: code {v} ({_code_name(v)})" for k, v in failed.items()],
                 )
-            if spec.aggregation == "secagg":
-                ads = {node_names[m.metadata.src_node_id]: dict(m.content.config_records["secagg"]) for m in ok}
-                arrays, trained = secure_aggregate(grid, node_names, rnd, arrays, sa_state, ads)
-                ok = [m for m in ok if node_names[m.metadata.src_node_id] in trained]
-            else:
-                new_arrays, _ = strategy.aggregate_train(rnd, ok)
-                if new_arrays is None:
-                    raise ProtocolError(f"round {rnd}: aggregation produced no model")
-                arrays = new_arrays
+            new_arrays, _ = strategy.aggregate_train(rnd, ok)
+            if new_arrays is None:
+                raise ProtocolError(f"round {rnd}: aggregation produced no model")
+            arrays = new_arrays
             numpy_arrays = OrderedDict((k, arrays[k].numpy()) for k in names)
-            if not all(np.isfinite(v).all() for v in numpy_arrays.values()):
-                raise ProtocolError(f"round {rnd}: the aggregate is not finite")
-            if recorder.checkpoint_dir is not None:
+            if recorder.checkpoint_dir is not None and all(np.isfinite(v).all() for v in numpy_arrays.values()):
                 _write_checkpoint(recorder.checkpoint_dir, rnd, numpy_arrays)
-            pooled, per = None, {}
+            parts: dict[str, dict[str, Any]] = {}
             if rnd % spec.training.evaluate_every == 0 or rnd == spec.training.rounds:
                 eval_msgs = list(strategy.configure_evaluate(rnd, arrays, scaling_config(scaling, rnd), grid))
                 ereplies = list(grid.send_and_receive(eval_msgs, timeout=timeout))
                 eok, efailed = split_replies(ereplies, node_names, rnd)
                 failed.update({k: v for k, v in efailed.items() if k not in failed})
-                parts = {}
                 for m in eok:
                     name = node_names[m.metadata.src_node_id]
                     collect_lines(m, name, rnd)
                     mr = m.content.metric_records[RecordKey.METRICS]
                     parts[name] = {k: mr[k] for k in ("n", "correct", "loss_sum", "hist_pos", "hist_neg")}
-                per = {k: pooled_metrics([v]) for k, v in sorted(parts.items())}
-                pooled = pooled_metrics(list(parts.values())) if parts else None
-            record = RoundRecord(rnd, time.perf_counter() - t0, sorted(node_names[m.metadata.src_node_id] for m in ok), failed, pooled, per)
-            recorder.rounds.append(record)
-            recorder.final_arrays = numpy_arrays
-            if recorder.on_round:
-                recorder.on_round(record)
+            record_round(rnd, t0, sorted(node_names[m.metadata.src_node_id] for m in ok), failed, parts, numpy_arrays)
         # --- close: every chain head listed, signed, then countersigned by every node ----------
         last = len(recorder.rounds)
         close = ledger.close(last)

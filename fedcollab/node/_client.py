@@ -47,7 +47,6 @@ from fedcollab.protocols import DpPlan, MessageKind, RecordKey, Scaling, dp_stat
 from fedcollab.spec import Spec
 
 log = get_logger("node")
-SECAGG_VECTOR = "fedcollab.secagg.vector"
 SECAGG_STATE = "fedcollab.secagg.state"
 
 _DATA_CACHE: dict[tuple[str, str], PartnerData] = {}
@@ -325,8 +324,8 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str]) -
 
     def do_query(node: NodeRuntime, cfg: ConfigRecord, st: ConfigRecord, msg: Message, context: Context) -> RecordDict:
         kind = str(cfg.get("fedcollab.kind", ""))
-        if kind.startswith("secagg."):
-            return do_secagg(node, kind.removeprefix("secagg."), msg, context)
+        if kind == "secagg":
+            return piggyback(node, msg, cfg, context, RecordDict())
         if kind == MessageKind.CLOSE:
             return RecordDict({RecordKey.RELEASES: lines_record([node.countersign(str(cfg["close"]).encode(), coordinator_key)])})
         if kind != MessageKind.SETUP or "setup_done" in st:
@@ -366,12 +365,18 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str]) -
             vector = encode_for_secagg(spec, new=arrays, old=global_arrays, weight=float(node.data.n_train),
                                        max_weight=max_weight, n_parties=n_parties)
             keep_vector(node, context, vector, rnd)
-            # The update leaves only masked, in the secagg stages that follow; the round's ADVERTISE
-            # stage rides on this reply (fresh keys, checked against this node's spec first).
-            ad = secagg_stage(node, "advertise", json.loads(str(cfg["secagg.config"])), context)
-            return RecordDict({RecordKey.METRICS: MetricRecord(metrics), RecordKey.RELEASES: lines_record(lines), "secagg": ConfigRecord(ad)})
+            # The update leaves only masked: the round's MASKED_INPUT stage rides on this exchange.
+            return piggyback(node, msg, cfg, context, RecordDict({RecordKey.METRICS: MetricRecord(metrics), RecordKey.RELEASES: lines_record(lines)}))
         rec = ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
         return RecordDict({RecordKey.ARRAYS: rec, RecordKey.METRICS: MetricRecord(metrics), RecordKey.RELEASES: lines_record(lines)})
+
+    def secagg_shape(node: NodeRuntime, rnd: int) -> tuple[int, int]:
+        """(length, bits) this node expects for round ``rnd``: statistics at round 0, else the model update."""
+        d = len(node.data.feature_names)
+        if rnd == 0:
+            return 1 + 2 * d, 64
+        n_params = sum(v.size for v in model_arrays(build_model(spec.model, d, seed=spec.seed)).values())
+        return n_params + 1, 32
 
     def keep_vector(node: NodeRuntime, context: Context, vector: np.ndarray, rnd: int) -> None:
         # The encoded vector waits at the node (its folder, mode 0600) until the masked-input stage,
@@ -381,45 +386,46 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str]) -
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as fh:
             fh.write(vector.tobytes())
-        context.state[SECAGG_VECTOR] = ConfigRecord({"path": str(path), "round": rnd, "bits": int(vector.dtype.itemsize * 8)})
-        if SECAGG_STATE in context.state.config_records:
-            del context.state[SECAGG_STATE]
 
-    def secagg_stage(node: NodeRuntime, stage: str, request: dict[str, Any], context: Context) -> dict[str, Any]:
+    def secagg_stage(node: NodeRuntime, stage: str, rnd: int, request: dict[str, Any], context: Context) -> dict[str, Any]:
         from fedcollab.node._secagg import handle_stage
         from fedcollab.protocols import secagg
 
-        stored = context.state.config_records.get(SECAGG_VECTOR)
-        if stored is None:
-            raise ProtocolError("no encoded update to aggregate")
-        path = Path(str(stored["path"]))
-        vector = np.fromfile(path, dtype=np.uint64 if int(stored["bits"]) == 64 else np.uint32)
-        prev = context.state.config_records.get(SECAGG_STATE)
+        if spec.aggregation != "secagg":
+            raise _Coded(NodeErrorCode.POLICY_REFUSED)
+        length, bits = secagg_shape(node, rnd)
+        path = Path(homes[node.partner]) / "secagg" / f"{node.run_id}-{rnd}.bin"
+        vector = np.fromfile(path, dtype=np.uint64 if bits == 64 else np.uint32) if stage == "masked" and path.exists() else None
+        key = f"{SECAGG_STATE}.{rnd}"
+        prev = context.state.config_records.get(key)
         new_state, reply = handle_stage(
-            stage, request, vector=vector, round_=int(stored["round"]),
+            stage, request, vector=vector, length=length, bits=bits, round_=rnd,
             state_wire=dict(prev) if prev is not None else None, spec=spec, me=node.partner, run_id=node.run_id,
             identity=secagg.NodeIdentity(name=node.partner, signing_key=node.gate.ledger.key),
             roster_keys={k: v for k, v in roster.items() if k != "coordinator"}, min_partners=node.policy.min_partners_per_round,
         )
-        context.state[SECAGG_STATE] = ConfigRecord(new_state)
+        context.state[key] = ConfigRecord(new_state)
+        if stage == "masked":
+            path.unlink(missing_ok=True)  # the update has left, masked; it is not needed again
         if stage == "unmask":
-            # One round, one aggregate: the update and the protocol secrets are dropped.
-            del context.state[SECAGG_VECTOR]
-            del context.state[SECAGG_STATE]
-            path.unlink(missing_ok=True)
+            del context.state[key]  # one round, one aggregate: the protocol secrets are dropped
         return reply
 
-    def do_secagg(node: NodeRuntime, stage: str, msg: Message, context: Context) -> RecordDict:
-        if spec.aggregation != "secagg":
-            raise _Coded(NodeErrorCode.POLICY_REFUSED)
-        request = dict(msg.content.config_records.get("secagg", ConfigRecord()))
-        return RecordDict({"secagg": ConfigRecord(secagg_stage(node, stage, request, context))})
+    def piggyback(node: NodeRuntime, msg: Message, cfg: ConfigRecord, context: Context, content: RecordDict) -> RecordDict:
+        """Answer the secagg stages a message carries besides its main work ("secagg", then "secagg.next")."""
+        for slot in ("secagg", "secagg.next"):
+            stage = cfg.get(f"{slot}.stage")
+            if stage is None:
+                continue
+            request = dict(msg.content.config_records.get(slot, ConfigRecord()))
+            content[slot] = ConfigRecord(secagg_stage(node, str(stage), int(cfg[f"{slot}.round"]), request, context))
+        return content
 
     def do_evaluate(node: NodeRuntime, cfg: ConfigRecord, st: ConfigRecord, msg: Message, context: Context) -> RecordDict:
         res, lines = node.evaluate(arrays_of(msg), scaling=scaling_of(cfg), server_round=int(cfg.get("server-round", 0)))
         metrics = MetricRecord({"num-examples": res["n"], "n": res["n"], "correct": res["correct"], "loss_sum": res["loss_sum"],
                                 "hist_pos": res["hist_pos"], "hist_neg": res["hist_neg"]})
-        return RecordDict({RecordKey.METRICS: metrics, RecordKey.RELEASES: lines_record(lines)})
+        return piggyback(node, msg, cfg, context, RecordDict({RecordKey.METRICS: metrics, RecordKey.RELEASES: lines_record(lines)}))
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:

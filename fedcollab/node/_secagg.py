@@ -55,7 +55,9 @@ def handle_stage(
     kind: str,
     request: dict[str, Any],
     *,
-    vector: np.ndarray,
+    vector: np.ndarray | None,
+    length: int,
+    bits: int,
     round_: int,
     state_wire: dict[str, Any] | None,
     spec: Spec,
@@ -65,19 +67,26 @@ def handle_stage(
     roster_keys: dict[str, str],
     min_partners: int,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Answer one stage from the node's stored update and protocol state: (new state, reply)."""
+    """Answer one stage of round ``round_``: (new protocol state, reply).
+
+    ``length`` and ``bits`` are what this node expects the round's vector to be (checked at
+    ADVERTISE, before the vector exists); ``vector`` is needed only for MASKED_INPUT.
+    """
     if kind == "advertise":
         cfg = secagg.SecAggConfig.from_wire(request)
-        check_config(spec, cfg, me=me, run_id=run_id, round_=round_, length=vector.size, min_partners=min_partners,
-                     bits=64 if vector.dtype == np.uint64 else 32)
+        check_config(spec, cfg, me=me, run_id=run_id, round_=round_, length=length, min_partners=min_partners, bits=bits)
         state, ad = secagg.node_advertise(cfg, identity)
         return state.to_wire(), ad.to_wire()
     if state_wire is None:
         raise ProtocolError("secagg stage out of order")
     state = secagg.NodeState.from_wire(state_wire)
+    if state.cfg.round != round_:
+        raise ProtocolError("secagg request for another round")
     if kind == "share":
         state, out = secagg.node_share(state, secagg.advertisements_from_wire(request), roster_keys)
     elif kind == "masked":
+        if vector is None or vector.size != length:
+            raise ProtocolError("no encoded update of the round's length to mask")
         state, out = secagg.node_masked_input(state, secagg.SharesForNode.from_wire(request), vector)
     elif kind == "unmask":
         state, out = secagg.node_unmask(state, secagg.UnmaskRequest.from_wire(request))
