@@ -25,10 +25,16 @@ Send = Callable[[str, dict[str, dict[str, Any]]], dict[str, dict[str, Any]]]
 def start_round(spec: Spec, *, run_id: str, round_: int, participants: list[str], length: int, bits: int,
                 roster_keys: dict[str, str]) -> tuple[Any, dict[str, Any]]:
     """Open a round: the coordinator's state and the ADVERTISE request (the public config) for every participant."""
-    n = len(spec.partners)
+    t = spec.secagg.resolved_threshold(len(spec.partners))
+    # The threshold never changes; with fewer participants (earlier dropouts) the graph's degree
+    # shrinks, and so do the dropouts the round can still absorb (t > degree / 2 still holds).
+    degree = min(spec.secagg.neighbours, len(participants) - 1)
+    tolerated = min(spec.secagg.max_dropouts, degree - t)
+    if tolerated < 0:
+        raise ProtocolError(f"round {round_}: {len(participants)} participants cannot meet the threshold t = {t}; the run stops")
     cfg = secagg.SecAggConfig(
         run_id=run_id, round=round_, participants=tuple(sorted(participants)), k=spec.secagg.neighbours,
-        threshold=spec.secagg.resolved_threshold(n), max_dropouts=spec.secagg.max_dropouts, bits=bits, length=length,
+        threshold=t, max_dropouts=tolerated, bits=bits, length=length,
     )
     return secagg.coord_start(cfg, {k: roster_keys[k] for k in participants})
 

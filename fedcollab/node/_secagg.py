@@ -41,7 +41,8 @@ def check_config(spec: Spec, cfg: secagg.SecAggConfig, *, me: str, run_id: str, 
         problems.append("run or round")
     if me not in cfg.participants or not set(cfg.participants) <= {p.name for p in spec.partners}:
         problems.append("participants")
-    if cfg.k != spec.secagg.neighbours or cfg.threshold != spec.secagg.resolved_threshold(n) or cfg.max_dropouts != spec.secagg.max_dropouts:
+    # The threshold is the spec's, never lower; fewer tolerated dropouts only make a round abort sooner.
+    if cfg.k != spec.secagg.neighbours or cfg.threshold != spec.secagg.resolved_threshold(n) or cfg.max_dropouts > spec.secagg.max_dropouts:
         problems.append("graph or threshold")
     if cfg.bits != bits or cfg.length != length:
         problems.append("encoding")

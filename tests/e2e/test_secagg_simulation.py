@@ -51,3 +51,64 @@ def test_statistics_summed_under_secagg(pair):
     plain, sec = pair
     for key in ("mean", "std"):
         np.testing.assert_allclose(sec.summary.scaling_parameters[key], plain.summary.scaling_parameters[key], rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def dropout_run(tmp_path_factory):
+    """DP + secagg, 3 rounds, where Switzerland's own budget runs out after round 1: a real dropout."""
+    import fedcollab
+    from fedcollab.node import init_node_home
+    from fedcollab.privacy.accounting import compute_epsilon
+    from fedcollab.protocols import plan_dp
+    from fedcollab.runner._run import simulated_policy
+    from fedcollab.spec import load_spec
+    from tests.conftest import ROOT
+
+    base = load_spec(ROOT / "protocols" / "heart-disease-secagg.toml")
+    dp = load_spec(ROOT / "protocols" / "heart-disease-dp.toml")
+    spec = base.model_copy(update={
+        "training": base.training.model_copy(update={"rounds": 3, "min_partners": 3}),
+        "privacy": dp.privacy,
+        "preprocessing": dp.preprocessing,
+    }).with_base_dir(base.base_dir)
+    spec = type(spec).model_validate(spec.model_dump(by_alias=True)).with_base_dir(base.base_dir)
+    plan = plan_dp(spec, n_train=30, n_features=13)
+    eps = [compute_epsilon(plan.mechanisms(steps=s), delta=plan.delta, accountant=plan.accountant).epsilon for s in (1, 2)]
+    nodes = tmp_path_factory.mktemp("nodes")
+    for p in spec.partners:
+        policy = simulated_policy(spec, p.name)
+        if p.name == "switzerland":
+            budget = policy.budgets[0].model_copy(update={"epsilon": (eps[0] + eps[1]) / 2})
+            policy = policy.model_copy(update={"budgets": [budget]})
+        init_node_home(nodes / p.name, partner=p.name, policy=policy)
+    return fedcollab.run(spec, out=tmp_path_factory.mktemp("dropout"), nodes=nodes), eps
+
+
+def test_dropout_at_masked_input_survives(dropout_run):
+    """Switzerland refuses round 2 (its budget): the round completes with the other three, and so does round 3."""
+    from fedcollab.core import NodeErrorCode
+
+    result, eps = dropout_run
+    assert [r.round for r in result.rounds] == [1, 2, 3]
+    assert result.rounds[0].partners_trained == ["cleveland", "hungary", "switzerland", "va-long-beach"]
+    assert result.rounds[1].partners_trained == ["cleveland", "hungary", "va-long-beach"]
+    assert result.rounds[2].partners_trained == ["cleveland", "hungary", "va-long-beach"]
+    assert int(NodeErrorCode.BUDGET_EXHAUSTED) in result.summary.failures["switzerland"]
+    assert all(np.isfinite(v).all() for v in result.model.values())
+    assert result.summary.metrics.pooled_test.accuracy > 0.6
+    (g,) = result.summary.privacy.guarantees
+    assert g.partners["switzerland"].steps == 1 and g.partners["switzerland"].epsilon == pytest.approx(eps[0], rel=1e-9)
+
+
+def test_dropout_run_ledger_verifies_with_the_refusal(dropout_run):
+    import json
+
+    from fedcollab.audit import verify_ledger
+    from fedcollab.core import ExitCode
+    from fedcollab.spec import load_roster
+
+    result, _ = dropout_run
+    rep = verify_ledger(result.out_dir / "ledger.jsonl", load_roster(result.out_dir / "roster.json"))
+    assert rep.exit_code == ExitCode.OK, [f.to_dict() for f in rep.findings][:3]
+    entries = [json.loads(x) for x in (result.out_dir / "ledger.jsonl").read_text().splitlines()]
+    assert any(e["kind"] == "refusal" and e["party"] == "switzerland" for e in entries)

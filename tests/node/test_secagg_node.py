@@ -35,9 +35,14 @@ class TestConfigCheck:
             check_config(spec, _cfg(spec, **change), me="hungary", run_id="r", round_=3, length=15, min_partners=2)
 
     def test_threshold_cannot_be_lowered(self, spec):
-        """A coordinator asking for a weaker threshold is refused (t = 2 here, a higher max_dropouts lowers it)."""
+        """A coordinator asking for another graph or more tolerated dropouts is refused."""
         with pytest.raises(ProtocolError, match="graph or threshold"):
             check_config(spec, _cfg(spec, threshold=2, max_dropouts=0, k=4), me="hungary", run_id="r", round_=3, length=15, min_partners=2)
+
+    def test_after_a_dropout_fewer_tolerated_dropouts_are_accepted(self, spec):
+        """Three participants left: same t = 2, no further dropout tolerated; the node accepts that."""
+        cfg = _cfg(spec, participants=("cleveland", "hungary", "va-long-beach"), max_dropouts=0)
+        check_config(spec, cfg, me="hungary", run_id="r", round_=3, length=15, min_partners=2)
 
     def test_unknown_participant(self, spec):
         with pytest.raises(ProtocolError, match="participants"):
