@@ -67,7 +67,7 @@ def run_flower(rounds: int | None = None) -> dict[str, Any]:
     """The same training as a bare Flower Message-API app; returns timings and final metrics."""
     import numpy as np
     import torch
-    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid, ServerApp
     from flwr.serverapp.strategy import FedAvg
