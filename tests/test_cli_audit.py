@@ -117,7 +117,7 @@ class TestProbe:
 
     def test_no_noise_fails(self):
         r = runner.invoke(app, ["audit", "probe", "--seed", "0", "--samples", "5000", "--no-noise", "--format", "table"])
-        assert r.exit_code == 0, r.output
+        assert r.exit_code == 24, r.output  # ExitCode.PROBE_FAILED
         assert "FAIL" in r.stdout
 
     def test_bad_delta(self):

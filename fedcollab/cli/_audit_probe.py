@@ -17,7 +17,7 @@ from rich.table import Table
 
 from fedcollab.cli._app import _fail, _setup_logging
 from fedcollab.cli._audit import audit_app
-from fedcollab.core import ConfigError, FedcollabError, PrivacyError
+from fedcollab.core import ConfigError, ExitCode, FedcollabError, PrivacyError
 
 _DEFAULT_SAMPLES = {"gaussian": 100_000, "dpsgd": 10_000}
 
@@ -115,3 +115,5 @@ def probe(
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:
         _print_table(report)
+    if report["verdict"] == "FAIL":
+        raise typer.Exit(int(ExitCode.PROBE_FAILED))

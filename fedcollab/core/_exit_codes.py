@@ -24,6 +24,7 @@ class ExitCode(IntEnum):
     CLAIM_MISMATCH = 21
     LEDGER_BUDGET_EXCEEDED = 22
     LEDGER_UNREADABLE = 23
+    PROBE_FAILED = 24
 
 
 EXIT_CODE_HELP: dict[ExitCode, str] = {
@@ -43,4 +44,5 @@ EXIT_CODE_HELP: dict[ExitCode, str] = {
     ExitCode.CLAIM_MISMATCH: "audit verify: a party's claimed epsilon differs from the one recomputed from its events.",
     ExitCode.LEDGER_BUDGET_EXCEEDED: "audit verify: a party's spend exceeds the budget recorded in its entries.",
     ExitCode.LEDGER_UNREADABLE: "audit verify: the ledger or roster cannot be read (missing file, not JSON Lines).",
+    ExitCode.PROBE_FAILED: "audit probe: the measured lower bound on epsilon exceeds the claim (the noise is not what is claimed).",
 }
