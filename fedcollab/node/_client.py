@@ -154,7 +154,8 @@ class NodeRuntime:
         """Row counts, the statistics release (if any) and the DP plan."""
         d = self.data
         self.check_policy()
-        self.policy.warn_delta(self.dataset, d.n_train) if self.dp else None
+        if self.dp:
+            self.policy.warn_delta(self.dataset, d.n_train)
         counts = {"n_train": d.n_train, "n_test": d.n_test}
         releases = [
             self._release(json.dumps(counts).encode(), kind="row_counts", about="train+test", unit="record", observer="coordinator", round=0,
