@@ -6,10 +6,23 @@
 * summary: the published ``summary.json`` format
 * secagg: SecAgg+ secure aggregation as pure stage functions (``from fedcollab.protocols import secagg``)
 * quantize: fixed-point encoding modulo 2^32 / 2^64 for secure aggregation, weights packed in
+* ddg: the distributed discrete Gaussian (noise shares under secure aggregation), zCDP, wrap-around
 * wire: message kinds and record keys
 """
 
 from fedcollab.protocols import _secagg as secagg
+from fedcollab.protocols._ddg import (
+    check_honest_minimum,
+    check_wraparound,
+    ddg_decode,
+    ddg_encode,
+    ddg_generator,
+    ddg_norm_bound,
+    ddg_tau,
+    ddg_zcdp,
+    sample_discrete_gaussian,
+    wraparound_probability,
+)
 from fedcollab.protocols._dpsgd import DpPlan, plan_dp
 from fedcollab.protocols._evaluation import HIST_BINS, PooledMetrics, pooled_metrics, score_histograms
 from fedcollab.protocols._quantize import (
@@ -44,8 +57,16 @@ __all__ = [
     "Scaling",
     "Summary",
     "check_headroom",
+    "check_honest_minimum",
+    "check_wraparound",
     "clip_vector",
     "combine_statistics",
+    "ddg_decode",
+    "ddg_encode",
+    "ddg_generator",
+    "ddg_norm_bound",
+    "ddg_tau",
+    "ddg_zcdp",
     "decode_statistics",
     "decode_update",
     "dequantize",
@@ -56,9 +77,11 @@ __all__ = [
     "plan_dp",
     "pooled_metrics",
     "quantize",
+    "sample_discrete_gaussian",
     "scaling_from_bounds",
     "score_histograms",
     "secagg",
     "statistics_sensitivity",
     "unpack",
+    "wraparound_probability",
 ]
