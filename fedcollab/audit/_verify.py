@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +26,12 @@ from fedcollab.privacy.accounting import (
     LedgerLine,
     Release,
     accountant_version,
-    compute_epsilon,
     counts_toward_budget,
     key_fingerprint,
-    merge_mechanisms,
     parse_lines,
     verify_signature,
 )
+from fedcollab.privacy.accounting._ledger import spent
 from fedcollab.spec import Roster
 
 CLAIM_RTOL = 1e-9
@@ -102,17 +100,6 @@ class Report:
             "spend": [s.to_dict() for s in self.spends],
             "accountant_version": accountant_version(),
         }
-
-
-@lru_cache(maxsize=4096)
-def _epsilon_cached(mechanisms: tuple[Any, ...], delta: float, accountant: str) -> float:
-    return compute_epsilon(merge_mechanisms(mechanisms), delta=delta, accountant=accountant).epsilon  # type: ignore[arg-type]
-
-
-def spent(releases: list[Release], *, delta: float, accountant: str) -> float:
-    """Epsilon of the counted releases (cached: an audit recomputes the same prefixes often)."""
-    mechs = tuple(r.mechanism for r in releases if counts_toward_budget(r))
-    return _epsilon_cached(mechs, delta, accountant) if mechs else 0.0
 
 
 def _enc(x: float) -> float | None:

@@ -186,7 +186,7 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
             log.warning("statistics from %d of %d partners (dropouts)", len(survivors), len(node_names))
         return decode_statistics(total, n_features=n_features)
 
-    def secagg_rounds(grid: Grid, node_names: dict[int, str], arrays: Any, scaling: Scaling, evaluate: Any) -> None:
+    def secagg_rounds(grid: Grid, node_names: dict[int, str], arrays: Any, scaling: Scaling) -> None:
         """Rounds under SecAgg+, pipelined: three exchanges a round, keys fresh every round.
 
         Round r: train + MASKED_INPUT (with the shares routed for r), UNMASK + ADVERTISE(r + 1),
@@ -279,7 +279,7 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
                     for p, m in got.items():
                         mr = m.content.metric_records[RecordKey.METRICS]
                         parts[p] = {k: mr[k] for k in ("n", "correct", "loss_sum", "hist_pos", "hist_neg")}
-            evaluate(rnd, t0, trained, failed, parts, numpy_arrays)
+            record_round(rnd, t0, trained, failed, parts, numpy_arrays)
 
     def record_round(rnd: int, t0: float, trained: list[str], failed: dict[str, int], parts: dict[str, dict[str, Any]],
                      numpy_arrays: OrderedDict[str, np.ndarray]) -> None:
@@ -292,6 +292,52 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
         recorder.final_arrays = numpy_arrays
         if recorder.on_round:
             recorder.on_round(record)
+
+    def plain_rounds(grid: Grid, node_names: dict[int, str], arrays: Any, scaling: Scaling, strategy: Any) -> None:
+        """Rounds with plain aggregation: train (the strategy aggregates the updates), then evaluate."""
+        names = list(arrays.keys())
+        for rnd in range(1, spec.training.rounds + 1):
+            t0 = time.perf_counter()
+            train_msgs = list(strategy.configure_train(rnd, arrays, scaling_config(scaling, rnd), grid))
+            replies = list(grid.send_and_receive(train_msgs, timeout=timeout))
+            ok, failed = split_replies(replies, node_names, rnd)
+            checked = []
+            for m in ok:
+                name = node_names[m.metadata.src_node_id]
+                collect_lines(m, name, rnd)  # a release happened, whatever its update is worth
+                try:
+                    _check_update(m, names, arrays)
+                except ProtocolError:
+                    failed[name] = int(NodeErrorCode.BAD_MODEL_UPDATE)
+                    recorder.failures.setdefault(name, []).append(failed[name])
+                    log.warning("partner %s sent a malformed update; it is left out of round %d", name, rnd)
+                    continue
+                checked.append(m)
+            ok = checked
+            if len(ok) < min_partners:
+                raise NodeError(
+                    f"round {rnd}: {len(ok)} partner(s) replied, at least {min_partners} needed",
+                    codes=failed, problems=[f"{k}: code {v} ({_code_name(v)})" for k, v in failed.items()],
+                )
+            new_arrays, _ = strategy.aggregate_train(rnd, ok)
+            if new_arrays is None:
+                raise ProtocolError(f"round {rnd}: aggregation produced no model")
+            arrays = new_arrays
+            numpy_arrays = OrderedDict((k, arrays[k].numpy()) for k in names)
+            if recorder.checkpoint_dir is not None and all(np.isfinite(v).all() for v in numpy_arrays.values()):
+                _write_checkpoint(recorder.checkpoint_dir, rnd, numpy_arrays)
+            parts: dict[str, dict[str, Any]] = {}
+            if rnd % spec.training.evaluate_every == 0 or rnd == spec.training.rounds:
+                eval_msgs = list(strategy.configure_evaluate(rnd, arrays, scaling_config(scaling, rnd), grid))
+                ereplies = list(grid.send_and_receive(eval_msgs, timeout=timeout))
+                eok, efailed = split_replies(ereplies, node_names, rnd)
+                failed.update({k: v for k, v in efailed.items() if k not in failed})
+                for m in eok:
+                    name = node_names[m.metadata.src_node_id]
+                    collect_lines(m, name, rnd)
+                    mr = m.content.metric_records[RecordKey.METRICS]
+                    parts[name] = {k: mr[k] for k in ("n", "correct", "loss_sum", "hist_pos", "hist_neg")}
+            record_round(rnd, t0, sorted(node_names[m.metadata.src_node_id] for m in ok), failed, parts, numpy_arrays)
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
@@ -344,52 +390,11 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
         # --- rounds ---------------------------------------------------------------------------
         strategy = _strategy(spec, n_partners)
         model = build_model(spec.model, n_features, seed=spec.seed)
-        names = list(model_arrays(model).keys())
         arrays = ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in model_arrays(model).items()})
         if spec.aggregation == "secagg":
-            secagg_rounds(grid, node_names, arrays, scaling, record_round)
-        for rnd in range(1, spec.training.rounds + 1) if spec.aggregation == "plain" else ():
-            t0 = time.perf_counter()
-            train_msgs = list(strategy.configure_train(rnd, arrays, scaling_config(scaling, rnd), grid))
-            replies = list(grid.send_and_receive(train_msgs, timeout=timeout))
-            ok, failed = split_replies(replies, node_names, rnd)
-            checked = []
-            for m in ok:
-                name = node_names[m.metadata.src_node_id]
-                collect_lines(m, name, rnd)  # a release happened, whatever its update is worth
-                try:
-                    _check_update(m, names, arrays)
-                except ProtocolError:
-                    failed[name] = int(NodeErrorCode.BAD_MODEL_UPDATE)
-                    recorder.failures.setdefault(name, []).append(failed[name])
-                    log.warning("partner %s sent a malformed update; it is left out of round %d", name, rnd)
-                    continue
-                checked.append(m)
-            ok = checked
-            if len(ok) < min_partners:
-                raise NodeError(
-                    f"round {rnd}: {len(ok)} partner(s) replied, at least {min_partners} needed",
-                    codes=failed, problems=[f"{k}: code {v} ({_code_name(v)})" for k, v in failed.items()],
-                )
-            new_arrays, _ = strategy.aggregate_train(rnd, ok)
-            if new_arrays is None:
-                raise ProtocolError(f"round {rnd}: aggregation produced no model")
-            arrays = new_arrays
-            numpy_arrays = OrderedDict((k, arrays[k].numpy()) for k in names)
-            if recorder.checkpoint_dir is not None and all(np.isfinite(v).all() for v in numpy_arrays.values()):
-                _write_checkpoint(recorder.checkpoint_dir, rnd, numpy_arrays)
-            parts: dict[str, dict[str, Any]] = {}
-            if rnd % spec.training.evaluate_every == 0 or rnd == spec.training.rounds:
-                eval_msgs = list(strategy.configure_evaluate(rnd, arrays, scaling_config(scaling, rnd), grid))
-                ereplies = list(grid.send_and_receive(eval_msgs, timeout=timeout))
-                eok, efailed = split_replies(ereplies, node_names, rnd)
-                failed.update({k: v for k, v in efailed.items() if k not in failed})
-                for m in eok:
-                    name = node_names[m.metadata.src_node_id]
-                    collect_lines(m, name, rnd)
-                    mr = m.content.metric_records[RecordKey.METRICS]
-                    parts[name] = {k: mr[k] for k in ("n", "correct", "loss_sum", "hist_pos", "hist_neg")}
-            record_round(rnd, t0, sorted(node_names[m.metadata.src_node_id] for m in ok), failed, parts, numpy_arrays)
+            secagg_rounds(grid, node_names, arrays, scaling)
+        else:
+            plain_rounds(grid, node_names, arrays, scaling, strategy)
         # --- close: every chain head listed, signed, then countersigned by every node ----------
         last = len(recorder.rounds)
         close = ledger.close(last)

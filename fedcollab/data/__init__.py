@@ -7,7 +7,7 @@ from fedcollab.data._encode import FeatureEncoder, feature_bounds
 from fedcollab.data._prepare import PartnerData, load_partner_data, prepare_frame
 from fedcollab.data._source import EMBEDDED_PREFIX, embedded_path, read_source
 from fedcollab.data._split import split_indices
-from fedcollab.data._stats import exact_statistics, normalise_bounded
+from fedcollab.data._stats import exact_statistics
 from fedcollab.data._validate import validate_frame
 
 __all__ = [
@@ -18,7 +18,6 @@ __all__ = [
     "exact_statistics",
     "feature_bounds",
     "load_partner_data",
-    "normalise_bounded",
     "prepare_frame",
     "read_source",
     "split_indices",
