@@ -20,31 +20,20 @@ Run:  .venv/bin/python benchmarks/overhead.py [--repeats 2]
 
 from __future__ import annotations
 
-import os
-
-# Flower must run offline and quietly (set before flwr is imported anywhere; inherited by Ray).
-for _k, _v in {
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-}.items():
-    os.environ[_k] = _v
-
 import argparse
 import json
 import logging
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import _bench  # sets Flower's offline environment before flwr is imported (benchmarks/ is sys.path[0])
+
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "protocols" / "heart-disease.toml"
 GOAL_RATIO = 1.2
-CHILD_TIMEOUT_S = 600
 
 
 def _heavy_imports() -> None:
@@ -70,7 +59,6 @@ def run_flower(rounds: int | None = None) -> dict[str, Any]:
     from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid, ServerApp
-    from flwr.serverapp.strategy import FedAvg
     from flwr.simulation import run_simulation
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
@@ -156,20 +144,7 @@ def run_flower(rounds: int | None = None) -> dict[str, Any]:
     server = ServerApp()
     box: dict[str, Any] = {}
 
-    class TimedFedAvg(FedAvg):
-        """FedAvg, timing each round as fedcollab does: from configure_train to the evaluate aggregate."""
-
-        round_start: dict[int, float] = {}
-        round_seconds: dict[int, float] = {}
-
-        def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
-            self.round_start[server_round] = time.perf_counter()
-            return super().configure_train(server_round, arrays, config, grid)
-
-        def aggregate_evaluate(self, server_round, replies):  # type: ignore[no-untyped-def]
-            out = super().aggregate_evaluate(server_round, replies)
-            self.round_seconds[server_round] = time.perf_counter() - self.round_start[server_round]
-            return out
+    TimedFedAvg = _bench.timed_fedavg()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
@@ -226,11 +201,7 @@ SIDES = {"flower": run_flower, "fedcollab": run_fedcollab}
 
 def child(side: str, rounds: int | None) -> int:
     _heavy_imports()
-    res = SIDES[side](rounds)
-    sys.stdout.flush()
-    sys.stdout.write("\n" + json.dumps(res) + "\n")
-    sys.stdout.flush()
-    return 0
+    return _bench.emit_child_result(SIDES[side](rounds))
 
 
 def measure(side: str, rounds: int | None, in_process: bool) -> dict[str, Any]:
@@ -239,15 +210,7 @@ def measure(side: str, rounds: int | None, in_process: bool) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", side]
     if rounds is not None:
         cmd += ["--rounds", str(rounds)]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, cwd=ROOT)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise RuntimeError(f"the {side} child failed with exit code {proc.returncode}")
-    res = json.loads(lines[-1])
-    res["process_seconds"] = time.perf_counter() - t0
-    return res
+    return _bench.run_child(cmd, label=side)
 
 
 def main(argv: list[str] | None = None) -> int:

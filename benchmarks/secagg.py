@@ -38,24 +38,11 @@ Run:  .venv/bin/python benchmarks/secagg.py [--rounds 6] [--quick]
 
 from __future__ import annotations
 
-import os
-
-# Flower must run offline and quietly (set before flwr is imported anywhere; inherited by Ray).
-for _k, _v in {
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_DEDUP_LOGS": "0",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-}.items():
-    os.environ[_k] = _v
-
 import argparse
+import os
 import json
 import logging
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -63,7 +50,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+import _bench  # sets Flower's offline environment before flwr is imported (benchmarks/ is sys.path[0])
+
 N_NODES = 5
 ROWS_PER_NODE = 200
 N_FEATURES = 13
@@ -73,7 +61,6 @@ SIZES = {"2k": 133, "600k": 40_000}
 SIDES = ("fedcollab-plain", "fedcollab-secagg", "flower-plain", "legacy-plain", "legacy-secagg")
 GOAL_ROUND_RATIO = 1.3
 GOAL_BYTES_RATIO = 1.1
-CHILD_TIMEOUT_S = 600
 
 
 # --- data and spec --------------------------------------------------------------------------
@@ -289,7 +276,6 @@ def run_flower(data_dir: Path, hidden: int, rounds: int) -> dict[str, Any]:
     from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid, ServerApp
-    from flwr.serverapp.strategy import FedAvg
     from flwr.simulation import run_simulation
 
     from fedcollab.models import build_model, model_arrays
@@ -318,18 +304,7 @@ def run_flower(data_dir: Path, hidden: int, rounds: int) -> dict[str, Any]:
     server = ServerApp()
     box: dict[str, Any] = {}
 
-    class TimedFedAvg(FedAvg):
-        round_start: dict[int, float] = {}
-        round_seconds: dict[int, float] = {}
-
-        def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
-            self.round_start[server_round] = time.perf_counter()
-            return super().configure_train(server_round, arrays, config, grid)
-
-        def aggregate_evaluate(self, server_round, replies):  # type: ignore[no-untyped-def]
-            out = super().aggregate_evaluate(server_round, replies)
-            self.round_seconds[server_round] = time.perf_counter() - self.round_start[server_round]
-            return out
+    TimedFedAvg = _bench.timed_fedavg()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
@@ -472,25 +447,13 @@ def _heavy_imports() -> None:
 
 def child(side: str, data_dir: Path, hidden: int, rounds: int) -> int:
     _heavy_imports()
-    res = run_side(side, data_dir, hidden, rounds)
-    sys.stdout.flush()
-    sys.stdout.write("\n" + json.dumps(res) + "\n")
-    sys.stdout.flush()
-    return 0
+    return _bench.emit_child_result(run_side(side, data_dir, hidden, rounds))
 
 
 def measure(side: str, data_dir: Path, hidden: int, rounds: int) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--data", str(data_dir), "--hidden", str(hidden),
            "--rounds", str(rounds)]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, cwd=ROOT)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-2000:] + proc.stderr[-4000:])
-        raise RuntimeError(f"the {side} child (H = {hidden}) failed with exit code {proc.returncode}")
-    res = json.loads(lines[-1])
-    res["process_seconds"] = time.perf_counter() - t0
-    return res
+    return _bench.run_child(cmd, label=f"{side} (H = {hidden})")
 
 
 # --- summary ----------------------------------------------------------------------------------

@@ -19,17 +19,6 @@ Run:  .venv/bin/python benchmarks/utility.py [--seeds 3] [--rounds R]
 
 from __future__ import annotations
 
-import os
-
-# Flower must run offline and quietly (set before flwr is imported anywhere).
-for _k, _v in {
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-}.items():
-    os.environ.setdefault(_k, _v)
-
 import argparse
 import json
 import logging
@@ -41,6 +30,8 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import _bench  # noqa: F401  (sets Flower's offline environment before flwr is imported; benchmarks/ is sys.path[0])
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
