@@ -371,13 +371,17 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str]) -
         rec = ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
         return RecordDict({RecordKey.ARRAYS: rec, RecordKey.METRICS: MetricRecord(metrics), RecordKey.RELEASES: lines_record(lines)})
 
+    n_params: dict[int, int] = {}  # encoded features -> model parameters (fixed by the spec)
+
     def secagg_shape(node: NodeRuntime, rnd: int) -> tuple[int, int]:
         """(length, bits) this node expects for round ``rnd``: statistics at round 0, else the model update."""
         d = len(node.data.feature_names)
         if rnd == 0:
             return 1 + 2 * d, 64
-        n_params = sum(v.size for v in model_arrays(build_model(spec.model, d, seed=spec.seed)).values())
-        return n_params + 1, 32
+        if d not in n_params:
+            # Built once per process, not for every stage message.
+            n_params[d] = sum(v.size for v in model_arrays(build_model(spec.model, d, seed=spec.seed)).values())
+        return n_params[d] + 1, 32
 
     def keep_vector(node: NodeRuntime, context: Context, vector: np.ndarray, rnd: int) -> None:
         # The encoded vector waits at the node (its folder, mode 0600) until the masked-input stage,
