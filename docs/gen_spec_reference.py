@@ -30,8 +30,10 @@ from fedcollab.spec import (
     ModelSpec,
     PartnerSpec,
     PreprocessingSpec,
+    PartnerPrivacySpec,
     PrivacySpec,
     SchemaSpec,
+    SecAggSpec,
     SourceSpec,
     Spec,
     SplitSpec,
@@ -52,6 +54,8 @@ MODELS: list[type[BaseModel]] = [
     ModelSpec,
     TrainingSpec,
     PrivacySpec,
+    PartnerPrivacySpec,
+    SecAggSpec,
     PreprocessingSpec,
 ]
 
@@ -61,9 +65,11 @@ RULES: dict[str, list[str]] = {
         "Partner names are unique.",
         "Every key of `partners[].source.where` is a declared column; for a category column its value is one of the `levels`.",
         "`partners[].split.column` is a declared column.",
-        "`preprocessing.scaling = \"dp_statistics\"` needs `privacy.mode = \"record\"` and `privacy.preprocessing_epsilon_share` in (0, 1).",
+        "`preprocessing.scaling = \"dp_statistics\"` needs record-level DP-SGD (`privacy.mode = \"record\"`, or `record_level = true`) and `privacy.preprocessing_epsilon_share` in (0, 1).",
         "`privacy.preprocessing_epsilon_share` > 0 is only allowed with `preprocessing.scaling = \"dp_statistics\"`.",
-        "`preprocessing.scaling = \"federated_statistics\"` (exact statistics) is refused when `privacy.mode = \"record\"`.",
+        "`preprocessing.scaling = \"federated_statistics\"` (exact statistics) is refused with any `privacy.mode` but `\"none\"`.",
+        "`privacy.mode = \"distributed\"` needs `aggregation = \"secagg\"` with the complete graph (`secagg.neighbours` >= partners - 1), and `t_min - colluders` >= 1.",
+        "Partner-level DP (`distributed` or `central`) needs strategy `fedavg` or `fedprox`.",
         "`training.min_partners` is at most the number of partners.",
     ],
     "SplitSpec": ["Give exactly one of `test_fraction` or `column`."],
@@ -82,9 +88,12 @@ RULES: dict[str, list[str]] = {
         "`kind = \"mlp\"` needs `hidden`; `hidden` is only for `mlp`.",
         "`kind = \"custom\"` needs `target` of the form `package.module:ClassName`; `target` and `options` are only for `custom`.",
     ],
-    "PrivacySpec": ["`mode = \"record\"` needs `target_epsilon` and `delta`; both are refused with `mode = \"none\"`."],
+    "PrivacySpec": [
+        "Record-level DP-SGD (`mode = \"record\"`, or `record_level = true` with `distributed`/`central`) needs `target_epsilon` and `delta`; both are refused otherwise.",
+        "`mode = \"distributed\"` or `\"central\"` needs a `[privacy.partner]` table; the table is refused with other modes.",
+    ],
     "PreprocessingSpec": [
-        "`auto` resolves to `federated_statistics` when `privacy.mode = \"none\"` and to `public_bounds` when `privacy.mode = \"record\"`.",
+        "`auto` resolves to `federated_statistics` when `privacy.mode = \"none\"` and to `public_bounds` with any DP mode.",
     ],
 }
 

@@ -42,7 +42,7 @@ from fedcollab.privacy.accounting._ledger import spent
 from fedcollab.spec import Roster
 
 #: Entry kinds this report knows; any other kind is listed as it is.
-KNOWN_KINDS = ("release", "refusal", "receipt", "close", "countersign", "key_custody")
+KNOWN_KINDS = ("release", "refusal", "receipt", "close", "countersign", "key_custody", "aggregate")
 PLOT_NAME = "epsilon.png"
 HTML_NAME = "report.html"
 MD_NAME = "report.md"

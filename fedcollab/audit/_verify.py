@@ -35,7 +35,7 @@ from fedcollab.privacy.accounting._ledger import spent
 from fedcollab.spec import Roster
 
 CLAIM_RTOL = 1e-9
-KNOWN_KINDS = {"release", "refusal", "receipt", "close", "countersign", "key_custody"}
+KNOWN_KINDS = {"release", "refusal", "receipt", "close", "countersign", "key_custody", "aggregate"}
 COORDINATOR_ROLE = "coordinator"
 
 

@@ -150,7 +150,7 @@ def spec_validate(
     if fmt == "json":
         sys.stdout.write(json.dumps({"valid": True, "name": s.name, "partners": [p.name for p in s.partners]}) + "\n")
     else:
-        Console().print(f"[green]valid[/]: {s.name}, {len(s.partners)} partners, privacy {s.privacy.mode}, scaling {s.resolved_scaling}")
+        Console().print(f"[green]valid[/]: {s.name}, {len(s.partners)} partners, privacy {s.privacy.mode}{' + record-level DP-SGD' if s.privacy.record_level else ''}, scaling {s.resolved_scaling}")
 
 
 @spec_app.command("schema")

@@ -28,6 +28,7 @@ _NOTES = {
     "test_metrics": "counts, loss and score histograms on the partner's test split",
     "model_update": "model update trained without differential privacy",
 }
+_PARTNER_KINDS = {"distributed": ("coordinator", "ddg_update", "ddg"), "central": ("model_recipients", "central_dp_update", "gaussian")}
 
 
 def privacy_section(spec: Spec, releases: Sequence[Release], n_train: dict[str, int]) -> Privacy:
@@ -44,7 +45,7 @@ def privacy_section(spec: Spec, releases: Sequence[Release], n_train: dict[str, 
             if isinstance(r.mechanism, PoissonSubsampledGaussian):
                 details[r.party].update(r.details)
     guarantees: list[Guarantee] = []
-    if spec.privacy.mode == "record":
+    if spec.privacy.record_dp:
         assert spec.privacy.delta is not None
         partners = {}
         for name in n_train:
@@ -76,8 +77,36 @@ def privacy_section(spec: Spec, releases: Sequence[Release], n_train: dict[str, 
                 partners=partners,
             )
         )
+    if spec.privacy.partner_dp:
+        guarantees.append(_partner_guarantee(spec, releases, n_train))
     npr = [
         NonPrivateRelease(party=p, kind=k, about=a, observer=o, rounds=sorted(set(rs)), declared_public=pub, note=_NOTES.get(k, k))
         for (p, k, a, o, pub), rs in sorted(non_private.items())
     ]
-    return Privacy(mode=spec.privacy.mode, guarantees=guarantees, non_private_releases=npr)
+    return Privacy(mode=spec.privacy.mode, record_level=spec.privacy.record_dp and spec.privacy.partner_dp, guarantees=guarantees,
+                   non_private_releases=npr)
+
+
+def _partner_guarantee(spec: Spec, releases: Sequence[Release], n_train: dict[str, int]) -> Guarantee:
+    """The partner-level guarantee: distributed (observer coordinator) or central (observer model recipients)."""
+    pp = spec.privacy.partner
+    assert pp is not None
+    observer, kind, mech_name = _PARTNER_KINDS[spec.privacy.mode]
+    partners = {}
+    for name in n_train:
+        mine = [r for r in releases if r.party == name and r.kind == kind and r.unit == "partner" and r.observer == observer]
+        ms = merge_mechanisms([r.mechanism for r in mine])
+        eps = compute_epsilon(ms, delta=pp.delta, accountant="rdp").epsilon if ms else 0.0
+        det = mine[0].details if mine else {}
+        std = det.get("noise_std_on_sum", det.get("sigma_total"))
+        z = (float(std) / pp.clip) if std is not None else None
+        partners[name] = PartnerGuarantee(
+            epsilon=eps, target_epsilon=pp.epsilon, noise_multiplier=z, clip_norm=pp.clip, sample_rate=None, expected_batch=None,
+            steps=0, n_train=n_train[name], mechanism=mech_name, rounds=len({r.round for r in mine}),
+            noise_std_on_sum=float(std) if std is not None else None,
+            min_participants=int(det["t_min"]) if "t_min" in det else None,
+            colluders=int(det["colluders"]) if "colluders" in det else None,
+            wraparound_bound=float(det["wraparound_bound"]) if "wraparound_bound" in det else None,
+        )
+    return Guarantee(unit="partner", observer=observer, accountant="rdp", accountant_version=accountant_version(), delta=pp.delta,
+                     releases_included=[kind], partners=partners)

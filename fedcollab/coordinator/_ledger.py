@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedcollab.core import ProtocolError
 from fedcollab.privacy.accounting import PartyLedger, Release, parse_lines, verify_signature
+from fedcollab.privacy.accounting._ledger import claim, commitment, release_bodies, spent
 from fedcollab.spec import Roster
 
 COORDINATOR = "coordinator"
@@ -60,6 +61,34 @@ class RunLedger:
             if ln.entry["kind"] == "release":
                 self.releases.append(Release.model_validate(ln.entry["body"]["release"]))
         self.own.append(kind="receipt", run_id=self.run_id, round=round, body={"entries": [{"party": party, "hash": ln.hash} for ln in parsed]})
+
+    def release(self, release: Release, *, dataset: str, delta: float, accountant: str, payload: bytes) -> bytes:
+        """Record a release the coordinator itself makes (central DP noise it added), with its claim.
+
+        The claim is recomputed over the coordinator's own entries for the same dataset, unit and
+        observer, exactly as ``audit verify`` recomputes it. The nonce of the commitment is kept
+        beside the ledger (mode 0600), like a node keeps its own.
+        """
+        import json
+        import secrets
+
+        hist = [r for ln, r in release_bodies(self.own.lines(), COORDINATOR)
+                if ln.entry["body"]["dataset"] == dataset and r.unit == release.unit and r.observer == release.observer]
+        eps = spent([*hist, release], delta=delta, accountant=accountant)
+        nonce = secrets.token_bytes(32)
+        c = commitment(nonce, payload)
+        body = {"dataset": dataset, "release": release.model_dump(mode="json"), "non_private": release.non_private, "counted": True,
+                "claim": claim(eps, eps, delta=delta, accountant=accountant), "budget": None, "commitment": c}
+        line = self.own.append(kind="release", run_id=self.run_id, round=release.round, body=body)
+        fd = os.open(self.path.parent / "coordinator-nonces.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "a") as fh:
+            fh.write(json.dumps({"commitment": c, "nonce": nonce.hex()}) + "\n")
+        self.releases.append(release)
+        return line
+
+    def aggregate(self, round: int, body: dict[str, object]) -> bytes:
+        """Record how a round's aggregate was formed: participants, dropouts, threshold, effective noise."""
+        return self.own.append(kind="aggregate", run_id=self.run_id, round=round, body=body)
 
     def close(self, round: int) -> bytes:
         """Append the close entry listing every party's chain head."""

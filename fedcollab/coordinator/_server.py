@@ -31,6 +31,7 @@ from fedcollab.protocols import (
 from fedcollab.protocols import secagg
 from fedcollab.protocols._statistics import STATS_BITS
 from fedcollab.coordinator._ledger import RunLedger
+from fedcollab.coordinator._partner_dp import PartnerDp
 from fedcollab.coordinator._secagg import decode_mean_update, secure_sum, start_round
 from fedcollab.spec import Spec
 
@@ -193,7 +194,9 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
         evaluate + SHARE(r + 1). Round 1's ADVERTISE and SHARE run on their own first.
         """
         names = list(arrays.keys())
-        length = int(sum(arrays[k].numpy().size for k in names)) + 1
+        n_params = int(sum(arrays[k].numpy().size for k in names))
+        pdp = PartnerDp(spec, ledger, d=n_params)
+        length = n_params + pdp.extra_coordinates
         max_weight = float(max(recorder.partners.values()))
         rounds = spec.training.rounds
 
@@ -239,7 +242,10 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
             state, total = secagg.coord_unmask(state, revealed)
             trained = sorted(state.survivors)
             flat = np.concatenate([arrays[k].numpy().astype(np.float64).ravel() for k in names])
-            new = flat + decode_mean_update(spec, total, max_weight=max_weight)
+            if pdp.active:
+                new = flat + pdp.secure_mean(total, rnd, participants=sorted(state.cfg.participants), summed=trained)
+            else:
+                new = flat + decode_mean_update(spec, total, max_weight=max_weight)
             out, offset = {}, 0
             for k in names:
                 ref = arrays[k].numpy()
@@ -293,6 +299,23 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
         if recorder.on_round:
             recorder.on_round(record)
 
+    central: dict[str, PartnerDp] = {}
+
+    def central_aggregate(rnd: int, arrays: Any, ok: list[Message], node_names: dict[int, str], names: list[str]) -> Any:
+        """Partner-level central DP on plain aggregation: mean of L2-clipped updates plus Gaussian noise."""
+        flat = np.concatenate([arrays[k].numpy().astype(np.float64).ravel() for k in names])
+        if "pdp" not in central:
+            central["pdp"] = PartnerDp(spec, ledger, d=flat.size)
+        updates = {node_names[m.metadata.src_node_id]: np.concatenate([m.content.array_records[RecordKey.ARRAYS][k].numpy().astype(np.float64).ravel()
+                                                                        for k in names]) - flat for m in ok}
+        new = flat + central["pdp"].central_mean(updates, rnd, participants=sorted(node_names.values()))
+        out, offset = {}, 0
+        for k in names:
+            ref = arrays[k].numpy()
+            out[k] = Array(np.ascontiguousarray(new[offset:offset + ref.size].reshape(ref.shape).astype(ref.dtype)))
+            offset += ref.size
+        return ArrayRecord(array_dict=out)
+
     def plain_rounds(grid: Grid, node_names: dict[int, str], arrays: Any, scaling: Scaling, strategy: Any) -> None:
         """Rounds with plain aggregation: train (the strategy aggregates the updates), then evaluate."""
         names = list(arrays.keys())
@@ -319,10 +342,13 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
                     f"round {rnd}: {len(ok)} partner(s) replied, at least {min_partners} needed",
                     codes=failed, problems=[f"{k}: code {v} ({_code_name(v)})" for k, v in failed.items()],
                 )
-            new_arrays, _ = strategy.aggregate_train(rnd, ok)
-            if new_arrays is None:
-                raise ProtocolError(f"round {rnd}: aggregation produced no model")
-            arrays = new_arrays
+            if spec.privacy.mode == "central":
+                arrays = central_aggregate(rnd, arrays, ok, node_names, names)
+            else:
+                new_arrays, _ = strategy.aggregate_train(rnd, ok)
+                if new_arrays is None:
+                    raise ProtocolError(f"round {rnd}: aggregation produced no model")
+                arrays = new_arrays
             numpy_arrays = OrderedDict((k, arrays[k].numpy()) for k in names)
             if recorder.checkpoint_dir is not None and all(np.isfinite(v).all() for v in numpy_arrays.values()):
                 _write_checkpoint(recorder.checkpoint_dir, rnd, numpy_arrays)

@@ -108,7 +108,7 @@ class NodeRuntime:
         if key not in _DATA_CACHE:
             _DATA_CACHE[key] = load_partner_data(spec, partner)
         self.data = _DATA_CACHE[key]
-        self.dp = spec.privacy.mode == "record"
+        self.dp = spec.privacy.record_dp
         if self.dp and plan_json:
             # The plan calibrated at setup, kept in the node's state (no second calibration).
             plan = DpPlan(**json.loads(plan_json))
@@ -197,7 +197,11 @@ class NodeRuntime:
     # --- train ------------------------------------------------------------------------------
     def train(self, arrays: dict[str, np.ndarray], *, scaling: Scaling, server_round: int, steps_so_far: int,
               proximal_mu: float) -> tuple[dict[str, np.ndarray], dict[str, float], list[str], int]:
-        """One round of local training; returns the update, metrics, releases and steps taken."""
+        """One round of local training; returns the update, metrics, releases and steps taken.
+
+        Under distributed DP without DP-SGD the update never leaves in the clear (only noised and
+        masked, recorded by :meth:`release_ddg`), so no record-level release is made here.
+        """
         spec, d = self.spec, self.data
         model = build_model(spec.model, len(d.feature_names), seed=spec.seed)
         _check_arrays(arrays, model_arrays(model))
@@ -231,10 +235,45 @@ class NodeRuntime:
             mech = PoissonSubsampledGaussian(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=outcome.steps)
             details = {"clip_norm": plan.clip_norm, "expected_batch": plan.expected_batch, "n_train": d.n_train, "aggregation": spec.aggregation,
                        "empty_batches": outcome.empty_batches, "noise_rng": "torch.Generator seeded from os.urandom (64 bits)"}
+        if plan is None and spec.privacy.mode == "distributed":
+            return out, metrics, [], outcome.steps
         payload = b"".join(np.ascontiguousarray(v).tobytes() for v in out.values())
         release = self._release(payload, kind="dpsgd_training" if plan else "model_update", about="train", unit="record",
                                 observer="coordinator", round=server_round, mechanism=mech, details=details)
         return out, metrics, [release], outcome.steps
+
+    # --- distributed DP -------------------------------------------------------------------------
+    def check_participants(self, count: int, *, server_round: int, stage: str) -> None:
+        """Refuse (and record) a distributed-DP round with fewer partners than the noise was sized for."""
+        from fedcollab.protocols import check_honest_minimum
+
+        pp = self.spec.privacy.partner
+        assert pp is not None
+        try:
+            check_honest_minimum(count, self.spec.min_participants, pp.colluders)
+        except ProtocolError:
+            reason = f"{count} partners at the {stage} stage, fewer than t_min = {self.spec.min_participants}"
+            self.gate.refuse_request(run_id=self.run_id, round=server_round, code=int(NodeErrorCode.TOO_FEW_PARTICIPANTS), reason=reason)
+            raise _Coded(NodeErrorCode.TOO_FEW_PARTICIPANTS) from None
+
+    def release_ddg(self, new: dict[str, np.ndarray], old: dict[str, np.ndarray], *, server_round: int, participants: int) -> tuple[np.ndarray, str]:
+        """The clipped, rounded, noised update modulo 2^32 (a noise share sized for t_min - colluders), and its ledger line.
+
+        Checked against the partner-level budget (unit partner, observer coordinator) before it exists outside this call.
+        """
+        from fedcollab.protocols import ddg_encode, ddg_generator, plan_distributed
+
+        self.check_participants(participants, server_round=server_round, stage="masked-input")
+        names = list(old)
+        update = np.concatenate([np.asarray(new[k], dtype=np.float64).ravel() - np.asarray(old[k], dtype=np.float64).ravel() for k in names])
+        plan = plan_distributed(self.spec, d=update.size)
+        vector = ddg_encode(update, clip_l2=plan.clip, gamma=plan.gamma, beta=plan.beta, n_noise_shares=plan.n_honest,
+                            sigma_total=plan.sigma_total, bits=plan.bits, generator=ddg_generator(), n_parties=plan.n_parties,
+                            wrap_limit=self.spec.privacy.partner.wraparound_limit if self.spec.privacy.partner else 1e-9)
+        details = {**plan.details(), "participants": participants, "threshold": self.spec.secagg.resolved_threshold(len(self.spec.partners))}
+        line = self._release(vector.tobytes(), kind="ddg_update", about="train", unit="partner", observer="coordinator", round=server_round,
+                             mechanism=plan.mechanism(), details=details)
+        return vector, line
 
     # --- evaluate ---------------------------------------------------------------------------
     def evaluate(self, arrays: dict[str, np.ndarray], *, scaling: Scaling, server_round: int) -> tuple[dict[str, Any], list[str]]:
@@ -362,9 +401,19 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str]) -
         st["steps"] = int(st["steps"]) + steps
         if spec.aggregation == "secagg":
             from fedcollab.node._secagg import encode_for_secagg
+            from fedcollab.protocols import secagg
 
-            vector = encode_for_secagg(spec, new=arrays, old=global_arrays, weight=float(node.data.n_train),
-                                       max_weight=max_weight, n_parties=n_parties)
+            if spec.privacy.mode == "distributed":
+                shares = secagg.SharesForNode.from_wire(dict(msg.content.config_records.get("secagg", ConfigRecord())))
+                vector, line = node.release_ddg(arrays, global_arrays, server_round=rnd, participants=1 + len(shares.ciphertexts))
+                lines = [*lines, line]
+            elif spec.privacy.mode == "central":
+                # Partner-level central DP: the L2-clipped update, unweighted (the coordinator adds the noise).
+                vector = encode_for_secagg(spec, new=arrays, old=global_arrays, weight=1.0, max_weight=1.0, n_parties=n_parties,
+                                           clip_l2=spec.privacy.partner.clip if spec.privacy.partner else None)
+            else:
+                vector = encode_for_secagg(spec, new=arrays, old=global_arrays, weight=float(node.data.n_train),
+                                           max_weight=max_weight, n_parties=n_parties)
             keep_vector(node, context, vector, rnd)
             # The update leaves only masked: the round's MASKED_INPUT stage rides on this exchange.
             return piggyback(node, msg, cfg, context, RecordDict({RecordKey.METRICS: MetricRecord(metrics), RecordKey.RELEASES: lines_record(lines)}))
@@ -381,7 +430,8 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str]) -
         if d not in n_params:
             # Built once per process, not for every stage message.
             n_params[d] = sum(v.size for v in model_arrays(build_model(spec.model, d, seed=spec.seed)).values())
-        return n_params[d] + 1, 32
+        # Distributed DP sends the noised update alone; otherwise the weight rides as the last coordinate.
+        return n_params[d] + (0 if spec.privacy.mode == "distributed" else 1), 32
 
     def keep_vector(node: NodeRuntime, context: Context, vector: np.ndarray, rnd: int) -> None:
         # The encoded vector waits at the node (its folder, mode 0600) until the masked-input stage,
@@ -401,6 +451,10 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str]) -
         length, bits = secagg_shape(node, rnd)
         path = Path(homes[node.partner]) / "secagg" / f"{node.run_id}-{rnd}.bin"
         vector = np.fromfile(path, dtype=np.uint64 if bits == 64 else np.uint32) if stage == "masked" and path.exists() else None
+        if stage == "unmask" and rnd > 0 and spec.privacy.mode == "distributed":
+            # The sum becomes readable once shares are revealed: refuse if too few partners are in it.
+            req = secagg.UnmaskRequest.from_wire(request)
+            node.check_participants(1 + len(req.survivors), server_round=rnd, stage="unmask")
         key = f"{SECAGG_STATE}.{rnd}"
         prev = context.state.config_records.get(key)
         new_state, reply = handle_stage(

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from fedcollab.core import PolicyRefused, ProtocolError
-from fedcollab.protocols import encode_update, secagg
+from fedcollab.protocols import clip_vector, encode_update, secagg
 from fedcollab.spec import Spec
 
 BITS = 32
@@ -24,10 +24,15 @@ def flatten(arrays: dict[str, np.ndarray], names: list[str]) -> np.ndarray:
 
 
 def encode_for_secagg(spec: Spec, *, new: dict[str, np.ndarray], old: dict[str, np.ndarray], weight: float, max_weight: float,
-                      n_parties: int) -> np.ndarray:
-    """The clipped, weighted, fixed-point update (new - old) with its weight as the last coordinate."""
+                      n_parties: int, clip_l2: float | None = None) -> np.ndarray:
+    """The clipped, weighted, fixed-point update (new - old) with its weight as the last coordinate.
+
+    ``clip_l2`` first clips the update to that L2 norm (partner-level central DP).
+    """
     names = list(old)
     update = flatten(new, names) - flatten(old, names)
+    if clip_l2 is not None:
+        update = clip_vector(update, bound=clip_l2, norm="l2")
     return encode_update(update, weight=weight, max_weight=max_weight, clip=spec.secagg.clip, scale=spec.secagg.scale,
                          bits=BITS, n_parties=n_parties)
 

@@ -7,11 +7,13 @@
 * secagg: SecAgg+ secure aggregation as pure stage functions (``from fedcollab.protocols import secagg``)
 * quantize: fixed-point encoding modulo 2^32 / 2^64 for secure aggregation, weights packed in
 * ddg: the distributed discrete Gaussian (noise shares under secure aggregation), zCDP, wrap-around
+* partner_dp: partner-level DP plans (distributed DDG under secagg, central Gaussian), from the spec alone
 * wire: message kinds and record keys
 """
 
 from fedcollab.protocols import _secagg as secagg
 from fedcollab.protocols._ddg import (
+    SystemRandomSource,
     check_honest_minimum,
     check_wraparound,
     ddg_decode,
@@ -24,6 +26,7 @@ from fedcollab.protocols._ddg import (
     wraparound_probability,
 )
 from fedcollab.protocols._dpsgd import DpPlan, plan_dp
+from fedcollab.protocols._partner_dp import CentralPlan, DdgPlan, plan_central, plan_distributed
 from fedcollab.protocols._evaluation import HIST_BINS, PooledMetrics, pooled_metrics, score_histograms
 from fedcollab.protocols._quantize import (
     check_headroom,
@@ -50,12 +53,15 @@ from fedcollab.protocols._wire import MessageKind, RecordKey
 __all__ = [
     "HIST_BINS",
     "SUMMARY_SCHEMA_VERSION",
+    "CentralPlan",
+    "DdgPlan",
     "DpPlan",
     "MessageKind",
     "PooledMetrics",
     "RecordKey",
     "Scaling",
     "Summary",
+    "SystemRandomSource",
     "check_headroom",
     "check_honest_minimum",
     "check_wraparound",
@@ -74,6 +80,8 @@ __all__ = [
     "encode_statistics",
     "encode_update",
     "pack",
+    "plan_central",
+    "plan_distributed",
     "plan_dp",
     "pooled_metrics",
     "quantize",

@@ -19,9 +19,10 @@ refuse when fewer parties remain than the noise was sized for.
 
 Not done here: the random rotation (Walsh-Hadamard) of KLS21 Algorithm 1 is skipped, so
 the per-coordinate bound used for wrap-around is the worst case (the whole L2 bound on one
-coordinate); that is safe, only pessimistic. Randomness comes from an explicit numpy
-``Generator`` (see :func:`ddg_generator`); its Bernoulli probabilities are float64, so the
-sampler is exact up to float64 rounding of ``exp`` (not the rational-arithmetic version of CKS20).
+coordinate); that is safe, only pessimistic. Randomness is passed in explicitly: in a run it
+is :func:`ddg_generator` (``os.urandom``, a CSPRNG); tests may pass a seeded numpy ``Generator``.
+The Bernoulli probabilities are float64, so the sampler is exact up to float64 rounding of
+``exp`` (not the rational-arithmetic version of CKS20).
 """
 
 from __future__ import annotations
@@ -44,19 +45,35 @@ _SIGNED: dict[int, type[np.signedinteger]] = {32: np.int32, 64: np.int64}
 _MAX_ROUNDING_TRIES = 1000
 
 
-def ddg_generator() -> np.random.Generator:
-    """A numpy ``Generator(PCG64)`` seeded with 256 bits from ``os.urandom``.
+class SystemRandomSource:
+    """Uniform and geometric draws straight from the operating system's CSPRNG (``os.urandom``).
 
-    The seed is unpredictable; PCG64 itself is not a cryptographic generator (its state can
-    in principle be recovered from enough outputs, which the noise never reveals directly).
+    The sampler only needs ``random(n)`` (uniform in [0, 1) with 53 random bits) and
+    ``geometric(p, n)`` (support 1, 2, ..., by inversion of a uniform), so noise shares come
+    from a cryptographic generator without writing one. A numpy ``Generator`` has the same two
+    methods and stays accepted for reproducible tests.
     """
-    return np.random.Generator(np.random.PCG64(int.from_bytes(os.urandom(32), "big")))
+
+    def random(self, n: int) -> np.ndarray:
+        """``n`` uniforms in [0, 1), 53 bits each."""
+        raw = np.frombuffer(os.urandom(8 * int(n)), dtype=np.uint64)
+        return (raw >> np.uint64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)
+
+    def geometric(self, p: float, n: int) -> np.ndarray:
+        """``n`` geometric draws (number of Bernoulli(p) trials up to the first success)."""
+        u = 1.0 - self.random(n)  # in (0, 1]
+        return (np.floor(np.log(u) / math.log1p(-p)) + 1.0).astype(np.int64)
 
 
-def _check_generator(generator: object) -> np.random.Generator:
-    if not isinstance(generator, np.random.Generator):
+def ddg_generator() -> SystemRandomSource:
+    """The randomness source for noise shares: :class:`SystemRandomSource` (``os.urandom``)."""
+    return SystemRandomSource()
+
+
+def _check_generator(generator: object) -> np.random.Generator | SystemRandomSource:
+    if not isinstance(generator, np.random.Generator | SystemRandomSource):
         raise ProtocolError(
-            "an explicit `generator` (numpy Generator, e.g. ddg_generator()) is required; "
+            "an explicit `generator` (ddg_generator(), or a numpy Generator in tests) is required; "
             f"got {type(generator).__name__}."
         )
     return generator
@@ -70,7 +87,7 @@ def _beta(beta: object) -> float:
     return b
 
 
-def sample_discrete_gaussian(sigma2: float, size: int, *, generator: np.random.Generator) -> np.ndarray:
+def sample_discrete_gaussian(sigma2: float, size: int, *, generator: np.random.Generator | SystemRandomSource) -> np.ndarray:
     """``size`` independent draws of the discrete Gaussian ``N_Z(0, sigma2)``, as int64.
 
     ``P(X = x) ∝ exp(-x^2 / (2 sigma2))`` on the integers (CKS20, Definition 1). Algorithm 3 of
@@ -145,7 +162,7 @@ def ddg_encode(
     n_noise_shares: int,
     sigma_total: float,
     bits: int = 32,
-    generator: np.random.Generator,
+    generator: np.random.Generator | SystemRandomSource,
     n_parties: int | None = None,
     wrap_limit: float = 1e-9,
 ) -> np.ndarray:

@@ -54,7 +54,7 @@ class DpPlan:
 def plan_dp(spec: Spec, *, n_train: int, n_features: int) -> DpPlan:
     """Calibrate sigma (and the statistics noise) for ``n_train`` rows under the spec's target."""
     priv, train = spec.privacy, spec.training
-    assert priv.mode == "record" and priv.target_epsilon is not None and priv.delta is not None
+    assert priv.record_dp and priv.target_epsilon is not None and priv.delta is not None
     expected_batch = float(min(train.batch_size, n_train))
     q = expected_batch / n_train
     steps_per_epoch = max(1, int(1.0 / q))

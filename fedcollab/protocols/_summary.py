@@ -41,6 +41,12 @@ class PartnerGuarantee(_M):
     steps: int
     n_train: int
     statistics_noise_multiplier: float | None = None
+    mechanism: str | None = Field(default=None, description="dpsgd, ddg (distributed discrete Gaussian) or gaussian (central).")
+    rounds: int | None = Field(default=None, description="Partner-level: rounds in which the partner's update was released.")
+    noise_std_on_sum: float | None = Field(default=None, description="Partner-level: std of the noise on the sum of clipped updates, real units.")
+    min_participants: int | None = Field(default=None, description="Distributed: t_min, the fewest partners a round may sum.")
+    colluders: int | None = Field(default=None, description="Distributed: partners assumed to collude with the coordinator.")
+    wraparound_bound: float | None = Field(default=None, description="Distributed: bound on the probability that a sum wraps around modulo 2^32.")
 
 
 class Guarantee(_M):
@@ -70,7 +76,8 @@ class NonPrivateRelease(_M):
 class Privacy(_M):
     """Every guarantee, and every release outside them."""
 
-    mode: Literal["none", "record"]
+    mode: Literal["none", "record", "distributed", "central"]
+    record_level: bool = Field(default=False, description="Whether record-level DP-SGD ran too (its guarantee is listed beside the partner-level one; epsilons are never added).")
     guarantees: list[Guarantee]
     non_private_releases: list[NonPrivateRelease]
 

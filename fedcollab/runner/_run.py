@@ -273,12 +273,19 @@ def simulated_policy(spec: Spec, partner: str) -> NodePolicy:
     p = next(x for x in spec.partners if x.name == partner)
     delta = spec.privacy.delta if spec.privacy.delta is not None else 1e-5
     eps = max(SIMULATED_BUDGET_EPSILON, spec.privacy.target_epsilon or 0.0)
-    dp = spec.privacy.mode != "none"
+    budgets = []
+    if spec.privacy.record_dp:
+        budgets.append(BudgetSpec(dataset=p.dataset_id, unit="record", epsilon=eps, delta=delta, accountant=spec.privacy.accountant))
+    pp = spec.privacy.partner
+    if spec.privacy.mode == "distributed" and pp is not None:
+        # The partner-level budget toward the coordinator (zCDP: accounted in RDP).
+        budgets.append(BudgetSpec(dataset=p.dataset_id, unit="partner", epsilon=max(SIMULATED_BUDGET_EPSILON, pp.epsilon), delta=pp.delta, accountant="rdp"))
     return NodePolicy(
         partner=partner,
-        # Without DP the simulated partner's data is unbudgeted (infinite epsilon exceeds any budget).
-        budgets=[BudgetSpec(dataset=p.dataset_id, unit="record", epsilon=eps, delta=delta, accountant=spec.privacy.accountant)] if dp else [],
-        allow_non_private_training=spec.privacy.mode == "none",
+        # Without record-level DP the simulated partner's data is unbudgeted for records (infinite epsilon exceeds any budget).
+        budgets=budgets,
+        # Without DP-SGD, the update leaves in the clear (none, central) or only noised and masked (distributed).
+        allow_non_private_training=not spec.privacy.record_dp,
         allowed_model_kinds=sorted({"logistic_regression", "mlp", spec.model.kind}),  # type: ignore[arg-type]
         min_partners_per_round=min(2, len(spec.partners)),
     )

@@ -225,24 +225,63 @@ class TrainingSpec(FrozenModel):
     evaluate_every: PosInt = Field(default=1, description="Federated evaluation every this many rounds (and always after the last).")
 
 
-class PrivacySpec(FrozenModel):
-    """Privacy: none, or record-level DP-SGD at every partner."""
+class PartnerPrivacySpec(FrozenModel):
+    """Partner-level DP: one partner's whole contribution (its clipped update) is the unit.
 
-    mode: Literal["none", "record"] = "none"
-    target_epsilon: Finite | None = Field(default=None, gt=0, description="Per-partner epsilon over the whole collaboration, all data-dependent releases included.")
-    delta: Finite | None = Field(default=None, gt=0, lt=1)
+    ``privacy.mode = "distributed"``: every node adds a discrete Gaussian share under secure
+    aggregation, so the guarantee holds against the coordinator. ``privacy.mode = "central"``:
+    the coordinator adds Gaussian noise to the aggregate, so it holds only against the model's
+    recipients (the coordinator sees each clipped update, or their exact sum).
+    """
+
+    epsilon: Finite = Field(gt=0, description="Partner-level epsilon over the whole run toward the observer.")
+    delta: Finite = Field(gt=0, lt=1, description="Partner-level delta (with few partners, keep it well below 1/n).")
+    clip: Finite = Field(default=1.0, gt=0, description="L2 bound C of each partner's model update (difference from the global model) per round.")
+    min_participants: PosInt | None = Field(default=None, description="Distributed: fewest partners a round may sum (t_min); default all partners minus secagg.max_dropouts. Nodes refuse below it.")
+    colluders: Annotated[int, Field(ge=0), BeforeValidator(_integral_float_to_int)] = Field(default=0, description="Distributed: partners that may collude with the coordinator (their noise does not count); shares are sized for t_min - colluders honest partners.")
+    rounding_beta: Finite = Field(default=math.exp(-0.5), ge=0, lt=1, description="Distributed: conditional randomised rounding bias bound beta (KLS21); 0 turns conditioning off.")
+    wraparound_limit: Finite = Field(default=1e-9, gt=0, lt=1e-3, description="Distributed: largest accepted bound on the probability that the modular sum wraps around.")
+
+
+class PrivacySpec(FrozenModel):
+    """Privacy: record-level DP-SGD at every partner, partner-level DP (distributed or central), or both."""
+
+    mode: Literal["none", "record", "distributed", "central"] = Field(
+        default="none",
+        description="none; record (DP-SGD at every partner); distributed (partner-level, noise shares under secure aggregation, against the coordinator); central (partner-level, noise added by the coordinator, against model recipients only).",
+    )
+    record_level: bool = Field(default=False, description="With mode distributed or central: run record-level DP-SGD too (target_epsilon, delta); the summary lists both guarantees, never adding them.")
+    target_epsilon: Finite | None = Field(default=None, gt=0, description="Record-level: per-partner epsilon over the whole collaboration, all data-dependent releases included.")
+    delta: Finite | None = Field(default=None, gt=0, lt=1, description="Record-level delta.")
     clip_norm: Finite = Field(default=3.0, gt=0, description="Per-example gradient L2 clipping norm C.")
     accountant: Literal["rdp", "pld"] = "rdp"
     preprocessing_epsilon_share: Finite = Field(default=0.0, ge=0, lt=1, description="Share of the target epsilon spent on DP statistics for feature scaling (scaling = 'dp_statistics').")
+    partner: PartnerPrivacySpec | None = Field(default=None, description="Partner-level guarantee (mode distributed or central).")
+
+    @property
+    def record_dp(self) -> bool:
+        """Whether record-level DP-SGD runs at every partner."""
+        return self.mode == "record" or (self.mode in ("distributed", "central") and self.record_level)
+
+    @property
+    def partner_dp(self) -> bool:
+        """Whether a partner-level guarantee is in force."""
+        return self.mode in ("distributed", "central")
 
     @model_validator(mode="after")
     def _consistent(self) -> PrivacySpec:
-        if self.mode == "record":
+        if self.record_level and self.mode not in ("distributed", "central"):
+            raise ValueError(f"`record_level` = true needs mode 'distributed' or 'central' (mode 'record' is record-level already), got mode {self.mode!r}")
+        if self.record_dp:
             missing = [n for n in ("target_epsilon", "delta") if getattr(self, n) is None]
             if missing:
                 raise ValueError(f"record-level DP needs {missing}")
         elif self.target_epsilon is not None or self.delta is not None:
-            raise ValueError("`target_epsilon` and `delta` need mode = 'record'")
+            raise ValueError("`target_epsilon` and `delta` are record-level: they need mode = 'record', or record_level = true")
+        if self.partner_dp and self.partner is None:
+            raise ValueError(f"mode {self.mode!r} needs a [privacy.partner] table (epsilon, delta, clip)")
+        if not self.partner_dp and self.partner is not None:
+            raise ValueError(f"[privacy.partner] needs mode 'distributed' or 'central', got mode {self.mode!r}")
         return self
 
 
@@ -311,8 +350,8 @@ class Spec(FrozenModel):
         scaling = self.preprocessing.scaling
         share = self.privacy.preprocessing_epsilon_share
         if scaling == "dp_statistics":
-            if self.privacy.mode == "none":
-                problems.append("preprocessing.scaling = 'dp_statistics' needs privacy.mode = 'record'")
+            if not self.privacy.record_dp:
+                problems.append("preprocessing.scaling = 'dp_statistics' is calibrated with record-level DP-SGD: it needs privacy.mode = 'record', or record_level = true")
             elif share <= 0:
                 problems.append("preprocessing.scaling = 'dp_statistics' needs privacy.preprocessing_epsilon_share in (0, 1)")
         elif share > 0:
@@ -329,6 +368,21 @@ class Spec(FrozenModel):
                 )
             if self.training.strategy == "fedadam":
                 problems.append("secagg supports strategy 'fedavg' or 'fedprox' (a server optimiser needs the plain aggregate)")
+        pp = self.privacy.partner
+        if self.privacy.mode == "distributed":
+            n = len(self.partners)
+            if self.aggregation != "secagg":
+                problems.append(f"privacy.mode = 'distributed' needs aggregation = 'secagg' (the noise shares only protect when summed unseen), got {self.aggregation!r}")
+            elif self.secagg.degree(n) < n - 1:
+                problems.append("privacy.mode = 'distributed' needs the complete secagg graph (secagg.neighbours >= partners - 1) so every node can count the round's participants")
+            if pp is not None:
+                t_min = self.min_participants
+                if pp.min_participants is not None and pp.min_participants > n:
+                    problems.append(f"privacy.partner.min_participants = {pp.min_participants} exceeds the {n} partners")
+                elif t_min - pp.colluders < 1:
+                    problems.append(f"privacy.partner: t_min = {t_min} with {pp.colluders} colluders leaves no honest partner to carry the noise")
+        if self.privacy.partner_dp and self.training.strategy == "fedadam":
+            problems.append("partner-level DP supports strategy 'fedavg' or 'fedprox' (the noise is calibrated to the mean of clipped updates)")
         mp = self.training.min_partners
         if mp is not None and mp > len(self.partners):
             problems.append(f"training.min_partners = {mp} exceeds the {len(self.partners)} partners")
@@ -337,6 +391,14 @@ class Spec(FrozenModel):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def min_participants(self) -> int:
+        """t_min of distributed DP: the fewest partners a round may sum (noise shares are sized for it)."""
+        pp = self.privacy.partner
+        if pp is not None and pp.min_participants is not None:
+            return pp.min_participants
+        return len(self.partners) - (self.secagg.max_dropouts if self.aggregation == "secagg" else 0)
 
     @property
     def resolved_scaling(self) -> str:

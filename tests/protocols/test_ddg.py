@@ -16,6 +16,7 @@ from fedcollab.protocols import (
     check_wraparound,
     ddg_decode,
     ddg_encode,
+    SystemRandomSource,
     ddg_generator,
     ddg_norm_bound,
     ddg_tau,
@@ -93,7 +94,19 @@ def test_sampler_is_fast_and_validates():
         sample_discrete_gaussian(1.0, 10, generator=np.random)  # the global RNG is refused
     with pytest.raises(ProtocolError):
         sample_discrete_gaussian(1.0, -1, generator=gen(1))
-    assert isinstance(ddg_generator(), np.random.Generator)
+    assert isinstance(ddg_generator(), SystemRandomSource)
+
+
+def test_csprng_source_draws_the_right_distributions():
+    """The os.urandom source: uniforms in [0, 1), geometrics with mean 1/p, a discrete Gaussian of the right variance."""
+    src = ddg_generator()
+    u = src.random(100_000)
+    assert u.min() >= 0.0 and u.max() < 1.0 and abs(u.mean() - 0.5) < 0.01
+    g = src.geometric(0.25, 100_000)
+    assert g.min() >= 1 and abs(g.mean() - 4.0) < 0.1
+    x = sample_discrete_gaussian(9.0, 20_000, generator=src)
+    assert abs(x.mean()) < 0.1 and x.var() == pytest.approx(9.0, rel=0.05)
+    assert not np.array_equal(src.random(8), src.random(8))
 
 
 def test_sum_of_shares_is_close_to_discrete_gaussian():

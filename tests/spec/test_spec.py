@@ -170,3 +170,50 @@ def test_spec_reference_is_current():
 
     r = subprocess.run([sys.executable, str(ROOT / "docs" / "gen_spec_reference.py"), "--check"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+class TestPartnerLevelPrivacy:
+    @pytest.fixture()
+    def ddp(self) -> dict:
+        return tomllib.loads((ROOT / "protocols" / "heart-disease-ddp.toml").read_text())
+
+    def test_shipped_distributed_spec(self, ddp):
+        """The shipped spec: distributed DP, t_min = 4 partners - 1 dropout, no DP-SGD."""
+        s = parse_spec(ddp)
+        assert s.privacy.partner_dp and not s.privacy.record_dp and s.min_participants == 3
+        assert s.resolved_scaling == "public_bounds"
+
+    def test_distributed_needs_secagg(self, ddp):
+        ddp["aggregation"] = "plain"
+        assert any("needs aggregation = 'secagg'" in p and "'plain'" in p for p in problems(ddp))
+
+    def test_distributed_needs_the_complete_graph(self, ddp):
+        ddp["secagg"]["neighbours"] = 2
+        assert any("complete secagg graph" in p for p in problems(ddp))
+
+    def test_partner_table_required_and_validated(self, ddp):
+        del ddp["privacy"]["partner"]
+        assert any("needs a [privacy.partner] table" in p for p in problems(ddp))
+
+    @pytest.mark.parametrize("field,value", [("epsilon", 0.0), ("epsilon", -1.0), ("delta", 1.0), ("delta", 0.0), ("clip", float("nan"))])
+    def test_invalid_partner_parameters_named(self, ddp, field, value):
+        ddp["privacy"]["partner"][field] = value
+        assert any(f"privacy.partner.{field}" in p for p in problems(ddp))
+
+    def test_colluders_leave_no_honest_partner(self, ddp):
+        ddp["privacy"]["partner"]["colluders"] = 3
+        assert any("leaves no honest partner" in p for p in problems(ddp))
+
+    def test_record_level_flag(self, ddp):
+        """record_level needs target_epsilon and delta; it is meaningless with mode 'record'."""
+        ddp["privacy"]["record_level"] = True
+        assert any("record-level DP needs" in p for p in problems(ddp))
+        ddp["privacy"].update(target_epsilon=1.0, delta=1e-3)
+        assert parse_spec(ddp).privacy.record_dp
+        ddp["privacy"]["mode"] = "record"
+        del ddp["privacy"]["partner"]
+        assert any("`record_level` = true needs mode" in p for p in problems(ddp))
+
+    def test_partner_table_without_partner_mode(self, raw):
+        raw["privacy"]["partner"] = {"epsilon": 1.0, "delta": 1e-3}
+        assert any("[privacy.partner] needs mode" in p for p in problems(raw))

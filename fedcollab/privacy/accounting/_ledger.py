@@ -33,7 +33,7 @@ from fedcollab.privacy.accounting._events import Release
 
 LEDGER_SCHEMA_VERSION = 1
 GENESIS = "0" * 64
-EntryKind = Literal["release", "refusal", "receipt", "close", "countersign", "key_custody"]
+EntryKind = Literal["release", "refusal", "receipt", "close", "countersign", "key_custody", "aggregate"]
 
 
 class LedgerError(FedcollabError):
@@ -214,9 +214,13 @@ def counts_toward_budget(release: Release) -> bool:
     """Whether a release is charged to the party's budget for its dataset.
 
     Noise added by this party about its training rows counts; test-split metrics (governed by
-    the policy's ``allow_non_private_test_metrics``) and releases declared public do not.
+    the policy's ``allow_non_private_test_metrics``) and releases declared public do not. Central
+    DP releases (noise added by the coordinator, observer ``model_recipients``) count in the
+    coordinator's own chain, grouped by the partner's dataset; they never enter a node's budget.
     """
-    return release.added_by == release.party and release.about != "test" and not release.declared_public
+    if release.about == "test" or release.declared_public:
+        return False
+    return release.added_by == release.party or release.kind == "central_dp_update"
 
 
 def group_key(body: dict[str, Any]) -> tuple[str, str, str]:
@@ -308,7 +312,7 @@ def ledger_entry_json_schema() -> dict[str, Any]:
         "required": ["schema_version", "kind", "party", "seq", "prev", "run_id", "round", "time", "body", "signature"],
         "properties": {
             "schema_version": {"const": LEDGER_SCHEMA_VERSION},
-            "kind": {"enum": ["release", "refusal", "receipt", "close", "countersign", "key_custody"]},
+            "kind": {"enum": ["release", "refusal", "receipt", "close", "countersign", "key_custody", "aggregate"]},
             "party": {"type": "string"},
             "seq": {"type": "integer", "minimum": 0},
             "prev": {**hex64, "description": "SHA-256 of the party's previous line; 64 zeros for the first"},
