@@ -8,9 +8,15 @@ from fedcollab.privacy.accounting import GaussianMechanism, PoissonSubsampledGau
 
 
 def recompute_summary_epsilons(summary: dict[str, Any]) -> dict[str, dict[str, float | None]]:
-    """``{partner: {"claimed", "recomputed", "target"}}`` for every record-level guarantee."""
+    """``{partner: {"claimed", "recomputed", "target"}}`` for every record-level guarantee.
+
+    Partner-level guarantees (distributed or central DP) are checked from the ledger's recorded
+    events by ``fedcollab audit verify``; the summary alone does not carry every DDG parameter.
+    """
     out: dict[str, dict[str, float | None]] = {}
     for g in summary["privacy"]["guarantees"]:
+        if g["unit"] != "record":
+            continue
         for name, p in g["partners"].items():
             mechs: list[Any] = []
             if p.get("statistics_noise_multiplier"):
