@@ -17,6 +17,8 @@ class NodeErrorCode(IntEnum):
     PRIVACY_INVALID = 130
     BUDGET_EXHAUSTED = 131
     POLICY_REFUSED = 132
+    SCORING_BUDGET_EXHAUSTED = 133
+    SCORING_BAD_REQUEST = 134
 
 
 NODE_ERROR_HELP: dict[NodeErrorCode, str] = {
@@ -29,4 +31,6 @@ NODE_ERROR_HELP: dict[NodeErrorCode, str] = {
     NodeErrorCode.PRIVACY_INVALID: "The privacy parameters could not be satisfied (for example no sigma reaches the target).",
     NodeErrorCode.BUDGET_EXHAUSTED: "The release would exceed the node's budget; nothing was released.",
     NodeErrorCode.POLICY_REFUSED: "The node's policy forbids this request.",
+    NodeErrorCode.SCORING_BUDGET_EXHAUSTED: "Encrypted scoring: the querier's row budget for this model is spent; nothing was scored.",
+    NodeErrorCode.SCORING_BAD_REQUEST: "Encrypted scoring: the request was malformed (container, context parameters or ciphertexts).",
 }

@@ -8,6 +8,7 @@
 * quantize: fixed-point encoding modulo 2^32 / 2^64 for secure aggregation, weights packed in
 * ddg: the distributed discrete Gaussian (noise shares under secure aggregation), zCDP, wrap-around
 * wire: message kinds and record keys
+* scoring: encrypted scoring of a linear model (request, budgeted answer, decryption)
 """
 
 from fedcollab.protocols import _secagg as secagg
@@ -35,6 +36,15 @@ from fedcollab.protocols._quantize import (
     quantize,
     unpack,
 )
+from fedcollab.protocols._scoring import (
+    LinearModel,
+    ScoringBudgetExhausted,
+    ScoringRequestError,
+    answer_request,
+    build_request,
+    decrypt_response,
+    load_linear_model,
+)
 from fedcollab.protocols._statistics import (
     Scaling,
     combine_statistics,
@@ -51,11 +61,16 @@ __all__ = [
     "HIST_BINS",
     "SUMMARY_SCHEMA_VERSION",
     "DpPlan",
+    "LinearModel",
     "MessageKind",
     "PooledMetrics",
     "RecordKey",
     "Scaling",
+    "ScoringBudgetExhausted",
+    "ScoringRequestError",
     "Summary",
+    "answer_request",
+    "build_request",
     "check_headroom",
     "check_honest_minimum",
     "check_wraparound",
@@ -69,10 +84,12 @@ __all__ = [
     "ddg_zcdp",
     "decode_statistics",
     "decode_update",
+    "decrypt_response",
     "dequantize",
     "dp_statistics",
     "encode_statistics",
     "encode_update",
+    "load_linear_model",
     "pack",
     "plan_dp",
     "pooled_metrics",
