@@ -49,6 +49,8 @@ COEFF_MOD_BIT_SIZES = (60, 50, 60)
 SCALE_BITS = 50
 #: Default flooding noise, standard deviation in logits of each real and imaginary slot part.
 DEFAULT_FLOOD_STD = 2.0**-10
+#: Stand-in for an exact zero weight (SEAL refuses a product with an all-zero plaintext).
+ZERO_WEIGHT = 2.0**-40
 #: Largest |feature| a querier may encrypt (keeps every product far from the modulus).
 MAX_ABS_FEATURE = 2.0**20
 
@@ -306,7 +308,10 @@ class PublicScoringContext:
         mask = np.zeros(s)
         acc = None
         for j, ct in enumerate(columns):
-            mask[:rows] = w[j]
+            # SEAL refuses a product with an all-zero plaintext (a "transparent" ciphertext would
+            # reveal nothing is there); a zero weight becomes ZERO_WEIGHT, whose contribution
+            # (< 2^-20 for |x| <= 2^20) is far below the flooding noise.
+            mask[:rows] = w[j] if w[j] != 0.0 else ZERO_WEIGHT
             pt = sa.Plaintext()
             enc.encode(mask.tolist(), ct.parms_id(), ct.scale, pt)
             ev.multiply_plain_inplace(ct, pt)  # ct is this call's own copy (see load_column)
