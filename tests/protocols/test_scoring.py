@@ -146,6 +146,13 @@ class TestProtocol:
         roster = Roster.model_validate({"parties": {"telecom": {"signing_key": public_key_hex(key)}}})
         rep = verify_lines(ledger.lines(), roster)
         assert rep.exit_code == ExitCode.OK, rep.findings
+        import jsonschema
+
+        from tests.conftest import ROOT
+
+        schema = json.loads((ROOT / "protocols" / "ledger.schema.json").read_text())
+        for ln in ledger.lines():
+            jsonschema.validate(ln.entry, schema)
 
     def test_verify_catches_false_counts(self, tmp_path):
         """audit verify recomputes the rows answered before: an understated count or an overrun is found."""
