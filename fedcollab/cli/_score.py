@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from fedcollab.core import EXIT_CODE_HELP, ExitCode, FedcollabError
+from fedcollab.core import EXIT_CODE_HELP, ConfigError, ExitCode, FedcollabError
 
 score_app = typer.Typer(
     help="Encrypted scoring: score your rows with another party's model; it sees neither rows nor scores.",
@@ -122,7 +122,7 @@ def encrypt(
     try:
         x, y, names = querier_rows(spec, partners=partner, split=split, data=data)
         if secret.exists():
-            raise FedcollabError(f"{secret} exists; refusing to overwrite a secret key file")
+            raise ConfigError(f"`--secret`: {secret} exists; refusing to overwrite a secret key file")
         t0 = time.perf_counter()
         with _progress(fmt == "table", "encrypting", x.shape[1] * (-(-len(x) // 4096))) as prog:
             pending = build_request(x, querier=querier, feature_names=names, labels=y, progress=prog)
@@ -155,7 +155,7 @@ def apply(
     try:
         home = NodeHome(node)
         if not home.exists():
-            raise FedcollabError(f"{node} is not a node folder (fedcollab node init)")
+            raise ConfigError(f"`--node`: {node} must be a node folder (signing_key.pem, policy.toml; fedcollab node init)")
         passphrase = os.environ.get(passphrase_env, "").encode() or None if passphrase_env else None
         policy = home.policy()
         ledger = PartyLedger(home.ledger_path, party=policy.partner, key=home.key(passphrase))
