@@ -45,6 +45,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/secagg.py
 	$(PY) benchmarks/distributed_dp.py
+	$(PY) benchmarks/scoring.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -8,7 +8,9 @@ Checks, in order, each failure naming the line:
    ends with a ``close`` listing each party's chain head, countersigned by every node listed;
 4. every claim: epsilon per (party, dataset, unit, observer) recomputed from the recorded events
    with the same accountant equals the claim (relative 1e-9);
-5. every budget recorded in an entry holds.
+5. every budget recorded in an entry holds;
+6. encrypted scoring (``scoring`` entries): per (party, model, querier) the rows answered before
+   each entry, recomputed from the chain, equal its ``rows_before``, and never exceed its budget.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from fedcollab.privacy.accounting._ledger import spent
 from fedcollab.spec import Roster
 
 CLAIM_RTOL = 1e-9
-KNOWN_KINDS = {"release", "refusal", "receipt", "close", "countersign", "key_custody", "aggregate"}
+KNOWN_KINDS = {"release", "refusal", "receipt", "close", "countersign", "key_custody", "aggregate", "scoring"}
 COORDINATOR_ROLE = "coordinator"
 
 
@@ -167,7 +169,34 @@ def verify_lines(lines: list[LedgerLine], roster: Roster) -> Report:
 
     # 4-5. claims and budgets
     _check_claims(good, rep)
+    # 6. encrypted-scoring row budgets
+    _check_scoring(good, rep)
     return rep
+
+
+def _check_scoring(good: list[LedgerLine], rep: Report) -> None:
+    answered: dict[tuple[str, str, str], int] = defaultdict(int)
+    complete: dict[str, bool] = {}
+    for ln in good:
+        e = ln.entry
+        complete.setdefault(e["party"], e.get("seq") == 0)
+        if e["kind"] != "scoring":
+            continue
+        b = e.get("body") or {}
+        try:
+            key = (e["party"], str(b["model"]), str(b["querier"]))
+            rows, before, budget, outcome = int(b["rows"]), int(b["rows_before"]), int(b["budget"]), b["outcome"]
+        except (KeyError, TypeError, ValueError):
+            rep.findings.append(Finding(ExitCode.LEDGER_TAMPERED, ln.number, "scoring entry without rows, rows_before, budget or outcome"))
+            continue
+        if complete[e["party"]] and before != answered[key]:
+            rep.findings.append(Finding(ExitCode.CLAIM_MISMATCH, ln.number,
+                                        f"{e['party']}: scoring entry claims {before} rows answered before for {key[2]!r}, recomputed {answered[key]}"))
+        if outcome == "answered":
+            answered[key] += rows
+            if max(answered[key], before + rows) > budget:
+                rep.findings.append(Finding(ExitCode.LEDGER_BUDGET_EXCEEDED, ln.number,
+                                            f"{e['party']}: {max(answered[key], before + rows)} rows scored for {key[2]!r}, budget {budget}"))
 
 
 def _check_run_structure(good: list[LedgerLine], coordinators: set[str], rep: Report) -> None:

@@ -19,6 +19,7 @@ from rich.table import Table
 
 from fedcollab.cli._audit import audit_app
 from fedcollab.cli._node import node_app
+from fedcollab.cli._score import score_app
 from fedcollab.core import EXIT_CODE_HELP, ExitCode, FedcollabError
 
 app = typer.Typer(
@@ -31,6 +32,7 @@ spec_app = typer.Typer(help="Validate collaboration specs and export their JSON 
 app.add_typer(spec_app, name="spec")
 app.add_typer(audit_app, name="audit")
 app.add_typer(node_app, name="node")
+app.add_typer(score_app, name="score")
 console = Console(stderr=True)
 Format = Literal["table", "json"]
 

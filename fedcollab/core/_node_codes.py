@@ -18,6 +18,8 @@ class NodeErrorCode(IntEnum):
     BUDGET_EXHAUSTED = 131
     POLICY_REFUSED = 132
     TOO_FEW_PARTICIPANTS = 133
+    SCORING_BUDGET_EXHAUSTED = 134
+    SCORING_BAD_REQUEST = 135
 
 
 NODE_ERROR_HELP: dict[NodeErrorCode, str] = {
@@ -31,4 +33,6 @@ NODE_ERROR_HELP: dict[NodeErrorCode, str] = {
     NodeErrorCode.BUDGET_EXHAUSTED: "The release would exceed the node's budget; nothing was released.",
     NodeErrorCode.POLICY_REFUSED: "The node's policy forbids this request.",
     NodeErrorCode.TOO_FEW_PARTICIPANTS: "Distributed DP: fewer partners in the round than the noise shares were sized for (t_min); nothing was released.",
+    NodeErrorCode.SCORING_BUDGET_EXHAUSTED: "Encrypted scoring: the querier's row budget for this model is spent; nothing was scored.",
+    NodeErrorCode.SCORING_BAD_REQUEST: "Encrypted scoring: the request was malformed (container, context parameters or ciphertexts).",
 }

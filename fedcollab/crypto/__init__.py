@@ -3,6 +3,13 @@
 Keys come from the OS CSPRNG; no home-made cipher, PRG or key agreement.
 """
 
+from fedcollab.crypto._ckks_scoring import (
+    SCORING_PARAMS,
+    PublicScoringContext,
+    ScoringParams,
+    SecretScoringContext,
+    check_scoring_params,
+)
 from fedcollab.crypto._keys import generate_signing_key, load_signing_key
 from fedcollab.crypto._secagg_primitives import (
     X25519_KEY_BYTES,
@@ -23,10 +30,15 @@ from fedcollab.crypto._shamir import share_from_bytes, share_to_bytes
 from fedcollab.crypto._shamir import split as split_secret
 
 __all__ = [
+    "SCORING_PARAMS",
     "SHAMIR_PRIME",
     "SHAMIR_SHARE_BYTES",
     "X25519_KEY_BYTES",
+    "PublicScoringContext",
+    "ScoringParams",
+    "SecretScoringContext",
     "agree",
+    "check_scoring_params",
     "combine_shares",
     "decrypt",
     "derive_key",

@@ -9,6 +9,7 @@
 * ddg: the distributed discrete Gaussian (noise shares under secure aggregation), zCDP, wrap-around
 * partner_dp: partner-level DP plans (distributed DDG under secagg, central Gaussian), from the spec alone
 * wire: message kinds and record keys
+* scoring: encrypted scoring of a linear model (request, budgeted answer, decryption)
 """
 
 from fedcollab.protocols import _secagg as secagg
@@ -38,6 +39,15 @@ from fedcollab.protocols._quantize import (
     quantize,
     unpack,
 )
+from fedcollab.protocols._scoring import (
+    LinearModel,
+    ScoringBudgetExhausted,
+    ScoringRequestError,
+    answer_request,
+    build_request,
+    decrypt_response,
+    load_linear_model,
+)
 from fedcollab.protocols._statistics import (
     Scaling,
     combine_statistics,
@@ -56,12 +66,17 @@ __all__ = [
     "CentralPlan",
     "DdgPlan",
     "DpPlan",
+    "LinearModel",
     "MessageKind",
     "PooledMetrics",
     "RecordKey",
     "Scaling",
+    "ScoringBudgetExhausted",
+    "ScoringRequestError",
     "Summary",
     "SystemRandomSource",
+    "answer_request",
+    "build_request",
     "check_headroom",
     "check_honest_minimum",
     "check_wraparound",
@@ -75,10 +90,12 @@ __all__ = [
     "ddg_zcdp",
     "decode_statistics",
     "decode_update",
+    "decrypt_response",
     "dequantize",
     "dp_statistics",
     "encode_statistics",
     "encode_update",
+    "load_linear_model",
     "pack",
     "plan_central",
     "plan_distributed",

@@ -1,7 +1,7 @@
 """The collaboration spec: strict pydantic models, TOML loading, JSON Schema export."""
 
 from fedcollab.spec._load import load_spec, parse_spec, spec_sha256
-from fedcollab.spec._policy import BudgetSpec, NodePolicy, PolicyWarning, StatisticsPolicy, load_policy, policy_toml
+from fedcollab.spec._policy import BudgetSpec, NodePolicy, PolicyWarning, ScoringPolicy, StatisticsPolicy, load_policy, policy_toml
 from fedcollab.spec._roster import Roster, RosterEntry, load_roster
 from fedcollab.spec._models import (
     ColumnSpec,
@@ -33,6 +33,7 @@ __all__ = [
     "Roster",
     "RosterEntry",
     "SchemaSpec",
+    "ScoringPolicy",
     "SecAggSpec",
     "SourceSpec",
     "Spec",

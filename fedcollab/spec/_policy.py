@@ -6,6 +6,7 @@ against the node's on-disk ledger before every release.
 
 from __future__ import annotations
 
+import json
 import tomllib
 import warnings
 from pathlib import Path
@@ -44,6 +45,24 @@ class StatisticsPolicy(FrozenModel):
     )
 
 
+class ScoringPolicy(FrozenModel):
+    """Encrypted scoring of this node's models by other parties (``fedcollab score apply``).
+
+    One query is one scored row: it reveals one linear equation in the model's d + 1
+    parameters, so d + 1 rows recover a d-feature linear model exactly (docs/scoring.md).
+    """
+
+    max_rows_per_querier: dict[str, Annotated[int, Field(ge=0), BeforeValidator(_integral_float_to_int)]] = Field(
+        default_factory=dict, description="Rows each named querier may have scored, per model, over all time.")
+    default_max_rows: Annotated[int, Field(ge=0), BeforeValidator(_integral_float_to_int)] = Field(
+        default=0, description="Rows per model for a querier not named above (0 = refuse).")
+    flood_std: Finite = Field(default=2.0**-10, gt=0, le=1, description="Flooding noise added to every encrypted score (logits, std).")
+
+    def budget(self, querier: str) -> int:
+        """Rows per model ``querier`` may have scored."""
+        return self.max_rows_per_querier.get(querier, self.default_max_rows)
+
+
 class NodePolicy(FrozenModel):
     """A partner's policy (one model for the whole project; later capabilities wire fields in)."""
 
@@ -58,6 +77,7 @@ class NodePolicy(FrozenModel):
     max_rounds: PosInt = Field(default=500, description="Most rounds a single run may ask for.")
     allowed_model_kinds: list[Literal["logistic_regression", "mlp", "custom"]] = Field(default_factory=lambda: ["logistic_regression", "mlp"])
     statistics: StatisticsPolicy = Field(default_factory=StatisticsPolicy)
+    scoring: ScoringPolicy = Field(default_factory=ScoringPolicy)
 
     @model_validator(mode="after")
     def _unique_budgets(self) -> NodePolicy:
@@ -120,6 +140,14 @@ def policy_toml(policy: NodePolicy) -> str:
         "[statistics]",
         f"min_group_size = {policy.statistics.min_group_size}",
         "allowed_queries = [" + ", ".join(f'"{q}"' for q in policy.statistics.allowed_queries) + "]",
+        "",
+        "# Encrypted scoring of this node's models (fedcollab score apply): rows per querier per model.",
+        "# d + 1 rows recover a d-feature linear model exactly; see docs/scoring.md.",
+        "[scoring]",
+        f"default_max_rows = {policy.scoring.default_max_rows}",
+        f"flood_std = {policy.scoring.flood_std!r}",
+        "[scoring.max_rows_per_querier]",
+        *(f"{json.dumps(q)} = {n}" for q, n in sorted(policy.scoring.max_rows_per_querier.items())),
         "",
     ]
     return "\n".join(lines)

@@ -6,7 +6,8 @@ SHA-256 ``prev`` of the party's previous line, the run id and round, a kind-spec
 and the party's Ed25519 ``signature`` (lowercase hex) over the canonical form without it.
 
 Kinds: ``release`` (a privacy event, recorded before the release leaves the party),
-``refusal`` (a release refused by policy or budget), ``receipt`` (the coordinator chains the
+``refusal`` (a release refused by policy or budget), ``scoring`` (an encrypted-scoring request
+answered or refused by a model holder, with the querier's row count), ``receipt`` (the coordinator chains the
 hashes of node entries in arrival order), ``close`` (the coordinator lists every party's chain
 head), ``countersign`` (a node signs the close entry's hash). JSON Schema:
 ``protocols/ledger.schema.json``.
@@ -33,7 +34,7 @@ from fedcollab.privacy.accounting._events import Release
 
 LEDGER_SCHEMA_VERSION = 1
 GENESIS = "0" * 64
-EntryKind = Literal["release", "refusal", "receipt", "close", "countersign", "key_custody", "aggregate"]
+EntryKind = Literal["release", "refusal", "receipt", "close", "countersign", "key_custody", "aggregate", "scoring"]
 
 
 class LedgerError(FedcollabError):
@@ -302,7 +303,18 @@ def ledger_entry_json_schema() -> dict[str, Any]:
     defs["CloseBody"] = {"type": "object", "additionalProperties": False, "required": ["heads"],
                          "properties": {"heads": {"type": "object", "additionalProperties": hex64}}}
     defs["CountersignBody"] = {"type": "object", "additionalProperties": False, "required": ["close"], "properties": {"close": hex64}}
-    by_kind = {"release": "ReleaseBody", "refusal": "RefusalBody", "receipt": "ReceiptBody", "close": "CloseBody", "countersign": "CountersignBody"}
+    defs["ScoringBody"] = {
+        "type": "object", "additionalProperties": False,
+        "required": ["querier", "model", "request", "rows", "rows_before", "budget", "outcome", "code"],
+        "properties": {"querier": {"type": "string"}, "model": {**hex64, "description": "SHA-256 of the model file"},
+                       "request": {**hex64, "description": "SHA-256 of the request file"},
+                       "rows": {"type": "integer", "minimum": 0, "description": "rows (queries) in the request"},
+                       "rows_before": {"type": "integer", "minimum": 0, "description": "rows answered before, same querier and model"},
+                       "budget": {"type": "integer", "minimum": 0}, "outcome": {"enum": ["answered", "refused"]},
+                       "code": {"type": ["integer", "null"], "description": "node error code of a refusal"},
+                       "flood_std": {"type": "number"}, "params": {"type": "object"}},
+    }
+    by_kind = {"release": "ReleaseBody", "refusal": "RefusalBody", "receipt": "ReceiptBody", "close": "CloseBody", "countersign": "CountersignBody", "scoring": "ScoringBody"}
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://fedcollab.dev/schema/ledger.schema.json",
@@ -312,7 +324,7 @@ def ledger_entry_json_schema() -> dict[str, Any]:
         "required": ["schema_version", "kind", "party", "seq", "prev", "run_id", "round", "time", "body", "signature"],
         "properties": {
             "schema_version": {"const": LEDGER_SCHEMA_VERSION},
-            "kind": {"enum": ["release", "refusal", "receipt", "close", "countersign", "key_custody", "aggregate"]},
+            "kind": {"enum": ["release", "refusal", "receipt", "close", "countersign", "key_custody", "aggregate", "scoring"]},
             "party": {"type": "string"},
             "seq": {"type": "integer", "minimum": 0},
             "prev": {**hex64, "description": "SHA-256 of the party's previous line; 64 zeros for the first"},

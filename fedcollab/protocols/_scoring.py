@@ -1,0 +1,422 @@
+"""Encrypted scoring: a querier scores its rows with a model holder's linear model (``docs/scoring.md``).
+
+Three steps, exchanged as files:
+
+1. querier, :func:`build_request`: rows -> request (public CKKS context + column-packed
+   ciphertexts) and a local secret state (context with secret key, mode 0600);
+2. model holder, :func:`answer_request`: checks the request, checks the querier's row budget in
+   its ``NodePolicy`` against its ledger, scores under encryption (masked, noise-flooded),
+   records a ``scoring`` ledger entry, then returns the response;
+3. querier, :func:`decrypt_response`: logits, the sigmoid applied locally.
+
+File container (request and response): an 8-byte magic, the header length (8 bytes, big
+endian), a JSON header listing each blob with its length and SHA-256, then the blobs.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedcollab.core import BudgetExhausted, ConfigError, CryptoError, NodeErrorCode, PolicyRefused, ProtocolError
+from fedcollab.crypto import SCORING_PARAMS, PublicScoringContext, SecretScoringContext, check_scoring_params
+from fedcollab.privacy.accounting import PartyLedger
+from fedcollab.spec import NodePolicy
+
+REQUEST_MAGIC = b"FCSCREQ1"
+RESPONSE_MAGIC = b"FCSCRSP1"
+STATE_FORMAT = "fedcollab.score_secret"
+SCORING_VERSION = 1
+MAX_HEADER_BYTES = 1 << 20
+Progress = Callable[[int], None] | None
+
+
+class ScoringRequestError(ProtocolError):
+    """A scoring request or response file is malformed (the field is named)."""
+
+    node_code = NodeErrorCode.SCORING_BAD_REQUEST
+
+
+class ScoringBudgetExhausted(BudgetExhausted):
+    """The querier's row budget for this model would be exceeded; nothing was scored."""
+
+    node_code = NodeErrorCode.SCORING_BUDGET_EXHAUSTED
+
+    def __init__(self, message: str, *, querier: str, rows: int, rows_before: int, budget: int) -> None:
+        self.querier, self.rows, self.rows_before, self.budget = querier, rows, rows_before, budget
+        super().__init__(message)
+
+
+def _sha(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+# --------------------------------------------------------------------------- container
+
+
+def pack_container(magic: bytes, header: dict[str, Any], blobs: Sequence[tuple[str, bytes]]) -> bytes:
+    """Header + blobs in one byte string; the header gains the blob table."""
+    table = [{"name": n, "length": len(b), "sha256": _sha(b)} for n, b in blobs]
+    head = json.dumps({**header, "blobs": table}, sort_keys=True, separators=(",", ":")).encode()
+    return b"".join([magic, len(head).to_bytes(8, "big"), head, *(b for _, b in blobs)])
+
+
+def unpack_container(data: bytes, magic: bytes, *, what: str) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Parse and check a container: magic, header, every blob's length and hash, no trailing bytes."""
+    if not isinstance(data, bytes | bytearray) or len(data) < 16 or data[:8] != magic:
+        raise ScoringRequestError(f"{what}: must start with {magic!r}, got {bytes(data[:8])!r} ({len(data)} bytes)")
+    n = int.from_bytes(data[8:16], "big")
+    if n > MAX_HEADER_BYTES or 16 + n > len(data):
+        raise ScoringRequestError(f"{what}: header length must be <= {min(MAX_HEADER_BYTES, len(data) - 16)} bytes, got {n} (truncated?)")
+    try:
+        header = json.loads(data[16 : 16 + n])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ScoringRequestError(f"{what}: the header must be JSON") from None
+    if not isinstance(header, dict) or not isinstance(header.get("blobs"), list):
+        raise ScoringRequestError(f"{what}: the header must be an object with a `blobs` list")
+    blobs: dict[str, bytes] = {}
+    pos = 16 + n
+    for i, b in enumerate(header["blobs"]):
+        if not (isinstance(b, dict) and isinstance(b.get("name"), str) and isinstance(b.get("length"), int) and b["length"] >= 0):
+            raise ScoringRequestError(f"{what}: `blobs[{i}]` must have a name and a length >= 0, got {b!r}")
+        chunk = data[pos : pos + b["length"]]
+        if len(chunk) != b["length"]:
+            raise ScoringRequestError(f"{what}: blob `{b['name']}` must be {b['length']} bytes, got {len(chunk)} (truncated)")
+        if _sha(bytes(chunk)) != b.get("sha256"):
+            raise ScoringRequestError(f"{what}: blob `{b['name']}` does not match its SHA-256 (altered)")
+        blobs[b["name"]] = bytes(chunk)
+        pos += b["length"]
+    if pos != len(data):
+        raise ScoringRequestError(f"{what}: must end after its last blob, got {len(data) - pos} trailing bytes")
+    return header, blobs
+
+
+def _int_field(header: dict[str, Any], name: str, *, what: str, lo: int = 1, hi: int | None = None) -> int:
+    v = header.get(name)
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
+        raise ScoringRequestError(f"{what}: `{name}` must be an integer in [{lo}, {hi if hi is not None else 'inf'}], got {v!r}")
+    return v
+
+
+def _chunks(n_rows: int, slots: int) -> list[int]:
+    return [min(slots, n_rows - s) for s in range(0, n_rows, slots)]
+
+
+# --------------------------------------------------------------------------- the model
+
+
+@dataclass(frozen=True)
+class LinearModel:
+    """A linear scorer on raw encoded features: logit = x . weights + bias (feature scaling folded in)."""
+
+    weights: np.ndarray
+    bias: float
+    model_id: str
+    kind: str = "logistic_regression"
+
+    @property
+    def n_features(self) -> int:  # noqa: D102
+        return len(self.weights)
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Plain scoring (the reference the encrypted path must match)."""
+        return np.asarray(x, dtype=np.float64) @ self.weights + self.bias
+
+
+def fold_scaling(weight: np.ndarray, bias: float, mean: np.ndarray | None, std: np.ndarray | None) -> tuple[np.ndarray, float]:
+    """``w . (x - m) / s + b`` as ``w' . x + b'``: the scaling stays with the model holder."""
+    w = np.asarray(weight, dtype=np.float64).reshape(-1)
+    if mean is None or std is None:
+        return w, float(bias)
+    m, s = np.asarray(mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
+    if m.shape != w.shape or s.shape != w.shape or not (s > 0).all():
+        raise ConfigError(f"scaling parameters must be {len(w)} means and {len(w)} positive stds, got {m.shape} and {s.shape}")
+    w2 = w / s
+    return w2, float(bias - float(w2 @ m))
+
+
+def load_linear_model(run_dir: str | Path) -> LinearModel:
+    """The model of a fedcollab run folder (``model.safetensors`` + ``summary.json``).
+
+    Only a logistic regression / linear model (one ``linear`` layer, one output) can be scored.
+    """
+    root = Path(run_dir)
+    try:
+        summary = json.loads((root / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{root}/summary.json: cannot read the run summary ({type(exc).__name__})") from None
+    model = summary.get("model") or {}
+    path = root / str(model.get("path", "model.safetensors"))
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the model {path}: {exc.strerror}") from None
+    if model.get("sha256") and _sha(raw) != model["sha256"]:
+        raise ConfigError(f"{path}: SHA-256 differs from summary.json's model.sha256 (the model file was changed)")
+    if model.get("format", "safetensors") != "safetensors":
+        raise ConfigError(f"{path}: only safetensors models can be scored, got {model.get('format')!r}")
+    from safetensors.numpy import load as st_load
+
+    try:
+        arrays = st_load(raw)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError
+        raise ConfigError(f"{path}: not a safetensors file ({type(exc).__name__})") from None
+    if set(arrays) != {"linear.weight", "linear.bias"} or arrays["linear.weight"].ndim != 2 or arrays["linear.weight"].shape[0] != 1:
+        shapes = {k: list(v.shape) for k, v in arrays.items()}
+        raise PolicyRefused(f"{path}: encrypted scoring supports a logistic regression / linear model (linear.weight (1, d), linear.bias (1,)), got {shapes}")
+    sp = summary.get("scaling_parameters")
+    w, b = fold_scaling(arrays["linear.weight"][0], float(arrays["linear.bias"][0]),
+                        sp.get("mean") if sp else None, sp.get("std") if sp else None)
+    if not (np.isfinite(w).all() and math.isfinite(b)):
+        raise ConfigError(f"{path}: the model has non-finite weights")
+    return LinearModel(weights=w, bias=b, model_id=_sha(raw))
+
+
+# --------------------------------------------------------------------------- querier
+
+
+@dataclass(frozen=True)
+class PendingRequest:
+    """What :func:`build_request` returns: the request to send, the secret state to keep."""
+
+    request: bytes
+    state: bytes
+    request_id: str
+    n_rows: int
+
+
+def build_request(x: np.ndarray, *, querier: str, feature_names: Sequence[str] | None = None, labels: np.ndarray | None = None,
+                  context: SecretScoringContext | None = None, progress: Progress = None) -> PendingRequest:
+    """Encrypt rows ``x`` (n, d) for scoring: the request, and the querier's secret state (JSON)."""
+    if not isinstance(querier, str) or not querier:
+        raise ConfigError(f"`querier` must be a non-empty name, got {querier!r}")
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ConfigError(f"`rows` must be a non-empty (rows, features) array, got shape {x.shape}")
+    if feature_names is not None and len(feature_names) != x.shape[1]:
+        raise ConfigError(f"`feature_names` must name {x.shape[1]} features, got {len(feature_names)}")
+    if labels is not None and len(labels) != len(x):
+        raise ConfigError(f"`labels` must have {len(x)} entries, got {len(labels)}")
+    ctx = context or SecretScoringContext.generate()
+    cols = ctx.encrypt_columns(x, progress=progress)
+    request_id = secrets.token_hex(16)
+    header = {
+        "format": "fedcollab.score_request", "version": SCORING_VERSION, "request_id": request_id, "querier": querier,
+        "created": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "params": ctx.params.to_dict(),
+        "n_rows": int(x.shape[0]), "n_features": int(x.shape[1]), "chunks": _chunks(x.shape[0], ctx.params.slots),
+        "feature_names": list(feature_names) if feature_names is not None else None, "packing": "column",
+    }
+    blobs = [("context", ctx.public_bytes())] + [(f"c{i}f{j}", b) for i, ch in enumerate(cols) for j, b in enumerate(ch)]
+    req = pack_container(REQUEST_MAGIC, header, blobs)
+    state = {
+        "format": STATE_FORMAT, "version": SCORING_VERSION, "request_id": request_id, "request_sha256": _sha(req),
+        "n_rows": int(x.shape[0]), "chunks": header["chunks"], "context": base64.b64encode(ctx.secret_bytes()).decode(),
+        "labels": None if labels is None else [float(v) for v in labels],
+    }
+    return PendingRequest(request=req, state=json.dumps(state).encode(), request_id=request_id, n_rows=int(x.shape[0]))
+
+
+def write_secret(path: str | Path, data: bytes) -> None:
+    """Write the querier's secret state with mode 0600 (created afresh; an existing file is refused)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise ConfigError(f"{p} exists; refusing to overwrite a secret key file") from None
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` whole or not at all (temporary file, then rename)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + f".tmp-{secrets.token_hex(4)}")
+    tmp.write_bytes(data)
+    os.replace(tmp, p)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Decrypted scores at the querier."""
+
+    logits: np.ndarray
+    labels: np.ndarray | None
+    holder: str
+    model_id: str
+    request_id: str
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        """The sigmoid, applied by the querier after decryption."""
+        return 1.0 / (1.0 + np.exp(-self.logits))
+
+    @property
+    def accuracy(self) -> float | None:
+        """Accuracy at threshold 0.5 when labels were kept."""
+        if self.labels is None:
+            return None
+        return float(((self.logits > 0).astype(np.float64) == self.labels).mean())
+
+
+def decrypt_response(response: bytes, state: bytes, *, progress: Progress = None) -> Scores:
+    """Check that ``response`` answers the request of ``state`` and decrypt its scores."""
+    try:
+        st = json.loads(state)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ConfigError("secret state: must be the JSON written by `fedcollab score encrypt`") from None
+    if not isinstance(st, dict) or st.get("format") != STATE_FORMAT:
+        raise ConfigError(f"secret state: `format` must be {STATE_FORMAT!r}, got {st.get('format') if isinstance(st, dict) else st!r}")
+    header, blobs = unpack_container(response, RESPONSE_MAGIC, what="response")
+    what = "response"
+    if header.get("request_id") != st["request_id"] or header.get("request_sha256") != st["request_sha256"]:
+        raise ScoringRequestError(f"{what}: `request_id` must be {st['request_id']} (this secret's request), got {header.get('request_id')!r}")
+    if header.get("chunks") != st["chunks"]:
+        raise ScoringRequestError(f"{what}: `chunks` must be {st['chunks']}, got {header.get('chunks')!r}")
+    ctx = SecretScoringContext.from_secret_bytes(base64.b64decode(st["context"]))
+    out = []
+    for i, rows in enumerate(st["chunks"]):
+        blob = blobs.get(f"r{i}")
+        if blob is None:
+            raise ScoringRequestError(f"{what}: blob `r{i}` is missing")
+        out.append(ctx.decrypt_scores(blob, rows=rows, field=f"r{i}"))
+        if progress:
+            progress(1)
+    labels = np.asarray(st["labels"], dtype=np.float64) if st.get("labels") is not None else None
+    return Scores(logits=np.concatenate(out), labels=labels, holder=str(header.get("holder")), model_id=str(header.get("model")),
+                  request_id=st["request_id"])
+
+
+# --------------------------------------------------------------------------- model holder
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    """A checked request (the ciphertexts are still opaque)."""
+
+    header: dict[str, Any]
+    blobs: dict[str, bytes]
+    sha256: str
+
+    @property
+    def querier(self) -> str:  # noqa: D102
+        return str(self.header["querier"])
+
+    @property
+    def n_rows(self) -> int:  # noqa: D102
+        return int(self.header["n_rows"])
+
+
+def parse_request(data: bytes) -> ParsedRequest:
+    """Check a request's container and header (every field named on failure); no decryption needed."""
+    what = "request"
+    header, blobs = unpack_container(data, REQUEST_MAGIC, what=what)
+    if header.get("format") != "fedcollab.score_request" or header.get("version") != SCORING_VERSION:
+        raise ScoringRequestError(f"{what}: `format`/`version` must be fedcollab.score_request/1, got {header.get('format')!r}/{header.get('version')!r}")
+    if not isinstance(header.get("querier"), str) or not header["querier"]:
+        raise ScoringRequestError(f"{what}: `querier` must be a non-empty string, got {header.get('querier')!r}")
+    if header.get("packing") != "column":
+        raise ScoringRequestError(f"{what}: `packing` must be 'column', got {header.get('packing')!r}")
+    try:
+        params = check_scoring_params(header.get("params"))
+    except CryptoError as exc:
+        raise ScoringRequestError(f"{what}: {exc}") from None
+    n = _int_field(header, "n_rows", what=what, hi=10**8)
+    d = _int_field(header, "n_features", what=what, hi=10**5)
+    if header.get("chunks") != _chunks(n, params.slots):
+        raise ScoringRequestError(f"{what}: `chunks` must be {_chunks(n, params.slots)} for {n} rows, got {header.get('chunks')!r}")
+    names = header.get("feature_names")
+    if names is not None and (not isinstance(names, list) or len(names) != d):
+        raise ScoringRequestError(f"{what}: `feature_names` must be null or {d} names, got {names!r}")
+    want = {"context"} | {f"c{i}f{j}" for i in range(len(header["chunks"])) for j in range(d)}
+    if set(blobs) != want:
+        missing, extra = sorted(want - set(blobs))[:3], sorted(set(blobs) - want)[:3]
+        raise ScoringRequestError(f"{what}: blobs must be the context and {len(want) - 1} ciphertexts, missing {missing}, unexpected {extra}")
+    return ParsedRequest(header=header, blobs=blobs, sha256=_sha(data))
+
+
+def scoring_rows_before(ledger: PartyLedger, *, querier: str, model_id: str) -> int:
+    """Rows of ``model_id`` answered for ``querier``, recomputed from the holder's ledger."""
+    total = 0
+    for ln in ledger.lines():
+        e = ln.entry
+        if e.get("party") == ledger.party and e.get("kind") == "scoring":
+            b = e["body"]
+            if b.get("querier") == querier and b.get("model") == model_id and b.get("outcome") == "answered":
+                total += int(b["rows"])
+    return total
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What :func:`answer_request` produced."""
+
+    response: bytes
+    querier: str
+    rows: int
+    rows_before: int
+    budget: int
+    request_id: str
+
+
+def answer_request(data: bytes, *, model: LinearModel, policy: NodePolicy, ledger: PartyLedger, generator: np.random.Generator,
+                   expected_features: Sequence[str] | None = None, progress: Progress = None) -> Answer:
+    """Score a request at the model holder: check, budget, compute, record, then release.
+
+    Order (checks come before anything is recorded or released): the request parses; the
+    context is public and has the fixed parameters; the feature count matches the model; the
+    querier's rows so far plus this request's stay within its budget (else a ``scoring``
+    refusal is recorded and :class:`ScoringBudgetExhausted` raised); every ciphertext is checked
+    and scored; the ``scoring`` entry is appended; only then is the response returned.
+    """
+    req = parse_request(data)
+    h = req.header
+    what = "request"
+    if h["n_features"] != model.n_features:
+        raise ScoringRequestError(f"{what}: `n_features` must be {model.n_features} (the model's), got {h['n_features']}")
+    if expected_features is not None and h["feature_names"] is not None and list(h["feature_names"]) != list(expected_features):
+        raise ScoringRequestError(f"{what}: `feature_names` must be {list(expected_features)}, got {h['feature_names']}")
+    try:
+        ctx = PublicScoringContext.from_bytes(req.blobs["context"], SCORING_PARAMS, field="context")
+    except CryptoError as exc:
+        raise ScoringRequestError(f"{what}: {exc}") from None
+    querier, n = req.querier, req.n_rows
+    budget = policy.scoring.budget(querier)
+    before = scoring_rows_before(ledger, querier=querier, model_id=model.model_id)
+    body = {"querier": querier, "model": model.model_id, "request": req.sha256, "rows": n, "rows_before": before, "budget": budget,
+            "params": SCORING_PARAMS.to_dict(), "flood_std": policy.scoring.flood_std}
+    if before + n > budget:
+        ledger.append(kind="scoring", run_id=str(h.get("request_id", "")), round=0,
+                      body={**body, "outcome": "refused", "code": int(NodeErrorCode.SCORING_BUDGET_EXHAUSTED)})
+        raise ScoringBudgetExhausted(
+            f"querier {querier!r} asked for {n} rows; {before} of its {budget} rows for model {model.model_id[:12]} are spent "
+            f"(policy scoring.max_rows_per_querier); nothing was scored",
+            querier=querier, rows=n, rows_before=before, budget=budget)
+    results = []
+    for i, rows in enumerate(h["chunks"]):
+        try:
+            cols = [ctx.load_column(req.blobs[f"c{i}f{j}"], rows=rows, field=f"c{i}f{j}") for j in range(model.n_features)]
+        except CryptoError as exc:
+            raise ScoringRequestError(f"{what}: {exc}") from None
+        results.append((f"r{i}", ctx.score_linear(cols, weights=model.weights, bias=model.bias, rows=rows,
+                                                  flood_std=float(policy.scoring.flood_std), generator=generator)))
+        if progress:
+            progress(1)
+    ledger.append(kind="scoring", run_id=str(h["request_id"]), round=0, body={**body, "outcome": "answered", "code": None})
+    header = {"format": "fedcollab.score_response", "version": SCORING_VERSION, "request_id": h["request_id"], "request_sha256": req.sha256,
+              "holder": ledger.party, "model": model.model_id, "n_rows": n, "chunks": h["chunks"], "output": "logit",
+              "flood_std": policy.scoring.flood_std}
+    return Answer(response=pack_container(RESPONSE_MAGIC, header, results), querier=querier, rows=n, rows_before=before, budget=budget,
+                  request_id=str(h["request_id"]))

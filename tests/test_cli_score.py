@@ -1,0 +1,94 @@
+"""``fedcollab score``: the file exchange between a querier and a model holder, end to end."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from fedcollab.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def heart_run(tmp_path_factory, heart_spec):
+    """A run folder holding a logistic regression fitted (plain numpy) on the pooled Heart training rows."""
+    from safetensors.numpy import save_file
+
+    from fedcollab.data import load_partner_data
+
+    parts = [load_partner_data(heart_spec, p.name) for p in heart_spec.partners]
+    x = np.concatenate([p.x_train for p in parts])
+    y = np.concatenate([p.y_train for p in parts])
+    mean, std = x.mean(0), x.std(0) + 1e-9
+    z = (x - mean) / std
+    w, b = np.zeros(z.shape[1]), 0.0
+    for _ in range(300):
+        g = 1 / (1 + np.exp(-(z @ w + b))) - y
+        w -= 0.5 * z.T @ g / len(y)
+        b -= 0.5 * g.mean()
+    out = tmp_path_factory.mktemp("heart-run")
+    save_file({"linear.weight": w[None, :].astype(np.float32), "linear.bias": np.array([b], dtype=np.float32)}, str(out / "model.safetensors"))
+    sha = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    (out / "summary.json").write_text(json.dumps({"model": {"path": "model.safetensors", "sha256": sha, "format": "safetensors"},
+                                                  "scaling_parameters": {"mean": mean.tolist(), "std": std.tolist()}}))
+    return out
+
+
+@pytest.mark.parametrize("cmd", [["score"], ["score", "encrypt"], ["score", "apply"], ["score", "decrypt"], ["score", "run"]])
+def test_help(cmd):
+    """Every score command has --help."""
+    r = runner.invoke(app, [*cmd, "--help"])
+    assert r.exit_code == 0 and "Usage" in r.output
+
+
+def test_run_heart_test_split_matches_plain(heart_run, root, tmp_path):
+    """Encrypted scoring of the whole Heart test split gives the plain accuracy (within 0.01)."""
+    r = runner.invoke(app, ["score", "run", "--spec", str(root / "protocols" / "heart-disease.toml"), "--model", str(heart_run),
+                            "--out", str(tmp_path / "s"), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert info["rows"] == 254 and info["accuracy_plain"] > 0.7
+    assert info["accuracy_delta"] <= 0.01
+    assert info["max_abs_logit_error"] < 0.01
+    assert (tmp_path / "s" / "scores.csv").read_text().startswith("row,logit,probability\n")
+
+
+def test_file_exchange_budget_and_audit(heart_run, root, tmp_path):
+    """encrypt -> apply -> decrypt as files; a request beyond the budget exits 5; the holder's ledger verifies."""
+    spec = str(root / "protocols" / "heart-disease.toml")
+    r = runner.invoke(app, ["node", "init", str(tmp_path / "telecom"), "--partner", "telecom", "--format", "json"])
+    roster = json.loads(r.stdout)["roster_entry"]
+    pol = tmp_path / "telecom" / "policy.toml"
+    pol.write_text(pol.read_text().replace("[scoring.max_rows_per_querier]", '[scoring.max_rows_per_querier]\n"bank" = 30'))
+
+    def encrypt(partner, name):
+        r = runner.invoke(app, ["score", "encrypt", "--spec", spec, "--partner", partner, "--querier", "bank", "--out", str(tmp_path / f"{name}.req"),
+                                "--secret", str(tmp_path / f"{name}.secret"), "--format", "json"])
+        assert r.exit_code == 0, r.output
+        assert (tmp_path / f"{name}.secret").stat().st_mode & 0o777 == 0o600
+        return json.loads(r.stdout)["rows"]
+
+    def apply(name):
+        return runner.invoke(app, ["score", "apply", str(tmp_path / f"{name}.req"), "--model", str(heart_run), "--node", str(tmp_path / "telecom"),
+                                   "--out", str(tmp_path / f"{name}.resp"), "--spec", spec, "--format", "json"])
+
+    assert encrypt("switzerland", "a") == 16
+    r = apply("a")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["rows_used"] == 16
+    r = runner.invoke(app, ["score", "decrypt", str(tmp_path / "a.resp"), "--secret", str(tmp_path / "a.secret"), "--out", str(tmp_path / "a.json"),
+                            "--format", "json"])
+    assert r.exit_code == 0, r.output
+    assert len(json.loads((tmp_path / "a.json").read_text())["scores"]) == 16
+    assert encrypt("switzerland", "b") == 16  # 16 + 16 > 30
+    r = apply("b")
+    assert r.exit_code == 5 and "134" in r.output and not (tmp_path / "b.resp").exists()
+    (tmp_path / "roster.json").write_text(json.dumps({"parties": roster}))
+    r = runner.invoke(app, ["audit", "verify", str(tmp_path / "telecom" / "ledger.jsonl"), "--roster", str(tmp_path / "roster.json"), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["lines"] == 2
