@@ -349,7 +349,10 @@ def make_analytics_client_app(spec: Spec, homes: dict[str, str], roster: dict[st
             # Text stays in this node's log; only the code and the node's new ledger entries leave.
             log.error("node %s refused an analytics request: %s (%s)", partner or "?", code.name, exc,
                       exc_info=not isinstance(exc, FedcollabError))
-            content = RecordDict({RecordKey.ERROR: ConfigRecord({"code": int(code)})})
+            err: dict[str, Any] = {"code": int(code)}
+            if partner is not None:
+                err["partner"] = partner  # public: the coordinator addresses partners by name
+            content = RecordDict({RecordKey.ERROR: ConfigRecord(err)})
             if node is not None:
                 new = [ln.raw.decode() for ln in node.gate.ledger.lines()
                        if ln.entry.get("party") == partner and int(ln.entry.get("seq", -1)) >= start]
