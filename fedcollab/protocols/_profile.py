@@ -4,16 +4,16 @@ Each node releases one vector of counts about its own rows, with its own Gaussia
 (local DP, observer: the coordinator), charged to its budget:
 
 * core blocks (noise ``sigma_core``): ``rows``, ``usable_pos``, ``usable_neg`` (rows with every
-  feature and the label present, by label);
-* other blocks (noise ``sigma_rest``): ``missing:COL`` for every schema column,
-  ``hist:F`` for every feature (bins over public bounds, or one per level) and ``zeros:F`` for
-  every number feature whose bounds contain 0.
+  feature and the label present, by label) and ``zeros:F`` for every number feature whose
+  bounds contain 0 (the ratios the findings read);
+* other blocks (noise ``sigma_rest``): ``missing:COL`` for every schema column and ``hist:F``
+  for every feature (bins over public bounds, or one per level).
 
 One row adds at most 1 to one coordinate of each block, so with per-block std ``sigma_b`` the
 release is a Gaussian mechanism of noise multiplier ``1 / sqrt(sum_b sigma_b^-2)`` (rescale each
 coordinate by ``1 / sigma_b``: L2 sensitivity ``sqrt(sum_b sigma_b^-2)``, unit noise).
-``CORE_SHARE`` of the zCDP budget goes to the three core blocks, whose ratios (label balance)
-need the least noise. Label balance is over usable rows, not the training split: the split of a
+``CORE_SHARE`` of the zCDP budget goes to the core blocks, whose ratios (label balance, share
+of zeros) need the least noise. Label balance is over usable rows, not the training split: the split of a
 ratio split without stratification is a permutation of all rows, so one row can move many
 others between train and test; usable rows change by at most one.
 
@@ -29,15 +29,15 @@ from typing import Any
 import numpy as np
 
 from fedcollab.core import PrivacyError
-from fedcollab.privacy.accounting import GaussianMechanism, compute_epsilon
-from fedcollab.protocols._query import rho_for
+from fedcollab.privacy.accounting import GaussianMechanism
+from fedcollab.protocols._query import rho_for, smallest_scale
 from fedcollab.spec import SchemaSpec
 
 HIST_BINS = 10
 CORE_SHARE = 0.7
 CORE = ("rows", "usable_pos", "usable_neg")
 #: Findings thresholds (noisy values; see docs/analytics.md).
-ZERO_SHARE_FLAG = 0.7
+ZERO_SHARE_FLAG = 0.8
 LABEL_RATE_FLAG = 0.85
 MISSING_SHARE_FLAG = 0.5
 DRIFT_TV_FLAG = 0.4
@@ -58,6 +58,10 @@ class ProfileBlock:
 
     def edges(self) -> list[float]:  # noqa: D102
         return np.linspace(self.lo, self.hi, self.width + 1).tolist()
+
+
+def _is_core(b: ProfileBlock) -> bool:
+    return b.kind in CORE or b.kind == "zeros"
 
 
 def profile_layout(schema: SchemaSpec) -> list[ProfileBlock]:
@@ -104,23 +108,21 @@ class ProfilePlan:
 
     def sigmas(self, blocks: list[ProfileBlock]) -> np.ndarray:
         """Noise std of every coordinate."""
-        return np.concatenate([np.full(b.width, self.sigma_core if b.kind in CORE else self.sigma_rest) for b in blocks])
+        return np.concatenate([np.full(b.width, self.sigma_core if _is_core(b) else self.sigma_rest) for b in blocks])
 
 
 def plan_profile(schema: SchemaSpec, *, epsilon: float, delta: float) -> ProfilePlan:
     """Calibrate the per-block noise to (epsilon, delta), checked with the RDP accountant."""
     blocks = profile_layout(schema)
-    n_core = sum(1 for b in blocks if b.kind in CORE)
+    n_core = sum(1 for b in blocks if _is_core(b))
     n_rest = len(blocks) - n_core
     rho = rho_for(epsilon, delta)
-    for _ in range(60):
-        s_core = math.sqrt(n_core / (2.0 * rho * CORE_SHARE))
-        s_rest = math.sqrt(n_rest / (2.0 * rho * (1 - CORE_SHARE)))
-        plan = ProfilePlan(epsilon, delta, s_core, s_rest, n_core, n_rest)
-        if compute_epsilon([plan.mechanism], delta=delta, accountant="rdp").epsilon <= epsilon * (1 + 1e-9):
-            return plan
-        rho *= 0.97
-    raise PrivacyError(f"no noise level meets epsilon = {epsilon} for the profile")
+
+    def plan(scale: float) -> ProfilePlan:
+        return ProfilePlan(epsilon, delta, scale * math.sqrt(n_core / (2.0 * rho * CORE_SHARE)),
+                           scale * math.sqrt(n_rest / (2.0 * rho * (1 - CORE_SHARE))), n_core, n_rest)
+
+    return plan(smallest_scale(lambda x: plan(x).mechanism, 1.0, epsilon=epsilon, delta=delta))
 
 
 def noisy_profile(counts: np.ndarray, plan: ProfilePlan, blocks: list[ProfileBlock], *, generator: np.random.Generator) -> np.ndarray:
@@ -229,10 +231,10 @@ def build_profile(vectors: dict[str, np.ndarray], blocks: list[ProfileBlock], pl
             add({"silo": s.name, "column": "label", "level": "warning",
                  "message": f"{s.name}: labels almost all {which} (noisy rate {rate:.2f}); its training labels are (nearly) one class"})
         for col, z in s.zeros.items():
-            present = s.rows - s.missing.get(col, 0.0)
-            if present > 0 and z / present >= ZERO_SHARE_FLAG:
+            # Share of all rows (both counts carry the core noise): robust, if low for columns with missing values.
+            if s.rows > 0 and z / s.rows >= ZERO_SHARE_FLAG:
                 add({"silo": s.name, "column": col, "level": "warning",
-                     "message": f"{s.name}: `{col}` is (almost) always 0 (noisy share {min(z / present, 1.0):.2f}): likely a missing-value code"})
+                     "message": f"{s.name}: `{col}` is (almost) always 0 (noisy share {min(z / s.rows, 1.0):.2f}): likely a missing-value code"})
         for col, m in s.missing.items():
             if col in features and s.rows > 0 and m / s.rows >= MISSING_SHARE_FLAG:
                 add({"silo": s.name, "column": col, "level": "warning",

@@ -204,13 +204,35 @@ def plan_query(query: QuerySpec, schema: SchemaSpec, *, n_honest: int) -> QueryP
     assert query.epsilon is not None
     rho = rho_for(query.epsilon, query.delta)
     z = math.sqrt(layout.n_blocks / (2.0 * rho))
-    sigma = z * RESOLUTION
+
+    def mech(sigma: float) -> ZCDPMechanism:
+        return query_zcdp(n_blocks=layout.n_blocks, sigma=sigma, n_honest=n_honest, d=layout.length)
+
+    sigma = smallest_scale(lambda x: mech(x), z * RESOLUTION, epsilon=query.epsilon, delta=query.delta)
+    return QueryPlan(layout, "dp", n_honest, sigma, mech(sigma))
+
+
+def smallest_scale(mechanism: Any, start: float, *, epsilon: float, delta: float, iterations: int = 30) -> float:
+    """Bisection for the smallest noise scale whose mechanism spends at most ``epsilon`` (RDP accountant).
+
+    ``start`` is a scale known or expected to meet the target (the Prop. 1.3 conversion is looser
+    than RDP's); the result always meets it, checked with :func:`compute_epsilon`.
+    """
+    def ok(x: float) -> bool:
+        return compute_epsilon([mechanism(x)], delta=delta, accountant="rdp").epsilon <= epsilon
+
+    hi = start
     for _ in range(60):
-        mech = query_zcdp(n_blocks=layout.n_blocks, sigma=sigma, n_honest=n_honest, d=layout.length)
-        if compute_epsilon([mech], delta=query.delta, accountant="rdp").epsilon <= query.epsilon * (1 + 1e-9):
-            return QueryPlan(layout, "dp", n_honest, sigma, mech)
-        sigma *= 1.02
-    raise PrivacyError(f"no noise level meets epsilon = {query.epsilon} for query {query.name!r}")
+        if ok(hi):
+            break
+        hi *= 1.5
+    else:
+        raise PrivacyError(f"no noise level meets epsilon = {epsilon}")
+    lo = hi / 4.0
+    for _ in range(iterations):
+        mid = (lo + hi) / 2.0
+        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+    return hi
 
 
 # --- node side: noise and encoding ----------------------------------------------------------------
@@ -361,4 +383,5 @@ __all__ = [
     "query_result",
     "query_zcdp",
     "rho_for",
+    "smallest_scale",
 ]

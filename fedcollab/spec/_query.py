@@ -139,25 +139,25 @@ def check_query(query: QuerySpec, schema: SchemaSpec) -> None:
             problems.append(f"`group_by`: expected a category or bool column (groups come from declared levels), got {col.type} column {query.group_by!r}.")
     for i, p in enumerate(query.where):
         col = cols.get(p.column)
-        where = f"`where[{i}]`"
+        where = f"where[{i}]"
         if col is None:
-            problems.append(f"{where}.column: expected a schema column, got unknown column {p.column!r} (columns: {known}).")
+            problems.append(f"`{where}.column`: expected a schema column, got unknown column {p.column!r} (columns: {known}).")
             continue
         values = p.value if isinstance(p.value, list) else [p.value]
         if col.type == "category":
             if p.op not in ("==", "!=", "in", "not_in"):
-                problems.append(f"{where}.op: category column {p.column!r} takes ==, !=, in or not_in, got {p.op!r}.")
+                problems.append(f"`{where}.op`: category column {p.column!r} takes ==, !=, in or not_in, got {p.op!r}.")
             levels = {str(x) for x in col.levels or []}
             bad = [v for v in values if str(v) not in levels]
             if bad:
-                problems.append(f"{where}.value: expected levels of {p.column!r} {sorted(levels)}, got {bad}.")
+                problems.append(f"`{where}.value`: expected levels of {p.column!r} {sorted(levels)}, got {bad}.")
         elif col.type == "bool":
             if p.op not in ("==", "!="):
-                problems.append(f"{where}.op: bool column {p.column!r} takes == or !=, got {p.op!r}.")
+                problems.append(f"`{where}.op`: bool column {p.column!r} takes == or !=, got {p.op!r}.")
             if not all(isinstance(v, bool) for v in values):
-                problems.append(f"{where}.value: expected true or false for bool column {p.column!r}, got {values}.")
+                problems.append(f"`{where}.value`: expected true or false for bool column {p.column!r}, got {values}.")
         elif not all(_is_number(v) for v in values):
-            problems.append(f"{where}.value: expected numbers for number column {p.column!r}, got {values}.")
+            problems.append(f"`{where}.value`: expected numbers for number column {p.column!r}, got {values}.")
     if problems:
         raise ConfigError(f"query {query.name!r} does not fit the schema:", problems=problems)
 
