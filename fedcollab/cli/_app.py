@@ -191,3 +191,4 @@ def _register_audit_commands() -> None:
 
 
 _register_audit_commands()
+import fedcollab.cli._analytics  # noqa: E402,F401 - registers `fedcollab query` and `fedcollab profile`

@@ -2,6 +2,7 @@
 
 from fedcollab.spec._load import load_spec, parse_spec, spec_sha256
 from fedcollab.spec._policy import BudgetSpec, NodePolicy, PolicyWarning, ScoringPolicy, StatisticsPolicy, load_policy, policy_toml
+from fedcollab.spec._query import Predicate, QuerySpec, StatisticSpec, check_query, load_query, parse_query
 from fedcollab.spec._roster import Roster, RosterEntry, load_roster
 from fedcollab.spec._models import (
     ColumnSpec,
@@ -28,8 +29,10 @@ __all__ = [
     "PartnerPrivacySpec",
     "PartnerSpec",
     "PolicyWarning",
+    "Predicate",
     "PreprocessingSpec",
     "PrivacySpec",
+    "QuerySpec",
     "Roster",
     "RosterEntry",
     "SchemaSpec",
@@ -38,11 +41,15 @@ __all__ = [
     "SourceSpec",
     "Spec",
     "SplitSpec",
+    "StatisticSpec",
     "StatisticsPolicy",
     "TrainingSpec",
+    "check_query",
     "load_policy",
+    "load_query",
     "load_roster",
     "load_spec",
+    "parse_query",
     "parse_spec",
     "policy_toml",
     "spec_sha256",

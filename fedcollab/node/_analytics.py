@@ -1,0 +1,366 @@
+"""The node's side of federated analytics: local aggregates, the budget gate, a ClientApp.
+
+A node answers a query from its own rows only: it re-checks the query against its own copy of
+the schema and its policy (``statistics.allowed_queries``, ``allowed_features``), clamps every
+value to the public bounds, adds its share of the noise, records the release in its ledger (the
+budget gate refuses before anything leaves) and keeps the encoded vector until the secure
+aggregation's masked-input stage. Errors leave as closed codes only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fedcollab.core import (
+    BudgetExhausted,
+    ConfigError,
+    DataValidationError,
+    FedcollabError,
+    NodeErrorCode,
+    PolicyRefused,
+    PrivacyError,
+    ProtocolError,
+    get_logger,
+)
+from fedcollab.data import FeatureEncoder, read_source, validate_frame
+from fedcollab.node._home import NodeHome
+from fedcollab.privacy.accounting import Release, parse_lines, verify_signature
+from fedcollab.protocols._profile import ProfileBlock, noisy_profile, plan_profile, profile_layout
+from fedcollab.protocols._query import RESOLUTION, Layout, QueryPlan, encode_query_vector, plan_query
+from fedcollab.spec import Predicate, QuerySpec, SchemaSpec, Spec, check_query, parse_query
+
+log = get_logger("node.analytics")
+_FRAMES: dict[tuple[str, str], pd.DataFrame] = {}
+
+
+# --- local aggregates (pure pandas/numpy) ---------------------------------------------------------
+
+
+def _predicate(frame: pd.DataFrame, p: Predicate, schema: SchemaSpec) -> np.ndarray:
+    col = schema.column(p.column)
+    s = frame[p.column]
+    present = s.notna().to_numpy()
+    values = p.value if isinstance(p.value, list) else [p.value]
+    if col.type == "category":
+        text = s.astype(str).to_numpy()
+        hit = np.isin(text, [str(v) for v in values])
+        keep = hit if p.op in ("==", "in") else ~hit
+    else:
+        x = s.to_numpy(dtype=np.float64)
+        vs = [float(v) for v in values]
+        with np.errstate(invalid="ignore"):
+            keep = {"==": lambda: x == vs[0], "!=": lambda: x != vs[0], "<": lambda: x < vs[0], "<=": lambda: x <= vs[0],
+                    ">": lambda: x > vs[0], ">=": lambda: x >= vs[0], "in": lambda: np.isin(x, vs), "not_in": lambda: ~np.isin(x, vs)}[p.op]()
+    return present & keep
+
+
+def _group_values(frame: pd.DataFrame, schema: SchemaSpec, column: str) -> np.ndarray:
+    s = frame[column]
+    if schema.column(column).type == "bool":
+        x = s.to_numpy(dtype=np.float64)
+        return np.where(np.isnan(x), "", np.where(x > 0.5, "true", "false"))
+    return np.where(s.notna().to_numpy(), s.astype(str).to_numpy(), "")
+
+
+def local_aggregates(frame: pd.DataFrame, query: QuerySpec, layout: Layout, schema: SchemaSpec) -> np.ndarray:
+    """This node's exact block sums (int64, ``RESOLUTION`` units per row), values clamped to public bounds."""
+    n = len(frame)
+    mask = np.ones(n, dtype=bool)
+    for p in query.where:
+        mask &= _predicate(frame, p, schema)
+    groups = _group_values(frame, schema, layout.group_column) if layout.group_column else None
+    out = np.zeros(layout.length, dtype=np.int64)
+    cache: dict[str, np.ndarray] = {}
+    for g, level in enumerate(layout.groups):
+        m = mask if groups is None else mask & (groups == level)
+        for bi, b in enumerate(layout.blocks):
+            o = layout.offset(g, bi)
+            if b.kind == "rows":
+                out[o] = int(m.sum()) * RESOLUTION
+                continue
+            assert b.column is not None
+            if b.levels:
+                text = _group_values(frame, schema, b.column)[m]
+                out[o:o + b.width] = np.array([int((text == lv).sum()) for lv in b.levels], dtype=np.int64) * RESOLUTION
+                continue
+            if b.column not in cache:
+                cache[b.column] = frame[b.column].to_numpy(dtype=np.float64)
+            x = cache[b.column][m]
+            x = np.clip(x[~np.isnan(x)], b.lo, b.hi)  # bounded sensitivity: public bounds, never the data's range
+            if b.kind == "n":
+                out[o] = x.size * RESOLUTION
+            elif b.kind == "sum":
+                out[o] = int(np.rint((x - b.center) / b.scale * RESOLUTION).astype(np.int64).sum())
+            elif b.kind == "sumsq":
+                out[o] = int(np.rint((x - b.center) ** 2 / b.scale * RESOLUTION).astype(np.int64).sum())
+            else:  # hist over [lo, hi]
+                idx = np.clip(np.floor((x - b.lo) / (b.hi - b.lo) * b.width).astype(np.int64), 0, b.width - 1)
+                out[o:o + b.width] = np.bincount(idx, minlength=b.width).astype(np.int64) * RESOLUTION
+    return out
+
+
+def profile_counts(frame: pd.DataFrame, schema: SchemaSpec, blocks: list[ProfileBlock]) -> np.ndarray:
+    """This node's exact profile counts (one row adds at most 1 to each block)."""
+    used = [*schema.features, schema.label.column]
+    usable = ~frame[used].isna().any(axis=1).to_numpy()
+    y = np.zeros(len(frame))
+    if usable.any():
+        y[usable] = FeatureEncoder(schema).labels(frame[usable].reset_index(drop=True))
+    out: list[float] = []
+    for b in blocks:
+        if b.kind == "rows":
+            out.append(float(len(frame)))
+        elif b.kind == "usable_pos":
+            out.append(float((usable & (y > 0.5)).sum()))
+        elif b.kind == "usable_neg":
+            out.append(float((usable & (y <= 0.5)).sum()))
+        elif b.kind == "missing":
+            out.append(float(frame[b.column].isna().sum()))
+        elif b.kind == "zeros":
+            out.append(float((frame[b.column].to_numpy(dtype=np.float64) == 0).sum()))
+        elif b.levels:
+            text = _group_values(frame, schema, b.column)  # type: ignore[arg-type]
+            out.extend(float((text == lv).sum()) for lv in b.levels)
+        else:
+            x = frame[b.column].to_numpy(dtype=np.float64)
+            x = np.clip(x[~np.isnan(x)], b.lo, b.hi)
+            idx = np.clip(np.floor((x - b.lo) / (b.hi - b.lo) * b.width).astype(np.int64), 0, b.width - 1)
+            out.extend(np.bincount(idx, minlength=b.width).astype(float).tolist())
+    return np.asarray(out, dtype=np.float64)
+
+
+def load_frame(spec: Spec, partner: str) -> pd.DataFrame:
+    """The partner's validated rows (all of them: train and test), cached per process."""
+    key = (spec.model_dump_json(by_alias=True) + spec.base_dir, partner)
+    if key not in _FRAMES:
+        p = next((x for x in spec.partners if x.name == partner), None)
+        if p is None or p.source is None:
+            raise DataValidationError(f"partner {partner!r} has no data source")
+        _FRAMES[key] = validate_frame(read_source(p.source, spec.base_dir), spec.data_schema, source=f"partner {partner!r} data")
+    return _FRAMES[key]
+
+
+# --- the node's analytics runtime ---------------------------------------------------------------
+
+
+class NodeAnalytics:
+    """A node answering queries and profiles; every release passes its budget gate first."""
+
+    def __init__(self, spec: Spec, partner: str, *, home: NodeHome, run_id: str) -> None:
+        self.spec = spec
+        self.partner = partner
+        self.run_id = run_id
+        self.dataset = next(p.dataset_id for p in spec.partners if p.name == partner)
+        self.gate = home.gate(partner, self.dataset)
+        self.policy = self.gate.policy
+        if self.policy.partner != partner:
+            raise PolicyRefused("the node's policy belongs to another partner")
+
+    def _refuse(self, code: NodeErrorCode, reason: str, exc: FedcollabError) -> FedcollabError:
+        self.gate.refuse_request(run_id=self.run_id, round=0, code=int(code), reason=reason)
+        return exc
+
+    def check_query(self, query: QuerySpec, *, n_honest: int) -> QueryPlan:
+        """Validate ``query`` against this node's schema and policy, and its cost against the budget; record refusals."""
+        try:
+            check_query(query, self.spec.data_schema)
+        except ConfigError as exc:
+            raise self._refuse(NodeErrorCode.BAD_REQUEST, "query does not fit the schema", exc) from None
+        stats = self.policy.statistics
+        bad_kinds = [k for k in query.kinds() if k not in stats.allowed_queries]
+        if bad_kinds:
+            raise self._refuse(NodeErrorCode.POLICY_REFUSED, f"query kinds {bad_kinds} not allowed",
+                               PolicyRefused(f"the policy forbids query kinds {bad_kinds}"))
+        allowed = self.policy.allowed_features
+        if allowed is not None:
+            bad_cols = [c for c in query.columns() if c not in allowed]
+            if bad_cols:
+                raise self._refuse(NodeErrorCode.POLICY_REFUSED, f"columns {bad_cols} not allowed",
+                                   PolicyRefused(f"the policy forbids columns {bad_cols}"))
+        if "secagg" not in self.policy.allowed_aggregation:
+            raise self._refuse(NodeErrorCode.POLICY_REFUSED, "secure aggregation not allowed", PolicyRefused("the policy forbids secagg"))
+        plan = plan_query(query, self.spec.data_schema, n_honest=n_honest)
+        release = self._release_of(query, plan)
+        if release.non_private:
+            if not self.policy.allow_non_private_training or self.policy.budget(self.dataset, "record") is not None:
+                raise self._refuse(NodeErrorCode.POLICY_REFUSED, "exact statistics not allowed",
+                                   PolicyRefused("the policy forbids exact (non-private) statistics"))
+            return plan
+        _, total, budget = self.gate.would_spend(release, run_id=self.run_id)
+        if budget is None or total > budget["epsilon"] * (1 + 1e-9):
+            raise self._refuse(NodeErrorCode.BUDGET_EXHAUSTED, "budget would be exceeded",
+                               BudgetExhausted(f"the query would take {self.dataset!r} past its budget"))
+        return plan
+
+    def _release_of(self, query: QuerySpec, plan: QueryPlan) -> Release:
+        details: dict[str, Any] = {"query": query.name, "blocks": plan.layout.n_blocks, "length": plan.layout.length, "mode": plan.mode,
+                                   "n_honest": plan.n_honest, "aggregation": "secagg"}
+        if plan.mode == "dp":
+            details.update({"sigma_units": plan.noise_std_units, "epsilon": float(query.epsilon or 0), "delta": query.delta,
+                            "noise": "distributed discrete Gaussian (KLS21)", "noise_rng": "numpy PCG64 seeded from OS entropy (256 bits)"})
+        return Release(kind="query", about="train+test", unit="record", observer="coordinator", added_by=self.partner, party=self.partner,
+                       round=0, mechanism=plan.mechanism, details=details)
+
+    def answer_query(self, query: QuerySpec, *, n_honest: int, n_parties: int, generator: np.random.Generator | None,
+                     max_rows: int = 10**9) -> tuple[np.ndarray, str]:
+        """Check, compute, noise and record: (the uint64 vector for secure aggregation, its ledger line)."""
+        plan = self.check_query(query, n_honest=n_honest)
+        frame = load_frame(self.spec, self.partner)
+        agg = local_aggregates(frame, query, plan.layout, self.spec.data_schema)
+        vec = encode_query_vector(agg, plan, n_parties=n_parties, max_rows=max(max_rows, len(frame)), generator=generator)
+        line = self.gate.record(self._release_of(query, plan), run_id=self.run_id, payload=vec.tobytes()).decode()
+        return vec, line
+
+    def answer_profile(self, *, epsilon: float, delta: float, generator: np.random.Generator) -> tuple[np.ndarray, str]:
+        """The noisy profile vector and its ledger line (checked against the budget first)."""
+        schema = self.spec.data_schema
+        plan = plan_profile(schema, epsilon=epsilon, delta=delta)
+        blocks = profile_layout(schema)
+        frame = load_frame(self.spec, self.partner)
+        vec = noisy_profile(profile_counts(frame, schema, blocks), plan, blocks, generator=generator)
+        release = Release(kind="profile", about="train+test", unit="record", observer="coordinator", added_by=self.partner,
+                          party=self.partner, round=0, mechanism=plan.mechanism,
+                          details={"epsilon": epsilon, "delta": delta, "sigma_core": plan.sigma_core, "sigma_rest": plan.sigma_rest,
+                                   "noise": "local Gaussian", "noise_rng": "numpy PCG64 seeded from OS entropy (256 bits)"})
+        line = self.gate.record(release, run_id=self.run_id, payload=vec.tobytes()).decode()
+        return vec, line
+
+    def countersign(self, close_line: bytes, coordinator_key: str) -> str:
+        """Check the coordinator's close entry lists this node's chain head, then countersign it."""
+        (ln,) = parse_lines(close_line + b"\n")
+        e = ln.entry
+        if e.get("kind") != "close" or e.get("run_id") != self.run_id or not verify_signature(e, coordinator_key):
+            raise ProtocolError("not a close entry of this run signed by the coordinator")
+        _, head = self.gate.ledger.head()
+        if e["body"]["heads"].get(self.partner) != head:
+            raise ProtocolError("the close entry does not list this node's chain head")
+        return self.gate.ledger.append(kind="countersign", run_id=self.run_id, round=int(e["round"]), body={"close": ln.hash}).decode()
+
+
+def _code_for(exc: BaseException) -> NodeErrorCode:
+    if isinstance(exc, DataValidationError):
+        return NodeErrorCode.DATA_SCHEMA_MISMATCH
+    if isinstance(exc, BudgetExhausted):
+        return NodeErrorCode.BUDGET_EXHAUSTED
+    if isinstance(exc, PolicyRefused):
+        return NodeErrorCode.POLICY_REFUSED
+    if isinstance(exc, PrivacyError):
+        return NodeErrorCode.PRIVACY_INVALID
+    if isinstance(exc, ConfigError | ProtocolError):
+        return NodeErrorCode.BAD_REQUEST
+    return NodeErrorCode.INTERNAL
+
+
+def make_analytics_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str]) -> Any:
+    """The ClientApp answering queries (check, answer, secagg stages), profiles and the close."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.clientapp import ClientApp
+
+    from fedcollab.node._secagg import handle_stage
+    from fedcollab.protocols import RecordKey, secagg
+    from fedcollab.protocols._ddg import ddg_generator
+
+    coordinator_key = roster["coordinator"]
+    app = ClientApp()
+
+    def partner_of(context: Context) -> str:
+        if "partition-id" in context.node_config:
+            idx = int(context.node_config["partition-id"])
+            if 0 <= idx < len(spec.partners):
+                return spec.partners[idx].name
+        if "partner" in context.node_config and str(context.node_config["partner"]) in homes:
+            return str(context.node_config["partner"])
+        raise ProtocolError("unknown partner")
+
+    def vector_path(node: NodeAnalytics) -> Path:
+        return Path(homes[node.partner]) / "secagg" / f"{node.run_id}-query.bin"
+
+    def work(node: NodeAnalytics, cfg: ConfigRecord, msg: Message, context: Context) -> RecordDict:
+        kind = str(cfg.get("fedcollab.kind", ""))
+        info = {"partner": node.partner, "min_group_size": node.policy.statistics.min_group_size}
+        if kind in ("analytics.check", "analytics.query"):
+            query = parse_query(json.loads(str(cfg["query"])))
+            n_honest, n_parties = int(cfg["n_honest"]), int(cfg["n_parties"])
+            if not (1 <= n_honest <= n_parties <= len(spec.partners)):
+                raise ProtocolError("query parameters out of range")
+            if kind == "analytics.check":
+                plan = node.check_query(query, n_honest=n_honest)
+                return RecordDict({RecordKey.INFO: ConfigRecord({**info, "length": plan.layout.length})})
+            vec, line = node.answer_query(query, n_honest=n_honest, n_parties=n_parties,
+                                          generator=ddg_generator() if query.mode == "dp" else None)
+            path = vector_path(node)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(vec.tobytes())
+            context.state["analytics"] = ConfigRecord({"length": int(vec.size)})
+            return RecordDict({RecordKey.INFO: ConfigRecord({**info, "length": int(vec.size)}),
+                               RecordKey.RELEASES: ConfigRecord({"lines": json.dumps([line])})})
+        if kind == "secagg":
+            st = context.state.config_records.get("analytics")
+            if st is None:
+                raise ProtocolError("secagg before the query")
+            stage, rnd = str(cfg["secagg.stage"]), int(cfg["secagg.round"])
+            length = int(st["length"])
+            path = vector_path(node)
+            vector = np.fromfile(path, dtype=np.uint64) if stage == "masked" and path.exists() else None
+            key = f"fedcollab.analytics.secagg.{rnd}"
+            prev = context.state.config_records.get(key)
+            new_state, reply = handle_stage(
+                stage, dict(msg.content.config_records.get("secagg", ConfigRecord())), vector=vector, length=length, bits=64, round_=rnd,
+                state_wire=dict(prev) if prev is not None else None, spec=spec, me=node.partner, run_id=node.run_id,
+                identity=secagg.NodeIdentity(name=node.partner, signing_key=node.gate.ledger.key),
+                roster_keys={k: v for k, v in roster.items() if k != "coordinator"}, min_partners=node.policy.min_partners_per_round,
+            )
+            context.state[key] = ConfigRecord(new_state)
+            if stage == "masked":
+                path.unlink(missing_ok=True)
+            return RecordDict({"secagg": ConfigRecord(reply)})
+        if kind == "analytics.profile":
+            vec, line = node.answer_profile(epsilon=float(cfg["epsilon"]), delta=float(cfg["delta"]), generator=ddg_generator())
+            return RecordDict({RecordKey.INFO: ConfigRecord({**info, "profile": vec.tolist()}),
+                               RecordKey.RELEASES: ConfigRecord({"lines": json.dumps([line])})})
+        if kind == "analytics.close":
+            return RecordDict({RecordKey.RELEASES: ConfigRecord({"lines": json.dumps([node.countersign(str(cfg["close"]).encode(), coordinator_key)])})})
+        raise ProtocolError("unknown analytics request")
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        node: NodeAnalytics | None = None
+        partner = None
+        start = 0
+        try:
+            partner = partner_of(context)
+            cfg = msg.content.config_records.get(RecordKey.CONFIG, ConfigRecord())
+            run_id = str(cfg.get("fedcollab.run_id", ""))
+            if not run_id or partner not in homes:
+                raise ProtocolError("bad request")
+            node = NodeAnalytics(spec, partner, home=NodeHome(Path(homes[partner])), run_id=run_id)
+            start = node.gate.ledger.head()[0]
+            return Message(content=work(node, cfg, msg, context), reply_to=msg)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a code
+            code = _code_for(exc)
+            # Text stays in this node's log; only the code and the node's new ledger entries leave.
+            log.error("node %s refused an analytics request: %s (%s)", partner or "?", code.name, exc,
+                      exc_info=not isinstance(exc, FedcollabError))
+            err: dict[str, Any] = {"code": int(code)}
+            if partner is not None:
+                err["partner"] = partner  # public: the coordinator addresses partners by name
+            content = RecordDict({RecordKey.ERROR: ConfigRecord(err)})
+            if node is not None:
+                new = [ln.raw.decode() for ln in node.gate.ledger.lines()
+                       if ln.entry.get("party") == partner and int(ln.entry.get("seq", -1)) >= start]
+                if new:
+                    content[RecordKey.RELEASES] = ConfigRecord({"lines": json.dumps(new)})
+            return Message(content=content, reply_to=msg)
+
+    return app
+
+
+__all__ = ["NodeAnalytics", "load_frame", "local_aggregates", "make_analytics_client_app", "profile_counts"]

@@ -1,0 +1,125 @@
+"""``profile.html``: the AI-readiness report of a profile, self-contained (inline CSS, PNGs as base64).
+
+Same conventions as ``fedcollab audit report``: matplotlib through its object API and the Agg
+canvas (no pyplot state), every text escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+
+from fedcollab.protocols._profile import Profile
+from fedcollab.spec import Spec
+
+_CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+        "th{background:#f3f3f3}td:first-child{text-align:left}.warning{color:#a60}.error{color:#b00}.info{color:#06c}"
+        "img{max-width:100%}")
+
+
+def _png(fig: object) -> str:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    buf = io.BytesIO()
+    FigureCanvasAgg(fig).print_png(buf)  # type: ignore[arg-type]
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _hist_figure(prof: Profile, features: list[str]) -> str:
+    from matplotlib.figure import Figure
+
+    cols = 3
+    rows = math.ceil(len(features) / cols)
+    fig = Figure(figsize=(4 * cols, 2.6 * rows), layout="constrained")
+    blocks = {b.column: b for b in prof.blocks if b.kind == "hist"}
+    for i, f in enumerate(features):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        b = blocks[f]
+        labels = list(b.levels) if b.levels else [f"{x:g}" for x in b.edges()[:-1]]
+        x = np.arange(len(labels))
+        width = 0.8 / max(len(prof.silos), 1)
+        for j, s in enumerate(prof.silos):
+            h = np.clip(np.asarray(s.hists[f]), 0, None)
+            ax.bar(x + j * width, h / h.sum() if h.sum() > 0 else h, width=width, label=s.name)
+        ax.set_title(f, fontsize=9)
+        ax.set_xticks(x + 0.4 - width / 2, labels, fontsize=6, rotation=45)
+        ax.tick_params(axis="y", labelsize=6)
+    if prof.silos:
+        fig.axes[0].legend(fontsize=6)
+    fig.suptitle("Per-feature distributions (noisy, normalised per silo)", fontsize=10)
+    return _png(fig)
+
+
+def _missing_figure(prof: Profile, columns: list[str]) -> str:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(1 + 0.5 * len(columns), 1 + 0.45 * len(prof.silos)), layout="constrained")
+    ax = fig.add_subplot(1, 1, 1)
+    m = np.array([[min(max(s.missing.get(c, 0.0) / s.rows, 0.0), 1.0) if s.rows > 0 else 0.0 for c in columns] for s in prof.silos])
+    im = ax.imshow(m, vmin=0, vmax=1, cmap="Oranges", aspect="auto")
+    ax.set_xticks(range(len(columns)), columns, rotation=60, fontsize=7)
+    ax.set_yticks(range(len(prof.silos)), [s.name for s in prof.silos], fontsize=8)
+    fig.colorbar(im, ax=ax, label="share missing (noisy)")
+    return _png(fig)
+
+
+def _label_figure(prof: Profile) -> str:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 2.5), layout="constrained")
+    ax = fig.add_subplot(1, 1, 1)
+    names = [s.name for s in prof.silos]
+    pos = [max(s.usable_pos, 0) for s in prof.silos]
+    neg = [max(s.usable_neg, 0) for s in prof.silos]
+    ax.barh(names, neg, label="negative", color="#4a90d9")
+    ax.barh(names, pos, left=neg, label="positive", color="#d9534f")
+    ax.set_xlabel("usable rows (noisy)")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def write_profile_report(prof: Profile, spec: Spec, out: str | Path) -> Path:
+    """Write ``OUT/profile.html`` and return its path."""
+    e = html.escape
+    features = list(spec.data_schema.features)
+    columns = [c.name for c in spec.data_schema.columns]
+    p = prof.plan
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>AI-readiness profile: {e(spec.name)}</title><style>{_CSS}</style></head><body>",
+             f"<h1>AI-readiness profile: {e(spec.name)}</h1>",
+             f"<p>Each silo released its figures with its own Gaussian noise (record level, against the coordinator), "
+             f"&epsilon; = {p.epsilon:g}, &delta; = {p.delta:g} per silo, charged to its budget: noise std {p.sigma_core:.2f} on row and label "
+             f"counts, {p.sigma_rest:.2f} on missing counts, histograms and zero counts. Totals are sums of the noisy figures.</p>",
+             "<h2>Findings</h2>"]
+    if prof.findings:
+        parts.append("<ul>" + "".join(f"<li class='{e(f['level'])}'><b>{e(f['level'])}</b>: {e(f['message'])}</li>" for f in prof.findings) + "</ul>")
+    else:
+        parts.append("<p>No findings.</p>")
+    parts.append("<h2>Silos</h2><table><tr><th>silo</th><th>schema</th><th>rows</th><th>usable rows</th><th>positive rate</th></tr>")
+    for s in prof.silos:
+        rate = "n/a" if s.positive_rate is None else f"{s.positive_rate:.2f}"
+        parts.append(f"<tr><td>{e(s.name)}</td><td>conforms</td><td>{s.rows:.0f}</td><td>{s.usable:.0f}</td><td>{rate}</td></tr>")
+    for name, code in sorted(prof.failed.items()):
+        parts.append(f"<tr><td>{e(name)}</td><td class='error'>refused (code {code})</td><td></td><td></td><td></td></tr>")
+    total_rows = sum(s.rows for s in prof.silos)
+    total_usable = sum(s.usable for s in prof.silos)
+    parts.append(f"<tr><th>total</th><th></th><th>{total_rows:.0f}</th><th>{total_usable:.0f}</th><th></th></tr></table>")
+    if prof.silos:
+        parts.append("<h2>Label balance</h2>" f"<img alt='label balance' src='data:image/png;base64,{_label_figure(prof)}'>")
+        parts.append("<h2>Missing values</h2>" f"<img alt='missing values' src='data:image/png;base64,{_missing_figure(prof, columns)}'>")
+        parts.append("<h2>Distributions</h2>" f"<img alt='distributions' src='data:image/png;base64,{_hist_figure(prof, features)}'>")
+        parts.append("<h2>Drift between silos</h2><p>Total variation distance between a silo's histogram and the other silos' pooled histogram.</p>")
+        parts.append("<table><tr><th>feature</th>" + "".join(f"<th>{e(s.name)}</th>" for s in prof.silos) + "</tr>")
+        for f in features:
+            cells = "".join(f"<td>{prof.drift.get(f, {}).get(s.name, float('nan')):.2f}</td>" for s in prof.silos)
+            parts.append(f"<tr><td>{e(f)}</td>{cells}</tr>")
+        parts.append("</table>")
+    parts.append("</body></html>\n")
+    path = Path(out) / "profile.html"
+    path.write_text("".join(parts))
+    return path
