@@ -20,22 +20,17 @@ def _to_number(s: pd.Series) -> tuple[pd.Series, int]:
     return num.astype(float), bad
 
 
-def _to_bool(s: pd.Series) -> tuple[pd.Series, int]:
-    def conv(v: object) -> object:
-        if v is None or (isinstance(v, float) and np.isnan(v)):
-            return np.nan
-        if isinstance(v, bool | np.bool_):
-            return float(v)
-        t = str(v).strip().lower()
-        if t in _TRUE:
-            return 1.0
-        if t in _FALSE:
-            return 0.0
-        return "bad"
+_BOOL_TEXT = {**{t: 1.0 for t in _TRUE}, **{t: 0.0 for t in _FALSE}}
 
-    out = s.map(conv)
-    bad = int((out == "bad").sum())
-    return out.where(out != "bad", np.nan).astype(float), bad
+
+def _to_bool(s: pd.Series) -> tuple[pd.Series, int]:
+    # Vectorised: true/false, 1/0, yes/no, t/f in any case, Python or numpy bools; NaN stays missing.
+    if pd.api.types.is_bool_dtype(s):
+        return s.astype(float), 0
+    missing = s.isna()
+    out = s.astype(str).str.strip().str.lower().map(_BOOL_TEXT).astype(float)
+    bad = int((out.isna() & ~missing).sum())
+    return out.where(~missing, np.nan), bad
 
 
 def _check_column(col: ColumnSpec, s: pd.Series, problems: list[str]) -> pd.Series:
@@ -47,7 +42,8 @@ def _check_column(col: ColumnSpec, s: pd.Series, problems: list[str]) -> pd.Seri
         finite = out.dropna()
         if np.isinf(finite).any():
             problems.append(f"column `{name}`: {int(np.isinf(finite).sum())} infinite value(s)")
-        if col.integer and not finite[np.isfinite(finite)].apply(float.is_integer).all():
+        whole = finite[np.isfinite(finite)]
+        if col.integer and (whole != np.floor(whole)).any():
             problems.append(f"column `{name}`: expected integers, found fractional values")
         if col.bounds is not None:
             lo, hi = col.bounds
@@ -60,7 +56,7 @@ def _check_column(col: ColumnSpec, s: pd.Series, problems: list[str]) -> pd.Seri
             problems.append(f"column `{name}`: {bad} value(s) are not booleans (expected true/false)")
     else:
         levels = {str(v) for v in col.levels or []}
-        text = s.map(lambda v: v if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))
+        text = s.where(s.isna(), s.astype(str))
         unknown = sorted({v for v in text.dropna().unique() if v not in levels})
         if unknown:
             shown = ", ".join(repr(u) for u in unknown[:5])
