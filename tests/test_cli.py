@@ -47,3 +47,27 @@ def test_run_bad_spec_exits_before_simulating(root, tmp_path):
 def test_exit_codes_json():
     r = runner.invoke(app, ["exit-codes", "--format", "json"])
     assert r.exit_code == 0 and json.loads(r.stdout)["5"].startswith("A release would exceed")
+
+
+@pytest.mark.parametrize("cmd", [["query"], ["profile"], ["score"]])
+def test_analytics_and_scoring_help(cmd):
+    r = runner.invoke(app, [*cmd, "--help"])
+    assert r.exit_code == 0 and "Usage" in r.output
+
+
+def test_query_on_unknown_column_exits_before_simulating(root, tmp_path):
+    """A query on a column the schema does not declare: exit 2, the field and value named, nothing written."""
+    q = tmp_path / "q.toml"
+    q.write_text('name = "bad"\nepsilon = 1.0\ndelta = 1e-6\n[[statistics]]\nkind = "mean"\ncolumn = "bmi"\n')
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["query", str(root / "protocols" / "heart-disease.toml"), "--query", str(q), "--out", str(out)])
+    assert r.exit_code == 2
+    assert "statistics[0].column" in r.output and "bmi" in r.output
+    assert not out.exists()
+
+
+def test_query_with_bad_epsilon_names_the_field(root, tmp_path):
+    q = tmp_path / "q.toml"
+    q.write_text('name = "bad"\nepsilon = -1.0\ndelta = 1e-6\n[[statistics]]\nkind = "count"\n')
+    r = runner.invoke(app, ["query", str(root / "protocols" / "heart-disease.toml"), "--query", str(q), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "epsilon" in r.output and "-1" in r.output
