@@ -1,8 +1,26 @@
-"""Cryptographic primitives on real libraries (``cryptography``; TenSEAL later).
+"""Cryptographic primitives on real libraries (``cryptography``, TenSEAL).
 
 Keys come from the OS CSPRNG; no home-made cipher, PRG or key agreement.
 """
 
+from fedcollab.crypto._he import (
+    BFV_4096,
+    PARAMETER_SETS as HE_PARAMETER_SETS,
+    HeParameters,
+    PublicContext,
+    SecretContext,
+    aggregate_message,
+    context_fingerprint,
+    key_advert_message,
+    load_public_context,
+    load_secret_context,
+    new_secret_context,
+    open_key_package,
+    seal_key_package,
+    sign,
+    upload_hash,
+    verify,
+)
 from fedcollab.crypto._keys import generate_signing_key, load_signing_key
 from fedcollab.crypto._secagg_primitives import (
     X25519_KEY_BYTES,
@@ -23,22 +41,38 @@ from fedcollab.crypto._shamir import share_from_bytes, share_to_bytes
 from fedcollab.crypto._shamir import split as split_secret
 
 __all__ = [
+    "BFV_4096",
+    "HE_PARAMETER_SETS",
+    "HeParameters",
+    "PublicContext",
     "SHAMIR_PRIME",
     "SHAMIR_SHARE_BYTES",
+    "SecretContext",
     "X25519_KEY_BYTES",
+    "aggregate_message",
     "agree",
     "combine_shares",
+    "context_fingerprint",
     "decrypt",
     "derive_key",
     "encrypt",
     "expand_mask",
     "generate_keypair",
     "generate_signing_key",
+    "key_advert_message",
     "load_private",
+    "load_public_context",
+    "load_secret_context",
     "load_signing_key",
+    "new_secret_context",
+    "open_key_package",
     "private_bytes",
     "public_bytes",
+    "seal_key_package",
     "share_from_bytes",
     "share_to_bytes",
+    "sign",
     "split_secret",
+    "upload_hash",
+    "verify",
 ]

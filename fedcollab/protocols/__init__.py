@@ -7,6 +7,7 @@
 * secagg: SecAgg+ secure aggregation as pure stage functions (``from fedcollab.protocols import secagg``)
 * quantize: fixed-point encoding modulo 2^32 / 2^64 for secure aggregation, weights packed in
 * ddg: the distributed discrete Gaussian (noise shares under secure aggregation), zCDP, wrap-around
+* he: fixed-point encodings for server-blind aggregation and statistics under HE
 * wire: message kinds and record keys
 """
 
@@ -24,6 +25,14 @@ from fedcollab.protocols._ddg import (
     wraparound_probability,
 )
 from fedcollab.protocols._dpsgd import DpPlan, plan_dp
+from fedcollab.protocols._he import (
+    check_he_headroom,
+    decode_statistics_limbs,
+    decode_weighted,
+    encode_statistics_limbs,
+    encode_weighted,
+    quantisation_bound,
+)
 from fedcollab.protocols._evaluation import HIST_BINS, PooledMetrics, pooled_metrics, score_histograms
 from fedcollab.protocols._quantize import (
     check_headroom,
@@ -56,6 +65,7 @@ __all__ = [
     "RecordKey",
     "Scaling",
     "Summary",
+    "check_he_headroom",
     "check_headroom",
     "check_honest_minimum",
     "check_wraparound",
@@ -68,14 +78,19 @@ __all__ = [
     "ddg_tau",
     "ddg_zcdp",
     "decode_statistics",
+    "decode_statistics_limbs",
     "decode_update",
+    "decode_weighted",
     "dequantize",
     "dp_statistics",
     "encode_statistics",
+    "encode_statistics_limbs",
     "encode_update",
+    "encode_weighted",
     "pack",
     "plan_dp",
     "pooled_metrics",
+    "quantisation_bound",
     "quantize",
     "sample_discrete_gaussian",
     "scaling_from_bounds",
