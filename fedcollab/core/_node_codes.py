@@ -17,6 +17,7 @@ class NodeErrorCode(IntEnum):
     PRIVACY_INVALID = 130
     BUDGET_EXHAUSTED = 131
     POLICY_REFUSED = 132
+    CRYPTO_REFUSED = 140
 
 
 NODE_ERROR_HELP: dict[NodeErrorCode, str] = {
@@ -29,4 +30,5 @@ NODE_ERROR_HELP: dict[NodeErrorCode, str] = {
     NodeErrorCode.PRIVACY_INVALID: "The privacy parameters could not be satisfied (for example no sigma reaches the target).",
     NodeErrorCode.BUDGET_EXHAUSTED: "The release would exceed the node's budget; nothing was released.",
     NodeErrorCode.POLICY_REFUSED: "The node's policy forbids this request.",
+    NodeErrorCode.CRYPTO_REFUSED: "A signature, key package, HE context or ciphertext failed the node's check (unsigned, mis-signed, malformed or other parameters); nothing was decrypted or sent.",
 }

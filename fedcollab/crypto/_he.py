@@ -171,6 +171,30 @@ class PublicContext:
             raise CryptoError(f"`{field}` must fill {self.params.slots} slots, got {vec.size()}.")
         return vec
 
+    def sum_uploads(self, uploads: dict[str, Sequence[bytes]], *, n_ciphertexts: int) -> tuple[list[bytes], dict[str, str]]:
+        """Add the uploads that load (``n_ciphertexts`` valid ciphertexts each): ``(sum, {party: why rejected})``.
+
+        An upload with a malformed, truncated or foreign ciphertext is left out whole and named;
+        the others are still added.
+        """
+        acc: list[Any] | None = None
+        rejected: dict[str, str] = {}
+        for party in sorted(uploads):
+            blobs = uploads[party]
+            try:
+                if not isinstance(blobs, (list, tuple)) or len(blobs) != n_ciphertexts:
+                    raise CryptoError(f"`{party}.ct` must be {n_ciphertexts} ciphertexts, got {len(blobs) if isinstance(blobs, (list, tuple)) else type(blobs).__name__}.")
+                loaded = [self.load(b, field=f"{party}.ct[{j}]") for j, b in enumerate(blobs)]
+            except CryptoError as exc:
+                rejected[party] = str(exc)
+                continue
+            if acc is None:
+                acc = loaded
+            else:
+                for a, b in zip(acc, loaded, strict=True):
+                    a.add_(b)
+        return ([bytes(a.serialize()) for a in acc] if acc is not None else []), rejected
+
     def add(self, uploads: Sequence[Sequence[bytes]]) -> list[bytes]:
         """The slot-wise sum (mod t) of several uploads, each a list of the same number of ciphertexts."""
         if not uploads:
@@ -381,6 +405,11 @@ def aggregate_message(*, run_id: str, round_: int, ciphertexts: Sequence[bytes],
     for c in ciphertexts:
         h.update(_frame(hashlib.sha256(c).digest()))
     return _frame(b"fedcollab/he/aggregate/v1", run_id, round_, h.digest(), json.dumps(sorted(included)))
+
+
+def public_context_message(*, run_id: str, public_data: bytes, fingerprint: str) -> bytes:
+    """What the key holder signs about the context it hands the coordinator."""
+    return _frame(b"fedcollab/he/public-context/v1", run_id, public_data, fingerprint)
 
 
 # --- key packages ----------------------------------------------------------------------------

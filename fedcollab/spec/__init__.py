@@ -1,5 +1,6 @@
 """The collaboration spec: strict pydantic models, TOML loading, JSON Schema export."""
 
+from fedcollab.spec._he import HeSpec
 from fedcollab.spec._load import load_spec, parse_spec, spec_sha256
 from fedcollab.spec._policy import BudgetSpec, NodePolicy, PolicyWarning, StatisticsPolicy, load_policy, policy_toml
 from fedcollab.spec._roster import Roster, RosterEntry, load_roster
@@ -21,6 +22,7 @@ from fedcollab.spec._models import (
 __all__ = [
     "BudgetSpec",
     "ColumnSpec",
+    "HeSpec",
     "LabelSpec",
     "ModelSpec",
     "NodePolicy",
