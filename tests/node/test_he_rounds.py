@@ -274,3 +274,11 @@ class TestHeartTwentyRounds:
         """Pooled test accuracy >= 0.78 and AUC >= 0.86, as plain FedAvg."""
         m = heart_rounds["he_metrics"]
         assert m.accuracy >= 0.78 and m.auc is not None and m.auc >= 0.86, (m, heart_rounds["plain_metrics"])
+
+
+def test_crypto_failures_leave_the_node_as_a_code():
+    """A refused signature, package or ciphertext leaves the node as CRYPTO_REFUSED, never as text."""
+    from fedcollab.core import NodeErrorCode
+    from fedcollab.node._client import _code_for
+
+    assert _code_for(CryptoError("`key package`: the signature does not verify")) == NodeErrorCode.CRYPTO_REFUSED
