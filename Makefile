@@ -44,6 +44,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/utility.py
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/secagg.py
+	$(PY) benchmarks/he.py
 
 clean:
 	rm -rf $(VENV) runs
