@@ -67,7 +67,7 @@ RULES: dict[str, list[str]] = {
         "`privacy.preprocessing_epsilon_share` > 0 is only allowed with `preprocessing.scaling = \"dp_statistics\"`.",
         "`preprocessing.scaling = \"federated_statistics\"` (exact statistics) is refused when `privacy.mode = \"record\"`.",
         "`training.min_partners` is at most the number of partners.",
-        "`aggregation = \"he\"`: at least 2 partners; `he.key_holder` and `he.model_writer` are partners; `he.clip * he.scale` + partners <= 8,380,416; strategy `fedavg` or `fedprox`.",
+        "`aggregation = \"he\"`: at least 2 partners; `he.key_holder` and `he.model_writer` are partners; `he.clip * he.scale` + partners <= 8,380,416 (FedAdam runs at every partner after decryption).",
     ],
     "SplitSpec": ["Give exactly one of `test_fraction` or `column`."],
     "ColumnSpec": [

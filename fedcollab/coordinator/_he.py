@@ -6,8 +6,9 @@ upload's Ed25519 signature against the roster, adds ciphertexts, and signs the a
 the list of upload hashes in it. It never holds a plaintext update, aggregate, statistic or
 model: checkpoints are encrypted aggregates, and the model writer (a partner) writes the model.
 
-What it therefore cannot do: run a server optimiser (FedAdam), clip or noise centrally, check
-an update's norm, or evaluate the model itself. See ``docs/he.md``.
+What it therefore cannot do: run a server optimiser (FedAdam runs at every partner after
+decryption instead), clip or noise centrally, check an update's norm, or evaluate the model
+itself. See ``docs/he.md``.
 """
 
 from __future__ import annotations

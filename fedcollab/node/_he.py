@@ -234,6 +234,61 @@ def decode_model(total: np.ndarray, template: dict[str, np.ndarray], *, scale: f
     return out
 
 
+def fedadam_step(current: dict[str, np.ndarray], aggregated: dict[str, np.ndarray], m: dict[str, np.ndarray] | None,
+                 v: dict[str, np.ndarray] | None, *, server_round: int, eta: float, beta_1: float, beta_2: float,
+                 tau: float) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """One FedAdam step as Flower 1.42's ``FedAdam.aggregate_train`` computes it: ``(new model, m, v)``.
+
+    Notes
+    -----
+    Under HE the coordinator holds no plaintext model, so every partner runs the server optimiser
+    itself after decryption, from the same inputs, and reaches the same model. Reddi et al. 2021
+    (Adaptive Federated Optimization), Algorithm 2, with Flower's bias-corrected step
+    ``eta * sqrt(1 - beta_2^(t+1)) / (1 - beta_1^(t+1))`` (Kingma & Ba 2014, Sec. 2).
+    """
+    delta = {k: aggregated[k] - current[k] for k in current}
+    m = {k: beta_1 * (m[k] if m else np.zeros_like(d)) + (1 - beta_1) * d for k, d in delta.items()}
+    v = {k: beta_2 * (v[k] if v else np.zeros_like(d)) + (1 - beta_2) * d**2 for k, d in delta.items()}
+    eta_norm = eta * np.sqrt(1 - np.power(beta_2, server_round + 1.0)) / (1 - np.power(beta_1, server_round + 1.0))
+    new = {k: x + eta_norm * m[k] / (np.sqrt(v[k]) + tau) for k, x in current.items()}
+    return new, m, v
+
+
+def server_step(spec: Spec, home: Path, run_id: str, template: dict[str, np.ndarray], aggregated: OrderedDict[str, np.ndarray],
+                round_: int) -> OrderedDict[str, np.ndarray]:
+    """The global model of ``round_``: the decrypted FedAvg aggregate, or FedAdam's step from it (run at the node).
+
+    FedAdam's state (model, m, v of the last round) is kept in the node's folder; a round is
+    stepped once, however many messages carry its aggregate.
+    """
+    if spec.training.strategy != "fedadam":
+        return aggregated
+    path = he_dir(home) / f"{run_id}-fedadam.npz"
+    if path.exists():
+        with np.load(path, allow_pickle=False) as z:
+            done = int(z["__round__"])
+            current = {k: z[f"theta/{k}"] for k in template}
+            m: dict[str, np.ndarray] | None = {k: z[f"m/{k}"] for k in template}
+            v: dict[str, np.ndarray] | None = {k: z[f"v/{k}"] for k in template}
+    else:
+        done, current, m, v = 0, {k: np.asarray(x) for k, x in template.items()}, None, None
+    if done == round_:
+        return OrderedDict((k, current[k]) for k in template)
+    if done != round_ - 1:
+        raise ProtocolError(f"FedAdam state is at round {done}; the aggregate of round {round_} cannot be applied")
+    t = spec.training
+    new, m, v = fedadam_step(current, dict(aggregated), m, v, server_round=round_, eta=t.server_learning_rate, beta_1=t.server_beta_1,
+                             beta_2=t.server_beta_2, tau=t.server_tau)
+    new = {k: np.asarray(new[k], dtype=template[k].dtype) for k in template}
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, __round__=np.asarray(round_), **{f"theta/{k}": new[k] for k in template}, **{f"m/{k}": m[k] for k in template},
+                 **{f"v/{k}": v[k] for k in template})
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return OrderedDict((k, new[k]) for k in template)
+
+
 def model_path(home: Path, run_id: str) -> Path:
     """Where the model writer keeps the final model of ``run_id``."""
     return he_dir(home) / f"{run_id}-model.npz"
@@ -324,7 +379,7 @@ class HeHandlers:
         total = open_aggregate(ctx, self._aggregate(msg), run_id=node.run_id, round_=round_, coordinator_key=self.coordinator_key,
                                length=length, my_hash=str(my) if my is not None else None,
                                min_partners=node.policy.min_partners_per_round)
-        return decode_model(total, tpl, scale=self.spec.he.scale)
+        return server_step(self.spec, self._home(node), node.run_id, tpl, decode_model(total, tpl, scale=self.spec.he.scale), round_)
 
     def _scaling(self, st: Any, cfg: Any, scaling_of: Any) -> Any:
         from fedcollab.protocols import Scaling

@@ -47,6 +47,4 @@ class HeSpec(FrozenModel):
                 out.append(f"he.{field} = {v!r} is not a partner")
         if self.clip * self.scale + len(names) > HE_MAX_ABS:
             out.append(f"he: clip * scale + partners must be at most {HE_MAX_ABS}, got {self.clip * self.scale + len(names):.0f}")
-        if spec.training.strategy == "fedadam":
-            out.append("he supports strategy 'fedavg' or 'fedprox' (the coordinator holds no plaintext model for a server optimiser)")
         return out

@@ -282,3 +282,41 @@ def test_crypto_failures_leave_the_node_as_a_code():
     from fedcollab.node._client import _code_for
 
     assert _code_for(CryptoError("`key package`: the signature does not verify")) == NodeErrorCode.CRYPTO_REFUSED
+
+
+class TestFedAdamAtTheNodes:
+    def test_step_is_flowers_fedadam(self, monkeypatch):
+        """fedadam_step reproduces flwr's FedAdam.aggregate_train over three rounds (its own arithmetic, FedAvg's average given)."""
+        from flwr.app import Array, ArrayRecord
+        from flwr.serverapp.strategy import FedAdam, FedAvg
+
+        from fedcollab.node._he import fedadam_step
+
+        rng = np.random.default_rng(5)
+        strategy = FedAdam(eta=0.1, eta_l=0.05, beta_1=0.9, beta_2=0.99, tau=1e-3)
+        current = {"w": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=4).astype(np.float32)}
+        ours, m, v = dict(current), None, None
+        for rnd in (1, 2, 3):
+            avg = {k: (x + rng.normal(scale=0.1, size=x.shape)).astype(np.float32) for k, x in current.items()}
+            monkeypatch.setattr(FedAvg, "aggregate_train", lambda self, r, replies, a=avg: (ArrayRecord({k: Array(v) for k, v in a.items()}), None))
+            strategy.current_arrays = {k: np.asarray(x) for k, x in current.items()}
+            flower, _ = strategy.aggregate_train(rnd, [])
+            ours, m, v = fedadam_step(ours, avg, m, v, server_round=rnd, eta=0.1, beta_1=0.9, beta_2=0.99, tau=1e-3)
+            for k in current:
+                np.testing.assert_allclose(ours[k], flower[k].numpy(), rtol=1e-6, atol=1e-7)
+            current = {k: flower[k].numpy() for k in current}
+
+    def test_state_steps_once_per_round_and_refuses_gaps(self, spec, tmp_path):
+        """Evaluate and the next train carry the same aggregate: the step is applied once; a missed round is refused."""
+        from fedcollab.node._he import server_step
+
+        adam = spec.model_copy(update={"training": spec.training.model_copy(update={"strategy": "fedadam"})})
+        tpl = OrderedDict(w=np.zeros(3, dtype=np.float32))
+        agg = OrderedDict(w=np.ones(3, dtype=np.float32))
+        first = server_step(adam, tmp_path, RUN, tpl, agg, 1)
+        again = server_step(adam, tmp_path, RUN, tpl, OrderedDict(w=np.full(3, 9.0, dtype=np.float32)), 1)
+        np.testing.assert_array_equal(first["w"], again["w"])
+        assert not np.allclose(first["w"], agg["w"]) and (tmp_path / "he" / f"{RUN}-fedadam.npz").stat().st_mode & 0o077 == 0
+        with pytest.raises(ProtocolError, match="round 1"):
+            server_step(adam, tmp_path, RUN, tpl, agg, 3)
+        assert server_step(spec, tmp_path, RUN, tpl, agg, 7) is agg  # FedAvg: the aggregate itself
