@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedcollab.coordinator._he import accept_public_context, aggregate_uploads, verify_upload
 from fedcollab.core import CryptoError, PolicyRefused, ProtocolError
+from fedcollab.crypto import upload_hash
 from fedcollab.node import init_node_home
 from fedcollab.node._he import (
     decode_model,
@@ -167,6 +168,18 @@ class TestSignedUploadsAndAggregates:
                            coordinator_key=ckey, length=5, my_hash=None, min_partners=2)
         with pytest.raises(ProtocolError, match="round 1, expected 2"):
             open_aggregate(ctx, agg, run_id=RUN, round_=2, coordinator_key=ckey, length=5, my_hash=None, min_partners=2)
+
+    def test_malformed_upload_left_out_of_the_signed_list(self, spec, federation):
+        """A signed upload whose ciphertext does not load is left out by name; the others are summed and listed."""
+        ups = {p: _upload(spec, federation, p, np.arange(5), 2) for p in ("cleveland", "hungary")}
+        verified = {p: verify_upload(_wire(u), run_id=RUN, round_=2, partner=p, roster_key=federation["roster"][p]) for p, u in ups.items()}
+        bad = _upload(spec, federation, "switzerland", np.arange(5), 2)
+        bad["ct"] = [bad["ct"][0][:500]]
+        bad["signature"] = federation["keys"]["switzerland"].sign(bytes.fromhex(upload_hash(run_id=RUN, round_=2, partner="switzerland", ciphertexts=bad["ct"])))
+        verified["switzerland"] = verify_upload(_wire(bad), run_id=RUN, round_=2, partner="switzerland", roster_key=federation["roster"]["switzerland"])
+        agg, rejected = aggregate_uploads(federation["pub"], verified, run_id=RUN, round_=2, n_ciphertexts=1, signing_key=federation["coordinator"])
+        assert set(rejected) == {"switzerland"} and [x.split(":")[0] for x in agg["included"]] == ["cleveland", "hungary"]
+        np.testing.assert_array_equal(federation["contexts"]["hungary"].decrypt(agg["ct"], length=5), 2 * np.arange(5))
 
     def test_statistics_under_he_equal_the_plain_sums(self, spec, federation):
         """Encrypted statistics (limbs) decrypt to the same per-feature sums as adding them in the clear."""
