@@ -46,6 +46,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/secagg.py
 	$(PY) benchmarks/distributed_dp.py
 	$(PY) benchmarks/scoring.py
+	$(PY) benchmarks/he.py
 
 clean:
 	rm -rf $(VENV) runs

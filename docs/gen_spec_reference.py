@@ -26,6 +26,7 @@ from pydantic_core import PydanticUndefined
 
 from fedcollab.spec import (
     ColumnSpec,
+    HeSpec,
     LabelSpec,
     ModelSpec,
     PartnerSpec,
@@ -57,6 +58,7 @@ MODELS: list[type[BaseModel]] = [
     PartnerPrivacySpec,
     SecAggSpec,
     PreprocessingSpec,
+    HeSpec,
 ]
 
 #: Rules that involve more than one field (from the ``model_validator`` methods).
@@ -71,6 +73,7 @@ RULES: dict[str, list[str]] = {
         "`privacy.mode = \"distributed\"` needs `aggregation = \"secagg\"` with the complete graph (`secagg.neighbours` >= partners - 1), and `t_min - colluders` >= 1.",
         "Partner-level DP (`distributed` or `central`) needs strategy `fedavg` or `fedprox`.",
         "`training.min_partners` is at most the number of partners.",
+        "`aggregation = \"he\"`: at least 2 partners; `he.key_holder` and `he.model_writer` are partners; `he.clip * he.scale` + partners <= 8,380,416 (FedAdam runs at every partner after decryption).",
     ],
     "SplitSpec": ["Give exactly one of `test_fraction` or `column`."],
     "ColumnSpec": [

@@ -46,7 +46,7 @@ class RunLedger:
             e = ln.entry
             if e.get("party") != party or e.get("run_id") != self.run_id or not verify_signature(e, entry_key.signing_key):
                 raise ProtocolError(f"{party}: a ledger entry not signed by {party} for this run")
-            if e.get("kind") not in {"release", "refusal", "countersign"}:
+            if e.get("kind") not in {"release", "refusal", "countersign", "key_custody"}:
                 raise ProtocolError(f"{party}: unexpected ledger entry kind")
             parsed.append(ln)
         if not parsed:

@@ -399,9 +399,18 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
         missing = sorted({p.name for p in spec.partners} - set(node_names.values()))
         if missing:
             raise NodeError(f"no reply from partners {missing}")
+        he = None
+        if spec.aggregation == "he":
+            # Key custody among the partners, then the encrypted statistics round (fedcollab/coordinator/_he.py).
+            from fedcollab.coordinator._he import HeSession
+
+            he = HeSession(spec, grid=grid, node_names=node_names, exchange=exchange, ledger=ledger, recorder=recorder, message_type=MessageType)
+            he.distribute_keys()
         if spec.aggregation == "secagg" and scaling_name in {"federated_statistics", "dp_statistics"}:
             stats = [secure_statistics(grid, node_names)]
-        if scaling_name == "federated_statistics":
+        if he is not None:
+            scaling = he.scaling(scaling_name, bounds, n_features)
+        elif scaling_name == "federated_statistics":
             scaling = combine_statistics(stats)
         elif scaling_name == "dp_statistics":
             scaling = combine_statistics(stats, bounds=bounds)
@@ -417,7 +426,9 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
         strategy = _strategy(spec, n_partners)
         model = build_model(spec.model, n_features, seed=spec.seed)
         arrays = ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in model_arrays(model).items()})
-        if spec.aggregation == "secagg":
+        if he is not None:
+            he.rounds(arrays, scaling, scaling_config=scaling_config, min_partners=min_partners)
+        elif spec.aggregation == "secagg":
             secagg_rounds(grid, node_names, arrays, scaling)
         else:
             plain_rounds(grid, node_names, arrays, scaling, strategy)

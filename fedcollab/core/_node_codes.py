@@ -20,6 +20,7 @@ class NodeErrorCode(IntEnum):
     TOO_FEW_PARTICIPANTS = 133
     SCORING_BUDGET_EXHAUSTED = 134
     SCORING_BAD_REQUEST = 135
+    CRYPTO_REFUSED = 140
 
 
 NODE_ERROR_HELP: dict[NodeErrorCode, str] = {
@@ -35,4 +36,5 @@ NODE_ERROR_HELP: dict[NodeErrorCode, str] = {
     NodeErrorCode.TOO_FEW_PARTICIPANTS: "Distributed DP: fewer partners in the round than the noise shares were sized for (t_min); nothing was released.",
     NodeErrorCode.SCORING_BUDGET_EXHAUSTED: "Encrypted scoring: the querier's row budget for this model is spent; nothing was scored.",
     NodeErrorCode.SCORING_BAD_REQUEST: "Encrypted scoring: the request was malformed (container, context parameters or ciphertexts).",
+    NodeErrorCode.CRYPTO_REFUSED: "A signature, key package, HE context or ciphertext failed the node's check (unsigned, mis-signed, malformed or other parameters); nothing was decrypted or sent.",
 }

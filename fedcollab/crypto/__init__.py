@@ -1,4 +1,4 @@
-"""Cryptographic primitives on real libraries (``cryptography``; TenSEAL later).
+"""Cryptographic primitives on real libraries (``cryptography``, TenSEAL).
 
 Keys come from the OS CSPRNG; no home-made cipher, PRG or key agreement.
 """
@@ -9,6 +9,25 @@ from fedcollab.crypto._ckks_scoring import (
     ScoringParams,
     SecretScoringContext,
     check_scoring_params,
+)
+from fedcollab.crypto._he import (
+    BFV_4096,
+    PARAMETER_SETS as HE_PARAMETER_SETS,
+    HeParameters,
+    PublicContext,
+    SecretContext,
+    aggregate_message,
+    context_fingerprint,
+    key_advert_message,
+    load_public_context,
+    load_secret_context,
+    new_secret_context,
+    open_key_package,
+    public_context_message,
+    seal_key_package,
+    sign,
+    upload_hash,
+    verify,
 )
 from fedcollab.crypto._keys import generate_signing_key, load_signing_key
 from fedcollab.crypto._secagg_primitives import (
@@ -30,27 +49,44 @@ from fedcollab.crypto._shamir import share_from_bytes, share_to_bytes
 from fedcollab.crypto._shamir import split as split_secret
 
 __all__ = [
+    "BFV_4096",
+    "HE_PARAMETER_SETS",
     "SCORING_PARAMS",
     "SHAMIR_PRIME",
     "SHAMIR_SHARE_BYTES",
     "X25519_KEY_BYTES",
+    "HeParameters",
+    "PublicContext",
     "PublicScoringContext",
     "ScoringParams",
+    "SecretContext",
     "SecretScoringContext",
+    "aggregate_message",
     "agree",
     "check_scoring_params",
     "combine_shares",
+    "context_fingerprint",
     "decrypt",
     "derive_key",
     "encrypt",
     "expand_mask",
     "generate_keypair",
     "generate_signing_key",
+    "key_advert_message",
     "load_private",
+    "load_public_context",
+    "load_secret_context",
     "load_signing_key",
+    "new_secret_context",
+    "open_key_package",
     "private_bytes",
     "public_bytes",
+    "public_context_message",
+    "seal_key_package",
     "share_from_bytes",
     "share_to_bytes",
+    "sign",
     "split_secret",
+    "upload_hash",
+    "verify",
 ]

@@ -23,6 +23,7 @@ import numpy as np
 
 from fedcollab.core import (
     BudgetExhausted,
+    CryptoError,
     DataValidationError,
     FedcollabError,
     NodeErrorCode,
@@ -85,6 +86,8 @@ def _code_for(exc: BaseException) -> NodeErrorCode:
         return NodeErrorCode.BUDGET_EXHAUSTED
     if isinstance(exc, PolicyRefused):
         return NodeErrorCode.POLICY_REFUSED
+    if isinstance(exc, CryptoError):
+        return NodeErrorCode.CRYPTO_REFUSED
     if isinstance(exc, PrivacyError):
         return NodeErrorCode.PRIVACY_INVALID
     if isinstance(exc, ProtocolError):
@@ -311,6 +314,12 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str]) -
     from flwr.clientapp import ClientApp
 
     app = ClientApp()
+    if spec.aggregation == "he":
+        from fedcollab.node._he import HeHandlers
+
+        he: Any = HeHandlers(spec, homes, roster)  # server-blind rounds: fedcollab/node/_he.py
+    else:
+        he = None
 
     def scaling_of(cfg: ConfigRecord) -> Scaling:
         mean = np.asarray(cfg["scale_mean"], dtype=np.float64)
@@ -366,6 +375,10 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str]) -
         kind = str(cfg.get("fedcollab.kind", ""))
         if kind == "secagg":
             return piggyback(node, msg, cfg, context, RecordDict())
+        if kind == "he":
+            if he is None:
+                raise _Coded(NodeErrorCode.POLICY_REFUSED)
+            return he.query(node, cfg, st, msg)
         if kind == MessageKind.CLOSE:
             return RecordDict({RecordKey.RELEASES: lines_record([node.countersign(str(cfg["close"]).encode(), coordinator_key)])})
         if kind != MessageKind.SETUP or "setup_done" in st:
@@ -381,11 +394,17 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str]) -
             from fedcollab.protocols import encode_statistics
 
             keep_vector(node, context, encode_statistics(stats, n_parties=len(spec.partners)), 0)
+        elif stats is not None and he is not None:
+            from fedcollab.node._he import keep_statistics
+
+            keep_statistics(Path(homes[node.partner]), node.run_id, stats)  # leaves only encrypted, once the key is installed
         elif stats is not None:
             content["statistics"] = ConfigRecord(stats)
         return content
 
     def do_train(node: NodeRuntime, cfg: ConfigRecord, st: ConfigRecord, msg: Message, context: Context) -> RecordDict:
+        if he is not None:
+            return he.train(node, cfg, st, msg, scaling_of)
         global_arrays = arrays_of(msg)
         rnd = int(cfg.get("server-round", 0))
         if spec.aggregation == "secagg":
@@ -481,6 +500,8 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str]) -
         return content
 
     def do_evaluate(node: NodeRuntime, cfg: ConfigRecord, st: ConfigRecord, msg: Message, context: Context) -> RecordDict:
+        if he is not None:
+            return he.evaluate(node, cfg, st, msg, scaling_of)
         res, lines = node.evaluate(arrays_of(msg), scaling=scaling_of(cfg), server_round=int(cfg.get("server-round", 0)))
         metrics = MetricRecord({"num-examples": res["n"], "n": res["n"], "correct": res["correct"], "loss_sum": res["loss_sum"],
                                 "hist_pos": res["hist_pos"], "hist_neg": res["hist_neg"]})

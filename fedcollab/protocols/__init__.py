@@ -8,6 +8,7 @@
 * quantize: fixed-point encoding modulo 2^32 / 2^64 for secure aggregation, weights packed in
 * ddg: the distributed discrete Gaussian (noise shares under secure aggregation), zCDP, wrap-around
 * partner_dp: partner-level DP plans (distributed DDG under secagg, central Gaussian), from the spec alone
+* he: fixed-point encodings for server-blind aggregation and statistics under HE
 * wire: message kinds and record keys
 * scoring: encrypted scoring of a linear model (request, budgeted answer, decryption)
 """
@@ -28,6 +29,14 @@ from fedcollab.protocols._ddg import (
 )
 from fedcollab.protocols._dpsgd import DpPlan, plan_dp
 from fedcollab.protocols._partner_dp import CentralPlan, DdgPlan, plan_central, plan_distributed
+from fedcollab.protocols._he import (
+    check_he_headroom,
+    decode_statistics_limbs,
+    decode_weighted,
+    encode_statistics_limbs,
+    encode_weighted,
+    quantisation_bound,
+)
 from fedcollab.protocols._evaluation import HIST_BINS, PooledMetrics, pooled_metrics, score_histograms
 from fedcollab.protocols._quantize import (
     check_headroom,
@@ -77,6 +86,7 @@ __all__ = [
     "SystemRandomSource",
     "answer_request",
     "build_request",
+    "check_he_headroom",
     "check_headroom",
     "check_honest_minimum",
     "check_wraparound",
@@ -89,18 +99,23 @@ __all__ = [
     "ddg_tau",
     "ddg_zcdp",
     "decode_statistics",
+    "decode_statistics_limbs",
     "decode_update",
+    "decode_weighted",
     "decrypt_response",
     "dequantize",
     "dp_statistics",
     "encode_statistics",
+    "encode_statistics_limbs",
     "encode_update",
+    "encode_weighted",
     "load_linear_model",
     "pack",
     "plan_central",
     "plan_distributed",
     "plan_dp",
     "pooled_metrics",
+    "quantisation_bound",
     "quantize",
     "sample_discrete_gaussian",
     "scaling_from_bounds",

@@ -188,6 +188,8 @@ def run(
         _simulate(spec, recorder, ledger=ledger, homes={k: str(v.root) for k, v in homes.items()},
                   roster={k: v.signing_key for k, v in roster.parties.items()}, timeout=timeout)
     wall = time.perf_counter() - t0
+    if spec.aggregation == "he" and recorder.finished:
+        recorder.final_arrays = _he_model(spec, homes, run_id)
     if not recorder.finished or recorder.final_arrays is None:
         raise TransportError("the simulation ended before the last round")
 
@@ -262,6 +264,14 @@ def _simulate(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLedger, h
         raise TransportError(f"the Flower simulation failed: {type(exc).__name__}") from exc
     finally:
         flwr_logger.setLevel(level)
+
+
+def _he_model(spec: Spec, homes: dict[str, NodeHome], run_id: str) -> OrderedDict[str, np.ndarray]:
+    """Under HE the coordinator holds no model: the model writer decrypted it into its node folder."""
+    from fedcollab.node._he import read_model
+
+    writer = spec.he.resolved_model_writer([p.name for p in spec.partners])
+    return read_model(homes[writer].root, run_id)
 
 
 #: Budget of a simulated partner whose node folder the runner creates (per dataset, unit record).

@@ -1,5 +1,6 @@
 """The collaboration spec: strict pydantic models, TOML loading, JSON Schema export."""
 
+from fedcollab.spec._he import HeSpec
 from fedcollab.spec._load import load_spec, parse_spec, spec_sha256
 from fedcollab.spec._policy import BudgetSpec, NodePolicy, PolicyWarning, ScoringPolicy, StatisticsPolicy, load_policy, policy_toml
 from fedcollab.spec._query import Predicate, QuerySpec, StatisticSpec, check_query, load_query, parse_query
@@ -23,6 +24,7 @@ from fedcollab.spec._models import (
 __all__ = [
     "BudgetSpec",
     "ColumnSpec",
+    "HeSpec",
     "LabelSpec",
     "ModelSpec",
     "NodePolicy",

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, Field, PrivateAttr, model_validator
 
 from fedcollab.core import FrozenModel
+from fedcollab.spec._he import HeSpec
 
 
 def _integral_float_to_int(value: Any) -> Any:
@@ -318,8 +319,9 @@ class Spec(FrozenModel):
     schema_version: Literal[1] = SCHEMA_VERSION
     name: Name
     seed: Annotated[int, Field(ge=0), BeforeValidator(_integral_float_to_int)] = Field(default=0, description="Governs model initialisation, splits and (without DP) batch shuffling; never DP noise, which comes from OS entropy.")
-    aggregation: Literal["plain", "secagg"] = Field(default="plain", description="How updates are combined: `plain` (the coordinator sees each update) or `secagg` (only their sum); `he` comes with its own capability.")
+    aggregation: Literal["plain", "secagg", "he"] = Field(default="plain", description="How updates are combined: `plain` (the coordinator sees each update), `secagg` (only their sum) or `he` (only ciphertexts: partners hold the key, see docs/he.md).")
     secagg: SecAggSpec = Field(default_factory=SecAggSpec, description="Parameters of secure aggregation (aggregation = 'secagg').")
+    he: HeSpec = Field(default_factory=HeSpec, description="Parameters of homomorphic encryption (aggregation = 'he').")
     partners: list[PartnerSpec] = Field(min_length=1)
     data_schema: SchemaSpec = Field(alias="schema")
     model: ModelSpec = Field(default_factory=ModelSpec)
@@ -383,6 +385,10 @@ class Spec(FrozenModel):
                     problems.append(f"privacy.partner: t_min = {t_min} with {pp.colluders} colluders leaves no honest partner to carry the noise")
         if self.privacy.partner_dp and self.training.strategy == "fedadam":
             problems.append("partner-level DP supports strategy 'fedavg' or 'fedprox' (the noise is calibrated to the mean of clipped updates)")
+        if self.aggregation == "he":
+            problems.extend(self.he.problems(self))
+        if self.privacy.mode == "central" and self.aggregation == "he":
+            problems.append("privacy.mode = 'central' needs the plaintext aggregate at the coordinator: use aggregation 'plain' or 'secagg', not 'he'")
         mp = self.training.min_partners
         if mp is not None and mp > len(self.partners):
             problems.append(f"training.min_partners = {mp} exceeds the {len(self.partners)} partners")

@@ -1,0 +1,276 @@
+"""The coordinator's side of server-blind aggregation under HE (aggregation = "he").
+
+The coordinator relays key adverts and sealed key packages it cannot open, holds a BFV context
+*without* the secret key (``load_public_context`` refuses one that carries it), checks each
+upload's Ed25519 signature against the roster, adds ciphertexts, and signs the aggregate with
+the list of upload hashes in it. It never holds a plaintext update, aggregate, statistic or
+model: checkpoints are encrypted aggregates, and the model writer (a partner) writes the model.
+
+What it therefore cannot do: run a server optimiser (FedAdam runs at every partner after
+decryption instead), clip or noise centrally, check an update's norm, or evaluate the model
+itself. See ``docs/he.md``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedcollab.core import CryptoError, NodeError, NodeErrorCode, ProtocolError, get_logger
+from fedcollab.crypto import (
+    HE_PARAMETER_SETS,
+    PublicContext,
+    aggregate_message,
+    load_public_context,
+    public_context_message,
+    sign,
+    upload_hash,
+    verify,
+)
+from fedcollab.protocols import Scaling, combine_statistics, pooled_metrics, scaling_from_bounds
+from fedcollab.spec import Spec
+
+log = get_logger("coordinator.he")
+#: Statistics under HE are (1 + 2 d) values of 5 limbs (``fedcollab.protocols._he``).
+_STATS_LIMBS = 5
+#: Flower's gRPC message limit (deployment); a round's message must stay below it.
+GRPC_MAX_MESSAGE_BYTES = 536_870_912
+
+#: exchange(grid, node_names, round, message_type, {partner: (arrays, config, extra records)}) -> {partner: reply}
+Exchange = Callable[..., dict[str, Any]]
+
+
+def _flatten(per: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {f"{p}/{f}": v for p, d in per.items() for f, v in d.items()}
+
+
+def _unflatten(rec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for k, v in rec.items():
+        p, _, f = str(k).rpartition("/")
+        out.setdefault(p, {})[f] = v
+    return out
+
+
+def accept_public_context(spec: Spec, published: dict[str, Any], *, run_id: str, holder_key: str) -> tuple[PublicContext, str]:
+    """Check the key holder's signature and that the context carries no key: ``(context, fingerprint)``."""
+    try:
+        data, fp, signature = published["public_context"], str(published["fingerprint"]), published["signature"]
+    except (KeyError, TypeError):
+        raise ProtocolError("the key holder's reply must hold public_context, fingerprint and signature") from None
+    if not isinstance(data, (bytes, bytearray)):
+        raise CryptoError(f"`public_context` must be bytes (got {type(data).__name__}).")
+    verify(holder_key, public_context_message(run_id=run_id, public_data=bytes(data), fingerprint=fp), signature, what="public context")
+    ctx = load_public_context(bytes(data), params=HE_PARAMETER_SETS[spec.he.parameters])
+    return ctx, fp
+
+
+def verify_upload(rec: dict[str, Any] | None, *, run_id: str, round_: int, partner: str, roster_key: str) -> tuple[str, list[bytes]]:
+    """An upload's ciphertexts and hash, after checking its round and its signature against the roster.
+
+    Raises
+    ------
+    ProtocolError
+        No upload, or one for another round.
+    CryptoError
+        An unsigned or mis-signed upload, or ciphertexts that are not bytes.
+    """
+    if rec is None:
+        raise ProtocolError(f"{partner}: no HE upload in the reply")
+    try:
+        cts, rnd, signature = rec["ct"], int(rec["round"]), rec.get("signature")
+    except (KeyError, TypeError, ValueError):
+        raise ProtocolError(f"{partner}: an HE upload must hold ct, round and signature") from None
+    if rnd != round_:
+        raise ProtocolError(f"{partner}: an HE upload for round {rnd}, expected {round_}")
+    if not isinstance(cts, list) or not all(isinstance(c, (bytes, bytearray)) for c in cts):
+        raise CryptoError(f"`{partner}.ct` must be a list of bytes.")
+    cts = [bytes(c) for c in cts]
+    h = upload_hash(run_id=run_id, round_=round_, partner=partner, ciphertexts=cts)
+    verify(roster_key, bytes.fromhex(h), signature, what=f"upload of {partner}")
+    return h, cts
+
+
+def aggregate_uploads(ctx: PublicContext, uploads: dict[str, tuple[str, list[bytes]]], *, run_id: str, round_: int, n_ciphertexts: int,
+                      signing_key: Any) -> tuple[dict[str, Any], dict[str, str]]:
+    """Add the verified uploads and sign ``(aggregate, included upload hashes)``: ``(aggregate wire, {party: why left out})``."""
+    total, rejected = ctx.sum_uploads({p: cts for p, (_, cts) in uploads.items()}, n_ciphertexts=n_ciphertexts)
+    included = sorted(f"{p}:{h}" for p, (h, _) in uploads.items() if p not in rejected)
+    wire: dict[str, Any] = {"ct": total, "round": round_, "included": included}
+    wire["signature"] = sign(signing_key, aggregate_message(run_id=run_id, round_=round_, ciphertexts=total, included=included))
+    return wire, rejected
+
+
+def write_encrypted_checkpoint(directory: Path, aggregate: dict[str, Any], *, fingerprint: str) -> None:
+    """The round's encrypted aggregate (JSON, ciphertexts in base64): a restart needs a partner to decrypt it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    doc = {"round": aggregate["round"], "fingerprint": fingerprint, "included": aggregate["included"],
+           "signature": aggregate["signature"].hex(), "ct": [base64.b64encode(c).decode() for c in aggregate["ct"]]}
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".json.tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(doc, fh)
+    os.replace(tmp, directory / "checkpoint.he.json")
+
+
+class HeSession:
+    """One run's HE state at the coordinator: the public context, the key holder's fingerprint, the round loop."""
+
+    def __init__(self, spec: Spec, *, grid: Any, node_names: dict[int, str], exchange: Exchange, ledger: Any, recorder: Any,
+                 message_type: Any) -> None:
+        self.spec = spec
+        self.grid = grid
+        self.node_names = node_names
+        self.exchange = exchange
+        self.ledger = ledger
+        self.recorder = recorder
+        self.mt = message_type
+        self.run_id = ledger.run_id
+        self.partners = sorted(node_names.values())
+        names = [p.name for p in spec.partners]
+        self.holder = spec.he.resolved_key_holder(names)
+        self.writer = spec.he.resolved_model_writer(names)
+        self.node_scaling = False
+        self.ctx: PublicContext | None = None
+        self.fingerprint = ""
+
+    def _roster(self, party: str) -> str:
+        return self.ledger.roster.parties[party].signing_key
+
+    def _base(self, stage: str) -> dict[str, Any]:
+        return {"fedcollab.kind": "he", "fedcollab.run_id": self.run_id, "he.stage": stage}
+
+    def _send(self, rnd: int, mt: Any, per: dict[str, tuple[Any, dict[str, Any], dict[str, dict[str, Any]]]]) -> dict[str, Any]:
+        return self.exchange(self.grid, self.node_names, rnd, mt, per)
+
+    def _require(self, got: dict[str, Any], want: list[str], what: str) -> None:
+        missing = sorted(set(want) - set(got))
+        if missing:
+            codes = {p: self.recorder.failures.get(p, [int(NodeErrorCode.INTERNAL)])[-1] for p in missing}
+            raise NodeError(f"HE {what}: no valid reply from {missing}", codes=codes)
+
+    # --- key custody -------------------------------------------------------------------------
+    def distribute_keys(self) -> None:
+        """Adverts -> key generation at the key holder -> sealed packages installed at every other partner."""
+        if self.holder not in self.partners:
+            raise ProtocolError(f"the HE key holder {self.holder!r} did not join the run")
+        others = [p for p in self.partners if p != self.holder]
+        got = self._send(0, self.mt.QUERY, {p: (None, self._base("advert"), {}) for p in others})
+        self._require(got, others, "key adverts")
+        adverts = {p: {k: m.content.config_records["he"][k] for k in ("x25519", "signature")} for p, m in got.items()}
+        got = self._send(0, self.mt.QUERY, {self.holder: (None, self._base("keygen"), {"he.adverts": _flatten(adverts)})})
+        self._require(got, [self.holder], "key generation")
+        reply = got[self.holder].content.config_records
+        self.ctx, self.fingerprint = accept_public_context(self.spec, dict(reply["he"]), run_id=self.run_id, holder_key=self._roster(self.holder))
+        packages = _unflatten(dict(reply["he.packages"]))
+        self.ledger.own.append(kind="key_custody", run_id=self.run_id, round=0, body={
+            "key": "he-public-context", "event": "received from the key holder, signature verified", "fingerprint": self.fingerprint,
+            "public_digest": self.ctx.digest, "generated_by": self.holder, "party": "coordinator",
+            "holds": "parameters only: no secret key (checked), no public key", "can_decrypt": False})
+        got = self._send(0, self.mt.QUERY, {p: (None, self._base("install"), {"he.package": packages.get(p, {})}) for p in others})
+        self._require(got, others, "key installation")
+        for p, m in got.items():
+            if str(m.content.config_records["he"]["fingerprint"]) != self.fingerprint:
+                raise ProtocolError(f"{p} confirmed another HE key fingerprint")
+        log.info("HE key %s… generated by %s, installed at %s", self.fingerprint[:12], self.holder, others)
+
+    # --- statistics ------------------------------------------------------------------------------
+    def scaling(self, scaling_name: str, bounds: np.ndarray, n_features: int) -> Scaling:
+        """The scaling to send: statistics modes run encrypted and leave the scaling at the partners."""
+        if scaling_name == "public_bounds":
+            return scaling_from_bounds(bounds)
+        if scaling_name not in {"federated_statistics", "dp_statistics"}:
+            return Scaling(mean=np.zeros(n_features), std=np.ones(n_features), method="none")
+        assert self.ctx is not None
+        got = self._send(0, self.mt.QUERY, {p: (None, self._base("stats"), {}) for p in self.partners})
+        uploads = {}
+        for p, m in got.items():
+            uploads[p] = verify_upload(m.content.config_records.get("he.upload"), run_id=self.run_id, round_=0, partner=p,
+                                       roster_key=self._roster(p))
+        self._require(uploads, self.partners, "statistics")
+        n_ct = -(-((1 + 2 * n_features) * _STATS_LIMBS) // self.ctx.params.slots)
+        agg, rejected = aggregate_uploads(self.ctx, uploads, run_id=self.run_id, round_=0, n_ciphertexts=n_ct, signing_key=self.ledger.own.key)
+        if rejected:
+            raise ProtocolError(f"malformed encrypted statistics from {sorted(rejected)}")
+        got = self._send(0, self.mt.QUERY, {p: (None, self._base("stats_result"), {"he.aggregate": agg}) for p in self.partners})
+        self._require(got, self.partners, "statistics result")
+        self.node_scaling = True
+        # The coordinator never sees the statistics: the scaling lives at the partners.
+        return Scaling(mean=np.zeros(0), std=np.zeros(0), method=scaling_name)
+
+    # --- rounds --------------------------------------------------------------------------------------
+    def rounds(self, arrays: Any, scaling: Scaling, *, scaling_config: Callable[[Scaling, int], Any], min_partners: int) -> None:
+        """Train (pre-weighted encrypted uploads) -> add -> sign -> evaluate, every round; then the final model at the writer."""
+        from fedcollab.coordinator._server import RoundRecord
+
+        assert self.ctx is not None
+        spec, rec = self.spec, self.recorder
+        n_params = int(sum(arrays[k].numpy().size for k in arrays.keys()))
+        n_ct = -(-(n_params + 1) // self.ctx.params.slots)
+        total_rows = float(sum(rec.partners.values()))
+        agg: dict[str, Any] | None = None
+        rounds = spec.training.rounds
+        for rnd in range(1, rounds + 1):
+            t0 = time.perf_counter()
+            cfg = dict(scaling_config(scaling, rnd))
+            cfg["he.total_rows"] = total_rows
+            if self.node_scaling:
+                cfg["he.scaling"] = "node"
+            if spec.training.strategy == "fedprox":
+                cfg["proximal-mu"] = spec.training.proximal_mu
+            extra = {"he.aggregate": agg} if agg is not None else {}
+            got = self._send(rnd, self.mt.TRAIN, {p: (None, cfg, extra) for p in self.partners})
+            failed = {p: c[-1] for p, c in rec.failures.items() if p not in got and p in self.partners}
+            uploads: dict[str, tuple[str, list[bytes]]] = {}
+            for p, m in got.items():
+                try:
+                    uploads[p] = verify_upload(m.content.config_records.get("he.upload"), run_id=self.run_id, round_=rnd, partner=p,
+                                               roster_key=self._roster(p))
+                except (CryptoError, ProtocolError) as exc:
+                    self._reject(p, rnd, failed, exc)
+            new, rejected = aggregate_uploads(self.ctx, uploads, run_id=self.run_id, round_=rnd, n_ciphertexts=n_ct,
+                                              signing_key=self.ledger.own.key)
+            for p, why in rejected.items():
+                self._reject(p, rnd, failed, CryptoError(why))
+            included = [x.split(":", 1)[0] for x in new["included"]]
+            if len(included) < min_partners:
+                raise NodeError(f"round {rnd}: {len(included)} valid encrypted upload(s), at least {min_partners} needed", codes=failed)
+            agg = new
+            if rec.checkpoint_dir is not None:
+                write_encrypted_checkpoint(rec.checkpoint_dir, agg, fingerprint=self.fingerprint)
+            parts: dict[str, dict[str, Any]] = {}
+            if rnd % spec.training.evaluate_every == 0 or rnd == rounds:
+                ecfg = dict(scaling_config(scaling, rnd))
+                if self.node_scaling:
+                    ecfg["he.scaling"] = "node"
+                egot = self._send(rnd, self.mt.EVALUATE, {p: (None, ecfg, {"he.aggregate": agg}) for p in self.partners})
+                for p, m in egot.items():
+                    mr = m.content.metric_records["metrics"]
+                    parts[p] = {k: mr[k] for k in ("n", "correct", "loss_sum", "hist_pos", "hist_neg")}
+                failed.update({p: rec.failures[p][-1] for p in self.partners if p not in egot and p not in failed and p in rec.failures})
+            per = {k: pooled_metrics([v]) for k, v in sorted(parts.items())}
+            record = RoundRecord(rnd, time.perf_counter() - t0, sorted(included), failed, pooled_metrics(list(parts.values())) if parts else None, per)
+            rec.rounds.append(record)
+            if rec.on_round:
+                rec.on_round(record)
+        assert agg is not None
+        cfg = {**self._base("final"), "server-round": rounds}
+        got = self._send(rounds, self.mt.QUERY, {self.writer: (None, cfg, {"he.aggregate": agg})})
+        self._require(got, [self.writer], "final model")
+        self.model_sha256 = str(got[self.writer].content.config_records["he"]["model_sha256"])
+        self.ledger.own.append(kind="key_custody", run_id=self.run_id, round=rounds, body={
+            "key": "he-secret", "event": "final model decrypted and written by the model writer", "party": "coordinator",
+            "model_writer": self.writer, "model_sha256": self.model_sha256, "fingerprint": self.fingerprint})
+
+    def _reject(self, p: str, rnd: int, failed: dict[str, int], exc: Exception) -> None:
+        code = int(NodeErrorCode.BAD_MODEL_UPDATE)
+        failed[p] = code
+        self.recorder.failures.setdefault(p, []).append(code)
+        log.warning("round %d: the encrypted upload of %s is left out (%s)", rnd, p, exc)
