@@ -47,6 +47,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/distributed_dp.py
 	$(PY) benchmarks/scoring.py
 	$(PY) benchmarks/he.py
+	$(PY) benchmarks/analytics.py
 
 clean:
 	rm -rf $(VENV) runs
