@@ -8,9 +8,10 @@ Sides, in one process, each repeated ``--repeats`` times (median reported):
 
 * ``plain``: ``x @ w + b`` in numpy (the holder would see every row);
 * ``encrypted``: the three steps of ``fedcollab score`` in memory: the querier's
-  ``build_request`` (fresh CKKS key, column packing, serialisation), the holder's
-  ``answer_request`` (container and ciphertext checks, budget check against a ledger on disk,
-  masked product, flooding, the ledger entry) and the querier's ``decrypt_response``.
+  ``build_request`` (fresh CKKS key, column packing, serialisation, Ed25519 signature), the
+  holder's ``answer_request`` (container checks, signature check against its roster, replay and
+  budget checks against a ledger on disk, ciphertext checks, masked product, flooding, the
+  ledger entry) and the querier's ``decrypt_response``.
 
 ``scoring_ms_per_row``: encrypted wall time of the three steps / rows (key generation included).
 ``scoring_bytes_per_row``: (request + response bytes) / rows, the public context included.
@@ -40,21 +41,24 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey 
 from rich.console import Console  # noqa: E402
 
 from fedcollab.data import load_partner_data  # noqa: E402
-from fedcollab.privacy.accounting import PartyLedger  # noqa: E402
+from fedcollab.privacy.accounting import PartyLedger, public_key_hex  # noqa: E402
 from fedcollab.privacy.mechanisms import fresh_generator  # noqa: E402
 from fedcollab.protocols import answer_request, build_request, decrypt_response, load_linear_model  # noqa: E402
-from fedcollab.spec import NodePolicy, ScoringPolicy, load_spec  # noqa: E402
+from fedcollab.spec import NodePolicy, Roster, ScoringPolicy, load_spec  # noqa: E402
 
 SPEC = ROOT / "protocols" / "heart-disease.toml"
 
 
 def _encrypted(x: np.ndarray, model, tmp: Path) -> dict:
-    ledger = PartyLedger(tmp / f"ledger-{time.perf_counter_ns()}.jsonl", party="holder", key=Ed25519PrivateKey.generate())
+    holder_key, querier_key = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    ledger = PartyLedger(tmp / f"ledger-{time.perf_counter_ns()}.jsonl", party="holder", key=holder_key)
     policy = NodePolicy(partner="holder", scoring=ScoringPolicy(max_rows_per_querier={"bench": len(x)}))
+    roster = Roster.model_validate({"parties": {"holder": {"signing_key": public_key_hex(holder_key)},
+                                                "bench": {"signing_key": public_key_hex(querier_key)}}})
     t0 = time.perf_counter()
-    pending = build_request(x, querier="bench")
+    pending = build_request(x, querier="bench", key=querier_key, model_id=model.model_id)
     t1 = time.perf_counter()
-    ans = answer_request(pending.request, model=model, policy=policy, ledger=ledger, generator=fresh_generator())
+    ans = answer_request(pending.request, model=model, policy=policy, ledger=ledger, roster=roster, generator=fresh_generator())
     t2 = time.perf_counter()
     scores = decrypt_response(ans.response, pending.state)
     t3 = time.perf_counter()

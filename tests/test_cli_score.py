@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fedcollab.cli import app
+from fedcollab.protocols._scoring import REQUEST_MAGIC, pack_container, unpack_container
 
 runner = CliRunner()
 
@@ -59,36 +60,56 @@ def test_run_heart_test_split_matches_plain(heart_run, root, tmp_path):
 
 
 def test_file_exchange_budget_and_audit(heart_run, root, tmp_path):
-    """encrypt -> apply -> decrypt as files; a request beyond the budget exits 5; the holder's ledger verifies."""
+    """encrypt (signed) -> apply -> decrypt as files; beyond the budget exits 5; the holder's ledger verifies."""
     spec = str(root / "protocols" / "heart-disease.toml")
     r = runner.invoke(app, ["node", "init", str(tmp_path / "telecom"), "--partner", "telecom", "--format", "json"])
     roster = json.loads(r.stdout)["roster_entry"]
+    r = runner.invoke(app, ["node", "init", str(tmp_path / "bank"), "--partner", "bank", "--format", "json"])
+    roster |= json.loads(r.stdout)["roster_entry"]
+    (tmp_path / "roster.json").write_text(json.dumps({"parties": roster}))
     pol = tmp_path / "telecom" / "policy.toml"
     pol.write_text(pol.read_text().replace("[scoring.max_rows_per_querier]", '[scoring.max_rows_per_querier]\n"bank" = 30'))
 
     def encrypt(partner, name):
-        r = runner.invoke(app, ["score", "encrypt", "--spec", spec, "--partner", partner, "--querier", "bank", "--out", str(tmp_path / f"{name}.req"),
-                                "--secret", str(tmp_path / f"{name}.secret"), "--format", "json"])
+        r = runner.invoke(app, ["score", "encrypt", "--spec", spec, "--partner", partner, "--node", str(tmp_path / "bank"),
+                                "--out", str(tmp_path / f"{name}.req"), "--secret", str(tmp_path / f"{name}.secret"), "--format", "json"])
         assert r.exit_code == 0, r.output
         assert (tmp_path / f"{name}.secret").stat().st_mode & 0o777 == 0o600
+        assert json.loads(r.stdout)["querier"] == "bank"
         return json.loads(r.stdout)["rows"]
 
-    def apply(name):
+    def apply(name, out=None):
         return runner.invoke(app, ["score", "apply", str(tmp_path / f"{name}.req"), "--model", str(heart_run), "--node", str(tmp_path / "telecom"),
-                                   "--out", str(tmp_path / f"{name}.resp"), "--spec", spec, "--format", "json"])
+                                   "--roster", str(tmp_path / "roster.json"), "--out", str(tmp_path / f"{out or name}.resp"),
+                                   "--spec", spec, "--format", "json"])
 
     assert encrypt("switzerland", "a") == 16
     r = apply("a")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["rows_used"] == 16
+    assert json.loads(r.stdout)["querier_key"] == hashlib.sha256(bytes.fromhex(roster["bank"]["signing_key"])).hexdigest()[:16]
     r = runner.invoke(app, ["score", "decrypt", str(tmp_path / "a.resp"), "--secret", str(tmp_path / "a.secret"), "--out", str(tmp_path / "a.json"),
                             "--format", "json"])
     assert r.exit_code == 0, r.output
     assert len(json.loads((tmp_path / "a.json").read_text())["scores"]) == 16
+    r = apply("a", out="a2")  # the same request again: a replay
+    assert r.exit_code == 7 and "137" in r.output and not (tmp_path / "a2.resp").exists()
     assert encrypt("switzerland", "b") == 16  # 16 + 16 > 30
     r = apply("b")
     assert r.exit_code == 5 and "134" in r.output and not (tmp_path / "b.resp").exists()
-    (tmp_path / "roster.json").write_text(json.dumps({"parties": roster}))
+    # the querier's name changed after signing: refused, nothing scored
+    header, blobs = unpack_container((tmp_path / "b.req").read_bytes(), REQUEST_MAGIC, what="request")
+    header = {k: v for k, v in header.items() if k != "blobs"} | {"querier": "telecom"}
+    (tmp_path / "c.req").write_bytes(pack_container(REQUEST_MAGIC, header, list(blobs.items())))
+    r = apply("c")
+    assert r.exit_code == 6 and "136" in r.output and not (tmp_path / "c.resp").exists()
     r = runner.invoke(app, ["audit", "verify", str(tmp_path / "telecom" / "ledger.jsonl"), "--roster", str(tmp_path / "roster.json"), "--format", "json"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["lines"] == 2
+    assert json.loads(r.stdout)["lines"] == 4
+
+
+def test_encrypt_needs_a_key(root, tmp_path):
+    """`score encrypt` refuses to write an unsigned request (exit 2), naming --node and --key."""
+    r = runner.invoke(app, ["score", "encrypt", "--spec", str(root / "protocols" / "heart-disease.toml"), "--querier", "bank",
+                            "--out", str(tmp_path / "r.req"), "--secret", str(tmp_path / "s.json")])
+    assert r.exit_code == 2 and "--node" in r.output and not (tmp_path / "r.req").exists()

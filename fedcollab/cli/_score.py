@@ -104,35 +104,72 @@ def _check_split(split: str) -> None:
         raise typer.BadParameter(f"must be test, train or all, got {split!r}", param_hint="--split")
 
 
+PassOpt = Annotated[str | None, typer.Option("--passphrase-env", help="Environment variable holding the signing key's passphrase.")]
+
+
+def _passphrase(env: str | None) -> bytes | None:
+    return (os.environ.get(env, "").encode() or None) if env else None
+
+
+def querier_identity(node: Path | None, key: Path | None, querier: str | None, passphrase: bytes | None) -> tuple[str, Any]:
+    """The querier's name and Ed25519 signing key, from its node folder (``--node``) or a key file (``--key``)."""
+    from fedcollab.crypto import load_signing_key
+    from fedcollab.node import NodeHome
+
+    if (node is None) == (key is None):
+        raise ConfigError("give exactly one of `--node NODE_DIR` (fedcollab node init) or `--key signing_key.pem` to sign the request, "
+                          f"got {'both' if node else 'neither'}")
+    if node is not None:
+        home = NodeHome(node)
+        if not home.exists():
+            raise ConfigError(f"`--node`: {node} must be a node folder (signing_key.pem, policy.toml; fedcollab node init)")
+        name = home.policy().partner
+        if querier is not None and querier != name:
+            raise ConfigError(f"`--querier` must be the node's partner name {name!r} (its policy.toml), got {querier!r}")
+        return name, home.key(passphrase)
+    if not querier:
+        raise ConfigError("`--querier` is required with `--key` (your name in the model holder's roster)")
+    return querier, load_signing_key(key, passphrase=passphrase)  # type: ignore[arg-type]
+
+
 @score_app.command("encrypt")
 def encrypt(
     spec: SpecOpt,
     out: Annotated[Path, typer.Option("--out", help="Request file to send to the model holder.")],
     secret: Annotated[Path, typer.Option("--secret", help="Secret state to keep (CKKS secret key, mode 0600; must not exist).")],
-    querier: Annotated[str, typer.Option("--querier", help="Your name, as in the model holder's policy.")],
+    node: Annotated[Path | None, typer.Option("--node", help="Your node folder (fedcollab node init): its key signs the request, its partner name is the querier.")] = None,
+    key: Annotated[Path | None, typer.Option("--key", help="Instead of --node: your Ed25519 signing key (PEM, mode 0600); needs --querier.")] = None,
+    querier: Annotated[str | None, typer.Option("--querier", help="Your name in the model holder's roster and policy (default: the node's partner).")] = None,
+    target_model: Annotated[str | None, typer.Option("--target-model", help="Bind the request to this model SHA-256 (the holder refuses to score it with another).")] = None,
+    passphrase_env: PassOpt = None,
     partner: PartnerOpt = None,
     split: SplitOpt = "test",
     data: DataOpt = None,
     fmt: FmtOpt = "table",
 ) -> None:
-    """Querier: encrypt rows under a fresh CKKS key; write the request and keep the secret state."""
+    """Querier: encrypt rows under a fresh CKKS key, sign the request with your node key; keep the secret state."""
+    from fedcollab.privacy.accounting import key_fingerprint, public_key_hex
     from fedcollab.protocols._scoring import build_request, write_atomic, write_secret
 
     _check_split(split)
     try:
+        name, signing_key = querier_identity(node, key, querier, _passphrase(passphrase_env))
         x, y, names = querier_rows(spec, partners=partner, split=split, data=data)
         if secret.exists():
             raise ConfigError(f"`--secret`: {secret} exists; refusing to overwrite a secret key file")
         t0 = time.perf_counter()
         with _progress(fmt == "table", "encrypting", x.shape[1] * (-(-len(x) // 4096))) as prog:
-            pending = build_request(x, querier=querier, feature_names=names, labels=y, progress=prog)
+            pending = build_request(x, querier=name, key=signing_key, model_id=target_model, feature_names=names, labels=y, progress=prog)
         write_secret(secret, pending.state)
         write_atomic(out, pending.request)
     except FedcollabError as exc:
         raise _fail(exc) from None
-    info = {"request": str(out), "secret": str(secret), "request_id": pending.request_id, "rows": pending.n_rows,
-            "features": int(x.shape[1]), "request_bytes": len(pending.request), "seconds": round(time.perf_counter() - t0, 3)}
+    fp = key_fingerprint(public_key_hex(signing_key))
+    info = {"request": str(out), "secret": str(secret), "request_id": pending.request_id, "querier": name, "signer": fp,
+            "model": target_model, "rows": pending.n_rows, "features": int(x.shape[1]), "request_bytes": len(pending.request),
+            "seconds": round(time.perf_counter() - t0, 3)}
     _emit(info, fmt, [f"encrypted {pending.n_rows} rows x {x.shape[1]} features -> {escape(str(out))} ({len(pending.request):,} bytes)",
+                      f"signed as {escape(name)} (key {fp}); the holder must have this key in its roster",
                       f"keep {escape(str(secret))} (secret key, mode 0600); send only the request"])
 
 
@@ -142,21 +179,24 @@ def apply(
     model: Annotated[Path, typer.Option("--model", help="Run folder with model.safetensors and summary.json (fedcollab run --out).")],
     node: Annotated[Path, typer.Option("--node", help="Your node folder (policy with [scoring] budgets, signing key, ledger).")],
     out: Annotated[Path, typer.Option("--out", help="Response file to return to the querier.")],
+    roster: Annotated[Path, typer.Option("--roster", help="Your own copy of the roster (JSON, obtained out of band): the querier's signing key.")],
     spec: Annotated[Path | None, typer.Option("--spec", help="Check the request's feature names against this spec's schema.")] = None,
-    passphrase_env: Annotated[str | None, typer.Option("--passphrase-env", help="Environment variable holding the signing key's passphrase.")] = None,
+    passphrase_env: PassOpt = None,
     fmt: FmtOpt = "table",
 ) -> None:
-    """Model holder: check the querier's budget, score under encryption, record it in the ledger."""
+    """Model holder: authenticate the querier, check its budget, score under encryption, record it in the ledger."""
     from fedcollab.node import NodeHome
     from fedcollab.privacy.accounting import PartyLedger
     from fedcollab.privacy.mechanisms import fresh_generator
     from fedcollab.protocols._scoring import answer_request, load_linear_model, parse_request, write_atomic
+    from fedcollab.spec import load_roster
 
     try:
         home = NodeHome(node)
         if not home.exists():
             raise ConfigError(f"`--node`: {node} must be a node folder (signing_key.pem, policy.toml; fedcollab node init)")
-        passphrase = os.environ.get(passphrase_env, "").encode() or None if passphrase_env else None
+        passphrase = _passphrase(passphrase_env)
+        known = load_roster(roster)
         policy = home.policy()
         ledger = PartyLedger(home.ledger_path, party=policy.partner, key=home.key(passphrase))
         lin = load_linear_model(model)
@@ -171,14 +211,16 @@ def apply(
             raise FedcollabError(f"cannot read {request}: {exc.strerror}") from None
         t0 = time.perf_counter()
         with _progress(fmt == "table", "scoring", len(parse_request(data).header["chunks"])) as prog:
-            ans = answer_request(data, model=lin, policy=policy, ledger=ledger, generator=fresh_generator(), expected_features=names, progress=prog)
+            ans = answer_request(data, model=lin, policy=policy, ledger=ledger, roster=known, generator=fresh_generator(),
+                                 expected_features=names, progress=prog)
         write_atomic(out, ans.response)
     except FedcollabError as exc:
         raise _fail(exc) from None
-    info = {"response": str(out), "request_id": ans.request_id, "querier": ans.querier, "rows": ans.rows,
+    info = {"response": str(out), "request_id": ans.request_id, "querier": ans.querier, "querier_key": ans.querier_key, "rows": ans.rows,
             "rows_used": ans.rows_before + ans.rows, "budget": ans.budget, "model": lin.model_id,
             "response_bytes": len(ans.response), "seconds": round(time.perf_counter() - t0, 3), "ledger": str(home.ledger_path)}
-    _emit(info, fmt, [f"scored {ans.rows} encrypted rows for {escape(ans.querier)} -> {escape(str(out))} ({len(ans.response):,} bytes)",
+    _emit(info, fmt, [f"scored {ans.rows} encrypted rows for {escape(ans.querier)} (signature checked, key {ans.querier_key}) -> "
+                      f"{escape(str(out))} ({len(ans.response):,} bytes)",
                       f"budget: {ans.rows_before + ans.rows} of {ans.budget} rows used for model {lin.model_id[:12]}; recorded in {escape(str(home.ledger_path))}"])
 
 
@@ -222,7 +264,7 @@ def decrypt(
 def run(
     spec: SpecOpt,
     model: Annotated[Path, typer.Option("--model", help="Run folder of the model to score with (fedcollab run --out).")],
-    out: Annotated[Path, typer.Option("--out", help="Folder for the request, response, secret, scores and a holder node.")] = Path("runs/score"),
+    out: Annotated[Path, typer.Option("--out", help="Folder for the request, response, secret, scores, throwaway holder and querier nodes and their roster.")] = Path("runs/score"),
     partner: PartnerOpt = None,
     split: SplitOpt = "test",
     data: DataOpt = None,
@@ -235,25 +277,35 @@ def run(
     from fedcollab.privacy.accounting import PartyLedger
     from fedcollab.privacy.mechanisms import fresh_generator
     from fedcollab.protocols._scoring import answer_request, build_request, decrypt_response, load_linear_model, write_atomic, write_secret
-    from fedcollab.spec import NodePolicy, ScoringPolicy
+    from fedcollab.spec import NodePolicy, Roster, ScoringPolicy
 
     _check_split(split)
     try:
         x, y, names = querier_rows(spec, partners=partner, split=split, data=data)
         lin = load_linear_model(model)
+        if querier == "holder":
+            raise ConfigError("`--querier` must differ from the simulated model holder's name 'holder'")
         home = NodeHome(out / "holder")
         if not home.exists():
             policy = NodePolicy(partner="holder", scoring=ScoringPolicy(max_rows_per_querier={querier: budget if budget is not None else len(x)}))
             init_node_home(home.root, partner="holder", policy=policy)
+        qhome = NodeHome(out / "querier")
+        if not qhome.exists():
+            init_node_home(qhome.root, partner=querier)
+        if qhome.policy().partner != querier:
+            raise ConfigError(f"`--querier`: {qhome.root} is the throwaway node of {qhome.policy().partner!r}, got {querier!r}; use another --out")
+        # the holder's own copy of the roster, as it would receive it out of band
+        roster = Roster(parties={"holder": {"signing_key": home.public_key()}, querier: {"signing_key": qhome.public_key()}})
+        write_atomic(out / "roster.json", (roster.model_dump_json(indent=2) + "\n").encode())
         policy = home.policy()
         ledger = PartyLedger(home.ledger_path, party=policy.partner, key=home.key())
         secret = out / f"secret-{os.urandom(4).hex()}.json"
         n_ct = -(-len(x) // 4096)
         with _progress(fmt == "table", "encrypt, score, decrypt", x.shape[1] * n_ct + 2 * n_ct) as prog:
             t0 = time.perf_counter()
-            pending = build_request(x, querier=querier, feature_names=names, labels=y, progress=prog)
+            pending = build_request(x, querier=querier, key=qhome.key(), model_id=lin.model_id, feature_names=names, labels=y, progress=prog)
             t1 = time.perf_counter()
-            ans = answer_request(pending.request, model=lin, policy=policy, ledger=ledger, generator=fresh_generator(),
+            ans = answer_request(pending.request, model=lin, policy=policy, ledger=ledger, roster=roster, generator=fresh_generator(),
                                  expected_features=names, progress=prog)
             t2 = time.perf_counter()
             scores = decrypt_response(ans.response, pending.state, progress=prog)

@@ -21,6 +21,8 @@ class NodeErrorCode(IntEnum):
     SCORING_BUDGET_EXHAUSTED = 134
     SCORING_BAD_REQUEST = 135
     CRYPTO_REFUSED = 140
+    SCORING_UNAUTHENTICATED = 136
+    SCORING_REPLAYED = 137
 
 
 NODE_ERROR_HELP: dict[NodeErrorCode, str] = {
@@ -37,4 +39,6 @@ NODE_ERROR_HELP: dict[NodeErrorCode, str] = {
     NodeErrorCode.SCORING_BUDGET_EXHAUSTED: "Encrypted scoring: the querier's row budget for this model is spent; nothing was scored.",
     NodeErrorCode.SCORING_BAD_REQUEST: "Encrypted scoring: the request was malformed (container, context parameters or ciphertexts).",
     NodeErrorCode.CRYPTO_REFUSED: "A signature, key package, HE context or ciphertext failed the node's check (unsigned, mis-signed, malformed or other parameters); nothing was decrypted or sent.",
+    NodeErrorCode.SCORING_UNAUTHENTICATED: "Encrypted scoring: the querier is not in the holder's roster, or the request is unsigned, signed by another key or altered after signing; nothing was scored.",
+    NodeErrorCode.SCORING_REPLAYED: "Encrypted scoring: the holder's ledger already records an answer to this request id (a replay); nothing was scored or charged.",
 }

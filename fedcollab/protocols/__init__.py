@@ -10,7 +10,7 @@
 * partner_dp: partner-level DP plans (distributed DDG under secagg, central Gaussian), from the spec alone
 * he: fixed-point encodings for server-blind aggregation and statistics under HE
 * wire: message kinds and record keys
-* scoring: encrypted scoring of a linear model (request, budgeted answer, decryption)
+* scoring: encrypted scoring of a linear model (signed request, authenticated and budgeted answer, decryption)
 """
 
 from fedcollab.protocols import _secagg as secagg
@@ -50,7 +50,9 @@ from fedcollab.protocols._quantize import (
 )
 from fedcollab.protocols._scoring import (
     LinearModel,
+    ScoringAuthError,
     ScoringBudgetExhausted,
+    ScoringReplayError,
     ScoringRequestError,
     answer_request,
     build_request,
@@ -80,7 +82,9 @@ __all__ = [
     "PooledMetrics",
     "RecordKey",
     "Scaling",
+    "ScoringAuthError",
     "ScoringBudgetExhausted",
+    "ScoringReplayError",
     "ScoringRequestError",
     "Summary",
     "SystemRandomSource",

@@ -3,10 +3,13 @@
 Three steps, exchanged as files:
 
 1. querier, :func:`build_request`: rows -> request (public CKKS context + column-packed
-   ciphertexts) and a local secret state (context with secret key, mode 0600);
-2. model holder, :func:`answer_request`: checks the request, checks the querier's row budget in
-   its ``NodePolicy`` against its ledger, scores under encryption (masked, noise-flooded),
-   records a ``scoring`` ledger entry, then returns the response;
+   ciphertexts, signed with the querier's node key) and a local secret state (context with
+   secret key, mode 0600);
+2. model holder, :func:`answer_request`: checks the request, authenticates the querier against
+   its own roster (Ed25519 signature over :func:`request_digest`), refuses a request id it has
+   already answered, checks the querier's row budget in its ``NodePolicy`` against its ledger,
+   scores under encryption (masked, noise-flooded), records a ``scoring`` ledger entry, then
+   returns the response;
 3. querier, :func:`decrypt_response`: logits, the sigmoid applied locally.
 
 File container (request and response): an 8-byte magic, the header length (8 bytes, big
@@ -29,16 +32,21 @@ from typing import Any
 
 import numpy as np
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
 from fedcollab.core import BudgetExhausted, ConfigError, CryptoError, NodeErrorCode, PolicyRefused, ProtocolError
 from fedcollab.crypto import SCORING_PARAMS, PublicScoringContext, SecretScoringContext, check_scoring_params
-from fedcollab.privacy.accounting import PartyLedger
-from fedcollab.spec import NodePolicy
+from fedcollab.privacy.accounting import PartyLedger, key_fingerprint, public_key_hex
+from fedcollab.privacy.accounting._ledger import canonical
+from fedcollab.spec import NodePolicy, Roster
 
 REQUEST_MAGIC = b"FCSCREQ1"
 RESPONSE_MAGIC = b"FCSCRSP1"
 STATE_FORMAT = "fedcollab.score_secret"
 SCORING_VERSION = 1
 MAX_HEADER_BYTES = 1 << 20
+SIGNATURE_DOMAIN = b"fedcollab.score_request/1 signature\x00"
 Progress = Callable[[int], None] | None
 
 
@@ -46,6 +54,18 @@ class ScoringRequestError(ProtocolError):
     """A scoring request or response file is malformed (the field is named)."""
 
     node_code = NodeErrorCode.SCORING_BAD_REQUEST
+
+
+class ScoringAuthError(CryptoError):
+    """The querier is not in the holder's roster, or the request's signature is missing or wrong."""
+
+    node_code = NodeErrorCode.SCORING_UNAUTHENTICATED
+
+
+class ScoringReplayError(ProtocolError):
+    """The holder's ledger already records an answer to this request id."""
+
+    node_code = NodeErrorCode.SCORING_REPLAYED
 
 
 class ScoringBudgetExhausted(BudgetExhausted):
@@ -65,10 +85,14 @@ def _sha(b: bytes) -> str:
 # --------------------------------------------------------------------------- container
 
 
+def blob_table(blobs: Sequence[tuple[str, bytes]]) -> list[dict[str, Any]]:
+    """The header's ``blobs`` table: each blob's name, length and SHA-256."""
+    return [{"name": n, "length": len(b), "sha256": _sha(b)} for n, b in blobs]
+
+
 def pack_container(magic: bytes, header: dict[str, Any], blobs: Sequence[tuple[str, bytes]]) -> bytes:
     """Header + blobs in one byte string; the header gains the blob table."""
-    table = [{"name": n, "length": len(b), "sha256": _sha(b)} for n, b in blobs]
-    head = json.dumps({**header, "blobs": table}, sort_keys=True, separators=(",", ":")).encode()
+    head = json.dumps({**header, "blobs": blob_table(blobs)}, sort_keys=True, separators=(",", ":")).encode()
     return b"".join([magic, len(head).to_bytes(8, "big"), head, *(b for _, b in blobs)])
 
 
@@ -109,8 +133,63 @@ def _int_field(header: dict[str, Any], name: str, *, what: str, lo: int = 1, hi:
     return v
 
 
+def _is_hex(v: Any, n: int) -> bool:
+    return isinstance(v, str) and len(v) == n and all(c in "0123456789abcdef" for c in v)
+
+
 def _chunks(n_rows: int, slots: int) -> list[int]:
     return [min(slots, n_rows - s) for s in range(0, n_rows, slots)]
+
+
+# --------------------------------------------------------------------------- request signatures
+
+
+def request_digest(header: dict[str, Any]) -> bytes:
+    """The 32 bytes a querier signs: SHA-256 of a domain tag and the header without ``signature``.
+
+    The header (RFC 8785 canonical JSON) names the querier, the request id, the target model (or
+    null), the row count and chunks, the CKKS parameters, the feature names, the signer's key
+    fingerprint and the blob table, which holds the SHA-256 of the context and of every
+    ciphertext. Changing any of them after signing changes the digest.
+    """
+    try:
+        body = canonical({k: v for k, v in header.items() if k != "signature"})
+    except Exception:  # noqa: BLE001 - rfc8785 raises its own types for values it cannot canonicalise
+        raise ScoringAuthError("request: the header cannot be canonicalised (RFC 8785), so its signature cannot be checked") from None
+    return hashlib.sha256(SIGNATURE_DOMAIN + body).digest()
+
+
+def sign_request_header(header: dict[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
+    """``header`` (with its ``blobs`` table) plus ``signer`` (key fingerprint) and ``signature``."""
+    signed = {**{k: v for k, v in header.items() if k != "signature"}, "signer": key_fingerprint(public_key_hex(key))}
+    return {**signed, "signature": key.sign(request_digest(signed)).hex()}
+
+
+def authenticate_request(header: dict[str, Any], roster: Roster) -> str:
+    """Check a request's signature against the holder's own roster; returns the querier's key fingerprint.
+
+    Only the roster's key for the named querier is used, never a key carried by the request.
+    Raises :class:`ScoringAuthError` naming the problem (unknown querier, unsigned, signed by
+    another key, altered after signing).
+    """
+    querier = header.get("querier")
+    entry = roster.parties.get(querier) if isinstance(querier, str) else None
+    if entry is None:
+        raise ScoringAuthError(f"request: querier {querier!r} is not in the holder's roster (known: {sorted(roster.parties)}); "
+                               "add its signing key to the roster out of band")
+    fp = key_fingerprint(entry.signing_key)
+    sig = header.get("signature")
+    if not isinstance(sig, str) or len(sig) != 128:
+        raise ScoringAuthError(f"request: `signature` must be the querier's Ed25519 signature (128 hex digits), got "
+                               f"{'nothing' if sig is None else repr(sig)[:40]}; sign with `fedcollab score encrypt --node`")
+    if header.get("signer") != fp:
+        raise ScoringAuthError(f"request: signed by key {header.get('signer')!r}, but the roster's key for {querier!r} is {fp}")
+    try:
+        Ed25519PublicKey.from_public_bytes(bytes.fromhex(entry.signing_key)).verify(bytes.fromhex(sig), request_digest(header))
+    except (InvalidSignature, ValueError):
+        raise ScoringAuthError(f"request: the signature is not {querier!r}'s (key {fp}) over this request: "
+                               "the request was altered after signing or signed by another key") from None
+    return fp
 
 
 # --------------------------------------------------------------------------- the model
@@ -196,11 +275,21 @@ class PendingRequest:
     n_rows: int
 
 
-def build_request(x: np.ndarray, *, querier: str, feature_names: Sequence[str] | None = None, labels: np.ndarray | None = None,
+def build_request(x: np.ndarray, *, querier: str, key: Ed25519PrivateKey, model_id: str | None = None,
+                  feature_names: Sequence[str] | None = None, labels: np.ndarray | None = None,
                   context: SecretScoringContext | None = None, progress: Progress = None) -> PendingRequest:
-    """Encrypt rows ``x`` (n, d) for scoring: the request, and the querier's secret state (JSON)."""
+    """Encrypt rows ``x`` (n, d) for scoring: the request signed with ``key``, and the querier's secret state (JSON).
+
+    ``key`` is the querier's node signing key (its public key is in the holder's roster under
+    ``querier``). ``model_id``, if given, binds the request to that model SHA-256: the holder
+    refuses to score it with any other model.
+    """
     if not isinstance(querier, str) or not querier:
         raise ConfigError(f"`querier` must be a non-empty name, got {querier!r}")
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigError(f"`key` must be the querier's Ed25519 signing key, got {type(key).__name__}")
+    if model_id is not None and not _is_hex(model_id, 64):
+        raise ConfigError(f"`model_id` must be a model SHA-256 (64 lowercase hex digits), got {model_id!r}")
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] == 0:
         raise ConfigError(f"`rows` must be a non-empty (rows, features) array, got shape {x.shape}")
@@ -215,9 +304,10 @@ def build_request(x: np.ndarray, *, querier: str, feature_names: Sequence[str] |
         "format": "fedcollab.score_request", "version": SCORING_VERSION, "request_id": request_id, "querier": querier,
         "created": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "params": ctx.params.to_dict(),
         "n_rows": int(x.shape[0]), "n_features": int(x.shape[1]), "chunks": _chunks(x.shape[0], ctx.params.slots),
-        "feature_names": list(feature_names) if feature_names is not None else None, "packing": "column",
+        "feature_names": list(feature_names) if feature_names is not None else None, "packing": "column", "model": model_id,
     }
     blobs = [("context", ctx.public_bytes())] + [(f"c{i}f{j}", b) for i, ch in enumerate(cols) for j, b in enumerate(ch)]
+    header = sign_request_header({**header, "blobs": blob_table(blobs)}, key)
     req = pack_container(REQUEST_MAGIC, header, blobs)
     state = {
         "format": STATE_FORMAT, "version": SCORING_VERSION, "request_id": request_id, "request_sha256": _sha(req),
@@ -318,6 +408,10 @@ class ParsedRequest:
     def n_rows(self) -> int:  # noqa: D102
         return int(self.header["n_rows"])
 
+    @property
+    def request_id(self) -> str:  # noqa: D102
+        return str(self.header["request_id"])
+
 
 def parse_request(data: bytes) -> ParsedRequest:
     """Check a request's container and header (every field named on failure); no decryption needed."""
@@ -327,6 +421,10 @@ def parse_request(data: bytes) -> ParsedRequest:
         raise ScoringRequestError(f"{what}: `format`/`version` must be fedcollab.score_request/1, got {header.get('format')!r}/{header.get('version')!r}")
     if not isinstance(header.get("querier"), str) or not header["querier"]:
         raise ScoringRequestError(f"{what}: `querier` must be a non-empty string, got {header.get('querier')!r}")
+    if not _is_hex(header.get("request_id"), 32):
+        raise ScoringRequestError(f"{what}: `request_id` must be 32 lowercase hex digits, got {header.get('request_id')!r}")
+    if header.get("model") is not None and not _is_hex(header["model"], 64):
+        raise ScoringRequestError(f"{what}: `model` must be null or a model SHA-256 (64 hex digits), got {header.get('model')!r}")
     if header.get("packing") != "column":
         raise ScoringRequestError(f"{what}: `packing` must be 'column', got {header.get('packing')!r}")
     try:
@@ -359,6 +457,12 @@ def scoring_rows_before(ledger: PartyLedger, *, querier: str, model_id: str) -> 
     return total
 
 
+def scoring_answered(ledger: PartyLedger, request_id: str) -> bool:
+    """Whether the holder's ledger already records an answer to ``request_id`` (any querier, any model)."""
+    return any(ln.entry.get("party") == ledger.party and ln.entry.get("kind") == "scoring" and ln.entry.get("run_id") == request_id
+               and (ln.entry.get("body") or {}).get("outcome") == "answered" for ln in ledger.lines())
+
+
 @dataclass(frozen=True)
 class Answer:
     """What :func:`answer_request` produced."""
@@ -369,21 +473,55 @@ class Answer:
     rows_before: int
     budget: int
     request_id: str
+    querier_key: str
 
 
-def answer_request(data: bytes, *, model: LinearModel, policy: NodePolicy, ledger: PartyLedger, generator: np.random.Generator,
-                   expected_features: Sequence[str] | None = None, progress: Progress = None) -> Answer:
-    """Score a request at the model holder: check, budget, compute, record, then release.
+def answer_request(data: bytes, *, model: LinearModel, policy: NodePolicy, ledger: PartyLedger, roster: Roster,
+                   generator: np.random.Generator, expected_features: Sequence[str] | None = None, progress: Progress = None) -> Answer:
+    """Score a request at the model holder: check, authenticate, budget, compute, record, then release.
 
-    Order (checks come before anything is recorded or released): the request parses; the
-    context is public and has the fixed parameters; the feature count matches the model; the
-    querier's rows so far plus this request's stay within its budget (else a ``scoring``
-    refusal is recorded and :class:`ScoringBudgetExhausted` raised); every ciphertext is checked
-    and scored; the ``scoring`` entry is appended; only then is the response returned.
+    Order (checks come before anything is recorded or released):
+
+    1. the request parses (container, blob hashes, header fields); a malformed one is refused
+       with :class:`ScoringRequestError` and nothing is recorded;
+    2. the querier is authenticated against ``roster``, the holder's own out-of-band copy: the
+       querier must be listed and the request signed by its key over :func:`request_digest`
+       (else a ``scoring`` refusal, code 136, and :class:`ScoringAuthError`);
+    3. a request id the ledger already records as answered is a replay (a ``scoring``
+       refusal, code 137, and :class:`ScoringReplayError`): never answered or charged twice;
+    4. the target model (if the request names one), the feature count and names, and the
+       public context with its fixed parameters are checked (:class:`ScoringRequestError`);
+    5. the querier's rows so far plus this request's stay within its budget (else a ``scoring``
+       refusal, code 134, and :class:`ScoringBudgetExhausted`);
+    6. every ciphertext is checked and scored; the ``scoring`` entry is appended; only then is
+       the response returned.
     """
     req = parse_request(data)
     h = req.header
     what = "request"
+    querier, n, request_id = req.querier, req.n_rows, req.request_id
+    budget = policy.scoring.budget(querier)
+    before = scoring_rows_before(ledger, querier=querier, model_id=model.model_id)
+    roster_entry = roster.parties.get(querier)
+    body = {"querier": querier, "querier_key": key_fingerprint(roster_entry.signing_key) if roster_entry else None, "model": model.model_id,
+            "request": req.sha256, "rows": n, "rows_before": before, "budget": budget, "params": SCORING_PARAMS.to_dict(),
+            "flood_std": policy.scoring.flood_std}
+
+    def refuse(exc: Exception, code: NodeErrorCode, reason: str) -> Exception:
+        ledger.append(kind="scoring", run_id=request_id, round=0, body={**body, "outcome": "refused", "code": int(code), "reason": reason})
+        return exc
+
+    try:
+        body["querier_key"] = authenticate_request(h, roster)
+    except ScoringAuthError as exc:
+        reason = "unknown_querier" if roster_entry is None else "bad_signature"
+        raise refuse(exc, NodeErrorCode.SCORING_UNAUTHENTICATED, reason) from None
+    if scoring_answered(ledger, request_id):
+        raise refuse(ScoringReplayError(f"{what}: request id {request_id} from {querier!r} was already answered (see the holder's ledger); "
+                                        "a replay is refused and not charged; send a new request"),
+                     NodeErrorCode.SCORING_REPLAYED, "replay")
+    if h.get("model") is not None and h["model"] != model.model_id:
+        raise ScoringRequestError(f"{what}: `model` must be {model.model_id} (the model scored here), got {h['model']}")
     if h["n_features"] != model.n_features:
         raise ScoringRequestError(f"{what}: `n_features` must be {model.n_features} (the model's), got {h['n_features']}")
     if expected_features is not None and h["feature_names"] is not None and list(h["feature_names"]) != list(expected_features):
@@ -392,18 +530,11 @@ def answer_request(data: bytes, *, model: LinearModel, policy: NodePolicy, ledge
         ctx = PublicScoringContext.from_bytes(req.blobs["context"], SCORING_PARAMS, field="context")
     except CryptoError as exc:
         raise ScoringRequestError(f"{what}: {exc}") from None
-    querier, n = req.querier, req.n_rows
-    budget = policy.scoring.budget(querier)
-    before = scoring_rows_before(ledger, querier=querier, model_id=model.model_id)
-    body = {"querier": querier, "model": model.model_id, "request": req.sha256, "rows": n, "rows_before": before, "budget": budget,
-            "params": SCORING_PARAMS.to_dict(), "flood_std": policy.scoring.flood_std}
     if before + n > budget:
-        ledger.append(kind="scoring", run_id=str(h.get("request_id", "")), round=0,
-                      body={**body, "outcome": "refused", "code": int(NodeErrorCode.SCORING_BUDGET_EXHAUSTED)})
-        raise ScoringBudgetExhausted(
+        raise refuse(ScoringBudgetExhausted(
             f"querier {querier!r} asked for {n} rows; {before} of its {budget} rows for model {model.model_id[:12]} are spent "
             f"(policy scoring.max_rows_per_querier); nothing was scored",
-            querier=querier, rows=n, rows_before=before, budget=budget)
+            querier=querier, rows=n, rows_before=before, budget=budget), NodeErrorCode.SCORING_BUDGET_EXHAUSTED, "budget")
     results = []
     for i, rows in enumerate(h["chunks"]):
         try:
@@ -414,9 +545,9 @@ def answer_request(data: bytes, *, model: LinearModel, policy: NodePolicy, ledge
                                                   flood_std=float(policy.scoring.flood_std), generator=generator)))
         if progress:
             progress(1)
-    ledger.append(kind="scoring", run_id=str(h["request_id"]), round=0, body={**body, "outcome": "answered", "code": None})
-    header = {"format": "fedcollab.score_response", "version": SCORING_VERSION, "request_id": h["request_id"], "request_sha256": req.sha256,
+    ledger.append(kind="scoring", run_id=request_id, round=0, body={**body, "outcome": "answered", "code": None})
+    header = {"format": "fedcollab.score_response", "version": SCORING_VERSION, "request_id": request_id, "request_sha256": req.sha256,
               "holder": ledger.party, "model": model.model_id, "n_rows": n, "chunks": h["chunks"], "output": "logit",
               "flood_std": policy.scoring.flood_std}
     return Answer(response=pack_container(RESPONSE_MAGIC, header, results), querier=querier, rows=n, rows_before=before, budget=budget,
-                  request_id=str(h["request_id"]))
+                  request_id=request_id, querier_key=str(body["querier_key"]))

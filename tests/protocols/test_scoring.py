@@ -1,4 +1,4 @@
-"""Encrypted scoring: CKKS correctness, masking, flooding, the query budget and malformed input."""
+"""Encrypted scoring: CKKS correctness, masking, flooding, signed requests, the query budget and malformed input."""
 
 from __future__ import annotations
 
@@ -12,13 +12,24 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fedcollab.audit._verify import verify_lines
 from fedcollab.core import CryptoError, ExitCode, NodeErrorCode, PolicyRefused
 from fedcollab.crypto import SCORING_PARAMS, PublicScoringContext, SecretScoringContext
-from fedcollab.privacy.accounting import PartyLedger, public_key_hex
-from fedcollab.protocols import LinearModel, ScoringBudgetExhausted, ScoringRequestError, answer_request, build_request, decrypt_response
+from fedcollab.privacy.accounting import PartyLedger, key_fingerprint, public_key_hex
+from fedcollab.protocols import (
+    LinearModel,
+    ScoringAuthError,
+    ScoringBudgetExhausted,
+    ScoringReplayError,
+    ScoringRequestError,
+    answer_request,
+    build_request,
+    decrypt_response,
+)
 from fedcollab.protocols._scoring import (
     REQUEST_MAGIC,
+    blob_table,
     fold_scaling,
     load_linear_model,
     pack_container,
+    sign_request_header,
     unpack_container,
 )
 from fedcollab.spec import NodePolicy, Roster, ScoringPolicy, load_policy, policy_toml
@@ -40,6 +51,23 @@ def gen() -> np.random.Generator:
 def _model(d: int = D) -> LinearModel:
     rng = np.random.default_rng(3)
     return LinearModel(weights=rng.normal(size=d), bias=0.25, model_id="ab" * 32)
+
+
+KEYS = {name: Ed25519PrivateKey.generate() for name in ("bank", "stranger", "mallory")}
+
+
+def _roster(holder_key: Ed25519PrivateKey) -> Roster:
+    """The holder's own roster: itself and the queriers (not mallory, whose key is not known)."""
+    parties = {"telecom": holder_key, "bank": KEYS["bank"], "stranger": KEYS["stranger"]}
+    return Roster.model_validate({"parties": {n: {"signing_key": public_key_hex(k)} for n, k in parties.items()}})
+
+
+def _pack(header: dict, blobs: dict, key: Ed25519PrivateKey | None) -> bytes:
+    """A request container from a header and blobs, signed with ``key`` (or carrying the header's signature as is)."""
+    h = {k: v for k, v in header.items() if k != "blobs"}
+    if key is not None:
+        h = sign_request_header({**h, "blobs": blob_table(list(blobs.items()))}, key)
+    return pack_container(REQUEST_MAGIC, h, list(blobs.items()))
 
 
 def _holder(tmp_path, budget: dict[str, int], default: int = 0) -> tuple[PartyLedger, NodePolicy, Ed25519PrivateKey]:
@@ -116,8 +144,8 @@ class TestProtocol:
         x = gen.normal(size=(7, D))
         m = _model()
         ledger, policy, key = _holder(tmp_path, {"bank": 100})
-        pending = build_request(x, querier="bank", labels=(x[:, 0] > 0).astype(float), context=secret_ctx)
-        ans = answer_request(pending.request, model=m, policy=policy, ledger=ledger, generator=gen)
+        pending = build_request(x, querier="bank", key=KEYS["bank"], labels=(x[:, 0] > 0).astype(float), context=secret_ctx)
+        ans = answer_request(pending.request, model=m, policy=policy, ledger=ledger, roster=_roster(key), generator=gen)
         scores = decrypt_response(ans.response, pending.state)
         np.testing.assert_allclose(scores.logits, m.logits(x), atol=6 * FLOOD)
         entry = ledger.lines()[-1].entry
@@ -129,20 +157,20 @@ class TestProtocol:
         """6 + 6 rows exceed a budget of 10: the second request is refused and recorded; 4 more fit exactly."""
         m = _model()
         ledger, policy, key = _holder(tmp_path, {"bank": 10})
-        req = lambda n: build_request(gen.normal(size=(n, D)), querier="bank", context=secret_ctx).request  # noqa: E731
-        answer_request(req(6), model=m, policy=policy, ledger=ledger, generator=gen)
+        req = lambda n: build_request(gen.normal(size=(n, D)), querier="bank", key=KEYS["bank"], context=secret_ctx).request  # noqa: E731
+        answer_request(req(6), model=m, policy=policy, ledger=ledger, roster=_roster(key), generator=gen)
         with pytest.raises(ScoringBudgetExhausted) as exc:
-            answer_request(req(6), model=m, policy=policy, ledger=ledger, generator=gen)
+            answer_request(req(6), model=m, policy=policy, ledger=ledger, roster=_roster(key), generator=gen)
         assert exc.value.node_code == NodeErrorCode.SCORING_BUDGET_EXHAUSTED and exc.value.exit_code == ExitCode.BUDGET_EXHAUSTED
         refused = ledger.lines()[-1].entry["body"]
         assert refused["outcome"] == "refused" and refused["code"] == 134 and refused["rows_before"] == 6
-        answer_request(req(4), model=m, policy=policy, ledger=ledger, generator=gen)
+        answer_request(req(4), model=m, policy=policy, ledger=ledger, roster=_roster(key), generator=gen)
         with pytest.raises(ScoringBudgetExhausted):
-            answer_request(req(1), model=m, policy=policy, ledger=ledger, generator=gen)
+            answer_request(req(1), model=m, policy=policy, ledger=ledger, roster=_roster(key), generator=gen)
         # a querier the policy does not name gets default_max_rows = 0
         with pytest.raises(ScoringBudgetExhausted):
-            answer_request(build_request(np.ones((1, D)), querier="stranger", context=secret_ctx).request,
-                           model=m, policy=policy, ledger=ledger, generator=gen)
+            answer_request(build_request(np.ones((1, D)), querier="stranger", key=KEYS["stranger"], context=secret_ctx).request,
+                           model=m, policy=policy, ledger=ledger, roster=_roster(key), generator=gen)
         roster = Roster.model_validate({"parties": {"telecom": {"signing_key": public_key_hex(key)}}})
         rep = verify_lines(ledger.lines(), roster)
         assert rep.exit_code == ExitCode.OK, rep.findings
@@ -167,9 +195,9 @@ class TestProtocol:
     def test_malformed_requests(self, tmp_path, gen, secret_ctx):
         """Truncated, altered, mis-shaped or mislabelled requests are refused naming the problem; nothing is recorded."""
         m = _model()
-        ledger, policy, _ = _holder(tmp_path, {"bank": 100})
-        good = build_request(gen.normal(size=(3, D)), querier="bank", context=secret_ctx).request
-        ask = lambda data: answer_request(data, model=m, policy=policy, ledger=ledger, generator=gen)  # noqa: E731
+        ledger, policy, key = _holder(tmp_path, {"bank": 100})
+        good = build_request(gen.normal(size=(3, D)), querier="bank", key=KEYS["bank"], context=secret_ctx).request
+        ask = lambda data: answer_request(data, model=m, policy=policy, ledger=ledger, roster=_roster(key), generator=gen)  # noqa: E731
         with pytest.raises(ScoringRequestError, match="truncated"):
             ask(good[:-100])
         with pytest.raises(ScoringRequestError, match="must start with"):
@@ -179,9 +207,10 @@ class TestProtocol:
         with pytest.raises(ScoringRequestError, match="altered"):
             ask(bytes(altered))
         header, blobs = unpack_container(good, REQUEST_MAGIC, what="request")
-        rebuild = lambda h, b: pack_container(REQUEST_MAGIC, {k: v for k, v in h.items() if k != "blobs"}, list(b.items()))  # noqa: E731
+        # a querier may sign malformed content: re-signed by bank, these reach the holder's content checks
+        rebuild = lambda h, b: _pack(h, b, KEYS["bank"])  # noqa: E731
         with pytest.raises(ScoringRequestError, match="`n_features` must be 4 .*got 5"):
-            ask(build_request(np.ones((2, 5)), querier="bank", context=secret_ctx).request)
+            ask(build_request(np.ones((2, 5)), querier="bank", key=KEYS["bank"], context=secret_ctx).request)
         with pytest.raises(ScoringRequestError, match="`params` must be"):
             ask(rebuild({**header, "params": {**header["params"], "poly_modulus_degree": 4096}}, blobs))
         with pytest.raises(ScoringRequestError, match="`c0f2` must be a TenSEAL CKKS vector"):
@@ -196,12 +225,117 @@ class TestProtocol:
 
     def test_response_for_another_request_refused(self, tmp_path, gen, secret_ctx):
         """The querier refuses a response that answers a different request."""
-        ledger, policy, _ = _holder(tmp_path, {"bank": 100})
-        a = build_request(np.ones((2, D)), querier="bank", context=secret_ctx)
-        b = build_request(np.ones((2, D)), querier="bank", context=secret_ctx)
-        ans = answer_request(a.request, model=_model(), policy=policy, ledger=ledger, generator=gen)
+        ledger, policy, key = _holder(tmp_path, {"bank": 100})
+        a = build_request(np.ones((2, D)), querier="bank", key=KEYS["bank"], context=secret_ctx)
+        b = build_request(np.ones((2, D)), querier="bank", key=KEYS["bank"], context=secret_ctx)
+        ans = answer_request(a.request, model=_model(), policy=policy, ledger=ledger, roster=_roster(key), generator=gen)
         with pytest.raises(ScoringRequestError, match="`request_id` must be"):
             decrypt_response(ans.response, b.state)
+
+
+class TestAuthentication:
+    """The querier signs its request with its node key; the holder checks it against its own roster."""
+
+    def _refused(self, ledger: PartyLedger, key: Ed25519PrivateKey, code: NodeErrorCode, reason: str) -> dict:
+        """The last ledger entry is a refusal with ``code`` and ``reason``; the ledger verifies and matches its schema."""
+        body = ledger.lines()[-1].entry["body"]
+        assert body["outcome"] == "refused" and body["code"] == int(code) and body["reason"] == reason
+        roster = Roster.model_validate({"parties": {"telecom": {"signing_key": public_key_hex(key)}}})
+        rep = verify_lines(ledger.lines(), roster)
+        assert rep.exit_code == ExitCode.OK, rep.findings
+        import jsonschema
+
+        from tests.conftest import ROOT
+
+        schema = json.loads((ROOT / "protocols" / "ledger.schema.json").read_text())
+        for ln in ledger.lines():
+            jsonschema.validate(ln.entry, schema)
+        return body
+
+    def test_signed_request_answered_with_key_fingerprint(self, tmp_path, gen, secret_ctx):
+        """A request signed by a roster party is answered; the entry records the querier's key fingerprint."""
+        ledger, policy, key = _holder(tmp_path, {"bank": 10})
+        m = _model()
+        pending = build_request(gen.normal(size=(3, D)), querier="bank", key=KEYS["bank"], model_id=m.model_id, context=secret_ctx)
+        ans = answer_request(pending.request, model=m, policy=policy, ledger=ledger, roster=_roster(key), generator=gen)
+        fp = key_fingerprint(public_key_hex(KEYS["bank"]))
+        body = ledger.lines()[-1].entry["body"]
+        assert ans.querier_key == fp and body["querier_key"] == fp and body["outcome"] == "answered"
+        assert len(decrypt_response(ans.response, pending.state).logits) == 3
+
+    def test_unknown_querier_refused(self, tmp_path, gen, secret_ctx):
+        """A querier missing from the holder's roster is refused (code 136), even with a valid signature of its own."""
+        ledger, policy, key = _holder(tmp_path, {"mallory": 100}, default=100)
+        req = build_request(np.ones((2, D)), querier="mallory", key=KEYS["mallory"], context=secret_ctx).request
+        with pytest.raises(ScoringAuthError, match="'mallory' is not in the holder's roster") as exc:
+            answer_request(req, model=_model(), policy=policy, ledger=ledger, roster=_roster(key), generator=gen)
+        assert exc.value.node_code == NodeErrorCode.SCORING_UNAUTHENTICATED and exc.value.exit_code == ExitCode.CRYPTO_FAILED
+        body = self._refused(ledger, key, NodeErrorCode.SCORING_UNAUTHENTICATED, "unknown_querier")
+        assert body["querier"] == "mallory" and body["querier_key"] is None
+
+    @pytest.mark.parametrize("change", ["querier", "querier_and_signer", "rows", "request_id", "model", "unsigned", "ciphertext"])
+    def test_tampered_request_refused(self, tmp_path, gen, secret_ctx, change):
+        """A request changed after signing (querier, rows, id, model, a ciphertext) or unsigned is refused (code 136)."""
+        ledger, policy, key = _holder(tmp_path, {"bank": 100, "stranger": 100})
+        m = _model()
+        good = build_request(gen.normal(size=(3, D)), querier="bank", key=KEYS["bank"], context=secret_ctx).request
+        header, blobs = unpack_container(good, REQUEST_MAGIC, what="request")
+        stranger_fp = key_fingerprint(public_key_hex(KEYS["stranger"]))
+        if change == "querier":  # a second budget under another roster name
+            header = {**header, "querier": "stranger"}
+        elif change == "querier_and_signer":
+            header = {**header, "querier": "stranger", "signer": stranger_fp}
+        elif change == "rows":  # fewer rows charged; the ciphertexts still hold 3
+            header = {**header, "n_rows": 2, "chunks": [2]}
+        elif change == "request_id":  # evade the replay check
+            header = {**header, "request_id": "0" * 32}
+        elif change == "model":
+            header = {**header, "model": m.model_id}
+        elif change == "unsigned":
+            header = {k: v for k, v in header.items() if k not in ("signature", "signer")}
+        else:  # swap a ciphertext, blob table updated so that the container itself is consistent
+            blobs = {**blobs, "c0f1": blobs["c0f0"]}
+        with pytest.raises(ScoringAuthError, match="signature|signed by"):
+            answer_request(_pack(header, blobs, None), model=m, policy=policy, ledger=ledger, roster=_roster(key), generator=gen)
+        self._refused(ledger, key, NodeErrorCode.SCORING_UNAUTHENTICATED, "bad_signature")
+        assert len(ledger.lines()) == 1
+
+    @pytest.mark.parametrize("claim_signer", [False, True])
+    def test_other_partys_key_refused(self, tmp_path, gen, secret_ctx, claim_signer):
+        """A request naming bank but signed with another party's key is refused, whatever signer it claims."""
+        ledger, policy, key = _holder(tmp_path, {"bank": 100})
+        good = build_request(np.ones((2, D)), querier="bank", key=KEYS["bank"], context=secret_ctx).request
+        header, blobs = unpack_container(good, REQUEST_MAGIC, what="request")
+        forged = sign_request_header({k: v for k, v in header.items()}, KEYS["stranger"])
+        if claim_signer:  # claims bank's fingerprint; the signature is still stranger's
+            forged = {**forged, "signer": key_fingerprint(public_key_hex(KEYS["bank"]))}
+        with pytest.raises(ScoringAuthError, match="signed by key|not 'bank'"):
+            answer_request(_pack(forged, blobs, None), model=_model(), policy=policy, ledger=ledger, roster=_roster(key), generator=gen)
+        body = self._refused(ledger, key, NodeErrorCode.SCORING_UNAUTHENTICATED, "bad_signature")
+        assert body["querier_key"] == key_fingerprint(public_key_hex(KEYS["bank"]))
+
+    def test_replayed_request_refused(self, tmp_path, gen, secret_ctx):
+        """A request id already answered is refused (code 137) and not charged again."""
+        ledger, policy, key = _holder(tmp_path, {"bank": 100})
+        m = _model()
+        req = build_request(gen.normal(size=(3, D)), querier="bank", key=KEYS["bank"], context=secret_ctx).request
+        answer_request(req, model=m, policy=policy, ledger=ledger, roster=_roster(key), generator=gen)
+        with pytest.raises(ScoringReplayError, match="already answered") as exc:
+            answer_request(req, model=m, policy=policy, ledger=ledger, roster=_roster(key), generator=gen)
+        assert exc.value.node_code == NodeErrorCode.SCORING_REPLAYED and exc.value.exit_code == ExitCode.PROTOCOL_FAILED
+        body = self._refused(ledger, key, NodeErrorCode.SCORING_REPLAYED, "replay")
+        assert body["rows_before"] == 3
+        ans = answer_request(build_request(np.ones((1, D)), querier="bank", key=KEYS["bank"], context=secret_ctx).request,
+                             model=m, policy=policy, ledger=ledger, roster=_roster(key), generator=gen)
+        assert ans.rows_before == 3  # the replay was not charged
+
+    def test_request_bound_to_another_model_refused(self, tmp_path, gen, secret_ctx):
+        """A request signed for model A is not scored with model B (nothing recorded)."""
+        ledger, policy, key = _holder(tmp_path, {"bank": 100})
+        req = build_request(np.ones((2, D)), querier="bank", key=KEYS["bank"], model_id="cd" * 32, context=secret_ctx).request
+        with pytest.raises(ScoringRequestError, match="`model` must be abab"):
+            answer_request(req, model=_model(), policy=policy, ledger=ledger, roster=_roster(key), generator=gen)
+        assert ledger.lines() == []
 
 
 class TestModelAndPolicy:

@@ -7,7 +7,7 @@ and the party's Ed25519 ``signature`` (lowercase hex) over the canonical form wi
 
 Kinds: ``release`` (a privacy event, recorded before the release leaves the party),
 ``refusal`` (a release refused by policy or budget), ``scoring`` (an encrypted-scoring request
-answered or refused by a model holder, with the querier's row count), ``receipt`` (the coordinator chains the
+answered or refused by a model holder, with the querier's row count and key fingerprint), ``receipt`` (the coordinator chains the
 hashes of node entries in arrival order), ``close`` (the coordinator lists every party's chain
 head), ``countersign`` (a node signs the close entry's hash). JSON Schema:
 ``protocols/ledger.schema.json``.
@@ -306,7 +306,12 @@ def ledger_entry_json_schema() -> dict[str, Any]:
     defs["ScoringBody"] = {
         "type": "object", "additionalProperties": False,
         "required": ["querier", "model", "request", "rows", "rows_before", "budget", "outcome", "code"],
-        "properties": {"querier": {"type": "string"}, "model": {**hex64, "description": "SHA-256 of the model file"},
+        "properties": {"querier": {"type": "string", "description": "the querier named in the request"},
+                       "querier_key": {"type": ["string", "null"], "pattern": "^[0-9a-f]{16}$",
+                                       "description": "fingerprint of the querier's key in the holder's roster (the key the signature was "
+                                                      "checked against); null when the querier is not in the roster"},
+                       "reason": {"enum": ["unknown_querier", "bad_signature", "replay", "budget"], "description": "why a request was refused"},
+                       "model": {**hex64, "description": "SHA-256 of the model file"},
                        "request": {**hex64, "description": "SHA-256 of the request file"},
                        "rows": {"type": "integer", "minimum": 0, "description": "rows (queries) in the request"},
                        "rows_before": {"type": "integer", "minimum": 0, "description": "rows answered before, same querier and model"},
