@@ -16,9 +16,9 @@ from fedcollab.privacy.accounting import compute_epsilon, public_key_hex
 from fedcollab.protocols._ddg import ddg_generator
 from fedcollab.protocols._query import RESOLUTION, encode_query_vector, plan_query, query_result
 from fedcollab.spec import BudgetSpec, NodePolicy, Roster, RosterEntry, StatisticsPolicy, check_query, parse_query
-from tests.conftest import SHARED
+from tests.conftest import ROOT
 
-HEART_CSV = SHARED / "datasets" / "heart-disease" / "heart_disease_uci.csv"
+HEART_CSV = ROOT / "fedcollab" / "data" / "embedded" / "heart_disease_uci.csv"  # CI has no ../shared
 
 
 def _pooled(spec, query, plan, *, generator_factory=None):
