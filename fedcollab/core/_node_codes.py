@@ -18,6 +18,7 @@ class NodeErrorCode(IntEnum):
     BUDGET_EXHAUSTED = 131
     POLICY_REFUSED = 132
     TOO_FEW_PARTICIPANTS = 133
+    UNAPPROVED_BUNDLE = 140
 
 
 NODE_ERROR_HELP: dict[NodeErrorCode, str] = {
@@ -31,4 +32,5 @@ NODE_ERROR_HELP: dict[NodeErrorCode, str] = {
     NodeErrorCode.BUDGET_EXHAUSTED: "The release would exceed the node's budget; nothing was released.",
     NodeErrorCode.POLICY_REFUSED: "The node's policy forbids this request.",
     NodeErrorCode.TOO_FEW_PARTICIPANTS: "Distributed DP: fewer partners in the round than the noise shares were sized for (t_min); nothing was released.",
+    NodeErrorCode.UNAPPROVED_BUNDLE: "Deployment: the run's bundle is not one the partner approved (SHA-256 pin); nothing ran.",
 }
