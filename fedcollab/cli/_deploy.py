@@ -89,22 +89,29 @@ def coordinator_start(
 
 @coordinator_app.command("register-node")
 def coordinator_register_node(
-    public_key: Annotated[Path, typer.Argument(help="The partner's node-authentication public key (from `fedcollab node keygen`).")],
-    name: Annotated[str | None, typer.Option("--name", help="A name for the node.")] = None,
+    public_keys: Annotated[list[Path], typer.Argument(help="Partners' node-authentication public keys (`fedcollab node keygen` writes FOLDER/flower_auth_key.pub).")],
+    name: Annotated[list[str] | None, typer.Option("--name", help="A name per key, in the same order (repeatable).")] = None,
     superlink: Superlink = None, ca: Ca = None, home: Home = None, fmt: Fmt = "table",
 ) -> None:
-    """Register a partner's node key: only registered nodes may connect."""
+    """Register partners' node keys: only registered nodes may connect."""
     from fedcollab.runner._deploy import register_node
 
+    names = list(name or [])
+    if names and len(names) != len(public_keys):
+        err.print("[red]error:[/] give one --name per key, or none")
+        raise typer.Exit(2)
     addr, cafile = _connection(superlink, ca, home)
+    out = []
     try:
-        node_id = register_node(addr, cafile, public_key, name=name)
+        for i, key in enumerate(public_keys):
+            out.append({"key": str(key), "node_id": register_node(addr, cafile, key, name=names[i] if names else None)})
     except FedcollabError as exc:
         raise _fail(exc) from None
     if fmt == "json":
-        sys.stdout.write(json.dumps({"node_id": node_id}) + "\n")
+        sys.stdout.write(json.dumps(out) + "\n")
     else:
-        Console().print(f"registered node {node_id}")
+        for r in out:
+            Console().print(f"registered node {r['node_id']} ({escape(r['key'])})")
 
 
 @coordinator_app.command("nodes")
@@ -149,6 +156,7 @@ def node_start(
     ca: Annotated[Path, typer.Option("--ca", help="The CA certificate that signed the SuperLink's certificate.")],
     policy: Annotated[Path | None, typer.Option("--policy", help="Install this policy (validated) as FOLDER/policy.toml before starting.")] = None,
     approve: Annotated[list[str] | None, typer.Option("--approve-bundle", help="SHA-256 of an approved bundle (repeatable; default: the bundle this fedcollab builds).")] = None,
+    poll: Annotated[float, typer.Option("--poll", help="Cap in seconds on the SuperNode's idle polling (Flower's is 3 s); 0 runs flower-supernode unchanged.")] = 0.3,
     fmt: Fmt = "table",
 ) -> None:
     """Run this partner's node: a SuperNode over TLS with node authentication, answering only with the installed fedcollab.
@@ -160,11 +168,14 @@ def node_start(
     from fedcollab.runner._deploy import NodeConfig, start_node
     from fedcollab.spec import load_policy, policy_toml
 
-    log_file = folder / "node.log"
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        handlers=[logging.FileHandler(log_file), logging.StreamHandler(sys.stderr)])
-    for noisy in ("flwr", "httpx", "httpcore", "absl"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # The node's own log (refusals with their reasons stay here): fedcollab's logger only.
+    folder.mkdir(parents=True, exist_ok=True)
+    fc_log = logging.getLogger("fedcollab")
+    fc_log.setLevel(logging.INFO)
+    fmt_ = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for h in (logging.FileHandler(folder / "node.log"), logging.StreamHandler(sys.stderr)):
+        h.setFormatter(fmt_)
+        fc_log.addHandler(h)
     try:
         if policy is not None:
             folder.mkdir(parents=True, exist_ok=True)
@@ -177,7 +188,7 @@ def node_start(
             else:
                 err.print(f"node {escape(info['partner'])}: SuperNode pid {info['supernode_pid']}, egress log {escape(info['egress_log'])}")
 
-        start_node(NodeConfig(home=folder, data=data, roster=roster, superlink=superlink, ca_cert=ca, approved_bundles=tuple(approve or ())), on_ready=ready)
+        start_node(NodeConfig(home=folder, data=data, roster=roster, superlink=superlink, ca_cert=ca, approved_bundles=tuple(approve or ()), poll=poll), on_ready=ready)
     except FedcollabError as exc:
         raise _fail(exc) from None
 

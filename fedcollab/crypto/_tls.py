@@ -116,7 +116,7 @@ def generate_node_auth_key(path: str | Path) -> str:
 
 
 def load_node_auth_public_key(path_or_text: str | Path) -> bytes:
-    """An OpenSSH EC public key (file path or the line itself), checked, as bytes for registration."""
+    """An OpenSSH EC public key (file path or the line itself), checked, as PEM (SubjectPublicKeyInfo) for registration."""
     text = str(path_or_text)
     raw = Path(text).read_bytes() if not text.startswith("ecdsa-") and Path(text).exists() else text.encode()
     try:
@@ -125,4 +125,4 @@ def load_node_auth_public_key(path_or_text: str | Path) -> bytes:
         raise CryptoError("not an OpenSSH public key") from exc
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise CryptoError(f"a node key must be an EC key on a NIST curve (got {type(key).__name__})")
-    return raw.strip()
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)

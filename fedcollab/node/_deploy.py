@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcollab.core import NodeErrorCode, get_logger
+from fedcollab.protocols import RecordKey
 
 log = get_logger("node.deploy")
 
@@ -78,9 +79,9 @@ class EgressLog:
             content = reply.content
             objects = get_all_nested_objects(content)
             cfgs = content.config_records
-            err = cfgs.get("error")
+            err = cfgs.get(RecordKey.ERROR)
             kinds: list[str] = []
-            rel = cfgs.get("releases")
+            rel = cfgs.get(RecordKey.RELEASES)
             if rel is not None:
                 kinds = [str(json.loads(line).get("kind")) for line in json.loads(str(rel["lines"]))]
             entry.update(
@@ -112,7 +113,7 @@ def _round_of(reply: Any) -> int | None:
 
 
 def _remember_request(message: Any) -> None:
-    cfg = message.content.config_records.get("config") if message.has_content() else None
+    cfg = message.content.config_records.get(RecordKey.CONFIG) if message.has_content() else None
     run_id = str(cfg.get("fedcollab.run_id")) if cfg is not None and "fedcollab.run_id" in cfg else None
     rnd: int | None = None
     if cfg is not None:
@@ -176,7 +177,7 @@ def decode_run_spec(value: str) -> Any:
 def _coded_reply(message: Any, code: NodeErrorCode) -> Any:
     from flwr.app import ConfigRecord, Message, RecordDict
 
-    return Message(content=RecordDict({"error": ConfigRecord({"code": int(code)})}), reply_to=message)
+    return Message(content=RecordDict({RecordKey.ERROR: ConfigRecord({"code": int(code)})}), reply_to=message)
 
 
 def handle_task(node: NodeDeployment, egress: EgressLog, *, runtime_address: str, token: str) -> None:

@@ -239,6 +239,29 @@ def submit(address: str, ca_cert: str | Path, spec_path: str | Path, *, wait: bo
 
 
 # --- node ----------------------------------------------------------------------------------------
+#: Flower's SuperNode sleeps 3 s when the SuperLink has no message for it and polls its own reply
+#: queue every 0.5 s (``flwr.supernode.start_client_internal``, hard-coded): on average 2 s of idle
+#: wait per message exchange. ``fedcollab node start --poll S`` starts the same SuperNode through
+#: this launcher, which caps those two sleeps at S seconds (each poll is one HTTPS request to the
+#: SuperLink); ``--poll 0`` runs ``flower-supernode`` unchanged.
+_SUPERNODE_LAUNCHER = """
+import sys, time as _time
+import flwr.supernode.start_client_internal as _sci
+class _CappedSleep:
+    def __init__(self, cap):
+        self.cap = cap
+    def __getattr__(self, name):
+        return getattr(_time, name)
+    def sleep(self, seconds):
+        _time.sleep(min(seconds, self.cap))
+_sci.time = _CappedSleep(float(sys.argv[1]))
+from flwr.supernode.cli import flower_supernode
+sys.argv = ["flower-supernode", *sys.argv[2:]]
+flower_supernode()
+"""
+DEFAULT_NODE_POLL = 0.3
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     """A partner's node: its folder, its data, its roster and where the coordinator is."""
@@ -250,6 +273,7 @@ class NodeConfig:
     ca_cert: Path
     auth_key: Path | None = None  # default HOME/flower_auth_key
     approved_bundles: tuple[str, ...] = ()  # default: the bundle this installation builds
+    poll: float = DEFAULT_NODE_POLL  # cap on the SuperNode's idle sleeps; 0 = Flower's own (3 s)
 
     @property
     def auth_key_path(self) -> Path:
@@ -299,8 +323,9 @@ def _node_setup(cfg: NodeConfig) -> tuple[Any, list[str], dict[str, str]]:
     with os.fdopen(fd, "wb") as fh:
         fh.write(secrets.token_hex(32).encode())
     data_value = str(cfg.data.resolve()).replace("\\", "\\\\").replace('"', '\\"')
+    launcher = [sys.executable, "-c", _SUPERNODE_LAUNCHER, repr(float(cfg.poll))] if cfg.poll > 0 else [_flower_bin("flower-supernode")]
     cmd = [
-        _flower_bin("flower-supernode"),
+        *launcher,
         "--root-certificates", str(cfg.ca_cert.resolve()), "--superlink", cfg.superlink,
         "--auth-supernode-private-key", str(cfg.auth_key_path.resolve()),
         "--node-config", f'partner="{policy.partner}" data="{data_value}"',
