@@ -189,8 +189,15 @@ def node_start(
                 err.print(f"node {escape(info['partner'])}: SuperNode pid {info['supernode_pid']}, egress log {escape(info['egress_log'])}")
 
         start_node(NodeConfig(home=folder, data=data, roster=roster, superlink=superlink, ca_cert=ca, approved_bundles=tuple(approve or ()), poll=poll), on_ready=ready)
+        code = 0
     except FedcollabError as exc:
-        raise _fail(exc) from None
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        code = int(getattr(exc, "exit_code", 1))
+    # The SuperNode is stopped; Flower's heartbeat threads of an abandoned task must not keep the process alive.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def submit(
@@ -198,6 +205,7 @@ def submit(
     superlink: Superlink = None, ca: Ca = None, home: Home = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the run to finish and exit with its outcome.")] = True,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the run.")] = 1800.0,
+    resume: Annotated[int | None, typer.Option("--resume", help="Continue this interrupted run (Flower run id) from its last checkpoint.")] = None,
     fmt: Fmt = "table",
 ) -> None:
     """Start a run on the deployment; exits with the run's true outcome (0 completed, else fedcollab's code)."""
@@ -211,7 +219,7 @@ def submit(
 
     try:
         with Console(stderr=True).status("waiting for the run", spinner="dots") if (wait and fmt != "json") else _null():
-            row = do_submit(addr, cafile, spec, wait=wait, timeout=timeout, on_status=show)
+            row = do_submit(addr, cafile, spec, wait=wait, timeout=timeout, on_status=show, resume=resume)
     except FedcollabError as exc:
         raise _fail(exc) from None
     if fmt == "json":

@@ -34,6 +34,7 @@ log = get_logger("coordinator.deploy")
 ENV_HOME = "FEDCOLLAB_COORDINATOR_HOME"
 RUN_CONFIG_SPEC = "fedcollab-spec"
 RUN_CONFIG_TIMEOUT = "fedcollab-timeout"
+RUN_CONFIG_RESUME = "fedcollab-resume"  # the Flower run id of an interrupted run to continue ("" = a new run)
 #: Seconds between the ServerApp's polls for replies (Flower's HttpGrid sleeps 3 s between polls).
 REPLY_POLL_SECONDS = 0.25
 #: Prefix of a failed run's details, read back by ``fedcollab submit``.
@@ -117,11 +118,16 @@ def _main(grid: Any, context: Any) -> None:
         key_path = home / "signing_key.pem"
         key = load_signing_key(key_path) if key_path.exists() else generate_signing_key(key_path)
         run_id = uuid.uuid4().hex[:16]
+        resume = None
+        previous = str(context.run_config.get(RUN_CONFIG_RESUME, "") or "")
+        if previous:
+            run_id, resume = _resume_from(run_dir(home, int(previous)), text, out)
+            status.update(resumed_from=int(previous), resumed_after_round=resume[0])
         status["fedcollab_run_id"] = run_id
         ledger = RunLedger(out / "ledger.jsonl", key=key, roster=roster, run_id=run_id)
         recorder = CoordinatorRecorder(checkpoint_dir=out / "checkpoints", on_round=on_round)
         timeout = float(context.run_config.get(RUN_CONFIG_TIMEOUT, 600.0))
-        inner = make_server_app(spec, recorder, ledger=ledger, timeout=timeout)
+        inner = make_server_app(spec, recorder, ledger=ledger, timeout=timeout, resume=resume)
         _write_json(out / "status.json", status)
         inner(PollingGrid(grid), context)
         if not recorder.finished:
@@ -146,6 +152,32 @@ def _main(grid: Any, context: Any) -> None:
 
         np.savez(out / "model.npz", **recorder.final_arrays)
     _write_json(out / "status.json", status)
+
+
+def _resume_from(old: Path, spec_text: str, out: Path) -> tuple[str, tuple[int, dict[str, Any]]]:
+    """The interrupted run's fedcollab run id and its last checkpoint; its ledger is carried over whole.
+
+    The new Flower run continues the same fedcollab run (same run id, same ledger chain): rounds
+    after the checkpoint are executed again and every node charges them as new releases.
+    """
+    import shutil
+
+    import numpy as np
+
+    try:
+        old_status = json.loads((old / "status.json").read_text())
+        old_spec = (old / "spec.toml").read_text()
+        with np.load(old / "checkpoints" / "checkpoint.npz") as ck:
+            last = int(ck["__round__"])
+            arrays = {k: np.array(ck[k]) for k in ck.files if k != "__round__"}
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"cannot resume from {old}: no status, spec or checkpoint ({type(exc).__name__})") from None
+    if old_spec != spec_text:
+        raise ConfigError("resume: the submitted spec differs from the interrupted run's")
+    if old_status.get("state") == "completed":
+        raise ConfigError("resume: that run completed")
+    shutil.copyfile(old / "ledger.jsonl", out / "ledger.jsonl")
+    return str(old_status["fedcollab_run_id"]), (last, arrays)
 
 
 def _build_app() -> Any:

@@ -99,8 +99,13 @@ def _write_checkpoint(directory: Path, rnd: int, arrays: dict[str, np.ndarray]) 
     os.replace(tmp, directory / "checkpoint.npz")
 
 
-def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLedger, timeout: float = 600.0) -> Any:
-    """The Flower ServerApp coordinating ``spec``; results go to ``recorder``, entries to ``ledger``."""
+def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLedger, timeout: float = 600.0,
+                    resume: tuple[int, dict[str, np.ndarray]] | None = None) -> Any:
+    """The Flower ServerApp coordinating ``spec``; results go to ``recorder``, entries to ``ledger``.
+
+    ``resume = (last_round, arrays)`` continues a run from its checkpoint (deployment, after a
+    coordinator restart): setup runs again, then rounds ``last_round + 1 ...`` (plain aggregation).
+    """
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
     from flwr.serverapp import Grid, ServerApp
 
@@ -319,7 +324,7 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
     def plain_rounds(grid: Grid, node_names: dict[int, str], arrays: Any, scaling: Scaling, strategy: Any) -> None:
         """Rounds with plain aggregation: train (the strategy aggregates the updates), then evaluate."""
         names = list(arrays.keys())
-        for rnd in range(1, spec.training.rounds + 1):
+        for rnd in range(1 + (resume[0] if resume else 0), spec.training.rounds + 1):
             t0 = time.perf_counter()
             train_msgs = list(strategy.configure_train(rnd, arrays, scaling_config(scaling, rnd), grid))
             replies = list(grid.send_and_receive(train_msgs, timeout=timeout))
@@ -416,7 +421,9 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
         # --- rounds ---------------------------------------------------------------------------
         strategy = _strategy(spec, n_partners)
         model = build_model(spec.model, n_features, seed=spec.seed)
-        arrays = ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in model_arrays(model).items()})
+        arrays = ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in (resume[1] if resume else model_arrays(model)).items()})
+        if resume and spec.aggregation == "secagg":
+            raise ProtocolError("resuming a run from a checkpoint is implemented for plain aggregation only")
         if spec.aggregation == "secagg":
             secagg_rounds(grid, node_names, arrays, scaling)
         else:

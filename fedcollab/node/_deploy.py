@@ -180,7 +180,12 @@ def _coded_reply(message: Any, code: NodeErrorCode) -> Any:
     return Message(content=RecordDict({RecordKey.ERROR: ConfigRecord({"code": int(code)})}), reply_to=message)
 
 
-def handle_task(node: NodeDeployment, egress: EgressLog, *, runtime_address: str, token: str) -> None:
+#: Seconds a task may wait for its input. A message whose run was interrupted (the SuperLink
+#: restarted while the SuperNode was pulling it) never completes; its task is abandoned.
+PULL_TIMEOUT = 20.0
+
+
+def handle_task(node: NodeDeployment, egress: EgressLog, *, runtime_address: str, token: str, pulled: threading.Event | None = None) -> None:
     """Answer one task: pull, check the bundle, run the installed ClientApp, log egress, push."""
     from flwr.common.constant import SubStatus
     from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
@@ -200,6 +205,8 @@ def handle_task(node: NodeDeployment, egress: EgressLog, *, runtime_address: str
     sub_status, details = SubStatus.FAILED, "fedcollab node: task failed"
     try:
         message, context, run, fab = pull_task_input(client)
+        if pulled is not None:
+            pulled.set()
         _remember_request(message)
         fab_sha = hashlib.sha256(fab.content).hexdigest()
         if fab_sha != fab.hash_str or fab_sha not in node.approved_bundles or run.fab_id != FAB_ID:
@@ -233,14 +240,32 @@ def serve(node: NodeDeployment, *, runtime_address: str, secret: bytes, stop: th
     from flwr.supercore.runtime import RuntimeHttpClient
 
     egress = EgressLog(node.home / "egress.jsonl")
+    import fedcollab.node._client  # noqa: F401 - torch and the node's code, imported once, before the first message
+    import fedcollab.node._training  # noqa: F401
+
     client = RuntimeHttpClient.from_server_address(
         server_address=runtime_address, insecure=True, root_certificates=None,
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec"),
                       SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"}))],
         retry_invoker=make_simple_http_retry_invoker(),
     )
+    def run_task(token: str, pulled: threading.Event) -> None:
+        try:
+            handle_task(node, egress, runtime_address=runtime_address, token=token, pulled=pulled)
+        except Exception:  # noqa: BLE001 - one failed task must not stop the node
+            log.exception("task failed")
+
+    current: threading.Thread | None = None
+    pulled = threading.Event()
+    started = 0.0
     try:
         while not stop.is_set():
+            if current is not None and current.is_alive():
+                # One task at a time; only a task whose input never arrives is left behind.
+                if pulled.is_set() or time.monotonic() - started < PULL_TIMEOUT:
+                    stop.wait(poll)
+                    continue
+                log.warning("abandoning a task whose message never arrived (its run was interrupted)")
             try:
                 res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[str(TaskType.CLIENT_APP)]))
             except Exception as exc:  # noqa: BLE001 - the SuperNode may still be starting
@@ -248,10 +273,10 @@ def serve(node: NodeDeployment, *, runtime_address: str, secret: bytes, stop: th
                 stop.wait(0.5)
                 continue
             if res.HasField("task") and res.token:
-                try:
-                    handle_task(node, egress, runtime_address=runtime_address, token=res.token)
-                except Exception:  # noqa: BLE001 - one failed task must not stop the node
-                    log.exception("task failed")
+                pulled = threading.Event()
+                started = time.monotonic()
+                current = threading.Thread(target=run_task, args=(res.token, pulled), name="fedcollab-task", daemon=True)
+                current.start()
                 continue
             stop.wait(poll)
     finally:

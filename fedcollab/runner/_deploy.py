@@ -36,7 +36,8 @@ from fedcollab.runner._run import FLOWER_ENV
 log = get_logger("runner.deploy")
 
 ENV_COORDINATOR_HOME = "FEDCOLLAB_COORDINATOR_HOME"  # same value as fedcollab.coordinator._deploy.ENV_HOME
-#: Exit code of ``flower-supernode`` when the SuperLink does not know its key (flwr.supercore.exit).
+#: Exit code of ``flower-supernode`` when it cannot connect (flwr.supercore.exit); with "Failed to
+#: activate SuperNode" in its log, the SuperLink answered and refused the node's key.
 FLOWER_NODE_AUTH_FAILED = 305
 EXIT_PREFIX = "fedcollab exit "
 
@@ -200,13 +201,18 @@ def run_status(address: str, ca_cert: str | Path, run_id: int | None = None) -> 
 
 
 def submit(address: str, ca_cert: str | Path, spec_path: str | Path, *, wait: bool = True, timeout: float = 1800.0,
-           run_timeout: float = 600.0, on_status: Callable[[dict[str, Any]], None] | None = None, poll: float = 1.0) -> dict[str, Any]:
-    """Start a run of the spec on the deployment; with ``wait``, block until it finishes and return its outcome."""
+           run_timeout: float = 600.0, on_status: Callable[[dict[str, Any]], None] | None = None, poll: float = 1.0,
+           resume: int | None = None) -> dict[str, Any]:
+    """Start a run of the spec on the deployment; with ``wait``, block until it finishes and return its outcome.
+
+    ``resume`` is the Flower run id of a run interrupted by a coordinator restart: the new run
+    continues it from its last checkpoint (same fedcollab run id and ledger).
+    """
     from flwr.common.serde import fab_to_proto, user_config_to_proto
     from flwr.proto.control_pb2 import StartRunRequest  # pylint: disable=E0611
     from flwr.supercore.fab import Fab
 
-    from fedcollab.coordinator._deploy import RUN_CONFIG_SPEC, RUN_CONFIG_TIMEOUT, encode_spec
+    from fedcollab.coordinator._deploy import RUN_CONFIG_RESUME, RUN_CONFIG_SPEC, RUN_CONFIG_TIMEOUT, encode_spec
     from fedcollab.node._deploy import build_bundle
     from fedcollab.spec import load_spec
 
@@ -214,7 +220,8 @@ def submit(address: str, ca_cert: str | Path, spec_path: str | Path, *, wait: bo
     load_spec(p)  # fail here, not at the coordinator, on an invalid spec
     fab, sha = build_bundle()
     req = StartRunRequest(fab=fab_to_proto(Fab(sha, fab, {})),
-                          override_config=user_config_to_proto({RUN_CONFIG_SPEC: encode_spec(p.read_text()), RUN_CONFIG_TIMEOUT: float(run_timeout)}))
+                          override_config=user_config_to_proto({RUN_CONFIG_SPEC: encode_spec(p.read_text()), RUN_CONFIG_TIMEOUT: float(run_timeout),
+                                                                            RUN_CONFIG_RESUME: str(resume) if resume is not None else ""}))
     with control_client(address, ca_cert) as c:
         res = c.StartRun(req)
     if not res.HasField("run_id"):
@@ -361,7 +368,8 @@ def start_node(cfg: NodeConfig, *, on_ready: Callable[[dict[str, Any]], None] | 
         while not stop.is_set():
             rc = proc.poll()
             if rc is not None:
-                if rc == FLOWER_NODE_AUTH_FAILED:
+                tail = log_path.read_text(errors="replace")[-4000:]
+                if rc == FLOWER_NODE_AUTH_FAILED or (f"Exit Code: {FLOWER_NODE_AUTH_FAILED}" in tail and "Failed to activate SuperNode" in tail):
                     raise NodeRejected("the SuperLink refused this node's key: ask the coordinator to register it "
                                        "(`fedcollab coordinator register-node`)")
                 raise TransportError(f"flower-supernode exited with code {rc} (see {log_path})")
@@ -376,7 +384,7 @@ def start_node(cfg: NodeConfig, *, on_ready: Callable[[dict[str, Any]], None] | 
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        worker.join(10)
+        worker.join(3)  # a daemon thread: it must not hold the node open
 
 
 __all__ = ["CoordinatorConfig", "NodeConfig", "NodeRejected", "coordinator_command", "free_port", "list_nodes", "node_auth_key",
