@@ -49,9 +49,14 @@ DEPLOY_APP_TOML = Path(__file__).resolve().parents[1] / "protocols_dist" / "depl
 
 def build_bundle() -> tuple[bytes, str]:
     """The deployment bundle built from this installation's ``deploy-app.toml`` (deterministic), and its SHA-256."""
+    import warnings
+
     from flwr.cli.build import build_fab_from_files
 
-    fab, _ = build_fab_from_files({"pyproject.toml": DEPLOY_APP_TOML.read_bytes()})
+    with warnings.catch_warnings():
+        # Flower's file filter uses pathspec's deprecated 'gitwildmatch' patterns (not ours to fix).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        fab, _ = build_fab_from_files({"pyproject.toml": DEPLOY_APP_TOML.read_bytes()})
     return fab, hashlib.sha256(fab).hexdigest()
 
 
