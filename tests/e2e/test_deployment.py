@@ -186,10 +186,13 @@ def test_plain_run_completes_over_tls_with_node_auth(deployment):
     assert r.returncode == 0 and json.loads(r.stdout)[0]["exit_code"] == 0
     for name in PARTNERS:
         out = d.egress(name, run_id)
-        # setup, 2 x (train, evaluate), countersign of the close: six messages left the node, no more.
-        assert [(e["message_type"], e["round"]) for e in out] == [("query", 0), ("train", 1), ("evaluate", 1), ("train", 2), ("evaluate", 2), ("query", 0)]
+        # setup, train 1, train 2 (carrying round 1's evaluation), evaluate 2, countersign: five messages left the node, no more.
+        assert [(e["message_type"], e["round"]) for e in out] == [("query", 0), ("train", 1), ("train", 2), ("evaluate", 2), ("query", 0)]
         assert all(e["error_code"] is None and e["bytes"] > 0 and len(e["content_sha256"]) == 64 for e in out)
-        assert out[1]["records"] == ["arrays", "fedcollab.releases", "metrics"] and out[-1]["ledger_kinds"] == ["countersign"]
+        assert out[1]["records"] == ["arrays", "fedcollab.releases", "metrics"] and out[1]["ledger_kinds"] == ["release"]
+        assert out[2]["records"] == ["arrays", "fedcollab.eval", "fedcollab.releases", "metrics"] and out[2]["ledger_kinds"] == ["release", "release"]
+        assert out[-1]["ledger_kinds"] == ["countersign"]
+    assert all(r["accuracy"] is not None for r in st["rounds"])  # round 1 evaluated through round 2's train message
     # The coordinator's run ledger, with every node's entries and countersignatures, verifies offline.
     from fedcollab.audit import verify_ledger
     from fedcollab.spec import Roster
@@ -259,6 +262,9 @@ def test_coordinator_restart_resumes_from_checkpoint(deployment):
         assert text.startswith(ledgers_before[n])  # nothing lost, only appended
         rounds = [json.loads(x)["round"] for x in text[len(ledgers_before[n]):].splitlines()
                   if json.loads(x)["kind"] == "release" and json.loads(x)["body"]["release"]["kind"] == "model_update"]
-        assert rounds == list(range(after + 1, 4))  # re-executed rounds are charged as new releases
+        resumed = list(range(after + 1, 4))
+        # The resumed run charged its rounds as new releases; before them, at most the interrupted
+        # run's in-flight round (its reply was charged at the node even though the coordinator died).
+        assert rounds[len(rounds) - len(resumed):] == resumed and all(r == after + 1 for r in rounds[:len(rounds) - len(resumed)])
     run_ledger = (new / "ledger.jsonl").read_text()
     assert run_ledger.startswith((old / "ledger.jsonl").read_text())
