@@ -185,13 +185,21 @@ def _coded_reply(message: Any, code: NodeErrorCode) -> Any:
     return Message(content=RecordDict({RecordKey.ERROR: ConfigRecord({"code": int(code)})}), reply_to=message)
 
 
+#: One ClientApp call at a time: the node's ledger is appended by one writer (an abandoned task
+#: still computing finishes before the next one starts).
+_APP_LOCK = threading.Lock()
 #: Seconds a task may wait for its input. A message whose run was interrupted (the SuperLink
 #: restarted while the SuperNode was pulling it) never completes; its task is abandoned.
 PULL_TIMEOUT = 20.0
 
 
-def handle_task(node: NodeDeployment, egress: EgressLog, *, runtime_address: str, token: str, pulled: threading.Event | None = None) -> None:
-    """Answer one task: pull, check the bundle, run the installed ClientApp, log egress, push."""
+def handle_task(node: NodeDeployment, egress: EgressLog, *, runtime_address: str, token: str, pulled: threading.Event | None = None,
+                stale: threading.Event | None = None) -> None:
+    """Answer one task: pull, check the bundle, run the installed ClientApp, log egress, push.
+
+    A task marked ``stale`` before its reply is ready (the SuperNode moved on to a newer message:
+    the task's run was interrupted) pushes no reply; whatever it charged stays charged.
+    """
     from flwr.common.constant import SubStatus
     from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
     from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
@@ -220,11 +228,15 @@ def handle_task(node: NodeDeployment, egress: EgressLog, *, runtime_address: str
             reply = _coded_reply(message, NodeErrorCode.UNAPPROVED_BUNDLE)
         else:
             try:
-                app = node.client_app(context.run_config)
-                reply = app(message=message, context=context)
+                with _APP_LOCK:
+                    app = node.client_app(context.run_config)
+                    reply = app(message=message, context=context)
             except Exception as exc:  # noqa: BLE001 - text stays here; a code leaves
                 log.error("run %s: the ClientApp could not answer: %s", run.run_id, type(exc).__name__, exc_info=True)
                 reply = _coded_reply(message, NodeErrorCode.BAD_REQUEST if isinstance(exc, ValueError) else NodeErrorCode.INTERNAL)
+        if stale is not None and stale.is_set():
+            log.warning("run %s: a newer message arrived before this reply was ready (run interrupted); reply dropped", run.run_id)
+            return
         entry = egress.record(reply, flower_run_id=int(run.run_id), fab_sha256=fab_sha)
         log.info("egress: %s round %s, %d bytes, code %s", entry["message_type"], entry["round"], entry["bytes"], entry["error_code"])
         push_message(client, reply, context)
@@ -254,23 +266,25 @@ def serve(node: NodeDeployment, *, runtime_address: str, secret: bytes, stop: th
                       SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"}))],
         retry_invoker=make_simple_http_retry_invoker(),
     )
-    def run_task(token: str, pulled: threading.Event) -> None:
+
+    def run_task(token: str, pulled: threading.Event, stale: threading.Event) -> None:
         try:
-            handle_task(node, egress, runtime_address=runtime_address, token=token, pulled=pulled)
+            handle_task(node, egress, runtime_address=runtime_address, token=token, pulled=pulled, stale=stale)
         except Exception:  # noqa: BLE001 - one failed task must not stop the node
             log.exception("task failed")
 
     current: threading.Thread | None = None
-    pulled = threading.Event()
+    pulled, stale = threading.Event(), threading.Event()
     started = 0.0
     try:
         while not stop.is_set():
-            if current is not None and current.is_alive():
-                # One task at a time; only a task whose input never arrives is left behind.
-                if pulled.is_set() or time.monotonic() - started < PULL_TIMEOUT:
-                    stop.wait(poll)
-                    continue
-                log.warning("abandoning a task whose message never arrived (its run was interrupted)")
+            busy = current is not None and current.is_alive()
+            if busy and not pulled.is_set() and time.monotonic() - started < PULL_TIMEOUT:
+                stop.wait(poll)
+                continue
+            # The SuperNode hands over one message at a time and waits for its reply, so a task
+            # that appears while another is still running means the SuperNode gave up on the
+            # older one (its run was interrupted while the message was in transit).
             try:
                 res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[str(TaskType.CLIENT_APP)]))
             except Exception as exc:  # noqa: BLE001 - the SuperNode may still be starting
@@ -278,12 +292,16 @@ def serve(node: NodeDeployment, *, runtime_address: str, secret: bytes, stop: th
                 stop.wait(0.5)
                 continue
             if res.HasField("task") and res.token:
-                pulled = threading.Event()
+                if busy:
+                    log.warning("a newer message arrived while a task was %s: the older run was interrupted; it is abandoned",
+                                "running" if pulled.is_set() else "waiting for its input")
+                    stale.set()
+                pulled, stale = threading.Event(), threading.Event()
                 started = time.monotonic()
-                current = threading.Thread(target=run_task, args=(res.token, pulled), name="fedcollab-task", daemon=True)
+                current = threading.Thread(target=run_task, args=(res.token, pulled, stale), name="fedcollab-task", daemon=True)
                 current.start()
                 continue
-            stop.wait(poll)
+            stop.wait(poll if not busy else 2 * poll)
     finally:
         client.close()
 
