@@ -192,3 +192,13 @@ def _register_audit_commands() -> None:
 
 _register_audit_commands()
 import fedcollab.cli._analytics  # noqa: E402,F401 - registers `fedcollab query` and `fedcollab profile`
+
+
+def _register_deploy_commands() -> None:
+    # Deployment across organisations: certs, coordinator, node keygen/start, submit, status.
+    from fedcollab.cli._deploy import register
+
+    register(app, node_app)
+
+
+_register_deploy_commands()

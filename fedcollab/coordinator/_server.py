@@ -99,8 +99,16 @@ def _write_checkpoint(directory: Path, rnd: int, arrays: dict[str, np.ndarray]) 
     os.replace(tmp, directory / "checkpoint.npz")
 
 
-def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLedger, timeout: float = 600.0) -> Any:
-    """The Flower ServerApp coordinating ``spec``; results go to ``recorder``, entries to ``ledger``."""
+def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLedger, timeout: float = 600.0,
+                    resume: tuple[int, dict[str, np.ndarray]] | None = None, fuse_evaluate: bool = False) -> Any:
+    """The Flower ServerApp coordinating ``spec``; results go to ``recorder``, entries to ``ledger``.
+
+    ``resume = (last_round, arrays)`` continues a run from its checkpoint (deployment, after a
+    coordinator restart): setup runs again, then rounds ``last_round + 1 ...`` (plain aggregation).
+    ``fuse_evaluate`` (deployment, plain aggregation): round r's evaluation rides on round r + 1's
+    train message, which carries the same global model; one message exchange per round instead of
+    two (the last round still evaluates on its own).
+    """
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
     from flwr.serverapp import Grid, ServerApp
 
@@ -288,12 +296,12 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
             record_round(rnd, t0, trained, failed, parts, numpy_arrays)
 
     def record_round(rnd: int, t0: float, trained: list[str], failed: dict[str, int], parts: dict[str, dict[str, Any]],
-                     numpy_arrays: OrderedDict[str, np.ndarray]) -> None:
+                     numpy_arrays: OrderedDict[str, np.ndarray], seconds: float | None = None) -> None:
         if not all(np.isfinite(v).all() for v in numpy_arrays.values()):
             raise ProtocolError(f"round {rnd}: the aggregate is not finite")
         per = {k: pooled_metrics([v]) for k, v in sorted(parts.items())}
         pooled = pooled_metrics(list(parts.values())) if parts else None
-        record = RoundRecord(rnd, time.perf_counter() - t0, trained, failed, pooled, per)
+        record = RoundRecord(rnd, time.perf_counter() - t0 if seconds is None else seconds, trained, failed, pooled, per)
         recorder.rounds.append(record)
         recorder.final_arrays = numpy_arrays
         if recorder.on_round:
@@ -319,11 +327,23 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
     def plain_rounds(grid: Grid, node_names: dict[int, str], arrays: Any, scaling: Scaling, strategy: Any) -> None:
         """Rounds with plain aggregation: train (the strategy aggregates the updates), then evaluate."""
         names = list(arrays.keys())
-        for rnd in range(1, spec.training.rounds + 1):
+        pending: tuple[Any, ...] | None = None  # a round whose evaluation rides on the next train message
+        for rnd in range(1 + (resume[0] if resume else 0), spec.training.rounds + 1):
             t0 = time.perf_counter()
-            train_msgs = list(strategy.configure_train(rnd, arrays, scaling_config(scaling, rnd), grid))
+            cfg = scaling_config(scaling, rnd)
+            if pending is not None:
+                cfg["fedcollab.evaluate_round"] = pending[0]
+            train_msgs = list(strategy.configure_train(rnd, arrays, cfg, grid))
             replies = list(grid.send_and_receive(train_msgs, timeout=timeout))
             ok, failed = split_replies(replies, node_names, rnd)
+            if pending is not None:
+                prev_parts = {}
+                for m in ok:
+                    if "fedcollab.eval" in m.content.config_records:
+                        mr = m.content.config_records["fedcollab.eval"]
+                        prev_parts[node_names[m.metadata.src_node_id]] = {k: mr[k] for k in ("n", "correct", "loss_sum", "hist_pos", "hist_neg")}
+                record_round(*pending[:3], {**pending[3], **failed}, prev_parts, pending[4], seconds=t0 - pending[1])
+                pending = None
             checked = []
             for m in ok:
                 name = node_names[m.metadata.src_node_id]
@@ -353,6 +373,9 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
             if recorder.checkpoint_dir is not None and all(np.isfinite(v).all() for v in numpy_arrays.values()):
                 _write_checkpoint(recorder.checkpoint_dir, rnd, numpy_arrays)
             parts: dict[str, dict[str, Any]] = {}
+            if fuse_evaluate and rnd % spec.training.evaluate_every == 0 and rnd < spec.training.rounds:
+                pending = (rnd, t0, sorted(node_names[m.metadata.src_node_id] for m in ok), failed, numpy_arrays)
+                continue
             if rnd % spec.training.evaluate_every == 0 or rnd == spec.training.rounds:
                 eval_msgs = list(strategy.configure_evaluate(rnd, arrays, scaling_config(scaling, rnd), grid))
                 ereplies = list(grid.send_and_receive(eval_msgs, timeout=timeout))
@@ -425,7 +448,9 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
         # --- rounds ---------------------------------------------------------------------------
         strategy = _strategy(spec, n_partners)
         model = build_model(spec.model, n_features, seed=spec.seed)
-        arrays = ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in model_arrays(model).items()})
+        arrays = ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in (resume[1] if resume else model_arrays(model)).items()})
+        if resume and (spec.aggregation != "plain" or spec.privacy.partner_dp):
+            raise ProtocolError("resuming a run from a checkpoint is implemented for plain aggregation without partner-level DP only")
         if he is not None:
             he.rounds(arrays, scaling, scaling_config=scaling_config, min_partners=min_partners)
         elif spec.aggregation == "secagg":

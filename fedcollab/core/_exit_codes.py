@@ -20,6 +20,7 @@ class ExitCode(IntEnum):
     NODE_FAILED = 9
     MISSING_EXTRA = 10
     POLICY_REFUSED = 11
+    NODE_REJECTED = 12
     LEDGER_TAMPERED = 20
     CLAIM_MISMATCH = 21
     LEDGER_BUDGET_EXCEEDED = 22
@@ -40,6 +41,7 @@ EXIT_CODE_HELP: dict[ExitCode, str] = {
     ExitCode.NODE_FAILED: "Too few nodes replied successfully; their error codes are listed.",
     ExitCode.MISSING_EXTRA: "A needed extra is not installed (for example: pip install 'fedcollab[node]').",
     ExitCode.POLICY_REFUSED: "A partner's policy forbids the request (mode, features, model kind, rounds, non-private release).",
+    ExitCode.NODE_REJECTED: "Deployment: the SuperLink refused the node's authentication key (not registered by the coordinator).",
     ExitCode.LEDGER_TAMPERED: "audit verify: a ledger line is altered, unsigned, mis-signed, missing, reordered or duplicated (the line is named).",
     ExitCode.CLAIM_MISMATCH: "audit verify: a party's claimed epsilon differs from the one recomputed from its events.",
     ExitCode.LEDGER_BUDGET_EXCEEDED: "audit verify: a party's spend exceeds the budget recorded in its entries.",

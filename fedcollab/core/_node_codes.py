@@ -23,6 +23,7 @@ class NodeErrorCode(IntEnum):
     CRYPTO_REFUSED = 140
     SCORING_UNAUTHENTICATED = 136
     SCORING_REPLAYED = 137
+    UNAPPROVED_BUNDLE = 141
 
 
 NODE_ERROR_HELP: dict[NodeErrorCode, str] = {
@@ -41,4 +42,5 @@ NODE_ERROR_HELP: dict[NodeErrorCode, str] = {
     NodeErrorCode.CRYPTO_REFUSED: "A signature, key package, HE context or ciphertext failed the node's check (unsigned, mis-signed, malformed or other parameters); nothing was decrypted or sent.",
     NodeErrorCode.SCORING_UNAUTHENTICATED: "Encrypted scoring: the querier is not in the holder's roster, or the request is unsigned, signed by another key or altered after signing; nothing was scored.",
     NodeErrorCode.SCORING_REPLAYED: "Encrypted scoring: the holder's ledger already records an answer to this request id (a replay); nothing was scored or charged.",
+    NodeErrorCode.UNAPPROVED_BUNDLE: "Deployment: the run's bundle is not one the partner approved (SHA-256 pin); nothing ran.",
 }

@@ -47,6 +47,7 @@ from fedcollab.crypto._shamir import SHARE_BYTES as SHAMIR_SHARE_BYTES
 from fedcollab.crypto._shamir import combine as combine_shares
 from fedcollab.crypto._shamir import share_from_bytes, share_to_bytes
 from fedcollab.crypto._shamir import split as split_secret
+from fedcollab.crypto._tls import TrialCertificates, certificate_sans, generate_node_auth_key, load_node_auth_public_key, make_trial_certificates
 
 __all__ = [
     "BFV_4096",
@@ -61,8 +62,10 @@ __all__ = [
     "ScoringParams",
     "SecretContext",
     "SecretScoringContext",
+    "TrialCertificates",
     "aggregate_message",
     "agree",
+    "certificate_sans",
     "check_scoring_params",
     "combine_shares",
     "context_fingerprint",
@@ -71,12 +74,15 @@ __all__ = [
     "encrypt",
     "expand_mask",
     "generate_keypair",
+    "generate_node_auth_key",
     "generate_signing_key",
     "key_advert_message",
+    "load_node_auth_public_key",
     "load_private",
     "load_public_context",
     "load_secret_context",
     "load_signing_key",
+    "make_trial_certificates",
     "new_secret_context",
     "open_key_package",
     "private_bytes",

@@ -407,6 +407,13 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str]) -
             return he.train(node, cfg, st, msg, scaling_of)
         global_arrays = arrays_of(msg)
         rnd = int(cfg.get("server-round", 0))
+        fused: tuple[ConfigRecord, list[str]] | None = None
+        if "fedcollab.evaluate_round" in cfg and spec.aggregation != "secagg":
+            # Deployment: the previous round's evaluation rides on this message (same global model).
+            res, eval_lines = node.evaluate(global_arrays, scaling=scaling_of(cfg), server_round=int(cfg["fedcollab.evaluate_round"]))
+            # A ConfigRecord: Flower's strategies accept exactly one MetricRecord per train reply.
+            fused = (ConfigRecord({"n": res["n"], "correct": res["correct"], "loss_sum": res["loss_sum"],
+                                   "hist_pos": res["hist_pos"], "hist_neg": res["hist_neg"]}), eval_lines)
         if spec.aggregation == "secagg":
             # Check the public encoding parameters before training: a refusal then costs nothing.
             max_weight = float(cfg["secagg.max_weight"])
@@ -437,6 +444,9 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str]) -
             # The update leaves only masked: the round's MASKED_INPUT stage rides on this exchange.
             return piggyback(node, msg, cfg, context, RecordDict({RecordKey.METRICS: MetricRecord(metrics), RecordKey.RELEASES: lines_record(lines)}))
         rec = ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+        if fused is not None:
+            return RecordDict({RecordKey.ARRAYS: rec, RecordKey.METRICS: MetricRecord(metrics), "fedcollab.eval": fused[0],
+                               RecordKey.RELEASES: lines_record([*fused[1], *lines])})
         return RecordDict({RecordKey.ARRAYS: rec, RecordKey.METRICS: MetricRecord(metrics), RecordKey.RELEASES: lines_record(lines)})
 
     n_params: dict[int, int] = {}  # encoded features -> model parameters (fixed by the spec)

@@ -1,0 +1,5 @@
+"""``python -m fedcollab``: the ``fedcollab`` command."""
+
+from fedcollab.cli import main
+
+main()

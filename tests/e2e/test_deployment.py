@@ -1,0 +1,270 @@
+"""Deployment end to end: a coordinator and four partner nodes as separate processes on loopback.
+
+One module-scoped deployment (real ``flower-superlink`` and ``flower-supernode`` processes over TLS
+with node authentication, started through the ``fedcollab`` CLI) serves every test here, in file
+order: a plain 2-round Heart run, an unregistered node, a policy refusal, a coordinator restart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PARTNERS = ["cleveland", "hungary", "switzerland", "va-long-beach"]
+REFUSER = "va-long-beach"  # its policy allows plain aggregation only
+
+pytestmark = pytest.mark.slow
+
+
+def _env() -> dict[str, str]:
+    from fedcollab.runner._deploy import flower_env
+
+    return flower_env({"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
+
+
+def fc(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the ``fedcollab`` command in a child process."""
+    return subprocess.run([sys.executable, "-m", "fedcollab", *args], env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """Start ``fedcollab ARGS`` in its own process group (killed whole at teardown)."""
+    with open(log, "ab") as fh:
+        return subprocess.Popen([sys.executable, "-m", "fedcollab", *args], env=_env(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(*procs: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    """Signal process groups we started, then wait for their leaders (SIGKILL after 20 s)."""
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+    for proc in procs:
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+@dataclass
+class Deployment:
+    base: Path
+    coord: Path
+    address: str
+    ca: Path
+    coordinator: subprocess.Popen[bytes] | None = None
+    nodes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    extra: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    intruder: subprocess.Popen[bytes] | None = None
+
+    def spec(self, name: str, rounds: int, aggregation: str = "plain") -> Path:
+        text = (ROOT / "protocols" / "heart-disease.toml").read_text().replace("rounds = 20", f"rounds = {rounds}")
+        text = text.replace('aggregation = "plain"', f'aggregation = "{aggregation}"')
+        path = self.base / f"{name}.toml"
+        path.write_text(text)
+        return path
+
+    def start_coordinator(self) -> None:
+        self.coordinator = spawn(["coordinator", "start", "--home", str(self.coord), "--certs", str(self.base / "certs"),
+                                  "--port", self.address.rsplit(":", 1)[1]], self.base / "coordinator.log")
+
+    def wait_online(self, n: int = 4, timeout: float = 120) -> None:
+        """Until the SuperLink answers and ``n`` nodes are online."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r = fc("coordinator", "nodes", "--home", str(self.coord), "--format", "json")
+            if r.returncode == 0 and sum(x["status"] == "online" for x in json.loads(r.stdout)) >= n:
+                return
+            time.sleep(1)
+        raise AssertionError(f"fewer than {n} nodes online after {timeout} s")
+
+    def submit(self, spec: Path, *extra: str) -> tuple[int, dict]:
+        r = fc("submit", str(spec), "--home", str(self.coord), "--format", "json", "--timeout", "300", *extra, timeout=330)
+        assert r.stdout.strip(), r.stderr[-3000:]
+        return r.returncode, json.loads(r.stdout.strip().splitlines()[-1])
+
+    def run_dir(self, flower_run_id: int) -> Path:
+        return self.coord / "runs" / str(flower_run_id)
+
+    def egress(self, partner: str, flower_run_id: int) -> list[dict]:
+        path = self.base / "nodes" / partner / "egress.jsonl"
+        return [e for e in map(json.loads, path.read_text().splitlines()) if e["flower_run_id"] == flower_run_id]
+
+
+def _require_flower_binaries() -> None:
+    # Fail loudly, never skip: this test is the deployment's proof.
+    for exe in ("flower-superlink", "flower-supernode"):
+        if not (Path(sys.executable).parent / exe).exists() and shutil.which(exe) is None:
+            pytest.fail(f"{exe} is not installed next to {sys.executable}: install fedcollab[node,coordinator]")
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    """Certificates, a coordinator, four registered nodes with their own data files; torn down whole."""
+    import pandas as pd
+
+    from fedcollab.crypto import generate_signing_key
+    from fedcollab.data._source import embedded_path
+    from fedcollab.node import init_node_home
+    from fedcollab.privacy.accounting import public_key_hex
+    from fedcollab.runner._deploy import free_port
+    from fedcollab.spec import NodePolicy, Roster, RosterEntry
+
+    _require_flower_binaries()
+    base = tmp_path_factory.mktemp("deploy")
+    r = fc("certs", str(base / "certs"), "--format", "json")
+    assert r.returncode == 0, r.stderr
+    assert set(json.loads(r.stdout)["sans"]) >= {"localhost", "127.0.0.1"}
+    coord = base / "coordinator"
+    coord.mkdir()
+    parties = {"coordinator": RosterEntry(signing_key=public_key_hex(generate_signing_key(coord / "signing_key.pem")), role="coordinator")}
+    rows = pd.read_csv(embedded_path("heart_disease_uci.csv"), dtype=str, keep_default_na=False, na_values=[""])
+    hospitals = {"cleveland": "Cleveland", "hungary": "Hungary", "switzerland": "Switzerland", "va-long-beach": "VA Long Beach"}
+    for name in PARTNERS:
+        policy = NodePolicy(partner=name, allow_non_private_training=True,
+                            allowed_aggregation=["plain"] if name == REFUSER else ["plain", "secagg", "he"])
+        home = init_node_home(base / "nodes" / name, partner=name, policy=policy)
+        parties[name] = RosterEntry(signing_key=home.public_key())
+        rows[rows["dataset"] == hospitals[name]].to_csv(base / f"{name}.csv", index=False)
+    roster = Roster(parties=parties).model_dump_json(indent=2)
+    (coord / "roster.json").write_text(roster)
+    (base / "roster.json").write_text(roster)  # each partner's copy, exchanged out of band
+    d = Deployment(base=base, coord=coord, address=f"127.0.0.1:{free_port()}", ca=base / "certs" / "ca.crt")
+    try:
+        d.start_coordinator()
+        keys = []
+        for name in PARTNERS:
+            r = fc("node", "keygen", str(base / "nodes" / name), "--format", "json")
+            assert r.returncode == 0, r.stderr
+            keys.append(json.loads(r.stdout)["public_key_file"])
+        deadline = time.monotonic() + 90
+        while True:  # the SuperLink takes a few seconds to listen
+            r = fc("coordinator", "register-node", *keys, "--home", str(coord), "--format", "json")
+            if r.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert len({e["node_id"] for e in json.loads(r.stdout)}) == 4
+        for name in PARTNERS:
+            d.nodes[name] = spawn(["node", "start", str(base / "nodes" / name), "--data", str(base / f"{name}.csv"), "--roster",
+                                   str(base / "roster.json"), "--superlink", d.address, "--ca", str(d.ca)], base / f"node-{name}.log")
+        # A node whose key was never registered (a copy of cleveland's folder with a fresh key).
+        intruder = base / "nodes" / "intruder"
+        shutil.copytree(base / "nodes" / "cleveland", intruder, ignore=shutil.ignore_patterns("flower_auth_key*"))
+        assert fc("node", "keygen", str(intruder)).returncode == 0
+        d.intruder = spawn(["node", "start", str(intruder), "--data", str(base / "cleveland.csv"), "--roster", str(base / "roster.json"),
+                            "--superlink", d.address, "--ca", str(d.ca)], base / "node-intruder.log")
+        d.extra.append(d.intruder)
+        yield d
+    finally:
+        stop(*d.extra, *d.nodes.values(), *([d.coordinator] if d.coordinator else []))
+
+
+def test_plain_run_completes_over_tls_with_node_auth(deployment):
+    """The Heart spec runs 2 rounds to completion; submit and status report the true outcome; every reply is in each egress log."""
+    d = deployment
+    code, row = d.submit(d.spec("heart-2", rounds=2))
+    assert code == 0 and row["status"] == "finished" and row["sub_status"] == "completed", row
+    run_id = row["run_id"]
+    st = json.loads((d.run_dir(run_id) / "status.json").read_text())
+    assert st["state"] == "completed" and [r["round"] for r in st["rounds"]] == [1, 2]
+    assert all(sorted(r["partners"]) == PARTNERS for r in st["rounds"])
+    assert st["accuracy"] > 0.6
+    r = fc("status", str(run_id), "--home", str(d.coord), "--format", "json")
+    assert r.returncode == 0 and json.loads(r.stdout)[0]["exit_code"] == 0
+    for name in PARTNERS:
+        out = d.egress(name, run_id)
+        # setup, train 1, train 2 (carrying round 1's evaluation), evaluate 2, countersign: five messages left the node, no more.
+        assert [(e["message_type"], e["round"]) for e in out] == [("query", 0), ("train", 1), ("train", 2), ("evaluate", 2), ("query", 0)]
+        assert all(e["error_code"] is None and e["bytes"] > 0 and len(e["content_sha256"]) == 64 for e in out)
+        assert out[1]["records"] == ["arrays", "fedcollab.releases", "metrics"] and out[1]["ledger_kinds"] == ["release"]
+        assert out[2]["records"] == ["arrays", "fedcollab.eval", "fedcollab.releases", "metrics"] and out[2]["ledger_kinds"] == ["release", "release"]
+        assert out[-1]["ledger_kinds"] == ["countersign"]
+    assert all(r["accuracy"] is not None for r in st["rounds"])  # round 1 evaluated through round 2's train message
+    # The coordinator's run ledger, with every node's entries and countersignatures, verifies offline.
+    from fedcollab.audit import verify_ledger
+    from fedcollab.spec import Roster
+
+    rep = verify_ledger(d.run_dir(run_id) / "ledger.jsonl", Roster.model_validate_json((d.coord / "roster.json").read_text()))
+    assert int(rep.exit_code) == 0, rep.findings
+
+
+def test_unregistered_node_is_rejected(deployment):
+    """A node whose key the coordinator never registered is refused by the SuperLink: `node start` exits 12, nothing leaves."""
+    d = deployment
+    assert d.intruder is not None
+    assert d.intruder.wait(120) == 12, (d.base / "node-intruder.log").read_text()[-2000:]
+    assert "refused this node's key" in (d.base / "node-intruder.log").read_text()
+    assert not (d.base / "nodes" / "intruder" / "egress.jsonl").exists()
+    r = fc("coordinator", "nodes", "--home", str(d.coord), "--format", "json")
+    assert r.returncode == 0 and len(json.loads(r.stdout)) == 4
+
+
+def test_forbidden_mode_is_refused_with_a_code_only(deployment):
+    """A run asking for secure aggregation is refused by the node whose policy allows plain only: one coded refusal leaves it."""
+    d = deployment
+    ledger_before = (d.base / "nodes" / REFUSER / "ledger.jsonl").read_text().count("\n")
+    code, row = d.submit(d.spec("heart-secagg", rounds=2, aggregation="secagg"))
+    assert code == 9 and row["sub_status"] == "failed", row  # NODE_FAILED, the run's true outcome
+    out = d.egress(REFUSER, row["run_id"])
+    assert len(out) == 1, out
+    (e,) = out
+    assert e["error_code"] == 132 and e["records"] == ["fedcollab.error", "fedcollab.releases"] and e["ledger_kinds"] == ["refusal"]
+    lines = (d.base / "nodes" / REFUSER / "ledger.jsonl").read_text().splitlines()[ledger_before:]
+    assert [json.loads(x)["kind"] for x in lines] == ["refusal"]
+    assert "POLICY_REFUSED" in (d.base / "nodes" / REFUSER / "node.log").read_text()
+    st = json.loads((d.run_dir(row["run_id"]) / "status.json").read_text())
+    assert st["state"] == "failed" and 132 in st["node_codes"].values()
+
+
+def test_coordinator_restart_resumes_from_checkpoint(deployment):
+    """Kill the coordinator mid-run, restart it: nodes reconnect, the run resumes after its checkpoint, no release is lost."""
+    d = deployment
+    spec = d.spec("heart-3", rounds=3)
+    proc = spawn(["submit", str(spec), "--home", str(d.coord), "--format", "json", "--timeout", "300"], d.base / "submit-interrupted.log")
+    d.extra.append(proc)
+    deadline = time.monotonic() + 180
+    ckpt = None
+    while time.monotonic() < deadline and ckpt is None:
+        for rd in d.coord.glob("runs/*/checkpoints/checkpoint.npz"):
+            if (rd.parents[1] / "spec.toml").read_text() == spec.read_text():
+                ckpt = rd
+        time.sleep(0.2)
+    assert ckpt is not None, "no checkpoint within 180 s"
+    old = ckpt.parents[1]
+    assert d.coordinator is not None
+    stop(d.coordinator, sig=signal.SIGKILL)  # the SuperLink, its SuperExec and the ServerApp die together
+    stop(proc)
+    ledgers_before = {n: (d.base / "nodes" / n / "ledger.jsonl").read_text() for n in PARTNERS}
+    d.start_coordinator()
+    d.wait_online()  # the nodes reconnect by themselves
+    code, row = d.submit(spec, "--resume", old.name)
+    assert code == 0, row
+    new = d.run_dir(row["run_id"])
+    st, old_st = json.loads((new / "status.json").read_text()), json.loads((old / "status.json").read_text())
+    after = st["resumed_after_round"]
+    assert after >= 1 and [r["round"] for r in st["rounds"]] == list(range(after + 1, 4))
+    assert st["fedcollab_run_id"] == old_st["fedcollab_run_id"]
+    for n in PARTNERS:
+        text = (d.base / "nodes" / n / "ledger.jsonl").read_text()
+        assert text.startswith(ledgers_before[n])  # nothing lost, only appended
+        rounds = [json.loads(x)["round"] for x in text[len(ledgers_before[n]):].splitlines()
+                  if json.loads(x)["kind"] == "release" and json.loads(x)["body"]["release"]["kind"] == "model_update"]
+        resumed = list(range(after + 1, 4))
+        # The resumed run charged its rounds as new releases; before them, at most the interrupted
+        # run's in-flight round (its reply was charged at the node even though the coordinator died).
+        assert rounds[len(rounds) - len(resumed):] == resumed and all(r == after + 1 for r in rounds[:len(rounds) - len(resumed)])
+    run_ledger = (new / "ledger.jsonl").read_text()
+    assert run_ledger.startswith((old / "ledger.jsonl").read_text())

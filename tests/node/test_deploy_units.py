@@ -1,0 +1,161 @@
+"""Deployment pieces as plain functions: certificates, node keys, the bundle pin, the egress log, outcomes."""
+
+from __future__ import annotations
+
+import json
+import stat
+
+import pytest
+
+
+class TestCertificates:
+    def test_server_certificate_names_loopback_and_extra_hosts_and_chains_to_the_ca(self, tmp_path):
+        """The server certificate carries localhost, 127.0.0.1 and every --host as SANs and is signed by the CA."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        from fedcollab.crypto import certificate_sans, make_trial_certificates
+
+        c = make_trial_certificates(tmp_path, hosts=["coord.example.org", "10.0.0.7"])
+        assert set(certificate_sans(c.server_cert)) == {"localhost", "127.0.0.1", "coord.example.org", "10.0.0.7"}
+        ca = x509.load_pem_x509_certificate(c.ca_cert.read_bytes())
+        srv = x509.load_pem_x509_certificate(c.server_cert.read_bytes())
+        assert srv.issuer == ca.subject
+        ca.public_key().verify(srv.signature, srv.tbs_certificate_bytes, ec.ECDSA(srv.signature_hash_algorithm))
+        for key in (c.ca_key, c.server_key):
+            assert stat.S_IMODE(key.stat().st_mode) == 0o600
+
+    def test_never_overwrites_a_private_key(self, tmp_path):
+        """A second run into the same folder refuses instead of replacing the CA key."""
+        from fedcollab.core import CryptoError
+        from fedcollab.crypto import make_trial_certificates
+
+        make_trial_certificates(tmp_path)
+        before = (tmp_path / "ca.key").read_bytes()
+        with pytest.raises(CryptoError):
+            make_trial_certificates(tmp_path)
+        assert (tmp_path / "ca.key").read_bytes() == before
+
+
+class TestNodeAuthKey:
+    def test_key_loads_as_flower_does_and_registers_as_pem(self, tmp_path):
+        """The private key is OpenSSH P-384 (as flower-supernode reads it); the public key becomes PEM for RegisterNode."""
+        from cryptography.hazmat.primitives.serialization import load_pem_public_key, load_ssh_private_key
+
+        from fedcollab.crypto import generate_node_auth_key, load_node_auth_public_key
+
+        pub = generate_node_auth_key(tmp_path / "k")
+        assert pub.startswith("ecdsa-sha2-nistp384 ")
+        priv = load_ssh_private_key((tmp_path / "k").read_bytes(), password=None)
+        pem = load_node_auth_public_key(tmp_path / "k.pub")
+        assert load_pem_public_key(pem).public_numbers() == priv.public_key().public_numbers()
+
+    def test_non_ec_key_is_refused(self, tmp_path):
+        """An Ed25519 key is not a node key."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        from fedcollab.core import CryptoError
+        from fedcollab.crypto import load_node_auth_public_key
+
+        line = Ed25519PrivateKey.generate().public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        with pytest.raises(CryptoError):
+            load_node_auth_public_key(line.decode())
+
+
+class TestBundle:
+    def test_bundle_is_deterministic_and_carries_no_code(self):
+        """Two builds have the same SHA-256 (a node can pin it) and the bundle holds only pyproject.toml and Flower's manifest."""
+        import io
+        import zipfile
+
+        from fedcollab.node._deploy import approved_bundle_sha256, build_bundle
+
+        fab, sha = build_bundle()
+        assert sha == approved_bundle_sha256()
+        names = zipfile.ZipFile(io.BytesIO(fab)).namelist()
+        assert not [n for n in names if n.endswith(".py")], names
+        assert "pyproject.toml" in names
+
+
+class TestEgressLog:
+    @pytest.fixture(autouse=True)
+    def _task(self, monkeypatch):
+        # Flower stamps messages with the task's run id, set when a task pulls its input.
+        from flwr.supercore.task_identity import TaskIdentity
+
+        monkeypatch.setattr(TaskIdentity, "_run_id", 7, raising=False)
+        monkeypatch.setattr(TaskIdentity, "_node_id", 2, raising=False)
+        monkeypatch.setattr(TaskIdentity, "_task_id", 3, raising=False)
+
+    def _reply(self, content):
+        from flwr.app import ConfigRecord, Message, RecordDict
+
+        req = Message(content=RecordDict({"config": ConfigRecord({"fedcollab.run_id": "r1", "server-round": 3})}), dst_node_id=1, message_type="train")
+        req.metadata.__dict__["_message_id"] = req.object_id
+        return req, Message(content=content, reply_to=req)
+
+    def test_refusal_entry_shows_the_code_and_only_the_refusal(self, tmp_path):
+        """A coded refusal is logged with its code, round, size, commitment and the kinds of ledger entries it carries."""
+        from flwr.app import ConfigRecord, RecordDict
+
+        from fedcollab.node._deploy import EgressLog, _remember_request
+
+        lines = json.dumps([json.dumps({"kind": "refusal", "party": "a"})])
+        req, reply = self._reply(RecordDict({"fedcollab.error": ConfigRecord({"code": 132}), "fedcollab.releases": ConfigRecord({"lines": lines})}))
+        _remember_request(req)
+        log = EgressLog(tmp_path / "egress.jsonl")
+        e = log.record(reply, flower_run_id=7, fab_sha256="ab" * 32)
+        assert (e["error_code"], e["round"], e["run_id"], e["ledger_kinds"]) == (132, 3, "r1", ["refusal"])
+        assert e["records"] == ["fedcollab.error", "fedcollab.releases"] and e["bytes"] > 0
+        assert e["content_sha256"] == reply.content.object_id
+        assert json.loads((tmp_path / "egress.jsonl").read_text()) == e
+
+    def test_commitment_changes_with_the_payload(self, tmp_path):
+        """Two replies that differ in one metric have different commitments."""
+        from flwr.app import MetricRecord, RecordDict
+
+        from fedcollab.node._deploy import EgressLog
+
+        log = EgressLog(tmp_path / "egress.jsonl")
+        a = log.record(self._reply(RecordDict({"metrics": MetricRecord({"n": 1})}))[1], flower_run_id=1, fab_sha256=None)
+        b = log.record(self._reply(RecordDict({"metrics": MetricRecord({"n": 2})}))[1], flower_run_id=1, fab_sha256=None)
+        assert a["content_sha256"] != b["content_sha256"]
+        assert len((tmp_path / "egress.jsonl").read_text().splitlines()) == 2
+
+
+class TestOutcome:
+    @pytest.mark.parametrize(("row", "code"), [
+        ({"status": "running", "sub_status": "", "details": ""}, None),
+        ({"status": "finished", "sub_status": "completed", "details": ""}, 0),
+        ({"status": "finished", "sub_status": "failed", "details": "ServerApp failed with exception: fedcollab exit 9: NodeError"}, 9),
+        ({"status": "finished", "sub_status": "failed", "details": "ServerApp failed with exception: boom"}, 8),
+        ({"status": "finished", "sub_status": "stopped", "details": ""}, 8),
+    ])
+    def test_exit_code_of_a_run(self, row, code):
+        """A run's true outcome: 0 only when completed, fedcollab's code when it failed with one, else transport failure."""
+        from fedcollab.runner._deploy import outcome_code
+
+        assert outcome_code(row) == code
+
+
+class TestLocalSpec:
+    def test_only_this_partners_source_is_replaced(self, heart_spec, tmp_path):
+        """The node reads its own file; the other partners' entries are untouched."""
+        from fedcollab.node._deploy import local_spec
+
+        data = tmp_path / "mine.csv"
+        s = local_spec(heart_spec, "hungary", data)
+        by = {p.name: p for p in s.partners}
+        assert by["hungary"].source.path == str(data.resolve()) and by["hungary"].source.where == {}
+        assert by["cleveland"] == next(p for p in heart_spec.partners if p.name == "cleveland")
+
+    def test_spec_round_trips_through_the_run_config(self, root):
+        """The base64 run-config value decodes to the same spec at the coordinator and at the node."""
+        from fedcollab.coordinator._deploy import decode_spec, encode_spec
+        from fedcollab.node._deploy import decode_run_spec
+
+        text = (root / "protocols" / "heart-disease.toml").read_text()
+        _, a = decode_spec(encode_spec(text))
+        b = decode_run_spec(encode_spec(text))
+        assert a.model_dump() == b.model_dump() and a.name == "heart-disease"
