@@ -106,6 +106,14 @@ def test_file_exchange_budget_and_audit(heart_run, root, tmp_path):
     r = runner.invoke(app, ["audit", "verify", str(tmp_path / "telecom" / "ledger.jsonl"), "--roster", str(tmp_path / "roster.json"), "--format", "json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["lines"] == 4
+    # the auditor's report lists each scoring entry: the answer, then the replay, budget and renamed-request refusals
+    r = runner.invoke(app, ["audit", "report", str(tmp_path / "telecom" / "ledger.jsonl"), "--roster", str(tmp_path / "roster.json"),
+                            "--out", str(tmp_path / "report")])
+    assert r.exit_code == 0, r.output
+    section = (tmp_path / "report" / "report.md").read_text().split("## Encrypted scoring", 1)[1].split("\n## ", 1)[0]
+    rows = [ln.split(" | ") for ln in section.splitlines() if ln.startswith("| ") and ("answered" in ln or "refused" in ln)]
+    assert [r[8] for r in rows] == ["answered", "refused", "refused", "refused"], section
+    assert [r[9].split(" ")[0] for r in rows] == ["", "137", "134", "136"], section
 
 
 def test_encrypt_needs_a_key(root, tmp_path):

@@ -42,7 +42,7 @@ from fedcollab.privacy.accounting._ledger import spent
 from fedcollab.spec import Roster
 
 #: Entry kinds this report knows; any other kind is listed as it is.
-KNOWN_KINDS = ("release", "refusal", "receipt", "close", "countersign", "key_custody", "aggregate")
+KNOWN_KINDS = ("release", "refusal", "receipt", "close", "countersign", "key_custody", "aggregate", "scoring")
 PLOT_NAME = "epsilon.png"
 HTML_NAME = "report.html"
 MD_NAME = "report.md"
@@ -74,6 +74,8 @@ class _Ledger:
     releases: list[_Rel] = field(default_factory=list)
     refusals: list[tuple[LedgerLine, dict[str, Any]]] = field(default_factory=list)
     custody: list[LedgerLine] = field(default_factory=list)
+    aggregates: list[LedgerLine] = field(default_factory=list)
+    scoring: list[LedgerLine] = field(default_factory=list)
     unknown: list[LedgerLine] = field(default_factory=list)
     complete: dict[str, bool] = field(default_factory=dict)
     runs: list[str] = field(default_factory=list)
@@ -126,6 +128,10 @@ def _read(path: Path) -> _Ledger:
                 led.refusals.append((ln, body))
             elif kind == "key_custody":
                 led.custody.append(ln)
+            elif kind == "aggregate":
+                led.aggregates.append(ln)
+            elif kind == "scoring":
+                led.scoring.append(ln)
             elif kind not in KNOWN_KINDS:
                 led.unknown.append(ln)
         except (KeyError, TypeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
@@ -149,6 +155,14 @@ def _eps(x: float | None, *, missing: str = "—") -> str:
 
 def _num(x: Any) -> str:
     return "—" if x is None else f"{float(x):.4g}"
+
+
+def _num_or_text(x: Any) -> str:
+    """A number as in :func:`_num`; anything else (a tampered entry) as its text, never an exception."""
+    try:
+        return _num(x)
+    except (TypeError, ValueError):
+        return str(x)
 
 
 def _ranges(xs: Iterable[int]) -> str:
@@ -620,6 +634,39 @@ def _custody_section(doc: _Doc, led: _Ledger, roster: Roster) -> None:
                   [[obs, author, ", ".join(sorted(kinds))] for obs in sorted(seen) for author, kinds in sorted(seen[obs].items())])
 
 
+def _aggregates_section(doc: _Doc, led: _Ledger) -> None:
+    if not led.aggregates:
+        return
+    doc.h("Aggregation rounds")
+    doc.p("How each round's aggregate was formed under partner-level DP (entries of kind aggregate, signed by the coordinator): "
+          "who was invited, whose update is in the sum, who dropped out, the trust threshold and the noise the sum carries.")
+    rows = []
+    for ln in led.aggregates:
+        b = ln.entry.get("body") if isinstance(ln.entry.get("body"), dict) else {}
+        summed = b.get("summed") if isinstance(b.get("summed"), list) else []
+        dropped = b.get("dropped") if isinstance(b.get("dropped"), list) else []
+        rows.append([ln.number, ln.entry.get("run_id"), ln.entry.get("round"), b.get("mode"), b.get("aggregation"), len(summed),
+                     ", ".join(map(str, dropped)) or "none", b.get("threshold", "—"), b.get("t_min", "—"), b.get("colluders", "—"),
+                     _num_or_text(b.get("noise_std_on_sum")), _num_or_text(b.get("wraparound_bound")) if "wraparound_bound" in b else "—"])
+    doc.table(["line", "run", "round", "mode", "aggregation", "summed", "dropped", "threshold", "t_min", "colluders",
+               "noise std on sum", "wrap-around bound"], rows)
+
+
+def _scoring_section(doc: _Doc, led: _Ledger) -> None:
+    if not led.scoring:
+        return
+    doc.h("Encrypted scoring")
+    doc.p("Scoring requests this model holder answered or refused (entries of kind scoring): one scored row is one query "
+          "against the querier's budget; a linear model with d features is recovered from about d + 1 rows.")
+    rows = []
+    for ln in led.scoring:
+        b = ln.entry.get("body") if isinstance(ln.entry.get("body"), dict) else {}
+        rows.append([ln.number, ln.entry.get("party"), b.get("querier"), b.get("querier_key") or "unknown", str(b.get("model", ""))[:16],
+                     b.get("rows"), b.get("rows_before"), b.get("budget"), b.get("outcome"),
+                     _code_name(b.get("code")) if b.get("code") is not None else "", b.get("reason", "")])
+    doc.table(["line", "holder", "querier", "querier key", "model", "rows", "rows before", "budget", "outcome", "code", "reason"], rows)
+
+
 def _unknown_section(doc: _Doc, led: _Ledger) -> None:
     if not led.unknown:
         return
@@ -654,6 +701,8 @@ def write_report(ledger: str | Path, roster: Roster, out: str | Path) -> list[Pa
     _mechanisms_section(doc, led, {s.key: s for s in series})
     _non_private_section(doc, led)
     _refusals_section(doc, led)
+    _aggregates_section(doc, led)
+    _scoring_section(doc, led)
     _custody_section(doc, led, roster)
     _unknown_section(doc, led)
     for name, text in ((HTML_NAME, _render_html(doc)), (MD_NAME, _render_md(doc))):

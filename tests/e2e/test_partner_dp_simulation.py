@@ -102,3 +102,17 @@ def test_central_releases_stay_off_the_nodes_budgets(central):
     coord = [e for e in lines if e["kind"] == "release" and e["party"] == "coordinator"]
     assert len(coord) == 8 and {e["body"]["release"]["observer"] for e in coord} == {"model_recipients"}
     _verify(out)
+
+
+def test_report_shows_each_aggregation_round(distributed, tmp_path):
+    """The auditor's report lists every round's aggregate: partners summed, dropouts, threshold, t_min and the noise."""
+    from fedcollab.audit import write_report
+    from fedcollab.spec import load_roster
+
+    res, out = distributed
+    write_report(out / "ledger.jsonl", load_roster(out / "roster.json"), tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "## Aggregation rounds" in md
+    section = md.split("## Aggregation rounds", 1)[1].split("\n## ", 1)[0]
+    rows = [ln for ln in section.splitlines() if ln.startswith("| ") and "distributed" in ln]
+    assert len(rows) == 2 and all("| secagg | 4 | none | 2 | 3 | 0 |" in r for r in rows)
