@@ -31,6 +31,7 @@ from fedcollab.core import (
 from fedcollab.data import FeatureEncoder, read_source, validate_frame
 from fedcollab.node._home import NodeHome
 from fedcollab.privacy.accounting import Release, parse_lines, verify_signature
+from fedcollab.privacy.mechanisms import fresh_generator
 from fedcollab.protocols._profile import ProfileBlock, noisy_profile, plan_profile, profile_layout
 from fedcollab.protocols._query import RESOLUTION, Layout, QueryPlan, encode_query_vector, plan_query
 from fedcollab.spec import Predicate, QuerySpec, SchemaSpec, Spec, check_query, parse_query
@@ -323,7 +324,8 @@ def make_analytics_client_app(spec: Spec, homes: dict[str, str], roster: dict[st
                 path.unlink(missing_ok=True)
             return RecordDict({"secagg": ConfigRecord(reply)})
         if kind == "analytics.profile":
-            vec, line = node.answer_profile(epsilon=float(cfg["epsilon"]), delta=float(cfg["delta"]), generator=ddg_generator())
+            # Continuous Gaussian noise: numpy PCG64 seeded with 256 bits from the OS (as the DP statistics).
+            vec, line = node.answer_profile(epsilon=float(cfg["epsilon"]), delta=float(cfg["delta"]), generator=fresh_generator())
             return RecordDict({RecordKey.INFO: ConfigRecord({**info, "profile": vec.tolist()}),
                                RecordKey.RELEASES: ConfigRecord({"lines": json.dumps([line])})})
         if kind == "analytics.close":

@@ -49,3 +49,20 @@ class TestEndToEnd:
         rel = [e["body"]["release"] for e in entries if e["kind"] == "release"]
         assert len(rel) == 4 and all(r["kind"] == "query" and r["mechanism"]["mechanism"] == "zcdp" and r["observer"] == "coordinator" for r in rel)
         assert json.loads((out / "query.json").read_text())["results"]
+
+
+def test_profile_end_to_end_flags_switzerland(heart_spec, tmp_path):
+    """`fedcollab profile` through Flower: every silo answers with its own noise, the findings flag Switzerland, the ledger verifies."""
+    from fedcollab.audit import verify_ledger
+    from fedcollab.core import ExitCode
+    from fedcollab.runner._query import run_profile
+    from fedcollab.spec import load_roster
+
+    res = run_profile(heart_spec, out=tmp_path)
+    prof = res.profile
+    assert prof.failed == {} and sorted(s.name for s in prof.silos) == ["cleveland", "hungary", "switzerland", "va-long-beach"]
+    flagged = {(f.get("silo"), f.get("column")) for f in prof.findings}
+    assert ("switzerland", "chol") in flagged
+    assert (tmp_path / "profile.html").exists()
+    rep = verify_ledger(tmp_path / "ledger.jsonl", load_roster(tmp_path / "roster.json"))
+    assert rep.exit_code == ExitCode.OK, [f.message for f in rep.findings]
