@@ -138,6 +138,8 @@ class NodeRuntime:
         problems = []
         if spec.aggregation not in pol.allowed_aggregation:
             problems.append("aggregation mode")
+        if spec.privacy.mode not in pol.allowed_privacy_modes:
+            problems.append("privacy mode")
         if pol.allowed_features is not None and not set(spec.data_schema.features) <= set(pol.allowed_features):
             problems.append("feature columns")
         if spec.model.kind not in pol.allowed_model_kinds:

@@ -72,6 +72,10 @@ class NodePolicy(FrozenModel):
     allow_non_private_training: bool = Field(default=False, description="Allow model updates or statistics about training rows without noise (epsilon infinite).")
     allow_non_private_test_metrics: bool = Field(default=True, description="Allow test-split metrics (counts, score histograms) without noise.")
     allowed_aggregation: list[Literal["plain", "secagg", "he"]] = Field(default_factory=lambda: ["plain", "secagg", "he"])
+    allowed_privacy_modes: list[Literal["none", "record", "distributed", "central"]] = Field(
+        default_factory=lambda: ["none", "record", "distributed", "central"],
+        description="Privacy modes (the spec's privacy.mode) this partner takes part in; e.g. leave out 'central' to refuse noise the coordinator alone adds.",
+    )
     allowed_features: list[str] | None = Field(default=None, description="Columns a collaboration may use as features; null = any declared column.")
     min_partners_per_round: PosInt = Field(default=2, description="Fewest partners a round may aggregate (where it can be checked).")
     max_rounds: PosInt = Field(default=500, description="Most rounds a single run may ask for.")
@@ -124,6 +128,7 @@ def policy_toml(policy: NodePolicy) -> str:
         f"allow_non_private_training = {str(policy.allow_non_private_training).lower()}",
         f"allow_non_private_test_metrics = {str(policy.allow_non_private_test_metrics).lower()}",
         "allowed_aggregation = [" + ", ".join(f'"{a}"' for a in policy.allowed_aggregation) + "]",
+        "allowed_privacy_modes = [" + ", ".join(f'"{a}"' for a in policy.allowed_privacy_modes) + "]",
         "# allowed_features = [\"age\", \"sex\"]   # omit to allow every declared column",
     ]
     if policy.allowed_features is not None:

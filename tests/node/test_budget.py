@@ -86,6 +86,21 @@ class TestPolicy:
         (e,) = [json.loads(x) for x in node.gate.ledger.path.read_text().splitlines()]
         assert e["kind"] == "refusal" and e["body"]["code"] == int(NodeErrorCode.POLICY_REFUSED)
 
+    def test_forbidden_privacy_mode_refused_and_recorded(self, heart_dp_spec, tmp_path):
+        """A partner that takes part only with record-level DP refuses a run in another privacy mode, before any release."""
+        policy = NodePolicy(partner="switzerland", budgets=[BudgetSpec(dataset="switzerland", epsilon=5, delta=1e-3)],
+                            allowed_privacy_modes=["record"])
+        node = make_node(heart_dp_spec, "switzerland", tmp_path / "ok", policy=policy)
+        node.setup("public_bounds")  # mode "record": accepted
+        raw = heart_dp_spec.model_dump(by_alias=True, exclude_none=True)
+        raw["privacy"] = {"mode": "central", "partner": {"epsilon": 8.0, "delta": 1e-3}}
+        central = type(heart_dp_spec).model_validate(raw).with_base_dir(heart_dp_spec.base_dir)
+        node = make_node(central, "switzerland", tmp_path / "no", policy=policy)
+        with pytest.raises(PolicyRefused, match="privacy mode"):
+            node.setup("public_bounds")
+        (e,) = [json.loads(x) for x in node.gate.ledger.path.read_text().splitlines()]
+        assert e["kind"] == "refusal" and e["body"]["code"] == int(NodeErrorCode.POLICY_REFUSED)
+
     def test_no_budget_no_private_release(self, heart_dp_spec, tmp_path):
         """A dataset without a budget gets no DP release at all (fail-closed)."""
         node = make_node(heart_dp_spec, "switzerland", tmp_path, policy=NodePolicy(partner="switzerland"))
