@@ -48,6 +48,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/scoring.py
 	$(PY) benchmarks/he.py
 	$(PY) benchmarks/analytics.py
+	$(PY) benchmarks/deploy.py
 
 clean:
 	rm -rf $(VENV) runs
