@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedcollab.core import ProtocolError
 from fedcollab.privacy.accounting import PartyLedger, Release, parse_lines, verify_signature
-from fedcollab.privacy.accounting._ledger import claim, commitment, release_bodies, spent
+from fedcollab.privacy.accounting._ledger import claim, commitment, keep_nonce, release_bodies, spent
 from fedcollab.spec import Roster
 
 COORDINATOR = "coordinator"
@@ -69,7 +69,6 @@ class RunLedger:
         observer, exactly as ``audit verify`` recomputes it. The nonce of the commitment is kept
         beside the ledger (mode 0600), like a node keeps its own.
         """
-        import json
         import secrets
 
         hist = [r for ln, r in release_bodies(self.own.lines(), COORDINATOR)
@@ -80,9 +79,7 @@ class RunLedger:
         body = {"dataset": dataset, "release": release.model_dump(mode="json"), "non_private": release.non_private, "counted": True,
                 "claim": claim(eps, eps, delta=delta, accountant=accountant), "budget": None, "commitment": c}
         line = self.own.append(kind="release", run_id=self.run_id, round=release.round, body=body)
-        fd = os.open(self.path.parent / "coordinator-nonces.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        with os.fdopen(fd, "a") as fh:
-            fh.write(json.dumps({"commitment": c, "nonce": nonce.hex()}) + "\n")
+        keep_nonce(self.path.parent / "coordinator-nonces.jsonl", c, nonce)
         self.releases.append(release)
         return line
 

@@ -1,4 +1,4 @@
-"""Foundation: config base, errors, exit codes, logging. Imports nothing from fedcollab."""
+"""Foundation: config base, errors, exit codes, logging, owner-only files. Imports nothing from fedcollab."""
 
 from fedcollab.core._config import FrozenModel, format_validation_error, validate_config
 from fedcollab.core._errors import (
@@ -16,6 +16,7 @@ from fedcollab.core._errors import (
     UpdateError,
 )
 from fedcollab.core._exit_codes import EXIT_CODE_HELP, ExitCode
+from fedcollab.core._files import write_private
 from fedcollab.core._log import get_logger
 from fedcollab.core._node_codes import NODE_ERROR_HELP, NodeErrorCode
 
@@ -40,4 +41,5 @@ __all__ = [
     "format_validation_error",
     "get_logger",
     "validate_config",
+    "write_private",
 ]

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fedcollab.core import CryptoError
+from fedcollab.core import CryptoError, write_private
 
 
 def generate_signing_key(path: str | Path, *, passphrase: bytes | None = None) -> Ed25519PrivateKey:
@@ -19,13 +18,10 @@ def generate_signing_key(path: str | Path, *, passphrase: bytes | None = None) -
         serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
     )
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
-    p.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        write_private(p, pem, mode="new")
     except FileExistsError:
         raise CryptoError(f"{p} exists; refusing to overwrite a signing key") from None
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pem)
     return key
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedcollab.core import CryptoError
+from fedcollab.core import CryptoError, write_private
 
 
 @dataclass(frozen=True)
@@ -38,13 +37,10 @@ class TrialCertificates:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        write_private(path, data, mode="new")
     except FileExistsError:
         raise CryptoError(f"{path} exists; refusing to overwrite a private key") from None
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
 
 
 def _san(name: str) -> x509.GeneralName:

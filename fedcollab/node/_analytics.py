@@ -10,7 +10,6 @@ aggregation's masked-input stage. Errors leave as closed codes only.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from fedcollab.core import (
     PrivacyError,
     ProtocolError,
     get_logger,
+    write_private,
 )
 from fedcollab.data import FeatureEncoder, read_source, validate_frame
 from fedcollab.node._home import NodeHome
@@ -295,11 +295,7 @@ def make_analytics_client_app(spec: Spec, homes: dict[str, str], roster: dict[st
                 return RecordDict({RecordKey.INFO: ConfigRecord({**info, "length": plan.layout.length})})
             vec, line = node.answer_query(query, n_honest=n_honest, n_parties=n_parties,
                                           generator=ddg_generator() if query.mode == "dp" else None)
-            path = vector_path(node)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(vec.tobytes())
+            write_private(vector_path(node), vec.tobytes())
             context.state["analytics"] = ConfigRecord({"length": int(vec.size)})
             return RecordDict({RecordKey.INFO: ConfigRecord({**info, "length": int(vec.size)}),
                                RecordKey.RELEASES: ConfigRecord({"lines": json.dumps([line])})})

@@ -14,7 +14,6 @@ Errors go back as a closed code; the exception text stays in this node's log.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from dataclasses import asdict
 from typing import Any
@@ -31,6 +30,7 @@ from fedcollab.core import (
     PrivacyError,
     ProtocolError,
     get_logger,
+    write_private,
 )
 from fedcollab.data import PartnerData, exact_statistics, feature_bounds, load_partner_data
 from fedcollab.models import build_model, model_arrays, set_model_arrays
@@ -467,11 +467,7 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str]) -
     def keep_vector(node: NodeRuntime, context: Context, vector: np.ndarray, rnd: int) -> None:
         # The encoded vector waits at the node (its folder, mode 0600) until the masked-input stage,
         # instead of travelling inside the Flower context with every message.
-        path = Path(homes[node.partner]) / "secagg" / f"{node.run_id}-{rnd}.bin"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(vector.tobytes())
+        write_private(Path(homes[node.partner]) / "secagg" / f"{node.run_id}-{rnd}.bin", vector.tobytes())
 
     def secagg_stage(node: NodeRuntime, stage: str, rnd: int, request: dict[str, Any], context: Context) -> dict[str, Any]:
         from fedcollab.node._secagg import handle_stage

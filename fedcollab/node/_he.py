@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from fedcollab.core import CryptoError, PolicyRefused, ProtocolError, get_logger
+from fedcollab.core import CryptoError, PolicyRefused, ProtocolError, get_logger, write_private
 from fedcollab.crypto import (
     HE_PARAMETER_SETS,
     SecretContext,
@@ -63,12 +63,6 @@ def he_dir(home: Path) -> Path:
     return d
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-
-
 def params_of(spec: Spec) -> Any:
     """The HE parameter set the spec names."""
     return HE_PARAMETER_SETS[spec.he.parameters]
@@ -92,7 +86,7 @@ def make_advert(*, run_id: str, me: str, signing_key: Ed25519PrivateKey, home: P
     """A fresh X25519 key (kept in the folder) and its public half, signed with the roster key."""
     priv = X25519PrivateKey.generate()
     raw = priv.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
-    _write_private(he_dir(home) / f"{run_id}.x25519", raw)
+    write_private(he_dir(home) / f"{run_id}.x25519", raw)
     pub = priv.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return {"partner": me, "x25519": pub, "signature": sign(signing_key, key_advert_message(run_id=run_id, partner=me, x25519_public=pub))}
 
@@ -117,7 +111,7 @@ def generate_key(spec: Spec, *, run_id: str, me: str, signing_key: Ed25519Privat
             raise CryptoError(f"`advert.x25519` of {p} must be 32 bytes")
         verify(roster[p], key_advert_message(run_id=run_id, partner=p, x25519_public=bytes(x)), ad.get("signature"), what=f"key advert of {p}")
     ctx = new_secret_context(params_of(spec))
-    _write_private(he_dir(home) / f"{run_id}.ctx", ctx.secret_bytes())
+    write_private(he_dir(home) / f"{run_id}.ctx", ctx.secret_bytes())
     packages = {p: seal_key_package(ctx, run_id=run_id, sender=me, recipient=p, recipient_x25519=bytes(adverts[p]["x25519"]),
                                     signing_key=signing_key) for p in others}
     public = ctx.public()
@@ -134,7 +128,7 @@ def install_key(spec: Spec, *, run_id: str, me: str, home: Path, package: dict[s
         raise ProtocolError("no X25519 key advertised for this run")
     ctx = open_key_package(package, run_id=run_id, me=me, my_x25519=x_path.read_bytes(), sender=holder,
                            sender_public_hex=roster[holder], params=params_of(spec))
-    _write_private(he_dir(home) / f"{run_id}.ctx", ctx.secret_bytes())
+    write_private(he_dir(home) / f"{run_id}.ctx", ctx.secret_bytes())
     x_path.unlink()
     return ctx
 
@@ -151,7 +145,7 @@ def custody_body(spec: Spec, ctx: SecretContext, *, me: str, event: str) -> dict
 
 def keep_statistics(home: Path, run_id: str, stats: dict[str, list[float]]) -> None:
     """The setup statistics wait in the folder until the HE key is installed."""
-    _write_private(he_dir(home) / f"{run_id}-stats.json", json.dumps(stats).encode())
+    write_private(he_dir(home) / f"{run_id}-stats.json", json.dumps(stats).encode())
 
 
 def encrypt_statistics(spec: Spec, ctx: SecretContext, *, home: Path, run_id: str, me: str, signing_key: Ed25519PrivateKey) -> dict[str, Any]:

@@ -35,7 +35,7 @@ import numpy as np
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from fedcollab.core import BudgetExhausted, ConfigError, CryptoError, NodeErrorCode, PolicyRefused, ProtocolError
+from fedcollab.core import BudgetExhausted, ConfigError, CryptoError, NodeErrorCode, PolicyRefused, ProtocolError, write_private
 from fedcollab.crypto import SCORING_PARAMS, PublicScoringContext, SecretScoringContext, check_scoring_params
 from fedcollab.privacy.accounting import PartyLedger, key_fingerprint, public_key_hex
 from fedcollab.privacy.accounting._ledger import canonical
@@ -320,13 +320,10 @@ def build_request(x: np.ndarray, *, querier: str, key: Ed25519PrivateKey, model_
 def write_secret(path: str | Path, data: bytes) -> None:
     """Write the querier's secret state with mode 0600 (created afresh; an existing file is refused)."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        write_private(p, data, mode="new")
     except FileExistsError:
         raise ConfigError(f"{p} exists; refusing to overwrite a secret key file") from None
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
 
 
 def write_atomic(path: str | Path, data: bytes) -> None:

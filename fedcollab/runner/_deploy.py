@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedcollab.core import ConfigError, FedcollabError, TransportError, get_logger
+from fedcollab.core import ConfigError, FedcollabError, TransportError, get_logger, write_private
 from fedcollab.runner._run import FLOWER_ENV
 
 log = get_logger("runner.deploy")
@@ -326,9 +326,7 @@ def _node_setup(cfg: NodeConfig) -> tuple[Any, list[str], dict[str, str]]:
     node = NodeDeployment(home=home.root, partner=policy.partner, data=cfg.data.resolve(), roster=keys, approved_bundles=approved)
     runtime_port = free_port()
     secret_path = home.root / "superexec.secret"
-    fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(secrets.token_hex(32).encode())
+    write_private(secret_path, secrets.token_hex(32).encode())
     data_value = str(cfg.data.resolve()).replace("\\", "\\\\").replace('"', '\\"')
     launcher = [sys.executable, "-c", _SUPERNODE_LAUNCHER, repr(float(cfg.poll))] if cfg.poll > 0 else [_flower_bin("flower-supernode")]
     cmd = [

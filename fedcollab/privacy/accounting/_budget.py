@@ -8,7 +8,6 @@ A refusal is recorded too, and raises before anything is sent.
 
 from __future__ import annotations
 
-import os
 import secrets
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from fedcollab.privacy.accounting._ledger import (
     claim,
     commitment,
     counts_toward_budget,
+    keep_nonce,
     release_bodies,
     spent,
 )
@@ -123,7 +123,4 @@ class BudgetGate:
 
     def _keep_nonce(self, c: str, nonce: bytes) -> None:
         # The nonce stays at the node: with it the partner can open a commitment to an auditor.
-        self.nonce_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.nonce_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        with os.fdopen(fd, "a") as fh:
-            fh.write(f'{{"commitment": "{c}", "nonce": "{nonce.hex()}"}}\n')
+        keep_nonce(self.nonce_path, c, nonce)

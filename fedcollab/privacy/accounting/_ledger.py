@@ -28,7 +28,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from fedcollab.core import FedcollabError
+from fedcollab.core import FedcollabError, write_private
 from fedcollab.privacy.accounting._accountant import accountant_version, compute_epsilon, merge_mechanisms
 from fedcollab.privacy.accounting._events import Release
 
@@ -52,6 +52,11 @@ def canonical(obj: Any) -> bytes:
     import rfc8785
 
     return rfc8785.dumps(obj)
+
+
+def keep_nonce(path: str | Path, commitment_hex: str, nonce: bytes) -> None:
+    """Append ``{"commitment", "nonce"}`` to the party's own nonce file (mode 0600): with the nonce it can open the commitment to an auditor."""
+    write_private(path, json.dumps({"commitment": commitment_hex, "nonce": nonce.hex()}).encode() + b"\n", mode="append")
 
 
 def line_hash(line: bytes) -> str:
