@@ -29,8 +29,8 @@ from fedcollab.core import (
     write_private,
 )
 from fedcollab.data import FeatureEncoder, read_source, validate_frame
-from fedcollab.node._home import NodeHome
-from fedcollab.privacy.accounting import Release, parse_lines, verify_signature
+from fedcollab.node._home import NodeHome, countersign_close
+from fedcollab.privacy.accounting import Release
 from fedcollab.privacy.mechanisms import fresh_generator
 from fedcollab.protocols._profile import ProfileBlock, noisy_profile, plan_profile, profile_layout
 from fedcollab.protocols._query import RESOLUTION, Layout, QueryPlan, encode_query_vector, plan_query
@@ -234,14 +234,7 @@ class NodeAnalytics:
 
     def countersign(self, close_line: bytes, coordinator_key: str) -> str:
         """Check the coordinator's close entry lists this node's chain head, then countersign it."""
-        (ln,) = parse_lines(close_line + b"\n")
-        e = ln.entry
-        if e.get("kind") != "close" or e.get("run_id") != self.run_id or not verify_signature(e, coordinator_key):
-            raise ProtocolError("not a close entry of this run signed by the coordinator")
-        _, head = self.gate.ledger.head()
-        if e["body"]["heads"].get(self.partner) != head:
-            raise ProtocolError("the close entry does not list this node's chain head")
-        return self.gate.ledger.append(kind="countersign", run_id=self.run_id, round=int(e["round"]), body={"close": ln.hash}).decode()
+        return countersign_close(self.gate.ledger, party=self.partner, run_id=self.run_id, close_line=close_line, coordinator_key=coordinator_key)
 
 
 def _code_for(exc: BaseException) -> NodeErrorCode:

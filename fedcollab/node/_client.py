@@ -34,11 +34,9 @@ from fedcollab.core import (
 )
 from fedcollab.data import PartnerData, exact_statistics, feature_bounds, load_partner_data
 from fedcollab.models import build_model, model_arrays, set_model_arrays
-from fedcollab.node._home import NodeHome
+from fedcollab.node._home import NodeHome, countersign_close
 from fedcollab.privacy.accounting import (
     GaussianMechanism,
-    parse_lines,
-    verify_signature,
     NonPrivate,
     PoissonSubsampledGaussian,
     Release,
@@ -190,14 +188,7 @@ class NodeRuntime:
     # --- close ------------------------------------------------------------------------------
     def countersign(self, close_line: bytes, coordinator_key: str) -> str:
         """Check the coordinator's close entry lists this node's chain head, then countersign it."""
-        (ln,) = parse_lines(close_line + b"\n")
-        e = ln.entry
-        if e.get("kind") != "close" or e.get("run_id") != self.run_id or not verify_signature(e, coordinator_key):
-            raise ProtocolError("not a close entry of this run signed by the coordinator")
-        _, head = self.gate.ledger.head()
-        if e["body"]["heads"].get(self.partner) != head:
-            raise ProtocolError("the close entry does not list this node's chain head")
-        return self.gate.ledger.append(kind="countersign", run_id=self.run_id, round=int(e["round"]), body={"close": ln.hash}).decode()
+        return countersign_close(self.gate.ledger, party=self.partner, run_id=self.run_id, close_line=close_line, coordinator_key=coordinator_key)
 
     # --- train ------------------------------------------------------------------------------
     def train(self, arrays: dict[str, np.ndarray], *, scaling: Scaling, server_round: int, steps_so_far: int,

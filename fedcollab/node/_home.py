@@ -16,9 +16,9 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fedcollab.core import ConfigError
+from fedcollab.core import ConfigError, ProtocolError
 from fedcollab.crypto import generate_signing_key, load_signing_key
-from fedcollab.privacy.accounting import BudgetGate, PartyLedger, public_key_hex
+from fedcollab.privacy.accounting import BudgetGate, PartyLedger, parse_lines, public_key_hex, verify_signature
 from fedcollab.spec import NodePolicy, load_policy, policy_toml
 
 
@@ -84,3 +84,15 @@ def init_node_home(root: str | Path, *, partner: str, policy: NodePolicy | None 
     home.policy_path.write_text(policy_toml(pol))
     home.ledger_path.touch()
     return home
+
+
+def countersign_close(ledger: PartyLedger, *, party: str, run_id: str, close_line: bytes, coordinator_key: str) -> str:
+    """Check the coordinator's close entry lists ``party``'s chain head, then countersign it in ``ledger``."""
+    (ln,) = parse_lines(close_line + b"\n")
+    e = ln.entry
+    if e.get("kind") != "close" or e.get("run_id") != run_id or not verify_signature(e, coordinator_key):
+        raise ProtocolError("not a close entry of this run signed by the coordinator")
+    _, head = ledger.head()
+    if e["body"]["heads"].get(party) != head:
+        raise ProtocolError("the close entry does not list this node's chain head")
+    return ledger.append(kind="countersign", run_id=run_id, round=int(e["round"]), body={"close": ln.hash}).decode()
