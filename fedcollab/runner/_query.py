@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import json
-import logging
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedcollab.core import FedcollabError, TransportError
+from fedcollab.core import TransportError
 from fedcollab.coordinator import RunLedger
 from fedcollab.coordinator._analytics import AnalyticsRecorder, default_n_honest, make_profile_server_app, make_query_server_app
 from fedcollab.node import NodeHome, init_node_home
 from fedcollab.node._analytics import make_analytics_client_app
 from fedcollab.protocols._profile import Profile
 from fedcollab.spec import BudgetSpec, NodePolicy, QuerySpec, Spec, check_query, load_query, load_spec
-from fedcollab.runner._run import SIMULATED_BUDGET_EPSILON, _coordinator_and_roster, _keep_previous_ledger, set_flower_env, simulated_policy
+from fedcollab.runner._run import (
+    SIMULATED_BUDGET_EPSILON,
+    _coordinator_and_roster,
+    _keep_previous_ledger,
+    set_flower_env,
+    simulate_apps,
+    simulated_policy,
+)
 
 #: Default privacy of a profile, per silo (record level, against the coordinator).
 PROFILE_EPSILON = 4.0
@@ -69,29 +75,6 @@ def _homes(spec: Spec, nodes_dir: Path) -> dict[str, NodeHome]:
             home = init_node_home(home.root, partner=p.name, policy=analytics_policy(spec, p.name))
         homes[p.name] = home
     return homes
-
-
-def _simulate(spec: Spec, server_app: Any, client_app: Any) -> None:
-    from flwr.simulation import run_simulation
-
-    flwr_logger = logging.getLogger("flwr")
-    level = flwr_logger.level
-    flwr_logger.setLevel(logging.ERROR)
-    try:
-        run_simulation(
-            server_app=server_app, client_app=client_app, num_supernodes=len(spec.partners),
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                            "init_args": {"logging_level": logging.ERROR, "log_to_driver": False, "include_dashboard": False}},
-        )
-    except FedcollabError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the runtime's failures become one fedcollab error
-        cause = exc.__cause__
-        if isinstance(cause, FedcollabError):
-            raise cause from None
-        raise TransportError(f"the Flower simulation failed: {type(exc).__name__}") from exc
-    finally:
-        flwr_logger.setLevel(level)
 
 
 def _prepare(spec: Spec | str | Path, out: str | Path | None, nodes: str | Path | None) -> tuple[Spec, Path, Any, dict[str, NodeHome], RunLedger, Any]:
@@ -157,7 +140,7 @@ def run_query(spec: Spec | str | Path, query: QuerySpec | str | Path, *, out: st
     with _Stages(progress, 4) as stages:
         recorder.on_stage = stages
         client = make_analytics_client_app(sp, {k: str(v.root) for k, v in homes.items()}, {k: v.signing_key for k, v in roster.parties.items()})
-        _simulate(sp, make_query_server_app(sp, q, recorder, ledger=ledger, timeout=timeout), client)
+        simulate_apps(sp, make_query_server_app(sp, q, recorder, ledger=ledger, timeout=timeout), client)
     wall = time.perf_counter() - t0
     if recorder.plan is None:
         from fedcollab.core import NodeError
@@ -188,7 +171,7 @@ def run_profile(spec: Spec | str | Path, *, out: str | Path | None = None, nodes
     with _Stages(progress, 1) as stages:
         recorder.on_stage = stages
         client = make_analytics_client_app(sp, {k: str(v.root) for k, v in homes.items()}, {k: v.signing_key for k, v in roster.parties.items()})
-        _simulate(sp, make_profile_server_app(sp, recorder, ledger=ledger, epsilon=epsilon, delta=delta, timeout=timeout), client)
+        simulate_apps(sp, make_profile_server_app(sp, recorder, ledger=ledger, epsilon=epsilon, delta=delta, timeout=timeout), client)
     wall = time.perf_counter() - t0
     if recorder.profile is None:
         raise TransportError("the simulation ended before the profile was collected")

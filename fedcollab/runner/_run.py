@@ -232,6 +232,15 @@ def run(
 
 def _simulate(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLedger, homes: dict[str, str], roster: dict[str, str],
               timeout: float) -> None:
+    simulate_apps(spec, make_server_app(spec, recorder, ledger=ledger, timeout=timeout), make_client_app(spec, homes, roster))
+
+
+def simulate_apps(spec: Spec, server_app: Any, client_app: Any) -> None:
+    """Run a ServerApp and a ClientApp on Flower's simulation engine, one SuperNode per partner, in-process.
+
+    Flower's own logging is quietened for the run; the runtime's failures become one fedcollab error
+    (the node's or coordinator's own error when it is the cause).
+    """
     try:
         from flwr.simulation import run_simulation
     except ImportError as exc:
@@ -240,8 +249,6 @@ def _simulate(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLedger, h
         err = ConfigError("the simulation needs Flower: pip install 'fedcollab[node,coordinator]'")
         err.exit_code = 10
         raise err from exc
-    client_app = make_client_app(spec, homes, roster)
-    server_app = make_server_app(spec, recorder, ledger=ledger, timeout=timeout)
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
     flwr_logger.setLevel(logging.ERROR)
