@@ -35,7 +35,8 @@ from fedcollab.crypto import (
     upload_hash,
     verify,
 )
-from fedcollab.protocols import Scaling, combine_statistics, pooled_metrics, scaling_from_bounds
+from fedcollab.protocols import Scaling, pooled_metrics, scaling_from_bounds
+from fedcollab.protocols._he import flatten_per_party, unflatten_per_party
 from fedcollab.spec import Spec
 
 log = get_logger("coordinator.he")
@@ -46,18 +47,6 @@ GRPC_MAX_MESSAGE_BYTES = 536_870_912
 
 #: exchange(grid, node_names, round, message_type, {partner: (arrays, config, extra records)}) -> {partner: reply}
 Exchange = Callable[..., dict[str, Any]]
-
-
-def _flatten(per: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    return {f"{p}/{f}": v for p, d in per.items() for f, v in d.items()}
-
-
-def _unflatten(rec: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for k, v in rec.items():
-        p, _, f = str(k).rpartition("/")
-        out.setdefault(p, {})[f] = v
-    return out
 
 
 def accept_public_context(spec: Spec, published: dict[str, Any], *, run_id: str, holder_key: str) -> tuple[PublicContext, str]:
@@ -165,11 +154,11 @@ class HeSession:
         got = self._send(0, self.mt.QUERY, {p: (None, self._base("advert"), {}) for p in others})
         self._require(got, others, "key adverts")
         adverts = {p: {k: m.content.config_records["he"][k] for k in ("x25519", "signature")} for p, m in got.items()}
-        got = self._send(0, self.mt.QUERY, {self.holder: (None, self._base("keygen"), {"he.adverts": _flatten(adverts)})})
+        got = self._send(0, self.mt.QUERY, {self.holder: (None, self._base("keygen"), {"he.adverts": flatten_per_party(adverts)})})
         self._require(got, [self.holder], "key generation")
         reply = got[self.holder].content.config_records
         self.ctx, self.fingerprint = accept_public_context(self.spec, dict(reply["he"]), run_id=self.run_id, holder_key=self._roster(self.holder))
-        packages = _unflatten(dict(reply["he.packages"]))
+        packages = unflatten_per_party(dict(reply["he.packages"]))
         self.ledger.own.append(kind="key_custody", run_id=self.run_id, round=0, body={
             "key": "he-public-context", "event": "received from the key holder, signature verified", "fingerprint": self.fingerprint,
             "public_digest": self.ctx.digest, "generated_by": self.holder, "party": "coordinator",

@@ -49,6 +49,7 @@ from fedcollab.crypto import (
     verify,
 )
 from fedcollab.protocols import decode_statistics_limbs, decode_weighted, encode_statistics_limbs, encode_weighted
+from fedcollab.protocols._he import flatten_per_party, unflatten_per_party
 from fedcollab.spec import Spec
 
 log = get_logger("node.he")
@@ -308,19 +309,6 @@ def read_model(home: Path, run_id: str) -> OrderedDict[str, np.ndarray]:
 
 # --- Flower glue (called from the ClientApp's handlers) ------------------------------------------------
 
-def _unflatten(rec: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """``{"partner/field": v}`` -> ``{partner: {field: v}}`` (ConfigRecords hold no nested maps)."""
-    out: dict[str, dict[str, Any]] = {}
-    for k, v in rec.items():
-        p, _, f = str(k).rpartition("/")
-        out.setdefault(p, {})[f] = v
-    return out
-
-
-def _flatten(per: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    return {f"{p}/{f}": v for p, d in per.items() for f, v in d.items()}
-
-
 class HeHandlers:
     """The ClientApp's HE work: ``query`` (key custody, statistics, final model), ``train`` and ``evaluate``.
 
@@ -396,11 +384,11 @@ class HeHandlers:
             ad = make_advert(run_id=run_id, me=me, signing_key=key, home=home)
             return RecordDict({"he": ConfigRecord({"x25519": ad["x25519"], "signature": ad["signature"]})})
         if stage == "keygen":
-            adverts = _unflatten(dict(msg.content.config_records.get("he.adverts", ConfigRecord())))
+            adverts = unflatten_per_party(dict(msg.content.config_records.get("he.adverts", ConfigRecord())))
             ctx, published, packages = generate_key(spec, run_id=run_id, me=me, signing_key=key, home=home, adverts=adverts, roster=self.roster)
             line = node.gate.ledger.append(kind="key_custody", run_id=run_id, round=0,
                                            body=custody_body(spec, ctx, me=me, event="generated; sealed and signed a key package for each other partner")).decode()
-            return RecordDict({"he": ConfigRecord(published), "he.packages": ConfigRecord(_flatten(packages)), **self._lines([line])})
+            return RecordDict({"he": ConfigRecord(published), "he.packages": ConfigRecord(flatten_per_party(packages)), **self._lines([line])})
         if stage == "install":
             package = dict(msg.content.config_records.get("he.package", ConfigRecord()))
             ctx = install_key(spec, run_id=run_id, me=me, home=home, package=package, roster=self.roster)

@@ -14,26 +14,18 @@ five to a value; limb sums of up to 2^11 nodes stay below t / 2.
 
 from __future__ import annotations
 
-import math
+from typing import Any
 
 import numpy as np
 
 from fedcollab.core import ProtocolError, UpdateError
+from fedcollab.protocols._quantize import _positive_finite
 
 #: Statistics under HE: fixed point and limbs.
 HE_STATS_SCALE = float(2**12)
 HE_STATS_CLIP = float(2**40)
 STATS_LIMB_BITS = 12
 STATS_LIMBS = 5
-
-
-def _finite_positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ProtocolError(f"`{name}` must be a number (got {type(value).__name__}).")
-    v = float(value)
-    if not math.isfinite(v) or v <= 0:
-        raise ProtocolError(f"`{name}` must be finite and > 0, got {value!r}.")
-    return v
 
 
 def check_he_headroom(*, clip: float, scale: float, n_parties: int, max_abs: int) -> None:
@@ -63,11 +55,11 @@ def encode_weighted(x: np.ndarray, *, weight: float, clip: float, scale: float, 
     max_abs : int
         (t - 1) / 2 of the HE parameters.
     """
-    w = _finite_positive("weight", weight)
+    w = _positive_finite("weight", weight)
     if w > 1.0:
         raise ProtocolError(f"`weight` must be in (0, 1], got {weight!r}.")
-    c = _finite_positive("clip", clip)
-    s = _finite_positive("scale", scale)
+    c = _positive_finite("clip", clip)
+    s = _positive_finite("scale", scale)
     v = np.asarray(x, dtype=np.float64).ravel()
     if not np.isfinite(v).all():
         raise UpdateError("a non-finite update cannot be encoded")
@@ -81,7 +73,7 @@ def encode_weighted(x: np.ndarray, *, weight: float, clip: float, scale: float, 
 
 def decode_weighted(total: np.ndarray, *, scale: float) -> tuple[np.ndarray, float]:
     """``(Σ w_k x_k / Σ w_k, Σ w_k)`` from the decrypted integer sum."""
-    s = _finite_positive("scale", scale)
+    s = _positive_finite("scale", scale)
     t = np.asarray(total, dtype=np.int64)
     if t.ndim != 1 or t.size < 2:
         raise ProtocolError(f"`aggregate` must be a vector of at least 2 integers, got shape {t.shape}.")
@@ -120,3 +112,17 @@ def decode_statistics_limbs(total: np.ndarray, *, n_features: int) -> dict[str, 
     limbs = t.reshape(n_values, STATS_LIMBS)
     vals = [sum(int(limbs[j, i]) * (1 << (STATS_LIMB_BITS * i)) for i in range(STATS_LIMBS)) / HE_STATS_SCALE for j in range(n_values)]
     return {"count": [float(round(vals[0]))], "sum": vals[1:1 + n_features], "sumsq": vals[1 + n_features:]}
+
+
+def flatten_per_party(per: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``{partner: {field: v}}`` -> ``{"partner/field": v}`` (Flower ConfigRecords hold no nested maps)."""
+    return {f"{p}/{f}": v for p, d in per.items() for f, v in d.items()}
+
+
+def unflatten_per_party(rec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The inverse of :func:`flatten_per_party`."""
+    out: dict[str, dict[str, Any]] = {}
+    for k, v in rec.items():
+        p, _, f = str(k).rpartition("/")
+        out.setdefault(p, {})[f] = v
+    return out
