@@ -18,9 +18,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from fedcollab.cli._audit import audit_app
+from fedcollab.cli._errors import fail as _fail
 from fedcollab.cli._node import node_app
 from fedcollab.cli._score import score_app
-from fedcollab.core import EXIT_CODE_HELP, ExitCode, FedcollabError
+from fedcollab.core import EXIT_CODE_HELP, FedcollabError
 
 app = typer.Typer(
     help="fedcollab: privacy-preserving cross-silo collaboration on Flower.",
@@ -35,16 +36,6 @@ app.add_typer(node_app, name="node")
 app.add_typer(score_app, name="score")
 console = Console(stderr=True)
 Format = Literal["table", "json"]
-
-
-def _fail(exc: FedcollabError) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
-    code = getattr(exc, "exit_code", 1)
-    try:
-        console.print(f"[dim]exit {code}: {escape(EXIT_CODE_HELP[ExitCode(code)])}[/]")
-    except ValueError:
-        pass
-    return typer.Exit(code)
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:

@@ -14,15 +14,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from fedcollab.cli._errors import fail as _fail
 from fedcollab.core import FedcollabError
 
 coordinator_app = typer.Typer(help="The coordinator's SuperLink: start it, register partners' node keys, list nodes.", no_args_is_help=True)
 err = Console(stderr=True)
-
-
-def _fail(exc: FedcollabError) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
-    return typer.Exit(int(getattr(exc, "exit_code", 1)))
 
 
 def _connection(superlink: str | None, ca: Path | None, home: Path | None) -> tuple[str, Path]:

@@ -20,26 +20,14 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from fedcollab.core import EXIT_CODE_HELP, ConfigError, ExitCode, FedcollabError
+from fedcollab.cli._errors import fail as _fail
+from fedcollab.core import ConfigError, FedcollabError
 
 score_app = typer.Typer(
     help="Encrypted scoring: score your rows with another party's model; it sees neither rows nor scores.",
     no_args_is_help=True,
 )
 _err = Console(stderr=True)
-
-
-def _fail(exc: FedcollabError) -> typer.Exit:
-    _err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
-    code = int(getattr(exc, "exit_code", 1))
-    node_code = getattr(exc, "node_code", None)
-    if node_code is not None:
-        _err.print(f"[dim]node code {int(node_code)} ({node_code.name.lower()})[/]")
-    try:
-        _err.print(f"[dim]exit {code}: {escape(EXIT_CODE_HELP[ExitCode(code)])}[/]")
-    except ValueError:
-        pass
-    return typer.Exit(code)
 
 
 @contextmanager

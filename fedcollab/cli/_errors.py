@@ -1,0 +1,25 @@
+"""How every command reports a fedcollab error: the message, the node's code if any, the exit code's meaning."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from fedcollab.core import EXIT_CODE_HELP, ExitCode, FedcollabError
+
+console = Console(stderr=True)
+
+
+def fail(exc: FedcollabError) -> typer.Exit:
+    """Print ``exc`` on stderr and return the ``typer.Exit`` with its exit code, for ``raise fail(exc) from None``."""
+    console.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
+    code = int(getattr(exc, "exit_code", 1))
+    node_code = getattr(exc, "node_code", None)
+    if node_code is not None:
+        console.print(f"[dim]node code {int(node_code)} ({node_code.name.lower()})[/]")
+    try:
+        console.print(f"[dim]exit {code}: {escape(EXIT_CODE_HELP[ExitCode(code)])}[/]")
+    except ValueError:
+        pass
+    return typer.Exit(code)
