@@ -71,3 +71,12 @@ def test_query_with_bad_epsilon_names_the_field(root, tmp_path):
     q.write_text('name = "bad"\nepsilon = -1.0\ndelta = 1e-6\n[[statistics]]\nkind = "count"\n')
     r = runner.invoke(app, ["query", str(root / "protocols" / "heart-disease.toml"), "--query", str(q), "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "epsilon" in r.output and "-1" in r.output
+
+
+@pytest.mark.parametrize("cmd", [["submit", "spec.toml"], ["status"], ["coordinator", "nodes"]])
+def test_deployment_commands_without_a_coordinator_folder(cmd, tmp_path):
+    """--home without coordinator.json: exit 2 and the missing file named, no traceback."""
+    r = runner.invoke(app, [*cmd, "--home", str(tmp_path)])
+    assert r.exit_code == 2, r.output
+    assert "coordinator.json" in r.output
+    assert isinstance(r.exception, SystemExit)  # a clean exit, not a crash

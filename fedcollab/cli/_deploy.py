@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fedcollab.cli._errors import fail as _fail
-from fedcollab.core import FedcollabError
+from fedcollab.core import ConfigError, FedcollabError
 
 coordinator_app = typer.Typer(help="The coordinator's SuperLink: start it, register partners' node keys, list nodes.", no_args_is_help=True)
 err = Console(stderr=True)
@@ -24,9 +24,14 @@ err = Console(stderr=True)
 def _connection(superlink: str | None, ca: Path | None, home: Path | None) -> tuple[str, Path]:
     """The SuperLink address and CA: given, or from the coordinator folder's coordinator.json."""
     if home is not None and (superlink is None or ca is None):
-        info = json.loads((home / "coordinator.json").read_text())
-        superlink = superlink or info["address"]
-        ca = ca or Path(info["ca_cert"])
+        path = home / "coordinator.json"
+        try:
+            info = json.loads(path.read_text())
+            superlink = superlink or str(info["address"])
+            ca = ca or Path(info["ca_cert"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise _fail(ConfigError(f"--home: expected {path} written by `fedcollab coordinator start` "
+                                    "(with `address` and `ca_cert`), but it is missing or unreadable")) from None
     if superlink is None or ca is None:
         err.print("[red]error:[/] give --superlink and --ca (or --home of a coordinator started on this machine)")
         raise typer.Exit(2)
