@@ -118,7 +118,9 @@ def load_node_auth_public_key(path_or_text: str | Path) -> bytes:
     try:
         key = serialization.load_ssh_public_key(raw.strip())
     except (ValueError, TypeError) as exc:
-        raise CryptoError("not an OpenSSH public key") from exc
+        shown = text if len(text) <= 80 else text[:77] + "..."
+        raise CryptoError(f"node key {shown!r}: expected an OpenSSH public key (`ecdsa-sha2-...` line) or a file holding one, "
+                          "got neither (no such file, or not that format)") from exc
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise CryptoError(f"a node key must be an EC key on a NIST curve (got {type(key).__name__})")
     return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)

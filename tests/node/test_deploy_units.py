@@ -61,6 +61,8 @@ class TestNodeAuthKey:
         line = Ed25519PrivateKey.generate().public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
         with pytest.raises(CryptoError):
             load_node_auth_public_key(line.decode())
+        with pytest.raises(CryptoError, match="missing.pub.*expected an OpenSSH public key"):
+            load_node_auth_public_key("missing.pub")  # neither a key line nor an existing file: named
 
 
 class TestBundle:
