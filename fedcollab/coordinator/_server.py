@@ -249,17 +249,12 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
             revealed = {p: secagg.RevealedShares.from_wire(dict(m.content.config_records["secagg"])) for p, m in got.items() if "secagg" in m.content.config_records}
             state, total = secagg.coord_unmask(state, revealed)
             trained = sorted(state.survivors)
-            flat = np.concatenate([arrays[k].numpy().astype(np.float64).ravel() for k in names])
+            flat = flat_of(arrays, names)
             if pdp.active:
                 new = flat + pdp.secure_mean(total, rnd, participants=sorted(state.cfg.participants), summed=trained)
             else:
                 new = flat + decode_mean_update(spec, total, max_weight=max_weight)
-            out, offset = {}, 0
-            for k in names:
-                ref = arrays[k].numpy()
-                out[k] = Array(np.ascontiguousarray(new[offset:offset + ref.size].reshape(ref.shape).astype(ref.dtype)))
-                offset += ref.size
-            arrays = ArrayRecord(array_dict=out)
+            arrays = record_from_flat(new, arrays, names)
             numpy_arrays = OrderedDict((k, arrays[k].numpy()) for k in names)
             if recorder.checkpoint_dir is not None:
                 _write_checkpoint(recorder.checkpoint_dir, rnd, numpy_arrays)
@@ -307,26 +302,29 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
         if recorder.on_round:
             recorder.on_round(record)
 
-    central: dict[str, PartnerDp] = {}
+    def flat_of(rec: Any, names: list[str]) -> np.ndarray:
+        """The named arrays of an ArrayRecord as one float64 vector, in order."""
+        return np.concatenate([rec[k].numpy().astype(np.float64).ravel() for k in names])
 
-    def central_aggregate(rnd: int, arrays: Any, ok: list[Message], node_names: dict[int, str], names: list[str]) -> Any:
-        """Partner-level central DP on plain aggregation: mean of L2-clipped updates plus Gaussian noise."""
-        flat = np.concatenate([arrays[k].numpy().astype(np.float64).ravel() for k in names])
-        if "pdp" not in central:
-            central["pdp"] = PartnerDp(spec, ledger, d=flat.size)
-        updates = {node_names[m.metadata.src_node_id]: np.concatenate([m.content.array_records[RecordKey.ARRAYS][k].numpy().astype(np.float64).ravel()
-                                                                        for k in names]) - flat for m in ok}
-        new = flat + central["pdp"].central_mean(updates, rnd, participants=sorted(node_names.values()))
+    def record_from_flat(flat: np.ndarray, like: Any, names: list[str]) -> Any:
+        """An ArrayRecord shaped and typed like ``like`` holding ``flat``."""
         out, offset = {}, 0
         for k in names:
-            ref = arrays[k].numpy()
-            out[k] = Array(np.ascontiguousarray(new[offset:offset + ref.size].reshape(ref.shape).astype(ref.dtype)))
+            ref = like[k].numpy()
+            out[k] = Array(np.ascontiguousarray(flat[offset:offset + ref.size].reshape(ref.shape).astype(ref.dtype)))
             offset += ref.size
         return ArrayRecord(array_dict=out)
+
+    def central_aggregate(pdp: PartnerDp, rnd: int, arrays: Any, ok: list[Message], node_names: dict[int, str], names: list[str]) -> Any:
+        """Partner-level central DP on plain aggregation: mean of L2-clipped updates plus Gaussian noise."""
+        flat = flat_of(arrays, names)
+        updates = {node_names[m.metadata.src_node_id]: flat_of(m.content.array_records[RecordKey.ARRAYS], names) - flat for m in ok}
+        return record_from_flat(flat + pdp.central_mean(updates, rnd, participants=sorted(node_names.values())), arrays, names)
 
     def plain_rounds(grid: Grid, node_names: dict[int, str], arrays: Any, scaling: Scaling, strategy: Any) -> None:
         """Rounds with plain aggregation: train (the strategy aggregates the updates), then evaluate."""
         names = list(arrays.keys())
+        central = PartnerDp(spec, ledger, d=flat_of(arrays, names).size) if spec.privacy.mode == "central" else None
         pending: tuple[Any, ...] | None = None  # a round whose evaluation rides on the next train message
         for rnd in range(1 + (resume[0] if resume else 0), spec.training.rounds + 1):
             t0 = time.perf_counter()
@@ -362,8 +360,8 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
                     f"round {rnd}: {len(ok)} partner(s) replied, at least {min_partners} needed",
                     codes=failed, problems=[f"{k}: code {v} ({_code_name(v)})" for k, v in failed.items()],
                 )
-            if spec.privacy.mode == "central":
-                arrays = central_aggregate(rnd, arrays, ok, node_names, names)
+            if central is not None:
+                arrays = central_aggregate(central, rnd, arrays, ok, node_names, names)
             else:
                 new_arrays, _ = strategy.aggregate_train(rnd, ok)
                 if new_arrays is None:
