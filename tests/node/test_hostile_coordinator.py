@@ -280,3 +280,30 @@ class TestOrderRule:
         assert order_problem(spec, self._req("train", rnd=4, ev=3), at) is None
         assert order_problem(spec, self._req("train", rnd=4, ev=4), at)[0] == NodeErrorCode.OUT_OF_ORDER
         assert order_problem(spec, self._req("train", rnd=4, ev=2), at)[0] == NodeErrorCode.OUT_OF_ORDER
+
+
+class TestAllowList:
+    """``allowed_custom_models`` in the node's policy file."""
+
+    def test_round_trips_through_the_policy_file(self, tmp_path):
+        """What node init writes is what the node reads back (the simulated partners' folders rely on it)."""
+        policy = NodePolicy(partner=PARTNER, allowed_model_kinds=["custom"], allowed_custom_models=["tiny_net:TinyNet", "pkg.mod:Net"])
+        home = init_node_home(tmp_path / "n", partner=PARTNER, policy=policy)
+        assert home.policy().allowed_custom_models == ["tiny_net:TinyNet", "pkg.mod:Net"]
+
+    @pytest.mark.parametrize("bad", ["os", "os:_exit()", "a b:C", ":Net"])
+    def test_malformed_target_names_the_field(self, tmp_path, bad):
+        from fedcollab.core import ConfigError
+        from fedcollab.spec import load_policy
+
+        path = tmp_path / "policy.toml"
+        path.write_text(f'schema_version = 1\npartner = "{PARTNER}"\nallowed_custom_models = [{json.dumps(bad)}]\n')
+        with pytest.raises(ConfigError) as exc:
+            load_policy(path)
+        assert "allowed_custom_models" in str(exc.value) and repr(bad) in str(exc.value)
+
+    def test_simulated_policy_lists_the_specs_own_target(self):
+        spec = _spec("heart-disease.toml")
+        custom = spec.model_copy(update={"model": ModelSpec(kind="custom", target="tiny_net:TinyNet")})
+        assert simulated_policy(custom, PARTNER).allowed_custom_models == ["tiny_net:TinyNet"]
+        assert simulated_policy(spec, PARTNER).allowed_custom_models == []
