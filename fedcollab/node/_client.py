@@ -8,7 +8,9 @@ Three requests, each answered only from the node's own data:
 * ``evaluate``: counts and score histograms on the test split (a release about test rows).
 
 Every release is described by a :class:`~fedcollab.privacy.accounting.Release` sent with it.
-Errors go back as a closed code; the exception text stays in this node's log.
+Every message first passes the partner's mods (``fedcollab/node/_mods.py``): the error shell (a
+closed code leaves, the exception text stays in this node's log), the policy check and the
+run-order check; only then does the handler for its kind run.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from fedcollab.core import (
     BudgetExhausted,
     CryptoError,
     DataValidationError,
-    FedcollabError,
     NodeErrorCode,
     PolicyRefused,
     PrivacyError,
@@ -35,6 +36,7 @@ from fedcollab.core import (
 from fedcollab.data import PartnerData, exact_statistics, feature_bounds, load_partner_data
 from fedcollab.models import build_model, model_arrays, set_model_arrays
 from fedcollab.node._home import NodeHome, countersign_close
+from fedcollab.node._mods import SECAGG_STATE, Coded, current, order_mod, policy_mod, shell_mod
 from fedcollab.privacy.accounting import (
     GaussianMechanism,
     NonPrivate,
@@ -46,7 +48,6 @@ from fedcollab.protocols import DpPlan, MessageKind, RecordKey, Scaling, dp_stat
 from fedcollab.spec import Spec
 
 log = get_logger("node")
-SECAGG_STATE = "fedcollab.secagg.state"
 
 _DATA_CACHE: dict[tuple[str, str], PartnerData] = {}
 _PLAN_CACHE: dict[tuple[str, str, int], DpPlan] = {}
@@ -69,10 +70,7 @@ def _partner_name(spec: Spec, node_config: Any) -> str:
     raise _Coded(NodeErrorCode.UNKNOWN_PARTNER)
 
 
-class _Coded(Exception):
-    def __init__(self, code: NodeErrorCode) -> None:
-        super().__init__(code.name)
-        self.code = code
+_Coded = Coded  # the refusal with a code (fedcollab/node/_mods.py)
 
 
 def _code_for(exc: BaseException) -> NodeErrorCode:
@@ -306,7 +304,6 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str]) -
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
 
-    app = ClientApp()
     if spec.aggregation == "he":
         from fedcollab.node._he import HeHandlers
 
@@ -335,34 +332,24 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str]) -
     def lines_record(lines: list[str]) -> ConfigRecord:
         return ConfigRecord({"lines": json.dumps(lines)})
 
+    def open_node(msg: Message, context: Context) -> NodeRuntime:
+        """The node answering ``msg``: this app's own spec, the partner's folder, policy and ledger."""
+        partner = _partner_name(spec, context.node_config)
+        cfg = msg.content.config_records.get(RecordKey.CONFIG, ConfigRecord())
+        run_id = str(cfg.get("fedcollab.run_id", ""))
+        if not run_id or partner not in homes:
+            raise _Coded(NodeErrorCode.BAD_REQUEST)
+        st = state(context)
+        return NodeRuntime(spec, partner, home=NodeHome(Path(homes[partner])), run_id=run_id,
+                           plan_json=str(st["plan"]) if "plan" in st else None)
+
+    # The partner's protections wrap every handler: shell (codes only) -> policy -> order (fedcollab/node/_mods.py).
+    app = ClientApp(mods=[shell_mod(open_node, _code_for), policy_mod, order_mod])
+
     def handle(msg: Message, context: Context, work: Any) -> Message:
-        """Run ``work(node, cfg, state, msg, context) -> RecordDict``; a failure leaves as a code plus the refusal entries."""
-        partner = None
-        node: NodeRuntime | None = None
-        start = 0
-        try:
-            partner = _partner_name(spec, context.node_config)
-            cfg = msg.content.config_records.get(RecordKey.CONFIG, ConfigRecord())
-            run_id = str(cfg.get("fedcollab.run_id", ""))
-            if not run_id or partner not in homes:
-                raise _Coded(NodeErrorCode.BAD_REQUEST)
-            st = state(context)
-            node = NodeRuntime(spec, partner, home=NodeHome(Path(homes[partner])), run_id=run_id,
-                               plan_json=str(st["plan"]) if "plan" in st else None)
-            start = node.gate.ledger.head()[0]
-            return Message(content=work(node, cfg, st, msg, context), reply_to=msg)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a code
-            code = _code_for(exc)
-            # Text and traceback stay in this node's log; only the code and ledger entries leave.
-            log.error("node %s refused %s: %s (%s)", partner or "?", msg.metadata.message_type, code.name, exc,
-                      exc_info=not isinstance(exc, FedcollabError | _Coded))
-            content = RecordDict({RecordKey.ERROR: ConfigRecord({"code": int(code)})})
-            if node is not None:
-                new = [ln.raw.decode() for ln in node.gate.ledger.lines()
-                       if ln.entry.get("party") == partner and int(ln.entry.get("seq", -1)) >= start]
-                if new:
-                    content[RecordKey.RELEASES] = lines_record(new)
-            return Message(content=content, reply_to=msg)
+        """Run ``work(node, cfg, state, msg, context) -> RecordDict`` for the node the shell opened (after the policy and order mods)."""
+        cfg = msg.content.config_records.get(RecordKey.CONFIG, ConfigRecord())
+        return Message(content=work(current(), cfg, state(context), msg, context), reply_to=msg)
 
     def do_query(node: NodeRuntime, cfg: ConfigRecord, st: ConfigRecord, msg: Message, context: Context) -> RecordDict:
         kind = str(cfg.get("fedcollab.kind", ""))

@@ -304,6 +304,8 @@ def simulated_policy(spec: Spec, partner: str) -> NodePolicy:
         # Without DP-SGD, the update leaves in the clear (none, central) or only noised and masked (distributed).
         allow_non_private_training=not spec.privacy.record_dp,
         allowed_model_kinds=sorted({"logistic_regression", "mlp", spec.model.kind}),  # type: ignore[arg-type]
+        # In simulation the runner plays every partner: it allows the spec's own custom model (docs/policy.md).
+        allowed_custom_models=[spec.model.target] if spec.model.kind == "custom" and spec.model.target else [],
         min_partners_per_round=min(2, len(spec.partners)),
     )
 

@@ -7,12 +7,13 @@ against the node's on-disk ledger before every release.
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 import warnings
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, Field, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from fedcollab.core import ConfigError, FrozenModel, validate_config
 from fedcollab.spec._models import _integral_float_to_int
@@ -20,6 +21,8 @@ from fedcollab.spec._models import _integral_float_to_int
 POLICY_SCHEMA_VERSION = 1
 PosInt = Annotated[int, Field(gt=0), BeforeValidator(_integral_float_to_int)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
+#: A custom model target as the spec names it (``package.module:ClassName``; the same form ``ModelSpec`` accepts).
+CUSTOM_TARGET = r"[A-Za-z_][\w.]*:[A-Za-z_]\w*"
 
 
 class PolicyWarning(UserWarning):
@@ -80,8 +83,26 @@ class NodePolicy(FrozenModel):
     min_partners_per_round: PosInt = Field(default=2, description="Fewest partners a round may aggregate (where it can be checked).")
     max_rounds: PosInt = Field(default=500, description="Most rounds a single run may ask for.")
     allowed_model_kinds: list[Literal["logistic_regression", "mlp", "custom"]] = Field(default_factory=lambda: ["logistic_regression", "mlp"])
+    # --- custom models: only those the partner installed and names (checked before any import) ---
+    allowed_custom_models: list[str] = Field(
+        default_factory=list,
+        description="Custom model targets ('package.module:ClassName') this node may build; any other target is refused before it is imported. "
+                    "A custom model also needs 'custom' in allowed_model_kinds.",
+    )
     statistics: StatisticsPolicy = Field(default_factory=StatisticsPolicy)
     scoring: ScoringPolicy = Field(default_factory=ScoringPolicy)
+
+    @field_validator("allowed_custom_models")
+    @classmethod
+    def _custom_targets(cls, v: list[str]) -> list[str]:
+        bad = [t for t in v if not isinstance(t, str) or not re.fullmatch(CUSTOM_TARGET, t)]
+        if bad:
+            raise ValueError(f"`allowed_custom_models` must hold 'package.module:ClassName' strings, got {bad[0]!r}")
+        return v
+
+    def allows_custom_model(self, target: str | None) -> bool:
+        """Whether ``target`` is one of the custom models this node may build (compared as text, nothing imported)."""
+        return target is not None and target in self.allowed_custom_models
 
     @model_validator(mode="after")
     def _unique_budgets(self) -> NodePolicy:
@@ -137,6 +158,8 @@ def policy_toml(policy: NodePolicy) -> str:
         f"min_partners_per_round = {policy.min_partners_per_round}",
         f"max_rounds = {policy.max_rounds}",
         "allowed_model_kinds = [" + ", ".join(f'"{a}"' for a in policy.allowed_model_kinds) + "]",
+        "# Custom models this node may build (installed here; any other target is refused, never imported).",
+        "allowed_custom_models = [" + ", ".join(json.dumps(a) for a in policy.allowed_custom_models) + "]",
         "",
     ]
     for b in policy.budgets:

@@ -94,10 +94,21 @@ class TestDpPlan:
 
         from fedcollab.node import NodeHome
 
+        from fedcollab.node import _client
+
         plan = swiss.plan()
+        # A fresh process: nothing calibrated yet, only the node's state carries the plan.
+        _client._PLAN_CACHE.clear()
         again = NodeRuntime(heart_dp_spec, "switzerland", home=NodeHome(swiss.gate.ledger.path.parent), run_id="r",
                             plan_json=json.dumps(asdict(plan)))
         assert again.plan() == plan
+        # The plan is read from the state, not calibrated again: a marked copy comes back as stored.
+        _client._PLAN_CACHE.clear()
+        marked = replace(plan, noise_multiplier=plan.noise_multiplier * 2)
+        restored = NodeRuntime(heart_dp_spec, "switzerland", home=NodeHome(swiss.gate.ledger.path.parent), run_id="r",
+                               plan_json=json.dumps(asdict(marked)))
+        assert restored.plan() == marked
+        _client._PLAN_CACHE.clear()  # the marked plan must not serve the tests that follow
 
 
 class TestHostileInput:

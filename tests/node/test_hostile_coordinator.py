@@ -1,0 +1,309 @@
+"""A hostile coordinator against the node's real ClientApp, in-process with real Flower messages.
+
+Every message passes the partner's mods (fedcollab/node/_mods.py): the policy on every message, the
+run's order, codes only. Each test sends what an attacker would and checks the refusal's code, that
+the node's ledger gained only refusal entries (no release, so no budget spent) and that the reply
+carries no data-bearing record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import time
+import uuid
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+
+from fedcollab.core import NodeErrorCode
+from fedcollab.models import build_model, model_arrays
+from fedcollab.node import NodeHome, init_node_home, make_client_app
+from fedcollab.node._mods import OrderState, Request, order_problem
+from fedcollab.privacy.accounting import GaussianMechanism, Release, public_key_hex
+from fedcollab.protocols import RecordKey, scaling_from_bounds
+from fedcollab.runner._run import simulated_policy
+from fedcollab.spec import ModelSpec, NodePolicy, load_spec
+from tests.conftest import ROOT
+
+PARTNER = "hungary"
+RUN = "run-hostile"
+EVIL = "tests.node._evil_model"
+
+
+def _spec(name: str):
+    return load_spec(ROOT / "protocols" / name)
+
+
+class Node:
+    """One partner's node: its folder, its ClientApp and its Flower context (state kept across messages)."""
+
+    def __init__(self, spec, root, policy: NodePolicy | None = None) -> None:
+        self.spec = spec
+        home = NodeHome(root / PARTNER)
+        init_node_home(home.root, partner=PARTNER, policy=policy or simulated_policy(spec, PARTNER))
+        self.home = home
+        roster = {PARTNER: home.public_key(), "coordinator": public_key_hex(init_node_home(root / "coord", partner="coord").key())}
+        self.app = make_client_app(spec, {PARTNER: str(home.root)}, roster)
+        self.context = Context(run_id=1, node_id=7, node_config={"partner": PARTNER}, state=RecordDict(), run_config={})
+
+    def entries(self) -> list[dict]:
+        return [json.loads(x) for x in self.home.ledger_path.read_text().splitlines() if x.strip()]
+
+    def send(self, message_type: str, cfg: dict, *, arrays: bool = False, extra: dict | None = None) -> Message:
+        content = RecordDict({RecordKey.CONFIG: ConfigRecord({"fedcollab.run_id": RUN, **cfg}),
+                              **{k: ConfigRecord(v) for k, v in (extra or {}).items()}})
+        if arrays:
+            init = model_arrays(build_model(self.spec.model if self.spec.model.kind != "custom" else ModelSpec(), 13, seed=self.spec.seed))
+            content[RecordKey.ARRAYS] = ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in init.items()})
+        # As the SuperLink delivers it: stamped with a message id, from the coordinator (node 0) to this node.
+        meta = Metadata(run_id=1, message_id=uuid.uuid4().hex, src_node_id=0, dst_node_id=7, reply_to_message_id="", group_id="",
+                        created_at=time.time(), ttl=600.0, message_type=message_type)
+        return self.app(Message(content=content, metadata=meta), self.context)
+
+    def refused(self, reply: Message, code: NodeErrorCode, before: int) -> list[dict]:
+        """Assert a coded refusal with nothing released; returns the new ledger entries (refusals only)."""
+        got = reply.content
+        assert RecordKey.ERROR in got.config_records, f"answered instead of refused: {list(got.keys())}"
+        assert int(got.config_records[RecordKey.ERROR]["code"]) == int(code)
+        # No data-bearing record: no arrays, no metrics, no statistics, no protocol reply.
+        assert set(got.keys()) <= {RecordKey.ERROR, RecordKey.RELEASES}
+        new = self.entries()[before:]
+        assert new and all(e["kind"] == "refusal" for e in new), [e["kind"] for e in new]
+        assert int(new[-1]["body"]["code"]) == int(code)
+        sent = json.loads(str(got.config_records[RecordKey.RELEASES]["lines"]))
+        assert [json.loads(x)["seq"] for x in sent] == [e["seq"] for e in new]  # the refusals travel with the code
+        return new
+
+
+def _scaling(spec) -> dict:
+    s = scaling_from_bounds(np.asarray(spec.data_schema.encoded_bounds()))
+    return {"scale_mean": s.mean.tolist(), "scale_std": s.std.tolist(), "scale_method": s.method}
+
+
+def _setup(node: Node) -> Message:
+    reply = node.send("query", {"fedcollab.kind": "setup", "scaling": "public_bounds"})
+    assert RecordKey.ERROR not in reply.content.config_records
+    return reply
+
+
+@pytest.fixture
+def plain(tmp_path):
+    return Node(_spec("heart-disease.toml"), tmp_path)
+
+
+@pytest.fixture
+def secure(tmp_path):
+    return Node(_spec("heart-disease-secagg.toml"), tmp_path)
+
+
+class TestWithoutSetup:
+    """Every message kind sent before setup is refused with OUT_OF_ORDER, recorded, nothing released."""
+
+    @pytest.mark.parametrize("message_type,cfg,arrays", [
+        ("train", {"server-round": 1}, True),
+        ("evaluate", {"server-round": 1}, True),
+        ("query", {"fedcollab.kind": "close", "close": "{}"}, False),
+        ("query", {"fedcollab.kind": "secagg", "secagg.stage": "advertise", "secagg.round": 1}, False),
+    ])
+    def test_plain_spec(self, plain, message_type, cfg, arrays):
+        before = len(plain.entries())
+        reply = plain.send(message_type, {**cfg, **_scaling(plain.spec)}, arrays=arrays)
+        plain.refused(reply, NodeErrorCode.OUT_OF_ORDER, before)
+
+    @pytest.mark.parametrize("stage", ["advertise", "share", "masked", "unmask"])
+    def test_secagg_stages(self, secure, stage):
+        before = len(secure.entries())
+        reply = secure.send("query", {"fedcollab.kind": "secagg", "secagg.stage": stage, "secagg.round": 0})
+        new = secure.refused(reply, NodeErrorCode.OUT_OF_ORDER, before)
+        assert "before setup" in new[-1]["body"]["reason"]
+
+    def test_he_stage(self, tmp_path):
+        node = Node(_spec("heart-disease-he.toml"), tmp_path)
+        before = len(node.entries())
+        node.refused(node.send("query", {"fedcollab.kind": "he", "he.stage": "advert"}), NodeErrorCode.OUT_OF_ORDER, before)
+        assert not (node.home.root / "he").exists() or not any((node.home.root / "he").iterdir())
+
+
+class TestAfterSetup:
+    def test_in_order_is_answered(self, plain):
+        """Setup then train of round 1 pass the mods (the refusals above are not a node that refuses everything)."""
+        _setup(plain)
+        reply = plain.send("train", {"server-round": 1, **_scaling(plain.spec)}, arrays=True)
+        assert RecordKey.ERROR not in reply.content.config_records
+        assert RecordKey.ARRAYS in reply.content.array_records
+        assert plain.entries()[-1]["kind"] == "release"
+
+    def test_second_setup(self, plain):
+        _setup(plain)
+        before = len(plain.entries())
+        plain.refused(plain.send("query", {"fedcollab.kind": "setup", "scaling": "federated_statistics"}), NodeErrorCode.OUT_OF_ORDER, before)
+
+    @pytest.mark.parametrize("rnd", [0, 21, 1])
+    def test_train_round_outside_or_repeated(self, plain, rnd):
+        """Rounds outside the spec's 1..20, or a round already trained, are refused before training."""
+        _setup(plain)
+        if rnd == 1:
+            assert RecordKey.ERROR not in plain.send("train", {"server-round": 1, **_scaling(plain.spec)}, arrays=True).content.config_records
+        before = len(plain.entries())
+        plain.refused(plain.send("train", {"server-round": rnd, **_scaling(plain.spec)}, arrays=True), NodeErrorCode.OUT_OF_ORDER, before)
+
+    def test_another_run_id(self, plain):
+        _setup(plain)
+        before = len(plain.entries())
+        reply = plain.send("evaluate", {"server-round": 1, "fedcollab.run_id": "other-run", **_scaling(plain.spec)}, arrays=True)
+        plain.refused(reply, NodeErrorCode.OUT_OF_ORDER, before)
+
+    def test_secagg_stage_on_a_plain_run(self, plain):
+        """Evaluate carrying a secagg stage on a plain spec: refused before the evaluation is released."""
+        _setup(plain)
+        before = len(plain.entries())
+        reply = plain.send("evaluate", {"server-round": 1, "secagg.stage": "share", "secagg.round": 2, **_scaling(plain.spec)}, arrays=True)
+        plain.refused(reply, NodeErrorCode.POLICY_REFUSED, before)
+
+    @pytest.mark.parametrize("cfg", [
+        {},  # train without its masked-input stage
+        {"secagg.stage": "masked", "secagg.round": 1},  # masked input before advertise and share
+    ])
+    def test_secagg_train_out_of_order(self, secure, cfg):
+        """Under secagg, training is refused before it runs unless the round's earlier stages are done."""
+        _setup(secure)
+        before = len(secure.entries())
+        reply = secure.send("train", {"server-round": 1, "secagg.max_weight": 1000.0, "secagg.n_parties": 4, **cfg, **_scaling(secure.spec)},
+                            arrays=True, extra={"secagg": {}} if cfg else None)
+        secure.refused(reply, NodeErrorCode.OUT_OF_ORDER, before)
+        assert not list((secure.home.root / "secagg").glob("*.bin")) if (secure.home.root / "secagg").exists() else True
+
+    @pytest.mark.parametrize("stage", ["share", "masked", "unmask"])
+    def test_secagg_stage_before_advertise(self, secure, stage):
+        _setup(secure)
+        before = len(secure.entries())
+        reply = secure.send("query", {"fedcollab.kind": "secagg", "secagg.stage": stage, "secagg.round": 1}, extra={"secagg": {}})
+        new = secure.refused(reply, NodeErrorCode.OUT_OF_ORDER, before)
+        assert "earlier stages" in new[-1]["body"]["reason"]
+
+
+class TestAttackOne:
+    """Issue 13, attack 1: skipping setup skipped the policy."""
+
+    def test_forbidden_spec_without_setup(self, tmp_path):
+        """Policy: secagg only, logistic regression, features [age, sex], 3 rounds. A plain MLP on all features is refused."""
+        heart = _spec("heart-disease.toml")
+        hostile = heart.model_copy(update={"model": ModelSpec(kind="mlp", hidden=[8])})
+        policy = NodePolicy(partner=PARTNER, allowed_aggregation=["secagg"], allowed_model_kinds=["logistic_regression"],
+                            allowed_features=["age", "sex"], max_rounds=3, allow_non_private_training=True)
+        node = Node(hostile, tmp_path, policy=policy)
+        for message_type in ("train", "evaluate"):
+            before = len(node.entries())
+            reply = node.send(message_type, {"server-round": 1, **_scaling(heart)}, arrays=False)
+            new = node.refused(reply, NodeErrorCode.POLICY_REFUSED, before)
+            assert "aggregation mode" in new[-1]["body"]["reason"] and "model kind" in new[-1]["body"]["reason"]
+        assert not any(e["kind"] == "release" for e in node.entries())
+
+    @pytest.mark.parametrize("policy_kinds", [["logistic_regression", "mlp"], ["logistic_regression", "mlp", "custom"]])
+    @pytest.mark.parametrize("message_type", ["train", "evaluate", "query"])
+    def test_custom_model_not_listed_is_never_imported(self, tmp_path, policy_kinds, message_type):
+        """A custom target the policy does not list is refused; its module is never imported (with or without 'custom' kinds)."""
+        sys.modules.pop(EVIL, None)
+        os.environ.pop("FEDCOLLAB_EVIL_MODEL_IMPORTED", None)
+        heart = _spec("heart-disease.toml")
+        hostile = heart.model_copy(update={"model": ModelSpec(kind="custom", target=f"{EVIL}:Evil")})
+        policy = NodePolicy(partner=PARTNER, allowed_model_kinds=policy_kinds, allow_non_private_training=True,
+                            allowed_custom_models=["tiny_net:TinyNet"])
+        node = Node(hostile, tmp_path, policy=policy)
+        cfg = {"fedcollab.kind": "setup", "scaling": "public_bounds"} if message_type == "query" else {"server-round": 1, **_scaling(heart)}
+        node.refused(node.send(message_type, cfg), NodeErrorCode.POLICY_REFUSED, 0)
+        assert EVIL not in sys.modules
+        assert "FEDCOLLAB_EVIL_MODEL_IMPORTED" not in os.environ
+
+    def test_listed_custom_model_is_built(self, tmp_path):
+        """The allow-list is what decides: the same kind of spec with a listed target is answered."""
+        heart = _spec("heart-disease.toml")
+        spec = heart.model_copy(update={"model": ModelSpec(kind="custom", target="torch.nn:Identity")})
+        policy = NodePolicy(partner=PARTNER, allowed_model_kinds=["custom"], allow_non_private_training=True,
+                            allowed_custom_models=["torch.nn:Identity"])
+        node = Node(spec, tmp_path, policy=policy)
+        assert RecordKey.ERROR not in _setup(node).content.config_records
+
+
+class TestBudgetUnchanged:
+    def test_dp_node_refusals_spend_nothing(self, tmp_path):
+        """Under DP-SGD, out-of-order train and evaluate leave the node's spend where it was."""
+        spec = _spec("heart-disease-dp.toml")
+        node = Node(spec, tmp_path)
+        gate = node.home.gate(PARTNER, next(p.dataset_id for p in spec.partners if p.name == PARTNER))
+        probe = Release(party=PARTNER, added_by=PARTNER, kind="statistics", about="train", unit="record", observer="coordinator", round=0,
+                        mechanism=GaussianMechanism(noise_multiplier=1.0, releases=1))
+        spent = gate.would_spend(probe, run_id=RUN)[1]
+        for message_type in ("train", "evaluate"):
+            before = len(node.entries())
+            node.refused(node.send(message_type, {"server-round": 1, **_scaling(spec)}, arrays=True), NodeErrorCode.OUT_OF_ORDER, before)
+        assert gate.would_spend(probe, run_id=RUN)[1] == spent
+
+
+class TestOrderRule:
+    """The pure rule the order mod applies."""
+
+    def _req(self, category="query", kind="", rnd=None, stages=(), ev=None):
+        return Request(category=category, kind=kind, run_id=RUN, round=rnd, evaluate_round=ev, stages=tuple(stages))
+
+    def test_nothing_after_close(self):
+        spec = _spec("heart-disease.toml")
+        at = OrderState(setup_done=True, run_id=RUN, closed=True)
+        for req in (self._req("train", rnd=2), self._req(kind="close"), self._req(kind="setup")):
+            assert order_problem(spec, req, at)[0] == NodeErrorCode.OUT_OF_ORDER
+
+    def test_secagg_round_in_order(self):
+        """advertise -> share -> masked (on train) -> unmask is accepted; unmask + next advertise in one message too."""
+        spec = _spec("heart-disease-secagg.toml")
+        stages = {1: None}
+        at = lambda: OrderState(setup_done=True, run_id=RUN, secagg_stage=lambda r: stages.get(r))  # noqa: E731
+        assert order_problem(spec, self._req(kind="secagg", stages=[("secagg", "advertise", 1)]), at()) is None
+        stages[1] = "share"
+        assert order_problem(spec, self._req(kind="secagg", stages=[("secagg", "share", 1)]), at()) is None
+        stages[1] = "masked-input"
+        assert order_problem(spec, self._req(kind="secagg", stages=[("secagg", "masked", 1)]), at())[0] == NodeErrorCode.OUT_OF_ORDER
+        assert order_problem(spec, self._req("train", rnd=1, stages=[("secagg", "masked", 1)]), at()) is None
+        stages[1] = "unmask"
+        both = [("secagg", "unmask", 1), ("secagg.next", "advertise", 2)]
+        assert order_problem(spec, self._req(kind="secagg", stages=both), at()) is None
+        # A replayed advertise of a finished round is refused.
+        done = OrderState(setup_done=True, run_id=RUN, secagg_done=1)
+        assert order_problem(spec, self._req(kind="secagg", stages=[("secagg", "advertise", 1)]), done)[0] == NodeErrorCode.OUT_OF_ORDER
+
+    def test_fused_evaluation_must_be_an_earlier_round(self):
+        spec = _spec("heart-disease.toml")
+        at = OrderState(setup_done=True, run_id=RUN, trained=3, evaluated=2)
+        assert order_problem(spec, self._req("train", rnd=4, ev=3), at) is None
+        assert order_problem(spec, self._req("train", rnd=4, ev=4), at)[0] == NodeErrorCode.OUT_OF_ORDER
+        assert order_problem(spec, self._req("train", rnd=4, ev=2), at)[0] == NodeErrorCode.OUT_OF_ORDER
+
+
+class TestAllowList:
+    """``allowed_custom_models`` in the node's policy file."""
+
+    def test_round_trips_through_the_policy_file(self, tmp_path):
+        """What node init writes is what the node reads back (the simulated partners' folders rely on it)."""
+        policy = NodePolicy(partner=PARTNER, allowed_model_kinds=["custom"], allowed_custom_models=["tiny_net:TinyNet", "pkg.mod:Net"])
+        home = init_node_home(tmp_path / "n", partner=PARTNER, policy=policy)
+        assert home.policy().allowed_custom_models == ["tiny_net:TinyNet", "pkg.mod:Net"]
+
+    @pytest.mark.parametrize("bad", ["os", "os:_exit()", "a b:C", ":Net"])
+    def test_malformed_target_names_the_field(self, tmp_path, bad):
+        from fedcollab.core import ConfigError
+        from fedcollab.spec import load_policy
+
+        path = tmp_path / "policy.toml"
+        path.write_text(f'schema_version = 1\npartner = "{PARTNER}"\nallowed_custom_models = [{json.dumps(bad)}]\n')
+        with pytest.raises(ConfigError) as exc:
+            load_policy(path)
+        assert "allowed_custom_models" in str(exc.value) and repr(bad) in str(exc.value)
+
+    def test_simulated_policy_lists_the_specs_own_target(self):
+        spec = _spec("heart-disease.toml")
+        custom = spec.model_copy(update={"model": ModelSpec(kind="custom", target="tiny_net:TinyNet")})
+        assert simulated_policy(custom, PARTNER).allowed_custom_models == ["tiny_net:TinyNet"]
+        assert simulated_policy(spec, PARTNER).allowed_custom_models == []
