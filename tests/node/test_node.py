@@ -110,7 +110,7 @@ class TestHostileInput:
             arrays["linear.weight"] = np.zeros((2, 13), dtype=np.float32)
         else:
             del arrays["linear.bias"]
-        with pytest.raises(UpdateError)  # code 121, BAD_MODEL_UPDATE:
+        with pytest.raises(UpdateError):  # code 121, BAD_MODEL_UPDATE
             swiss.train(arrays, scaling=_scaling(heart_dp_spec), server_round=1, steps_so_far=0, proximal_mu=0.0)
 
     def test_codes_not_text(self):
