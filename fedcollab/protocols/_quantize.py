@@ -89,7 +89,7 @@ def clip_vector(x: np.ndarray, *, bound: float, norm: Literal["linf", "l2"] = "l
         return np.clip(arr, -c, c)
     if norm == "l2":
         try:
-            out = clip_l2(arr, c)  # the one L2 clipper (privacy.mechanisms), also DP-SGD's and the audit's
+            out = clip_l2(arr, c)  # the one L2 clipper (privacy.mechanisms), also the audit probe's
         except PrivacyError:  # its only failure left here: a norm that overflows float64
             raise UpdateError("the vector's L2 norm overflows (not finite).") from None
         return np.clip(out, -c, c)  # the clip only absorbs float rounding
