@@ -80,3 +80,13 @@ def test_deployment_commands_without_a_coordinator_folder(cmd, tmp_path):
     assert r.exit_code == 2, r.output
     assert "coordinator.json" in r.output
     assert isinstance(r.exception, SystemExit)  # a clean exit, not a crash
+
+
+def test_error_printer_shows_only_a_node_code_a_class_names():
+    """The CLI prints the node code of scoring's holder refusals, not the core tree's ClientApp defaults."""
+    from fedcollab.cli._errors import _own_node_code
+    from fedcollab.core import ConfigError, NodeErrorCode, ProtocolError
+    from fedcollab.protocols import ScoringReplayError
+
+    assert _own_node_code(ScoringReplayError("replayed")) == NodeErrorCode.SCORING_REPLAYED
+    assert _own_node_code(ConfigError("x")) is None and _own_node_code(ProtocolError("x")) is None

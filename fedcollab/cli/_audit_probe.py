@@ -17,7 +17,7 @@ from rich.table import Table
 
 from fedcollab.cli._app import _fail, _setup_logging
 from fedcollab.cli._audit import audit_app
-from fedcollab.core import ConfigError, ExitCode, FedcollabError, PrivacyError
+from fedcollab.core import ConfigError, ExitCode, FedcollabError, MissingExtra, PrivacyError
 
 _DEFAULT_SAMPLES = {"gaussian": 100_000, "dpsgd": 10_000}
 
@@ -49,9 +49,7 @@ def _probe_dpsgd(*, noise_multiplier: float, clip_norm: float, delta: float, sam
 
         from fedcollab.node._probe import probe_dpsgd
     except ImportError as exc:
-        err = ConfigError(f"`--mechanism dpsgd` needs torch and opacus ({exc.name} is missing): pip install 'fedcollab[node]'.")
-        err.exit_code = 10  # ExitCode.MISSING_EXTRA
-        raise err from None
+        raise MissingExtra(f"`--mechanism dpsgd` needs torch and opacus ({exc.name} is missing): pip install 'fedcollab[node]'.") from None
     generator = None
     if seed is not None:
         generator = torch.Generator()

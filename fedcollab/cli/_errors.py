@@ -6,7 +6,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from fedcollab.core import EXIT_CODE_HELP, ExitCode, FedcollabError
+from fedcollab.core import EXIT_CODE_HELP, ExitCode, FedcollabError, NodeErrorCode
 
 console = Console(stderr=True)
 
@@ -15,7 +15,7 @@ def fail(exc: FedcollabError) -> typer.Exit:
     """Print ``exc`` on stderr and return the ``typer.Exit`` with its exit code, for ``raise fail(exc) from None``."""
     console.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
     code = int(getattr(exc, "exit_code", 1))
-    node_code = getattr(exc, "node_code", None)
+    node_code = _own_node_code(exc)
     if node_code is not None:
         console.print(f"[dim]node code {int(node_code)} ({node_code.name.lower()})[/]")
     try:
@@ -23,3 +23,15 @@ def fail(exc: FedcollabError) -> typer.Exit:
     except ValueError:
         pass
     return typer.Exit(code)
+
+
+def _own_node_code(exc: FedcollabError) -> NodeErrorCode | None:
+    """The node code of a class that names its own (scoring's holder refusals), else None.
+
+    Every error carries a node code, but the core tree's defaults say what a ClientApp would reply;
+    at the command line they would only add noise, so only a code a subclass sets is printed.
+    """
+    for cls in type(exc).__mro__:
+        if "node_code" in vars(cls):
+            return None if cls.__module__ == FedcollabError.__module__ else cls.node_code  # type: ignore[attr-defined]
+    return None

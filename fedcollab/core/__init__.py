@@ -7,6 +7,8 @@ from fedcollab.core._errors import (
     CryptoError,
     DataValidationError,
     FedcollabError,
+    MissingExtra,
+    NodeCoded,
     NodeError,
     PolicyRefused,
     PrivacyError,
@@ -14,6 +16,7 @@ from fedcollab.core._errors import (
     SpecError,
     TransportError,
     UpdateError,
+    node_code_for,
 )
 from fedcollab.core._exit_codes import EXIT_CODE_HELP, ExitCode
 from fedcollab.core._files import write_private
@@ -30,6 +33,8 @@ __all__ = [
     "ExitCode",
     "FedcollabError",
     "FrozenModel",
+    "MissingExtra",
+    "NodeCoded",
     "NodeError",
     "NodeErrorCode",
     "PolicyRefused",
@@ -40,6 +45,7 @@ __all__ = [
     "UpdateError",
     "format_validation_error",
     "get_logger",
+    "node_code_for",
     "validate_config",
     "write_private",
 ]

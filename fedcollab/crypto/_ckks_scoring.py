@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from fedcollab.core import CryptoError
+from fedcollab.core import CryptoError, MissingExtra
 
 #: The only parameter set the model holder accepts (a querier may not weaken it).
 POLY_MODULUS_DEGREE = 8192
@@ -60,9 +60,7 @@ def _tenseal() -> Any:
         import tenseal
         import tenseal.sealapi  # noqa: F401 - SEAL's own binding, shipped with TenSEAL
     except ImportError as exc:  # pragma: no cover - tenseal is a node dependency
-        err = CryptoError("encrypted scoring needs TenSEAL: pip install 'fedcollab[node]'")
-        err.exit_code = 10
-        raise err from exc
+        raise MissingExtra("encrypted scoring needs TenSEAL: pip install 'fedcollab[node]'") from exc
     return tenseal
 
 

@@ -23,9 +23,9 @@ from fedcollab.core import (
     FedcollabError,
     NodeErrorCode,
     PolicyRefused,
-    PrivacyError,
     ProtocolError,
     get_logger,
+    node_code_for,
     write_private,
 )
 from fedcollab.data import FeatureEncoder, read_source, validate_frame
@@ -237,18 +237,7 @@ class NodeAnalytics:
         return countersign_close(self.gate.ledger, party=self.partner, run_id=self.run_id, close_line=close_line, coordinator_key=coordinator_key)
 
 
-def _code_for(exc: BaseException) -> NodeErrorCode:
-    if isinstance(exc, DataValidationError):
-        return NodeErrorCode.DATA_SCHEMA_MISMATCH
-    if isinstance(exc, BudgetExhausted):
-        return NodeErrorCode.BUDGET_EXHAUSTED
-    if isinstance(exc, PolicyRefused):
-        return NodeErrorCode.POLICY_REFUSED
-    if isinstance(exc, PrivacyError):
-        return NodeErrorCode.PRIVACY_INVALID
-    if isinstance(exc, ConfigError | ProtocolError):
-        return NodeErrorCode.BAD_REQUEST
-    return NodeErrorCode.INTERNAL
+_code_for = node_code_for  # the one exception -> node code map (fedcollab.core), kept under its old name
 
 
 def make_analytics_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str]) -> Any:
@@ -336,7 +325,7 @@ def make_analytics_client_app(spec: Spec, homes: dict[str, str], roster: dict[st
             start = node.gate.ledger.head()[0]
             return Message(content=work(node, cfg, msg, context), reply_to=msg)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a code
-            code = _code_for(exc)
+            code = node_code_for(exc)
             # Text stays in this node's log; only the code and the node's new ledger entries leave.
             log.error("node %s refused an analytics request: %s (%s)", partner or "?", code.name, exc,
                       exc_info=not isinstance(exc, FedcollabError))

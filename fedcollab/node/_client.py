@@ -24,19 +24,19 @@ import numpy as np
 
 from fedcollab.core import (
     BudgetExhausted,
-    CryptoError,
-    DataValidationError,
+    NodeCoded,
     NodeErrorCode,
     PolicyRefused,
-    PrivacyError,
     ProtocolError,
+    UpdateError,
     get_logger,
+    node_code_for,
     write_private,
 )
 from fedcollab.data import PartnerData, exact_statistics, feature_bounds, load_partner_data
 from fedcollab.models import build_model, model_arrays, set_model_arrays
 from fedcollab.node._home import NodeHome, countersign_close
-from fedcollab.node._mods import SECAGG_STATE, Coded, current, order_mod, policy_mod, shell_mod
+from fedcollab.node._mods import SECAGG_STATE, current, order_mod, policy_mod, shell_mod
 from fedcollab.privacy.accounting import (
     GaussianMechanism,
     NonPrivate,
@@ -70,25 +70,8 @@ def _partner_name(spec: Spec, node_config: Any) -> str:
     raise _Coded(NodeErrorCode.UNKNOWN_PARTNER)
 
 
-_Coded = Coded  # the refusal with a code (fedcollab/node/_mods.py)
-
-
-def _code_for(exc: BaseException) -> NodeErrorCode:
-    if isinstance(exc, _Coded):
-        return exc.code
-    if isinstance(exc, DataValidationError):
-        return NodeErrorCode.DATA_SCHEMA_MISMATCH
-    if isinstance(exc, BudgetExhausted):
-        return NodeErrorCode.BUDGET_EXHAUSTED
-    if isinstance(exc, PolicyRefused):
-        return NodeErrorCode.POLICY_REFUSED
-    if isinstance(exc, CryptoError):
-        return NodeErrorCode.CRYPTO_REFUSED
-    if isinstance(exc, PrivacyError):
-        return NodeErrorCode.PRIVACY_INVALID
-    if isinstance(exc, ProtocolError):
-        return NodeErrorCode.BAD_MODEL_UPDATE
-    return NodeErrorCode.INTERNAL
+_Coded = NodeCoded  # a refusal by code (fedcollab.core.NodeCoded); the short name is kept for the raise sites here
+_code_for = node_code_for  # the one exception -> node code map (fedcollab.core), kept under its old name
 
 
 class NodeRuntime:
@@ -219,7 +202,7 @@ class NodeRuntime:
                               proximal_mu=proximal_mu, shuffle_seed=spec.seed * 1000 + server_round)
         out = model_arrays(model)
         if not all(np.isfinite(v).all() for v in out.values()):
-            raise ProtocolError("non-finite update")
+            raise UpdateError("non-finite update")
         metrics: dict[str, float] = {"num-examples": float(d.n_train)}
         if plan is None:
             mech: Any = NonPrivate()
@@ -286,12 +269,12 @@ class NodeRuntime:
 
 def _check_arrays(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
     if set(got) != set(want):
-        raise ProtocolError("parameter names do not match the model")
+        raise UpdateError("parameter names do not match the model")
     for k, v in got.items():
         if v.shape != want[k].shape:
-            raise ProtocolError("parameter shapes do not match the model")
+            raise UpdateError("parameter shapes do not match the model")
         if not np.isfinite(v).all():
-            raise ProtocolError("non-finite parameters")
+            raise UpdateError("non-finite parameters")
 
 
 def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str]) -> Any:

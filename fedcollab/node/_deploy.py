@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedcollab.core import NodeErrorCode, get_logger
+from fedcollab.core import ConfigError, NodeErrorCode, get_logger, node_code_for
 from fedcollab.protocols import RecordKey
 
 log = get_logger("node.deploy")
@@ -173,8 +173,12 @@ def decode_run_spec(value: str) -> Any:
 
     from fedcollab.spec import parse_spec
 
-    text = base64.b64decode(value.encode("ascii"), validate=True).decode("utf-8")
-    return parse_spec(tomllib.loads(text), source="the run's spec")
+    try:
+        data = tomllib.loads(base64.b64decode(value.encode("ascii"), validate=True).decode("utf-8"))
+    except ValueError as exc:  # binascii, Unicode and TOML errors are all ValueErrors
+        raise ConfigError(f"run config `{RUN_CONFIG_SPEC}` must be base64 UTF-8 TOML, got {len(value)} characters that are not "
+                          f"({type(exc).__name__})") from None
+    return parse_spec(data, source="the run's spec")
 
 
 
@@ -233,7 +237,7 @@ def handle_task(node: NodeDeployment, egress: EgressLog, *, runtime_address: str
                     reply = app(message=message, context=context)
             except Exception as exc:  # noqa: BLE001 - text stays here; a code leaves
                 log.error("run %s: the ClientApp could not answer: %s", run.run_id, type(exc).__name__, exc_info=True)
-                reply = _coded_reply(message, NodeErrorCode.BAD_REQUEST if isinstance(exc, ValueError) else NodeErrorCode.INTERNAL)
+                reply = _coded_reply(message, node_code_for(exc))  # a spec that does not decode or parse: BAD_REQUEST
         if stale is not None and stale.is_set():
             log.warning("run %s: a newer message arrived before this reply was ready (run interrupted); reply dropped", run.run_id)
             return

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from fedcollab.core import CryptoError, PolicyRefused, ProtocolError, get_logger, write_private
+from fedcollab.core import CryptoError, PolicyRefused, ProtocolError, UpdateError, get_logger, write_private
 from fedcollab.crypto import (
     HE_PARAMETER_SETS,
     SecretContext,
@@ -192,8 +192,10 @@ def open_aggregate(ctx: SecretContext, aggregate: dict[str, Any], *, run_id: str
     ------
     CryptoError
         A missing or wrong signature, or ciphertexts that do not load.
-    ProtocolError
-        Another round, too few uploads, or this node's own upload left out.
+    UpdateError
+        A malformed aggregate, another round, or this node's own upload left out (``BAD_MODEL_UPDATE``).
+    PolicyRefused
+        Too few uploads.
     """
     try:
         cts = [bytes(c) for c in aggregate["ct"]]
@@ -201,16 +203,16 @@ def open_aggregate(ctx: SecretContext, aggregate: dict[str, Any], *, run_id: str
         rnd = int(aggregate["round"])
         signature = aggregate["signature"]
     except (KeyError, TypeError, ValueError):
-        raise ProtocolError("an HE aggregate must hold ct, included, round and signature") from None
+        raise UpdateError("an HE aggregate must hold ct, included, round and signature") from None
     if rnd != round_:
-        raise ProtocolError(f"an HE aggregate of round {rnd}, expected {round_}")
+        raise UpdateError(f"an HE aggregate of round {rnd}, expected {round_}")
     verify(coordinator_key, aggregate_message(run_id=run_id, round_=rnd, ciphertexts=cts, included=included), signature,
            what="HE aggregate")
     hashes = {x.split(":", 1)[-1] for x in included}
     if len(hashes) < min_partners:
         raise PolicyRefused("fewer uploads in the aggregate than the policy's minimum")
     if my_hash is not None and my_hash not in hashes:
-        raise ProtocolError("this node's upload is missing from the aggregate")
+        raise UpdateError("this node's upload is missing from the aggregate")
     return ctx.decrypt(cts, length=length)
 
 
@@ -218,14 +220,14 @@ def decode_model(total: np.ndarray, template: dict[str, np.ndarray], *, scale: f
     """The weighted mean model, shaped like ``template``."""
     mean, weight = decode_weighted(total, scale=scale)
     if not 0 < weight <= 1.0 + 1e-3:
-        raise ProtocolError("the aggregate's total weight is outside (0, 1]")
+        raise UpdateError("the aggregate's total weight is outside (0, 1]")
     out: OrderedDict[str, np.ndarray] = OrderedDict()
     offset = 0
     for k, v in template.items():
         out[k] = mean[offset:offset + v.size].reshape(v.shape).astype(v.dtype)
         offset += v.size
     if offset != mean.size:
-        raise ProtocolError("the aggregate does not have the model's size")
+        raise UpdateError("the aggregate does not have the model's size")
     return out
 
 

@@ -26,7 +26,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fedcollab.core import FedcollabError, NodeErrorCode, PolicyRefused, get_logger
+from fedcollab.core import FedcollabError, NodeCoded, NodeErrorCode, PolicyRefused, get_logger
 from fedcollab.protocols import MessageKind, RecordKey
 
 if TYPE_CHECKING:
@@ -47,12 +47,7 @@ SECAGG_SLOTS = ("secagg", "secagg.next")
 NEEDS_STAGE = {"share": "share", "masked": "masked-input", "unmask": "unmask"}
 
 
-class Coded(Exception):
-    """A refusal that leaves as ``code`` (its text is the code's name, never data)."""
-
-    def __init__(self, code: NodeErrorCode) -> None:
-        super().__init__(code.name)
-        self.code = code
+Coded = NodeCoded  # a refusal that leaves as its code (fedcollab.core.NodeCoded)
 
 
 @dataclass(frozen=True)
@@ -208,7 +203,7 @@ def shell_mod(open_node: Callable[[Message, Context], NodeRuntime], code_for: Ca
             code = code_for(exc)
             # Text and traceback stay in this node's log; only the code and ledger entries leave.
             log.error("node %s refused %s: %s (%s)", node.partner if node else "?", msg.metadata.message_type, code.name, exc,
-                      exc_info=not isinstance(exc, FedcollabError | Coded))
+                      exc_info=not isinstance(exc, FedcollabError))
             new = []
             if node is not None:
                 new = [ln.raw.decode() for ln in node.gate.ledger.lines()

@@ -17,7 +17,8 @@ from typing import Literal
 
 import numpy as np
 
-from fedcollab.core import ProtocolError, UpdateError
+from fedcollab.core import PrivacyError, ProtocolError, UpdateError
+from fedcollab.privacy.mechanisms import clip_l2
 
 Bits = Literal[32, 64]
 _DTYPES: dict[int, type[np.unsignedinteger]] = {32: np.uint32, 64: np.uint64}
@@ -75,7 +76,8 @@ def check_headroom(*, n_parties: int, max_abs: float, scale: float, bits: int) -
 def clip_vector(x: np.ndarray, *, bound: float, norm: Literal["linf", "l2"] = "linf") -> np.ndarray:
     """Clip ``x`` to L∞ ``bound`` per coordinate, or scale it to L2 norm at most ``bound``.
 
-    A zero vector stays zero (no division by a zero norm); NaN or ±inf is an :class:`UpdateError`.
+    A zero vector stays zero (no division by a zero norm); NaN or ±inf (or an L2 norm that
+    overflows) is an :class:`UpdateError`. The L2 scaling is :func:`fedcollab.privacy.mechanisms.clip_l2`.
     """
     c = _positive_finite("bound", bound)
     arr = np.asarray(x, dtype=np.float64)
@@ -86,10 +88,11 @@ def clip_vector(x: np.ndarray, *, bound: float, norm: Literal["linf", "l2"] = "l
     if norm == "linf":
         return np.clip(arr, -c, c)
     if norm == "l2":
-        total = float(np.linalg.norm(arr))
-        if total <= c or total == 0.0:
-            return arr.copy()
-        return np.clip(arr * (c / total), -c, c)  # the clip only absorbs float rounding
+        try:
+            out = clip_l2(arr, c)  # the one L2 clipper (privacy.mechanisms), also the audit probe's
+        except PrivacyError:  # its only failure left here: a norm that overflows float64
+            raise UpdateError("the vector's L2 norm overflows (not finite).") from None
+        return np.clip(out, -c, c)  # the clip only absorbs float rounding
     raise ProtocolError(f"`norm` must be 'linf' or 'l2', got {norm!r}.")
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedcollab.core import ConfigError, FedcollabError, TransportError, get_logger, write_private
+from fedcollab.core import ConfigError, ExitCode, FedcollabError, TransportError, get_logger, write_private
 from fedcollab.runner._run import FLOWER_ENV
 
 log = get_logger("runner.deploy")
@@ -45,7 +45,7 @@ EXIT_PREFIX = "fedcollab exit "
 class NodeRejected(TransportError):
     """The SuperLink refused this node's authentication key (not registered)."""
 
-    exit_code = 12
+    exit_code = ExitCode.NODE_REJECTED
 
 
 def free_port(host: str = "127.0.0.1") -> int:

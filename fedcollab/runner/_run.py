@@ -244,11 +244,9 @@ def simulate_apps(spec: Spec, server_app: Any, client_app: Any) -> None:
     try:
         from flwr.simulation import run_simulation
     except ImportError as exc:
-        from fedcollab.core import ConfigError
+        from fedcollab.core import MissingExtra
 
-        err = ConfigError("the simulation needs Flower: pip install 'fedcollab[node,coordinator]'")
-        err.exit_code = 10
-        raise err from exc
+        raise MissingExtra("the simulation needs Flower: pip install 'fedcollab[node,coordinator]'") from exc
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
     flwr_logger.setLevel(logging.ERROR)

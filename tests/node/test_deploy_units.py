@@ -161,3 +161,13 @@ class TestLocalSpec:
         _, a = decode_spec(encode_spec(text))
         b = decode_run_spec(encode_spec(text))
         assert a.model_dump() == b.model_dump() and a.name == "heart-disease"
+
+    @pytest.mark.parametrize("value", ["not base64!", "//79", "W1s="])  # not base64, not UTF-8, not TOML
+    def test_a_run_config_spec_that_does_not_decode_is_a_bad_request(self, value):
+        """A spec value that is not base64 UTF-8 TOML is a ConfigError naming the key, which a node answers with 120."""
+        from fedcollab.core import ConfigError, NodeErrorCode, node_code_for
+        from fedcollab.node._deploy import RUN_CONFIG_SPEC, decode_run_spec
+
+        with pytest.raises(ConfigError, match=RUN_CONFIG_SPEC) as exc:
+            decode_run_spec(value)
+        assert node_code_for(exc.value) == NodeErrorCode.BAD_REQUEST

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedcollab.core import BudgetExhausted, DataValidationError, NodeErrorCode, PrivacyError, ProtocolError
+from fedcollab.core import BudgetExhausted, DataValidationError, NodeErrorCode, PrivacyError, ProtocolError, UpdateError
 from fedcollab.models import build_model, model_arrays
 from fedcollab.node import train_model
 from fedcollab.node._client import NodeRuntime, _code_for
@@ -121,7 +121,7 @@ class TestHostileInput:
             arrays["linear.weight"] = np.zeros((2, 13), dtype=np.float32)
         else:
             del arrays["linear.bias"]
-        with pytest.raises(ProtocolError):
+        with pytest.raises(UpdateError):  # code 121, BAD_MODEL_UPDATE
             swiss.train(arrays, scaling=_scaling(heart_dp_spec), server_round=1, steps_so_far=0, proximal_mu=0.0)
 
     def test_codes_not_text(self):
@@ -129,7 +129,8 @@ class TestHostileInput:
         assert _code_for(DataValidationError("patient_123 is odd")) == NodeErrorCode.DATA_SCHEMA_MISMATCH
         assert _code_for(BudgetExhausted("x")) == NodeErrorCode.BUDGET_EXHAUSTED
         assert _code_for(PrivacyError("x")) == NodeErrorCode.PRIVACY_INVALID
-        assert _code_for(ProtocolError("x")) == NodeErrorCode.BAD_MODEL_UPDATE
+        assert _code_for(ProtocolError("x")) == NodeErrorCode.BAD_REQUEST
+        assert _code_for(UpdateError("x")) == NodeErrorCode.BAD_MODEL_UPDATE
         assert _code_for(KeyError("patient_123")) == NodeErrorCode.INTERNAL
 
     def test_unknown_partner(self, heart_dp_spec, swiss):

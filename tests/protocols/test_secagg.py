@@ -116,6 +116,17 @@ class TestQuantize:
         with pytest.raises(UpdateError, match="NaN"):
             clip_vector(np.array([np.nan]), bound=1.0)
 
+    def test_one_l2_clipper(self):
+        """clip_vector's L2 branch is privacy.mechanisms.clip_l2 (bit for bit); an overflowing norm is an UpdateError, not zeros."""
+        from fedcollab.privacy.mechanisms import clip_l2
+
+        rng = np.random.default_rng(5)
+        for scale in (1e-3, 1.0, 1e3):
+            x = rng.normal(size=257) * scale
+            assert np.array_equal(clip_vector(x, bound=2.0, norm="l2"), clip_l2(x, 2.0))
+        with pytest.raises(UpdateError, match="overflows"), np.errstate(over="ignore"):  # numpy warns of the overflow too
+            clip_vector(np.full(4, 1e300), bound=1.0, norm="l2")
+
     def test_headroom_is_checked(self):
         """n · max|x| · scale must stay below 2^(bits-1); the message names a scale that fits."""
         check_headroom(n_parties=10, max_abs=1.0, scale=2.0**27, bits=32)

@@ -28,7 +28,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from fedcollab.core import FedcollabError, write_private
+from fedcollab.core import ExitCode, FedcollabError, write_private
 from fedcollab.privacy.accounting._accountant import accountant_version, compute_epsilon, merge_mechanisms
 from fedcollab.privacy.accounting._events import Release
 
@@ -40,7 +40,7 @@ EntryKind = Literal["release", "refusal", "receipt", "close", "countersign", "ke
 class LedgerError(FedcollabError):
     """A ledger line is unreadable, tampered, unsigned or out of chain."""
 
-    exit_code = 20
+    exit_code = ExitCode.LEDGER_TAMPERED
 
     def __init__(self, message: str, *, line: int | None = None) -> None:
         self.line = line
