@@ -445,7 +445,7 @@ def _robust_problems(spec: Spec) -> list[str]:
         if spec.aggregation != "plain":
             problems.append(
                 f"training.strategy = {strategy!r} needs aggregation = 'plain' (a robust rule needs every partner's own update), got {spec.aggregation!r}"
-                + ("; under secagg, bound each update with secagg.clip_l2 instead" if spec.aggregation == "secagg" else "")
+                + (" (under secagg, bound each update with secagg.clip_l2 instead)" if spec.aggregation == "secagg" else "")
             )
         if spec.privacy.partner_dp:
             problems.append(f"training.strategy = {strategy!r} cannot be used with partner-level DP (privacy.mode = {spec.privacy.mode!r} averages clipped updates and adds noise): use 'fedavg' or 'fedprox'")
