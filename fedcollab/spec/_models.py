@@ -222,7 +222,7 @@ class TrainingSpec(FrozenModel):
     )
     trim_fraction: Finite = Field(default=0.25, ge=0, lt=0.5, description="trimmed_mean: fraction of the updates cut off at each tail, per coordinate (Flower's beta); at least one update must be cut.")
     byzantine_partners: PosInt = Field(default=1, description="krum, multikrum: f, the partners that may send arbitrary updates; a round needs at least 2f + 3 updates.")
-    krum_select: PosInt | None = Field(default=None, description="multikrum: updates selected and averaged (m); default the updates of the round minus byzantine_partners.")
+    krum_select: PosInt | None = Field(default=None, description="multikrum: updates selected and averaged (m); default training.min_partners (or all partners) minus byzantine_partners.")
     proximal_mu: Finite = Field(default=0.01, ge=0, description="FedProx proximal term weight.")
     server_learning_rate: Finite = Field(default=0.1, gt=0, description="FedAdam server learning rate (eta).")
     server_beta_1: Finite = Field(default=0.9, ge=0, lt=1)
@@ -300,7 +300,7 @@ class SecAggSpec(FrozenModel):
     max_dropouts: Annotated[int, Field(ge=0), BeforeValidator(_integral_float_to_int)] = Field(default=1, description="Nodes that may drop out of a round (at any stage) without aborting it.")
     clip: Finite = Field(default=10.0, gt=0, description="Bound on every coordinate of a model update (difference from the global model) before fixed-point encoding.")
     scale: Finite = Field(default=float(2**20), gt=0, description="Fixed-point scale: a value x travels as round(x * scale) modulo 2^32.")
-    clip_l2: Finite | None = Field(default=None, gt=0, description="Norm bounding: each node clips its model update (difference from the global model) to this L2 norm before encoding, from its own spec, so one partner moves the weighted sum by at most its weight times this bound. Unset: only the per-coordinate `clip`. With partner-level DP, `privacy.partner.clip` is the bound instead.")
+    clip_l2: Finite | None = Field(default=None, gt=0, description="Norm bounding: each node clips its model update (difference from the global model) to this L2 norm before encoding, from its own spec, so one partner adds at most its relative weight times this bound to the sum. Unset: only the per-coordinate `clip`. With partner-level DP, `privacy.partner.clip` is the bound instead.")
 
     def degree(self, n_partners: int) -> int:
         """Neighbours each node actually has with ``n_partners`` partners."""
