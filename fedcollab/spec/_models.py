@@ -433,7 +433,7 @@ class Spec(FrozenModel):
         return new
 
 
-ROBUST_STRATEGIES = ("trimmed_mean", "median", "krum", "multikrum")
+_ROBUST_STRATEGIES = ("trimmed_mean", "median", "krum", "multikrum")
 
 
 def _robust_problems(spec: Spec) -> list[str]:
@@ -441,7 +441,7 @@ def _robust_problems(spec: Spec) -> list[str]:
     problems = []
     t = spec.training
     strategy = t.strategy
-    if strategy in ROBUST_STRATEGIES:
+    if strategy in _ROBUST_STRATEGIES:
         if spec.aggregation != "plain":
             problems.append(
                 f"training.strategy = {strategy!r} needs aggregation = 'plain' (a robust rule needs every partner's own update), got {spec.aggregation!r}"
