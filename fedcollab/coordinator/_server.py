@@ -87,6 +87,26 @@ def _strategy(spec: Spec, n: int) -> Any:
         return FedProx(proximal_mu=t.proximal_mu, **common)
     if t.strategy == "fedadam":
         return FedAdam(eta=t.server_learning_rate, eta_l=t.learning_rate, beta_1=t.server_beta_1, beta_2=t.server_beta_2, tau=t.server_tau, **common)
+    # Robust rules (plain aggregation only, checked by the spec): Flower's own strategies.
+    if t.strategy == "trimmed_mean":
+        from flwr.serverapp.strategy import FedTrimmedAvg
+
+        return FedTrimmedAvg(beta=t.trim_fraction, **common)
+    if t.strategy == "median":
+        from flwr.serverapp.strategy import FedMedian
+
+        return FedMedian(**common)
+    if t.strategy == "krum":
+        from flwr.serverapp.strategy import Krum
+
+        return Krum(num_malicious_nodes=t.byzantine_partners, **common)
+    if t.strategy == "multikrum":
+        from flwr.serverapp.strategy import MultiKrum
+
+        # Blanchard et al. 2017: m <= n - f, with n the fewest updates a round may aggregate.
+        fewest = t.min_partners if t.min_partners is not None else n
+        select = t.krum_select if t.krum_select is not None else fewest - t.byzantine_partners
+        return MultiKrum(num_malicious_nodes=t.byzantine_partners, num_nodes_to_select=select, **common)
     return FedAvg(**common)
 
 

@@ -401,8 +401,9 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str]) -
                 vector = encode_for_secagg(spec, new=arrays, old=global_arrays, weight=1.0, max_weight=1.0, n_parties=n_parties,
                                            clip_l2=spec.privacy.partner.clip if spec.privacy.partner else None)
             else:
+                # Norm bounding from the node's own spec (never the request): this update adds at most (weight / max_weight) * clip_l2 to the sum.
                 vector = encode_for_secagg(spec, new=arrays, old=global_arrays, weight=float(node.data.n_train),
-                                           max_weight=max_weight, n_parties=n_parties)
+                                           max_weight=max_weight, n_parties=n_parties, clip_l2=spec.secagg.clip_l2)
             keep_vector(node, context, vector, rnd)
             # The update leaves only masked: the round's MASKED_INPUT stage rides on this exchange.
             return piggyback(node, msg, cfg, context, RecordDict({RecordKey.METRICS: MetricRecord(metrics), RecordKey.RELEASES: lines_record(lines)}))

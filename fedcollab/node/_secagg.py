@@ -27,7 +27,9 @@ def encode_for_secagg(spec: Spec, *, new: dict[str, np.ndarray], old: dict[str, 
                       n_parties: int, clip_l2: float | None = None) -> np.ndarray:
     """The clipped, weighted, fixed-point update (new - old) with its weight as the last coordinate.
 
-    ``clip_l2`` first clips the update to that L2 norm (partner-level central DP).
+    ``clip_l2`` first clips the update to that L2 norm: ``privacy.partner.clip`` under partner-level
+    central DP, ``secagg.clip_l2`` (norm bounding) otherwise. The caller passes the node's own spec
+    values, never a coordinator's request.
     """
     names = list(old)
     update = flatten(new, names) - flatten(old, names)

@@ -216,7 +216,13 @@ class TrainingSpec(FrozenModel):
     learning_rate: Finite = Field(default=0.05, gt=0)
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: Finite = Field(default=0.0, ge=0, lt=1)
-    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    strategy: Literal["fedavg", "fedprox", "fedadam", "trimmed_mean", "median", "krum", "multikrum"] = Field(
+        default="fedavg",
+        description="Server aggregation (Flower's own strategies). Robust rules for plain aggregation: trimmed_mean (FedTrimmedAvg), median (FedMedian), krum (Krum), multikrum (MultiKrum); see docs/threat-model.md.",
+    )
+    trim_fraction: Finite = Field(default=0.25, ge=0, lt=0.5, description="trimmed_mean: fraction of the updates cut off at each tail, per coordinate (Flower's beta); at least one update must be cut.")
+    byzantine_partners: PosInt = Field(default=1, description="krum, multikrum: f, the partners that may send arbitrary updates; a round needs at least 2f + 3 updates.")
+    krum_select: PosInt | None = Field(default=None, description="multikrum: updates selected and averaged (m); default training.min_partners (or all partners) minus byzantine_partners.")
     proximal_mu: Finite = Field(default=0.01, ge=0, description="FedProx proximal term weight.")
     server_learning_rate: Finite = Field(default=0.1, gt=0, description="FedAdam server learning rate (eta).")
     server_beta_1: Finite = Field(default=0.9, ge=0, lt=1)
@@ -294,6 +300,7 @@ class SecAggSpec(FrozenModel):
     max_dropouts: Annotated[int, Field(ge=0), BeforeValidator(_integral_float_to_int)] = Field(default=1, description="Nodes that may drop out of a round (at any stage) without aborting it.")
     clip: Finite = Field(default=10.0, gt=0, description="Bound on every coordinate of a model update (difference from the global model) before fixed-point encoding.")
     scale: Finite = Field(default=float(2**20), gt=0, description="Fixed-point scale: a value x travels as round(x * scale) modulo 2^32.")
+    clip_l2: Finite | None = Field(default=None, gt=0, description="Norm bounding: each node clips its model update (difference from the global model) to this L2 norm before encoding, from its own spec, so one partner adds at most its relative weight times this bound to the sum. Unset: only the per-coordinate `clip`. With partner-level DP, `privacy.partner.clip` is the bound instead.")
 
     def degree(self, n_partners: int) -> int:
         """Neighbours each node actually has with ``n_partners`` partners."""
@@ -392,6 +399,7 @@ class Spec(FrozenModel):
         mp = self.training.min_partners
         if mp is not None and mp > len(self.partners):
             problems.append(f"training.min_partners = {mp} exceeds the {len(self.partners)} partners")
+        problems.extend(_robust_problems(self))
         if scaling == "federated_statistics" and self.privacy.mode != "none":
             problems.append("preprocessing.scaling = 'federated_statistics' releases exact statistics, which DP forbids: use 'public_bounds' or 'dp_statistics'")
         if problems:
@@ -423,3 +431,44 @@ class Spec(FrozenModel):
         new = self.model_copy()
         new._base_dir = base_dir
         return new
+
+
+_ROBUST_STRATEGIES = ("trimmed_mean", "median", "krum", "multikrum")
+
+
+def _robust_problems(spec: Spec) -> list[str]:
+    """Cross-field rules of robust aggregation (``training.strategy``) and of ``secagg.clip_l2``."""
+    problems = []
+    t = spec.training
+    strategy = t.strategy
+    if strategy in _ROBUST_STRATEGIES:
+        if spec.aggregation != "plain":
+            problems.append(
+                f"training.strategy = {strategy!r} needs aggregation = 'plain' (a robust rule needs every partner's own update), got {spec.aggregation!r}"
+                + (" (under secagg, bound each update with secagg.clip_l2 instead)" if spec.aggregation == "secagg" else "")
+            )
+        if spec.privacy.partner_dp:
+            problems.append(f"training.strategy = {strategy!r} cannot be used with partner-level DP (privacy.mode = {spec.privacy.mode!r} averages clipped updates and adds noise): use 'fedavg' or 'fedprox'")
+        m = t.min_partners if t.min_partners is not None else len(spec.partners)
+        if m < 3:
+            problems.append(f"training.strategy = {strategy!r} needs at least 3 updates per round (training.min_partners, default all partners), got {m}")
+        elif strategy == "trimmed_mean" and int(t.trim_fraction * m) < 1:
+            problems.append(
+                f"training.trim_fraction = {t.trim_fraction} cuts no update from a round of {m} updates (floor({t.trim_fraction} * {m}) = 0): need at least 1/{m}"
+            )
+        elif strategy in ("krum", "multikrum") and m < 2 * t.byzantine_partners + 3:
+            problems.append(
+                f"training.strategy = {strategy!r} with training.byzantine_partners = {t.byzantine_partners} needs at least 2f + 3 = {2 * t.byzantine_partners + 3} updates per round"
+                f" (training.min_partners, default all partners), got {m}"
+            )
+        elif strategy == "multikrum" and t.krum_select is not None and t.krum_select > m - t.byzantine_partners:
+            problems.append(f"training.krum_select = {t.krum_select} exceeds the fewest updates of a round minus byzantine_partners ({m} - {t.byzantine_partners})")
+    for name, rules in (("trim_fraction", ("trimmed_mean",)), ("byzantine_partners", ("krum", "multikrum")), ("krum_select", ("multikrum",))):
+        if name in t.model_fields_set and strategy not in rules:
+            problems.append(f"training.{name} is only for strategy {' or '.join(repr(r) for r in rules)}, got strategy {strategy!r}")
+    if spec.secagg.clip_l2 is not None:
+        if spec.aggregation != "secagg":
+            problems.append(f"secagg.clip_l2 is applied by the nodes under aggregation = 'secagg' only, got {spec.aggregation!r} (with plain aggregation use a robust training.strategy)")
+        elif spec.privacy.partner_dp:
+            problems.append(f"secagg.clip_l2 cannot be combined with partner-level DP (privacy.mode = {spec.privacy.mode!r}): privacy.partner.clip is the L2 bound of each update")
+    return problems
