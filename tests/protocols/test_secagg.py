@@ -72,10 +72,14 @@ def staged(cfg, keys, roster, vectors=None):
     r.nodes2, r.masked = {}, {}
     for n in r.routed:
         r.nodes2[n], r.masked[n] = secagg.node_masked_input(r.nodes1[n], r.routed[n], vectors[n])
-    r.coord3, r.requests = secagg.coord_collect_masked(r.coord2, r.masked)
+    r.coord3c, r.checks = secagg.coord_collect_masked(r.coord2, r.masked)
+    r.nodes2c, r.signed = {}, {}
+    for n in r.checks:
+        r.nodes2c[n], r.signed[n] = secagg.node_consistency(r.nodes2[n], r.checks[n], secagg.NodeIdentity(name=n, signing_key=keys[n]))
+    r.coord3, r.requests = secagg.coord_collect_signatures(r.coord3c, r.signed)
     r.nodes3, r.revealed = {}, {}
     for n in r.requests:
-        r.nodes3[n], r.revealed[n] = secagg.node_unmask(r.nodes2[n], r.requests[n])
+        r.nodes3[n], r.revealed[n] = secagg.node_unmask(r.nodes2c[n], r.requests[n], roster)
     r.coord4, r.total = secagg.coord_unmask(r.coord3, r.revealed)
     return r
 
@@ -211,14 +215,16 @@ class TestRound:
         assert np.all(np.abs(mean - expected) <= bound + 1e-15)
         assert abs(total_weight - w.sum()) <= len(names) * 0.5 / scale * 300.0
 
-    @pytest.mark.parametrize("stage", [Stage.ADVERTISE, Stage.SHARE, Stage.MASKED_INPUT, Stage.UNMASK])
+    @pytest.mark.parametrize("stage", [Stage.ADVERTISE, Stage.SHARE, Stage.MASKED_INPUT, Stage.CONSISTENCY, Stage.UNMASK])
     def test_one_dropout_at_each_stage_completes(self, keys, stage):
         """A node missing from the replies of any stage: the sum of the nodes whose input counts."""
         cfg = make_cfg()
         vectors = random_vectors(cfg, seed=3)
         total, coord = secagg.run_round_in_memory(vectors, cfg=cfg, signing_keys=keys, drop_at={stage: ["charlie"]})
-        expected_in = [n for n in NAMES if n != "charlie"] if stage != Stage.UNMASK else list(NAMES)
+        late = stage in (Stage.CONSISTENCY, Stage.UNMASK)
+        expected_in = [n for n in NAMES if n != "charlie"] if not late else list(NAMES)
         assert list(coord.survivors) == expected_in
+        assert ("charlie" in coord.signers) == (stage == Stage.UNMASK)
         assert list(coord.dropped) == (["charlie"] if stage == Stage.MASKED_INPUT else [])
         assert np.array_equal(total, plain_sum(vectors, expected_in, np.uint32))
 
@@ -233,7 +239,7 @@ class TestRound:
         assert coord.dropped == ("n5",)
         assert np.array_equal(total, plain_sum(vectors, alive, np.uint32))
 
-    @pytest.mark.parametrize("stage", [Stage.ADVERTISE, Stage.SHARE, Stage.MASKED_INPUT, Stage.UNMASK])
+    @pytest.mark.parametrize("stage", [Stage.ADVERTISE, Stage.SHARE, Stage.MASKED_INPUT, Stage.CONSISTENCY, Stage.UNMASK])
     def test_below_threshold_aborts(self, keys, stage):
         """Two dropouts in one neighbourhood (t = 3 of k = 4) abort with 'fewer than t', at any stage."""
         cfg = make_cfg()
@@ -289,7 +295,11 @@ class TestCoordinatorView:
                 combine_shares(s_pts[u], threshold=t, length=32)
 
     def test_lying_about_dropouts_gains_nothing(self, run):
-        """Telling some neighbours 'u dropped' and others 'u survived' never yields t of both shares."""
+        """Telling some neighbours 'u dropped' and others 'u survived' is refused by every lied-to node.
+
+        The survivor and dropped lists must match the signed survivor set; a node told 'u dropped'
+        while the signed set holds u reveals nothing. Those told the truth reveal only b-shares.
+        """
         cfg, t = run.cfg, run.cfg.threshold
         g = secagg.neighbour_graph(cfg)
         u = NAMES[2]
@@ -298,17 +308,16 @@ class TestCoordinatorView:
             told_dropped = set(nbrs[:n_lied])
             b_count = s_count = 0
             for w in nbrs:
-                others = tuple(v for v in g[w] if v != u)
+                honest = run.requests[w]
                 if w in told_dropped:
-                    req = secagg.UnmaskRequest(run_id=cfg.run_id, round=cfg.round, recipient=w,
-                                               survivors=others, dropped=(u,))
-                else:
-                    req = secagg.UnmaskRequest(run_id=cfg.run_id, round=cfg.round, recipient=w,
-                                               survivors=(*others, u), dropped=())
-                _, reply = secagg.node_unmask(run.nodes2[w], req)
+                    req = replace(honest, survivors=tuple(v for v in honest.survivors if v != u), dropped=(u,))
+                    with pytest.raises(ProtocolError, match="do not match the signed survivor set"):
+                        secagg.node_unmask(run.nodes2c[w], req, run.roster)
+                    continue
+                _, reply = secagg.node_unmask(run.nodes2c[w], honest, run.roster)
                 b_count += u in reply.b_shares
                 s_count += u in reply.s_shares
-            assert b_count + s_count == len(nbrs)
+            assert s_count == 0 and b_count == len(nbrs) - n_lied
             assert not (b_count >= t and s_count >= t)
 
     def test_node_refuses_both_share_kinds_of_one_peer(self, run):
@@ -317,7 +326,7 @@ class TestCoordinatorView:
         req = run.requests[w]
         both = replace(req, dropped=(req.survivors[0],))
         with pytest.raises(ProtocolError, match="both share kinds"):
-            secagg.node_unmask(run.nodes2[w], both)
+            secagg.node_unmask(run.nodes2c[w], both, run.roster)
 
     def test_secrets_are_erased_and_not_in_repr(self, run):
         """Private keys and the seed leave the node state after masking; repr shows no key material."""
@@ -444,8 +453,12 @@ class TestHostileInput:
         cfg = make_cfg(names=NAMES[:5])
         r = staged(cfg, keys, {n: roster[n] for n in cfg.participants})
         gone = "bravo"
-        coord3, requests = secagg.coord_collect_masked(r.coord2, {n: m for n, m in r.masked.items() if n != gone})
-        replies = {n: secagg.node_unmask(r.nodes2[n], requests[n])[1] for n in requests}
+        coord3c, checks = secagg.coord_collect_masked(r.coord2, {n: m for n, m in r.masked.items() if n != gone})
+        nodes, sigs = {}, {}
+        for n in checks:
+            nodes[n], sigs[n] = secagg.node_consistency(r.nodes2[n], checks[n], secagg.NodeIdentity(name=n, signing_key=keys[n]))
+        coord3, requests = secagg.coord_collect_signatures(coord3c, sigs)
+        replies = {n: secagg.node_unmask(nodes[n], requests[n], r.roster)[1] for n in requests}
         w = next(n for n in replies if gone in replies[n].s_shares)
         raw = replies[w].s_shares[gone]
         replies[w] = replace(replies[w], s_shares={gone: raw[:-1] + bytes([raw[-1] ^ 1])})
@@ -457,7 +470,9 @@ class TestHostileInput:
         with pytest.raises(ProtocolError, match="out of order"):
             secagg.node_masked_input(run.nodes0["alpha"], run.routed["alpha"], run.vectors["alpha"])
         with pytest.raises(ProtocolError, match="out of order"):
-            secagg.node_unmask(run.nodes3["alpha"], run.requests["alpha"])  # a second unmask request
+            secagg.node_unmask(run.nodes3["alpha"], run.requests["alpha"], run.roster)  # a second unmask request
+        with pytest.raises(ProtocolError, match="at stage 'consistency'"):
+            secagg.node_unmask(run.nodes2["alpha"], run.requests["alpha"], run.roster)  # the consistency stage skipped
         with pytest.raises(ProtocolError, match="out of order"):
             secagg.node_share(run.nodes1["alpha"], run.ads, run.roster)
         with pytest.raises(ProtocolError, match="out of order"):
@@ -474,7 +489,7 @@ class TestHostileInput:
             secagg.coord_collect_masked(replace(run.coord2, shared=run.coord2.shared[1:]), run.masked)
 
     def test_unmask_refusals(self, run):
-        """A node refuses: being listed as dropped, a non-neighbour, a peer it holds no shares of, < t survivors."""
+        """A node refuses: being listed as dropped, a non-neighbour, a peer it holds no shares of, lists off the signed set."""
         g = secagg.neighbour_graph(run.cfg)
         u = "alpha"
         stranger = next(n for n in NAMES if n != u and n not in g[u])
@@ -482,22 +497,23 @@ class TestHostileInput:
         cases = {
             "listed as dropped": replace(req, dropped=(u,)),
             "not a neighbour": replace(req, survivors=(*req.survivors, stranger)),
-            "fewer than t": replace(req, survivors=req.survivors[:2]),
+            "do not match the signed survivor set": replace(req, survivors=req.survivors[:2]),
         }
         for message, bad in cases.items():
             with pytest.raises(ProtocolError, match=message):
-                secagg.node_unmask(run.nodes2[u], bad)
-        partial = replace(run.nodes2[u], held={k: v for k, v in run.nodes2[u].held.items() if k != req.survivors[0]})
+                secagg.node_unmask(run.nodes2c[u], bad, run.roster)
+        partial = replace(run.nodes2c[u], held={k: v for k, v in run.nodes2c[u].held.items() if k != req.survivors[0]})
         with pytest.raises(ProtocolError, match="holds no shares"):
-            secagg.node_unmask(partial, req)
+            secagg.node_unmask(partial, req, run.roster)
         with pytest.raises(ProtocolError, match="delivered to"):
-            secagg.node_unmask(run.nodes2[u], replace(req, recipient="bravo"))
+            secagg.node_unmask(run.nodes2c[u], replace(req, recipient="bravo"), run.roster)
 
     def test_error_leaves_the_round_consistent(self, run):
         """After a refused reply the coordinator's state is untouched: the same stage still completes."""
         with pytest.raises(ProtocolError):
             secagg.coord_collect_masked(run.coord2, run.masked | {"mallory": run.masked["alpha"]})
-        coord3, _ = secagg.coord_collect_masked(run.coord2, run.masked)
+        coord3c, _ = secagg.coord_collect_masked(run.coord2, run.masked)
+        coord3, _ = secagg.coord_collect_signatures(coord3c, run.signed)
         _, total = secagg.coord_unmask(coord3, run.revealed)
         assert np.array_equal(total, run.total)
 
@@ -509,9 +525,9 @@ class TestWire:
             return all(isinstance(v, (str, int, bytes)) or (isinstance(v, list) and all(isinstance(x, (str, int, bytes)) for x in v))
                        for v in w.values())
 
-        objs = [run.ads["alpha"], run.bundles["alpha"], run.routed["alpha"], run.requests["alpha"],
-                run.revealed["alpha"], run.nodes0["alpha"], run.nodes1["alpha"], run.nodes2["alpha"],
-                run.nodes3["alpha"], run.coord0, run.coord1, run.coord2, run.coord3, run.coord4]
+        objs = [run.ads["alpha"], run.bundles["alpha"], run.routed["alpha"], run.checks["alpha"], run.signed["alpha"],
+                run.requests["alpha"], run.revealed["alpha"], run.nodes0["alpha"], run.nodes1["alpha"], run.nodes2["alpha"],
+                run.nodes2c["alpha"], run.nodes3["alpha"], run.coord0, run.coord1, run.coord2, run.coord3c, run.coord3, run.coord4]
         for obj in objs:
             w = obj.to_wire()
             assert flat(w), type(obj).__name__
