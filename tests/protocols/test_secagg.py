@@ -537,3 +537,100 @@ class TestWire:
         assert np.array_equal(secagg.MaskedInput.from_wire(m.to_wire()).vector, m.vector)
         ads = secagg.advertisements_from_wire(secagg.advertisements_to_wire(run.to_nodes["alpha"]))
         assert ads == run.to_nodes["alpha"]
+
+
+# --------------------------------------------------------------------------- consistency stage
+
+
+class TestConsistency:
+    def test_quorum_is_t_and_a_strict_majority(self):
+        """max(t, n // 2 + 1): with n = 6, t = 3 it is 4; with n = 5, t = 3 it is 3."""
+        assert secagg.consistency_quorum(make_cfg()) == 4
+        assert secagg.consistency_quorum(make_cfg(names=NAMES[:5])) == 3
+
+    def test_signature_binds_run_round_participants_and_set(self, run, keys):
+        """A signature verifies only on the exact (run, round, participants, U3) it was made for."""
+        sig = run.signed["alpha"].signature
+        key = run.roster["alpha"]
+        key.verify(sig, secagg.survivor_set_bytes(run.cfg, NAMES))
+        for other in (secagg.survivor_set_bytes(run.cfg, NAMES[1:]), secagg.survivor_set_bytes(replace(run.cfg, round=4), NAMES),
+                      secagg.survivor_set_bytes(replace(run.cfg, run_id="run-2"), NAMES)):
+            with pytest.raises(Exception):
+                key.verify(sig, other)
+
+    def test_forged_signatures_are_refused(self, run, keys):
+        """Another party's key, a signature on another set or round, a copied signature: CryptoError, nothing revealed."""
+        u, req = "alpha", run.requests["alpha"]
+        msg = secagg.survivor_set_bytes(run.cfg, NAMES)
+        other_round = keys["bravo"].sign(secagg.survivor_set_bytes(replace(run.cfg, round=2), NAMES))
+        cases = {
+            "by another key": keys["echo"].sign(msg),
+            "on another set": keys["bravo"].sign(secagg.survivor_set_bytes(run.cfg, NAMES[:5])),
+            "from another round": other_round,
+            "copied from another signer": req.signatures["charlie"],
+        }
+        for why, sig in cases.items():
+            bad = replace(req, signatures=dict(req.signatures) | {"bravo": sig})
+            with pytest.raises(CryptoError, match="'bravo' does not verify"):
+                secagg.node_unmask(run.nodes2c[u], bad, run.roster)
+            with pytest.raises(CryptoError, match="does not verify"):
+                secagg.coord_collect_signatures(run.coord3c, run.signed | {"bravo": replace(run.signed["bravo"], signature=sig)})
+        with pytest.raises(CryptoError, match="64 bytes"):
+            secagg.node_unmask(run.nodes2c[u], replace(req, signatures=dict(req.signatures) | {"bravo": b"\x00" * 63}), run.roster)
+
+    def test_duplicated_and_foreign_signers_are_refused(self, run, keys):
+        """A signer listed twice, a non-participant, or a participant outside the signed set is refused."""
+        u, req = "alpha", run.requests["alpha"]
+        wire = req.to_wire()
+        wire["signers"] = [*wire["signers"][:-1], wire["signers"][0]]
+        with pytest.raises(ProtocolError, match="repeats a name"):
+            secagg.UnmaskRequest.from_wire(wire)
+        mallory = Ed25519PrivateKey.generate()
+        foreign = replace(req, signatures=dict(req.signatures) | {"mallory": mallory.sign(secagg.survivor_set_bytes(run.cfg, NAMES))})
+        with pytest.raises(ProtocolError, match="'mallory', which is not a participant"):
+            secagg.node_unmask(run.nodes2c[u], foreign, run.roster)
+        smaller = tuple(n for n in NAMES if n != "foxtrot")
+        st = replace(run.nodes2c[u], signed=smaller)
+        sigs = {n: keys[n].sign(secagg.survivor_set_bytes(run.cfg, smaller)) for n in NAMES}
+        outside = replace(req, signed_survivors=smaller, signatures=sigs)
+        with pytest.raises(ProtocolError, match="'foxtrot' signed a survivor set it is not in"):
+            secagg.node_unmask(st, outside, run.roster)
+
+    def test_too_few_signatures_and_another_set_are_refused(self, run):
+        """Below the quorum, or a request for a set other than the one the node signed: refused."""
+        u, req = "alpha", run.requests["alpha"]
+        few = replace(req, signatures={n: s for n, s in list(req.signatures.items())[:3]})
+        with pytest.raises(CryptoError, match="3 valid signatures on the survivor set, fewer than the quorum"):
+            secagg.node_unmask(run.nodes2c[u], few, run.roster)
+        with pytest.raises(ProtocolError, match="not the set 'alpha' signed|not the set"):
+            secagg.node_unmask(run.nodes2c[u], replace(req, signed_survivors=NAMES[:5]), run.roster)
+
+    def test_node_refuses_to_sign_a_set_without_itself_or_with_strangers(self, run, keys):
+        """The survivor set must hold the node itself, only participants, and t of its neighbours."""
+        me = secagg.NodeIdentity(name="alpha", signing_key=keys["alpha"])
+        req = run.checks["alpha"]
+        with pytest.raises(ProtocolError, match="not in the survivor set"):
+            secagg.node_consistency(run.nodes2["alpha"], replace(req, survivors=NAMES[1:]), me)
+        with pytest.raises(ProtocolError, match="non-participants"):
+            secagg.node_consistency(run.nodes2["alpha"], replace(req, survivors=(*NAMES, "mallory")), me)
+        with pytest.raises(ProtocolError, match="fewer than t"):
+            secagg.node_consistency(run.nodes2["alpha"], replace(req, survivors=NAMES[:2]), me)
+        with pytest.raises(ProtocolError, match="delivered to"):
+            secagg.node_consistency(run.nodes2["alpha"], replace(req, recipient="bravo"), me)
+
+    def test_coordinator_aborts_below_the_quorum(self, run):
+        """With 3 of 6 signatures (quorum 4) the round aborts before any unmask request exists."""
+        with pytest.raises(ProtocolError, match="fewer than t = 3 \\(quorum 4\\)"):
+            secagg.coord_collect_signatures(run.coord3c, {n: run.signed[n] for n in NAMES[:3]})
+
+    def test_dropouts_at_every_stage_within_the_threshold(self):
+        """n = 10, t = 5, four tolerated: one dropout at each of four stages, the sum of the right nodes."""
+        cfg10 = make_cfg(names=[f"n{i}" for i in range(10)], k=9, threshold=5, max_dropouts=4)
+        keys10 = {n: Ed25519PrivateKey.generate() for n in cfg10.participants}
+        vectors = random_vectors(cfg10, seed=11)
+        drop = {Stage.ADVERTISE: ["n1"], Stage.MASKED_INPUT: ["n3"], Stage.CONSISTENCY: ["n5"], Stage.UNMASK: ["n7"]}
+        total, coord = secagg.run_round_in_memory(vectors, cfg=cfg10, signing_keys=keys10, drop_at=drop)
+        summed = [n for n in cfg10.participants if n not in ("n1", "n3")]
+        assert coord.survivors == tuple(summed) and coord.dropped == ("n3",)
+        assert "n5" not in coord.signers and "n7" in coord.signers
+        assert np.array_equal(total, plain_sum(vectors, summed, np.uint32))
