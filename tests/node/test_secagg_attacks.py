@@ -169,13 +169,9 @@ class TestAttack3SplitSurvivorSets:
             handle_stage("unmask", lie.to_wire(), vector=None, length=LENGTH, bits=32, round_=1, state_wire=states[w].to_wire(),
                          spec=spec, me=w, run_id=r.cfg.run_id, identity=secagg.NodeIdentity(name=w, signing_key=keys[w]),
                          roster_keys=r.roster, min_partners=3)
-        # The honest request still completes, with the right sum.
-        reveals = {n: secagg.node_unmask(states[n], requests[n], r.roster)[1] for n in NAMES}
-        _, total = secagg.coord_unmask(coord, reveals)
-        expected = np.zeros(LENGTH, dtype=np.uint32)
-        for n in NAMES:
-            expected += r.x[n]
-        assert np.array_equal(total, expected)
+        # The honest request is still answered (the refusals changed nothing): b-shares of all nine others.
+        _, reply = secagg.node_unmask(states[w], requests[w], r.roster)
+        assert sorted(reply.b_shares) == [n for n in NAMES if n != w] and not reply.s_shares
 
     def test_unmask_request_without_signatures_is_refused_at_the_node(self, keys):
         """An unmask request of the old wire format (no signed set, no signatures) is refused when parsed."""
@@ -266,3 +262,59 @@ class TestAttack4InflatedHonestCount:
         node = _analytics_node(heart_spec, tmp_path)
         q = parse_query({"statistics": [{"kind": "count"}], "epsilon": 1.0})
         assert node.honest_minimum(q) == default_n_honest(heart_spec, q) == heart_spec.secagg.resolved_threshold(4)
+
+
+# --------------------------------------------------------------------------- the real drivers, in-process
+
+
+@pytest.fixture(scope="module")
+def secagg_spec():
+    from fedcollab.spec import load_spec
+    from tests.conftest import ROOT
+
+    return load_spec(ROOT / "protocols" / "heart-disease-secagg.toml")
+
+
+class TestDriversWithDropouts:
+    """The coordinator's ``secure_sum`` driving the nodes' ``handle_stage`` through plain functions (no Flower)."""
+
+    def _run(self, spec, drop):
+        from fedcollab.coordinator._secagg import secure_sum
+        from fedcollab.node._secagg import handle_stage
+
+        names = [p.name for p in spec.partners]
+        keys = {n: Ed25519PrivateKey.generate() for n in names}
+        roster = {n: k.public_key().public_bytes_raw().hex() for n, k in keys.items()}
+        rng = np.random.default_rng(1)
+        x = {n: rng.integers(0, 2**20, size=5, dtype=np.uint32) for n in names}
+        states: dict[str, dict] = {}
+
+        def send(stage, requests):
+            replies = {}
+            for p, req in requests.items():
+                if p in drop.get(stage, ()):
+                    continue  # a missing reply: a dropout at this stage
+                states[p], replies[p] = handle_stage(
+                    stage, req, vector=x[p] if stage == "masked" else None, length=5, bits=32, round_=1, state_wire=states.get(p),
+                    spec=spec, me=p, run_id="run-d", identity=secagg.NodeIdentity(name=p, signing_key=keys[p]), roster_keys=roster,
+                    min_partners=2)
+            return replies
+
+        total, summed = secure_sum(spec, run_id="run-d", round_=1, participants=names, length=5, bits=32, roster_keys=roster, send=send)
+        return total, summed, x
+
+    @pytest.mark.parametrize("stage", ["share", "masked", "consistency", "unmask"])
+    def test_one_dropout_at_each_stage(self, secagg_spec, stage):
+        """One of four partners silent at any stage (the consistency stage included): the right sum still comes out."""
+        total, summed, x = self._run(secagg_spec, {stage: ["hungary"]})
+        in_sum = [n for n in x if n != "hungary"] if stage in ("share", "masked") else list(x)
+        assert summed == sorted(in_sum)
+        expected = np.zeros(5, dtype=np.uint32)
+        for n in in_sum:
+            expected += x[n]
+        assert np.array_equal(total, expected)
+
+    def test_two_silent_at_consistency_abort_before_any_reveal(self, secagg_spec):
+        """Two of four signatures missing (quorum 3): the coordinator aborts; no unmask request is sent."""
+        with pytest.raises(ProtocolError, match="fewer than t"):
+            self._run(secagg_spec, {"consistency": ["hungary", "switzerland"]})
