@@ -196,7 +196,7 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
         return decode_statistics(total, n_features=n_features)
 
     def secagg_rounds(grid: Grid, node_names: dict[int, str], arrays: Any, scaling: Scaling) -> None:
-        """Rounds under SecAgg+, pipelined: three exchanges a round, keys fresh every round.
+        """Rounds under SecAgg+, pipelined: four exchanges a round, keys fresh every round.
 
         Round r: train + MASKED_INPUT (with the shares routed for r), CONSISTENCY (the survivors sign
         the survivor set), UNMASK + ADVERTISE(r + 1), evaluate + SHARE(r + 1). Round 1's ADVERTISE
