@@ -109,7 +109,7 @@ __all__ = [
 ]
 
 #: Protocol identifier, bound into every signature, key derivation and AAD.
-PROTOCOL = "fedcollab-secagg/1"
+PROTOCOL = "fedcollab-secagg/2"  # 2: the signed consistency stage (issue 13)
 #: Self-mask seeds and X25519 keys are 32 bytes.
 SEED_BYTES = 32
 #: An encrypted share pair: nonce (12) + b-share (66) + s-share (66) + tag (16).
