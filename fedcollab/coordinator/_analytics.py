@@ -22,7 +22,7 @@ from fedcollab.coordinator._ledger import RunLedger
 from fedcollab.coordinator._secagg import secure_sum
 from fedcollab.protocols import RecordKey
 from fedcollab.protocols._profile import Profile, build_profile, plan_profile, profile_layout
-from fedcollab.protocols._query import QueryPlan, QueryRow, plan_query, query_result
+from fedcollab.protocols._query import QueryPlan, QueryRow, honest_minimum, plan_query, query_result
 from fedcollab.spec import QuerySpec, Spec
 
 log = get_logger("coordinator.analytics")
@@ -51,9 +51,12 @@ def _code_name(code: int) -> str:
 
 
 def default_n_honest(spec: Spec, query: QuerySpec) -> int:
-    """Honest shares the noise is sized for: the query's ``min_honest``, else the secagg threshold."""
+    """Honest shares the noise is sized for: the query's ``min_honest``, else the secagg threshold.
+
+    Every node derives the same number from its own spec and refuses a request naming another.
+    """
     n = len(spec.partners)
-    return query.min_honest if query.min_honest is not None else max(1, spec.secagg.resolved_threshold(n))
+    return honest_minimum(query, n_partners=n, threshold=spec.secagg.resolved_threshold(n))
 
 
 def _make(spec: Spec, recorder: AnalyticsRecorder, ledger: RunLedger, timeout: float, body: Callable[..., None]) -> Any:

@@ -1,4 +1,4 @@
-"""The coordinator's side of secure aggregation: drive the four SecAgg+ stages over Flower.
+"""The coordinator's side of secure aggregation: drive the five SecAgg+ stages over Flower.
 
 A node that does not answer a stage (a dropout) is simply missing from the next one; the pure
 protocol functions decide whether the round can still complete (``fedcollab.protocols.secagg``).
@@ -40,7 +40,7 @@ def start_round(spec: Spec, *, run_id: str, round_: int, participants: list[str]
 
 
 def finish_round(state: Any, advertisements: dict[str, dict[str, Any]], send: Send) -> tuple[np.ndarray, list[str]]:
-    """SHARE, MASKED_INPUT and UNMASK after the advertisements came in: (modular sum, partners in it)."""
+    """SHARE, MASKED_INPUT, CONSISTENCY and UNMASK after the advertisements came in: (modular sum, partners in it)."""
     ads = {p: secagg.Advertisement.from_wire(w) for p, w in advertisements.items()}
     state, per_node = secagg.coord_collect_advertisements(state, ads)
     replies = send("share", {p: secagg.advertisements_to_wire(a) for p, a in per_node.items()})
@@ -48,7 +48,10 @@ def finish_round(state: Any, advertisements: dict[str, dict[str, Any]], send: Se
     state, routed = secagg.coord_route_shares(state, bundles)
     replies = send("masked", {p: m.to_wire() for p, m in routed.items()})
     masked = {p: secagg.MaskedInput.from_wire(w) for p, w in replies.items()}
-    state, requests = secagg.coord_collect_masked(state, masked)
+    state, checks = secagg.coord_collect_masked(state, masked)
+    replies = send("consistency", {p: c.to_wire() for p, c in checks.items()})
+    signed = {p: secagg.ConsistencySignature.from_wire(w) for p, w in replies.items()}
+    state, requests = secagg.coord_collect_signatures(state, signed)
     replies = send("unmask", {p: r.to_wire() for p, r in requests.items()})
     revealed = {p: secagg.RevealedShares.from_wire(w) for p, w in replies.items()}
     state, total = secagg.coord_unmask(state, revealed)
@@ -74,7 +77,7 @@ def secure_sum(
     roster_keys: dict[str, str],
     send: Send,
 ) -> tuple[np.ndarray, list[str]]:
-    """The modular sum of the participants' vectors in four exchanges, learning nothing else."""
+    """The modular sum of the participants' vectors in five exchanges, learning nothing else."""
     state, request = start_round(spec, run_id=run_id, round_=round_, participants=participants, length=length, bits=bits,
                                  roster_keys=roster_keys)
     replies = send("advertise", {p: request for p in state.cfg.participants})

@@ -216,10 +216,11 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
         return decode_statistics(total, n_features=n_features)
 
     def secagg_rounds(grid: Grid, node_names: dict[int, str], arrays: Any, scaling: Scaling) -> None:
-        """Rounds under SecAgg+, pipelined: three exchanges a round, keys fresh every round.
+        """Rounds under SecAgg+, pipelined: four exchanges a round, keys fresh every round.
 
-        Round r: train + MASKED_INPUT (with the shares routed for r), UNMASK + ADVERTISE(r + 1),
-        evaluate + SHARE(r + 1). Round 1's ADVERTISE and SHARE run on their own first.
+        Round r: train + MASKED_INPUT (with the shares routed for r), CONSISTENCY (the survivors sign
+        the survivor set), UNMASK + ADVERTISE(r + 1), evaluate + SHARE(r + 1). Round 1's ADVERTISE
+        and SHARE run on their own first.
         """
         names = list(arrays.keys())
         n_params = int(sum(arrays[k].numpy().size for k in names))
@@ -254,7 +255,10 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
             failed = {p: c[-1] for p, c in recorder.failures.items() if p not in masked and p in routed}
             if len(masked) < min_partners:
                 raise NodeError(f"round {rnd}: {len(masked)} partner(s) sent a masked update, at least {min_partners} needed", codes=failed)
-            state, requests = secagg.coord_collect_masked(state, masked)
+            state, checks = secagg.coord_collect_masked(state, masked)
+            # CONSISTENCY: every survivor signs the one survivor set; the unmask request carries the signatures
+            signed = secagg_sender(grid, node_names, rnd)("consistency", {p: c.to_wire() for p, c in checks.items()})
+            state, requests = secagg.coord_collect_signatures(state, {p: secagg.ConsistencySignature.from_wire(w) for p, w in signed.items()})
             # UNMASK + the next round's ADVERTISE
             nxt = open_round(rnd + 1, sorted(requests)) if rnd < rounds else None
             per: dict[str, tuple[Any, dict[str, Any], dict[str, dict[str, Any]]]] = {}

@@ -33,7 +33,7 @@ from fedcollab.node._home import NodeHome, countersign_close
 from fedcollab.privacy.accounting import Release
 from fedcollab.privacy.mechanisms import fresh_generator
 from fedcollab.protocols._profile import ProfileBlock, noisy_profile, plan_profile, profile_layout
-from fedcollab.protocols._query import RESOLUTION, Layout, QueryPlan, encode_query_vector, plan_query
+from fedcollab.protocols._query import RESOLUTION, Layout, QueryPlan, encode_query_vector, honest_minimum, plan_query
 from fedcollab.spec import Predicate, QuerySpec, SchemaSpec, Spec, check_query, parse_query
 
 log = get_logger("node.analytics")
@@ -150,6 +150,12 @@ def load_frame(spec: Spec, partner: str) -> pd.DataFrame:
 # --- the node's analytics runtime ---------------------------------------------------------------
 
 
+class TooFewParticipants(ProtocolError):
+    """Fewer partners than the query's noise was sized for (or could ever be in the sum); code TOO_FEW_PARTICIPANTS."""
+
+    node_code = NodeErrorCode.TOO_FEW_PARTICIPANTS
+
+
 class NodeAnalytics:
     """A node answering queries and profiles; every release passes its budget gate first."""
 
@@ -167,12 +173,40 @@ class NodeAnalytics:
         self.gate.refuse_request(run_id=self.run_id, round=0, code=int(code), reason=reason)
         return exc
 
-    def check_query(self, query: QuerySpec, *, n_honest: int) -> QueryPlan:
-        """Validate ``query`` against this node's schema and policy, and its cost against the budget; record refusals."""
+    def honest_minimum(self, query: QuerySpec) -> int:
+        """``n_honest`` from this node's own spec and the query (never from a request); refusals recorded.
+
+        The query's ``min_honest`` if set, else the secure-aggregation threshold of this node's spec;
+        above the spec's partner count it is refused (``TOO_FEW_PARTICIPANTS``).
+        """
+        n = len(self.spec.partners)
+        try:
+            return honest_minimum(query, n_partners=n, threshold=self.spec.secagg.resolved_threshold(n))
+        except ProtocolError as exc:
+            raise self._refuse(NodeErrorCode.TOO_FEW_PARTICIPANTS, "noise sized for more honest partners than the spec has",
+                               TooFewParticipants(str(exc))) from None
+
+    def check_sum_size(self, signed_survivors: int, *, n_honest: int) -> None:
+        """At unmask: refuse (recorded) a signed survivor set smaller than the ``n_honest`` shares the noise was sized for."""
+        if signed_survivors < n_honest:
+            raise self._refuse(NodeErrorCode.TOO_FEW_PARTICIPANTS, f"{signed_survivors} partners in the signed sum, fewer than n_honest = {n_honest}",
+                               TooFewParticipants(f"{signed_survivors} signed survivors, fewer than n_honest = {n_honest}"))
+
+    def check_query(self, query: QuerySpec, *, n_honest: int | None = None) -> QueryPlan:
+        """Validate ``query`` against this node's schema and policy, and its cost against the budget; record refusals.
+
+        ``n_honest`` is what the request claims; the node derives its own (:meth:`honest_minimum`)
+        and refuses a request claiming another value (``BAD_REQUEST``).
+        """
         try:
             check_query(query, self.spec.data_schema)
         except ConfigError as exc:
             raise self._refuse(NodeErrorCode.BAD_REQUEST, "query does not fit the schema", exc) from None
+        own = self.honest_minimum(query)
+        if n_honest is not None and n_honest != own:
+            raise self._refuse(NodeErrorCode.BAD_REQUEST, f"the request's n_honest {n_honest} is not this node's {own}",
+                               ProtocolError(f"`n_honest` must be {own} (derived from the node's spec and the query), got {n_honest}."))
+        n_honest = own
         stats = self.policy.statistics
         bad_kinds = [k for k in query.kinds() if k not in stats.allowed_queries]
         if bad_kinds:
@@ -208,9 +242,12 @@ class NodeAnalytics:
         return Release(kind="query", about="train+test", unit="record", observer="coordinator", added_by=self.partner, party=self.partner,
                        round=0, mechanism=plan.mechanism, details=details)
 
-    def answer_query(self, query: QuerySpec, *, n_honest: int, n_parties: int, generator: np.random.Generator | None,
+    def answer_query(self, query: QuerySpec, *, n_honest: int | None = None, n_parties: int, generator: np.random.Generator | None,
                      max_rows: int = 10**9) -> tuple[np.ndarray, str]:
-        """Check, compute, noise and record: (the uint64 vector for secure aggregation, its ledger line)."""
+        """Check, compute, noise and record: (the uint64 vector for secure aggregation, its ledger line).
+
+        ``n_honest`` (the request's claim) is checked against the node's own (:meth:`check_query`).
+        """
         plan = self.check_query(query, n_honest=n_honest)
         frame = load_frame(self.spec, self.partner)
         agg = local_aggregates(frame, query, plan.layout, self.spec.data_schema)
@@ -269,16 +306,16 @@ def make_analytics_client_app(spec: Spec, homes: dict[str, str], roster: dict[st
         info = {"partner": node.partner, "min_group_size": node.policy.statistics.min_group_size}
         if kind in ("analytics.check", "analytics.query"):
             query = parse_query(json.loads(str(cfg["query"])))
-            n_honest, n_parties = int(cfg["n_honest"]), int(cfg["n_parties"])
-            if not (1 <= n_honest <= n_parties <= len(spec.partners)):
-                raise ProtocolError("query parameters out of range")
+            # n_honest and the party count are the node's own (its spec and the query); the request's
+            # n_honest is only a claim, refused when it differs.
+            claimed = int(cfg["n_honest"]) if "n_honest" in cfg else None
             if kind == "analytics.check":
-                plan = node.check_query(query, n_honest=n_honest)
+                plan = node.check_query(query, n_honest=claimed)
                 return RecordDict({RecordKey.INFO: ConfigRecord({**info, "length": plan.layout.length})})
-            vec, line = node.answer_query(query, n_honest=n_honest, n_parties=n_parties,
+            vec, line = node.answer_query(query, n_honest=claimed, n_parties=len(spec.partners),
                                           generator=ddg_generator() if query.mode == "dp" else None)
             write_private(vector_path(node), vec.tobytes())
-            context.state["analytics"] = ConfigRecord({"length": int(vec.size)})
+            context.state["analytics"] = ConfigRecord({"length": int(vec.size), "n_honest": node.honest_minimum(query)})
             return RecordDict({RecordKey.INFO: ConfigRecord({**info, "length": int(vec.size)}),
                                RecordKey.RELEASES: ConfigRecord({"lines": json.dumps([line])})})
         if kind == "secagg":
@@ -291,8 +328,14 @@ def make_analytics_client_app(spec: Spec, homes: dict[str, str], roster: dict[st
             vector = np.fromfile(path, dtype=np.uint64) if stage == "masked" and path.exists() else None
             key = f"fedcollab.analytics.secagg.{rnd}"
             prev = context.state.config_records.get(key)
+            request = dict(msg.content.config_records.get("secagg", ConfigRecord()))
+            if stage == "unmask":
+                # The sum becomes readable once shares are revealed: it must hold at least the n_honest noise
+                # shares this node sized its noise for, counted on the signed survivor set (handle_stage
+                # refuses a set this node did not sign or one without a quorum of signatures).
+                node.check_sum_size(len(secagg.UnmaskRequest.from_wire(request).signed_survivors), n_honest=int(st["n_honest"]))
             new_state, reply = handle_stage(
-                stage, dict(msg.content.config_records.get("secagg", ConfigRecord())), vector=vector, length=length, bits=64, round_=rnd,
+                stage, request, vector=vector, length=length, bits=64, round_=rnd,
                 state_wire=dict(prev) if prev is not None else None, spec=spec, me=node.partner, run_id=node.run_id,
                 identity=secagg.NodeIdentity(name=node.partner, signing_key=node.gate.ledger.key),
                 roster_keys={k: v for k, v in roster.items() if k != "coordinator"}, min_partners=node.policy.min_partners_per_round,

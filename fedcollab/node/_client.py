@@ -440,18 +440,27 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str]) -
         length, bits = secagg_shape(node, rnd)
         path = Path(homes[node.partner]) / "secagg" / f"{node.run_id}-{rnd}.bin"
         vector = np.fromfile(path, dtype=np.uint64 if bits == 64 else np.uint32) if stage == "masked" and path.exists() else None
-        if stage == "unmask" and rnd > 0 and spec.privacy.mode == "distributed":
-            # The sum becomes readable once shares are revealed: refuse if too few partners are in it.
-            req = secagg.UnmaskRequest.from_wire(request)
-            node.check_participants(1 + len(req.survivors), server_round=rnd, stage="unmask")
         key = f"{SECAGG_STATE}.{rnd}"
         prev = context.state.config_records.get(key)
-        new_state, reply = handle_stage(
-            stage, request, vector=vector, length=length, bits=bits, round_=rnd,
-            state_wire=dict(prev) if prev is not None else None, spec=spec, me=node.partner, run_id=node.run_id,
-            identity=secagg.NodeIdentity(name=node.partner, signing_key=node.gate.ledger.key),
-            roster_keys={k: v for k, v in roster.items() if k != "coordinator"}, min_partners=node.policy.min_partners_per_round,
-        )
+        try:
+            if stage == "unmask" and rnd > 0 and spec.privacy.mode == "distributed":
+                # The sum becomes readable once shares are revealed: refuse if too few partners are in it,
+                # counted on the signed survivor set (handle_stage refuses a set this node did not sign).
+                req = secagg.UnmaskRequest.from_wire(request)
+                node.check_participants(len(req.signed_survivors), server_round=rnd, stage="unmask")
+            new_state, reply = handle_stage(
+                stage, request, vector=vector, length=length, bits=bits, round_=rnd,
+                state_wire=dict(prev) if prev is not None else None, spec=spec, me=node.partner, run_id=node.run_id,
+                identity=secagg.NodeIdentity(name=node.partner, signing_key=node.gate.ledger.key),
+                roster_keys={k: v for k, v in roster.items() if k != "coordinator"}, min_partners=node.policy.min_partners_per_round,
+            )
+        except ProtocolError as exc:
+            if stage not in ("consistency", "unmask"):
+                raise
+            # A stage out of order (an unmask request without the consistency stage) or a request off
+            # the protocol: refused as a bad request; the text stays in this node's log.
+            log.warning("node %s refused secagg stage %s of round %d: %s", node.partner, stage, rnd, exc)
+            raise _Coded(NodeErrorCode.BAD_REQUEST) from None
         context.state[key] = ConfigRecord(new_state)
         if stage == "masked":
             path.unlink(missing_ok=True)  # the update has left, masked; it is not needed again

@@ -1,4 +1,4 @@
-"""The node's side of secure aggregation: encode the update, then answer the four SecAgg+ stages.
+"""The node's side of secure aggregation: encode the update, then answer the five SecAgg+ stages.
 
 The protocol itself is pure (``fedcollab.protocols.secagg``); this module keeps its state in the
 node's own Flower context and checks every coordinator request against the node's own copy of
@@ -96,8 +96,11 @@ def handle_stage(
         if vector is None or vector.size != length:
             raise ProtocolError("no encoded update of the round's length to mask")
         state, out = secagg.node_masked_input(state, secagg.SharesForNode.from_wire(request), vector)
+    elif kind == "consistency":
+        state, out = secagg.node_consistency(state, secagg.ConsistencyRequest.from_wire(request), identity)
     elif kind == "unmask":
-        state, out = secagg.node_unmask(state, secagg.UnmaskRequest.from_wire(request))
+        # Only for the survivor set this node signed, with a quorum of roster signatures on it.
+        state, out = secagg.node_unmask(state, secagg.UnmaskRequest.from_wire(request), roster_keys)
     else:
         raise ProtocolError(f"unknown secagg stage {kind!r}")
     return state.to_wire(), out.to_wire()

@@ -177,6 +177,23 @@ def query_zcdp(*, n_blocks: int, sigma: float, n_honest: int, d: int, resolution
     return ZCDPMechanism(rho=float(rho))
 
 
+def honest_minimum(query: QuerySpec, *, n_partners: int, threshold: int) -> int:
+    """Honest noise shares a query's noise is sized for: ``min_honest``, else the secure-aggregation threshold.
+
+    Both sides derive it from their own spec and the query (a node never takes it from a request).
+    A value above ``n_partners`` could never be met by a sum of the spec's partners: the noise would
+    be sized for shares that do not exist (a 3-party sum with ``n_honest = 4`` carries 3/4 of the
+    calibrated variance), so it is refused (:class:`ProtocolError`).
+    """
+    n_honest = query.min_honest if query.min_honest is not None else max(1, threshold)
+    if n_honest > n_partners:
+        raise ProtocolError(
+            f"`min_honest` must be at most the {n_partners} partners of the spec (the sum could never hold that many"
+            f" noise shares), got {n_honest}."
+        )
+    return n_honest
+
+
 @dataclass(frozen=True)
 class QueryPlan:
     """The public noise parameters of a query, the same at every node."""
@@ -378,6 +395,7 @@ __all__ = [
     "decode_query_vector",
     "encode_query_vector",
     "group_levels",
+    "honest_minimum",
     "plan_query",
     "query_layout",
     "query_result",

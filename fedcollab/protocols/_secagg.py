@@ -1,6 +1,6 @@
 """SecAgg+ (Bell et al. 2020) as pure stage functions: no Flower, no network, no clock.
 
-Spec: ``protocols/secagg.md``. Four stages (:class:`Stage`), each a pure function
+Spec: ``protocols/secagg.md``. Five stages (:class:`Stage`), each a pure function
 ``(state, inbound) -> (state, outbound)`` on frozen dataclasses:
 
 ==============  =====================================  ======================================
@@ -10,6 +10,7 @@ ADVERTISE       :func:`node_advertise`                 :func:`coord_start`,
                                                        :func:`coord_collect_advertisements`
 SHARE           :func:`node_share`                     :func:`coord_route_shares`
 MASKED_INPUT    :func:`node_masked_input`              :func:`coord_collect_masked`
+CONSISTENCY     :func:`node_consistency`               :func:`coord_collect_signatures`
 UNMASK          :func:`node_unmask`                    :func:`coord_unmask`
 ==============  =====================================  ======================================
 
@@ -29,6 +30,13 @@ The neighbour graph and share x-coordinates are public functions of the config, 
 chooses them after seeing keys. A node reveals, per peer, either the self-mask share (peer
 survived) or the masking-key share (peer dropped), never both, and only once per round; with
 ``t > k/2`` the coordinator can therefore never hold ``t`` shares of both secrets of one node.
+
+The consistency stage (Bonawitz et al. 2017, Sec. 4, round 4; Bell et al. 2020) stops a malicious
+coordinator from telling different nodes different survivor sets: every survivor signs the one
+survivor set it is shown (once per round), and a node reveals shares only for the set it signed
+itself, and only when the unmask request carries valid signatures on that same set from a quorum
+of distinct participants (:func:`consistency_quorum`: at least ``t`` and a strict majority, so two
+different sets can never both gather a quorum of honest signers).
 """
 
 from __future__ import annotations
@@ -69,6 +77,8 @@ __all__ = [
     "SEED_BYTES",
     "SHARE_CIPHERTEXT_BYTES",
     "Advertisement",
+    "ConsistencyRequest",
+    "ConsistencySignature",
     "CoordState",
     "MaskedInput",
     "NodeIdentity",
@@ -82,20 +92,24 @@ __all__ = [
     "advertisements_from_wire",
     "advertisements_to_wire",
     "coord_collect_advertisements",
+    "consistency_quorum",
     "coord_collect_masked",
+    "coord_collect_signatures",
     "coord_route_shares",
     "coord_start",
     "coord_unmask",
     "neighbour_graph",
     "node_advertise",
+    "node_consistency",
     "node_masked_input",
     "node_share",
     "node_unmask",
     "run_round_in_memory",
+    "survivor_set_bytes",
 ]
 
 #: Protocol identifier, bound into every signature, key derivation and AAD.
-PROTOCOL = "fedcollab-secagg/1"
+PROTOCOL = "fedcollab-secagg/2"  # 2: the signed consistency stage (issue 13)
 #: Self-mask seeds and X25519 keys are 32 bytes.
 SEED_BYTES = 32
 #: An encrypted share pair: nonce (12) + b-share (66) + s-share (66) + tag (16).
@@ -110,6 +124,7 @@ class Stage(StrEnum):
     ADVERTISE = "advertise"
     SHARE = "share"
     MASKED_INPUT = "masked-input"
+    CONSISTENCY = "consistency"
     UNMASK = "unmask"
     DONE = "done"
 
@@ -571,9 +586,88 @@ class MaskedInput:
         return cls(run_id=r.text("run_id"), round=r.integer("round"), node=r.text("node"), vector=vec)
 
 
+def survivor_set_bytes(cfg: SecAggConfig, survivors: Iterable[str]) -> bytes:
+    """What a node signs at the consistency stage: RFC 8785 JSON of (protocol, run_id, round, participants, U3).
+
+    The participants (the round's config) and the sorted survivor set U3 are both bound, so one
+    signature vouches for one survivor set of one round of one run.
+    """
+    body = {
+        "protocol": PROTOCOL,
+        "kind": "survivor-set",
+        "run_id": cfg.run_id,
+        "round": cfg.round,
+        "participants": list(cfg.participants),
+        "survivors": sorted(survivors),
+    }
+    return rfc8785.dumps(body)
+
+
+def consistency_quorum(cfg: SecAggConfig) -> int:
+    """Signatures an unmask request must carry: ``max(t, floor(n / 2) + 1)`` for ``n`` participants.
+
+    Notes
+    -----
+    Each honest node signs one survivor set per round, so two different sets can both gather a
+    quorum only if ``2 q > n`` fails. ``t`` alone is not enough when ``2 t <= n`` (n = 10, t = 5:
+    two disjoint groups of five could each sign a different set and, between them, reveal the
+    masking keys of every node outside a chosen pair). In the complete graph a majority always
+    signs when at most ``max_dropouts <= n - 1 - t`` nodes drop, since ``t >= floor(n / 2)``.
+    """
+    return max(cfg.threshold, len(cfg.participants) // 2 + 1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConsistencyRequest:
+    """Coordinator -> survivor: the whole survivor set U3 (nodes whose masked inputs are in the sum), to sign."""
+
+    KIND: ClassVar[str] = "consistency-request"
+    run_id: str
+    round: int
+    recipient: str
+    survivors: tuple[str, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        """Flat record."""
+        return {**_header(self.KIND, self.run_id, self.round), "recipient": self.recipient, "survivors": list(self.survivors)}
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> ConsistencyRequest:
+        """Parse."""
+        r = _Wire(wire, "consistency request", cls.KIND)
+        return cls(run_id=r.text("run_id"), round=r.integer("round"), recipient=r.text("recipient"),
+                   survivors=tuple(r.strs("survivors")))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConsistencySignature:
+    """Survivor -> coordinator: its roster Ed25519 signature on :func:`survivor_set_bytes` of U3."""
+
+    KIND: ClassVar[str] = "consistency-signature"
+    run_id: str
+    round: int
+    node: str
+    signature: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        """Flat record."""
+        return {**_header(self.KIND, self.run_id, self.round), "node": self.node, "signature": self.signature}
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> ConsistencySignature:
+        """Parse (64-byte signature; verified by the stage functions)."""
+        r = _Wire(wire, "consistency signature", cls.KIND)
+        return cls(run_id=r.text("run_id"), round=r.integer("round"), node=r.text("node"),
+                   signature=r.blob("signature", _ED25519_SIG_BYTES))
+
+
 @dataclass(frozen=True, kw_only=True)
 class UnmaskRequest:
-    """Coordinator -> node: which of its neighbours survived and which dropped."""
+    """Coordinator -> node: which of its neighbours survived and which dropped, with the signed survivor set.
+
+    ``signed_survivors`` is the whole U3 every signer signed; ``signatures`` maps each signer (U4)
+    to its roster signature on :func:`survivor_set_bytes` of that set.
+    """
 
     KIND: ClassVar[str] = "unmask-request"
     run_id: str
@@ -581,22 +675,29 @@ class UnmaskRequest:
     recipient: str
     survivors: tuple[str, ...]
     dropped: tuple[str, ...]
+    signed_survivors: tuple[str, ...] = ()
+    signatures: Mapping[str, bytes] = field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:
         """Flat record."""
+        signers = sorted(self.signatures)
         return {
             **_header(self.KIND, self.run_id, self.round),
             "recipient": self.recipient,
             "survivors": list(self.survivors),
             "dropped": list(self.dropped),
+            "signed_survivors": list(self.signed_survivors),
+            "signers": signers,
+            "signatures": [self.signatures[n] for n in signers],
         }
 
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> UnmaskRequest:
-        """Parse."""
+        """Parse; the signed survivor set and the signatures are required (a request without them is refused)."""
         r = _Wire(wire, "unmask request", cls.KIND)
         return cls(run_id=r.text("run_id"), round=r.integer("round"), recipient=r.text("recipient"),
-                   survivors=tuple(r.strs("survivors")), dropped=tuple(r.strs("dropped")))
+                   survivors=tuple(r.strs("survivors")), dropped=tuple(r.strs("dropped")),
+                   signed_survivors=tuple(r.strs("signed_survivors")), signatures=r.pairs("signers", "signatures"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -735,6 +836,7 @@ class NodeState:
     seed: bytes | None = field(default=None, repr=False)
     peers: Mapping[str, tuple[bytes, bytes]] = field(default_factory=dict)
     held: Mapping[str, tuple[bytes, bytes]] = field(default_factory=dict, repr=False)
+    signed: tuple[str, ...] = ()  # the survivor set U3 this node signed (consistency stage)
 
     def to_wire(self) -> dict[str, Any]:
         """Flat record. Contains secrets: for the node's own storage only."""
@@ -748,6 +850,7 @@ class NodeState:
             "s_pk": self.s_pk,
             **_pairs_to_wire("peers", self.peers, "c_pk", "s_pk"),
             **_pairs_to_wire("held", self.held, "b", "s"),
+            "signed": list(self.signed),
         }
         for key in ("c_sk", "s_sk", "seed"):
             if getattr(self, key) is not None:
@@ -771,6 +874,7 @@ class NodeState:
             s_pk=r.blob("s_pk", 32),
             peers=_pairs_from_wire(r, "peers", "c_pk", "s_pk"),
             held=_pairs_from_wire(r, "held", "b", "s"),
+            signed=tuple(r.strs("signed")),
             **opt,
         )
 
@@ -873,15 +977,82 @@ def node_masked_input(
             y += mask
         else:
             y -= mask
-    new = replace(state, stage=Stage.UNMASK, c_sk=None, s_sk=None, seed=None, held=held)
+    new = replace(state, stage=Stage.CONSISTENCY, c_sk=None, s_sk=None, seed=None, held=held)
     return new, MaskedInput(run_id=cfg.run_id, round=cfg.round, node=state.name, vector=y)
 
 
-def node_unmask(state: NodeState, request: UnmaskRequest) -> tuple[NodeState, RevealedShares]:
+def _verify_survivor_signatures(
+    cfg: SecAggConfig, survivors: tuple[str, ...], signatures: Mapping[str, bytes], roster: Mapping[str, Any], who: str
+) -> tuple[str, ...]:
+    """Check every consistency signature on ``survivors`` against the roster; the signers, sorted.
+
+    A signer must be a participant in the signed set (U4 is a subset of U3); a signature that is
+    not 64 bytes or does not verify under the signer's roster key is a :class:`CryptoError`.
+    """
+    if not isinstance(signatures, Mapping):
+        raise ProtocolError(f"{who}: `signatures` must be a mapping signer -> bytes (got {type(signatures).__name__}).")
+    message = survivor_set_bytes(cfg, survivors)
+    in_set = set(survivors)
+    for signer, sig in signatures.items():
+        _require(isinstance(signer, str) and signer in cfg.participants,
+                 f"{who}: a consistency signature from {signer!r}, which is not a participant.")
+        _require(signer in in_set, f"{who}: {signer!r} signed a survivor set it is not in (signers must be survivors).")
+        if not isinstance(sig, bytes) or len(sig) != _ED25519_SIG_BYTES:
+            got = len(sig) if isinstance(sig, bytes) else type(sig).__name__
+            raise CryptoError(f"{who}: the consistency signature of {signer!r} must be {_ED25519_SIG_BYTES} bytes, got {got}.")
+        try:
+            _roster_key(signer, roster).verify(sig, message)
+        except InvalidSignature:
+            raise CryptoError(
+                f"{who}: the consistency signature of {signer!r} does not verify on this survivor set under its roster key."
+            ) from None
+    return tuple(sorted(signatures))
+
+
+def node_consistency(
+    state: NodeState, request: ConsistencyRequest, identity: NodeIdentity
+) -> tuple[NodeState, ConsistencySignature]:
+    """CONSISTENCY: sign the survivor set U3 the coordinator shows this node, once per round.
+
+    Refuses a set it is not in, a name that is not a participant, and a set leaving it fewer than
+    t surviving neighbours whose shares it holds (it would refuse to unmask anyway). The signed set
+    is kept in the state: the node later reveals shares only for that set.
+    """
+    _stage_check(state.stage, Stage.CONSISTENCY, "node_consistency")
+    cfg = state.cfg
+    _require(isinstance(request, ConsistencyRequest), "node_consistency: expected a ConsistencyRequest.")
+    _require(isinstance(identity, NodeIdentity) and identity.name == state.name,
+             "node_consistency: `identity` must be this node's NodeIdentity.")
+    _check_header(request, cfg, "the consistency request")
+    _require(request.recipient == state.name,
+             f"a consistency request for {request.recipient!r} was delivered to {state.name!r}.")
+    survivors = tuple(sorted(_check_names("survivors", request.survivors)))
+    unknown = sorted(set(survivors) - set(cfg.participants))
+    _require(not unknown, f"refused: the survivor set names non-participants {unknown}.")
+    _require(state.name in survivors, f"refused: {state.name!r} sent its masked input but is not in the survivor set.")
+    alive = [v for v in state.held if v in survivors]
+    if len(alive) < cfg.threshold:
+        raise ProtocolError(
+            f"fewer than t = {cfg.threshold} neighbours of {state.name!r} are in the survivor set ({len(alive)});"
+            " refusing to sign."
+        )
+    sig = identity.signing_key.sign(survivor_set_bytes(cfg, survivors))
+    new = replace(state, stage=Stage.UNMASK, signed=survivors)
+    return new, ConsistencySignature(run_id=cfg.run_id, round=cfg.round, node=state.name, signature=sig)
+
+
+def node_unmask(
+    state: NodeState, request: UnmaskRequest, roster_public_keys: Mapping[str, Any]
+) -> tuple[NodeState, RevealedShares]:
     """UNMASK: reveal b-shares of surviving neighbours and s-shares of dropped ones, once.
 
-    Refuses (:class:`ProtocolError`) a name in both lists, a non-neighbour or a neighbour whose
-    shares it does not hold, being listed as dropped itself, and fewer than t surviving neighbours.
+    Only after the consistency stage: the request must be for exactly the survivor set this node
+    signed, carry valid roster signatures on it from at least :func:`consistency_quorum` distinct
+    participants (``roster_public_keys``, obtained out of band), and its survivor and dropped lists
+    must be what that set says of the neighbours whose shares the node holds. Refuses
+    (:class:`ProtocolError`, or :class:`CryptoError` for signatures) anything else, as well as a
+    name in both lists, a non-neighbour or a neighbour whose shares it does not hold, being listed
+    as dropped itself, and fewer than t surviving neighbours.
     """
     _stage_check(state.stage, Stage.UNMASK, "node_unmask")
     cfg = state.cfg
@@ -891,6 +1062,19 @@ def node_unmask(state: NodeState, request: UnmaskRequest) -> tuple[NodeState, Re
              f"an unmask request for {request.recipient!r} was delivered to {state.name!r}.")
     survivors = set(_check_names("survivors", request.survivors))
     dropped = set(_check_names("dropped", request.dropped))
+    signed = tuple(sorted(_check_names("signed_survivors", request.signed_survivors)))
+    if signed != state.signed:
+        raise ProtocolError(
+            f"refused: the unmask request is for survivor set {list(signed)}, not the set {list(state.signed)}"
+            f" {state.name!r} signed."
+        )
+    signers = _verify_survivor_signatures(cfg, signed, request.signatures, roster_public_keys, "the unmask request")
+    quorum = consistency_quorum(cfg)
+    if len(signers) < quorum:
+        raise CryptoError(
+            f"refused: {len(signers)} valid signatures on the survivor set, fewer than the quorum"
+            f" max(t, n // 2 + 1) = {quorum}."
+        )
     both = survivors & dropped
     if both:
         raise ProtocolError(f"refused: asked for both share kinds of {sorted(both)} (survivor and dropped).")
@@ -903,6 +1087,14 @@ def node_unmask(state: NodeState, request: UnmaskRequest) -> tuple[NodeState, Re
             raise ProtocolError(f"refused: {v!r} is not a neighbour of {state.name!r}.")
         if v not in state.held:
             raise ProtocolError(f"refused: {state.name!r} holds no shares of {v!r}.")
+    in_set = set(signed)
+    want_survivors = {v for v in state.held if v in in_set}
+    want_dropped = {v for v in state.held if v not in in_set}
+    if survivors != want_survivors or dropped != want_dropped:
+        raise ProtocolError(
+            "refused: the survivor and dropped lists do not match the signed survivor set"
+            f" (survivors {sorted(survivors)} vs {sorted(want_survivors)}, dropped {sorted(dropped)} vs {sorted(want_dropped)})."
+        )
     if len(survivors & nbrs) < cfg.threshold:
         raise ProtocolError(
             f"fewer than t = {cfg.threshold} neighbours of {state.name!r} survived ({len(survivors & nbrs)});"
@@ -930,6 +1122,12 @@ class CoordState:
     keys: Mapping[str, tuple[bytes, bytes]] = field(default_factory=dict, repr=False)
     shared: tuple[str, ...] = ()
     masked: Mapping[str, np.ndarray] = field(default_factory=dict, repr=False)
+    signatures: Mapping[str, bytes] = field(default_factory=dict, repr=False)
+
+    @property
+    def signers(self) -> tuple[str, ...]:
+        """U4: survivors whose consistency signatures were accepted (asked to unmask)."""
+        return tuple(sorted(self.signatures))
 
     @property
     def advertised(self) -> tuple[str, ...]:
@@ -961,6 +1159,8 @@ class CoordState:
             "shared": list(self.shared),
             "masked": names,
             "masked.vectors": [self.masked[n].astype(dt, copy=False).tobytes() for n in names],
+            "signers": sorted(self.signatures),
+            "signatures": [self.signatures[n] for n in sorted(self.signatures)],
         }
 
     @classmethod
@@ -984,6 +1184,7 @@ class CoordState:
             keys=_pairs_from_wire(r, "keys", "c_pk", "s_pk"),
             shared=tuple(r.strs("shared")),
             masked={n: np.frombuffer(b, dtype=dt.newbyteorder("<")).astype(dt) for n, b in zip(names, raw, strict=True)},
+            signatures=r.pairs("signers", "signatures"),
         )
 
 
@@ -1059,8 +1260,8 @@ def coord_route_shares(
 
 def coord_collect_masked(
     state: CoordState, masked: Mapping[str, MaskedInput]
-) -> tuple[CoordState, dict[str, UnmaskRequest]]:
-    """MASKED_INPUT -> UNMASK: keep the masked vectors; ask each survivor about its neighbours."""
+) -> tuple[CoordState, dict[str, ConsistencyRequest]]:
+    """MASKED_INPUT -> CONSISTENCY: keep the masked vectors; ask every survivor to sign the survivor set U3."""
     _stage_check(state.stage, Stage.MASKED_INPUT, "coord_collect_masked")
     cfg = state.cfg
     _require(isinstance(masked, Mapping), "masked inputs must be a mapping node -> MaskedInput.")
@@ -1083,12 +1284,54 @@ def coord_collect_masked(
         holders = [w for w in graph[u] if w in survivors and w in state.keys]
         role = "surviving" if u in survivors else "dropped"
         _abort_if_below(len(holders), cfg, f"surviving neighbours hold shares of {role} node {u!r}")
-    for u in sorted(survivors):
+    u3 = tuple(sorted(survivors))
+    out: dict[str, ConsistencyRequest] = {
+        u: ConsistencyRequest(run_id=cfg.run_id, round=cfg.round, recipient=u, survivors=u3) for u in u3
+    }
+    return replace(state, stage=Stage.CONSISTENCY, masked=vectors), out
+
+
+def coord_collect_signatures(
+    state: CoordState, signatures: Mapping[str, ConsistencySignature]
+) -> tuple[CoordState, dict[str, UnmaskRequest]]:
+    """CONSISTENCY -> UNMASK: verify the survivors' signatures on U3; ask each signer about its neighbours.
+
+    The signers are U4 (a subset of U3); every unmask request carries U3 and all of U4's
+    signatures. Aborts ("fewer than t ...") below :func:`consistency_quorum` signers or when a
+    node's secrets would have fewer than t signers among its neighbours to rebuild them.
+    """
+    _stage_check(state.stage, Stage.CONSISTENCY, "coord_collect_signatures")
+    cfg = state.cfg
+    _require(isinstance(signatures, Mapping), "consistency signatures must be a mapping node -> ConsistencySignature.")
+    u3 = state.survivors
+    sigs: dict[str, bytes] = {}
+    for name, msg in signatures.items():
+        _require(isinstance(msg, ConsistencySignature), f"the reply under {name!r} is not a ConsistencySignature.")
+        _require(msg.node == name, f"the consistency signature under {name!r} names {msg.node!r}.")
+        _require(name in state.masked, f"a consistency signature from {name!r}, which sent no masked input.")
+        _check_header(msg, cfg, f"the consistency signature of {name!r}")
+        sigs[name] = msg.signature
+    _verify_survivor_signatures(cfg, u3, sigs, state.roster, "coord_collect_signatures")
+    quorum = consistency_quorum(cfg)
+    if len(sigs) < quorum:
+        raise ProtocolError(
+            f"fewer than t = {cfg.threshold} (quorum {quorum}) survivors signed the survivor set ({len(sigs)});"
+            " the round aborts, nothing is unmasked."
+        )
+    graph = neighbour_graph(cfg)
+    shared, survivors = set(state.shared), set(u3)
+    for u in sorted(shared):
+        holders = [w for w in graph[u] if w in sigs]
+        role = "surviving" if u in survivors else "dropped"
+        _abort_if_below(len(holders), cfg, f"signing neighbours hold shares of {role} node {u!r}")
+    out: dict[str, UnmaskRequest] = {}
+    for u in sorted(sigs):
         mine = [v for v in graph[u] if v in shared]
         out[u] = UnmaskRequest(run_id=cfg.run_id, round=cfg.round, recipient=u,
                                survivors=tuple(v for v in mine if v in survivors),
-                               dropped=tuple(v for v in mine if v not in survivors))
-    return replace(state, stage=Stage.UNMASK, masked=vectors), out
+                               dropped=tuple(v for v in mine if v not in survivors),
+                               signed_survivors=u3, signatures=dict(sigs))
+    return replace(state, stage=Stage.UNMASK, signatures=sigs), out
 
 
 def coord_unmask(state: CoordState, revealed: Mapping[str, RevealedShares]) -> tuple[CoordState, np.ndarray]:
@@ -1107,7 +1350,7 @@ def coord_unmask(state: CoordState, revealed: Mapping[str, RevealedShares]) -> t
     for name, msg in revealed.items():
         _require(isinstance(msg, RevealedShares), f"the reply under {name!r} is not RevealedShares.")
         _require(msg.node == name, f"the reply under {name!r} names {msg.node!r}.")
-        _require(name in survivors, f"revealed shares from {name!r}, which was not asked to unmask.")
+        _require(name in state.signatures, f"revealed shares from {name!r}, which was not asked to unmask.")
         _check_header(msg, cfg, f"the revealed shares of {name!r}")
         mine = {v for v in graph[name] if v in state.shared}
         asked_b, asked_s = mine & survivors, mine & dropped
@@ -1118,7 +1361,7 @@ def coord_unmask(state: CoordState, revealed: Mapping[str, RevealedShares]) -> t
             b_pts[owner][x] = share_from_bytes(raw)
         for owner, raw in msg.s_shares.items():
             s_pts[owner][x] = share_from_bytes(raw)
-    _abort_if_below(len(revealed), cfg, "surviving nodes answered the unmask request")
+    _abort_if_below(len(revealed), cfg, "signing nodes answered the unmask request")
     total = np.zeros(cfg.length, dtype=cfg.dtype)
     for u in sorted(survivors):
         _abort_if_below(len(b_pts[u]), cfg, f"shares of the self-mask seed of {u!r} were revealed")
@@ -1200,10 +1443,16 @@ def run_round_in_memory(
         nodes[n], msg = node_masked_input(nodes[n], wire(routed[n]), vectors[n])
         nodes[n], masked[n] = wire(nodes[n]), wire(msg)
     seen(Stage.MASKED_INPUT, masked)
-    coord, requests = coord_collect_masked(wire(coord), masked)
+    coord, checks = coord_collect_masked(wire(coord), masked)
+    signed: dict[str, ConsistencySignature] = {}
+    for n in alive(Stage.CONSISTENCY, checks):
+        nodes[n], sig = node_consistency(nodes[n], wire(checks[n]), NodeIdentity(name=n, signing_key=signing_keys[n]))
+        nodes[n], signed[n] = wire(nodes[n]), wire(sig)
+    seen(Stage.CONSISTENCY, signed)
+    coord, requests = coord_collect_signatures(wire(coord), signed)
     revealed: dict[str, RevealedShares] = {}
     for n in alive(Stage.UNMASK, requests):
-        nodes[n], reply = node_unmask(nodes[n], wire(requests[n]))
+        nodes[n], reply = node_unmask(nodes[n], wire(requests[n]), roster)
         revealed[n] = wire(reply)
     seen(Stage.UNMASK, revealed)
     coord, total = coord_unmask(wire(coord), revealed)

@@ -464,7 +464,8 @@ def _robust_problems(spec: Spec) -> list[str]:
         elif strategy == "multikrum" and t.krum_select is not None and t.krum_select > m - t.byzantine_partners:
             problems.append(f"training.krum_select = {t.krum_select} exceeds the fewest updates of a round minus byzantine_partners ({m} - {t.byzantine_partners})")
     for name, rules in (("trim_fraction", ("trimmed_mean",)), ("byzantine_partners", ("krum", "multikrum")), ("krum_select", ("multikrum",))):
-        if name in t.model_fields_set and strategy not in rules:
+        # A value equal to the default is what a dumped spec carries back (model_dump round trip): not a choice.
+        if name in t.model_fields_set and getattr(t, name) != type(t).model_fields[name].default and strategy not in rules:
             problems.append(f"training.{name} is only for strategy {' or '.join(repr(r) for r in rules)}, got strategy {strategy!r}")
     if spec.secagg.clip_l2 is not None:
         if spec.aggregation != "secagg":

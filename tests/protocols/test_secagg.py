@@ -72,10 +72,14 @@ def staged(cfg, keys, roster, vectors=None):
     r.nodes2, r.masked = {}, {}
     for n in r.routed:
         r.nodes2[n], r.masked[n] = secagg.node_masked_input(r.nodes1[n], r.routed[n], vectors[n])
-    r.coord3, r.requests = secagg.coord_collect_masked(r.coord2, r.masked)
+    r.coord3c, r.checks = secagg.coord_collect_masked(r.coord2, r.masked)
+    r.nodes2c, r.signed = {}, {}
+    for n in r.checks:
+        r.nodes2c[n], r.signed[n] = secagg.node_consistency(r.nodes2[n], r.checks[n], secagg.NodeIdentity(name=n, signing_key=keys[n]))
+    r.coord3, r.requests = secagg.coord_collect_signatures(r.coord3c, r.signed)
     r.nodes3, r.revealed = {}, {}
     for n in r.requests:
-        r.nodes3[n], r.revealed[n] = secagg.node_unmask(r.nodes2[n], r.requests[n])
+        r.nodes3[n], r.revealed[n] = secagg.node_unmask(r.nodes2c[n], r.requests[n], roster)
     r.coord4, r.total = secagg.coord_unmask(r.coord3, r.revealed)
     return r
 
@@ -222,14 +226,16 @@ class TestRound:
         assert np.all(np.abs(mean - expected) <= bound + 1e-15)
         assert abs(total_weight - w.sum()) <= len(names) * 0.5 / scale * 300.0
 
-    @pytest.mark.parametrize("stage", [Stage.ADVERTISE, Stage.SHARE, Stage.MASKED_INPUT, Stage.UNMASK])
+    @pytest.mark.parametrize("stage", [Stage.ADVERTISE, Stage.SHARE, Stage.MASKED_INPUT, Stage.CONSISTENCY, Stage.UNMASK])
     def test_one_dropout_at_each_stage_completes(self, keys, stage):
         """A node missing from the replies of any stage: the sum of the nodes whose input counts."""
         cfg = make_cfg()
         vectors = random_vectors(cfg, seed=3)
         total, coord = secagg.run_round_in_memory(vectors, cfg=cfg, signing_keys=keys, drop_at={stage: ["charlie"]})
-        expected_in = [n for n in NAMES if n != "charlie"] if stage != Stage.UNMASK else list(NAMES)
+        late = stage in (Stage.CONSISTENCY, Stage.UNMASK)
+        expected_in = [n for n in NAMES if n != "charlie"] if not late else list(NAMES)
         assert list(coord.survivors) == expected_in
+        assert ("charlie" in coord.signers) == (stage == Stage.UNMASK)
         assert list(coord.dropped) == (["charlie"] if stage == Stage.MASKED_INPUT else [])
         assert np.array_equal(total, plain_sum(vectors, expected_in, np.uint32))
 
@@ -244,7 +250,7 @@ class TestRound:
         assert coord.dropped == ("n5",)
         assert np.array_equal(total, plain_sum(vectors, alive, np.uint32))
 
-    @pytest.mark.parametrize("stage", [Stage.ADVERTISE, Stage.SHARE, Stage.MASKED_INPUT, Stage.UNMASK])
+    @pytest.mark.parametrize("stage", [Stage.ADVERTISE, Stage.SHARE, Stage.MASKED_INPUT, Stage.CONSISTENCY, Stage.UNMASK])
     def test_below_threshold_aborts(self, keys, stage):
         """Two dropouts in one neighbourhood (t = 3 of k = 4) abort with 'fewer than t', at any stage."""
         cfg = make_cfg()
@@ -300,7 +306,11 @@ class TestCoordinatorView:
                 combine_shares(s_pts[u], threshold=t, length=32)
 
     def test_lying_about_dropouts_gains_nothing(self, run):
-        """Telling some neighbours 'u dropped' and others 'u survived' never yields t of both shares."""
+        """Telling some neighbours 'u dropped' and others 'u survived' is refused by every lied-to node.
+
+        The survivor and dropped lists must match the signed survivor set; a node told 'u dropped'
+        while the signed set holds u reveals nothing. Those told the truth reveal only b-shares.
+        """
         cfg, t = run.cfg, run.cfg.threshold
         g = secagg.neighbour_graph(cfg)
         u = NAMES[2]
@@ -309,17 +319,16 @@ class TestCoordinatorView:
             told_dropped = set(nbrs[:n_lied])
             b_count = s_count = 0
             for w in nbrs:
-                others = tuple(v for v in g[w] if v != u)
+                honest = run.requests[w]
                 if w in told_dropped:
-                    req = secagg.UnmaskRequest(run_id=cfg.run_id, round=cfg.round, recipient=w,
-                                               survivors=others, dropped=(u,))
-                else:
-                    req = secagg.UnmaskRequest(run_id=cfg.run_id, round=cfg.round, recipient=w,
-                                               survivors=(*others, u), dropped=())
-                _, reply = secagg.node_unmask(run.nodes2[w], req)
+                    req = replace(honest, survivors=tuple(v for v in honest.survivors if v != u), dropped=(u,))
+                    with pytest.raises(ProtocolError, match="do not match the signed survivor set"):
+                        secagg.node_unmask(run.nodes2c[w], req, run.roster)
+                    continue
+                _, reply = secagg.node_unmask(run.nodes2c[w], honest, run.roster)
                 b_count += u in reply.b_shares
                 s_count += u in reply.s_shares
-            assert b_count + s_count == len(nbrs)
+            assert s_count == 0 and b_count == len(nbrs) - n_lied
             assert not (b_count >= t and s_count >= t)
 
     def test_node_refuses_both_share_kinds_of_one_peer(self, run):
@@ -328,7 +337,7 @@ class TestCoordinatorView:
         req = run.requests[w]
         both = replace(req, dropped=(req.survivors[0],))
         with pytest.raises(ProtocolError, match="both share kinds"):
-            secagg.node_unmask(run.nodes2[w], both)
+            secagg.node_unmask(run.nodes2c[w], both, run.roster)
 
     def test_secrets_are_erased_and_not_in_repr(self, run):
         """Private keys and the seed leave the node state after masking; repr shows no key material."""
@@ -455,8 +464,12 @@ class TestHostileInput:
         cfg = make_cfg(names=NAMES[:5])
         r = staged(cfg, keys, {n: roster[n] for n in cfg.participants})
         gone = "bravo"
-        coord3, requests = secagg.coord_collect_masked(r.coord2, {n: m for n, m in r.masked.items() if n != gone})
-        replies = {n: secagg.node_unmask(r.nodes2[n], requests[n])[1] for n in requests}
+        coord3c, checks = secagg.coord_collect_masked(r.coord2, {n: m for n, m in r.masked.items() if n != gone})
+        nodes, sigs = {}, {}
+        for n in checks:
+            nodes[n], sigs[n] = secagg.node_consistency(r.nodes2[n], checks[n], secagg.NodeIdentity(name=n, signing_key=keys[n]))
+        coord3, requests = secagg.coord_collect_signatures(coord3c, sigs)
+        replies = {n: secagg.node_unmask(nodes[n], requests[n], r.roster)[1] for n in requests}
         w = next(n for n in replies if gone in replies[n].s_shares)
         raw = replies[w].s_shares[gone]
         replies[w] = replace(replies[w], s_shares={gone: raw[:-1] + bytes([raw[-1] ^ 1])})
@@ -468,7 +481,9 @@ class TestHostileInput:
         with pytest.raises(ProtocolError, match="out of order"):
             secagg.node_masked_input(run.nodes0["alpha"], run.routed["alpha"], run.vectors["alpha"])
         with pytest.raises(ProtocolError, match="out of order"):
-            secagg.node_unmask(run.nodes3["alpha"], run.requests["alpha"])  # a second unmask request
+            secagg.node_unmask(run.nodes3["alpha"], run.requests["alpha"], run.roster)  # a second unmask request
+        with pytest.raises(ProtocolError, match="at stage 'consistency'"):
+            secagg.node_unmask(run.nodes2["alpha"], run.requests["alpha"], run.roster)  # the consistency stage skipped
         with pytest.raises(ProtocolError, match="out of order"):
             secagg.node_share(run.nodes1["alpha"], run.ads, run.roster)
         with pytest.raises(ProtocolError, match="out of order"):
@@ -485,7 +500,7 @@ class TestHostileInput:
             secagg.coord_collect_masked(replace(run.coord2, shared=run.coord2.shared[1:]), run.masked)
 
     def test_unmask_refusals(self, run):
-        """A node refuses: being listed as dropped, a non-neighbour, a peer it holds no shares of, < t survivors."""
+        """A node refuses: being listed as dropped, a non-neighbour, a peer it holds no shares of, lists off the signed set."""
         g = secagg.neighbour_graph(run.cfg)
         u = "alpha"
         stranger = next(n for n in NAMES if n != u and n not in g[u])
@@ -493,22 +508,23 @@ class TestHostileInput:
         cases = {
             "listed as dropped": replace(req, dropped=(u,)),
             "not a neighbour": replace(req, survivors=(*req.survivors, stranger)),
-            "fewer than t": replace(req, survivors=req.survivors[:2]),
+            "do not match the signed survivor set": replace(req, survivors=req.survivors[:2]),
         }
         for message, bad in cases.items():
             with pytest.raises(ProtocolError, match=message):
-                secagg.node_unmask(run.nodes2[u], bad)
-        partial = replace(run.nodes2[u], held={k: v for k, v in run.nodes2[u].held.items() if k != req.survivors[0]})
+                secagg.node_unmask(run.nodes2c[u], bad, run.roster)
+        partial = replace(run.nodes2c[u], held={k: v for k, v in run.nodes2c[u].held.items() if k != req.survivors[0]})
         with pytest.raises(ProtocolError, match="holds no shares"):
-            secagg.node_unmask(partial, req)
+            secagg.node_unmask(partial, req, run.roster)
         with pytest.raises(ProtocolError, match="delivered to"):
-            secagg.node_unmask(run.nodes2[u], replace(req, recipient="bravo"))
+            secagg.node_unmask(run.nodes2c[u], replace(req, recipient="bravo"), run.roster)
 
     def test_error_leaves_the_round_consistent(self, run):
         """After a refused reply the coordinator's state is untouched: the same stage still completes."""
         with pytest.raises(ProtocolError):
             secagg.coord_collect_masked(run.coord2, run.masked | {"mallory": run.masked["alpha"]})
-        coord3, _ = secagg.coord_collect_masked(run.coord2, run.masked)
+        coord3c, _ = secagg.coord_collect_masked(run.coord2, run.masked)
+        coord3, _ = secagg.coord_collect_signatures(coord3c, run.signed)
         _, total = secagg.coord_unmask(coord3, run.revealed)
         assert np.array_equal(total, run.total)
 
@@ -520,9 +536,9 @@ class TestWire:
             return all(isinstance(v, (str, int, bytes)) or (isinstance(v, list) and all(isinstance(x, (str, int, bytes)) for x in v))
                        for v in w.values())
 
-        objs = [run.ads["alpha"], run.bundles["alpha"], run.routed["alpha"], run.requests["alpha"],
-                run.revealed["alpha"], run.nodes0["alpha"], run.nodes1["alpha"], run.nodes2["alpha"],
-                run.nodes3["alpha"], run.coord0, run.coord1, run.coord2, run.coord3, run.coord4]
+        objs = [run.ads["alpha"], run.bundles["alpha"], run.routed["alpha"], run.checks["alpha"], run.signed["alpha"],
+                run.requests["alpha"], run.revealed["alpha"], run.nodes0["alpha"], run.nodes1["alpha"], run.nodes2["alpha"],
+                run.nodes2c["alpha"], run.nodes3["alpha"], run.coord0, run.coord1, run.coord2, run.coord3c, run.coord3, run.coord4]
         for obj in objs:
             w = obj.to_wire()
             assert flat(w), type(obj).__name__
@@ -532,3 +548,100 @@ class TestWire:
         assert np.array_equal(secagg.MaskedInput.from_wire(m.to_wire()).vector, m.vector)
         ads = secagg.advertisements_from_wire(secagg.advertisements_to_wire(run.to_nodes["alpha"]))
         assert ads == run.to_nodes["alpha"]
+
+
+# --------------------------------------------------------------------------- consistency stage
+
+
+class TestConsistency:
+    def test_quorum_is_t_and_a_strict_majority(self):
+        """max(t, n // 2 + 1): with n = 6, t = 3 it is 4; with n = 5, t = 3 it is 3."""
+        assert secagg.consistency_quorum(make_cfg()) == 4
+        assert secagg.consistency_quorum(make_cfg(names=NAMES[:5])) == 3
+
+    def test_signature_binds_run_round_participants_and_set(self, run, keys):
+        """A signature verifies only on the exact (run, round, participants, U3) it was made for."""
+        sig = run.signed["alpha"].signature
+        key = run.roster["alpha"]
+        key.verify(sig, secagg.survivor_set_bytes(run.cfg, NAMES))
+        for other in (secagg.survivor_set_bytes(run.cfg, NAMES[1:]), secagg.survivor_set_bytes(replace(run.cfg, round=4), NAMES),
+                      secagg.survivor_set_bytes(replace(run.cfg, run_id="run-2"), NAMES)):
+            with pytest.raises(Exception):
+                key.verify(sig, other)
+
+    def test_forged_signatures_are_refused(self, run, keys):
+        """Another party's key, a signature on another set or round, a copied signature: CryptoError, nothing revealed."""
+        u, req = "alpha", run.requests["alpha"]
+        msg = secagg.survivor_set_bytes(run.cfg, NAMES)
+        other_round = keys["bravo"].sign(secagg.survivor_set_bytes(replace(run.cfg, round=2), NAMES))
+        cases = {
+            "by another key": keys["echo"].sign(msg),
+            "on another set": keys["bravo"].sign(secagg.survivor_set_bytes(run.cfg, NAMES[:5])),
+            "from another round": other_round,
+            "copied from another signer": req.signatures["charlie"],
+        }
+        for why, sig in cases.items():
+            bad = replace(req, signatures=dict(req.signatures) | {"bravo": sig})
+            with pytest.raises(CryptoError, match="'bravo' does not verify"):
+                secagg.node_unmask(run.nodes2c[u], bad, run.roster)
+            with pytest.raises(CryptoError, match="does not verify"):
+                secagg.coord_collect_signatures(run.coord3c, run.signed | {"bravo": replace(run.signed["bravo"], signature=sig)})
+        with pytest.raises(CryptoError, match="64 bytes"):
+            secagg.node_unmask(run.nodes2c[u], replace(req, signatures=dict(req.signatures) | {"bravo": b"\x00" * 63}), run.roster)
+
+    def test_duplicated_and_foreign_signers_are_refused(self, run, keys):
+        """A signer listed twice, a non-participant, or a participant outside the signed set is refused."""
+        u, req = "alpha", run.requests["alpha"]
+        wire = req.to_wire()
+        wire["signers"] = [*wire["signers"][:-1], wire["signers"][0]]
+        with pytest.raises(ProtocolError, match="repeats a name"):
+            secagg.UnmaskRequest.from_wire(wire)
+        mallory = Ed25519PrivateKey.generate()
+        foreign = replace(req, signatures=dict(req.signatures) | {"mallory": mallory.sign(secagg.survivor_set_bytes(run.cfg, NAMES))})
+        with pytest.raises(ProtocolError, match="'mallory', which is not a participant"):
+            secagg.node_unmask(run.nodes2c[u], foreign, run.roster)
+        smaller = tuple(n for n in NAMES if n != "foxtrot")
+        st = replace(run.nodes2c[u], signed=smaller)
+        sigs = {n: keys[n].sign(secagg.survivor_set_bytes(run.cfg, smaller)) for n in NAMES}
+        outside = replace(req, signed_survivors=smaller, signatures=sigs)
+        with pytest.raises(ProtocolError, match="'foxtrot' signed a survivor set it is not in"):
+            secagg.node_unmask(st, outside, run.roster)
+
+    def test_too_few_signatures_and_another_set_are_refused(self, run):
+        """Below the quorum, or a request for a set other than the one the node signed: refused."""
+        u, req = "alpha", run.requests["alpha"]
+        few = replace(req, signatures={n: s for n, s in list(req.signatures.items())[:3]})
+        with pytest.raises(CryptoError, match="3 valid signatures on the survivor set, fewer than the quorum"):
+            secagg.node_unmask(run.nodes2c[u], few, run.roster)
+        with pytest.raises(ProtocolError, match="not the set 'alpha' signed|not the set"):
+            secagg.node_unmask(run.nodes2c[u], replace(req, signed_survivors=NAMES[:5]), run.roster)
+
+    def test_node_refuses_to_sign_a_set_without_itself_or_with_strangers(self, run, keys):
+        """The survivor set must hold the node itself, only participants, and t of its neighbours."""
+        me = secagg.NodeIdentity(name="alpha", signing_key=keys["alpha"])
+        req = run.checks["alpha"]
+        with pytest.raises(ProtocolError, match="not in the survivor set"):
+            secagg.node_consistency(run.nodes2["alpha"], replace(req, survivors=NAMES[1:]), me)
+        with pytest.raises(ProtocolError, match="non-participants"):
+            secagg.node_consistency(run.nodes2["alpha"], replace(req, survivors=(*NAMES, "mallory")), me)
+        with pytest.raises(ProtocolError, match="fewer than t"):
+            secagg.node_consistency(run.nodes2["alpha"], replace(req, survivors=NAMES[:2]), me)
+        with pytest.raises(ProtocolError, match="delivered to"):
+            secagg.node_consistency(run.nodes2["alpha"], replace(req, recipient="bravo"), me)
+
+    def test_coordinator_aborts_below_the_quorum(self, run):
+        """With 3 of 6 signatures (quorum 4) the round aborts before any unmask request exists."""
+        with pytest.raises(ProtocolError, match="fewer than t = 3 \\(quorum 4\\)"):
+            secagg.coord_collect_signatures(run.coord3c, {n: run.signed[n] for n in NAMES[:3]})
+
+    def test_dropouts_at_every_stage_within_the_threshold(self):
+        """n = 10, t = 5, four tolerated: one dropout at each of four stages, the sum of the right nodes."""
+        cfg10 = make_cfg(names=[f"n{i}" for i in range(10)], k=9, threshold=5, max_dropouts=4)
+        keys10 = {n: Ed25519PrivateKey.generate() for n in cfg10.participants}
+        vectors = random_vectors(cfg10, seed=11)
+        drop = {Stage.ADVERTISE: ["n1"], Stage.MASKED_INPUT: ["n3"], Stage.CONSISTENCY: ["n5"], Stage.UNMASK: ["n7"]}
+        total, coord = secagg.run_round_in_memory(vectors, cfg=cfg10, signing_keys=keys10, drop_at=drop)
+        summed = [n for n in cfg10.participants if n not in ("n1", "n3")]
+        assert coord.survivors == tuple(summed) and coord.dropped == ("n3",)
+        assert "n5" not in coord.signers and "n7" in coord.signers
+        assert np.array_equal(total, plain_sum(vectors, summed, np.uint32))
