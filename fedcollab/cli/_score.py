@@ -186,7 +186,7 @@ def apply(
         passphrase = _passphrase(passphrase_env)
         known = load_roster(roster)
         policy = home.policy()
-        ledger = PartyLedger(home.ledger_path, party=policy.partner, key=home.key(passphrase))
+        ledger = PartyLedger(home.ledger_path, party=policy.partner, key=home.key(passphrase), anchor_path=home.anchor_path)
         lin = load_linear_model(model)
         names = None
         if spec is not None:
