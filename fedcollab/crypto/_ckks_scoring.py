@@ -49,12 +49,6 @@ COEFF_MOD_BIT_SIZES = (60, 50, 60)
 SCALE_BITS = 50
 #: Default flooding noise, standard deviation in logits of each real and imaginary slot part.
 DEFAULT_FLOOD_STD = 2.0**-10
-#: Imaginary flooding: this many independent purely imaginary plaintexts, each with Gaussian
-#: coefficients of standard deviation 2^IMAG_FLOOD_BITS, are added (mod q): their sum has standard
-#: deviation 2^60.5 > q, so the imaginary slot parts are statistically uniform mod q (issue 13,
-#: attack 7). Each plaintext stays below SEAL's 2^59 coefficient limit.
-IMAG_FLOOD_TERMS = 512
-IMAG_FLOOD_BITS = 56
 #: Stand-in for an exact zero weight (SEAL refuses a product with an all-zero plaintext).
 ZERO_WEIGHT = 2.0**-40
 #: Largest |feature| a querier may encrypt (keeps every product far from the modulus).
@@ -222,60 +216,10 @@ class SecretScoringContext:
             raise CryptoError(f"`{field}` must have scale ~2^{self.params.scale_bits}, got 2^{math.log2(ct.scale):.2f}")
         pt = ts.sealapi.Plaintext()
         ts.sealapi.Decryptor(data, self._ctx.secret_key().data).decrypt(ct, pt)
-        q = data.get_context_data(ct.parms_id()).parms().coeff_modulus()[0].value()
-        values = real_parts_mod_q(np.asarray(ts.sealapi.CKKSEncoder(data).decode_complex(pt)), modulus_over_scale=q / ct.scale)
+        values = np.asarray(ts.sealapi.CKKSEncoder(data).decode_double(pt), dtype=np.float64)
         if not 0 < rows <= len(values):
             raise CryptoError(f"`rows` must be in [1, {len(values)}], got {rows}")
         return values[:rows]
-
-
-def _flood_imaginary(acc: Any, enc: Any, ev: Any, *, generator: np.random.Generator, slots: int, n: int) -> None:
-    """Make every imaginary slot part of ``acc`` statistically uniform mod q, leaving the real parts exact mod q.
-
-    A purely imaginary slot vector encodes to a polynomial whose coefficients are symmetric
-    (``p_j = p_{N-j}``, ``p_0 = 0``), while the real slot parts live in the antisymmetric part
-    ``m_j - m_{N-j}`` (and ``m_0``). Adding such polynomials changes the antisymmetric part by
-    encoding round-off only; the symmetric part, where ``w . Im(x)`` sits, becomes a sum of
-    Gaussians of total standard deviation above q, i.e. uniform mod q up to a statistical
-    distance of about 2 exp(-2 pi^2 (sigma/q)^2) < 1e-16 per coefficient. The querier reads the
-    real parts from the antisymmetric part mod q (:func:`real_parts_mod_q`).
-    """
-    sa = _tenseal().sealapi
-    # slot std s gives coefficient std s * scale / sqrt(N) (the embedding is sqrt(N)-scaled unitary)
-    std = 2.0**IMAG_FLOOD_BITS / acc.scale * math.sqrt(n)
-    done = 0
-    while done < IMAG_FLOOD_TERMS:
-        y = 1j * generator.normal(0.0, std, size=slots)
-        pt = sa.Plaintext()
-        try:
-            enc.encode(y.tolist(), acc.parms_id(), acc.scale, pt)
-        except ValueError:  # a coefficient above SEAL's limit (a > 5-sigma draw): draw again
-            continue
-        ev.add_plain_inplace(acc, pt)
-        done += 1
-
-
-def real_parts_mod_q(slots: np.ndarray, *, modulus_over_scale: float) -> np.ndarray:
-    """The real slot parts, read from the antisymmetric coefficients mod q of the decoded slots.
-
-    ``slots`` is SEAL's complex decoding (every coefficient centred mod q, divided by the
-    scale). The coefficients are recovered with an FFT over the 2N-th roots of unity (slot k at
-    zeta^(5^k mod 2N), its conjugate at the inverse root); ``(v_j - v_{N-j}) / 2`` reduced
-    mod ``Q = q / scale`` is the real part's polynomial, exact whatever the imaginary flooding
-    added, provided |real coefficient| < Q / 4 (scores below 2^8 in magnitude).
-    """
-    s = len(slots)
-    n = 2 * s
-    e = np.array([pow(5, k, 2 * n) for k in range(s)])
-    g = np.zeros(2 * n, dtype=complex)
-    g[e] = slots
-    g[2 * n - e] = np.conj(slots)
-    v = (np.fft.fft(g)[:n] / n).real
-    q = float(modulus_over_scale)
-    a = np.empty(n)
-    a[0] = (v[0] + q / 2) % q - q / 2
-    a[1:] = (((v[1:] - v[:0:-1]) + q / 2) % q - q / 2) / 2
-    return (np.fft.ifft(np.concatenate([a, np.zeros(n)])) * (2 * n))[e].real
 
 
 class PublicScoringContext:
@@ -381,9 +325,8 @@ class PublicScoringContext:
         pt = sa.Plaintext()
         enc.encode(mask.tolist(), acc.parms_id(), acc.scale, pt)
         ev.add_plain_inplace(acc, pt)
-        noise = generator.normal(0.0, flood_std, size=s)
+        noise = generator.normal(0.0, flood_std, size=s) + 1j * generator.normal(0.0, flood_std, size=s)
         pt = sa.Plaintext()
         enc.encode(noise.tolist(), acc.parms_id(), acc.scale, pt)
         ev.add_plain_inplace(acc, pt)
-        _flood_imaginary(acc, enc, ev, generator=generator, slots=s, n=self.params.poly_modulus_degree)
         return _save_seal(acc)
