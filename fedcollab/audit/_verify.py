@@ -33,7 +33,7 @@ from fedcollab.privacy.accounting import (
     parse_lines,
     verify_signature,
 )
-from fedcollab.privacy.accounting._ledger import spent
+from fedcollab.privacy.accounting._ledger import SCORING_CHARGE_PER_ROW, spent
 from fedcollab.spec import Roster
 
 CLAIM_RTOL = 1e-9
@@ -245,11 +245,15 @@ def _check_scoring(good: list[LedgerLine], rep: Report) -> None:
         if complete[e["party"]] and before != answered[key]:
             rep.findings.append(Finding(ExitCode.CLAIM_MISMATCH, ln.number,
                                         f"{e['party']}: scoring entry claims {before} rows answered before for {key[2]!r}, recomputed {answered[key]}"))
+        charge = SCORING_CHARGE_PER_ROW * rows  # a complex slot answers two equations (issue 13, attack 7)
+        if "charged" in b and b["charged"] != charge:
+            rep.findings.append(Finding(ExitCode.CLAIM_MISMATCH, ln.number,
+                                        f"{e['party']}: scoring entry charges {b['charged']} budget rows for {rows} rows, expected {charge}"))
         if outcome == "answered":
-            answered[key] += rows
-            if max(answered[key], before + rows) > budget:
+            answered[key] += charge
+            if max(answered[key], before + charge) > budget:
                 rep.findings.append(Finding(ExitCode.LEDGER_BUDGET_EXCEEDED, ln.number,
-                                            f"{e['party']}: {max(answered[key], before + rows)} rows scored for {key[2]!r}, budget {budget}"))
+                                            f"{e['party']}: {max(answered[key], before + charge)} budget rows charged for {key[2]!r}, budget {budget}"))
 
 
 def _check_run_structure(good: list[LedgerLine], coordinators: set[str], rep: Report, roster_partners: set[str] = frozenset()) -> None:

@@ -34,6 +34,10 @@ from fedcollab.privacy.accounting._events import Release
 
 LEDGER_SCHEMA_VERSION = 1
 GENESIS = "0" * 64
+#: Encrypted scoring charges each answered row twice against the querier's row budget: a CKKS
+#: slot is complex, and a querier that packs complex values gets ``w . Re(x) + b`` and
+#: ``w . Im(x)``, two linear equations in the model, per row (issue 13, attack 7).
+SCORING_CHARGE_PER_ROW = 2
 EntryKind = Literal["release", "refusal", "receipt", "close", "countersign", "key_custody", "aggregate", "scoring"]
 
 
@@ -392,7 +396,9 @@ def ledger_entry_json_schema() -> dict[str, Any]:
                        "model": {**hex64, "description": "SHA-256 of the model file"},
                        "request": {**hex64, "description": "SHA-256 of the request file"},
                        "rows": {"type": "integer", "minimum": 0, "description": "rows (queries) in the request"},
-                       "rows_before": {"type": "integer", "minimum": 0, "description": "rows answered before, same querier and model"},
+                       "rows_before": {"type": "integer", "minimum": 0,
+                                       "description": "budget rows charged before, same querier and model (2 per answered row)"},
+                       "charged": {"type": "integer", "minimum": 0, "description": "budget rows this request is charged: 2 per row"},
                        "budget": {"type": "integer", "minimum": 0}, "outcome": {"enum": ["answered", "refused"]},
                        "code": {"type": ["integer", "null"], "description": "node error code of a refusal"},
                        "flood_std": {"type": "number"}, "params": {"type": "object"}},
