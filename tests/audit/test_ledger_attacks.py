@@ -156,8 +156,8 @@ class TestRollback:
         home = self._home(tmp_path, epsilon=100.0)
         assert self._spend(home.gate("a", "a"), 3) == 3
         assert self._spend(home.gate("a", "a"), 2, start=4) == 2  # a restart with an intact ledger is accepted
-        anchor = json.loads(home.anchor_path.read_text())
-        assert anchor["seq"] == 4 and anchor["party"] == "a"
+        anchor = json.loads(home.anchor_path.read_text())["heads"]["a"]
+        assert anchor["seq"] == 4 and anchor["hash"] == home.gate("a", "a").ledger.lines()[-1].hash
 
     def test_run_ledger_detects_a_shorter_node_ledger(self, tmp_path, keys):
         """A node ledger cut behind entries it sent (and countersigned) in a run: verify --run-ledger exits 20."""

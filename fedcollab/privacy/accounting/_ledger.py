@@ -189,11 +189,16 @@ class PartyLedger:
             return None
         try:
             doc = json.loads(self.anchor_path.read_bytes())
-            seq, h = doc["seq"], doc["hash"]
-            if doc.get("party") != self.party or not isinstance(seq, int) or isinstance(seq, bool) or seq < 0 or not isinstance(h, str):
+            heads = doc["heads"]
+            if not isinstance(heads, dict):
+                raise ValueError
+            if self.party not in heads:
+                return None
+            seq, h = heads[self.party]["seq"], heads[self.party]["hash"]
+            if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0 or not isinstance(h, str):
                 raise ValueError
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-            raise LedgerRolledBack(f"the ledger anchor {self.anchor_path.name} is unreadable or not {self.party!r}'s; "
+            raise LedgerRolledBack(f"the ledger anchor {self.anchor_path.name} is unreadable; "
                                    "refusing every release until it is restored") from None
         return seq, h
 
@@ -216,8 +221,12 @@ class PartyLedger:
 
     def _write_anchor(self, seq: int, h: str) -> None:
         assert self.anchor_path is not None
+        heads: dict[str, Any] = {}
+        if self.anchor_path.exists():
+            heads = dict(json.loads(self.anchor_path.read_bytes()).get("heads", {}))
+        heads[self.party] = {"seq": seq, "hash": h}
         tmp = self.anchor_path.with_name(self.anchor_path.name + ".tmp")
-        write_private(tmp, json.dumps({"party": self.party, "seq": seq, "hash": h}).encode())
+        write_private(tmp, json.dumps({"heads": heads}, sort_keys=True).encode())
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, self.anchor_path)
