@@ -52,7 +52,7 @@ SPEC = ROOT / "protocols" / "heart-disease.toml"
 def _encrypted(x: np.ndarray, model, tmp: Path) -> dict:
     holder_key, querier_key = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
     ledger = PartyLedger(tmp / f"ledger-{time.perf_counter_ns()}.jsonl", party="holder", key=holder_key)
-    policy = NodePolicy(partner="holder", scoring=ScoringPolicy(max_rows_per_querier={"bench": len(x)}))
+    policy = NodePolicy(partner="holder", scoring=ScoringPolicy(max_rows_per_querier={"bench": 2 * len(x)}))
     roster = Roster.model_validate({"parties": {"holder": {"signing_key": public_key_hex(holder_key)},
                                                 "bench": {"signing_key": public_key_hex(querier_key)}}})
     t0 = time.perf_counter()

@@ -68,7 +68,7 @@ def test_file_exchange_budget_and_audit(heart_run, root, tmp_path):
     roster |= json.loads(r.stdout)["roster_entry"]
     (tmp_path / "roster.json").write_text(json.dumps({"parties": roster}))
     pol = tmp_path / "telecom" / "policy.toml"
-    pol.write_text(pol.read_text().replace("[scoring.max_rows_per_querier]", '[scoring.max_rows_per_querier]\n"bank" = 30'))
+    pol.write_text(pol.read_text().replace("[scoring.max_rows_per_querier]", '[scoring.max_rows_per_querier]\n"bank" = 60'))
 
     def encrypt(partner, name):
         r = runner.invoke(app, ["score", "encrypt", "--spec", spec, "--partner", partner, "--node", str(tmp_path / "bank"),
@@ -86,7 +86,7 @@ def test_file_exchange_budget_and_audit(heart_run, root, tmp_path):
     assert encrypt("switzerland", "a") == 16
     r = apply("a")
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["rows_used"] == 16
+    assert json.loads(r.stdout)["rows_used"] == 32  # 2 budget rows per scored row
     assert json.loads(r.stdout)["querier_key"] == hashlib.sha256(bytes.fromhex(roster["bank"]["signing_key"])).hexdigest()[:16]
     r = runner.invoke(app, ["score", "decrypt", str(tmp_path / "a.resp"), "--secret", str(tmp_path / "a.secret"), "--out", str(tmp_path / "a.json"),
                             "--format", "json"])
@@ -94,7 +94,7 @@ def test_file_exchange_budget_and_audit(heart_run, root, tmp_path):
     assert len(json.loads((tmp_path / "a.json").read_text())["scores"]) == 16
     r = apply("a", out="a2")  # the same request again: a replay
     assert r.exit_code == 7 and "137" in r.output and not (tmp_path / "a2.resp").exists()
-    assert encrypt("switzerland", "b") == 16  # 16 + 16 > 30
+    assert encrypt("switzerland", "b") == 16  # (16 + 16) x 2 > 60
     r = apply("b")
     assert r.exit_code == 5 and "134" in r.output and not (tmp_path / "b.resp").exists()
     # the querier's name changed after signing: refused, nothing scored

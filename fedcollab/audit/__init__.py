@@ -7,7 +7,7 @@ from fedcollab.audit._mia import MiaResult, advantage_bound, membership_inferenc
 from fedcollab.audit._probe import ClippedGaussianSum, probe_gaussian
 from fedcollab.audit._recompute import recompute_summary_epsilons
 from fedcollab.audit._report import write_report
-from fedcollab.audit._verify import Finding, GroupSpend, Report, verify_ledger, verify_lines
+from fedcollab.audit._verify import Finding, GroupSpend, Report, verify_ledger, verify_lines, verify_with_run
 
 __all__ = [
     "ClippedGaussianSum",
@@ -21,5 +21,6 @@ __all__ = [
     "recompute_summary_epsilons",
     "verify_ledger",
     "verify_lines",
+    "verify_with_run",
     "write_report",
 ]

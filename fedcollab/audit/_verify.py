@@ -33,7 +33,7 @@ from fedcollab.privacy.accounting import (
     parse_lines,
     verify_signature,
 )
-from fedcollab.privacy.accounting._ledger import spent
+from fedcollab.privacy.accounting._ledger import SCORING_CHARGE_PER_ROW, spent
 from fedcollab.spec import Roster
 
 CLAIM_RTOL = 1e-9
@@ -142,6 +142,14 @@ def verify_lines(lines: list[LedgerLine], roster: Roster) -> Report:
     if rep.findings:
         return rep
 
+    # 1b. every body against the published schema (a signed but malformed body is tampering, never a crash)
+    for ln in good:
+        problem = schema_problem(ln.entry)
+        if problem is not None:
+            tam(Finding(ExitCode.LEDGER_TAMPERED, ln.number, problem))
+    if rep.findings:
+        return rep
+
     # 2. chains
     last: dict[str, LedgerLine] = {}
     first: dict[str, LedgerLine] = {}
@@ -165,13 +173,58 @@ def verify_lines(lines: list[LedgerLine], roster: Roster) -> Report:
         for p in sorted(coordinators & set(first)):
             if first[p].entry.get("seq") != 0:
                 tam(Finding(ExitCode.LEDGER_TAMPERED, first[p].number, f"{p}: a run ledger's coordinator chain must start at genesis (entries before it are missing)"))
-        _check_run_structure(good, coordinators, rep)
+        _check_run_structure(good, coordinators, rep, {n for n, e in roster.parties.items() if e.role == "partner"})
 
     # 4-5. claims and budgets
-    _check_claims(good, rep)
+    try:
+        _check_claims(good, rep)
+    except Exception as exc:  # noqa: BLE001 - schema-valid values the accountant still cannot compose
+        tam(Finding(ExitCode.LEDGER_TAMPERED, None, f"epsilon cannot be recomputed from the recorded events ({type(exc).__name__})"))
     # 6. encrypted-scoring row budgets
     _check_scoring(good, rep)
     return rep
+
+
+def _schema_validator() -> Any:
+    global _VALIDATOR
+    if _VALIDATOR is None:
+        import jsonschema
+
+        from fedcollab.privacy.accounting._ledger import ledger_entry_json_schema
+
+        schema = ledger_entry_json_schema()
+        _VALIDATOR = jsonschema.Draft202012Validator(schema, format_checker=None)
+    return _VALIDATOR
+
+
+_VALIDATOR: Any = None
+
+
+def schema_problem(entry: dict[str, Any]) -> str | None:
+    """Why ``entry`` does not follow ``protocols/ledger.schema.json`` (naming the field), or None.
+
+    Release bodies are also checked against the pydantic :class:`Release` model the schema is
+    generated from, so every later step may index the fields it needs.
+    """
+    import jsonschema
+
+    v = _schema_validator()
+    errors = sorted(v.iter_errors(entry), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    if errors:
+        err = jsonschema.exceptions.best_match(errors)
+        where = ".".join(str(p) for p in err.absolute_path) or "(entry)"
+        msg = err.message if len(err.message) <= 160 else err.message[:157] + "..."
+        return f"malformed {entry.get('kind')!r} entry: field `{where}` does not follow the ledger schema ({msg})"
+    body = entry.get("body") or {}
+    for key in ("release",):
+        if key in body:
+            try:
+                Release.model_validate(body[key])
+            except Exception as exc:  # noqa: BLE001 - pydantic's ValidationError; a bad body is a finding, not a crash
+                first = getattr(exc, "errors", lambda: [{}])()
+                loc = ".".join(str(x) for x in (first[0].get("loc", ()) if first else ()))
+                return f"malformed {entry.get('kind')!r} entry: field `body.{key}{'.' + loc if loc else ''}` is not a valid release"
+    return None
 
 
 def _check_scoring(good: list[LedgerLine], rep: Report) -> None:
@@ -192,14 +245,18 @@ def _check_scoring(good: list[LedgerLine], rep: Report) -> None:
         if complete[e["party"]] and before != answered[key]:
             rep.findings.append(Finding(ExitCode.CLAIM_MISMATCH, ln.number,
                                         f"{e['party']}: scoring entry claims {before} rows answered before for {key[2]!r}, recomputed {answered[key]}"))
+        charge = SCORING_CHARGE_PER_ROW * rows  # a complex slot answers two equations (issue 13, attack 7)
+        if "charged" in b and b["charged"] != charge:
+            rep.findings.append(Finding(ExitCode.CLAIM_MISMATCH, ln.number,
+                                        f"{e['party']}: scoring entry charges {b['charged']} budget rows for {rows} rows, expected {charge}"))
         if outcome == "answered":
-            answered[key] += rows
-            if max(answered[key], before + rows) > budget:
+            answered[key] += charge
+            if max(answered[key], before + charge) > budget:
                 rep.findings.append(Finding(ExitCode.LEDGER_BUDGET_EXCEEDED, ln.number,
-                                            f"{e['party']}: {max(answered[key], before + rows)} rows scored for {key[2]!r}, budget {budget}"))
+                                            f"{e['party']}: {max(answered[key], before + charge)} budget rows charged for {key[2]!r}, budget {budget}"))
 
 
-def _check_run_structure(good: list[LedgerLine], coordinators: set[str], rep: Report) -> None:
+def _check_run_structure(good: list[LedgerLine], coordinators: set[str], rep: Report, roster_partners: set[str] = frozenset()) -> None:
     tam = rep.findings.append
     pending: list[LedgerLine] = []
     close: LedgerLine | None = None
@@ -242,6 +299,24 @@ def _check_run_structure(good: list[LedgerLine], coordinators: set[str], rep: Re
             tam(Finding(ExitCode.LEDGER_TAMPERED, c.number, f"{party} countersigned a different close entry"))
     for party in sorted(set(heads) - set(listed)):
         tam(Finding(ExitCode.LEDGER_TAMPERED, close.number, f"close omits {party}'s chain"))
+    _check_close_partners(close, heads, counters, roster_partners, end, rep)
+
+
+def _check_close_partners(close: LedgerLine, heads: dict[str, str], counters: dict[str, LedgerLine], roster_partners: set[str],
+                          end: int, rep: Report) -> None:
+    """Every roster partner and every party with entries is in the close's ``partners``, and each listed partner countersigned."""
+    tam = rep.findings.append
+    partners = set(close.entry["body"].get("partners", []))
+    for party in sorted((roster_partners | set(heads)) - partners):
+        why = "has entries in the run" if party in heads else "is in the roster"
+        tam(Finding(ExitCode.LEDGER_TAMPERED, close.number, f"close omits partner {party}, who {why}"))
+    listed_heads = set(close.entry["body"].get("heads", {}))
+    for party in sorted(partners - listed_heads):
+        c = counters.get(party)
+        if c is None:
+            tam(Finding(ExitCode.LEDGER_TAMPERED, end + 1, f"no countersignature of the close by {party} (a listed partner)"))
+        elif c.entry["body"].get("close") != close.hash:
+            tam(Finding(ExitCode.LEDGER_TAMPERED, c.number, f"{party} countersigned a different close entry"))
 
 
 def _check_claims(good: list[LedgerLine], rep: Report) -> None:
@@ -304,3 +379,59 @@ def verify_ledger(path: str | Path, roster: Roster) -> Report:
         rep.findings.append(Finding(ExitCode.LEDGER_TAMPERED, exc.line, str(exc).split(": ", 1)[-1]))
         return rep
     return verify_lines(lines, roster)
+
+
+def check_against_run(rep: Report, node_lines: list[LedgerLine], run_lines: list[LedgerLine], roster: Roster) -> Report:
+    """A node ledger against a run ledger: every entry the node sent into the run is still in its chain.
+
+    The run ledger holds, receipted by the coordinator and countersigned by the node, a copy of
+    each node entry of the run with its ``seq`` and hash. A node ledger truncated (rolled back)
+    to before one of them, or rewritten after it, is reported as tampering (exit 20) at the
+    run ledger's line. Only run-ledger entries whose signature verifies against ``roster`` count.
+    """
+    chains: dict[str, dict[int, str]] = defaultdict(dict)
+    for ln in node_lines:
+        e = ln.entry
+        if isinstance(e.get("party"), str) and isinstance(e.get("seq"), int):
+            chains[e["party"]][e["seq"]] = ln.hash
+    partners = {n for n, e in roster.parties.items() if e.role != COORDINATOR_ROLE}
+    parties = set(chains)
+    for ln in run_lines:
+        e = ln.entry
+        p = e.get("party")
+        if not isinstance(p, str) or p not in partners or not isinstance(e.get("seq"), int):
+            continue
+        if not verify_signature(e, roster.parties[p].signing_key):
+            continue
+        if not parties:
+            rep.findings.append(Finding(ExitCode.LEDGER_TAMPERED, None,
+                                        f"the node ledger is empty, but the run ledger holds {p}'s signed entry (line {ln.number}): rolled back?"))
+            parties.add(p)
+            continue
+        if p not in chains:
+            continue
+        seq, mine = e["seq"], chains[p].get(e["seq"])
+        if mine is None:
+            rep.findings.append(Finding(ExitCode.LEDGER_TAMPERED, None,
+                                        f"{p}'s ledger ends before entry seq {seq} that it sent in run {e.get('run_id')} "
+                                        f"(run ledger line {ln.number}): the node ledger was rolled back or cut"))
+        elif mine != ln.hash:
+            rep.findings.append(Finding(ExitCode.LEDGER_TAMPERED, None,
+                                        f"{p}'s entry seq {seq} differs from the one it sent in run {e.get('run_id')} (run ledger line {ln.number})"))
+    return rep
+
+
+def verify_with_run(path: str | Path, run_ledger: str | Path, roster: Roster) -> Report:
+    """:func:`verify_ledger` on a node ledger, then :func:`check_against_run` with a run ledger it took part in."""
+    rep = verify_ledger(path, roster)
+    try:
+        node_lines = parse_lines(Path(path).read_bytes())
+        run_lines = parse_lines(Path(run_ledger).read_bytes())
+    except OSError as exc:
+        rep.findings.append(Finding(ExitCode.LEDGER_UNREADABLE, None, f"cannot read {exc.filename}: {exc.strerror}"))
+        return rep
+    except LedgerError as exc:
+        if not rep.findings:
+            rep.findings.append(Finding(ExitCode.LEDGER_TAMPERED, exc.line, f"run ledger: {str(exc).split(': ', 1)[-1]}"))
+        return rep
+    return check_against_run(rep, node_lines, run_lines, roster)

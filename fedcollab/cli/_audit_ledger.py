@@ -26,15 +26,17 @@ def verify(
     ledger: Annotated[Path, typer.Argument(help="A run ledger (OUT/ledger.jsonl) or a node's ledger (NODE/ledger.jsonl).")],
     roster: Annotated[Path, typer.Option("--roster", help="The parties' public keys (obtained out of band, not from the coordinator).")],
     fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+    run_ledger: Annotated[Path | None, typer.Option("--run-ledger", help="A run ledger the node took part in: every entry it "
+                                                    "sent there must still be in its own ledger (detects a rolled-back node ledger).")] = None,
 ) -> None:
     """Check every chain, signature and countersignature; recompute every epsilon; check budgets."""
-    from fedcollab.audit import Report, verify_ledger
+    from fedcollab.audit import Report, verify_ledger, verify_with_run
     from fedcollab.audit._verify import Finding
     from fedcollab.spec import load_roster
 
     try:
         keys = load_roster(roster)
-        rep = verify_ledger(ledger, keys)
+        rep = verify_ledger(ledger, keys) if run_ledger is None else verify_with_run(ledger, run_ledger, keys)
     except FedcollabError as exc:
         rep = Report(findings=[Finding(ExitCode.LEDGER_UNREADABLE, None, str(exc))])
     if fmt == "json":

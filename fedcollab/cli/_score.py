@@ -186,7 +186,7 @@ def apply(
         passphrase = _passphrase(passphrase_env)
         known = load_roster(roster)
         policy = home.policy()
-        ledger = PartyLedger(home.ledger_path, party=policy.partner, key=home.key(passphrase))
+        ledger = PartyLedger(home.ledger_path, party=policy.partner, key=home.key(passphrase), anchor_path=home.anchor_path)
         lin = load_linear_model(model)
         names = None
         if spec is not None:
@@ -205,11 +205,11 @@ def apply(
     except FedcollabError as exc:
         raise _fail(exc) from None
     info = {"response": str(out), "request_id": ans.request_id, "querier": ans.querier, "querier_key": ans.querier_key, "rows": ans.rows,
-            "rows_used": ans.rows_before + ans.rows, "budget": ans.budget, "model": lin.model_id,
+            "rows_used": ans.rows_before + ans.charged, "budget": ans.budget, "model": lin.model_id,
             "response_bytes": len(ans.response), "seconds": round(time.perf_counter() - t0, 3), "ledger": str(home.ledger_path)}
     _emit(info, fmt, [f"scored {ans.rows} encrypted rows for {escape(ans.querier)} (signature checked, key {ans.querier_key}) -> "
                       f"{escape(str(out))} ({len(ans.response):,} bytes)",
-                      f"budget: {ans.rows_before + ans.rows} of {ans.budget} rows used for model {lin.model_id[:12]}; recorded in {escape(str(home.ledger_path))}"])
+                      f"budget: {ans.rows_before + ans.charged} of {ans.budget} rows used for model {lin.model_id[:12]}; recorded in {escape(str(home.ledger_path))}"])
 
 
 def _write_scores(path: Path, scores: Any) -> None:
@@ -257,7 +257,7 @@ def run(
     split: SplitOpt = "test",
     data: DataOpt = None,
     querier: Annotated[str, typer.Option("--querier", help="The querier's name in the holder's policy.")] = "querier",
-    budget: Annotated[int | None, typer.Option("--budget", help="Rows the simulated holder grants the querier (default: exactly the rows scored).")] = None,
+    budget: Annotated[int | None, typer.Option("--budget", help="Budget rows the simulated holder grants the querier; each row scored costs 2 (default: exactly the rows scored).")] = None,
     fmt: FmtOpt = "table",
 ) -> None:
     """All three steps on one machine (a trial): encrypted and plain accuracy side by side."""
@@ -275,7 +275,7 @@ def run(
             raise ConfigError("`--querier` must differ from the simulated model holder's name 'holder'")
         home = NodeHome(out / "holder")
         if not home.exists():
-            policy = NodePolicy(partner="holder", scoring=ScoringPolicy(max_rows_per_querier={querier: budget if budget is not None else len(x)}))
+            policy = NodePolicy(partner="holder", scoring=ScoringPolicy(max_rows_per_querier={querier: budget if budget is not None else 2 * len(x)}))
             init_node_home(home.root, partner="holder", policy=policy)
         qhome = NodeHome(out / "querier")
         if not qhome.exists():
@@ -315,11 +315,11 @@ def run(
         "ms_per_row": {"encrypt": 1e3 * (t1 - t0) / n, "apply": 1e3 * (t2 - t1) / n, "decrypt": 1e3 * (t3 - t2) / n, "total": 1e3 * (t3 - t0) / n},
         "bytes_per_row": (len(pending.request) + len(ans.response)) / n,
         "request_bytes": len(pending.request), "response_bytes": len(ans.response),
-        "budget": {"rows_used": ans.rows_before + ans.rows, "budget": ans.budget}, "out": str(out),
+        "budget": {"rows_used": ans.rows_before + ans.charged, "budget": ans.budget}, "out": str(out),
     }
     lines = [f"scored {n} rows x {x.shape[1]} features under CKKS with model {lin.model_id[:12]}"]
     if acc_plain is not None:
         lines.append(f"accuracy: encrypted {scores.accuracy:.4f}, plain {acc_plain:.4f} (delta {info['accuracy_delta']:.4f})")
     lines += [f"max |logit error| {info['max_abs_logit_error']:.2e}; {info['ms_per_row']['total']:.3f} ms/row; {info['bytes_per_row']:,.0f} bytes/row",
-              f"holder budget: {ans.rows_before + ans.rows} of {ans.budget} rows used; wrote {escape(str(out))}/scores.csv"]
+              f"holder budget: {ans.rows_before + ans.charged} of {ans.budget} rows used; wrote {escape(str(out))}/scores.csv"]
     _emit(info, fmt, lines)

@@ -124,7 +124,7 @@ def _make(spec: Spec, recorder: AnalyticsRecorder, ledger: RunLedger, timeout: f
             # Close: every chain head listed, signed, then countersigned by every identified node.
             known = [nid for nid in node_ids if nid in names]
             if known and ledger.heads:
-                close = ledger.close(0)
+                close = ledger.close(0, partners=[p.name for p in spec.partners])
                 exchange(grid, known, {"fedcollab.kind": "analytics.close", "close": close.decode()})
         recorder.finished = True
 

@@ -62,8 +62,8 @@ def accept_public_context(spec: Spec, published: dict[str, Any], *, run_id: str,
     return ctx, fp
 
 
-def verify_upload(rec: dict[str, Any] | None, *, run_id: str, round_: int, partner: str, roster_key: str) -> tuple[str, list[bytes]]:
-    """An upload's ciphertexts and hash, after checking its round and its signature against the roster.
+def verify_upload(rec: dict[str, Any] | None, *, run_id: str, round_: int, partner: str, roster_key: str) -> tuple[str, list[bytes], bytes]:
+    """An upload's hash, ciphertexts and signature, after checking its round and its signature against the roster.
 
     Raises
     ------
@@ -85,16 +85,24 @@ def verify_upload(rec: dict[str, Any] | None, *, run_id: str, round_: int, partn
     cts = [bytes(c) for c in cts]
     h = upload_hash(run_id=run_id, round_=round_, partner=partner, ciphertexts=cts)
     verify(roster_key, bytes.fromhex(h), signature, what=f"upload of {partner}")
-    return h, cts
+    return h, cts, bytes(signature)
 
 
-def aggregate_uploads(ctx: PublicContext, uploads: dict[str, tuple[str, list[bytes]]], *, run_id: str, round_: int, n_ciphertexts: int,
+def aggregate_uploads(ctx: PublicContext, uploads: dict[str, tuple[str, list[bytes], bytes]], *, run_id: str, round_: int, n_ciphertexts: int,
                       signing_key: Any) -> tuple[dict[str, Any], dict[str, str]]:
-    """Add the verified uploads and sign ``(aggregate, included upload hashes)``: ``(aggregate wire, {party: why left out})``."""
-    total, rejected = ctx.sum_uploads({p: cts for p, (_, cts) in uploads.items()}, n_ciphertexts=n_ciphertexts)
-    included = sorted(f"{p}:{h}" for p, (h, _) in uploads.items() if p not in rejected)
+    """Add the verified uploads and sign ``(aggregate, included upload hashes)``: ``(aggregate wire, {party: why left out})``.
+
+    The included uploads travel with the aggregate, each with its partner's own signature
+    (``upload/PARTNER/ct``, ``upload/PARTNER/signature``): a node checks them against its roster
+    and adds them itself, so it decrypts only a sum of enough distinct partners' uploads of
+    this round, never one partner's upload passed off as the aggregate (issue 13, attack 6).
+    """
+    total, rejected = ctx.sum_uploads({p: u[1] for p, u in uploads.items()}, n_ciphertexts=n_ciphertexts)
+    kept = {p: u for p, u in uploads.items() if p not in rejected}
+    included = sorted(f"{p}:{u[0]}" for p, u in kept.items())
     wire: dict[str, Any] = {"ct": total, "round": round_, "included": included}
     wire["signature"] = sign(signing_key, aggregate_message(run_id=run_id, round_=round_, ciphertexts=total, included=included))
+    wire.update(flatten_per_party({f"upload/{p}": {"ct": list(u[1]), "signature": u[2]} for p, u in kept.items()}))
     return wire, rejected
 
 
@@ -217,7 +225,7 @@ class HeSession:
             extra = {"he.aggregate": agg} if agg is not None else {}
             got = self._send(rnd, self.mt.TRAIN, {p: (None, cfg, extra) for p in self.partners})
             failed = {p: c[-1] for p, c in rec.failures.items() if p not in got and p in self.partners}
-            uploads: dict[str, tuple[str, list[bytes]]] = {}
+            uploads: dict[str, tuple[str, list[bytes], bytes]] = {}
             for p, m in got.items():
                 try:
                     uploads[p] = verify_upload(m.content.config_records.get("he.upload"), run_id=self.run_id, round_=rnd, partner=p,

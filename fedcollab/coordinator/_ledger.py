@@ -9,6 +9,7 @@ deleting any entry, the last one included, is detected by ``fedcollab audit veri
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -87,6 +88,21 @@ class RunLedger:
         """Record how a round's aggregate was formed: participants, dropouts, threshold, effective noise."""
         return self.own.append(kind="aggregate", run_id=self.run_id, round=round, body=body)
 
-    def close(self, round: int) -> bytes:
-        """Append the close entry listing every party's chain head."""
-        return self.own.append(kind="close", run_id=self.run_id, round=round, body={"heads": dict(sorted(self.heads.items()))})
+    def close(self, round: int, *, partners: Sequence[str] | None = None) -> bytes:
+        """Append the close entry listing every party's chain head and every partner of the run.
+
+        ``partners`` (the spec's partners; default: every partner in the roster) are all listed,
+        whether or not they sent entries: each must countersign, and a node refuses to
+        countersign a close whose partner list is not its own spec's (``countersign_close``),
+        so the coordinator cannot leave a partner out of the run's record.
+        """
+        return self.own.append(kind="close", run_id=self.run_id, round=round, body=close_body(self.heads, self.roster, partners))
+
+
+def close_body(heads: dict[str, str], roster: Roster, partners: Sequence[str] | None) -> dict[str, object]:
+    """The close entry's body: ``heads`` of the parties with entries, ``partners`` = every partner of the run."""
+    names = sorted(set(partners) if partners is not None else {n for n, e in roster.parties.items() if e.role == "partner"})
+    unknown = sorted(set(names) - set(roster.parties))
+    if unknown:
+        raise ProtocolError(f"`partners` of the close must be roster parties, got {unknown} that are not")
+    return {"heads": dict(sorted(heads.items())), "partners": names}

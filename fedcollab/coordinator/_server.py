@@ -481,7 +481,7 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
             plain_rounds(grid, node_names, arrays, scaling, strategy)
         # --- close: every chain head listed, signed, then countersigned by every node ----------
         last = len(recorder.rounds)
-        close = ledger.close(last)
+        close = ledger.close(last, partners=[p.name for p in spec.partners])
         close_cfg = ConfigRecord({"fedcollab.kind": str(MessageKind.CLOSE), "fedcollab.run_id": ledger.run_id, "close": close.decode()})
         msgs = [Message(content=RecordDict({RecordKey.CONFIG: close_cfg}), message_type=MessageType.QUERY, dst_node_id=nid) for nid in node_names]
         creplies = list(grid.send_and_receive(msgs, timeout=timeout))

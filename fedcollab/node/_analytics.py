@@ -271,7 +271,8 @@ class NodeAnalytics:
 
     def countersign(self, close_line: bytes, coordinator_key: str) -> str:
         """Check the coordinator's close entry lists this node's chain head, then countersign it."""
-        return countersign_close(self.gate.ledger, party=self.partner, run_id=self.run_id, close_line=close_line, coordinator_key=coordinator_key)
+        return countersign_close(self.gate.ledger, party=self.partner, run_id=self.run_id, close_line=close_line, coordinator_key=coordinator_key,
+                                 partners=[p.name for p in self.spec.partners])
 
 
 _code_for = node_code_for  # the one exception -> node code map (fedcollab.core), kept under its old name

@@ -169,7 +169,8 @@ class NodeRuntime:
     # --- close ------------------------------------------------------------------------------
     def countersign(self, close_line: bytes, coordinator_key: str) -> str:
         """Check the coordinator's close entry lists this node's chain head, then countersign it."""
-        return countersign_close(self.gate.ledger, party=self.partner, run_id=self.run_id, close_line=close_line, coordinator_key=coordinator_key)
+        return countersign_close(self.gate.ledger, party=self.partner, run_id=self.run_id, close_line=close_line, coordinator_key=coordinator_key,
+                                 partners=[p.name for p in self.spec.partners])
 
     # --- train ------------------------------------------------------------------------------
     def train(self, arrays: dict[str, np.ndarray], *, scaling: Scaling, server_round: int, steps_so_far: int,

@@ -12,8 +12,10 @@ Key custody (stages carried by ``query`` messages, ``fedcollab.kind = "he"``):
    checks the fingerprint and records a signed ``key_custody`` ledger entry.
 
 Rounds: the train and evaluate messages carry the previous aggregate (signed by the coordinator
-with the hashes of the uploads in it); the node checks the signature and that its own upload
-is included, decrypts, trains, pre-weights, encrypts and signs its upload. The model writer
+with the hashes of the uploads in it) and the included uploads with their partners' own
+signatures; the node checks every signature against its roster, that at least the spec's
+minimum of distinct partners (never fewer than 2) and its own upload (where it uploaded) are
+in it, adds the uploads itself, decrypts, trains, pre-weights, encrypts and signs its upload. The model writer
 decrypts the last aggregate and writes the model into its folder (``he/RUN-model.npz``).
 
 Everything secret (the HE key, the X25519 key, the statistics awaiting encryption) lives in the
@@ -160,10 +162,10 @@ def encrypt_statistics(spec: Spec, ctx: SecretContext, *, home: Path, run_id: st
 
 
 def open_statistics(spec: Spec, ctx: SecretContext, aggregate: dict[str, Any], *, run_id: str, coordinator_key: str, n_features: int,
-                    my_hash: str | None, min_partners: int) -> dict[str, list[float]]:
+                    my_hash: str | None, min_partners: int, roster: dict[str, str]) -> dict[str, list[float]]:
     """The summed statistics (checked and decrypted)."""
     total = open_aggregate(ctx, aggregate, run_id=run_id, round_=0, coordinator_key=coordinator_key,
-                           length=(1 + 2 * n_features) * 5, my_hash=my_hash, min_partners=min_partners)
+                           length=(1 + 2 * n_features) * 5, my_hash=my_hash, min_partners=min_partners, roster=roster)
     return decode_statistics_limbs(total, n_features=n_features)
 
 
@@ -184,18 +186,38 @@ def encrypt_model(spec: Spec, ctx: SecretContext, arrays: dict[str, np.ndarray],
     return make_upload(ctx, vec, run_id=run_id, round_=round_, me=me, signing_key=signing_key)
 
 
+def required_partners(spec: Spec, policy_min: int = 2) -> int:
+    """Distinct partners an aggregate must hold before this node decrypts it.
+
+    The spec's ``training.min_partners`` (all partners when unset), the policy's
+    ``min_partners_per_round``, and never fewer than 2: one partner's upload is never decrypted
+    on its own.
+    """
+    return max(2, spec.training.min_partners or len(spec.partners), policy_min)
+
+
 def open_aggregate(ctx: SecretContext, aggregate: dict[str, Any], *, run_id: str, round_: int, coordinator_key: str, length: int,
-                   my_hash: str | None, min_partners: int) -> np.ndarray:
-    """Check the coordinator's signature over (aggregate, included upload hashes), then decrypt.
+                   my_hash: str | None, min_partners: int, roster: dict[str, str]) -> np.ndarray:
+    """Check the aggregate and every upload in it, add the uploads here, then decrypt the sum.
+
+    Checks, in order: the coordinator's signature over (aggregate, included upload hashes); every
+    included upload travels with the aggregate and carries its own partner's signature, checked
+    against this node's ``roster`` (its own copy, never keys from the message), over a hash
+    bound to this run and round; at least ``min_partners`` (and never fewer than 2) distinct
+    partners, each once; this node's own upload, where it uploaded this round. The node then
+    adds the uploads itself and decrypts that sum, so a coordinator cannot pass one partner's
+    ciphertext off as the aggregate (issue 13, attack 6).
 
     Raises
     ------
     CryptoError
-        A missing or wrong signature, or ciphertexts that do not load.
+        A missing or wrong signature (the coordinator's or an upload's), or ciphertexts that do not load.
+    ProtocolError
+        An included upload missing from the message, or listed twice.
     UpdateError
         A malformed aggregate, another round, or this node's own upload left out (``BAD_MODEL_UPDATE``).
     PolicyRefused
-        Too few uploads.
+        Fewer distinct partners than required.
     """
     try:
         cts = [bytes(c) for c in aggregate["ct"]]
@@ -208,12 +230,31 @@ def open_aggregate(ctx: SecretContext, aggregate: dict[str, Any], *, run_id: str
         raise UpdateError(f"an HE aggregate of round {rnd}, expected {round_}")
     verify(coordinator_key, aggregate_message(run_id=run_id, round_=rnd, ciphertexts=cts, included=included), signature,
            what="HE aggregate")
-    hashes = {x.split(":", 1)[-1] for x in included}
-    if len(hashes) < min_partners:
-        raise PolicyRefused("fewer uploads in the aggregate than the policy's minimum")
-    if my_hash is not None and my_hash not in hashes:
+    pairs = [x.partition(":")[::2] for x in included]
+    names = [p for p, _ in pairs]
+    if len(set(names)) != len(names):
+        raise ProtocolError("an HE aggregate lists a partner's upload more than once")
+    need = max(2, min_partners)
+    if len(names) < need:
+        raise PolicyRefused(f"{len(names)} distinct partner(s) in the aggregate, at least {need} required")
+    if my_hash is not None and my_hash not in {h for _, h in pairs}:
         raise UpdateError("this node's upload is missing from the aggregate")
-    return ctx.decrypt(cts, length=length)
+    uploads = unflatten_per_party({k[len("upload/"):]: v for k, v in aggregate.items() if str(k).startswith("upload/")})
+    parts = []
+    for partner, h in pairs:
+        up = uploads.get(partner)
+        key = roster.get(partner)
+        if up is None or key is None:
+            raise ProtocolError(f"the upload of {partner!r} does not travel with the aggregate, or {partner!r} is not in the roster")
+        blobs = up.get("ct")
+        if not isinstance(blobs, list) or len(blobs) != len(cts) or not all(isinstance(b, (bytes, bytearray)) for b in blobs):
+            raise CryptoError(f"`upload/{partner}/ct` must be {len(cts)} ciphertexts (bytes)")
+        blobs = [bytes(b) for b in blobs]
+        if upload_hash(run_id=run_id, round_=rnd, partner=partner, ciphertexts=blobs) != h:
+            raise CryptoError(f"`upload/{partner}/ct` is not the upload the aggregate lists")
+        verify(key, bytes.fromhex(h), up.get("signature"), what=f"upload of {partner} in the aggregate")
+        parts.append(blobs)
+    return ctx.decrypt(ctx.public().add(parts), length=length)
 
 
 def decode_model(total: np.ndarray, template: dict[str, np.ndarray], *, scale: float) -> OrderedDict[str, np.ndarray]:
@@ -322,6 +363,8 @@ class HeHandlers:
         self.homes = homes
         self.roster = {k: v for k, v in roster.items()}
         self.coordinator_key = roster["coordinator"]
+        # Uploads in an aggregate must be the spec's partners', checked against this node's roster copy.
+        self.partner_roster = {p: roster[p] for p in _partners(spec) if p in roster}
         self._template: dict[int, OrderedDict[str, np.ndarray]] = {}
 
     # helpers
@@ -362,7 +405,7 @@ class HeHandlers:
         my = st.get(f"he.upload.{round_}")
         total = open_aggregate(ctx, self._aggregate(msg), run_id=node.run_id, round_=round_, coordinator_key=self.coordinator_key,
                                length=length, my_hash=str(my) if my is not None else None,
-                               min_partners=node.policy.min_partners_per_round)
+                               min_partners=required_partners(self.spec, node.policy.min_partners_per_round), roster=self.partner_roster)
         return server_step(self.spec, self._home(node), node.run_id, tpl, decode_model(total, tpl, scale=self.spec.he.scale), round_)
 
     def _scaling(self, st: Any, cfg: Any, scaling_of: Any) -> Any:
@@ -408,7 +451,7 @@ class HeHandlers:
             my = st.get("he.upload.0")
             total = open_statistics(spec, secret_context(spec, home, run_id), self._aggregate(msg), run_id=run_id,
                                     coordinator_key=self.coordinator_key, n_features=d, my_hash=str(my) if my is not None else None,
-                                    min_partners=node.policy.min_partners_per_round)
+                                    min_partners=required_partners(spec, node.policy.min_partners_per_round), roster=self.partner_roster)
             if spec.resolved_scaling == "dp_statistics":
                 bounds = np.asarray(spec.data_schema.encoded_bounds(), dtype=np.float64).reshape(-1, 2)
                 scaling = combine_statistics([total], bounds=bounds)

@@ -6,6 +6,8 @@
     DIR/public_key.hex    the raw public key (goes into the roster, out of band)
     DIR/policy.toml       NodePolicy v1 template, to edit
     DIR/ledger.jsonl      the node's chain of privacy events (source of truth for its budget)
+    DIR/ledger.anchor.json  seq and hash of its last entry, replaced atomically after every append;
+                          a ledger file behind it is refused (rolled back) at start-up and on every read
     DIR/nonces.jsonl      commitment nonces, mode 0600 (never sent)
 """
 
@@ -45,6 +47,10 @@ class NodeHome:
         return self.root / "ledger.jsonl"
 
     @property
+    def anchor_path(self) -> Path:  # noqa: D102
+        return self.root / "ledger.anchor.json"
+
+    @property
     def nonce_path(self) -> Path:  # noqa: D102
         return self.root / "nonces.jsonl"
 
@@ -66,7 +72,7 @@ class NodeHome:
 
     def gate(self, party: str, dataset: str, *, passphrase: bytes | None = None) -> BudgetGate:
         """The budget gate over this node's ledger for ``dataset``."""
-        ledger = PartyLedger(self.ledger_path, party=party, key=self.key(passphrase))
+        ledger = PartyLedger(self.ledger_path, party=party, key=self.key(passphrase), anchor_path=self.anchor_path)
         return BudgetGate(ledger, self.policy(), dataset=dataset, nonce_path=self.nonce_path)
 
 
@@ -86,13 +92,28 @@ def init_node_home(root: str | Path, *, partner: str, policy: NodePolicy | None 
     return home
 
 
-def countersign_close(ledger: PartyLedger, *, party: str, run_id: str, close_line: bytes, coordinator_key: str) -> str:
-    """Check the coordinator's close entry lists ``party``'s chain head, then countersign it in ``ledger``."""
+def countersign_close(ledger: PartyLedger, *, party: str, run_id: str, close_line: bytes, coordinator_key: str,
+                      partners: list[str] | None = None) -> str:
+    """Check the coordinator's close entry, then countersign it in ``ledger``.
+
+    The close must list ``party``'s chain head (or, if this node made no entry in the run, no
+    head for it) and, when ``partners`` (this node's own spec's partners) is given, exactly
+    those partners: a close that leaves a partner out is refused.
+    """
     (ln,) = parse_lines(close_line + b"\n")
     e = ln.entry
     if e.get("kind") != "close" or e.get("run_id") != run_id or not verify_signature(e, coordinator_key):
         raise ProtocolError("not a close entry of this run signed by the coordinator")
+    body = e.get("body") if isinstance(e.get("body"), dict) else {}
+    heads, listed = body.get("heads"), body.get("partners")
+    if not isinstance(heads, dict) or not isinstance(listed, list):
+        raise ProtocolError("the close entry must hold `heads` and `partners`")
+    if partners is not None and sorted(listed) != sorted(partners):
+        raise ProtocolError("the close entry's `partners` are not this run's partners (one was left out or added)")
+    if party not in listed:
+        raise ProtocolError("the close entry does not list this node as a partner")
     _, head = ledger.head()
-    if e["body"]["heads"].get(party) != head:
+    in_run = any(x.entry.get("party") == party and x.entry.get("run_id") == run_id for x in ledger.lines())
+    if heads.get(party) != (head if in_run else None):
         raise ProtocolError("the close entry does not list this node's chain head")
     return ledger.append(kind="countersign", run_id=run_id, round=int(e["round"]), body={"close": ln.hash}).decode()

@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from fedcollab.core import BudgetExhausted, ConfigError, CryptoError, NodeErrorCode, PolicyRefused, ProtocolError, write_private
 from fedcollab.crypto import SCORING_PARAMS, PublicScoringContext, SecretScoringContext, check_scoring_params
 from fedcollab.privacy.accounting import PartyLedger, key_fingerprint, public_key_hex
-from fedcollab.privacy.accounting._ledger import canonical
+from fedcollab.privacy.accounting._ledger import SCORING_CHARGE_PER_ROW, canonical
 from fedcollab.spec import NodePolicy, Roster
 
 REQUEST_MAGIC = b"FCSCREQ1"
@@ -443,14 +443,14 @@ def parse_request(data: bytes) -> ParsedRequest:
 
 
 def scoring_rows_before(ledger: PartyLedger, *, querier: str, model_id: str) -> int:
-    """Rows of ``model_id`` answered for ``querier``, recomputed from the holder's ledger."""
+    """Budget rows of ``model_id`` charged to ``querier`` (2 per answered row), recomputed from the holder's ledger."""
     total = 0
     for ln in ledger.lines():
         e = ln.entry
         if e.get("party") == ledger.party and e.get("kind") == "scoring":
             b = e["body"]
             if b.get("querier") == querier and b.get("model") == model_id and b.get("outcome") == "answered":
-                total += int(b["rows"])
+                total += SCORING_CHARGE_PER_ROW * int(b["rows"])
     return total
 
 
@@ -471,6 +471,7 @@ class Answer:
     budget: int
     request_id: str
     querier_key: str
+    charged: int = 0
 
 
 def answer_request(data: bytes, *, model: LinearModel, policy: NodePolicy, ledger: PartyLedger, roster: Roster,
@@ -501,7 +502,8 @@ def answer_request(data: bytes, *, model: LinearModel, policy: NodePolicy, ledge
     before = scoring_rows_before(ledger, querier=querier, model_id=model.model_id)
     roster_entry = roster.parties.get(querier)
     body = {"querier": querier, "querier_key": key_fingerprint(roster_entry.signing_key) if roster_entry else None, "model": model.model_id,
-            "request": req.sha256, "rows": n, "rows_before": before, "budget": budget, "params": SCORING_PARAMS.to_dict(),
+            "request": req.sha256, "rows": n, "rows_before": before, "charged": SCORING_CHARGE_PER_ROW * n, "budget": budget,
+            "params": SCORING_PARAMS.to_dict(),
             "flood_std": policy.scoring.flood_std}
 
     def refuse(exc: Exception, code: NodeErrorCode, reason: str) -> Exception:
@@ -527,10 +529,11 @@ def answer_request(data: bytes, *, model: LinearModel, policy: NodePolicy, ledge
         ctx = PublicScoringContext.from_bytes(req.blobs["context"], SCORING_PARAMS, field="context")
     except CryptoError as exc:
         raise ScoringRequestError(f"{what}: {exc}") from None
-    if before + n > budget:
+    # Each row is charged twice: a complex slot answers two linear equations (real and imaginary part).
+    if before + SCORING_CHARGE_PER_ROW * n > budget:
         raise refuse(ScoringBudgetExhausted(
-            f"querier {querier!r} asked for {n} rows; {before} of its {budget} rows for model {model.model_id[:12]} are spent "
-            f"(policy scoring.max_rows_per_querier); nothing was scored",
+            f"querier {querier!r} asked for {n} rows (charged {SCORING_CHARGE_PER_ROW * n}: {SCORING_CHARGE_PER_ROW} per row); {before} of "
+            f"its {budget} budget rows for model {model.model_id[:12]} are spent (policy scoring.max_rows_per_querier); nothing was scored",
             querier=querier, rows=n, rows_before=before, budget=budget), NodeErrorCode.SCORING_BUDGET_EXHAUSTED, "budget")
     results = []
     for i, rows in enumerate(h["chunks"]):
@@ -547,4 +550,4 @@ def answer_request(data: bytes, *, model: LinearModel, policy: NodePolicy, ledge
               "holder": ledger.party, "model": model.model_id, "n_rows": n, "chunks": h["chunks"], "output": "logit",
               "flood_std": policy.scoring.flood_std}
     return Answer(response=pack_container(RESPONSE_MAGIC, header, results), querier=querier, rows=n, rows_before=before, budget=budget,
-                  request_id=request_id, querier_key=str(body["querier_key"]))
+                  request_id=request_id, querier_key=str(body["querier_key"]), charged=SCORING_CHARGE_PER_ROW * n)

@@ -154,20 +154,78 @@ class TestSignedUploadsAndAggregates:
         assert rejected == {}
         ckey = public_key_hex(federation["coordinator"])
         ctx = federation["contexts"]["hungary"]
-        got = open_aggregate(ctx, agg, run_id=RUN, round_=1, coordinator_key=ckey, length=5, my_hash=ups["hungary"]["hash"], min_partners=3)
+        got = open_aggregate(ctx, agg, run_id=RUN, round_=1, coordinator_key=ckey, length=5, my_hash=ups["hungary"]["hash"], min_partners=3, roster=federation["roster"])
         np.testing.assert_array_equal(got, 3 * np.arange(5))
         with pytest.raises(ProtocolError, match="missing from the aggregate"):
-            open_aggregate(ctx, agg, run_id=RUN, round_=1, coordinator_key=ckey, length=5, my_hash="ab" * 32, min_partners=3)
+            open_aggregate(ctx, agg, run_id=RUN, round_=1, coordinator_key=ckey, length=5, my_hash="ab" * 32, min_partners=3, roster=federation["roster"])
         with pytest.raises(PolicyRefused):
-            open_aggregate(ctx, agg, run_id=RUN, round_=1, coordinator_key=ckey, length=5, my_hash=None, min_partners=4)
+            open_aggregate(ctx, agg, run_id=RUN, round_=1, coordinator_key=ckey, length=5, my_hash=None, min_partners=4, roster=federation["roster"])
         with pytest.raises(CryptoError, match="HE aggregate"):
             open_aggregate(ctx, dict(agg, included=agg["included"][:2]), run_id=RUN, round_=1, coordinator_key=ckey, length=5, my_hash=None,
-                           min_partners=2)
+                           min_partners=2, roster=federation["roster"])
         with pytest.raises(CryptoError, match="HE aggregate"):  # an aggregate with a partner's ciphertext doubled
             open_aggregate(ctx, dict(agg, ct=federation["pub"].add([agg["ct"], ups["hungary"]["ct"]])), run_id=RUN, round_=1,
-                           coordinator_key=ckey, length=5, my_hash=None, min_partners=2)
+                           coordinator_key=ckey, length=5, my_hash=None, min_partners=2, roster=federation["roster"])
         with pytest.raises(ProtocolError, match="round 1, expected 2"):
-            open_aggregate(ctx, agg, run_id=RUN, round_=2, coordinator_key=ckey, length=5, my_hash=None, min_partners=2)
+            open_aggregate(ctx, agg, run_id=RUN, round_=2, coordinator_key=ckey, length=5, my_hash=None, min_partners=2, roster=federation["roster"])
+
+    def test_single_partner_upload_as_the_aggregate_is_refused(self, spec, federation):
+        """Attack 6: the coordinator signs one partner's upload as "the aggregate" for a node that did not upload.
+
+        With the inclusion check skipped (no own upload), hungary would decrypt cleveland's model.
+        Now: one partner is fewer than the minimum (never below 2), whatever the policy says.
+        """
+        from fedcollab.node._he import required_partners
+
+        up = _upload(spec, federation, "cleveland", np.arange(5), 1)
+        verified = {"cleveland": verify_upload(_wire(up), run_id=RUN, round_=1, partner="cleveland", roster_key=federation["roster"]["cleveland"])}
+        agg, _ = aggregate_uploads(federation["pub"], verified, run_id=RUN, round_=1, n_ciphertexts=1, signing_key=federation["coordinator"])
+        ckey = public_key_hex(federation["coordinator"])
+        ctx = federation["contexts"]["hungary"]
+        for min_partners in (0, 1, required_partners(spec, 1)):
+            with pytest.raises(PolicyRefused, match="distinct partner"):
+                open_aggregate(ctx, agg, run_id=RUN, round_=1, coordinator_key=ckey, length=5, my_hash=None, min_partners=min_partners,
+                               roster=federation["roster"])
+        assert required_partners(spec, 1) == len(spec.partners)  # Heart HE spec: no min_partners, so all four
+
+    def test_aggregate_claiming_uploads_it_does_not_hold_is_refused(self, spec, federation):
+        """One partner's ciphertext sent as the aggregate while listing two signed uploads: the node adds the uploads itself."""
+        ups = {p: _upload(spec, federation, p, np.arange(5) * (i + 1), 1) for i, p in enumerate(("cleveland", "switzerland"))}
+        verified = {p: verify_upload(_wire(u), run_id=RUN, round_=1, partner=p, roster_key=federation["roster"][p]) for p, u in ups.items()}
+        ckey = public_key_hex(federation["coordinator"])
+        ctx = federation["contexts"]["hungary"]
+        # (a) The coordinator lists both uploads but signs cleveland's ciphertext as the sum and ships the real uploads:
+        # the node decrypts its own sum of the two, never cleveland's model alone.
+        included = sorted(f"{p}:{u[0]}" for p, u in verified.items())
+        from fedcollab.crypto import aggregate_message, sign
+        from fedcollab.protocols._he import flatten_per_party
+
+        forged = {"ct": ups["cleveland"]["ct"], "round": 1, "included": included,
+                  "signature": sign(federation["coordinator"], aggregate_message(run_id=RUN, round_=1, ciphertexts=ups["cleveland"]["ct"],
+                                                                                 included=included)),
+                  **flatten_per_party({f"upload/{p}": {"ct": u[1], "signature": u[2]} for p, u in verified.items()})}
+        got = open_aggregate(ctx, forged, run_id=RUN, round_=1, coordinator_key=ckey, length=5, my_hash=None, min_partners=2,
+                             roster=federation["roster"])
+        np.testing.assert_array_equal(got, 3 * np.arange(5))
+        # (b) switzerland's upload replaced by a second copy of cleveland's (re-labelled): its signature does not verify.
+        bad = dict(forged, **{"upload/switzerland/ct": ups["cleveland"]["ct"]})
+        with pytest.raises(CryptoError, match="switzerland"):
+            open_aggregate(ctx, bad, run_id=RUN, round_=1, coordinator_key=ckey, length=5, my_hash=None, min_partners=2, roster=federation["roster"])
+        # (c) an upload signed by the coordinator's key in a partner's name: checked against the node's roster, refused.
+        fake_sig = sign(federation["coordinator"], bytes.fromhex(verified["switzerland"][0]))
+        with pytest.raises(CryptoError, match="switzerland"):
+            open_aggregate(ctx, dict(forged, **{"upload/switzerland/signature": fake_sig}), run_id=RUN, round_=1, coordinator_key=ckey,
+                           length=5, my_hash=None, min_partners=2, roster=federation["roster"])
+        # (d) an included upload that does not travel with the aggregate.
+        stripped = {k: v for k, v in forged.items() if not str(k).startswith("upload/switzerland/")}
+        with pytest.raises(ProtocolError, match="does not travel"):
+            open_aggregate(ctx, stripped, run_id=RUN, round_=1, coordinator_key=ckey, length=5, my_hash=None, min_partners=2,
+                           roster=federation["roster"])
+        # (e) a previous round's upload replayed into this round: the hash binds the round.
+        old = _upload(spec, federation, "switzerland", np.arange(5), 0)
+        replay = dict(forged, **{"upload/switzerland/ct": old["ct"], "upload/switzerland/signature": old["signature"]})
+        with pytest.raises(CryptoError, match="switzerland"):
+            open_aggregate(ctx, replay, run_id=RUN, round_=1, coordinator_key=ckey, length=5, my_hash=None, min_partners=2, roster=federation["roster"])
 
     def test_malformed_upload_left_out_of_the_signed_list(self, spec, federation):
         """A signed upload whose ciphertext does not load is left out by name; the others are summed and listed."""
@@ -190,7 +248,7 @@ class TestSignedUploadsAndAggregates:
                                      roster_key=federation["roster"][p]) for p, s in parts.items()}
         agg, _ = aggregate_uploads(federation["pub"], verified, run_id=RUN, round_=0, n_ciphertexts=1, signing_key=federation["coordinator"])
         total = open_statistics(spec, federation["contexts"]["switzerland"], agg, run_id=RUN, coordinator_key=public_key_hex(federation["coordinator"]),
-                                n_features=13, my_hash=None, min_partners=2)
+                                n_features=13, my_hash=None, min_partners=2, roster=federation["roster"])
         for k in ("count", "sum", "sumsq"):
             np.testing.assert_allclose(total[k], np.sum([s[k] for s in parts.values()], axis=0), atol=4 * 2.0**-12)
 
@@ -260,7 +318,7 @@ def _rounds(spec, federation, names, data, template, n_params, total_rows, ckey,
         verified = {n: verify_upload(_wire(u), run_id=RUN, round_=rnd, partner=n, roster_key=federation["roster"][n]) for n, u in ups.items()}
         agg, _ = aggregate_uploads(federation["pub"], verified, run_id=RUN, round_=rnd, n_ciphertexts=1, signing_key=federation["coordinator"])
         total = open_aggregate(federation["contexts"]["va-long-beach"], agg, run_id=RUN, round_=rnd, coordinator_key=ckey, length=n_params + 1,
-                               my_hash=ups["va-long-beach"]["hash"], min_partners=4)
+                               my_hash=ups["va-long-beach"]["hash"], min_partners=4, roster=federation["roster"])
         encoded = [encode_weighted(flat(lh[n]), weight=data[n].n_train / total_rows, clip=spec.he.clip, scale=spec.he.scale,
                                    max_abs=federation["pub"].params.max_abs) for n in names]
         exact_float = sum(data[n].n_train / total_rows * flat(lh[n]) for n in names)

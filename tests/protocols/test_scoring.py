@@ -154,16 +154,16 @@ class TestProtocol:
         assert verify_lines(ledger.lines(), roster).exit_code == ExitCode.OK
 
     def test_budget_refuses_with_code_and_entry(self, tmp_path, gen, secret_ctx):
-        """6 + 6 rows exceed a budget of 10: the second request is refused and recorded; 4 more fit exactly."""
+        """6 + 6 rows (charged 2 each) exceed a budget of 20: the second request is refused and recorded; 4 more fit exactly."""
         m = _model()
-        ledger, policy, key = _holder(tmp_path, {"bank": 10})
+        ledger, policy, key = _holder(tmp_path, {"bank": 20})
         req = lambda n: build_request(gen.normal(size=(n, D)), querier="bank", key=KEYS["bank"], context=secret_ctx).request  # noqa: E731
         answer_request(req(6), model=m, policy=policy, ledger=ledger, roster=_roster(key), generator=gen)
         with pytest.raises(ScoringBudgetExhausted) as exc:
             answer_request(req(6), model=m, policy=policy, ledger=ledger, roster=_roster(key), generator=gen)
         assert exc.value.node_code == NodeErrorCode.SCORING_BUDGET_EXHAUSTED and exc.value.exit_code == ExitCode.BUDGET_EXHAUSTED
         refused = ledger.lines()[-1].entry["body"]
-        assert refused["outcome"] == "refused" and refused["code"] == 134 and refused["rows_before"] == 6
+        assert refused["outcome"] == "refused" and refused["code"] == 134 and refused["rows_before"] == 12
         answer_request(req(4), model=m, policy=policy, ledger=ledger, roster=_roster(key), generator=gen)
         with pytest.raises(ScoringBudgetExhausted):
             answer_request(req(1), model=m, policy=policy, ledger=ledger, roster=_roster(key), generator=gen)
@@ -181,6 +181,26 @@ class TestProtocol:
         schema = json.loads((ROOT / "protocols" / "ledger.schema.json").read_text())
         for ln in ledger.lines():
             jsonschema.validate(ln.entry, schema)
+
+    def test_complex_slots_are_charged_as_two_equations(self, tmp_path, gen, secret_ctx):
+        """Attack 7: a querier packing complex slots gets w.Re(x) + b and w.Im(x) per row, so every row costs 2 budget rows.
+
+        With a budget of d + 1 = 5 equations the querier can no longer get ceil((d + 1) / 2) = 3 complex rows
+        (6 equations, enough for the model): 3 rows are refused, 2 rows (4 equations) are the most it gets.
+        """
+        m = _model()
+        ledger, policy, key = _holder(tmp_path, {"bank": D + 1})
+        req = lambda n: build_request(gen.normal(size=(n, D)), querier="bank", key=KEYS["bank"], context=secret_ctx).request  # noqa: E731
+        with pytest.raises(ScoringBudgetExhausted, match="charged 6"):
+            answer_request(req(3), model=m, policy=policy, ledger=ledger, roster=_roster(key), generator=gen)
+        ans = answer_request(req(2), model=m, policy=policy, ledger=ledger, roster=_roster(key), generator=gen)
+        assert ans.charged == 4 and ans.rows_before == 0
+        with pytest.raises(ScoringBudgetExhausted):
+            answer_request(req(1), model=m, policy=policy, ledger=ledger, roster=_roster(key), generator=gen)
+        answered = [ln.entry["body"] for ln in ledger.lines() if ln.entry["body"]["outcome"] == "answered"]
+        assert 2 * sum(b["rows"] for b in answered) <= D + 1  # equations released (real + imaginary part) within the budget
+        roster = Roster.model_validate({"parties": {"telecom": {"signing_key": public_key_hex(key)}}})
+        assert verify_lines(ledger.lines(), roster).exit_code == ExitCode.OK
 
     def test_verify_catches_false_counts(self, tmp_path):
         """audit verify recomputes the rows answered before: an understated count or an overrun is found."""
@@ -324,10 +344,10 @@ class TestAuthentication:
             answer_request(req, model=m, policy=policy, ledger=ledger, roster=_roster(key), generator=gen)
         assert exc.value.node_code == NodeErrorCode.SCORING_REPLAYED and exc.value.exit_code == ExitCode.PROTOCOL_FAILED
         body = self._refused(ledger, key, NodeErrorCode.SCORING_REPLAYED, "replay")
-        assert body["rows_before"] == 3
+        assert body["rows_before"] == 6  # 3 rows, charged 2 each
         ans = answer_request(build_request(np.ones((1, D)), querier="bank", key=KEYS["bank"], context=secret_ctx).request,
                              model=m, policy=policy, ledger=ledger, roster=_roster(key), generator=gen)
-        assert ans.rows_before == 3  # the replay was not charged
+        assert ans.rows_before == 6  # the replay was not charged
 
     def test_request_bound_to_another_model_refused(self, tmp_path, gen, secret_ctx):
         """A request signed for model A is not scored with model B (nothing recorded)."""

@@ -28,12 +28,16 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from fedcollab.core import ExitCode, FedcollabError, write_private
+from fedcollab.core import BudgetExhausted, ExitCode, FedcollabError, write_private
 from fedcollab.privacy.accounting._accountant import accountant_version, compute_epsilon, merge_mechanisms
 from fedcollab.privacy.accounting._events import Release
 
 LEDGER_SCHEMA_VERSION = 1
 GENESIS = "0" * 64
+#: Encrypted scoring charges each answered row twice against the querier's row budget: a CKKS
+#: slot is complex, and a querier that packs complex values gets ``w . Re(x) + b`` and
+#: ``w . Im(x)``, two linear equations in the model, per row (issue 13, attack 7).
+SCORING_CHARGE_PER_ROW = 2
 EntryKind = Literal["release", "refusal", "receipt", "close", "countersign", "key_custody", "aggregate", "scoring"]
 
 
@@ -45,6 +49,16 @@ class LedgerError(FedcollabError):
     def __init__(self, message: str, *, line: int | None = None) -> None:
         self.line = line
         super().__init__(f"line {line}: {message}" if line is not None else message)
+
+
+class LedgerRolledBack(BudgetExhausted):
+    """A party's ledger file is shorter than, or diverges from, the head its anchor recorded.
+
+    The budget rests on the ledger: a rolled-back file would hand back spent epsilon, so every
+    release is refused (node code ``BUDGET_EXHAUSTED``; CLI exit 20, ``LEDGER_TAMPERED``).
+    """
+
+    exit_code = ExitCode.LEDGER_TAMPERED
 
 
 def canonical(obj: Any) -> bytes:
@@ -157,20 +171,85 @@ class PartyLedger:
     Each append re-reads the file, so the budget never rests on run memory.
     """
 
-    def __init__(self, path: str | Path, *, party: str, key: Ed25519PrivateKey) -> None:
+    def __init__(self, path: str | Path, *, party: str, key: Ed25519PrivateKey, anchor_path: str | Path | None = None) -> None:
         self.path = Path(path)
         self.party = party
         self.key = key
+        self.anchor_path = Path(anchor_path) if anchor_path is not None else None
         self._parsed: list[LedgerLine] = []
         self._parsed_bytes = 0
         self._parsed_digest = ""
+        if self.anchor_path is not None:
+            self.check_anchor()
+
+    # --- the anchor: the chain head kept apart from the file, so truncation is detected ----------
+    def read_anchor(self) -> tuple[int, str] | None:
+        """(seq, hash) of the last entry the anchor recorded, or None when there is no anchor file."""
+        if self.anchor_path is None or not self.anchor_path.exists():
+            return None
+        try:
+            doc = json.loads(self.anchor_path.read_bytes())
+            heads = doc["heads"]
+            if not isinstance(heads, dict):
+                raise ValueError
+            if self.party not in heads:
+                return None
+            seq, h = heads[self.party]["seq"], heads[self.party]["hash"]
+            if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0 or not isinstance(h, str):
+                raise ValueError
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            raise LedgerRolledBack(f"the ledger anchor {self.anchor_path.name} is unreadable; "
+                                   "refusing every release until it is restored") from None
+        return seq, h
+
+    def check_anchor(self, lines: list[LedgerLine] | None = None) -> None:
+        """Refuse (:class:`LedgerRolledBack`) a ledger file shorter than, or diverging from, its anchor.
+
+        A missing anchor is accepted only for a ledger without entries of this party (a new
+        node); otherwise deleting the anchor would be a way to roll back unseen.
+        """
+        own = [ln for ln in (self._read() if lines is None else lines) if ln.entry.get("party") == self.party]
+        anchor = self.read_anchor()
+        if anchor is None:
+            if own:
+                raise LedgerRolledBack(f"{self.path.name} holds {len(own)} entries but its anchor is missing; refusing every release")
+            return
+        seq, h = anchor
+        if len(own) <= seq or own[seq].hash != h or int(own[seq].entry.get("seq", -1)) != seq:
+            raise LedgerRolledBack(f"{self.path.name} ends before (or diverges from) the entry {seq} its anchor recorded: "
+                                   "the ledger was rolled back; refusing every release")
+
+    def _write_anchor(self, seq: int, h: str) -> None:
+        assert self.anchor_path is not None
+        heads: dict[str, Any] = {}
+        if self.anchor_path.exists():
+            heads = dict(json.loads(self.anchor_path.read_bytes()).get("heads", {}))
+        heads[self.party] = {"seq": seq, "hash": h}
+        tmp = self.anchor_path.with_name(self.anchor_path.name + ".tmp")
+        write_private(tmp, json.dumps({"heads": heads}, sort_keys=True).encode())
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.anchor_path)
+        dfd = os.open(self.anchor_path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
 
     def lines(self) -> list[LedgerLine]:
         """The chain as on disk (empty if the file does not exist), re-read on every call.
 
         The file is append-only: bytes already parsed are not parsed again, but if the file no
-        longer starts with them (it was truncated or rewritten) it is read whole.
+        longer starts with them (it was truncated or rewritten) it is read whole. With an anchor,
+        a file that fell behind it raises :class:`LedgerRolledBack` (on every read, so a
+        rollback while the node runs is caught too).
         """
+        out = self._read()
+        if self.anchor_path is not None:
+            self.check_anchor(out)
+        return out
+
+    def _read(self) -> list[LedgerLine]:
         if not self.path.exists():
             self._parsed, self._parsed_bytes = [], 0
             return []
@@ -213,6 +292,8 @@ class PartyLedger:
             fh.write(line + b"\n")
             fh.flush()
             os.fsync(fh.fileno())
+        if self.anchor_path is not None:
+            self._write_anchor(seq, line_hash(line))
         return line
 
 
@@ -281,12 +362,14 @@ def ledger_entry_json_schema() -> dict[str, Any]:
         "type": "object",
         "additionalProperties": False,
         "required": ["epsilon_run", "epsilon_total", "delta", "accountant", "accountant_version"],
-        "properties": {"epsilon_run": eps, "epsilon_total": eps, "delta": {"type": "number"}, "accountant": {"type": "string"},
+        "properties": {"epsilon_run": eps, "epsilon_total": eps, "delta": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
+                       "accountant": {"enum": ["rdp", "pld", "exact"]},
                        "accountant_version": {"type": "string"}},
         "description": "The party's epsilon for (dataset, unit, observer): this run, and over its whole chain.",
     }
     defs["Budget"] = {"type": "object", "additionalProperties": False, "required": ["epsilon", "delta"],
-                      "properties": {"epsilon": {"type": "number"}, "delta": {"type": "number"}}}
+                      "properties": {"epsilon": {"type": "number", "exclusiveMinimum": 0},
+                                     "delta": {"type": "number", "minimum": 0, "exclusiveMaximum": 1}}}
     nullable = lambda ref: {"anyOf": [{"$ref": f"#/$defs/{ref}"}, {"type": "null"}]}  # noqa: E731
     defs["ReleaseBody"] = {
         "type": "object", "additionalProperties": False,
@@ -305,8 +388,11 @@ def ledger_entry_json_schema() -> dict[str, Any]:
         "properties": {"entries": {"type": "array", "items": {"type": "object", "additionalProperties": False, "required": ["party", "hash"],
                                                               "properties": {"party": {"type": "string"}, "hash": hex64}}}},
     }
-    defs["CloseBody"] = {"type": "object", "additionalProperties": False, "required": ["heads"],
-                         "properties": {"heads": {"type": "object", "additionalProperties": hex64}}}
+    defs["CloseBody"] = {"type": "object", "additionalProperties": False, "required": ["heads", "partners"],
+                         "properties": {"heads": {"type": "object", "additionalProperties": hex64},
+                                        "partners": {"type": "array", "items": {"type": "string"}, "uniqueItems": True,
+                                                     "description": "every partner of the run (roster or spec), listed or not in heads; "
+                                                                    "each must countersign"}}}
     defs["CountersignBody"] = {"type": "object", "additionalProperties": False, "required": ["close"], "properties": {"close": hex64}}
     defs["ScoringBody"] = {
         "type": "object", "additionalProperties": False,
@@ -319,7 +405,9 @@ def ledger_entry_json_schema() -> dict[str, Any]:
                        "model": {**hex64, "description": "SHA-256 of the model file"},
                        "request": {**hex64, "description": "SHA-256 of the request file"},
                        "rows": {"type": "integer", "minimum": 0, "description": "rows (queries) in the request"},
-                       "rows_before": {"type": "integer", "minimum": 0, "description": "rows answered before, same querier and model"},
+                       "rows_before": {"type": "integer", "minimum": 0,
+                                       "description": "budget rows charged before, same querier and model (2 per answered row)"},
+                       "charged": {"type": "integer", "minimum": 0, "description": "budget rows this request is charged: 2 per row"},
                        "budget": {"type": "integer", "minimum": 0}, "outcome": {"enum": ["answered", "refused"]},
                        "code": {"type": ["integer", "null"], "description": "node error code of a refusal"},
                        "flood_std": {"type": "number"}, "params": {"type": "object"}},
