@@ -20,7 +20,7 @@ from fedcollab.core import FedcollabError, TransportError, get_logger
 from fedcollab.coordinator import COORDINATOR, CoordinatorRecorder, RoundRecord, RunLedger, make_server_app, privacy_section
 from fedcollab.node import NodeHome, init_node_home, make_client_app
 from fedcollab.spec import BudgetSpec, NodePolicy, Roster, RosterEntry
-from fedcollab.protocols import PooledMetrics, Summary
+from fedcollab.protocols import HIST_BINS, PooledMetrics, Summary
 from fedcollab.protocols._summary import LedgerRef, Metrics, MetricsEntry, ModelRef, SpecRef
 from fedcollab.spec import Spec, load_spec
 
@@ -283,6 +283,8 @@ def _he_model(spec: Spec, homes: dict[str, NodeHome], run_id: str) -> OrderedDic
 
 #: Budget of a simulated partner whose node folder the runner creates (per dataset, unit record).
 SIMULATED_BUDGET_EPSILON = 8.0
+#: Fewest test rows a simulated partner evaluates on (the demo's smallest test split, Switzerland's, has 16).
+SIMULATED_MIN_TEST_ROWS = 10
 
 
 def simulated_policy(spec: Spec, partner: str) -> NodePolicy:
@@ -305,6 +307,11 @@ def simulated_policy(spec: Spec, partner: str) -> NodePolicy:
         allow_non_private_training=not spec.privacy.record_dp,
         allowed_model_kinds=sorted({"logistic_regression", "mlp", spec.model.kind}),  # type: ignore[arg-type]
         min_partners_per_round=min(2, len(spec.partners)),
+        # The person running a simulation is every partner: exact test metrics at full resolution
+        # (the demo's pooled accuracy and AUC), on test splits of at least SIMULATED_MIN_TEST_ROWS.
+        test_metrics="public",
+        min_test_rows=SIMULATED_MIN_TEST_ROWS,
+        max_histogram_bins=HIST_BINS,
     )
 
 
@@ -314,7 +321,9 @@ def prepare_simulated_nodes(spec: Spec, nodes_dir: Path) -> dict[str, NodeHome]:
     for p in spec.partners:
         home = NodeHome(nodes_dir / p.name)
         if not home.exists():
-            home = init_node_home(home.root, partner=p.name, policy=simulated_policy(spec, p.name))
+            # The dataset id comes from the spec's partner entry here only because the person running
+            # a simulation is every partner; from then on it is the node folder's (node.json).
+            home = init_node_home(home.root, partner=p.name, policy=simulated_policy(spec, p.name), dataset=p.dataset_id)
         homes[p.name] = home
     return homes
 
