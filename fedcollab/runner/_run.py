@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fedcollab.core import FedcollabError, TransportError, get_logger
+from fedcollab.core import FedcollabError, NodeError, NodeErrorCode, TransportError, get_logger
 from fedcollab.coordinator import COORDINATOR, CoordinatorRecorder, RoundRecord, RunLedger, make_server_app, privacy_section
 from fedcollab.node import NodeHome, init_node_home, make_client_app
 from fedcollab.spec import BudgetSpec, NodePolicy, Roster, RosterEntry
@@ -185,8 +185,16 @@ def run(
     with _Progress(spec, progress) as prog:
         recorder.on_setup = prog.setup
         recorder.on_round = prog.round
-        _simulate(spec, recorder, ledger=ledger, homes={k: str(v.root) for k, v in homes.items()},
-                  roster={k: v.signing_key for k, v in roster.parties.items()}, timeout=timeout)
+        try:
+            _simulate(spec, recorder, ledger=ledger, homes={k: str(v.root) for k, v in homes.items()},
+                      roster={k: v.signing_key for k, v in roster.parties.items()}, timeout=timeout)
+        except NodeError as exc:
+            if int(NodeErrorCode.BUDGET_EXHAUSTED) not in exc.codes.values():
+                raise
+            nodes_dir = Path(nodes) if nodes is not None else out_dir / "nodes"
+            hint = (f"budgets carry over between runs through the node folders (--nodes DIR, default OUT/nodes; here {nodes_dir}); "
+                    f"delete a simulated partner's node folder (e.g. {nodes_dir / next(iter(exc.codes))}) to start afresh")
+            raise NodeError(str(exc).split("\n")[0], codes=exc.codes, problems=[*exc.problems, hint]) from None
     wall = time.perf_counter() - t0
     if spec.aggregation == "he" and recorder.finished:
         recorder.final_arrays = _he_model(spec, homes, run_id)

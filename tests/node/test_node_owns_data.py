@@ -275,6 +275,9 @@ def test_simulation_stops_before_round_one_when_a_partner_refuses_its_plan(heart
         fedcollab.run(spec, out=tmp_path / "out", nodes=nodes)
     assert exc.value.codes == {"hungary": int(NodeErrorCode.BUDGET_EXHAUSTED)}
     assert "stopped before round 1" in str(exc.value)
+    # The signed refusal's reason reaches the person, with how budgets carry over.
+    assert re.search(r"hungary: code 131 \(BUDGET_EXHAUSTED\): the run's plan needs epsilon 1\.0 \(unit record\), 0\.5 left of 0\.5", str(exc.value))
+    assert "--nodes DIR, default OUT/nodes" in str(exc.value) and str(nodes / "hungary") in str(exc.value)
     ledger = [json.loads(x) for x in (tmp_path / "out" / "ledger.jsonl").read_text().splitlines()]
     assert any(e.get("party") == "hungary" and e["kind"] == "refusal" for e in ledger)
     assert not any(e.get("kind") == "release" and e["body"]["release"]["kind"] == "dpsgd_training" for e in ledger)
