@@ -421,32 +421,39 @@ class NodeRuntime:
     def evaluate(self, arrays: dict[str, np.ndarray], *, scaling: Scaling, server_round: int) -> tuple[dict[str, Any], list[str]]:
         """Counts and histograms on the test split, as the policy bounds them.
 
-        ``test_metrics = "off"`` refuses (recorded, nothing computed); a test split smaller than
-        ``min_test_rows`` is refused with ``TEST_SPLIT_TOO_SMALL``; the histograms have at most
-        ``max_histogram_bins`` bins; under ``"dp"`` every count is noised (σ from
-        :meth:`test_metrics_plan`) and the release is charged, at most the planned number of times a run.
+        Histograms have at most ``max_histogram_bins`` bins; under ``"dp"`` every count is noised
+        (σ from :meth:`test_metrics_plan`) and the release is charged, at most the planned number
+        of times a run. An evaluation the node refuses — ``test_metrics = "off"`` (code 132), a test
+        split below ``min_test_rows`` (code 152), a DP evaluation beyond the plan or the budget
+        (code 131) — is *withheld*: the reply is the constant zero record (n = 0, empty counts),
+        and its only ledger line is the signed refusal with the code.
+
+        Notes
+        -----
+        Withheld rather than raised: evaluation rides on other work (deployment fuses it into the
+        next train message; under SecAgg+ it carries the next round's SHARE stage), which a
+        refusal of the metrics alone must not take down. The zero record depends on no row.
         """
         spec, d, pol = self.spec, self.data, self.policy
+        from fedcollab.protocols._evaluation import LOSS_BOUND, TEST_METRICS_SENSITIVITY, dp_test_metrics, histogram_bins
+
+        bins = histogram_bins(pol.max_histogram_bins)
         mode = pol.resolved_test_metrics
         if mode == "off":
-            reason = "test metrics are off (policy test_metrics)"
-            self.gate.refuse_request(run_id=self.run_id, round=server_round, code=int(NodeErrorCode.POLICY_REFUSED), reason=reason)
-            raise PolicyRefused("the policy releases no test metrics (test_metrics = 'off')")
+            return self._withheld(bins, NodeErrorCode.POLICY_REFUSED, "test metrics are off (policy test_metrics)", server_round)
         if d.n_test < pol.min_test_rows:
-            self._refuse_coded(NodeErrorCode.TEST_SPLIT_TOO_SMALL, f"the test split is smaller than min_test_rows = {pol.min_test_rows}",
-                               log_text=f"{d.n_test} test rows of dataset {self.dataset!r}, fewer than min_test_rows = {pol.min_test_rows}",
-                               round=server_round)
+            log.error("partner %s: %d test rows of dataset %r, fewer than min_test_rows = %d; evaluation refused",
+                      self.partner, d.n_test, self.dataset, pol.min_test_rows)
+            return self._withheld(bins, NodeErrorCode.TEST_SPLIT_TOO_SMALL, f"the test split is smaller than min_test_rows = {pol.min_test_rows}",
+                                  server_round)
         z = self.test_metrics_plan()
         if z is not None and self._test_releases_this_run() >= self.evaluations_planned():
-            self._refuse_coded(NodeErrorCode.BUDGET_EXHAUSTED, "more evaluations than the run's DP test-metrics plan",
-                               round=server_round)
+            return self._withheld(bins, NodeErrorCode.BUDGET_EXHAUSTED, "more evaluations than the run's DP test-metrics plan", server_round)
         model = build_model(spec.model, len(d.feature_names), seed=spec.seed)
         _check_arrays(arrays, model_arrays(model))
         set_model_arrays(model, arrays)
         from fedcollab.node._training import evaluate_model
-        from fedcollab.protocols._evaluation import LOSS_BOUND, TEST_METRICS_SENSITIVITY, dp_test_metrics, histogram_bins
 
-        bins = histogram_bins(pol.max_histogram_bins)
         what = "count, correct, loss sum, score histograms"
         if z is None:
             res = evaluate_model(model, scaling.apply(d.x_test), d.y_test, bins=bins)
@@ -458,9 +465,18 @@ class NodeRuntime:
             mech = GaussianMechanism(noise_multiplier=z, releases=1)
             details = {"what": what, "bins": bins, "l2_sensitivity": TEST_METRICS_SENSITIVITY, "loss_bound": LOSS_BOUND,
                        "evaluations_planned": self.evaluations_planned(), "noise_rng": "numpy PCG64 seeded from OS entropy (256 bits)"}
-        release = self._release(json.dumps(res).encode(), kind="test_metrics", about="test", unit="record", observer="coordinator", round=server_round,
-                                mechanism=mech, details=details)
+        try:
+            release = self._release(json.dumps(res).encode(), kind="test_metrics", about="test", unit="record", observer="coordinator",
+                                    round=server_round, mechanism=mech, details=details)
+        except (PolicyRefused, BudgetExhausted):
+            # The gate recorded its refusal (the ledger's last line); the metrics stay here.
+            return _zero_metrics(bins), [self.gate.ledger.lines()[-1].raw.decode()]
         return res, [release]
+
+    def _withheld(self, bins: int, code: NodeErrorCode, reason: str, server_round: int) -> tuple[dict[str, Any], list[str]]:
+        line = self.gate.refuse_request(run_id=self.run_id, round=server_round, code=int(code), reason=reason)
+        log.info("partner %s withheld test metrics of round %d: %s (%s)", self.partner, server_round, code.name, reason)
+        return _zero_metrics(bins), [line.decode()]
 
     def _test_releases_this_run(self) -> int:
         n = 0
@@ -470,6 +486,11 @@ class NodeRuntime:
                     and e["body"].get("dataset") == self.dataset and e["body"]["release"].get("kind") == "test_metrics"):
                 n += 1
         return n
+
+
+def _zero_metrics(bins: int) -> dict[str, Any]:
+    """The reply of a withheld evaluation: constant, about no row."""
+    return {"n": 0, "correct": 0.0, "loss_sum": 0.0, "hist_pos": [0] * bins, "hist_neg": [0] * bins}
 
 
 def _check_arrays(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:

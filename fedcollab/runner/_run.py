@@ -9,6 +9,7 @@ import os
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -139,6 +140,7 @@ def run(
     progress: bool = False,
     spec_path: str | Path | None = None,
     timeout: float = 600.0,
+    on_round: Callable[[RoundRecord], None] | None = None,
 ) -> Result:
     """Run ``spec`` on Flower's simulation engine, in-process and offline.
 
@@ -155,6 +157,8 @@ def run(
         ``OUT/nodes``. A missing node folder is created with a policy derived from the spec.
     progress : bool
         Show a rich progress bar per round.
+    on_round : callable, optional
+        Called with each round's record once the round is done, before the next one starts.
 
     Returns
     -------
@@ -184,7 +188,12 @@ def run(
     t0 = time.perf_counter()
     with _Progress(spec, progress) as prog:
         recorder.on_setup = prog.setup
-        recorder.on_round = prog.round
+        def each_round(r: RoundRecord) -> None:
+            prog.round(r)
+            if on_round is not None:
+                on_round(r)
+
+        recorder.on_round = each_round
         try:
             _simulate(spec, recorder, ledger=ledger, homes={k: str(v.root) for k, v in homes.items()},
                       roster={k: v.signing_key for k, v in roster.parties.items()}, timeout=timeout)

@@ -122,8 +122,11 @@ class TestPolicy:
                             allow_non_private_test_metrics=False)
         node = make_node(heart_dp_spec, "switzerland", tmp_path, policy=policy)
         arrays = dict(model_arrays(build_model(heart_dp_spec.model, 13, seed=0)))
-        with pytest.raises(PolicyRefused, match="test metrics"):
-            node.evaluate(arrays, scaling=scaling_from_bounds(np.asarray(heart_dp_spec.data_schema.encoded_bounds())), server_round=1)
+        res, (line,) = node.evaluate(arrays, scaling=scaling_from_bounds(np.asarray(heart_dp_spec.data_schema.encoded_bounds())), server_round=1)
+        # Withheld: a constant zero record, and the signed refusal as the only ledger line.
+        assert res["n"] == 0 and not any(res["hist_pos"]) and not any(res["hist_neg"])
+        e = json.loads(line)
+        assert e["kind"] == "refusal" and e["body"]["code"] == int(NodeErrorCode.POLICY_REFUSED) and "test metrics" in e["body"]["reason"]
 
     def test_delta_warning(self):
         from fedcollab.spec import PolicyWarning

@@ -12,7 +12,7 @@ import re
 import numpy as np
 import pytest
 
-from fedcollab.core import BudgetExhausted, NodeErrorCode, PolicyRefused
+from fedcollab.core import BudgetExhausted, NodeErrorCode
 from fedcollab.models import build_model, model_arrays
 from fedcollab.node import NodeHome, init_node_home
 from fedcollab.node._client import NodeRuntime, _code_for
@@ -144,11 +144,12 @@ class TestSplitIsPinned:
         spec = _variant(heart_spec, partners=_with_partner("cleveland", split={"column": "id", "test_value": 1}))
         home, node = self._node(spec, tmp_path, NodePolicy(partner="cleveland", allow_non_private_training=True, test_metrics="public"))
         assert node.data.n_test == 1
-        with pytest.raises(Exception) as exc:
-            node.evaluate(*_eval_args(spec)[:1], scaling=_eval_args(spec)[1], server_round=1)
-        assert _code_for(exc.value) == NodeErrorCode.TEST_SPLIT_TOO_SMALL
+        arrays, scaling = _eval_args(spec)
+        res, (line,) = node.evaluate(arrays, scaling=scaling, server_round=1)
+        assert res == {"n": 0, "correct": 0.0, "loss_sum": 0.0, "hist_pos": [0] * 20, "hist_neg": [0] * 20}  # about no row
         (e,) = _entries(home)
         assert e["kind"] == "refusal" and e["body"]["code"] == int(NodeErrorCode.TEST_SPLIT_TOO_SMALL)
+        assert json.loads(line) == e  # the signed refusal is the reply's only ledger line
 
 
 class TestTestMetrics:
@@ -159,10 +160,11 @@ class TestTestMetrics:
         node = NodeRuntime(heart_dp_spec, "cleveland", home=home, run_id="r")
         assert node.policy.resolved_test_metrics == "off"
         arrays, scaling = _eval_args(heart_dp_spec)
-        with pytest.raises(PolicyRefused, match="test_metrics = 'off'"):
-            node.evaluate(arrays, scaling=scaling, server_round=1)
+        res, (line,) = node.evaluate(arrays, scaling=scaling, server_round=1)
+        assert res["n"] == 0 and not any(res["hist_pos"] + res["hist_neg"]) and res["correct"] == res["loss_sum"] == 0.0
         (e,) = _entries(home)
         assert e["kind"] == "refusal" and e["body"]["code"] == int(NodeErrorCode.POLICY_REFUSED)
+        assert json.loads(line) == e
 
     def test_public_metrics_have_capped_resolution(self, heart_dp_spec, tmp_path):
         home = _home(tmp_path, "cleveland", _budgeted("cleveland", epsilon=5, test_metrics="public", max_histogram_bins=30))
@@ -190,9 +192,9 @@ class TestTestMetrics:
         assert 0 < body["claim"]["epsilon_total"] <= 0.5
         assert node.gate.would_spend(_probe("cleveland"), run_id="r")[1] > before  # charged
         node.evaluate(arrays, scaling=scaling, server_round=2)
-        with pytest.raises(Exception) as exc:
-            node.evaluate(arrays, scaling=scaling, server_round=3)
-        assert _code_for(exc.value) == NodeErrorCode.BUDGET_EXHAUSTED
+        res, (line,) = node.evaluate(arrays, scaling=scaling, server_round=3)  # beyond the plan: withheld
+        assert res["n"] == 0 and json.loads(line)["body"]["code"] == int(NodeErrorCode.BUDGET_EXHAUSTED)
+        assert [e["body"]["release"]["kind"] for e in _entries(home) if e["kind"] == "release"] == ["test_metrics", "test_metrics"]
         # The two planned evaluations together cost at most test_metrics_epsilon.
         from fedcollab.privacy.accounting import compute_epsilon
 
@@ -215,6 +217,9 @@ class TestTestMetrics:
                  {"n": 1, "correct": 1, "loss_sum": 0.1, "hist_pos": [0] * 20, "hist_neg": coarse_neg}]
         m = pooled_metrics(parts)
         assert m.n == 3 and m.auc == pytest.approx(0.75)  # row 10 ties the negative's bin (half), row 1500 beats it
+        from fedcollab.node._client import _zero_metrics
+
+        assert pooled_metrics([*parts, _zero_metrics(20)]) == m  # a withheld evaluation adds nothing
         assert histogram_bins(20) == 20 and histogram_bins(2000) == 2000 and histogram_bins(3) == 2
 
 
