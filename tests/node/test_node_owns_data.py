@@ -286,3 +286,25 @@ def test_simulation_stops_before_round_one_when_a_partner_refuses_its_plan(heart
     ledger = [json.loads(x) for x in (tmp_path / "out" / "ledger.jsonl").read_text().splitlines()]
     assert any(e.get("party") == "hungary" and e["kind"] == "refusal" for e in ledger)
     assert not any(e.get("kind") == "release" and e["body"]["release"]["kind"] == "dpsgd_training" for e in ledger)
+
+
+@pytest.mark.filterwarnings("ignore::fedcollab.spec.PolicyWarning")
+def test_simulation_with_dp_test_metrics_charges_them_and_verifies(heart_dp_spec, tmp_path):
+    """One partner opts in to DP test metrics: its evaluations are Gaussian events in the run's epsilon, and the run ledger verifies."""
+    import fedcollab
+    from fedcollab.audit import verify_ledger
+    from fedcollab.core import ExitCode
+    from fedcollab.runner._run import simulated_policy
+    from fedcollab.spec import load_roster
+
+    spec = _variant(heart_dp_spec, training={"rounds": 1})
+    nodes = tmp_path / "nodes"
+    policy = simulated_policy(spec, "cleveland").model_copy(update={"test_metrics": "dp", "test_metrics_epsilon": 0.5})
+    _home(nodes, "cleveland", policy)
+    result = fedcollab.run(spec, out=tmp_path / "out", nodes=nodes)
+    (g,) = result.summary.privacy.guarantees
+    assert "test_metrics" in g.releases_included
+    assert g.partners["cleveland"].epsilon > g.partners["hungary"].epsilon  # training at the same target, plus test metrics
+    assert not any(r.party == "cleveland" and r.kind == "test_metrics" for r in result.summary.privacy.non_private_releases)
+    rep = verify_ledger(tmp_path / "out" / "ledger.jsonl", load_roster(tmp_path / "out" / "roster.json"))
+    assert rep.exit_code == ExitCode.OK, [f.to_dict() for f in rep.findings][:3]
