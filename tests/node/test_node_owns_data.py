@@ -85,6 +85,18 @@ class TestDatasetIdIsNodeLocal:
         assert gate.would_spend(_probe("cleveland"), run_id="r") == before
         assert not home.split_path.exists()  # refused before the split was even pinned
 
+    def test_analytics_node_refuses_another_dataset(self, heart_spec, tmp_path):
+        """The analytics node (queries, profiles) takes its dataset id from the node folder too."""
+        from fedcollab.core import PolicyRefused
+        from fedcollab.node._analytics import NodeAnalytics
+
+        home = _home(tmp_path, "cleveland", _budgeted("cleveland"))
+        spec = _variant(heart_spec, partners=_with_partner("cleveland", dataset="public-demo"))
+        with pytest.raises(PolicyRefused):
+            NodeAnalytics(spec, "cleveland", home=home, run_id="q")
+        (e,) = _entries(home)
+        assert e["kind"] == "refusal" and e["body"]["code"] == int(NodeErrorCode.DATASET_MISMATCH) and e["body"]["dataset"] == "cleveland"
+
     def test_spec_without_dataset_uses_the_node_folder(self, heart_spec, tmp_path):
         """The node folder's dataset id selects the budget, whatever the partner is called in the spec."""
         home = _home(tmp_path, "cleveland", NodePolicy(partner="cleveland", allow_non_private_training=True), dataset="cleveland-2020")
