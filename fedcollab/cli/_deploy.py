@@ -156,6 +156,7 @@ def node_start(
     superlink: Annotated[str, typer.Option("--superlink", help="The coordinator's SuperLink address host:port.")],
     ca: Annotated[Path, typer.Option("--ca", help="The CA certificate that signed the SuperLink's certificate.")],
     policy: Annotated[Path | None, typer.Option("--policy", help="Install this policy (validated) as FOLDER/policy.toml before starting.")] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", help="Dataset id of the data file (selects the budget); stored in FOLDER/node.json. Default: the one already there.")] = None,
     approve: Annotated[list[str] | None, typer.Option("--approve-bundle", help="SHA-256 of an approved bundle (repeatable; default: the bundle this fedcollab builds).")] = None,
     poll: Annotated[float, typer.Option("--poll", help="Cap in seconds on the SuperNode's idle polling (Flower's is 3 s); 0 runs flower-supernode unchanged.")] = 0.3,
     fmt: Fmt = "table",
@@ -189,7 +190,8 @@ def node_start(
             else:
                 err.print(f"node {escape(info['partner'])}: SuperNode pid {info['supernode_pid']}, egress log {escape(info['egress_log'])}")
 
-        start_node(NodeConfig(home=folder, data=data, roster=roster, superlink=superlink, ca_cert=ca, approved_bundles=tuple(approve or ()), poll=poll), on_ready=ready)
+        start_node(NodeConfig(home=folder, data=data, roster=roster, superlink=superlink, ca_cert=ca, approved_bundles=tuple(approve or ()), poll=poll,
+                              dataset=dataset), on_ready=ready)
         code = 0
     except FedcollabError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)

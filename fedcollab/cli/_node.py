@@ -21,7 +21,7 @@ node_app = typer.Typer(help="A partner's node: keys, policy and ledger.", no_arg
 def init(
     folder: Annotated[Path, typer.Argument(help="The node folder to create.")],
     partner: Annotated[str, typer.Option("--partner", help="The partner's name, as in specs and the roster.")],
-    dataset: Annotated[str | None, typer.Option("--dataset", help="Dataset id of the budget (default: the partner's name).")] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", help="Dataset id of this node's data and budget, kept in the node folder (node.json); the spec cannot change it (default: the partner's name).")] = None,
     epsilon: Annotated[float, typer.Option("--budget-epsilon", help="Lifetime epsilon budget of the dataset (record level).")] = 8.0,
     delta: Annotated[float, typer.Option("--budget-delta", help="Delta of the budget.")] = 1e-5,
     passphrase_env: Annotated[str | None, typer.Option("--passphrase-env", help="Encrypt the signing key with the passphrase in this environment variable.")] = None,
@@ -41,7 +41,7 @@ def init(
         passphrase = value.encode()
     try:
         policy = NodePolicy(partner=partner, budgets=[BudgetSpec(dataset=dataset or partner, epsilon=epsilon, delta=delta)])
-        home = init_node_home(folder, partner=partner, policy=policy, passphrase=passphrase)
+        home = init_node_home(folder, partner=partner, policy=policy, passphrase=passphrase, dataset=dataset or partner)
     except FedcollabError as exc:
         Console(stderr=True).print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(exc.exit_code) from None
@@ -50,7 +50,7 @@ def init(
         raise typer.Exit(2) from None
     pub = home.public_key()
     info = {"folder": str(home.root), "partner": partner, "signing_key": pub, "fingerprint": key_fingerprint(pub),
-            "policy": str(home.policy_path), "ledger": str(home.ledger_path),
+            "policy": str(home.policy_path), "ledger": str(home.ledger_path), "dataset": home.dataset(),
             "roster_entry": {partner: {"signing_key": pub, "role": "partner"}}}
     if fmt == "json":
         sys.stdout.write(json.dumps(info, indent=2) + "\n")

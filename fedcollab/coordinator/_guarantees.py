@@ -36,6 +36,8 @@ def privacy_section(spec: Spec, releases: Sequence[Release], n_train: dict[str, 
     non_private: dict[tuple[str, str, str, str, bool], list[int]] = defaultdict(list)
     mechs: dict[str, list[Any]] = defaultdict(list)
     details: dict[str, dict[str, Any]] = defaultdict(dict)
+    stats_z: dict[str, float] = {}
+    dp_test = False
     for r in releases:
         if isinstance(r.mechanism, NonPrivate):
             non_private[(r.party, r.kind, r.about, r.observer, r.declared_public)].append(r.round)
@@ -44,6 +46,10 @@ def privacy_section(spec: Spec, releases: Sequence[Release], n_train: dict[str, 
             mechs[r.party].append(r.mechanism)
             if isinstance(r.mechanism, PoissonSubsampledGaussian):
                 details[r.party].update(r.details)
+            if r.kind == "statistics" and isinstance(r.mechanism, GaussianMechanism):
+                stats_z.setdefault(r.party, r.mechanism.noise_multiplier)
+            if r.kind == "test_metrics":
+                dp_test = True  # DP test metrics (policy test_metrics = "dp") are charged with the rest
     guarantees: list[Guarantee] = []
     if spec.privacy.record_dp:
         assert spec.privacy.delta is not None
@@ -52,7 +58,6 @@ def privacy_section(spec: Spec, releases: Sequence[Release], n_train: dict[str, 
             ms = merge_mechanisms(mechs.get(name, []))
             eps = compute_epsilon(ms, delta=spec.privacy.delta, accountant=spec.privacy.accountant).epsilon if ms else 0.0
             sgd = [m for m in ms if isinstance(m, PoissonSubsampledGaussian)]
-            stats = [m for m in ms if isinstance(m, GaussianMechanism)]
             det = details.get(name, {})
             partners[name] = PartnerGuarantee(
                 epsilon=eps if eps != float("inf") else None,
@@ -63,9 +68,9 @@ def privacy_section(spec: Spec, releases: Sequence[Release], n_train: dict[str, 
                 expected_batch=float(det["expected_batch"]) if "expected_batch" in det else None,
                 steps=sum(m.steps for m in sgd),
                 n_train=n_train[name],
-                statistics_noise_multiplier=stats[0].noise_multiplier if stats else None,
+                statistics_noise_multiplier=stats_z.get(name),
             )
-        kinds = ["dpsgd_training"] + (["statistics"] if spec.resolved_scaling == "dp_statistics" else [])
+        kinds = ["dpsgd_training"] + (["statistics"] if spec.resolved_scaling == "dp_statistics" else []) + (["test_metrics"] if dp_test else [])
         guarantees.append(
             Guarantee(
                 unit="record",

@@ -424,7 +424,13 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
         replies = list(grid.send_and_receive(msgs, timeout=timeout))
         ok, failed = split_replies(replies, {}, 0)
         if failed:
-            raise NodeError("setup failed at some nodes:", codes=failed, problems=[f"{k}: code {v} ({_code_name(v)})" for k, v in failed.items()])
+            # Nodes refuse at setup before anything is spent (policy, dataset, split, the whole plan's budget):
+            # keep their signed refusals, name them, and stop before round 1.
+            failed, reasons = _setup_refusals(replies, failed, ledger, {p.name for p in spec.partners})
+            raise NodeError(f"setup: {len(ok)} of {n_partners} partners accepted the run, which starts only when all do "
+                            f"(training.min_partners = {min_partners}); stopped before round 1:",
+                            codes=failed, problems=[f"{k}: code {v} ({_code_name(v)})" + (f": {reasons[k]}" if k in reasons else "")
+                                                    for k, v in failed.items()])
         node_names: dict[int, str] = {}
         stats = []
         for m in ok:
@@ -507,6 +513,40 @@ def _check_update(m: Any, names: list[str], ref: Any) -> None:
     n = m.content.metric_records[RecordKey.METRICS].get("num-examples")
     if n is None or not (isinstance(n, int | float) and math.isfinite(n) and n > 0):
         raise ProtocolError("an update without a valid example count")
+
+
+def _setup_refusals(replies: list[Any], failed: dict[str, int], ledger: RunLedger,
+                    partners: set[str]) -> tuple[dict[str, int], dict[str, str]]:
+    """Setup failures by partner name where a refusal's signed ledger entries name it (accepted into the run ledger).
+
+    Also the reason each signed refusal states (the node's own words in its ledger: no data values,
+    e.g. the planned and remaining epsilon).
+    """
+    out = dict(failed)
+    reasons: dict[str, str] = {}
+    for m in replies:
+        if m.has_error() or RecordKey.ERROR not in m.content.config_records:
+            continue
+        rec = m.content.config_records.get(RecordKey.RELEASES)
+        try:
+            lines = json.loads(str(rec["lines"])) if rec is not None else []
+            party = json.loads(lines[0]).get("party") if lines else None
+        except (ValueError, TypeError, AttributeError, KeyError):
+            continue
+        if party not in partners:
+            continue
+        try:
+            ledger.accept(lines, party=party, round=0)  # verifies party's signature: only then is the name trusted
+        except Exception:  # noqa: BLE001 - a refusal the ledger cannot take is still a refusal, under its node id
+            log.warning("a setup refusal claiming partner %s does not verify; kept under its node id", party)
+            continue
+        name = f"node-{m.metadata.src_node_id}"
+        if name in out:
+            out[party] = out.pop(name)
+        refusal = next((e for e in map(json.loads, lines) if e.get("kind") == "refusal"), None)
+        if refusal is not None and isinstance(refusal.get("body", {}).get("reason"), str):
+            reasons[party] = refusal["body"]["reason"]
+    return out, reasons
 
 
 def _code_name(code: int) -> str:

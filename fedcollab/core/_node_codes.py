@@ -25,6 +25,10 @@ class NodeErrorCode(IntEnum):
     SCORING_UNAUTHENTICATED = 136
     SCORING_REPLAYED = 137
     UNAPPROVED_BUNDLE = 141
+    # The node owns its dataset id and its split (issue 13, attacks 2 and 5).
+    DATASET_MISMATCH = 150
+    SPLIT_CHANGED = 151
+    TEST_SPLIT_TOO_SMALL = 152
 
 
 NODE_ERROR_HELP: dict[NodeErrorCode, str] = {
@@ -45,4 +49,7 @@ NODE_ERROR_HELP: dict[NodeErrorCode, str] = {
     NodeErrorCode.SCORING_UNAUTHENTICATED: "Encrypted scoring: the querier is not in the holder's roster, or the request is unsigned, signed by another key or altered after signing; nothing was scored.",
     NodeErrorCode.SCORING_REPLAYED: "Encrypted scoring: the holder's ledger already records an answer to this request id (a replay); nothing was scored or charged.",
     NodeErrorCode.UNAPPROVED_BUNDLE: "Deployment: the run's bundle is not one the partner approved (SHA-256 pin); nothing ran.",
+    NodeErrorCode.DATASET_MISMATCH: "The spec names another dataset id for this partner than the one configured in the node's folder; nothing was released.",
+    NodeErrorCode.SPLIT_CHANGED: "The spec's train/test split differs from the split the node pinned for this dataset on first use; nothing was released.",
+    NodeErrorCode.TEST_SPLIT_TOO_SMALL: "The test split has fewer rows than the policy's `min_test_rows`; no test metrics were released.",
 }

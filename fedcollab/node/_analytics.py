@@ -163,11 +163,16 @@ class NodeAnalytics:
         self.spec = spec
         self.partner = partner
         self.run_id = run_id
-        self.dataset = next(p.dataset_id for p in spec.partners if p.name == partner)
+        self.dataset = home.dataset()  # node-local configuration, never the spec (issue 13, attack 5)
         self.gate = home.gate(partner, self.dataset)
         self.policy = self.gate.policy
         if self.policy.partner != partner:
             raise PolicyRefused("the node's policy belongs to another partner")
+        entry = next((p for p in spec.partners if p.name == partner), None)
+        if entry is not None and entry.dataset is not None and entry.dataset != self.dataset:
+            self.gate.refuse_request(run_id=run_id, round=0, code=int(NodeErrorCode.DATASET_MISMATCH),
+                                     reason="the spec names another dataset id for this partner than the node's")
+            raise PolicyRefused(f"the spec's dataset {entry.dataset!r} is not this node's dataset {self.dataset!r}")
 
     def _refuse(self, code: NodeErrorCode, reason: str, exc: FedcollabError) -> FedcollabError:
         self.gate.refuse_request(run_id=self.run_id, round=0, code=int(code), reason=reason)

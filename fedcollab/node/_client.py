@@ -51,6 +51,12 @@ log = get_logger("node")
 
 _DATA_CACHE: dict[tuple[str, str], PartnerData] = {}
 _PLAN_CACHE: dict[tuple[str, str, int], DpPlan] = {}
+_TEST_PLAN_CACHE: dict[tuple[str, str, str], float] = {}
+
+
+def _num(x: float) -> str:
+    """An epsilon for a person: three decimals, no trailing noise (2.0, 0.92, inf)."""
+    return "inf" if x == float("inf") else repr(round(float(x), 3))
 
 
 def _spec_key(spec: Spec) -> str:
@@ -81,20 +87,70 @@ class NodeRuntime:
         self.spec = spec
         self.partner = partner
         self.run_id = run_id
-        self.dataset = next(p.dataset_id for p in spec.partners if p.name == partner) if partner in {p.name for p in spec.partners} else partner
+        self.home = home
+        # The dataset id selects the budget: node-local configuration (node.json), never the spec (issue 13, attack 5).
+        self.dataset = home.dataset()
         self.gate = home.gate(partner, self.dataset)
         self.policy = self.gate.policy
         if self.policy.partner != partner:
             raise PolicyRefused("the node's policy belongs to another partner")
-        key = (_spec_key(spec), partner)
+        entry = next((p for p in spec.partners if p.name == partner), None)
+        if entry is not None and entry.dataset is not None and entry.dataset != self.dataset:
+            self._refuse_coded(NodeErrorCode.DATASET_MISMATCH, "the spec names another dataset id for this partner than the node's",
+                               log_text=f"the spec's dataset {entry.dataset!r} is not this node's dataset {self.dataset!r} (node.json)")
+        # The split belongs to the node too: pinned per dataset on first use (issue 13, attack 2).
+        local = self._with_pinned_split(spec, entry) if entry is not None else spec
+        key = (_spec_key(local), partner)
         if key not in _DATA_CACHE:
-            _DATA_CACHE[key] = load_partner_data(spec, partner)
+            _DATA_CACHE[key] = load_partner_data(local, partner)
         self.data = _DATA_CACHE[key]
         self.dp = spec.privacy.record_dp
         if self.dp and plan_json:
             # The plan calibrated at setup, kept in the node's state (no second calibration).
             plan = DpPlan(**json.loads(plan_json))
             _PLAN_CACHE.setdefault((_spec_key(spec), partner, plan.n_train), plan)
+
+    # --- what the node owns: dataset id and split -------------------------------------------
+    def _refuse_coded(self, code: NodeErrorCode, reason: str, *, log_text: str | None = None, round: int = 0) -> None:
+        """Record a refusal in the node's ledger, log the details locally, and raise its code."""
+        self.gate.refuse_request(run_id=self.run_id, round=round, code=int(code), reason=reason)
+        log.error("partner %s: %s", self.partner, log_text or reason)
+        raise _Coded(code)
+
+    def _with_pinned_split(self, spec: Spec, entry: Any) -> Spec:
+        """``spec`` with this partner's split replaced by the one pinned in the node folder (pinned now if none).
+
+        A spec whose split differs from the pinned one is refused (``SPLIT_CHANGED``). A spec that
+        names no split seed (``split.seed`` unset, which would default to the spec's seed) uses the
+        pinned seed: the spec's seed moves model initialisation and shuffling, not the test rows.
+        """
+        from fedcollab.spec import SplitSpec
+
+        split = entry.split
+        asked = {"test_fraction": split.test_fraction, "stratify": split.stratify, "column": split.column, "test_value": split.test_value,
+                 "seed": split.seed if split.seed is not None else spec.seed}
+        pinned = self.home.pinned_split(self.dataset)
+        if pinned is None:
+            self.home.pin_split(self.dataset, asked)
+            pinned = asked
+        else:
+            changed = [k for k in ("test_fraction", "stratify", "column", "test_value") if pinned.get(k) != asked[k]]
+            if split.seed is not None and pinned.get("seed") != split.seed:
+                changed.append("seed")
+            if changed:
+                self._refuse_coded(NodeErrorCode.SPLIT_CHANGED, "the spec changes the split pinned for this dataset: " + ", ".join(changed),
+                                   log_text=f"the spec's split of dataset {self.dataset!r} differs from the pinned one "
+                                            f"({self.home.split_path}) in {', '.join(changed)}")
+        try:
+            eff = SplitSpec.model_validate({k: v for k, v in pinned.items() if v is not None})
+        except ValueError:
+            from fedcollab.core import ConfigError
+
+            raise ConfigError(f"{self.home.split_path}: the pinned split of dataset {self.dataset!r} is not a valid split") from None
+        if eff == split:
+            return spec
+        partners = [p.model_copy(update={"split": eff}) if p.name == entry.name else p for p in spec.partners]
+        return spec.model_copy(update={"partners": partners}).with_base_dir(spec.base_dir)
 
     # --- privacy plan -------------------------------------------------------------------
     def plan(self) -> DpPlan | None:
@@ -105,6 +161,95 @@ class NodeRuntime:
         if key not in _PLAN_CACHE:
             _PLAN_CACHE[key] = plan_dp(self.spec, n_train=self.data.n_train, n_features=len(self.data.feature_names))
         return _PLAN_CACHE[key]
+
+    def evaluations_planned(self) -> int:
+        """Evaluations the run asks for: every ``evaluate_every`` rounds and after the last."""
+        t = self.spec.training
+        return len({r for r in range(1, t.rounds + 1) if r % t.evaluate_every == 0} | {t.rounds})
+
+    def test_metrics_plan(self) -> float | None:
+        """Under ``test_metrics = "dp"``: the noise multiplier of one evaluation, else None.
+
+        Calibrated by the accounting core so that the run's planned evaluations, composed, cost
+        the policy's ``test_metrics_epsilon`` at the record budget's delta (record level, observer
+        coordinator).
+        """
+        if self.policy.resolved_test_metrics != "dp":
+            return None
+        from fedcollab.privacy.accounting import calibrate_noise_multiplier
+
+        budget = self.policy.budget(self.dataset, "record")
+        delta = budget.delta if budget else 1e-5
+        accountant = budget.accountant if budget else "rdp"
+        key = (_spec_key(self.spec), self.partner, repr((self.policy.test_metrics_epsilon, delta, accountant)))
+        if key not in _TEST_PLAN_CACHE:
+            _TEST_PLAN_CACHE[key] = calibrate_noise_multiplier(target_epsilon=self.policy.test_metrics_epsilon, delta=delta, sample_rate=None,
+                                                               steps=self.evaluations_planned(), accountant=accountant)  # type: ignore[arg-type]
+        return _TEST_PLAN_CACHE[key]
+
+    def planned_releases(self, scaling: str) -> list[Release]:
+        """Every release the run's plan will make about this node's rows (for the preflight at setup)."""
+        spec, d = self.spec, self.data
+        plan = self.plan()
+        rounds = spec.training.rounds
+
+        def rel(**kw: Any) -> Release:
+            return Release(party=self.partner, added_by=self.partner, observer="coordinator", **kw)
+
+        out: list[Release] = []
+        if scaling == "federated_statistics":
+            out.append(rel(kind="statistics", about="train", unit="record", round=0, mechanism=NonPrivate()))
+        elif scaling == "dp_statistics" and plan is not None and plan.stats_noise_multiplier is not None:
+            out.append(rel(kind="statistics", about="train", unit="record", round=0,
+                           mechanism=GaussianMechanism(noise_multiplier=plan.stats_noise_multiplier, releases=1)))
+        if plan is not None:
+            out.append(rel(kind="dpsgd_training", about="train", unit="record", round=1,
+                           mechanism=PoissonSubsampledGaussian(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
+                                                               steps=plan.total_steps)))
+        elif spec.privacy.mode != "distributed":
+            out += [rel(kind="model_update", about="train", unit="record", round=r, mechanism=NonPrivate()) for r in range(1, rounds + 1)]
+        if spec.privacy.mode == "distributed" and spec.privacy.partner is not None:
+            from fedcollab.protocols import plan_distributed
+
+            n_params = sum(v.size for v in model_arrays(build_model(spec.model, len(d.feature_names), seed=spec.seed)).values())
+            mech = plan_distributed(spec, d=n_params).mechanism()
+            out += [rel(kind="ddg_update", about="train", unit="partner", round=r, mechanism=mech) for r in range(1, rounds + 1)]
+        z = self.test_metrics_plan()
+        if z is not None:
+            out += [rel(kind="test_metrics", about="test", unit="record", round=r, mechanism=GaussianMechanism(noise_multiplier=z, releases=1))
+                    for r in range(1, self.evaluations_planned() + 1)]
+        return out
+
+    def preflight(self, scaling: str) -> None:
+        """Check the whole run's planned spend against what is left of the budget, before anything is spent.
+
+        Composed with the node's on-disk ledger (every earlier run); a plan that does not fit is
+        refused with ``BUDGET_EXHAUSTED`` (recorded), a non-private plan the policy forbids with
+        ``POLICY_REFUSED``. Nothing but the refusal is written.
+        """
+        planned = self.planned_releases(scaling)
+        if any(r.non_private and r.about == "train" for r in planned):
+            if not self.policy.allow_non_private_training:
+                reason = "policy forbids the non-private releases about training rows the plan makes"
+                self.gate.refuse_request(run_id=self.run_id, round=0, code=int(NodeErrorCode.POLICY_REFUSED), reason=reason)
+                raise PolicyRefused(reason)
+        for (unit, _observer), (run, so_far, total, budget) in self.gate.would_spend_all(planned, run_id=self.run_id).items():
+            if budget is None:
+                if all(r.non_private for r in planned if r.unit == unit):
+                    continue  # unbudgeted data, non-private releases allowed by the policy
+                reason = f"no budget for unit {unit}"
+                text = f"plan needs a budget for dataset {self.dataset} (unit {unit}) and the policy has none"
+            elif total > budget["epsilon"] * (1 + 1e-9):
+                left = max(0.0, budget["epsilon"] - so_far)
+                reason = f"the run's plan needs epsilon {_num(run)} (unit {unit}), {_num(left)} left of {_num(budget['epsilon'])}"
+                text = (f"plan needs {_num(run)}, {_num(left)} left of {_num(budget['epsilon'])} for dataset {self.dataset}"
+                        f"{'' if unit == 'record' else ' (unit ' + unit + ')'}; budgets carry over between runs through the node folders "
+                        "(--nodes DIR, default OUT/nodes); delete a simulated partner's node folder to start afresh")
+            else:
+                continue
+            self.gate.refuse_request(run_id=self.run_id, round=0, code=int(NodeErrorCode.BUDGET_EXHAUSTED), reason=reason)
+            log.error("partner %s refused the run at setup: %s", self.partner, text)
+            raise BudgetExhausted(text)
 
     def _release(self, payload: bytes, **kw: Any) -> str:
         """Check the release against the policy and budget, record it, and return its ledger line."""
@@ -140,6 +285,7 @@ class NodeRuntime:
         self.check_policy()
         if self.dp:
             self.policy.warn_delta(self.dataset, d.n_train)
+        self.preflight(scaling)
         counts = {"n_train": d.n_train, "n_test": d.n_test}
         releases = [
             self._release(json.dumps(counts).encode(), kind="row_counts", about="train+test", unit="record", observer="coordinator", round=0,
@@ -255,17 +401,78 @@ class NodeRuntime:
 
     # --- evaluate ---------------------------------------------------------------------------
     def evaluate(self, arrays: dict[str, np.ndarray], *, scaling: Scaling, server_round: int) -> tuple[dict[str, Any], list[str]]:
-        """Counts and histograms on the test split."""
-        spec, d = self.spec, self.data
+        """Counts and histograms on the test split, as the policy bounds them.
+
+        Histograms have at most ``max_histogram_bins`` bins; under ``"dp"`` every count is noised
+        (σ from :meth:`test_metrics_plan`) and the release is charged, at most the planned number
+        of times a run. An evaluation the node refuses — ``test_metrics = "off"`` (code 132), a test
+        split below ``min_test_rows`` (code 152), a DP evaluation beyond the plan or the budget
+        (code 131) — is *withheld*: the reply is the constant zero record (n = 0, empty counts),
+        and its only ledger line is the signed refusal with the code.
+
+        Notes
+        -----
+        Withheld rather than raised: evaluation rides on other work (deployment fuses it into the
+        next train message; under SecAgg+ it carries the next round's SHARE stage), which a
+        refusal of the metrics alone must not take down. The zero record depends on no row.
+        """
+        spec, d, pol = self.spec, self.data, self.policy
+        from fedcollab.protocols._evaluation import LOSS_BOUND, TEST_METRICS_SENSITIVITY, dp_test_metrics, histogram_bins
+
+        bins = histogram_bins(pol.max_histogram_bins)
+        mode = pol.resolved_test_metrics
+        if mode == "off":
+            return self._withheld(bins, NodeErrorCode.POLICY_REFUSED, "test metrics are off (policy test_metrics)", server_round)
+        if d.n_test < pol.min_test_rows:
+            log.error("partner %s: %d test rows of dataset %r, fewer than min_test_rows = %d; evaluation refused",
+                      self.partner, d.n_test, self.dataset, pol.min_test_rows)
+            return self._withheld(bins, NodeErrorCode.TEST_SPLIT_TOO_SMALL, f"the test split is smaller than min_test_rows = {pol.min_test_rows}",
+                                  server_round)
+        z = self.test_metrics_plan()
+        if z is not None and self._test_releases_this_run() >= self.evaluations_planned():
+            return self._withheld(bins, NodeErrorCode.BUDGET_EXHAUSTED, "more evaluations than the run's DP test-metrics plan", server_round)
         model = build_model(spec.model, len(d.feature_names), seed=spec.seed)
         _check_arrays(arrays, model_arrays(model))
         set_model_arrays(model, arrays)
         from fedcollab.node._training import evaluate_model
 
-        res = evaluate_model(model, scaling.apply(d.x_test), d.y_test)
-        release = self._release(json.dumps(res).encode(), kind="test_metrics", about="test", unit="record", observer="coordinator", round=server_round,
-                                mechanism=NonPrivate(), details={"what": "count, correct, loss sum, score histograms"})
+        what = "count, correct, loss sum, score histograms"
+        if z is None:
+            res = evaluate_model(model, scaling.apply(d.x_test), d.y_test, bins=bins)
+            mech: Any = NonPrivate()
+            details: dict[str, Any] = {"what": what, "bins": bins}
+        else:
+            exact = evaluate_model(model, scaling.apply(d.x_test), d.y_test, bins=bins, loss_bound=LOSS_BOUND)
+            res = dp_test_metrics(exact, noise_multiplier=z, generator=fresh_generator())
+            mech = GaussianMechanism(noise_multiplier=z, releases=1)
+            details = {"what": what, "bins": bins, "l2_sensitivity": TEST_METRICS_SENSITIVITY, "loss_bound": LOSS_BOUND,
+                       "evaluations_planned": self.evaluations_planned(), "noise_rng": "numpy PCG64 seeded from OS entropy (256 bits)"}
+        try:
+            release = self._release(json.dumps(res).encode(), kind="test_metrics", about="test", unit="record", observer="coordinator",
+                                    round=server_round, mechanism=mech, details=details)
+        except (PolicyRefused, BudgetExhausted):
+            # The gate recorded its refusal (the ledger's last line); the metrics stay here.
+            return _zero_metrics(bins), [self.gate.ledger.lines()[-1].raw.decode()]
         return res, [release]
+
+    def _withheld(self, bins: int, code: NodeErrorCode, reason: str, server_round: int) -> tuple[dict[str, Any], list[str]]:
+        line = self.gate.refuse_request(run_id=self.run_id, round=server_round, code=int(code), reason=reason)
+        log.info("partner %s withheld test metrics of round %d: %s (%s)", self.partner, server_round, code.name, reason)
+        return _zero_metrics(bins), [line.decode()]
+
+    def _test_releases_this_run(self) -> int:
+        n = 0
+        for ln in self.gate.ledger.lines():
+            e = ln.entry
+            if (e.get("party") == self.partner and e.get("kind") == "release" and e.get("run_id") == self.run_id
+                    and e["body"].get("dataset") == self.dataset and e["body"]["release"].get("kind") == "test_metrics"):
+                n += 1
+        return n
+
+
+def _zero_metrics(bins: int) -> dict[str, Any]:
+    """The reply of a withheld evaluation: constant, about no row."""
+    return {"n": 0, "correct": 0.0, "loss_sum": 0.0, "hist_pos": [0] * bins, "hist_neg": [0] * bins}
 
 
 def _check_arrays(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:

@@ -5,6 +5,8 @@
     DIR/signing_key.pem   Ed25519, mode 0600, optional passphrase
     DIR/public_key.hex    the raw public key (goes into the roster, out of band)
     DIR/policy.toml       NodePolicy v1 template, to edit
+    DIR/node.json         node-local configuration: the partner and the dataset id its budget is kept under
+    DIR/split.json        the train/test split pinned per dataset on first use (written by the node)
     DIR/ledger.jsonl      the node's chain of privacy events (source of truth for its budget)
     DIR/ledger.anchor.json  seq and hash of its last entry, replaced atomically after every append;
                           a ledger file behind it is refused (rolled back) at start-up and on every read
@@ -13,8 +15,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -54,6 +60,71 @@ class NodeHome:
     def nonce_path(self) -> Path:  # noqa: D102
         return self.root / "nonces.jsonl"
 
+    @property
+    def config_path(self) -> Path:  # noqa: D102
+        return self.root / "node.json"
+
+    @property
+    def split_path(self) -> Path:  # noqa: D102
+        return self.root / "split.json"
+
+    def dataset(self) -> str:
+        """The dataset id this node's budget is kept under: node-local configuration, never the spec.
+
+        From ``node.json`` (``node init --dataset``, ``node start --dataset``, or the runner in
+        simulation). A folder made before ``node.json`` existed falls back to the one dataset its
+        policy budgets, else to the partner's name (the old default of ``--dataset``).
+        """
+        if self.config_path.exists():
+            try:
+                cfg = json.loads(self.config_path.read_text())
+                value = cfg["dataset"]
+            except (OSError, ValueError, KeyError, TypeError):
+                raise ConfigError(f"{self.config_path}: expected a JSON object with a string `dataset`") from None
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{self.config_path}: `dataset` must be a non-empty string, got {value!r}")
+            return value
+        pol = self.policy()
+        names = sorted({b.dataset for b in pol.budgets})
+        return names[0] if len(names) == 1 else pol.partner
+
+    def set_dataset(self, dataset: str) -> None:
+        """Store the dataset id in ``node.json`` (atomically)."""
+        if not isinstance(dataset, str) or not dataset:
+            raise ConfigError(f"`dataset` must be a non-empty string, got {dataset!r}")
+        cfg: dict[str, Any] = {}
+        if self.config_path.exists():
+            try:
+                cfg = dict(json.loads(self.config_path.read_text()))
+            except (OSError, ValueError, TypeError):
+                cfg = {}
+        cfg.update(schema_version=1, partner=self.policy().partner, dataset=dataset)
+        _write_atomic(self.config_path, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+    def pinned_split(self, dataset: str) -> dict[str, Any] | None:
+        """The split parameters pinned for ``dataset``, if any."""
+        return self._splits().get(dataset)
+
+    def pin_split(self, dataset: str, params: dict[str, Any]) -> None:
+        """Pin ``params`` as ``dataset``'s split (refuses to overwrite a pinned one)."""
+        splits = self._splits()
+        if dataset in splits:
+            raise ConfigError(f"{self.split_path}: the split of dataset {dataset!r} is already pinned")
+        splits[dataset] = params
+        _write_atomic(self.split_path, json.dumps({"schema_version": 1, "splits": splits}, indent=2, sort_keys=True) + "\n")
+
+    def _splits(self) -> dict[str, Any]:
+        if not self.split_path.exists():
+            return {}
+        try:
+            data = json.loads(self.split_path.read_text())
+            splits = data["splits"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ConfigError(f"{self.split_path}: expected a JSON object with `splits` (dataset -> split parameters)") from None
+        if not isinstance(splits, dict):
+            raise ConfigError(f"{self.split_path}: `splits` must be an object, got {type(splits).__name__}")
+        return dict(splits)
+
     def exists(self) -> bool:
         """Whether the folder holds a key and a policy."""
         return self.key_path.exists() and self.policy_path.exists()
@@ -76,8 +147,27 @@ class NodeHome:
         return BudgetGate(ledger, self.policy(), dataset=dataset, nonce_path=self.nonce_path)
 
 
-def init_node_home(root: str | Path, *, partner: str, policy: NodePolicy | None = None, passphrase: bytes | None = None) -> NodeHome:
-    """Create a node folder (refuses to overwrite an existing key)."""
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def init_node_home(root: str | Path, *, partner: str, policy: NodePolicy | None = None, passphrase: bytes | None = None,
+                   dataset: str | None = None) -> NodeHome:
+    """Create a node folder (refuses to overwrite an existing key).
+
+    ``dataset`` is the id the node's budget is kept under (stored in ``node.json``); by default
+    the one dataset the policy budgets, else the partner's name.
+    """
     home = NodeHome(Path(root))
     if home.key_path.exists():
         raise ConfigError(f"{home.root} already holds a node (signing_key.pem); refusing to overwrite")
@@ -89,6 +179,10 @@ def init_node_home(root: str | Path, *, partner: str, policy: NodePolicy | None 
         raise ConfigError(f"policy.partner is {pol.partner!r}, expected {partner!r}")
     home.policy_path.write_text(policy_toml(pol))
     home.ledger_path.touch()
+    if dataset is None:
+        names = sorted({b.dataset for b in pol.budgets})
+        dataset = names[0] if len(names) == 1 else partner
+    home.set_dataset(dataset)
     return home
 
 

@@ -44,7 +44,9 @@ SECAGG_STATE = "fedcollab.secagg.state"
 #: Slots of a message that may carry a secagg stage, in the order they are answered.
 SECAGG_SLOTS = ("secagg", "secagg.next")
 #: The node's protocol stage a wire stage needs (``advertise`` needs no state for its round).
-NEEDS_STAGE = {"share": "share", "masked": "masked-input", "unmask": "unmask"}
+NEEDS_STAGE = {"share": "share", "masked": "masked-input", "consistency": "consistency", "unmask": "unmask"}
+#: The node's protocol stage once a wire stage is answered (the consistency stage sits between masked input and unmask).
+AFTER_STAGE = {"share": "masked-input", "masked": "consistency", "consistency": "unmask", "unmask": "done"}
 
 
 Coded = NodeCoded  # a refusal that leaves as its code (fedcollab.core.NodeCoded)
@@ -148,7 +150,7 @@ def order_problem(spec: Spec, req: Request, at: OrderState) -> tuple[NodeErrorCo
                 return out, f"secagg {stage} of round {rnd} before the round's earlier stages"
             if stage == "masked" and rnd > 0 and req.category != "train":
                 return out, f"secagg masked input of round {rnd} without its training"
-            seen[rnd] = {"share": "masked-input", "masked": "unmask", "unmask": "done"}[stage]
+            seen[rnd] = AFTER_STAGE[stage]
         else:
             return NodeErrorCode.BAD_REQUEST, f"unknown secagg stage {stage!r}"
     return None

@@ -121,16 +121,25 @@ def train_model(
     return TrainOutcome(steps=steps, empty_batches=empty, mean_loss=total_loss / max(seen, 1))
 
 
-def evaluate_model(model: nn.Module, x: np.ndarray, y: np.ndarray) -> dict[str, object]:
-    """Counts and score histograms on ``x, y`` (what a node releases about its test split)."""
+def evaluate_model(model: nn.Module, x: np.ndarray, y: np.ndarray, *, bins: int | None = None,
+                   loss_bound: float | None = None) -> dict[str, object]:
+    """Counts and score histograms on ``x, y`` (what a node releases about its test split).
+
+    ``bins``: histogram resolution (default :data:`HIST_BINS`); ``loss_bound``: clip each row's
+    loss to it before summing (bounded sensitivity, for test metrics released with DP).
+    """
     model.eval()
     with torch.no_grad():
         logits = model(torch.as_tensor(x, dtype=torch.float32))
         yt = torch.as_tensor(y, dtype=torch.float32)
-        loss_sum = float(nn.functional.binary_cross_entropy_with_logits(logits, yt, reduction="sum"))
+        if loss_bound is None:
+            loss_sum = float(nn.functional.binary_cross_entropy_with_logits(logits, yt, reduction="sum"))
+        else:
+            losses = nn.functional.binary_cross_entropy_with_logits(logits, yt, reduction="none")
+            loss_sum = float(torch.clamp(losses, max=loss_bound).sum())
         prob = torch.sigmoid(logits).numpy()
     pred = (prob >= 0.5).astype(np.float64)
-    pos, neg = score_histograms(prob, y)
+    pos, neg = score_histograms(prob, y) if bins is None else score_histograms(prob, y, bins=bins)
     return {"n": len(y), "correct": float((pred == y).sum()), "loss_sum": loss_sum, "hist_pos": pos, "hist_neg": neg}
 
 

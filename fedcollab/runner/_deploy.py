@@ -281,6 +281,7 @@ class NodeConfig:
     auth_key: Path | None = None  # default HOME/flower_auth_key
     approved_bundles: tuple[str, ...] = ()  # default: the bundle this installation builds
     poll: float = DEFAULT_NODE_POLL  # cap on the SuperNode's idle sleeps; 0 = Flower's own (3 s)
+    dataset: str | None = None  # the data file's dataset id (stored in HOME/node.json); None keeps the folder's
 
     @property
     def auth_key_path(self) -> Path:
@@ -309,6 +310,8 @@ def _node_setup(cfg: NodeConfig) -> tuple[Any, list[str], dict[str, str]]:
     if not home.exists():
         raise ConfigError(f"{home.root} is not a node folder (create it with `fedcollab node init`)")
     policy = home.policy()
+    if cfg.dataset is not None:
+        home.set_dataset(cfg.dataset)  # node-local: the spec never selects the budget
     if not cfg.data.is_file():
         raise ConfigError(f"data file {cfg.data} does not exist")
     try:

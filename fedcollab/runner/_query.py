@@ -72,7 +72,7 @@ def _homes(spec: Spec, nodes_dir: Path) -> dict[str, NodeHome]:
     for p in spec.partners:
         home = NodeHome(nodes_dir / p.name)
         if not home.exists():
-            home = init_node_home(home.root, partner=p.name, policy=analytics_policy(spec, p.name))
+            home = init_node_home(home.root, partner=p.name, policy=analytics_policy(spec, p.name), dataset=p.dataset_id)
         homes[p.name] = home
     return homes
 

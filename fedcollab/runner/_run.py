@@ -9,6 +9,7 @@ import os
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -16,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from fedcollab.core import FedcollabError, TransportError, get_logger
+from fedcollab.core import FedcollabError, NodeError, NodeErrorCode, TransportError, get_logger
 from fedcollab.coordinator import COORDINATOR, CoordinatorRecorder, RoundRecord, RunLedger, make_server_app, privacy_section
 from fedcollab.node import NodeHome, init_node_home, make_client_app
 from fedcollab.spec import BudgetSpec, NodePolicy, Roster, RosterEntry
-from fedcollab.protocols import PooledMetrics, Summary
+from fedcollab.protocols import HIST_BINS, PooledMetrics, Summary
 from fedcollab.protocols._summary import LedgerRef, Metrics, MetricsEntry, ModelRef, SpecRef
 from fedcollab.spec import Spec, load_spec
 
@@ -139,6 +140,7 @@ def run(
     progress: bool = False,
     spec_path: str | Path | None = None,
     timeout: float = 600.0,
+    on_round: Callable[[RoundRecord], None] | None = None,
 ) -> Result:
     """Run ``spec`` on Flower's simulation engine, in-process and offline.
 
@@ -155,6 +157,8 @@ def run(
         ``OUT/nodes``. A missing node folder is created with a policy derived from the spec.
     progress : bool
         Show a rich progress bar per round.
+    on_round : callable, optional
+        Called with each round's record once the round is done, before the next one starts.
 
     Returns
     -------
@@ -184,9 +188,22 @@ def run(
     t0 = time.perf_counter()
     with _Progress(spec, progress) as prog:
         recorder.on_setup = prog.setup
-        recorder.on_round = prog.round
-        _simulate(spec, recorder, ledger=ledger, homes={k: str(v.root) for k, v in homes.items()},
-                  roster={k: v.signing_key for k, v in roster.parties.items()}, timeout=timeout)
+        def each_round(r: RoundRecord) -> None:
+            prog.round(r)
+            if on_round is not None:
+                on_round(r)
+
+        recorder.on_round = each_round
+        try:
+            _simulate(spec, recorder, ledger=ledger, homes={k: str(v.root) for k, v in homes.items()},
+                      roster={k: v.signing_key for k, v in roster.parties.items()}, timeout=timeout)
+        except NodeError as exc:
+            if int(NodeErrorCode.BUDGET_EXHAUSTED) not in exc.codes.values():
+                raise
+            nodes_dir = Path(nodes) if nodes is not None else out_dir / "nodes"
+            hint = (f"budgets carry over between runs through the node folders (--nodes DIR, default OUT/nodes; here {nodes_dir}); "
+                    f"delete a simulated partner's node folder (e.g. {nodes_dir / next(iter(exc.codes))}) to start afresh")
+            raise NodeError(str(exc).split("\n")[0], codes=exc.codes, problems=[*exc.problems, hint]) from None
     wall = time.perf_counter() - t0
     if spec.aggregation == "he" and recorder.finished:
         recorder.final_arrays = _he_model(spec, homes, run_id)
@@ -281,6 +298,8 @@ def _he_model(spec: Spec, homes: dict[str, NodeHome], run_id: str) -> OrderedDic
 
 #: Budget of a simulated partner whose node folder the runner creates (per dataset, unit record).
 SIMULATED_BUDGET_EPSILON = 8.0
+#: Fewest test rows a simulated partner evaluates on (the demo's smallest test split, Switzerland's, has 16).
+SIMULATED_MIN_TEST_ROWS = 10
 
 
 def simulated_policy(spec: Spec, partner: str) -> NodePolicy:
@@ -305,6 +324,11 @@ def simulated_policy(spec: Spec, partner: str) -> NodePolicy:
         # In simulation the runner plays every partner: it allows the spec's own custom model (docs/policy.md).
         allowed_custom_models=[spec.model.target] if spec.model.kind == "custom" and spec.model.target else [],
         min_partners_per_round=min(2, len(spec.partners)),
+        # The person running a simulation is every partner: exact test metrics at full resolution
+        # (the demo's pooled accuracy and AUC), on test splits of at least SIMULATED_MIN_TEST_ROWS.
+        test_metrics="public",
+        min_test_rows=SIMULATED_MIN_TEST_ROWS,
+        max_histogram_bins=HIST_BINS,
     )
 
 
@@ -314,7 +338,9 @@ def prepare_simulated_nodes(spec: Spec, nodes_dir: Path) -> dict[str, NodeHome]:
     for p in spec.partners:
         home = NodeHome(nodes_dir / p.name)
         if not home.exists():
-            home = init_node_home(home.root, partner=p.name, policy=simulated_policy(spec, p.name))
+            # The dataset id comes from the spec's partner entry here only because the person running
+            # a simulation is every partner; from then on it is the node folder's (node.json).
+            home = init_node_home(home.root, partner=p.name, policy=simulated_policy(spec, p.name), dataset=p.dataset_id)
         homes[p.name] = home
     return homes
 

@@ -91,6 +91,14 @@ class NodePolicy(FrozenModel):
     )
     statistics: StatisticsPolicy = Field(default_factory=StatisticsPolicy)
     scoring: ScoringPolicy = Field(default_factory=ScoringPolicy)
+    # --- test-split releases (issue 13, attack 2): the node bounds what evaluation reveals ---------
+    test_metrics: Literal["off", "public", "dp"] | None = Field(
+        default=None,
+        description="Test-split metrics: 'off' (never released), 'public' (exact, not charged), 'dp' (Gaussian noise, charged). "
+                    "Default: 'off' when the policy has a budget, else 'public'.")
+    min_test_rows: PosInt = Field(default=20, description="Fewest test rows the node evaluates on; below it evaluation is refused (code 152).")
+    max_histogram_bins: PosInt = Field(default=20, le=2000, description="Most bins of the released score histograms (resolution of the AUC).")
+    test_metrics_epsilon: Finite = Field(default=0.5, gt=0, description="Under test_metrics = 'dp': epsilon all of one run's evaluations may cost together (record level).")
 
     @field_validator("allowed_custom_models")
     @classmethod
@@ -111,6 +119,21 @@ class NodePolicy(FrozenModel):
         if dupes:
             raise ValueError(f"more than one budget for {dupes}")
         return self
+
+    @model_validator(mode="after")
+    def _test_metrics_consistent(self) -> NodePolicy:
+        if self.test_metrics == "public" and not self.allow_non_private_test_metrics:
+            raise ValueError("`test_metrics` must not be 'public' when `allow_non_private_test_metrics` is false, got 'public'")
+        return self
+
+    @property
+    def resolved_test_metrics(self) -> Literal["off", "public", "dp"]:
+        """What the node releases about its test split (see ``test_metrics``)."""
+        if self.test_metrics is not None:
+            return self.test_metrics
+        if not self.allow_non_private_test_metrics or self.budgets:
+            return "off"
+        return "public"
 
     def budget(self, dataset: str, unit: str) -> BudgetSpec | None:
         """The budget of ``(dataset, unit)``, if any."""
@@ -160,6 +183,11 @@ def policy_toml(policy: NodePolicy) -> str:
         "allowed_model_kinds = [" + ", ".join(f'"{a}"' for a in policy.allowed_model_kinds) + "]",
         "# Custom models this node may build (installed here; any other target is refused, never imported).",
         "allowed_custom_models = [" + ", ".join(json.dumps(a) for a in policy.allowed_custom_models) + "]",
+        "# Test-split metrics: \"off\", \"public\" (exact, not charged) or \"dp\" (noised, charged); omitted = off with a budget.",
+        (f'test_metrics = "{policy.test_metrics}"' if policy.test_metrics is not None else '# test_metrics = "dp"'),
+        f"min_test_rows = {policy.min_test_rows}",
+        f"max_histogram_bins = {policy.max_histogram_bins}",
+        f"test_metrics_epsilon = {policy.test_metrics_epsilon!r}",
         "",
     ]
     for b in policy.budgets:

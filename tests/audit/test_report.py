@@ -36,7 +36,7 @@ def node(tmp_path_factory):
     home = tmp_path_factory.mktemp("node")
     key = Ed25519PrivateKey.generate()
     ledger = PartyLedger(home / "ledger.jsonl", party=PARTY, key=key)
-    policy = NodePolicy(partner=PARTY, budgets=[BudgetSpec(dataset=PARTY, epsilon=2.0, delta=1e-5)])
+    policy = NodePolicy(partner=PARTY, budgets=[BudgetSpec(dataset=PARTY, epsilon=2.0, delta=1e-5)], test_metrics="public")
     gate = BudgetGate(ledger, policy, dataset=PARTY, nonce_path=home / "nonces.jsonl")
     gate.record(_release(0, NonPrivate(), kind="row_counts", about="train+test", declared_public=True, details={"n_train": 100, "n_test": 50}),
                 run_id=RUN, payload=b"counts")

@@ -55,7 +55,8 @@ def test_statistics_summed_under_secagg(pair):
 
 @pytest.fixture(scope="module")
 def dropout_run(tmp_path_factory):
-    """DP + secagg, 3 rounds, where Switzerland's own budget runs out after round 1: a real dropout."""
+    """DP + secagg, 3 rounds, where Switzerland lowers its budget after round 1 (the whole plan passed its
+    check at setup): its gate refuses round 2, a real dropout."""
     import fedcollab
     from fedcollab.node import init_node_home
     from fedcollab.privacy.accounting import compute_epsilon
@@ -74,14 +75,19 @@ def dropout_run(tmp_path_factory):
     spec = type(spec).model_validate(spec.model_dump(by_alias=True)).with_base_dir(base.base_dir)
     plan = plan_dp(spec, n_train=30, n_features=13)
     eps = [compute_epsilon(plan.mechanisms(steps=s), delta=plan.delta, accountant=plan.accountant).epsilon for s in (1, 2)]
+    from fedcollab.spec import policy_toml
+
     nodes = tmp_path_factory.mktemp("nodes")
     for p in spec.partners:
-        policy = simulated_policy(spec, p.name)
-        if p.name == "switzerland":
+        init_node_home(nodes / p.name, partner=p.name, policy=simulated_policy(spec, p.name))
+
+    def lower_switzerlands_budget(record):
+        if record.round == 1:
+            policy = simulated_policy(spec, "switzerland")
             budget = policy.budgets[0].model_copy(update={"epsilon": (eps[0] + eps[1]) / 2})
-            policy = policy.model_copy(update={"budgets": [budget]})
-        init_node_home(nodes / p.name, partner=p.name, policy=policy)
-    return fedcollab.run(spec, out=tmp_path_factory.mktemp("dropout"), nodes=nodes), eps
+            (nodes / "switzerland" / "policy.toml").write_text(policy_toml(policy.model_copy(update={"budgets": [budget]})))
+
+    return fedcollab.run(spec, out=tmp_path_factory.mktemp("dropout"), nodes=nodes, on_round=lower_switzerlands_budget), eps
 
 
 def test_dropout_at_masked_input_survives(dropout_run):

@@ -20,11 +20,12 @@ def _roster(node) -> Roster:
     return Roster(parties={node.partner: RosterEntry(signing_key=public_key_hex(node.gate.ledger.key))})
 
 
-def _train_rounds(node, spec, rounds: int) -> int:
+def _train_rounds(node, spec, rounds: int, *, setup: bool = True) -> int:
     """Train up to ``rounds`` rounds; returns how many were released before a refusal."""
     arrays = dict(model_arrays(build_model(spec.model, 13, seed=spec.seed)))
     scaling = scaling_from_bounds(np.asarray(spec.data_schema.encoded_bounds()))
-    node.setup("public_bounds")
+    if setup:
+        node.setup("public_bounds")
     steps = 0
     for r in range(1, rounds + 1):
         try:
@@ -37,12 +38,15 @@ def _train_rounds(node, spec, rounds: int) -> int:
 
 class TestAcrossRuns:
     def test_second_run_stops_at_the_budget(self, heart_dp_spec, tmp_path):
-        """Two runs of 20 rounds at epsilon 1 each against a lifetime budget of 1.5: the second stops early, nothing exceeds 1.5."""
+        """Two runs of 20 rounds at epsilon 1 each against a lifetime budget of 1.5: the second is refused at setup
+        (its plan does not fit) and, sent train messages without setup, stops early; nothing exceeds 1.5."""
         policy = NodePolicy(partner="switzerland", budgets=[BudgetSpec(dataset="switzerland", epsilon=1.5, delta=1e-3)])
         first = make_node(heart_dp_spec, "switzerland", tmp_path, run_id="run-a", policy=policy)
         assert _train_rounds(first, heart_dp_spec, 20) == 20
         second = make_node(heart_dp_spec, "switzerland", tmp_path, run_id="run-b")
-        done = _train_rounds(second, heart_dp_spec, 20)
+        with pytest.raises(BudgetExhausted, match="plan needs"):
+            second.setup("public_bounds")
+        done = _train_rounds(second, heart_dp_spec, 20, setup=False)
         assert 0 < done < 20
         _, total, budget = second.gate.would_spend(_dpsgd_probe(second), run_id="run-b")
         entries = [json.loads(x) for x in second.gate.ledger.path.read_text().splitlines()]
@@ -104,7 +108,9 @@ class TestPolicy:
     def test_no_budget_no_private_release(self, heart_dp_spec, tmp_path):
         """A dataset without a budget gets no DP release at all (fail-closed)."""
         node = make_node(heart_dp_spec, "switzerland", tmp_path, policy=NodePolicy(partner="switzerland"))
-        assert _train_rounds(node, heart_dp_spec, 1) == 0
+        with pytest.raises(BudgetExhausted, match="no budget|needs a budget"):
+            node.setup("public_bounds")  # refused up front: the plan needs a budget
+        assert _train_rounds(node, heart_dp_spec, 1, setup=False) == 0
 
     def test_non_private_training_needs_permission(self, heart_spec, tmp_path):
         node = make_node(heart_spec, "switzerland", tmp_path, policy=NodePolicy(partner="switzerland"))
@@ -116,8 +122,11 @@ class TestPolicy:
                             allow_non_private_test_metrics=False)
         node = make_node(heart_dp_spec, "switzerland", tmp_path, policy=policy)
         arrays = dict(model_arrays(build_model(heart_dp_spec.model, 13, seed=0)))
-        with pytest.raises(PolicyRefused, match="test metrics"):
-            node.evaluate(arrays, scaling=scaling_from_bounds(np.asarray(heart_dp_spec.data_schema.encoded_bounds())), server_round=1)
+        res, (line,) = node.evaluate(arrays, scaling=scaling_from_bounds(np.asarray(heart_dp_spec.data_schema.encoded_bounds())), server_round=1)
+        # Withheld: a constant zero record, and the signed refusal as the only ledger line.
+        assert res["n"] == 0 and not any(res["hist_pos"]) and not any(res["hist_neg"])
+        e = json.loads(line)
+        assert e["kind"] == "refusal" and e["body"]["code"] == int(NodeErrorCode.POLICY_REFUSED) and "test metrics" in e["body"]["reason"]
 
     def test_delta_warning(self):
         from fedcollab.spec import PolicyWarning

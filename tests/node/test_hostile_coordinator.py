@@ -114,7 +114,7 @@ class TestWithoutSetup:
         reply = plain.send(message_type, {**cfg, **_scaling(plain.spec)}, arrays=arrays)
         plain.refused(reply, NodeErrorCode.OUT_OF_ORDER, before)
 
-    @pytest.mark.parametrize("stage", ["advertise", "share", "masked", "unmask"])
+    @pytest.mark.parametrize("stage", ["advertise", "share", "masked", "consistency", "unmask"])
     def test_secagg_stages(self, secure, stage):
         before = len(secure.entries())
         reply = secure.send("query", {"fedcollab.kind": "secagg", "secagg.stage": stage, "secagg.round": 0})
@@ -177,7 +177,7 @@ class TestAfterSetup:
         secure.refused(reply, NodeErrorCode.OUT_OF_ORDER, before)
         assert not list((secure.home.root / "secagg").glob("*.bin")) if (secure.home.root / "secagg").exists() else True
 
-    @pytest.mark.parametrize("stage", ["share", "masked", "unmask"])
+    @pytest.mark.parametrize("stage", ["share", "masked", "consistency", "unmask"])
     def test_secagg_stage_before_advertise(self, secure, stage):
         _setup(secure)
         before = len(secure.entries())
@@ -257,7 +257,7 @@ class TestOrderRule:
             assert order_problem(spec, req, at)[0] == NodeErrorCode.OUT_OF_ORDER
 
     def test_secagg_round_in_order(self):
-        """advertise -> share -> masked (on train) -> unmask is accepted; unmask + next advertise in one message too."""
+        """advertise -> share -> masked (on train) -> consistency -> unmask is accepted; unmask + next advertise in one message too."""
         spec = _spec("heart-disease-secagg.toml")
         stages = {1: None}
         at = lambda: OrderState(setup_done=True, run_id=RUN, secagg_stage=lambda r: stages.get(r))  # noqa: E731
@@ -267,7 +267,12 @@ class TestOrderRule:
         stages[1] = "masked-input"
         assert order_problem(spec, self._req(kind="secagg", stages=[("secagg", "masked", 1)]), at())[0] == NodeErrorCode.OUT_OF_ORDER
         assert order_problem(spec, self._req("train", rnd=1, stages=[("secagg", "masked", 1)]), at()) is None
+        stages[1] = "consistency"
+        # Unmask before the node signed the survivor set is out of order; the consistency stage is not.
+        assert order_problem(spec, self._req(kind="secagg", stages=[("secagg", "unmask", 1)]), at())[0] == NodeErrorCode.OUT_OF_ORDER
+        assert order_problem(spec, self._req(kind="secagg", stages=[("secagg", "consistency", 1)]), at()) is None
         stages[1] = "unmask"
+        assert order_problem(spec, self._req(kind="secagg", stages=[("secagg", "consistency", 1)]), at())[0] == NodeErrorCode.OUT_OF_ORDER
         both = [("secagg", "unmask", 1), ("secagg.next", "advertise", 2)]
         assert order_problem(spec, self._req(kind="secagg", stages=both), at()) is None
         # A replayed advertise of a finished round is refused.

@@ -55,6 +55,25 @@ class BudgetGate:
         run = spent([r for rid, r in hist if rid == run_id] + [release], delta=delta, accountant=accountant)
         return run, total, ({"epsilon": budget.epsilon, "delta": budget.delta} if budget else None)
 
+    def would_spend_all(self, releases: list[Release], *, run_id: str) -> dict[tuple[str, str], tuple[float, float, float, dict[str, float] | None]]:
+        """A run's planned releases composed with the ledger, per (unit, observer).
+
+        Returns ``(unit, observer) -> (epsilon of this run, epsilon spent so far, epsilon over all
+        runs, budget)`` for every group with a counted release; nothing is recorded (a preflight).
+        """
+        out: dict[tuple[str, str], tuple[float, float, float, dict[str, float] | None]] = {}
+        for unit, observer in sorted({(r.unit, r.observer) for r in releases if counts_toward_budget(r)}):
+            budget = self.policy.budget(self.dataset, unit)
+            delta = budget.delta if budget else 1e-5
+            accountant = budget.accountant if budget else "rdp"
+            planned = [r for r in releases if (r.unit, r.observer) == (unit, observer)]
+            hist = self._history(unit, observer)
+            so_far = spent([r for _, r in hist], delta=delta, accountant=accountant)
+            total = spent([r for _, r in hist] + planned, delta=delta, accountant=accountant)
+            run = spent([r for rid, r in hist if rid == run_id] + planned, delta=delta, accountant=accountant)
+            out[(unit, observer)] = (run, so_far, total, {"epsilon": budget.epsilon, "delta": budget.delta} if budget else None)
+        return out
+
     def _refuse(self, release: Release, *, run_id: str, code: int, reason: str, would_be: float | None, budget: dict | None) -> None:
         self.ledger.append(
             kind="refusal",
@@ -78,7 +97,11 @@ class BudgetGate:
         """
         from fedcollab.core import NodeErrorCode
 
-        if release.non_private and release.about == "test" and not self.policy.allow_non_private_test_metrics:
+        if release.about == "test" and self.policy.resolved_test_metrics == "off":
+            self._refuse(release, run_id=run_id, code=int(NodeErrorCode.POLICY_REFUSED), reason="test metrics are off (policy test_metrics)",
+                         would_be=None, budget=None)
+            raise PolicyRefused("the policy releases no test metrics (test_metrics = 'off')")
+        if release.non_private and release.about == "test" and self.policy.resolved_test_metrics != "public":
             self._refuse(release, run_id=run_id, code=int(NodeErrorCode.POLICY_REFUSED), reason="non-private test metrics not allowed",
                          would_be=None, budget=None)
             raise PolicyRefused("the policy forbids non-private test metrics")

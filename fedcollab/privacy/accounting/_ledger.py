@@ -300,12 +300,13 @@ class PartyLedger:
 def counts_toward_budget(release: Release) -> bool:
     """Whether a release is charged to the party's budget for its dataset.
 
-    Noise added by this party about its training rows counts; test-split metrics (governed by
-    the policy's ``allow_non_private_test_metrics``) and releases declared public do not. Central
+    Noise added by this party about its rows counts, test-split metrics released with DP (the
+    policy's ``test_metrics = "dp"``) included; non-private test-split metrics (governed by the
+    policy's ``test_metrics``) and releases declared public do not. Central
     DP releases (noise added by the coordinator, observer ``model_recipients``) count in the
     coordinator's own chain, grouped by the partner's dataset; they never enter a node's budget.
     """
-    if release.about == "test" or release.declared_public:
+    if (release.about == "test" and release.non_private) or release.declared_public:
         return False
     return release.added_by == release.party or release.kind == "central_dp_update"
 
