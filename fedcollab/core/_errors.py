@@ -4,6 +4,7 @@
   * ConfigError
     * SpecError: a collaboration spec that does not validate (one line per problem)
   * DataValidationError: silo data that does not match the shared schema
+    * DataUnreadable: the data source is missing or cannot be read (node code 110)
   * PrivacyError: invalid privacy parameters, unsupported events
     * BudgetExhausted: a release would exceed a budget (raised *before* the release)
   * PolicyRefused: a request the partner's policy forbids (refused at the node)
@@ -12,6 +13,7 @@
     * UpdateError: a NaN or wrongly shaped model update
   * TransportError
   * NodeError: a node replied with an error code (never with text)
+  * RunInterrupted: the person stopped the run (Ctrl-C); the ledger ends with a signed abort
 
 Exceptions carry structured fields, never data values.
 """
@@ -47,6 +49,10 @@ class DataValidationError(FedcollabError):
     """Silo data does not match the shared schema."""
 
     exit_code = 3
+
+
+class DataUnreadable(DataValidationError):
+    """A silo's data source is missing or cannot be read (node code 110, not 111)."""
 
 
 class PrivacyError(FedcollabError):
@@ -97,3 +103,9 @@ class NodeError(FedcollabError):
     def __init__(self, message: str, *, codes: dict[str, int] | None = None, problems: Sequence[str] = ()) -> None:
         self.codes = dict(codes or {})
         super().__init__(message, problems=problems)
+
+
+class RunInterrupted(FedcollabError):
+    """The run was stopped by the person running it (SIGINT); it ends with a signed abort."""
+
+    exit_code = 130

@@ -19,6 +19,7 @@ import pandas as pd
 from fedcollab.core import (
     BudgetExhausted,
     ConfigError,
+    DataUnreadable,
     DataValidationError,
     FedcollabError,
     NodeErrorCode,
@@ -238,6 +239,8 @@ class NodeAnalytics:
 
 
 def _code_for(exc: BaseException) -> NodeErrorCode:
+    if isinstance(exc, DataUnreadable):
+        return NodeErrorCode.DATA_UNREADABLE
     if isinstance(exc, DataValidationError):
         return NodeErrorCode.DATA_SCHEMA_MISMATCH
     if isinstance(exc, BudgetExhausted):

@@ -23,6 +23,7 @@ import numpy as np
 from fedcollab.core import (
     BudgetExhausted,
     CryptoError,
+    DataUnreadable,
     DataValidationError,
     FedcollabError,
     NodeErrorCode,
@@ -78,6 +79,8 @@ class _Coded(Exception):
 def _code_for(exc: BaseException) -> NodeErrorCode:
     if isinstance(exc, _Coded):
         return exc.code
+    if isinstance(exc, DataUnreadable):
+        return NodeErrorCode.DATA_UNREADABLE
     if isinstance(exc, DataValidationError):
         return NodeErrorCode.DATA_SCHEMA_MISMATCH
     if isinstance(exc, BudgetExhausted):
@@ -356,7 +359,12 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str]) -
             # Text and traceback stay in this node's log; only the code and ledger entries leave.
             log.error("node %s refused %s: %s (%s)", partner or "?", msg.metadata.message_type, code.name, exc,
                       exc_info=not isinstance(exc, FedcollabError | _Coded))
-            content = RecordDict({RecordKey.ERROR: ConfigRecord({"code": int(code)})})
+            err = {"code": int(code)}
+            if partner in homes:
+                # The partner's own name (its public identity, as in its setup reply), so a refusal before
+                # setup is reported by partner, not by Flower node id; never the exception's text.
+                err["partner"] = str(partner)
+            content = RecordDict({RecordKey.ERROR: ConfigRecord(err)})
             if node is not None:
                 new = [ln.raw.decode() for ln in node.gate.ledger.lines()
                        if ln.entry.get("party") == partner and int(ln.entry.get("seq", -1)) >= start]

@@ -34,7 +34,7 @@ from fedcollab.privacy.accounting._events import Release
 
 LEDGER_SCHEMA_VERSION = 1
 GENESIS = "0" * 64
-EntryKind = Literal["release", "refusal", "receipt", "close", "countersign", "key_custody", "aggregate", "scoring"]
+EntryKind = Literal["release", "refusal", "receipt", "close", "countersign", "key_custody", "aggregate", "scoring", "abort"]
 
 
 class LedgerError(FedcollabError):
@@ -307,6 +307,15 @@ def ledger_entry_json_schema() -> dict[str, Any]:
     }
     defs["CloseBody"] = {"type": "object", "additionalProperties": False, "required": ["heads"],
                          "properties": {"heads": {"type": "object", "additionalProperties": hex64}}}
+    defs["AbortBody"] = {
+        "type": "object", "additionalProperties": False, "required": ["reason", "exit_code", "codes", "heads"],
+        "description": "The coordinator ends a run that failed or was interrupted (no close, no countersignatures).",
+        "properties": {"reason": {"type": "string", "description": "error class (never exception text), or `interrupted`"},
+                       "exit_code": {"type": "integer"},
+                       "codes": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "integer"}},
+                                 "description": "node error codes by partner"},
+                       "heads": {"type": "object", "additionalProperties": hex64}},
+    }
     defs["CountersignBody"] = {"type": "object", "additionalProperties": False, "required": ["close"], "properties": {"close": hex64}}
     defs["ScoringBody"] = {
         "type": "object", "additionalProperties": False,
@@ -324,7 +333,8 @@ def ledger_entry_json_schema() -> dict[str, Any]:
                        "code": {"type": ["integer", "null"], "description": "node error code of a refusal"},
                        "flood_std": {"type": "number"}, "params": {"type": "object"}},
     }
-    by_kind = {"release": "ReleaseBody", "refusal": "RefusalBody", "receipt": "ReceiptBody", "close": "CloseBody", "countersign": "CountersignBody", "scoring": "ScoringBody"}
+    by_kind = {"release": "ReleaseBody", "refusal": "RefusalBody", "receipt": "ReceiptBody", "close": "CloseBody", "countersign": "CountersignBody", "scoring": "ScoringBody",
+               "abort": "AbortBody"}
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://fedcollab.dev/schema/ledger.schema.json",
@@ -334,7 +344,7 @@ def ledger_entry_json_schema() -> dict[str, Any]:
         "required": ["schema_version", "kind", "party", "seq", "prev", "run_id", "round", "time", "body", "signature"],
         "properties": {
             "schema_version": {"const": LEDGER_SCHEMA_VERSION},
-            "kind": {"enum": ["release", "refusal", "receipt", "close", "countersign", "key_custody", "aggregate", "scoring"]},
+            "kind": {"enum": ["release", "refusal", "receipt", "close", "countersign", "key_custody", "aggregate", "scoring", "abort"]},
             "party": {"type": "string"},
             "seq": {"type": "integer", "minimum": 0},
             "prev": {**hex64, "description": "SHA-256 of the party's previous line; 64 zeros for the first"},
