@@ -130,10 +130,12 @@ def run_query(spec: Spec | str | Path, query: QuerySpec | str | Path, *, out: st
     q = query if isinstance(query, QuerySpec) else load_query(query)
     sp = spec if isinstance(spec, Spec) else load_spec(spec)
     check_query(q, sp.data_schema)
-    if len(sp.partners) < 3:
+    secagg_problems = sp.secagg.problems(len(sp.partners))
+    if secagg_problems:
         from fedcollab.core import ConfigError
 
-        raise ConfigError(f"a query needs secure aggregation, which needs at least 3 partners; the spec has {len(sp.partners)}")
+        # Caught here, before the simulation starts, naming the spec field to change.
+        raise ConfigError("a query sums under secure aggregation, which this spec's [secagg] table does not allow:", problems=secagg_problems)
     sp, out_dir, tmp, homes, ledger, roster = _prepare(sp, out, nodes)
     recorder = AnalyticsRecorder()
     t0 = time.perf_counter()

@@ -184,9 +184,10 @@ def run(
         spec = load_spec(spec_path)
     # Every partner's data, checked here first: in simulation the person running it is every
     # partner, so each sees their own message (partner, column, file) in a second.
-    from fedcollab.runner._data_check import check_simulation_data
+    from fedcollab.runner._preflight import check_model_target, check_simulation_data
 
     check_simulation_data(spec)
+    check_model_target(spec)  # the spec author's own model, imported here (never at a partner's node)
     if resume:
         _check_resumable(spec)
         if out is None:

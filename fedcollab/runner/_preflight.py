@@ -95,3 +95,71 @@ def check_simulation_data(spec: Spec) -> list[DataCheck]:
         err = DataUnreadable if all(c.unreadable for c in bad) else DataValidationError
         raise err(f"the data of {len(bad)} partner(s) cannot be used; nothing was started:", problems=lines)
     return checks
+
+
+def missing_sources(spec: Spec) -> list[str]:
+    """One line per simulation source file that does not exist: the field, the partner and the path."""
+    from fedcollab.data._source import EMBEDDED_PREFIX, resolve_path
+
+    out = []
+    for i, p in enumerate(spec.partners):
+        if p.source is None:
+            continue
+        try:
+            path = resolve_path(p.source.path, spec.base_dir)
+        except DataValidationError as exc:  # an unknown embedded file
+            out.append(f"`partners[{i}].source.path`: partner {p.name!r}: {exc}")
+            continue
+        if not p.source.path.startswith(EMBEDDED_PREFIX) and not path.is_file():
+            out.append(f"`partners[{i}].source.path`: partner {p.name!r}: expected a readable file, got {str(path)!r} (not found; "
+                       "relative paths resolve against the spec's folder)")
+    return out
+
+
+def model_search_path(spec: Spec) -> list[str]:
+    """Where a custom model's module is looked for: the spec's folder, then ``PYTHONPATH`` and the installed packages."""
+    return [str(Path(spec.base_dir).resolve())]
+
+
+def add_model_search_path(spec: Spec) -> None:
+    """Put the spec's folder on the import path of this process and of the simulation's workers (custom models)."""
+    import os
+    import sys
+
+    if spec.model.kind != "custom":
+        return
+    for d in model_search_path(spec):
+        if d not in sys.path:
+            sys.path.insert(0, d)
+        parts = [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep) if x]
+        if d not in parts:
+            os.environ["PYTHONPATH"] = os.pathsep.join([d, *parts])
+
+
+def check_model_target(spec: Spec) -> None:
+    """Import a custom model's ``model.target`` here, at the coordinator's own validation.
+
+    Only the spec author's machine does this (``spec validate``, ``run``); a partner's node
+    never imports a model named in a request.
+
+    Raises
+    ------
+    SpecError
+        Naming ``model.target``, what failed and where modules are looked for.
+    """
+    import importlib
+
+    from fedcollab.core import SpecError
+
+    target = spec.model.target
+    if spec.model.kind != "custom" or not target:
+        return
+    add_model_search_path(spec)
+    module_name, _, attr = target.partition(":")
+    where = f"modules are looked for in the spec's folder ({model_search_path(spec)[0]}), then on PYTHONPATH and among installed packages"
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any import failure of the author's module is a spec problem
+        raise SpecError(f"`model.target`: expected an importable module, cannot import {module_name!r} ({type(exc).__name__}); {where}") from None
+    if not callable(getattr(module, attr, None)):
+        raise SpecError(f"`model.target`: expected a class {attr!r} in module {module_name!r}, got none ({module.__file__}); {where}")
