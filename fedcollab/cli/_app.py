@@ -175,7 +175,7 @@ def spec_validate(
             raise typer.Exit(exc.exit_code) from None
         raise _fail(exc) from None
     if fmt == "json":
-        sys.stdout.write(json.dumps({"valid": True, "name": s.name, "partners": [p.name for p in s.partners], "notes": notes}) + "\n")
+        sys.stdout.write(json.dumps({"valid": True, "name": s.name, "partners": [p.name for p in s.partners], **({"notes": notes} if notes else {})}) + "\n")
     else:
         for n in notes:
             Console(stderr=True).print(f"[yellow]note:[/] {escape(n)}")

@@ -216,6 +216,7 @@ def run(
     ledger = RunLedger(ledger_path, key=coordinator_key, roster=roster, run_id=run_id)
     if resume:
         ledger.heads.update(_node_heads(ledger_path))
+        _carry_unsent_entries(ledger, homes, resume_from[0] if resume_from else 0)
     cancel = threading.Event()
     t0 = time.perf_counter()
     try:
@@ -259,7 +260,7 @@ def run(
         versions=_versions(),
         aggregation=spec.aggregation,
         strategy=spec.training.strategy,
-        rounds=len(earlier_metrics) + len(recorder.rounds),
+        rounds=(resume_from[0] if resume_from else 0) + len(recorder.rounds),
         wall_seconds=round(wall, 3),
         scaling=recorder.scaling.method if recorder.scaling else "none",
         scaling_parameters={"mean": recorder.scaling.mean.tolist(), "std": recorder.scaling.std.tolist()} if recorder.scaling else None,
@@ -350,7 +351,7 @@ def _record_failure(spec: Spec, out_dir: Path, ledger: RunLedger, recorder: Coor
         versions=_versions(),
         aggregation=spec.aggregation,
         strategy=spec.training.strategy,
-        rounds=len(earlier_metrics) + len(recorder.rounds),
+        rounds=(resumed_after or 0) + len(recorder.rounds),
         wall_seconds=round(wall, 3),
         scaling=recorder.scaling.method if recorder.scaling else "none",
         privacy=privacy,
@@ -406,6 +407,30 @@ def _node_heads(ledger_path: Path) -> dict[str, str]:
         if ln.entry.get("party") != COORDINATOR:
             heads[str(ln.entry["party"])] = ln.hash
     return heads
+
+
+def _carry_unsent_entries(ledger: RunLedger, homes: dict[str, NodeHome], round: int) -> None:
+    """Entries each simulated node wrote for this run whose reply the interruption lost, appended (verified, receipted).
+
+    A deployed node's reply is what carries them; in simulation the runner holds every node's
+    folder, so a resumed run ledger keeps each node's chain unbroken.
+    """
+    from fedcollab.privacy.accounting import parse_lines
+
+    for name, home in homes.items():
+        lines = parse_lines(home.ledger_path.read_bytes()) if home.ledger_path.exists() else []
+        head = ledger.heads.get(name)
+        if head is None:
+            start = next((i for i, ln in enumerate(lines) if ln.entry.get("run_id") == ledger.run_id), len(lines))
+        else:
+            start = next((i + 1 for i, ln in enumerate(lines) if ln.hash == head), len(lines))
+        unsent = []
+        for ln in lines[start:]:
+            if ln.entry.get("run_id") != ledger.run_id:
+                break
+            unsent.append(ln.raw.decode())
+        if unsent:
+            ledger.accept(unsent, party=name, round=round)
 
 
 @contextlib.contextmanager
