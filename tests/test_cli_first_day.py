@@ -243,3 +243,45 @@ class TestHonestFailedRuns:
         for name in ("summary.json", "metrics.jsonl", "ledger.jsonl", "checkpoints"):
             assert not (out / name).exists() and (dest / name).exists()
         assert _verify(dest / "ledger.jsonl", out / "roster.json")["rc"] == 0
+
+
+class TestAbortEntry:
+    """The verifier on a small real run ledger (Ed25519 keys, no simulation)."""
+
+    def _ledger(self, tmp_path: Path):
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        from fedcollab.coordinator import COORDINATOR, RunLedger
+        from fedcollab.privacy.accounting import PartyLedger, public_key_hex
+        from fedcollab.spec import Roster, RosterEntry
+
+        ckey, nkey = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+        roster = Roster(parties={COORDINATOR: RosterEntry(signing_key=public_key_hex(ckey), role="coordinator"),
+                                 "cleveland": RosterEntry(signing_key=public_key_hex(nkey))})
+        (tmp_path / "roster.json").write_text(roster.model_dump_json())
+        ledger = RunLedger(tmp_path / "ledger.jsonl", key=ckey, roster=roster, run_id="r1")
+        node = PartyLedger(tmp_path / "node.jsonl", party="cleveland", key=nkey)
+        line = node.append(kind="refusal", run_id="r1", round=1, body={"dataset": "cleveland", "code": 131, "reason": "budget"})
+        ledger.accept([line.decode()], party="cleveland", round=1)
+        return ledger
+
+    def test_abort_is_reported_as_aborted(self, tmp_path):
+        ledger = self._ledger(tmp_path)
+        ledger.abort(1, reason="NodeError", exit_code=9, codes={"cleveland": [131]})
+        rep = _verify(tmp_path / "ledger.jsonl", tmp_path / "roster.json")
+        assert rep["rc"] == 25 and rep["status"] == "aborted" and rep["verified"] is True
+        assert rep["abort"]["codes"] == {"cleveland": [131]} and rep["abort"]["reason"] == "NodeError"
+        r = runner.invoke(app, ["audit", "verify", str(tmp_path / "ledger.jsonl"), "--roster", str(tmp_path / "roster.json")])
+        assert r.exit_code == 25 and "aborted" in r.output and "ledger_tampered" not in r.output
+
+    def test_abort_with_wrong_heads_is_tampered(self, tmp_path):
+        ledger = self._ledger(tmp_path)
+        ledger.heads["cleveland"] = "0" * 64  # as if an entry were removed before the abort
+        ledger.abort(1, reason="NodeError", exit_code=9, codes={})
+        rep = _verify(tmp_path / "ledger.jsonl", tmp_path / "roster.json")
+        assert rep["rc"] == 20 and any("abort lists a head for cleveland" in f["message"] for f in rep["findings"])
+
+    def test_no_close_and_no_abort_is_tampered(self, tmp_path):
+        self._ledger(tmp_path)
+        rep = _verify(tmp_path / "ledger.jsonl", tmp_path / "roster.json")
+        assert rep["rc"] == 20 and rep["status"] == "cut_short"

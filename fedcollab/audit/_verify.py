@@ -84,13 +84,16 @@ class Report:
     fingerprints: dict[str, str] = field(default_factory=dict)
     run_ledger: bool = False
     abort: dict[str, Any] | None = None
+    closed: bool = False
 
     @property
     def status(self) -> str:
-        """``completed`` (closed), ``aborted`` (ends with the coordinator's abort) or ``open`` (not a run ledger)."""
+        """How the run ended: ``completed`` (a close), ``aborted`` (the coordinator's abort), ``cut_short`` (neither), ``open`` (a node's ledger)."""
         if self.abort is not None:
             return "aborted"
-        return "completed" if self.run_ledger else "open"
+        if not self.run_ledger:
+            return "open"
+        return "completed" if self.closed else "cut_short"
 
     @property
     def exit_code(self) -> ExitCode:
@@ -241,6 +244,7 @@ def _check_run_structure(good: list[LedgerLine], coordinators: set[str], rep: Re
                 counters[e["party"]] = ln
             pending.append(ln)
     end = good[-1].number if good else 0
+    rep.closed = close is not None
     if pending:
         tam(Finding(ExitCode.LEDGER_TAMPERED, end + 1, f"entries from line {pending[0].number} on lack the coordinator's receipt (the ledger was cut short)"))
     if close is None:
