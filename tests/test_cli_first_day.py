@@ -285,3 +285,30 @@ class TestAbortEntry:
         self._ledger(tmp_path)
         rep = _verify(tmp_path / "ledger.jsonl", tmp_path / "roster.json")
         assert rep["rc"] == 20 and rep["status"] == "cut_short"
+
+
+def test_node_refusal_carries_code_110_and_partner_name_only(tmp_path, monkeypatch):
+    """A node whose file is missing replies code 110 and its partner name (so the coordinator names it), never the text."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedcollab.node import init_node_home, make_client_app
+    from fedcollab.privacy.accounting import public_key_hex
+    from fedcollab.runner._run import simulated_policy
+    from fedcollab.spec import load_spec
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 7, raising=False)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 2, raising=False)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 3, raising=False)
+    spec = load_spec(_spec_with_local_cleveland(tmp_path, None))
+    homes = {p.name: str(init_node_home(tmp_path / "nodes" / p.name, partner=p.name, policy=simulated_policy(spec, p.name)).root)
+             for p in spec.partners}
+    client = make_client_app(spec, homes, {"coordinator": public_key_hex(Ed25519PrivateKey.generate())})
+    req = Message(content=RecordDict({"config": ConfigRecord({"fedcollab.kind": "setup", "fedcollab.run_id": "r1", "scaling": "none"})}),
+                  dst_node_id=2, message_type="query")
+    req.metadata.__dict__["_message_id"] = req.object_id
+    ctx = Context(run_id=7, node_id=2, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    reply = client(req, ctx)
+    err = dict(reply.content.config_records["fedcollab.error"])
+    assert err == {"code": int(NodeErrorCode.DATA_UNREADABLE), "partner": "cleveland"}
