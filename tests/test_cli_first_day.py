@@ -312,3 +312,11 @@ def test_node_refusal_carries_code_110_and_partner_name_only(tmp_path, monkeypat
     reply = client(req, ctx)
     err = dict(reply.content.config_records["fedcollab.error"])
     assert err == {"code": int(NodeErrorCode.DATA_UNREADABLE), "partner": "cleveland"}
+
+
+def test_profile_names_the_partners_data_problem_before_simulating(tmp_path):
+    df = _cleveland_rows()
+    df.loc[0, "chol"] = "high"
+    spec = _spec_with_local_cleveland(tmp_path, df)
+    r = runner.invoke(app, ["profile", str(spec), "--out", str(tmp_path / "p")])
+    assert r.exit_code == 3 and "cleveland: column `chol`: 1 value(s) are not numbers" in " ".join(r.output.split())
