@@ -274,6 +274,13 @@ class TestAbortEntry:
         r = runner.invoke(app, ["audit", "verify", str(tmp_path / "ledger.jsonl"), "--roster", str(tmp_path / "roster.json")])
         assert r.exit_code == 25 and "aborted" in r.output and "ledger_tampered" not in r.output
 
+    def test_report_says_aborted(self, tmp_path):
+        ledger = self._ledger(tmp_path)
+        ledger.abort(1, reason="NodeError", exit_code=9, codes={"cleveland": [131]})
+        r = runner.invoke(app, ["audit", "report", str(tmp_path / "ledger.jsonl"), "--roster", str(tmp_path / "roster.json"), "--out", str(tmp_path / "rep")])
+        assert r.exit_code == 0, r.output
+        assert "verified, run aborted" in (tmp_path / "rep" / "report.md").read_text()
+
     def test_abort_with_wrong_heads_is_tampered(self, tmp_path):
         ledger = self._ledger(tmp_path)
         ledger.heads["cleveland"] = "0" * 64  # as if an entry were removed before the abort
