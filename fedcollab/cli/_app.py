@@ -112,9 +112,14 @@ def run(
     its ledger with a signed abort; an earlier run's outputs are moved to OUT/previous/RUN_ID/.
     """
     _setup_logging(verbose)
-    from fedcollab.runner import run as run_spec
+    from fedcollab.runner._preflight import check_simulation_data
+    from fedcollab.spec import load_spec
 
     try:
+        # Before torch and Flower load: a data problem is named (partner, column, file) in a second.
+        check_simulation_data(load_spec(spec))
+        from fedcollab.runner import run as run_spec
+
         result = run_spec(spec, out=out or Path("runs") / spec.stem, nodes=nodes, progress=fmt == "table", resume=resume)
     except FedcollabError as exc:
         if fmt == "json":
