@@ -190,7 +190,7 @@ class ModelSpec(FrozenModel):
 
     kind: Literal["logistic_regression", "mlp", "custom"] = "logistic_regression"
     hidden: list[PosInt] = Field(default_factory=list, description="MLP hidden layer widths.")
-    target: str | None = Field(default=None, description="Custom model: `package.module:ClassName`, a torch.nn.Module built as Class(n_features, **options) returning one logit per row.")
+    target: str | None = Field(default=None, description="Custom model: `package.module:ClassName`, a torch.nn.Module built as Class(n_features, **options) returning one logit per row. The module is looked for in the spec's folder, then on PYTHONPATH and among installed packages; `spec validate` and `run` import it to check.")
     options: dict[str, Scalar] = Field(default_factory=dict, description="Keyword arguments of a custom model.")
 
     @model_validator(mode="after")
