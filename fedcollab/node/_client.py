@@ -359,7 +359,7 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str]) -
             # Text and traceback stay in this node's log; only the code and ledger entries leave.
             log.error("node %s refused %s: %s (%s)", partner or "?", msg.metadata.message_type, code.name, exc,
                       exc_info=not isinstance(exc, FedcollabError | _Coded))
-            err = {"code": int(code)}
+            err: dict[str, int | str] = {"code": int(code)}
             if partner in homes:
                 # The partner's own name (its public identity, as in its setup reply), so a refusal before
                 # setup is reported by partner, not by Flower node id; never the exception's text.
