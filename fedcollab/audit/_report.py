@@ -42,7 +42,7 @@ from fedcollab.privacy.accounting._ledger import spent
 from fedcollab.spec import Roster
 
 #: Entry kinds this report knows; any other kind is listed as it is.
-KNOWN_KINDS = ("release", "refusal", "receipt", "close", "countersign", "key_custody", "aggregate", "scoring")
+KNOWN_KINDS = ("release", "refusal", "receipt", "close", "countersign", "key_custody", "aggregate", "scoring", "abort")
 PLOT_NAME = "epsilon.png"
 HTML_NAME = "report.html"
 MD_NAME = "report.md"
@@ -438,6 +438,11 @@ def _verdict(doc: _Doc, rep: Report, led: _Ledger, ledger: Path, series: Sequenc
     what = "run ledger" if rep.run_ledger else "node ledger" if rep.lines else "ledger"
     if rep.exit_code == ExitCode.OK:
         doc.verdict(True, f"verified: every chain, signature, claim and budget checks out ({rep.lines} entries, {what})")
+    elif rep.exit_code == ExitCode.LEDGER_ABORTED and rep.abort is not None:
+        a = rep.abort
+        doc.verdict(True, f"verified, run aborted: the run ended with the coordinator's signed abort at line {a['line']} (reason {a['reason']}, "
+                          f"exit {a['exit_code']}, partner codes {a.get('codes') or 'none'}); every chain, signature, claim and budget "
+                          f"before it checks out ({rep.lines} entries, {what})")
     else:
         code = rep.exit_code
         doc.verdict(False, f"NOT verified: exit code {int(code)} ({code.name}), {len(rep.findings)} finding(s)")

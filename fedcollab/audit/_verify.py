@@ -5,7 +5,9 @@ Checks, in order, each failure naming the line:
 1. every line is canonical JSON (RFC 8785), signed by its party's roster key;
 2. every party's entries form an unbroken chain (``seq`` + 1, ``prev`` = hash of its previous line);
 3. in a run ledger: every node entry is receipted by the coordinator in arrival order, the run
-   ends with a ``close`` listing each party's chain head, countersigned by every node listed;
+   ends with a ``close`` listing each party's chain head, countersigned by every node listed, or
+   with the coordinator's signed ``abort`` (the run failed or was interrupted: reported as aborted,
+   exit 25, not as tampered; a ledger with neither is cut short, exit 20);
 4. every claim: epsilon per (party, dataset, unit, observer) recomputed from the recorded events
    with the same accountant equals the claim (relative 1e-9);
 5. every budget recorded in an entry holds;
@@ -37,7 +39,7 @@ from fedcollab.privacy.accounting._ledger import SCORING_CHARGE_PER_ROW, spent
 from fedcollab.spec import Roster
 
 CLAIM_RTOL = 1e-9
-KNOWN_KINDS = {"release", "refusal", "receipt", "close", "countersign", "key_custody", "aggregate", "scoring"}
+KNOWN_KINDS = {"release", "refusal", "receipt", "close", "countersign", "key_custody", "aggregate", "scoring", "abort"}
 COORDINATOR_ROLE = "coordinator"
 
 
@@ -81,20 +83,33 @@ class Report:
     spends: list[GroupSpend] = field(default_factory=list)
     fingerprints: dict[str, str] = field(default_factory=dict)
     run_ledger: bool = False
+    abort: dict[str, Any] | None = None
+    closed: bool = False
+
+    @property
+    def status(self) -> str:
+        """How the run ended: ``completed`` (a close), ``aborted`` (the coordinator's abort), ``cut_short`` (neither), ``open`` (a node's ledger)."""
+        if self.abort is not None:
+            return "aborted"
+        if not self.run_ledger:
+            return "open"
+        return "completed" if self.closed else "cut_short"
 
     @property
     def exit_code(self) -> ExitCode:
-        """The most serious finding's code (tampering first), or OK."""
+        """The most serious finding's code (tampering first), then LEDGER_ABORTED for an intact aborted run, or OK."""
         order = [ExitCode.LEDGER_UNREADABLE, ExitCode.LEDGER_TAMPERED, ExitCode.CLAIM_MISMATCH, ExitCode.LEDGER_BUDGET_EXCEEDED]
         for code in order:
             if any(f.code == code for f in self.findings):
                 return code
-        return ExitCode.OK
+        return ExitCode.LEDGER_ABORTED if self.abort is not None else ExitCode.OK
 
     def to_dict(self) -> dict[str, Any]:  # noqa: D102
         return {
-            "verified": self.exit_code == ExitCode.OK,
+            "verified": self.exit_code in (ExitCode.OK, ExitCode.LEDGER_ABORTED),
             "exit_code": int(self.exit_code),
+            "status": self.status,
+            "abort": self.abort,
             "lines": self.lines,
             "run_ledger": self.run_ledger,
             "findings": [f.to_dict() for f in self.findings],
@@ -262,10 +277,13 @@ def _check_run_structure(good: list[LedgerLine], coordinators: set[str], rep: Re
     close: LedgerLine | None = None
     heads: dict[str, str] = {}
     counters: dict[str, LedgerLine] = {}
+    aborts: list[tuple[LedgerLine, dict[str, str]]] = []
     for ln in good:
         e = ln.entry
         if e["party"] in coordinators:
-            if e["kind"] == "receipt":
+            if e["kind"] == "abort":
+                aborts.append((ln, dict(heads)))
+            elif e["kind"] == "receipt":
                 want = [{"party": x.entry["party"], "hash": x.hash} for x in pending]
                 if e["body"].get("entries") != want:
                     tam(Finding(ExitCode.LEDGER_TAMPERED, ln.number, "receipt does not match the node entries before it (one was removed, altered or inserted)"))
@@ -283,9 +301,12 @@ def _check_run_structure(good: list[LedgerLine], coordinators: set[str], rep: Re
                 counters[e["party"]] = ln
             pending.append(ln)
     end = good[-1].number if good else 0
+    rep.closed = close is not None
     if pending:
         tam(Finding(ExitCode.LEDGER_TAMPERED, end + 1, f"entries from line {pending[0].number} on lack the coordinator's receipt (the ledger was cut short)"))
     if close is None:
+        if aborts and _check_abort(good, aborts[-1], rep):
+            return
         tam(Finding(ExitCode.LEDGER_TAMPERED, end + 1, "the run has no close entry (the ledger was cut short)"))
         return
     listed = close.entry["body"].get("heads", {})
@@ -317,6 +338,30 @@ def _check_close_partners(close: LedgerLine, heads: dict[str, str], counters: di
             tam(Finding(ExitCode.LEDGER_TAMPERED, end + 1, f"no countersignature of the close by {party} (a listed partner)"))
         elif c.entry["body"].get("close") != close.hash:
             tam(Finding(ExitCode.LEDGER_TAMPERED, c.number, f"{party} countersigned a different close entry"))
+
+
+def _check_abort(good: list[LedgerLine], last_abort: tuple[LedgerLine, dict[str, str]], rep: Report) -> bool:
+    """A run ending in the coordinator's abort: its heads must be every node's last entry; nothing may follow it.
+
+    Entries after an earlier abort are a resumed run (``run --resume``, ``submit --resume``), which
+    then ends in its own close or abort. Returns whether the abort ends the ledger.
+    """
+    ln, heads_then = last_abort
+    after = [x for x in good if x.number > ln.number]
+    if after:
+        return False  # entries after the abort without a close: cut short (reported by the caller)
+    body = ln.entry.get("body") or {}
+    listed = body.get("heads")
+    if not isinstance(listed, dict):
+        rep.findings.append(Finding(ExitCode.LEDGER_TAMPERED, ln.number, "abort entry without the parties' chain heads"))
+        return True
+    for party in sorted(set(listed) | set(heads_then)):
+        if listed.get(party) != heads_then.get(party):
+            rep.findings.append(Finding(ExitCode.LEDGER_TAMPERED, ln.number,
+                                        f"abort lists a head for {party} that is not its last entry (an entry was removed or altered)"))
+    rep.abort = {"line": ln.number, "round": ln.entry.get("round"), "reason": body.get("reason"), "exit_code": body.get("exit_code"),
+                 "codes": body.get("codes", {})}
+    return True
 
 
 def _check_claims(good: list[LedgerLine], rep: Report) -> None:

@@ -19,6 +19,7 @@ from rich.table import Table
 
 from fedcollab.cli._audit import audit_app
 from fedcollab.cli._errors import fail as _fail
+from fedcollab.cli._errors import fail_json as _fail_json
 from fedcollab.cli._node import node_app
 from fedcollab.cli._score import score_app
 from fedcollab.core import EXIT_CODE_HELP, FedcollabError
@@ -36,6 +37,21 @@ app.add_typer(node_app, name="node")
 app.add_typer(score_app, name="score")
 console = Console(stderr=True)
 Format = Literal["table", "json"]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from fedcollab import __version__
+
+        sys.stdout.write(f"fedcollab {__version__}\n")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """fedcollab: privacy-preserving cross-silo collaboration on Flower."""
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -85,16 +101,29 @@ def run(
     spec: Annotated[Path, typer.Argument(help="Collaboration spec (TOML).", exists=False)],
     out: Annotated[Path | None, typer.Option("--out", help="Folder for summary.json, metrics.jsonl, ledger.jsonl, roster.json and the model.")] = None,
     nodes: Annotated[Path | None, typer.Option("--nodes", help="Simulated partners' node folders (keys, policies, ledgers); reuse it to keep budgets across runs. Default OUT/nodes.")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="table or json (the summary on stdout).")] = "table",
+    fmt: Annotated[str, typer.Option("--format", help="table or json (the summary on stdout; on failure a JSON error object).")] = "table",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log node and coordinator events.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the failed or interrupted run in OUT from its last checkpoint (plain aggregation, no partner-level DP).")] = False,
 ) -> None:
-    """Run a collaboration on Flower's simulation engine (one machine, offline)."""
+    """Run a collaboration on Flower's simulation engine (one machine, offline).
+
+    Every partner's data is checked first (each problem named by partner, column and file). A
+    failed or interrupted (Ctrl-C) run writes summary.json with status failed/interrupted and ends
+    its ledger with a signed abort; an earlier run's outputs are moved to OUT/previous/RUN_ID/.
+    """
     _setup_logging(verbose)
-    from fedcollab.runner import run as run_spec
+    from fedcollab.runner._preflight import check_simulation_data
+    from fedcollab.spec import load_spec
 
     try:
-        result = run_spec(spec, out=out or Path("runs") / spec.stem, nodes=nodes, progress=fmt == "table")
+        # Before torch and Flower load: a data problem is named (partner, column, file) in a second.
+        check_simulation_data(load_spec(spec))
+        from fedcollab.runner import run as run_spec
+
+        result = run_spec(spec, out=out or Path("runs") / spec.stem, nodes=nodes, progress=fmt == "table", resume=resume)
     except FedcollabError as exc:
+        if fmt == "json":
+            raise _fail_json(exc) from None
         raise _fail(exc) from None
     _emit(result, fmt)
 
@@ -131,18 +160,30 @@ def spec_validate(
     fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
 ) -> None:
     """Check a spec; every problem names the field, the expectation and the value."""
+    from fedcollab.core import SpecError
+    from fedcollab.runner._preflight import check_model_target, missing_sources
     from fedcollab.spec import load_spec
 
+    notes: list[str] = []
     try:
         s = load_spec(spec)
+        # Beyond the schema: simulation sources exist, a custom model imports (here, at the spec author's).
+        missing = missing_sources(s)
+        if missing:
+            raise SpecError(f"{spec}: {len(missing)} simulation data source(s) not found:", problems=missing)
+        check_model_target(s)
+        if s.aggregation != "secagg" and len(s.partners) >= 3:
+            notes = [f"`fedcollab query` sums under secure aggregation and would refuse: {p}" for p in s.secagg.problems(len(s.partners))]
     except FedcollabError as exc:
         if fmt == "json":
             sys.stdout.write(json.dumps({"valid": False, "problems": exc.problems or [str(exc)]}) + "\n")
             raise typer.Exit(exc.exit_code) from None
         raise _fail(exc) from None
     if fmt == "json":
-        sys.stdout.write(json.dumps({"valid": True, "name": s.name, "partners": [p.name for p in s.partners]}) + "\n")
+        sys.stdout.write(json.dumps({"valid": True, "name": s.name, "partners": [p.name for p in s.partners], **({"notes": notes} if notes else {})}) + "\n")
     else:
+        for n in notes:
+            Console(stderr=True).print(f"[yellow]note:[/] {escape(n)}")
         Console().print(f"[green]valid[/]: {s.name}, {len(s.partners)} partners, privacy {s.privacy.mode}{' + record-level DP-SGD' if s.privacy.record_level else ''}, scaling {s.resolved_scaling}")
 
 
@@ -183,6 +224,7 @@ def _register_audit_commands() -> None:
 
 _register_audit_commands()
 import fedcollab.cli._analytics  # noqa: E402,F401 - registers `fedcollab query` and `fedcollab profile`
+import fedcollab.cli._data  # noqa: E402,F401 - registers `fedcollab data check`
 
 
 def _register_deploy_commands() -> None:

@@ -17,7 +17,8 @@ from fedcollab.core import EXIT_CODE_HELP, ExitCode, FedcollabError
 
 _VERIFY_HELP = "\n\n".join(
     f"{int(c)}: {EXIT_CODE_HELP[c]}"
-    for c in (ExitCode.OK, ExitCode.LEDGER_TAMPERED, ExitCode.CLAIM_MISMATCH, ExitCode.LEDGER_BUDGET_EXCEEDED, ExitCode.LEDGER_UNREADABLE)
+    for c in (ExitCode.OK, ExitCode.LEDGER_TAMPERED, ExitCode.CLAIM_MISMATCH, ExitCode.LEDGER_BUDGET_EXCEEDED, ExitCode.LEDGER_UNREADABLE,
+              ExitCode.LEDGER_ABORTED)
 )
 
 
@@ -63,6 +64,12 @@ def verify(
         out.print(f"[red]{f.code.name.lower()}[/] {escape(where + f.message)}")
     if rep.exit_code == ExitCode.OK:
         out.print("[green]verified[/]: every chain, signature, claim and budget checks out")
+    elif rep.exit_code == ExitCode.LEDGER_ABORTED and rep.abort is not None:
+        a = rep.abort
+        codes = ", ".join(f"{k}: {v}" for k, v in sorted((a.get("codes") or {}).items())) or "none"
+        out.print(f"[yellow]aborted[/]: the run ended with the coordinator's signed abort at line {a['line']} (round {a['round']}, "
+                  f"reason {escape(str(a['reason']))}, exit {a['exit_code']}; partner error codes: {escape(codes)}); "
+                  "every chain, signature, claim and budget before it checks out")
     raise typer.Exit(int(rep.exit_code))
 
 

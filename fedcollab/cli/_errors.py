@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import sys
+
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -35,3 +38,14 @@ def _own_node_code(exc: FedcollabError) -> NodeErrorCode | None:
         if "node_code" in vars(cls):
             return None if cls.__module__ == FedcollabError.__module__ else cls.node_code  # type: ignore[attr-defined]
     return None
+
+
+def fail_json(exc: FedcollabError) -> typer.Exit:
+    """Write ``exc`` as one JSON error object on stdout (as ``audit epsilon`` does) and return the ``typer.Exit``."""
+    code = int(getattr(exc, "exit_code", 1))
+    obj = {"error": str(exc).split("\n", 1)[0], "kind": type(exc).__name__, "problems": list(exc.problems), "exit_code": code}
+    codes = getattr(exc, "codes", None)
+    if codes:
+        obj["node_codes"] = {str(k): int(v) for k, v in codes.items()}
+    sys.stdout.write(json.dumps(obj) + "\n")
+    return typer.Exit(code)

@@ -110,6 +110,8 @@ def _main(grid: Any, context: Any) -> None:
         with open(out / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(r.to_dict()) + "\n")
 
+    ledger: RunLedger | None = None
+    recorder: CoordinatorRecorder | None = None
     try:
         text, spec = decode_spec(str(context.run_config.get(RUN_CONFIG_SPEC, "")))
         (out / "spec.toml").write_text(text)
@@ -138,6 +140,16 @@ def _main(grid: Any, context: Any) -> None:
         status.update(state="failed", exit_code=code, node_codes=codes, error=type(exc).__name__, finished=time.time())
         _write_json(out / "status.json", status)
         log.error("run %s failed: %s", context.run_id, exc)
+        if ledger is not None:
+            # The run ledger ends with a signed abort, which `audit verify` reports as aborted, not as tampered.
+            failures = {k: list(v) for k, v in (recorder.failures if recorder is not None else {}).items()}
+            for k, v in codes.items():
+                if int(v) not in failures.setdefault(str(k), []):
+                    failures[str(k)].append(int(v))
+            try:
+                ledger.abort(len(recorder.rounds) if recorder is not None else 0, reason=type(exc).__name__, exit_code=code, codes=failures)
+            except Exception:  # noqa: BLE001 - the run's own error is what is reported
+                log.exception("could not append the abort entry")
         raise RuntimeError(f"{EXIT_PREFIX}{code}: {type(exc).__name__} node codes {json.dumps(codes, sort_keys=True)}") from None
     except Exception as exc:
         status.update(state="failed", exit_code=1, error=type(exc).__name__, finished=time.time())

@@ -99,6 +99,20 @@ class RunLedger:
         return self.own.append(kind="close", run_id=self.run_id, round=round, body=close_body(self.heads, self.roster, partners))
 
 
+    def abort(self, round: int, *, reason: str, exit_code: int, codes: dict[str, list[int]]) -> bytes:
+        """Append a signed ``abort`` entry: the run ends without a close (it failed or was interrupted).
+
+        It lists every party's chain head like a close (so entries removed after it are detected),
+        the reason (an error class name and exit code, never exception text) and the partners'
+        error codes. Nodes do not countersign it: an abort may come when they cannot answer.
+        ``fedcollab audit verify`` reports a ledger ending so as aborted, not tampered.
+        """
+        body = {"reason": str(reason), "exit_code": int(exit_code),
+                "codes": {str(k): [int(c) for c in v] for k, v in sorted(codes.items())},
+                "heads": dict(sorted(self.heads.items()))}
+        return self.own.append(kind="abort", run_id=self.run_id, round=round, body=body)
+
+
 def close_body(heads: dict[str, str], roster: Roster, partners: Sequence[str] | None) -> dict[str, object]:
     """The close entry's body: ``heads`` of the parties with entries, ``partners`` = every partner of the run."""
     names = sorted(set(partners) if partners is not None else {n for n, e in roster.parties.items() if e.role == "partner"})

@@ -137,6 +137,7 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
     min_partners = n_partners if spec.training.min_partners is None else spec.training.min_partners
     n_features = len(spec.data_schema.encoded_features())
     bounds = np.asarray(spec.data_schema.encoded_bounds(), dtype=np.float64).reshape(-1, 2)
+    partner_names = {p.name for p in spec.partners}
 
     def split_replies(replies: list[Message], node_names: dict[int, str], rnd: int) -> tuple[list[Message], dict[str, int]]:
         ok: list[Message] = []
@@ -147,7 +148,11 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
                 failed[name] = int(m.error.code) if m.error.code else int(NodeErrorCode.INTERNAL)
                 continue
             if RecordKey.ERROR in m.content.config_records:
-                failed[name] = int(m.content.config_records[RecordKey.ERROR]["code"])
+                err = m.content.config_records[RecordKey.ERROR]
+                claimed = str(err.get("partner", ""))
+                if m.metadata.src_node_id not in node_names and claimed in partner_names and claimed not in failed:
+                    name = claimed  # before setup: the refusing node's partner name instead of its Flower node id
+                failed[name] = int(err["code"])
                 if name in node_names.values():
                     collect_lines(m, name, rnd)  # the node's refusal entries
             else:

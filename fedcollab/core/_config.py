@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Collection
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -40,8 +42,30 @@ def _got(value: Any) -> str:
     return f"{text} ({type(value).__name__})"
 
 
-def format_validation_error(exc: ValidationError, *, prefix: str = "") -> list[str]:
-    """One line per problem: the field, what was expected, what was got."""
+#: A cross-field problem that starts with the field it is about: ``secagg.max_dropouts: ...``,
+#: ``partners[0].source.where: ...``, ``privacy.mode = 'distributed' needs ...``.
+_LEADING_FIELD = re.compile(r"`?([A-Za-z_]\w*(?:\[\d+\])*(?:\.[A-Za-z_]\w*(?:\[\d+\])*)*)`?")
+
+
+def _located(part: str, loc: str, fields: Collection[str]) -> str:
+    """``part`` of a cross-field problem, under the field it names when a model-level check found it (never ``<root>``)."""
+    if loc != "<root>":
+        return f"`{loc}`: {part}."
+    m = _LEADING_FIELD.match(part)
+    if m and re.split(r"[.\[]", m.group(1))[0] in fields and (m.end() == len(part) or part[m.end()] in ": "):
+        rest = part[m.end():]
+        if rest.startswith(":"):
+            return f"`{m.group(1)}`: {rest[1:].strip()}."
+    # The problem names its field in its own words (``he.key_holder = 'x' is not a partner``).
+    return f"{part}."
+
+
+def format_validation_error(exc: ValidationError, *, prefix: str = "", fields: Collection[str] = ()) -> list[str]:
+    """One line per problem: the field, what was expected, what was got.
+
+    ``fields`` are the top-level field names (and aliases) of the model: a model-level check's
+    problem that starts with one of them is reported under that field, never under ``<root>``.
+    """
     lines = []
     for err in exc.errors(include_url=False):
         loc = _loc(tuple(err["loc"]))
@@ -55,7 +79,7 @@ def format_validation_error(exc: ValidationError, *, prefix: str = "") -> list[s
         elif err["type"] == "value_error":
             # Cross-field checks raise one ValueError listing problems separated by "; ".
             text = msg.removeprefix("Value error, ")
-            lines.extend(f"`{loc}`: {part}." for part in text.split("; "))
+            lines.extend(_located(part, loc, fields) for part in text.split("; "))
         else:
             lines.append(f"`{loc}`: {msg.rstrip('.')}; got {_got(err.get('input'))}.")
     return lines
@@ -68,4 +92,5 @@ def validate_config(model: type[ModelT], data: Any, *, what: str, error: type[Ex
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise (error or ConfigError)(f"{what}:", problems=format_validation_error(exc)) from None
+        fields = {*model.model_fields, *(f.alias for f in model.model_fields.values() if f.alias)}
+        raise (error or ConfigError)(f"{what}:", problems=format_validation_error(exc, fields=fields)) from None

@@ -9,6 +9,7 @@ when it fails that way, both as class attributes (``[exit code / node code]``):
     * SpecError: a collaboration spec that does not validate (one line per problem)
     * MissingExtra [10 MISSING_EXTRA / 100 INTERNAL]: a needed extra is not installed
   * DataValidationError [3 DATA_INVALID / 111 DATA_SCHEMA_MISMATCH]: silo data that does not match the shared schema
+    * DataUnreadable [3 DATA_INVALID / 110 DATA_UNREADABLE]: the data source is missing or cannot be read
   * PrivacyError [4 PRIVACY_INVALID / 130 PRIVACY_INVALID]: invalid privacy parameters, unsupported events
     * BudgetExhausted [5 BUDGET_EXHAUSTED / 131 BUDGET_EXHAUSTED]: a release would exceed a budget (raised *before* the release)
       * ScoringBudgetExhausted [134] (protocols)
@@ -21,6 +22,7 @@ when it fails that way, both as class attributes (``[exit code / node code]``):
   * TransportError [8 TRANSPORT_FAILED]
     * NodeRejected [12 NODE_REJECTED] (runner)
   * NodeError [9 NODE_FAILED]: a node replied with an error code (never with text)
+  * RunInterrupted [130 INTERRUPTED]: the person stopped the run (Ctrl-C); the ledger ends with a signed abort
   * LedgerError [20 LEDGER_TAMPERED] (privacy.accounting)
   * NodeCoded [its own node code]: a refusal a node decides by code (wrong partner, out of order)
 
@@ -73,6 +75,12 @@ class DataValidationError(FedcollabError):
 
     exit_code = ExitCode.DATA_INVALID
     node_code = NodeErrorCode.DATA_SCHEMA_MISMATCH
+
+
+class DataUnreadable(DataValidationError):
+    """A silo's data source is missing or cannot be read (node code 110, not 111)."""
+
+    node_code = NodeErrorCode.DATA_UNREADABLE
 
 
 class PrivacyError(FedcollabError):
@@ -155,3 +163,10 @@ def node_code_for(exc: BaseException) -> NodeErrorCode:
     if isinstance(exc, FedcollabError):
         return type(exc).node_code
     return NodeErrorCode.INTERNAL
+
+
+class RunInterrupted(FedcollabError):
+    """The run was stopped by the person running it (SIGINT); it ends with a signed abort."""
+
+    exit_code = ExitCode.INTERRUPTED
+    node_code = NodeErrorCode.INTERNAL

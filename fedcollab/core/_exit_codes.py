@@ -26,6 +26,8 @@ class ExitCode(IntEnum):
     LEDGER_BUDGET_EXCEEDED = 22
     LEDGER_UNREADABLE = 23
     PROBE_FAILED = 24
+    LEDGER_ABORTED = 25
+    INTERRUPTED = 130
 
 
 EXIT_CODE_HELP: dict[ExitCode, str] = {
@@ -47,4 +49,6 @@ EXIT_CODE_HELP: dict[ExitCode, str] = {
     ExitCode.LEDGER_BUDGET_EXCEEDED: "audit verify: a party's spend exceeds the budget recorded in its entries.",
     ExitCode.LEDGER_UNREADABLE: "audit verify: the ledger or roster cannot be read (missing file, not JSON Lines).",
     ExitCode.PROBE_FAILED: "audit probe: the measured lower bound on epsilon exceeds the claim (the noise is not what is claimed).",
+    ExitCode.LEDGER_ABORTED: "audit verify: the ledger is intact and ends with the coordinator's signed abort: the run failed or was interrupted (its reason and the partners' error codes are listed); every release before it is checked.",
+    ExitCode.INTERRUPTED: "The run was interrupted (Ctrl-C); the ledger ends with a signed abort and summary.json says status interrupted (resume with --resume).",
 }

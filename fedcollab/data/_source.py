@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fedcollab.core import DataValidationError
+from fedcollab.core import DataUnreadable, DataValidationError
 from fedcollab.spec import SourceSpec
 
 EMBEDDED_PREFIX = "embedded://"
@@ -17,7 +17,7 @@ def embedded_path(name: str) -> Path:
     here = Path(__file__).resolve().parent / "embedded"
     path = (here / name).resolve()
     if here not in path.parents or not path.is_file():
-        raise DataValidationError(f"no embedded data file {name!r}; available: {sorted(p.name for p in here.glob('*.csv'))}")
+        raise DataUnreadable(f"no embedded data file {name!r}; available: {sorted(p.name for p in here.glob('*.csv'))}")
     return path
 
 
@@ -40,9 +40,9 @@ def read_source(source: SourceSpec, base_dir: str | Path = ".") -> pd.DataFrame:
             # Read everything as text first: types are checked against the schema, not guessed.
             df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
     except FileNotFoundError:
-        raise DataValidationError(f"data source not found: {path}") from None
+        raise DataUnreadable(f"data source not found: {path}") from None
     except (OSError, ValueError, pd.errors.ParserError) as exc:
-        raise DataValidationError(f"cannot read data source {path} as {fmt}: {type(exc).__name__}") from None
+        raise DataUnreadable(f"cannot read data source {path} as {fmt}: {type(exc).__name__}") from None
     for column, value in source.where.items():
         if column not in df.columns:
             raise DataValidationError(f"source.where: column `{column}` is not in {path.name}")

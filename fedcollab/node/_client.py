@@ -535,7 +535,14 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str]) -
                            plan_json=str(st["plan"]) if "plan" in st else None)
 
     # The partner's protections wrap every handler: shell (codes only) -> policy -> order (fedcollab/node/_mods.py).
-    app = ClientApp(mods=[shell_mod(open_node, _code_for), policy_mod, order_mod])
+    def partner_of(context: Context) -> str | None:
+        try:
+            name = _partner_name(spec, context.node_config)
+        except NodeCoded:
+            return None
+        return name if name in homes else None
+
+    app = ClientApp(mods=[shell_mod(open_node, _code_for, partner_of), policy_mod, order_mod])
 
     def handle(msg: Message, context: Context, work: Any) -> Message:
         """Run ``work(node, cfg, state, msg, context) -> RecordDict`` for the node the shell opened (after the policy and order mods)."""

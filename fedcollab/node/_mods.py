@@ -178,25 +178,39 @@ def _opened(node: NodeRuntime) -> Iterator[None]:
         _CURRENT.reset(token)
 
 
-def coded_reply(msg: Message, code: NodeErrorCode, lines: list[str]) -> Message:
-    """The only reply a refusal gets: its code and the node's new ledger entries."""
+def coded_reply(msg: Message, code: NodeErrorCode, lines: list[str], partner: str | None = None) -> Message:
+    """The only reply a refusal gets: its code, the node's new ledger entries and (when known) its partner name.
+
+    The partner's name is its public identity (as in its setup reply), so a refusal before setup is
+    reported by partner, not by Flower node id; never the exception's text.
+    """
     import json
 
     from flwr.app import ConfigRecord, Message, RecordDict
 
-    content = RecordDict({RecordKey.ERROR: ConfigRecord({"code": int(code)})})
+    err: dict[str, int | str] = {"code": int(code)}
+    if partner is not None:
+        err["partner"] = str(partner)
+    content = RecordDict({RecordKey.ERROR: ConfigRecord(err)})
     if lines:
         content[RecordKey.RELEASES] = ConfigRecord({"lines": json.dumps(lines)})
     return Message(content=content, reply_to=msg)
 
 
-def shell_mod(open_node: Callable[[Message, Context], NodeRuntime], code_for: Callable[[BaseException], NodeErrorCode]) -> Any:
-    """The outermost mod: open the node for the message; a failure below leaves as a code and its ledger entries."""
+def shell_mod(open_node: Callable[[Message, Context], NodeRuntime], code_for: Callable[[BaseException], NodeErrorCode],
+              partner_of: Callable[[Context], str | None] = lambda ctxt: None) -> Any:
+    """The outermost mod: open the node for the message; a failure below leaves as a code and its ledger entries.
+
+    ``partner_of`` names this node's partner from its own configuration (None if it cannot tell),
+    so a refusal raised while opening the node (its data unreadable, say) still says whose it is.
+    """
 
     def mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
         node: NodeRuntime | None = None
         start = 0
+        partner: str | None = None
         try:
+            partner = partner_of(ctxt)
             node = open_node(msg, ctxt)
             start = node.gate.ledger.head()[0]
             with _opened(node):
@@ -204,13 +218,13 @@ def shell_mod(open_node: Callable[[Message, Context], NodeRuntime], code_for: Ca
         except Exception as exc:  # noqa: BLE001 - every failure becomes a code
             code = code_for(exc)
             # Text and traceback stay in this node's log; only the code and ledger entries leave.
-            log.error("node %s refused %s: %s (%s)", node.partner if node else "?", msg.metadata.message_type, code.name, exc,
+            log.error("node %s refused %s: %s (%s)", node.partner if node else (partner or "?"), msg.metadata.message_type, code.name, exc,
                       exc_info=not isinstance(exc, FedcollabError))
             new = []
             if node is not None:
                 new = [ln.raw.decode() for ln in node.gate.ledger.lines()
                        if ln.entry.get("party") == node.partner and int(ln.entry.get("seq", -1)) >= start]
-            return coded_reply(msg, code, new)
+            return coded_reply(msg, code, new, partner=node.partner if node is not None else partner)
 
     return mod
 

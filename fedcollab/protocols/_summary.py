@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SUMMARY_SCHEMA_VERSION = 1
 
@@ -108,10 +108,21 @@ class LedgerRef(_M):
     roster: str
 
 
+class RunError(_M):
+    """Why a run did not complete (error class and exit code, never exception text or data values)."""
+
+    exit_code: int
+    error: str = Field(description="The fedcollab error class, or `KeyboardInterrupt`.")
+    node_codes: dict[str, int] = Field(default_factory=dict, description="The node error code each failing partner replied with.")
+
+
 class Summary(_M):
-    """What a run produced."""
+    """What a run produced; with ``status`` other than ``completed``, what it did before it stopped."""
 
     schema_version: Literal[1] = SUMMARY_SCHEMA_VERSION
+    status: Literal["completed", "failed", "interrupted"] = Field(
+        default="completed",
+        description="completed; failed or interrupted: no model, metrics or privacy section may be present, the ledger ends with a signed abort.")
     run_id: str
     spec: SpecRef
     versions: dict[str, str]
@@ -121,8 +132,18 @@ class Summary(_M):
     wall_seconds: float
     scaling: str
     scaling_parameters: dict[str, list[float]] | None = Field(default=None, description="Global feature scaling sent to every node: mean and std per encoded feature.")
-    metrics: Metrics
-    privacy: Privacy
-    model: ModelRef
+    metrics: Metrics | None = Field(default=None, description="Final evaluation; null only when the run did not complete.")
+    privacy: Privacy | None = Field(default=None, description="Every guarantee and non-private release; after a failure, what was spent before it.")
+    model: ModelRef | None = Field(default=None, description="The final model; null only when the run did not complete.")
     ledger: LedgerRef | None = None
     failures: dict[str, list[int]] = Field(default_factory=dict, description="Error codes per partner, if any node refused or failed.")
+    error: RunError | None = Field(default=None, description="Why the run did not complete (status failed or interrupted).")
+    resumed_after_round: int | None = Field(default=None, description="`run --resume`: the checkpoint round the run continued from.")
+
+    @model_validator(mode="after")
+    def _complete(self) -> Summary:
+        if self.status == "completed" and (self.metrics is None or self.privacy is None or self.model is None):
+            raise ValueError("a completed run's summary needs `metrics`, `privacy` and `model`")
+        if self.status != "completed" and self.error is None:
+            raise ValueError(f"status {self.status!r} needs `error`")
+        return self

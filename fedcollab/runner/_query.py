@@ -130,10 +130,15 @@ def run_query(spec: Spec | str | Path, query: QuerySpec | str | Path, *, out: st
     q = query if isinstance(query, QuerySpec) else load_query(query)
     sp = spec if isinstance(spec, Spec) else load_spec(spec)
     check_query(q, sp.data_schema)
-    if len(sp.partners) < 3:
+    secagg_problems = sp.secagg.problems(len(sp.partners))
+    if secagg_problems:
         from fedcollab.core import ConfigError
 
-        raise ConfigError(f"a query needs secure aggregation, which needs at least 3 partners; the spec has {len(sp.partners)}")
+        # Caught here, before the simulation starts, naming the spec field to change.
+        raise ConfigError("a query sums under secure aggregation, which this spec's [secagg] table does not allow:", problems=secagg_problems)
+    from fedcollab.runner._preflight import check_simulation_data
+
+    check_simulation_data(sp)  # each partner's data problem by partner, column and file, before the simulation
     sp, out_dir, tmp, homes, ledger, roster = _prepare(sp, out, nodes)
     recorder = AnalyticsRecorder()
     t0 = time.perf_counter()
@@ -163,8 +168,11 @@ def run_query(spec: Spec | str | Path, query: QuerySpec | str | Path, *, out: st
 def run_profile(spec: Spec | str | Path, *, out: str | Path | None = None, nodes: str | Path | None = None, epsilon: float = PROFILE_EPSILON,
                 delta: float = PROFILE_DELTA, progress: bool = False, timeout: float = 600.0) -> ProfileResult:
     """Profile every silo (local noise, charged to its budget) and write ``profile.html`` and ``profile.json``."""
+    from fedcollab.runner._preflight import check_simulation_data
     from fedcollab.runner._profile_report import write_profile_report
 
+    spec = spec if isinstance(spec, Spec) else load_spec(spec)
+    check_simulation_data(spec)  # each partner's data problem by partner, column and file, before the simulation
     sp, out_dir, tmp, homes, ledger, roster = _prepare(spec, out, nodes)
     recorder = AnalyticsRecorder()
     t0 = time.perf_counter()

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
+import signal
+import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -17,12 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from fedcollab.core import FedcollabError, NodeError, NodeErrorCode, TransportError, get_logger
+from fedcollab.core import ConfigError, FedcollabError, NodeError, NodeErrorCode, RunInterrupted, TransportError, get_logger
 from fedcollab.coordinator import COORDINATOR, CoordinatorRecorder, RoundRecord, RunLedger, make_server_app, privacy_section
 from fedcollab.node import NodeHome, init_node_home, make_client_app
 from fedcollab.spec import BudgetSpec, NodePolicy, Roster, RosterEntry
 from fedcollab.protocols import HIST_BINS, PooledMetrics, Summary
-from fedcollab.protocols._summary import LedgerRef, Metrics, MetricsEntry, ModelRef, SpecRef
+from fedcollab.protocols._summary import LedgerRef, Metrics, MetricsEntry, ModelRef, RunError, SpecRef
 from fedcollab.spec import Spec, load_spec
 
 log = get_logger("runner")
@@ -141,6 +145,7 @@ def run(
     spec_path: str | Path | None = None,
     timeout: float = 600.0,
     on_round: Callable[[RoundRecord], None] | None = None,
+    resume: bool = False,
 ) -> Result:
     """Run ``spec`` on Flower's simulation engine, in-process and offline.
 
@@ -150,7 +155,8 @@ def run(
         The collaboration spec (a path is loaded and validated).
     out : path, optional
         Folder for ``summary.json``, ``metrics.jsonl``, ``ledger.jsonl``, ``roster.json``, the
-        model and its checkpoint (a temporary folder when omitted).
+        model and its checkpoint (a temporary folder when omitted). An earlier run's outputs
+        there are moved to ``OUT/previous/RUN_ID/`` first, so the folder never mixes two runs.
     nodes : path, optional
         Folder of the simulated partners' node folders (keys, policies, ledgers). Reusing it
         across runs keeps each partner's budget, as a real partner's node would; default
@@ -159,15 +165,36 @@ def run(
         Show a rich progress bar per round.
     on_round : callable, optional
         Called with each round's record once the round is done, before the next one starts.
+    resume : bool
+        Continue the failed or interrupted run in ``out`` from its last checkpoint (same run id
+        and ledger; plain aggregation without partner-level DP only, as ``submit --resume``).
 
     Returns
     -------
     Result
         Summary (``protocols/summary.schema.json``), per-round records and the final model.
+
+    Raises
+    ------
+    DataValidationError
+        Before anything starts, naming each partner whose data cannot be used and why.
+    FedcollabError
+        When the run fails: ``summary.json`` then says ``status: failed`` (``interrupted`` for
+        :class:`~fedcollab.core.RunInterrupted`), and the ledger ends with a signed ``abort``.
     """
     if not isinstance(spec, Spec):
         spec_path = Path(spec)
         spec = load_spec(spec_path)
+    # Every partner's data, checked here first: in simulation the person running it is every
+    # partner, so each sees their own message (partner, column, file) in a second.
+    from fedcollab.runner._preflight import check_model_target, check_simulation_data
+
+    check_simulation_data(spec)
+    check_model_target(spec)  # the spec author's own model, imported here (never at a partner's node)
+    if resume:
+        _check_resumable(spec)
+        if out is None:
+            raise ConfigError("--resume: expected --out, the folder of the interrupted run, got none")
     set_flower_env()
     tmp = None
     if out is None:
@@ -176,39 +203,60 @@ def run(
         tmp = tempfile.TemporaryDirectory(prefix="fedcollab-run-")
     out_dir = Path(out) if out is not None else Path(tmp.name)  # type: ignore[union-attr]
     out_dir.mkdir(parents=True, exist_ok=True)
+    sp = Path(spec_path) if spec_path is not None else None
+    spec_ref = _spec_ref(spec, sp)
+    resume_from: tuple[int, dict[str, np.ndarray]] | None = None
+    earlier_metrics: list[str] = []
+    if resume:
+        run_id, resume_from, earlier_metrics = _resume_point(out_dir, spec_ref)
+    else:
+        _set_aside_previous(out_dir)
+        run_id = uuid.uuid4().hex[:16]
     recorder = CoordinatorRecorder(checkpoint_dir=out_dir / "checkpoints")
-    run_id = uuid.uuid4().hex[:16]
     homes = prepare_simulated_nodes(spec, Path(nodes) if nodes is not None else out_dir / "nodes")
     coordinator_key, roster = _coordinator_and_roster(out_dir, homes)
     ledger_path = out_dir / "ledger.jsonl"
-    if ledger_path.exists():
-        # One run ledger per run: an earlier run's is kept beside it under its run id.
-        _keep_previous_ledger(ledger_path)
     ledger = RunLedger(ledger_path, key=coordinator_key, roster=roster, run_id=run_id)
+    if resume:
+        ledger.heads.update(_node_heads(ledger_path))
+        _carry_unsent_entries(ledger, homes, resume_from[0] if resume_from else 0)
+    cancel = threading.Event()
     t0 = time.perf_counter()
-    with _Progress(spec, progress) as prog:
-        recorder.on_setup = prog.setup
-        def each_round(r: RoundRecord) -> None:
-            prog.round(r)
-            if on_round is not None:
-                on_round(r)
+    try:
+        with _sigint_cancels(cancel), _Progress(spec, progress) as prog:
+            recorder.on_setup = prog.setup
 
-        recorder.on_round = each_round
-        try:
+            def each_round(r: RoundRecord) -> None:
+                prog.round(r)
+                if on_round is not None:
+                    on_round(r)
+
+            recorder.on_round = each_round
             _simulate(spec, recorder, ledger=ledger, homes={k: str(v.root) for k, v in homes.items()},
-                      roster={k: v.signing_key for k, v in roster.parties.items()}, timeout=timeout)
-        except NodeError as exc:
-            if int(NodeErrorCode.BUDGET_EXHAUSTED) not in exc.codes.values():
-                raise
+                      roster={k: v.signing_key for k, v in roster.parties.items()}, timeout=timeout, resume=resume_from, cancel=cancel)
+        if cancel.is_set():
+            raise RunInterrupted("the run was interrupted (Ctrl-C)")
+        if spec.aggregation == "he" and recorder.finished:
+            recorder.final_arrays = _he_model(spec, homes, run_id)
+        if not recorder.finished or recorder.final_arrays is None:
+            raise TransportError("the simulation ended before the last round")
+    except (Exception, KeyboardInterrupt) as exc:
+        err = exc if isinstance(exc, FedcollabError) else (RunInterrupted("the run was interrupted (Ctrl-C)") if isinstance(exc, KeyboardInterrupt) else None)
+        if cancel.is_set() and not isinstance(err, RunInterrupted):
+            err = RunInterrupted("the run was interrupted (Ctrl-C)")
+        if isinstance(err, NodeError) and int(NodeErrorCode.BUDGET_EXHAUSTED) in err.codes.values():
             nodes_dir = Path(nodes) if nodes is not None else out_dir / "nodes"
             hint = (f"budgets carry over between runs through the node folders (--nodes DIR, default OUT/nodes; here {nodes_dir}); "
-                    f"delete a simulated partner's node folder (e.g. {nodes_dir / next(iter(exc.codes))}) to start afresh")
-            raise NodeError(str(exc).split("\n")[0], codes=exc.codes, problems=[*exc.problems, hint]) from None
+                    f"delete a simulated partner's node folder (e.g. {nodes_dir / next(iter(err.codes))}) to start afresh")
+            err = NodeError(str(err).split("\n")[0], codes=err.codes, problems=[*err.problems, hint])
+        _record_failure(spec, out_dir, ledger, recorder, err or exc, spec_ref=spec_ref, wall=time.perf_counter() - t0,
+                        earlier_metrics=earlier_metrics, resumed_after=resume_from[0] if resume_from else None)
+        if err is None:
+            raise
+        if err is exc:
+            raise
+        raise err from None
     wall = time.perf_counter() - t0
-    if spec.aggregation == "he" and recorder.finished:
-        recorder.final_arrays = _he_model(spec, homes, run_id)
-    if not recorder.finished or recorder.final_arrays is None:
-        raise TransportError("the simulation ended before the last round")
 
     privacy = privacy_section(spec, recorder.releases, recorder.partners)
     last_eval = next((r for r in reversed(recorder.rounds) if r.pooled is not None), None)
@@ -216,40 +264,259 @@ def run(
         pooled_test=_entry(last_eval.pooled if last_eval else None),
         partners={k: _entry(v) for k, v in (last_eval.partners if last_eval else {}).items()},
     )
+    # Success outputs are written only now, each atomically (a failed run never leaves a model).
     model_path, model_sha, fmt = _save_model(recorder.final_arrays, out_dir)
     n_params = int(sum(v.size for v in recorder.final_arrays.values()))
     model_ref = ModelRef(path=model_path.name, sha256=model_sha, format=fmt, n_parameters=n_params)  # type: ignore[arg-type]
-    ledger_bytes = ledger.path.read_bytes()
-    ledger_ref = LedgerRef(path=ledger.path.name, sha256=hashlib.sha256(ledger_bytes).hexdigest(), entries=ledger_bytes.count(b"\n"), roster="roster.json")
-    sp = Path(spec_path) if spec_path is not None else None
     summary = Summary(
         run_id=run_id,
-        spec=SpecRef(
-            path=str(sp) if sp else "<in-memory>",
-            sha256=hashlib.sha256(sp.read_bytes()).hexdigest() if sp else hashlib.sha256(spec.model_dump_json(by_alias=True).encode()).hexdigest(),
-            name=spec.name,
-        ),
+        spec=spec_ref,
         versions=_versions(),
         aggregation=spec.aggregation,
         strategy=spec.training.strategy,
-        rounds=len(recorder.rounds),
+        rounds=(resume_from[0] if resume_from else 0) + len(recorder.rounds),
         wall_seconds=round(wall, 3),
         scaling=recorder.scaling.method if recorder.scaling else "none",
         scaling_parameters={"mean": recorder.scaling.mean.tolist(), "std": recorder.scaling.std.tolist()} if recorder.scaling else None,
         metrics=metrics,
         privacy=privacy,
         model=model_ref,
-        ledger=ledger_ref,
+        ledger=_ledger_ref(ledger),
         failures=recorder.failures,
+        resumed_after_round=resume_from[0] if resume_from else None,
     )
+    _write_atomic(out_dir / "metrics.jsonl", "".join(earlier_metrics) + "".join(json.dumps(r.to_dict()) + "\n" for r in recorder.rounds))
     _write_atomic(out_dir / "summary.json", summary.model_dump_json(indent=2) + "\n")
-    _write_atomic(out_dir / "metrics.jsonl", "".join(json.dumps(r.to_dict()) + "\n" for r in recorder.rounds))
     return Result(summary=summary, rounds=list(recorder.rounds), model=recorder.final_arrays, out_dir=out_dir if tmp is None else None)
 
 
+def _spec_ref(spec: Spec, sp: Path | None) -> SpecRef:
+    return SpecRef(
+        path=str(sp) if sp else "<in-memory>",
+        sha256=hashlib.sha256(sp.read_bytes()).hexdigest() if sp else hashlib.sha256(spec.model_dump_json(by_alias=True).encode()).hexdigest(),
+        name=spec.name,
+    )
+
+
+def _ledger_ref(ledger: RunLedger) -> LedgerRef:
+    data = ledger.path.read_bytes() if ledger.path.exists() else b""
+    return LedgerRef(path=ledger.path.name, sha256=hashlib.sha256(data).hexdigest(), entries=data.count(b"\n"), roster="roster.json")
+
+
+# --- failed and interrupted runs ------------------------------------------------------------------
+#: What a completed run writes into OUT; an earlier run's copies are moved aside before a new run.
+_RUN_OUTPUTS = ("summary.json", "metrics.jsonl", "model.safetensors", "model.npz")
+_RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _set_aside_previous(out_dir: Path) -> Path | None:
+    """Move an earlier run's outputs (summary, metrics, model, ledger, checkpoints) to ``OUT/previous/RUN_ID/``.
+
+    So that a folder never mixes two runs: after a failure the new run's failure summary and
+    ledger stand alone, and the earlier run stays verifiable where it was moved.
+    """
+    present = [out_dir / n for n in (*_RUN_OUTPUTS, "ledger.jsonl", "checkpoints") if (out_dir / n).exists()]
+    if not present:
+        return None
+    old_id = None
+    try:
+        old_id = str(json.loads((out_dir / "summary.json").read_text())["run_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        try:
+            with (out_dir / "ledger.jsonl").open("rb") as fh:
+                old_id = str(json.loads(fh.readline())["run_id"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    if old_id is None or not _RUN_ID.fullmatch(old_id):
+        old_id = "unknown-" + uuid.uuid4().hex[:8]
+    dest = out_dir / "previous" / old_id
+    if dest.exists():
+        dest = dest.with_name(f"{old_id}-{uuid.uuid4().hex[:6]}")
+    dest.mkdir(parents=True)
+    for p in present:
+        os.replace(p, dest / p.name)
+    log.info("moved the previous run's outputs to %s", dest)
+    return dest
+
+
+def _record_failure(spec: Spec, out_dir: Path, ledger: RunLedger, recorder: CoordinatorRecorder, exc: BaseException, *, spec_ref: SpecRef,
+                    wall: float, earlier_metrics: list[str], resumed_after: int | None) -> None:
+    """Close the ledger with a signed abort and write ``summary.json`` with status failed or interrupted."""
+    interrupted = isinstance(exc, RunInterrupted)
+    code = int(getattr(exc, "exit_code", 1))
+    node_codes = {str(k): int(v) for k, v in (getattr(exc, "codes", None) or {}).items()}
+    codes = {k: list(v) for k, v in recorder.failures.items()}
+    for k, v in node_codes.items():
+        if v not in codes.setdefault(k, []):
+            codes[k].append(v)
+    reason = "interrupted" if interrupted else type(exc).__name__
+    try:
+        ledger.abort(len(recorder.rounds), reason=reason, exit_code=code, codes=codes)
+    except Exception:  # noqa: BLE001 - the original error matters more; the ledger then reads as cut short
+        log.exception("could not append the abort entry to %s", ledger.path)
+    try:
+        privacy = privacy_section(spec, list(ledger.releases), recorder.partners) if ledger.releases else None
+    except Exception:  # noqa: BLE001 - a partial run's privacy section is best effort; the ledger is the record
+        privacy = None
+    summary = Summary(
+        status="interrupted" if interrupted else "failed",
+        run_id=ledger.run_id,
+        spec=spec_ref,
+        versions=_versions(),
+        aggregation=spec.aggregation,
+        strategy=spec.training.strategy,
+        rounds=(resumed_after or 0) + len(recorder.rounds),
+        wall_seconds=round(wall, 3),
+        scaling=recorder.scaling.method if recorder.scaling else "none",
+        privacy=privacy,
+        ledger=_ledger_ref(ledger),
+        failures=codes,
+        error=RunError(exit_code=code, error=type(exc).__name__, node_codes=node_codes),
+        resumed_after_round=resumed_after,
+    )
+    _write_atomic(out_dir / "metrics.jsonl", "".join(earlier_metrics) + "".join(json.dumps(r.to_dict()) + "\n" for r in recorder.rounds))
+    _write_atomic(out_dir / "summary.json", summary.model_dump_json(indent=2) + "\n")
+
+
+def _check_resumable(spec: Spec) -> None:
+    if spec.aggregation != "plain" or spec.privacy.partner_dp:
+        what = f"aggregation {spec.aggregation!r}" if spec.aggregation != "plain" else f"privacy.mode {spec.privacy.mode!r} (partner-level DP)"
+        raise ConfigError(f"--resume: continues runs with aggregation 'plain' and no partner-level DP only (as `submit --resume`), got {what}; "
+                          "start the run afresh")
+
+
+def _resume_point(out_dir: Path, spec_ref: SpecRef) -> tuple[str, tuple[int, dict[str, np.ndarray]], list[str]]:
+    """The interrupted run's id, its last checkpoint and the metrics lines of the rounds before it."""
+    try:
+        old = Summary.model_validate_json((out_dir / "summary.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--resume: expected the summary.json of a failed or interrupted run in {out_dir}, got none ({type(exc).__name__})") from None
+    if old.status == "completed":
+        raise ConfigError(f"--resume: the run {old.run_id} in {out_dir} completed; there is nothing to resume")
+    if old.spec.sha256 != spec_ref.sha256:
+        raise ConfigError(f"--resume: the spec differs from the interrupted run's (spec.sha256 {old.spec.sha256[:12]}..., got {spec_ref.sha256[:12]}...)")
+    ck = out_dir / "checkpoints" / "checkpoint.npz"
+    try:
+        with np.load(ck) as f:
+            last = int(f["__round__"])
+            arrays = {k: np.array(f[k]) for k in f.files if k != "__round__"}
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"--resume: no checkpoint to continue from ({ck}: {type(exc).__name__}); the run stopped before round 1 ended") from None
+    earlier = []
+    try:
+        for line in (out_dir / "metrics.jsonl").read_text().splitlines(keepends=True):
+            if int(json.loads(line)["round"]) <= last:
+                earlier.append(line)
+    except (OSError, ValueError, KeyError):
+        earlier = []
+    return old.run_id, (last, arrays), earlier
+
+
+def _node_heads(ledger_path: Path) -> dict[str, str]:
+    """Each node's last entry in an existing run ledger (a resumed run's close and abort list them)."""
+    from fedcollab.privacy.accounting import parse_lines
+
+    heads = {}
+    for ln in parse_lines(ledger_path.read_bytes()):
+        if ln.entry.get("party") != COORDINATOR:
+            heads[str(ln.entry["party"])] = ln.hash
+    return heads
+
+
+def _carry_unsent_entries(ledger: RunLedger, homes: dict[str, NodeHome], round: int) -> None:
+    """Entries each simulated node wrote for this run whose reply the interruption lost, appended (verified, receipted).
+
+    A deployed node's reply is what carries them; in simulation the runner holds every node's
+    folder, so a resumed run ledger keeps each node's chain unbroken.
+    """
+    from fedcollab.privacy.accounting import parse_lines
+
+    for name, home in homes.items():
+        lines = parse_lines(home.ledger_path.read_bytes()) if home.ledger_path.exists() else []
+        head = ledger.heads.get(name)
+        if head is None:
+            start = next((i for i, ln in enumerate(lines) if ln.entry.get("run_id") == ledger.run_id), len(lines))
+        else:
+            start = next((i + 1 for i, ln in enumerate(lines) if ln.hash == head), len(lines))
+        unsent = []
+        for ln in lines[start:]:
+            if ln.entry.get("run_id") != ledger.run_id:
+                break
+            unsent.append(ln.raw.decode())
+        if unsent:
+            ledger.accept(unsent, party=name, round=round)
+
+
+@contextlib.contextmanager
+def _sigint_cancels(cancel: threading.Event) -> Iterator[None]:
+    """While the simulation runs, a first Ctrl-C asks it to stop (the coordinator aborts within a poll); a second raises."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        cancel.set()
+
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+class _CancellableGrid:
+    """The simulation's Grid, stopping the coordinator's exchanges once ``cancel`` is set (Ctrl-C)."""
+
+    def __init__(self, grid: Any, cancel: threading.Event, interval: float = 0.05) -> None:
+        self._grid, self._cancel, self._interval = grid, cancel, interval
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def _check(self) -> None:
+        if self._cancel.is_set():
+            raise RunInterrupted("the run was interrupted (Ctrl-C)")
+
+    def get_node_ids(self) -> Any:  # noqa: D102
+        self._check()
+        return self._grid.get_node_ids()
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Any]:
+        """Push, then pull until every reply is in, ``timeout`` passes or the run is cancelled."""
+        self._check()
+        ids = set(self._grid.push_messages(messages))
+        end = time.monotonic() + (timeout if timeout is not None else 0.0)
+        out: list[Any] = []
+        while ids and (timeout is None or time.monotonic() < end):
+            got = list(self._grid.pull_messages(ids))
+            out.extend(got)
+            ids.difference_update(m.metadata.reply_to_message_id for m in got)
+            if ids:
+                self._check()
+                time.sleep(self._interval)
+        return out
+
+
+def _cancellable(server_app: Any, cancel: threading.Event) -> Any:
+    from flwr.serverapp import ServerApp
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Any, context: Any) -> None:
+        server_app(_CancellableGrid(grid, cancel), context)
+
+    return app
+
+
 def _simulate(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLedger, homes: dict[str, str], roster: dict[str, str],
-              timeout: float) -> None:
-    simulate_apps(spec, make_server_app(spec, recorder, ledger=ledger, timeout=timeout), make_client_app(spec, homes, roster))
+              timeout: float, resume: tuple[int, dict[str, np.ndarray]] | None = None, cancel: threading.Event | None = None) -> None:
+    server = make_server_app(spec, recorder, ledger=ledger, timeout=timeout, resume=resume)
+    if cancel is not None:
+        server = _cancellable(server, cancel)
+    simulate_apps(spec, server, make_client_app(spec, homes, roster))
 
 
 def simulate_apps(spec: Spec, server_app: Any, client_app: Any) -> None:

@@ -190,7 +190,7 @@ class ModelSpec(FrozenModel):
 
     kind: Literal["logistic_regression", "mlp", "custom"] = "logistic_regression"
     hidden: list[PosInt] = Field(default_factory=list, description="MLP hidden layer widths.")
-    target: str | None = Field(default=None, description="Custom model: `package.module:ClassName`, a torch.nn.Module built as Class(n_features, **options) returning one logit per row.")
+    target: str | None = Field(default=None, description="Custom model: `package.module:ClassName`, a torch.nn.Module built as Class(n_features, **options) returning one logit per row. The module is looked for in the spec's folder, then on PYTHONPATH and among installed packages; `spec validate` and `run` import it to check.")
     options: dict[str, Scalar] = Field(default_factory=dict, description="Keyword arguments of a custom model.")
 
     @model_validator(mode="after")
@@ -310,6 +310,27 @@ class SecAggSpec(FrozenModel):
         """t, defaulting to degree - max_dropouts."""
         return self.threshold if self.threshold is not None else self.degree(n_partners) - self.max_dropouts
 
+    def problems(self, n_partners: int) -> list[str]:
+        """What keeps secure aggregation from running with ``n_partners``, each naming the field to change.
+
+        Checked by the spec (aggregation = 'secagg') and by ``fedcollab query``, which always sums
+        under secure aggregation: before anything starts, not at the first round.
+        """
+        if n_partners < 3:
+            return [f"partners: secure aggregation needs at least 3 partners, got {n_partners}"]
+        deg = self.degree(n_partners)
+        t = self.resolved_threshold(n_partners)
+        if deg / 2 < t <= deg - self.max_dropouts:
+            return []
+        if self.threshold is None:
+            fit = max(0, math.ceil(deg / 2) - 1)
+            return [f"secagg.max_dropouts: expected at most {fit} with {n_partners} partners (degree {deg}, and the threshold "
+                    f"degree - max_dropouts must exceed degree/2 = {deg / 2:g}), got {self.max_dropouts}"]
+        if 2 * t <= deg:
+            return [f"secagg.threshold: expected more than degree/2 = {deg / 2:g} with {n_partners} partners, got {t}"]
+        return [f"secagg.threshold: expected at most degree - secagg.max_dropouts = {deg} - {self.max_dropouts} = {deg - self.max_dropouts} "
+                f"with {n_partners} partners, got {t} (lower secagg.threshold or secagg.max_dropouts)"]
+
 
 class PreprocessingSpec(FrozenModel):
     """Global feature scaling (never per silo)."""
@@ -344,7 +365,7 @@ class Spec(FrozenModel):
         names = [p.name for p in self.partners]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            problems.append(f"duplicate partner names {dupes}")
+            problems.append(f"partners: duplicate partner names {dupes}")
         cols = {c.name: c for c in self.data_schema.columns}
         for i, p in enumerate(self.partners):
             if p.source is not None:
@@ -366,17 +387,9 @@ class Spec(FrozenModel):
         elif share > 0:
             problems.append(f"privacy.preprocessing_epsilon_share = {share} is only used with preprocessing.scaling = 'dp_statistics'")
         if self.aggregation == "secagg":
-            n = len(self.partners)
-            deg = self.secagg.degree(n)
-            t = self.secagg.resolved_threshold(n)
-            if n < 3:
-                problems.append(f"secure aggregation needs at least 3 partners, got {n}")
-            elif not (deg / 2 < t <= deg - self.secagg.max_dropouts):
-                problems.append(
-                    f"secagg: need degree/2 < threshold <= degree - max_dropouts, got degree {deg}, threshold {t}, max_dropouts {self.secagg.max_dropouts}"
-                )
+            problems.extend(self.secagg.problems(len(self.partners)))
             if self.training.strategy == "fedadam":
-                problems.append("secagg supports strategy 'fedavg' or 'fedprox' (a server optimiser needs the plain aggregate)")
+                problems.append("training.strategy: secagg supports strategy 'fedavg' or 'fedprox' (a server optimiser needs the plain aggregate)")
         pp = self.privacy.partner
         if self.privacy.mode == "distributed":
             n = len(self.partners)
@@ -391,7 +404,7 @@ class Spec(FrozenModel):
                 elif t_min - pp.colluders < 1:
                     problems.append(f"privacy.partner: t_min = {t_min} with {pp.colluders} colluders leaves no honest partner to carry the noise")
         if self.privacy.partner_dp and self.training.strategy == "fedadam":
-            problems.append("partner-level DP supports strategy 'fedavg' or 'fedprox' (the noise is calibrated to the mean of clipped updates)")
+            problems.append("training.strategy: partner-level DP supports strategy 'fedavg' or 'fedprox' (the noise is calibrated to the mean of clipped updates)")
         if self.aggregation == "he":
             problems.extend(self.he.problems(self))
         if self.privacy.mode == "central" and self.aggregation == "he":

@@ -38,7 +38,7 @@ GENESIS = "0" * 64
 #: slot is complex, and a querier that packs complex values gets ``w . Re(x) + b`` and
 #: ``w . Im(x)``, two linear equations in the model, per row (issue 13, attack 7).
 SCORING_CHARGE_PER_ROW = 2
-EntryKind = Literal["release", "refusal", "receipt", "close", "countersign", "key_custody", "aggregate", "scoring"]
+EntryKind = Literal["release", "refusal", "receipt", "close", "countersign", "key_custody", "aggregate", "scoring", "abort"]
 
 
 class LedgerError(FedcollabError):
@@ -394,6 +394,15 @@ def ledger_entry_json_schema() -> dict[str, Any]:
                                         "partners": {"type": "array", "items": {"type": "string"}, "uniqueItems": True,
                                                      "description": "every partner of the run (roster or spec), listed or not in heads; "
                                                                     "each must countersign"}}}
+    defs["AbortBody"] = {
+        "type": "object", "additionalProperties": False, "required": ["reason", "exit_code", "codes", "heads"],
+        "description": "The coordinator ends a run that failed or was interrupted (no close, no countersignatures).",
+        "properties": {"reason": {"type": "string", "description": "error class (never exception text), or `interrupted`"},
+                       "exit_code": {"type": "integer"},
+                       "codes": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "integer"}},
+                                 "description": "node error codes by partner"},
+                       "heads": {"type": "object", "additionalProperties": hex64}},
+    }
     defs["CountersignBody"] = {"type": "object", "additionalProperties": False, "required": ["close"], "properties": {"close": hex64}}
     defs["ScoringBody"] = {
         "type": "object", "additionalProperties": False,
@@ -413,7 +422,8 @@ def ledger_entry_json_schema() -> dict[str, Any]:
                        "code": {"type": ["integer", "null"], "description": "node error code of a refusal"},
                        "flood_std": {"type": "number"}, "params": {"type": "object"}},
     }
-    by_kind = {"release": "ReleaseBody", "refusal": "RefusalBody", "receipt": "ReceiptBody", "close": "CloseBody", "countersign": "CountersignBody", "scoring": "ScoringBody"}
+    by_kind = {"release": "ReleaseBody", "refusal": "RefusalBody", "receipt": "ReceiptBody", "close": "CloseBody", "countersign": "CountersignBody", "scoring": "ScoringBody",
+               "abort": "AbortBody"}
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://fedcollab.dev/schema/ledger.schema.json",
@@ -423,7 +433,7 @@ def ledger_entry_json_schema() -> dict[str, Any]:
         "required": ["schema_version", "kind", "party", "seq", "prev", "run_id", "round", "time", "body", "signature"],
         "properties": {
             "schema_version": {"const": LEDGER_SCHEMA_VERSION},
-            "kind": {"enum": ["release", "refusal", "receipt", "close", "countersign", "key_custody", "aggregate", "scoring"]},
+            "kind": {"enum": ["release", "refusal", "receipt", "close", "countersign", "key_custody", "aggregate", "scoring", "abort"]},
             "party": {"type": "string"},
             "seq": {"type": "integer", "minimum": 0},
             "prev": {**hex64, "description": "SHA-256 of the party's previous line; 64 zeros for the first"},
