@@ -193,3 +193,15 @@ def _register_deploy_commands() -> None:
 
 
 _register_deploy_commands()
+
+
+def _register_model_commands() -> None:
+    # Using and packaging models: `fedcollab predict` (score rows), `fedcollab new` (a Flower app).
+    from fedcollab.cli._new import register as register_new
+    from fedcollab.cli._predict import register as register_predict
+
+    register_predict(app)
+    register_new(app)
+
+
+_register_model_commands()

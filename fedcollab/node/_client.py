@@ -32,7 +32,7 @@ from fedcollab.core import (
     get_logger,
     write_private,
 )
-from fedcollab.data import PartnerData, exact_statistics, feature_bounds, load_partner_data
+from fedcollab.data import PartnerData, exact_statistics, feature_bounds, load_partner_data, prepare_frame
 from fedcollab.models import build_model, model_arrays, set_model_arrays
 from fedcollab.node._home import NodeHome, countersign_close
 from fedcollab.privacy.accounting import (
@@ -54,6 +54,17 @@ _PLAN_CACHE: dict[tuple[str, str, int], DpPlan] = {}
 
 def _spec_key(spec: Spec) -> str:
     return spec.model_dump_json(by_alias=True) + spec.base_dir
+
+
+def _frame_key(frame: Any) -> str:
+    """A content fingerprint of a DataFrame (cache key: two runs with different frames never share data)."""
+    import hashlib
+
+    import pandas as pd
+
+    h = hashlib.sha256(repr(list(frame.columns)).encode())
+    h.update(pd.util.hash_pandas_object(frame, index=True).to_numpy().tobytes())
+    return "|frame:" + h.hexdigest()
 
 
 def _partner_name(spec: Spec, node_config: Any) -> str:
@@ -96,7 +107,8 @@ def _code_for(exc: BaseException) -> NodeErrorCode:
 class NodeRuntime:
     """The node's logic, independent of Flower records (so it is testable as plain functions)."""
 
-    def __init__(self, spec: Spec, partner: str, *, home: NodeHome, run_id: str, plan_json: str | None = None) -> None:
+    def __init__(self, spec: Spec, partner: str, *, home: NodeHome, run_id: str, plan_json: str | None = None,
+                 frame: Any = None) -> None:
         self.spec = spec
         self.partner = partner
         self.run_id = run_id
@@ -105,9 +117,11 @@ class NodeRuntime:
         self.policy = self.gate.policy
         if self.policy.partner != partner:
             raise PolicyRefused("the node's policy belongs to another partner")
-        key = (_spec_key(spec), partner)
+        # ``frame``: the partner's rows as a DataFrame (simulation from Python), validated like a file.
+        key = (_spec_key(spec) + (_frame_key(frame) if frame is not None else ""), partner)
         if key not in _DATA_CACHE:
-            _DATA_CACHE[key] = load_partner_data(spec, partner)
+            _DATA_CACHE[key] = load_partner_data(spec, partner) if frame is None else prepare_frame(
+                frame, spec, next(p for p in spec.partners if p.name == partner), source=f"partner {partner!r} data (DataFrame)")
         self.data = _DATA_CACHE[key]
         self.dp = spec.privacy.record_dp
         if self.dp and plan_json:
@@ -296,12 +310,14 @@ def _check_arrays(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> No
             raise ProtocolError("non-finite parameters")
 
 
-def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str]) -> Any:
+def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str], *, frames: dict[str, Any] | None = None) -> Any:
     """The Flower ClientApp of a node taking part in ``spec``.
 
     ``homes`` maps partner -> node folder; ``roster`` maps every party (the coordinator
     included) to its Ed25519 signing key (hex), as the partner obtained it out of band.
+    ``frames`` (simulation from Python): partner -> pandas DataFrame used instead of the spec's source.
     """
+    frames = dict(frames or {})
     coordinator_key = roster["coordinator"]
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
@@ -348,7 +364,7 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str]) -
                 raise _Coded(NodeErrorCode.BAD_REQUEST)
             st = state(context)
             node = NodeRuntime(spec, partner, home=NodeHome(Path(homes[partner])), run_id=run_id,
-                               plan_json=str(st["plan"]) if "plan" in st else None)
+                               plan_json=str(st["plan"]) if "plan" in st else None, frame=frames.get(partner))
             start = node.gate.ledger.head()[0]
             return Message(content=work(node, cfg, st, msg, context), reply_to=msg)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a code
