@@ -108,13 +108,13 @@ def read_model(raw: bytes, *, source: str = "model") -> tuple[dict[str, np.ndarr
     except ValueError:
         raise ConfigError(f"{source}: unreadable safetensors header") from None
     raw_meta = header.get("__metadata__") or {}
-    if raw_meta.get("format") != MODEL_FORMAT:
-        raise ConfigError(f"{source}: no fedcollab model metadata (expected format {MODEL_FORMAT!r}, got {raw_meta.get('format')!r}); "
-                          "the model was written by an older fedcollab: rerun the collaboration")
     try:
         meta = {k: json.loads(v) for k, v in raw_meta.items()}
     except ValueError:
-        raise ConfigError(f"{source}: model metadata is not JSON") from None
+        meta = {}
+    if meta.get("format") != MODEL_FORMAT:
+        raise ConfigError(f"{source}: no fedcollab model metadata (expected `format` {MODEL_FORMAT!r}, got {meta.get('format')!r}); "
+                          "the model was written by an older fedcollab or another tool: rerun the collaboration")
     return arrays, meta
 
 

@@ -1,0 +1,220 @@
+"""A model people can use: metadata in the model file, predict (CLI and Result), DataFrames, spec.replace, fedcollab new."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tomllib
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from tests.conftest import ROOT
+
+SPEC = ROOT / "protocols" / "heart-disease.toml"
+EMBEDDED = ROOT / "fedcollab" / "data" / "embedded" / "heart_disease_uci.csv"
+HOSPITALS = {"cleveland": "Cleveland", "hungary": "Hungary", "switzerland": "Switzerland", "va-long-beach": "VA Long Beach"}
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, heart_spec):
+    """One 2-round non-DP simulation of the Heart spec (plain aggregation), shared by this module."""
+    import fedcollab
+
+    out = tmp_path_factory.mktemp("usable-run")
+    return fedcollab.run(heart_spec.replace(training={"rounds": 2}), out=out, spec_path=SPEC)
+
+
+def _clean_rows(n: int = 12):
+    import pandas as pd
+
+    df = pd.read_csv(EMBEDDED, dtype=str, keep_default_na=False, na_values=[""])
+    df = df[df["dataset"] == "Cleveland"].dropna(subset=["trestbps", "chol", "fbs", "thalch", "exang", "oldpeak", "restecg"])
+    return df.head(n).reset_index(drop=True)
+
+
+def _test_split(spec, partner: str):
+    """The partner's test rows, raw, as the node splits them (drop rows missing model inputs, then split)."""
+    from fedcollab.data import FeatureEncoder, read_source, split_indices, validate_frame
+
+    p = next(x for x in spec.partners if x.name == partner)
+    raw = read_source(p.source, spec.base_dir)
+    typed = validate_frame(raw, spec.data_schema)
+    keep = ~typed[[*spec.data_schema.features, spec.data_schema.label.column]].isna().any(axis=1)
+    kept_raw, kept = raw[keep].reset_index(drop=True), typed[keep].reset_index(drop=True)
+    y = FeatureEncoder(spec.data_schema).labels(kept)
+    _, test = split_indices(y, p.split, seed=spec.seed)
+    return kept_raw.iloc[test].reset_index(drop=True), y[test]
+
+
+class TestModelFile:
+    def test_metadata_names_features_encoding_and_scaling(self, short_run):
+        """The safetensors header says which encoded feature each weight belongs to, how rows are encoded and scaled."""
+        from safetensors import safe_open
+
+        path = short_run.out_dir / "model.safetensors"
+        with safe_open(str(path), framework="numpy") as fh:
+            meta = {k: json.loads(v) for k, v in fh.metadata().items()}
+            w = fh.get_tensor("linear.weight")
+        assert meta["format"] == "fedcollab-model/1"
+        assert len(meta["feature_names"]) == w.shape[1] == 13
+        assert "sex=Male" in meta["feature_names"] and "cp=asymptomatic" in meta["feature_names"]
+        cp = next(e for e in meta["encoding"] if e["column"] == "cp")
+        assert cp["reference"] == "typical angina" and cp["encoded"] == ["cp=atypical angina", "cp=non-anginal", "cp=asymptomatic"]
+        assert meta["scaling"]["method"] == "federated_statistics"
+        assert meta["scaling"]["mean"] == pytest.approx(short_run.summary.scaling_parameters["mean"])
+        assert meta["model"]["kind"] == "logistic_regression" and meta["label"] == {"column": "num", "positive_above": 0.0}
+
+    def test_summary_repeats_feature_names(self, short_run):
+        """summary.json's model entry lists the encoded features and their encoding, and follows the published schema."""
+        import jsonschema
+
+        summary = json.loads((short_run.out_dir / "summary.json").read_text())
+        jsonschema.validate(summary, json.loads((ROOT / "protocols" / "summary.schema.json").read_text()))
+        assert summary["model"]["feature_names"] == short_run.summary.model.feature_names
+        assert [e["column"] for e in summary["model"]["encoding"]] == list(short_run.summary.model.encoding[i].column for i in range(10))
+
+    def test_model_file_without_metadata_is_refused(self, tmp_path):
+        """A bare safetensors file (no fedcollab metadata) gets an error saying what is missing."""
+        from safetensors.numpy import save_file
+
+        from fedcollab.core import ConfigError
+        from fedcollab.runner import load_model
+
+        save_file({"linear.weight": np.ones((1, 13), dtype=np.float32)}, str(tmp_path / "m.safetensors"))
+        with pytest.raises(ConfigError, match="no fedcollab model metadata"):
+            load_model(tmp_path / "m.safetensors")
+
+
+class TestPredict:
+    def test_result_predict_equals_the_runs_evaluation(self, short_run, heart_spec):
+        """Scoring each partner's raw test rows reproduces the accuracy and loss of the run's own federated evaluation."""
+        for partner in HOSPITALS:
+            rows, y = _test_split(heart_spec, partner)
+            scores = short_run.predict(rows)
+            assert len(scores) == short_run.summary.metrics.partners[partner].n
+            p = np.clip(scores["score"].to_numpy(), 1e-12, 1 - 1e-12)
+            acc = float(((p >= 0.5) == (y == 1)).mean())
+            loss = float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
+            m = short_run.summary.metrics.partners[partner]
+            assert acc == pytest.approx(m.accuracy, abs=1e-9), partner
+            assert loss == pytest.approx(m.loss, rel=1e-4), partner
+
+    def test_cli_predict_writes_scores_with_ids(self, short_run, tmp_path):
+        """`fedcollab predict` validates, encodes and scores a CSV; the scores equal Result.predict's, keyed by the id column."""
+        from fedcollab.cli._app import app
+
+        rows = _clean_rows()
+        rows.to_csv(tmp_path / "new.csv", index=False)
+        res = CliRunner().invoke(app, ["predict", "--model", str(short_run.out_dir), "--data", str(tmp_path / "new.csv"),
+                                       "--out", str(tmp_path / "scores.csv"), "--format", "json"])
+        assert res.exit_code == 0, res.output
+        got = json.loads(res.stdout)
+        assert got["rows"] == 12 and [r["id"] for r in got["scores"]] == list(rows["id"])  # ids as written in the file
+        want = short_run.predict(rows)["score"].to_numpy()
+        assert [r["score"] for r in got["scores"]] == pytest.approx(want, rel=1e-6)
+        lines = (tmp_path / "scores.csv").read_text().splitlines()
+        assert lines[0] == "id,score,predicted" and len(lines) == 13
+
+    def test_cli_predict_names_the_bad_column(self, short_run, tmp_path):
+        """An unknown category stops with the data exit code and names the column and the value."""
+        from fedcollab.cli._app import app
+
+        rows = _clean_rows(3)
+        rows.loc[1, "cp"] = "sharp"
+        rows.to_csv(tmp_path / "bad.csv", index=False)
+        res = CliRunner().invoke(app, ["predict", "--model", str(short_run.out_dir), "--data", str(tmp_path / "bad.csv")])
+        assert res.exit_code == 3
+        assert "`cp`" in res.output and "'sharp'" in res.output
+
+    def test_rows_without_label_score_and_missing_features_are_named(self, short_run):
+        """The label column is optional; a row missing a feature value is an error naming the row."""
+        from fedcollab.core import DataValidationError
+
+        rows = _clean_rows(4).drop(columns=["num"])
+        assert len(short_run.predict(rows)) == 4
+        rows.loc[2, "chol"] = None
+        with pytest.raises(DataValidationError, match=r"rows 2"):
+            short_run.predict(rows)
+
+
+class TestNotebookApi:
+    def test_dataframes_run_like_files(self, short_run, heart_spec, tmp_path):
+        """fedcollab.run(spec, data={partner: DataFrame}) validates and uses the frames: the same row counts as the file run."""
+        import pandas as pd
+
+        import fedcollab
+
+        df = pd.read_csv(EMBEDDED)  # pandas' own dtypes, as a notebook would have them
+        frames = {name: df[df["dataset"] == ds].reset_index(drop=True) for name, ds in HOSPITALS.items()}
+        res = fedcollab.run(heart_spec.replace(training={"rounds": 1}), out=tmp_path / "frames", data=frames)
+        assert {k: v.n for k, v in res.summary.metrics.partners.items()} == {k: v.n for k, v in short_run.summary.metrics.partners.items()}
+        assert res.summary.metrics.pooled_test.n == short_run.summary.metrics.pooled_test.n
+
+    def test_bad_frame_is_refused_before_simulating(self, heart_spec, tmp_path):
+        """A frame with an unknown category, or a frame for an unknown partner, fails up front naming what is wrong."""
+        import pandas as pd
+
+        import fedcollab
+        from fedcollab.core import ConfigError, DataValidationError
+
+        df = pd.read_csv(EMBEDDED)
+        bad = df[df["dataset"] == "Cleveland"].copy()
+        bad.loc[bad.index[0], "sex"] = "M"
+        with pytest.raises(DataValidationError) as err:
+            fedcollab.run(heart_spec, out=tmp_path / "x", data={"cleveland": bad})
+        assert "data['cleveland']" in str(err.value) and any("`sex`" in p for p in err.value.problems)
+        with pytest.raises(ConfigError, match="not partners of the spec"):
+            fedcollab.run(heart_spec, out=tmp_path / "y", data={"boston": df})
+
+    def test_spec_replace_merges_and_validates(self, heart_spec):
+        """replace() merges nested tables, keeps the spec's folder, and names the field of a bad value."""
+        from fedcollab.core import SpecError
+
+        s = heart_spec.replace(training={"rounds": 5})
+        assert s.training.rounds == 5 and s.training.batch_size == heart_spec.training.batch_size and s.base_dir == heart_spec.base_dir
+        with pytest.raises(SpecError) as err:
+            heart_spec.replace(training={"rounds": 0})
+        assert err.value.problems[0].startswith("`training.rounds`")
+        with pytest.raises(SpecError) as err:
+            heart_spec.replace(training={"roundz": 3})
+        assert "`training.roundz` is not a known field" in err.value.problems[0]
+        with pytest.raises(SpecError) as err:
+            heart_spec.replace(privacy={"mode": "record"})
+        assert "`privacy`" in err.value.problems[0] and "target_epsilon" in err.value.problems[0]
+
+
+class TestFlowerApp:
+    def test_new_writes_a_flower_app(self, tmp_path, monkeypatch):
+        """`fedcollab new` writes a folder Flower accepts: [tool.flwr.app] components that import as ServerApp/ClientApp."""
+        from flwr.clientapp import ClientApp
+        from flwr.common.config import validate_config
+        from flwr.serverapp import ServerApp
+
+        from fedcollab.cli._app import app
+
+        res = CliRunner().invoke(app, ["new", "heart_app", "--into", str(tmp_path)])
+        assert res.exit_code == 0, res.output
+        root = tmp_path / "heart_app"
+        config = tomllib.loads((root / "pyproject.toml").read_text())
+        assert config["tool"]["flwr"]["app"]["components"] == {"serverapp": "heart_app.server_app:app", "clientapp": "heart_app.client_app:app"}
+        assert config["tool"]["flwr"]["federations"]["local-simulation"]["options"]["num-supernodes"] == 4
+        ok, errors, _ = validate_config(config, check_module=False, project_dir=root)
+        assert ok, errors
+        monkeypatch.syspath_prepend(str(root))
+        import importlib
+
+        server = importlib.import_module("heart_app.server_app")
+        client = importlib.import_module("heart_app.client_app")
+        assert isinstance(server.app, ServerApp) and isinstance(client.app, ClientApp)
+        assert (root / "heart_app" / "spec.toml").read_bytes() == (ROOT / "fedcollab" / "protocols_dist" / "heart-disease.toml").read_bytes()
+        for mod in [m for m in sys.modules if m.startswith("heart_app")]:
+            monkeypatch.delitem(sys.modules, mod)
+
+    def test_new_refuses_a_bad_name(self, tmp_path):
+        """A name that is not a Python package name is refused, naming NAME."""
+        from fedcollab.cli._app import app
+
+        res = CliRunner().invoke(app, ["new", "Heart-App", "--into", str(tmp_path)])
+        assert res.exit_code == 2 and "`NAME`" in res.output
