@@ -218,3 +218,98 @@ class TestFlowerApp:
 
         res = CliRunner().invoke(app, ["new", "Heart-App", "--into", str(tmp_path)])
         assert res.exit_code == 2 and "`NAME`" in res.output
+
+
+class TestDisplay:
+    def test_cholesterol_example_asks_for_chol(self):
+        """The "cholesterol" example query's mean is over `chol`, not `thalch`."""
+        from fedcollab.spec import load_query
+
+        q = load_query(ROOT / "examples" / "query-chol-by-sex.toml")
+        assert [s.column for s in q.statistics if s.kind == "mean"] == ["chol"]
+
+    def test_epsilon_plot_scales_to_the_spend_and_separates_lines(self, tmp_path):
+        """Four identical curves under a budget of 8 but spending 1: the axis ends near 1, each line has its own marker and x offset."""
+        from fedcollab.audit._report import _plot, _Point, _Series
+
+        series = [_Series(key=(p, p, "record", "coordinator"), budgets=[8.0],
+                          points=[_Point(r, r, "run", r, 0.3 * r, 0.3 * r) for r in (1, 2, 3)]) for p in HOSPITALS]
+        fig = _plot(series, tmp_path / "epsilon.png", several_runs=False)
+        ax = fig.axes[0]
+        assert ax.get_ylim()[1] < 1.5
+        recomputed = [ln for ln in ax.get_lines() if ln.get_label().endswith(": recomputed")]
+        assert len({ln.get_marker() for ln in recomputed}) == 4
+        assert len({tuple(ln.get_xdata()) for ln in recomputed}) == 4
+        assert any("budget ε = 8" in t.get_text() for t in ax.texts)
+
+    def test_partner_level_table_says_so_and_shows_rounds(self, short_run, capsys):
+        """A partner-level guarantee is labelled partner-level and shows rounds, not `steps 0`."""
+        from fedcollab.cli._app import print_result_table
+        from fedcollab.protocols._summary import Guarantee, PartnerGuarantee, Privacy
+
+        pg = PartnerGuarantee(epsilon=1.5, target_epsilon=2.0, noise_multiplier=None, clip_norm=1.0, sample_rate=None, expected_batch=None,
+                              steps=0, n_train=100, mechanism="ddg", rounds=2)
+        g = Guarantee(unit="partner", observer="coordinator", accountant="rdp", accountant_version="x", delta=1e-5, releases_included=[],
+                      partners={p: pg for p in HOSPITALS})
+        summary = short_run.summary.model_copy(update={"privacy": Privacy(mode="distributed", guarantees=[g], non_private_releases=[])})
+        import os
+
+        os.environ["COLUMNS"] = "200"
+        try:
+            print_result_table(summary)
+        finally:
+            del os.environ["COLUMNS"]
+        text = capsys.readouterr().out
+        assert "partner-level" in text and "rounds" in text and "steps" not in text
+
+    def test_wrote_line_lists_ledger_and_roster(self, short_run, capsys):
+        """The end-of-run line names every file written, ledger and roster included."""
+        from fedcollab.cli._app import _emit
+
+        _emit(short_run, "table")
+        last = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("wrote")][-1]
+        assert "ledger.jsonl" in last and "roster.json" in last and "model.safetensors" in last
+
+    def test_keygen_prints_the_key_on_one_line(self, tmp_path):
+        """`node keygen` prints the OpenSSH public key unwrapped, exactly as in the .pub file."""
+        from fedcollab.cli._app import app
+        from fedcollab.node import init_node_home
+
+        init_node_home(tmp_path / "n", partner="cleveland")
+        res = CliRunner().invoke(app, ["node", "keygen", str(tmp_path / "n")], env={"COLUMNS": "60"})
+        assert res.exit_code == 0, res.output
+        pub = (tmp_path / "n" / "flower_auth_key.pub").read_text().strip()
+        assert pub in res.stdout.splitlines()
+
+    def test_audit_verify_keeps_party_names_at_80_columns(self, short_run):
+        """audit verify on an 80-column terminal shows `va-long-beach` whole in its tables."""
+        from fedcollab.cli._app import app
+
+        out = short_run.out_dir
+        res = CliRunner().invoke(app, ["audit", "verify", str(out / "ledger.jsonl"), "--roster", str(out / "roster.json")], env={"COLUMNS": "80"})
+        assert res.exit_code == 0, res.output
+        assert "va-long-beach" in res.stdout and "va-long-b…" not in res.stdout
+
+    def test_zero_target_epsilon_exit_code_agrees_with_exit_codes(self, tmp_path):
+        """target_epsilon = 0 is a spec error (exit 2), and exit-codes says that 2 covers it."""
+        from fedcollab.cli._app import app
+        from fedcollab.core import EXIT_CODE_HELP, ExitCode
+
+        text = (ROOT / "protocols" / "heart-disease-dp.toml").read_text()
+        import re
+
+        bad = tmp_path / "bad.toml"
+        bad.write_text(re.sub(r"target_epsilon = [0-9.]+", "target_epsilon = 0", text))
+        res = CliRunner().invoke(app, ["spec", "validate", str(bad)])
+        assert res.exit_code == 2 and "privacy.target_epsilon" in res.output
+        assert "target_epsilon = 0" in EXIT_CODE_HELP[ExitCode.CONFIG_INVALID]
+        assert "not read from a spec" in EXIT_CODE_HELP[ExitCode.PRIVACY_INVALID]
+
+    def test_profile_shows_usable_at_most_rows_and_drops_noise_bins(self):
+        """Usable rows are shown at most rows; histogram bins under 2 sigma are not drawn, the rest carry error bars."""
+        from fedcollab.runner._profile_report import shown_hist, shown_usable
+
+        assert shown_usable(304.0, 311.0) == 304.0 and shown_usable(304.0, 290.0) == 290.0
+        h, err = shown_hist(np.array([0.0, 3.0, 50.0, 150.0, -2.0]), sigma=4.0)
+        assert h[0] == h[1] == h[4] == 0 and h[2:4].sum() == pytest.approx(1.0)
+        assert err[2] == pytest.approx(4.0 / 200.0) and err[1] == 0

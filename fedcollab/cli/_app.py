@@ -134,7 +134,7 @@ def _emit(result: Any, fmt: str) -> None:
         if result.out_dir is not None:
             ledger = result.summary.ledger
             extra = f", {ledger.path}, {ledger.roster}" if ledger is not None else ""
-            Console().print(f"wrote {result.out_dir}/summary.json, metrics.jsonl, {result.summary.model.path}{extra}", highlight=False)
+            Console().print(f"wrote {result.out_dir}/summary.json, metrics.jsonl, {result.summary.model.path}{extra}", highlight=False, soft_wrap=True)
 
 
 @spec_app.command("validate")
