@@ -275,7 +275,7 @@ def run(
     fmt: FmtOpt = "table",
 ) -> None:
     """All three steps on one machine (a trial): encrypted and plain accuracy side by side."""
-    from fedcollab.node import NodeHome, init_node_home
+    from fedcollab.node import init_node_home
     from fedcollab.privacy.accounting import PartyLedger
     from fedcollab.privacy.mechanisms import fresh_generator
     from fedcollab.protocols._scoring import answer_request, build_request, decrypt_response, load_linear_model, write_atomic, write_secret
