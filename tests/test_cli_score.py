@@ -56,7 +56,13 @@ def test_run_heart_test_split_matches_plain(heart_run, root, tmp_path):
     assert info["rows"] == 254 and info["accuracy_plain"] > 0.7
     assert info["accuracy_delta"] <= 0.01
     assert info["max_abs_logit_error"] < 0.01
-    assert (tmp_path / "s" / "scores.csv").read_text().startswith("row,logit,probability\n")
+    lines = (tmp_path / "s" / "scores.csv").read_text().splitlines()
+    assert lines[0] == "row,partner,logit,probability" and lines[1].split(",")[1] == "cleveland"
+    assert {ln.split(",")[1] for ln in lines[1:]} == {"cleveland", "hungary", "switzerland", "va-long-beach"}
+    # The throwaway holder is fresh every time: a rerun into the same folder is not refused for budget.
+    again = runner.invoke(app, ["score", "run", "--spec", str(root / "protocols" / "heart-disease.toml"), "--model", str(heart_run),
+                                "--out", str(tmp_path / "s"), "--format", "json"])
+    assert again.exit_code == 0, again.output
 
 
 def test_file_exchange_budget_and_audit(heart_run, root, tmp_path):

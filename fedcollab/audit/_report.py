@@ -284,7 +284,7 @@ def _label(key: GroupKey, all_keys: Sequence[GroupKey]) -> str:
     return f"{author}: {dataset} / {unit} / {observer}"
 
 
-def _plot(series: Sequence[_Series], path: Path, *, several_runs: bool) -> None:
+def _plot(series: Sequence[_Series], path: Path, *, several_runs: bool) -> Any:
     """One figure: a line per (party, dataset, unit, observer), each budget dashed."""
     # A bare Figure renders through the Agg canvas without pyplot: no GUI backend, no global state
     # (matplotlib.use("Agg") would switch, and close, the figures of a caller already using pyplot).
@@ -301,12 +301,18 @@ def _plot(series: Sequence[_Series], path: Path, *, several_runs: bool) -> None:
     def fin(v: float | None) -> float:
         return math.nan if v is None or math.isinf(v) else v
 
-    for s in series:
+    # Partners with the same plan spend the same epsilon: each line gets its own marker and line
+    # style and a small horizontal offset, so identical curves stay distinguishable.
+    markers, styles = "osD^vPX*", ["-", "--", "-.", ":"]
+    n = len(series)
+    for i, s in enumerate(series):
         color, name = color_of[s.key], _label(s.key, keys)
-        xs = [p.x for p in s.points]
+        dx = (i - (n - 1) / 2) * min(0.08, 0.4 / max(n, 1))
+        xs = [p.x + dx for p in s.points]
         if s.points:
-            ax.plot(xs, [fin(p.recomputed) for p in s.points], "-", color=color, lw=1.6, label=f"{name}: recomputed")
-            ax.plot(xs, [fin(p.claimed) for p in s.points], "o", color=color, ms=3.5, mfc="none", label=f"{name}: claimed")
+            ax.plot(xs, [fin(p.recomputed) for p in s.points], linestyle=styles[i % 4], marker=markers[i % 8], ms=4, color=color, lw=1.6,
+                    label=f"{name}: recomputed")
+            ax.plot(xs, [fin(p.claimed) for p in s.points], "o", color=color, ms=7, mfc="none", alpha=0.6, label=f"{name}: claimed")
         inf_x = [p.x for p in s.points if p.recomputed is not None and math.isinf(p.recomputed)]
         if inf_x:  # drawn at the top edge: infinite epsilon has no place on the axis
             ax.plot(inf_x, [0.97] * len(inf_x), "^", color=color, ms=8, transform=ax.get_xaxis_transform(), clip_on=False,
@@ -318,21 +324,37 @@ def _plot(series: Sequence[_Series], path: Path, *, several_runs: bool) -> None:
     for s in series:
         for b in s.budgets:
             by_budget[b].append(s)
+    # The axis scales to what was spent (and refused), not to a far larger budget: a budget above
+    # twice the largest value is named at the top edge instead of flattening every curve.
+    values = [v for s in series for p in s.points for v in (p.recomputed, p.claimed) if v is not None and math.isfinite(v)]
+    values += [w for s in series for _, w in s.refused if math.isfinite(w)]
+    data_top = max(values, default=0.0)
+    top = None
+    if data_top > 0:
+        within = [b for b in by_budget if b <= 2 * data_top]
+        top = 1.15 * max([data_top, *within])
+    above = []
     for b, owners in sorted(by_budget.items()):
         names = [_label(s.key, keys) for s in owners]
         who = names[0] if len(names) == 1 else f"{len(names)} groups" if len(names) > 3 else ", ".join(names)
+        if top is not None and b > top:
+            above.append(f"budget ε = {b:g} ({who})")
+            continue
         ax.axhline(b, color=color_of[owners[0].key] if len(owners) == 1 else "dimgrey", ls="--", lw=1.2, label=f"budget ε = {b:g} ({who})")
+    if above:
+        ax.text(0.99, 0.98, "above the axis: " + "; ".join(above), transform=ax.transAxes, ha="right", va="top", fontsize=7, color="dimgrey")
     if several_runs:
         for x in sorted({p.x - p.round for s in series for p in s.points} - {0}):
             ax.axvline(x - 0.5, color="grey", ls=":", lw=0.8)
     ax.set_xlabel("round (runs laid end to end; dotted lines start a new run)" if several_runs else "round")
     ax.set_ylabel("cumulative ε")
     ax.set_title("Cumulative ε over rounds against each budget")
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(bottom=0, top=top)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.savefig(path, format="png", bbox_inches="tight", metadata={"Software": None})
+    return fig
 
 
 # --- the document: one structure, rendered to HTML and Markdown -------------------------------

@@ -61,30 +61,40 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 
 
 def print_result_table(summary: Any) -> None:
-    """The final table: per-partner and pooled metrics and each partner's epsilon."""
+    """The final table: per-partner and pooled metrics and each partner's epsilon under every guarantee.
+
+    Each guarantee's column names its unit (record-level, partner-level) and observer; record-level
+    DP-SGD shows sigma and the DP-SGD steps, a partner-level guarantee the rounds its update was released in.
+    """
     out = Console()
-    g = summary.privacy.guarantees[0] if summary.privacy.guarantees else None
+    gs = list(summary.privacy.guarantees)
     title = f"{summary.spec.name}: {summary.rounds} rounds, {summary.strategy}, {summary.aggregation}, scaling {summary.scaling}"
     t = Table(title=title)
     for col in ("partner", "n test", "accuracy", "AUC"):
         t.add_column(col, justify="right" if col != "partner" else "left")
-    if g:
-        t.add_column(f"ε (δ={g.delta:g}, {g.accountant})", justify="right")
-        t.add_column("σ", justify="right")
-        t.add_column("steps", justify="right")
+    for g in gs:
+        t.add_column(f"ε {g.unit}-level vs {g.observer.replace('_', ' ')} (δ={g.delta:g}, {g.accountant})", justify="right")
+        if g.unit == "record":
+            t.add_column("σ", justify="right")
+            t.add_column("steps", justify="right")
+        else:
+            t.add_column("rounds", justify="right")
     for name, m in summary.metrics.partners.items():
         row = [name, str(m.n), _fmt(m.accuracy), _fmt(m.auc)]
-        if g:
+        for g in gs:
             pg = g.partners.get(name)
-            row += [_fmt(pg.epsilon, 4) if pg else "", _fmt(pg.noise_multiplier, 3) if pg else "", str(pg.steps) if pg else ""]
+            row.append(_fmt(pg.epsilon, 4) if pg else "")
+            if g.unit == "record":
+                row += [_fmt(pg.noise_multiplier, 3) if pg else "", str(pg.steps) if pg else ""]
+            else:
+                row.append(str(pg.rounds) if pg and pg.rounds is not None else "")
         t.add_row(*row)
     p = summary.metrics.pooled_test
     row = ["[bold]pooled[/]", str(p.n), f"[bold]{_fmt(p.accuracy)}[/]", f"[bold]{_fmt(p.auc)}[/]"]
-    if g:
-        row += ["", "", ""]
+    row += [""] * sum(3 if g.unit == "record" else 2 for g in gs)
     t.add_row(*row)
     out.print(t)
-    if not g:
+    if not gs:
         out.print("[yellow]privacy: none[/] (every model update is a non-private release)")
     out.print(f"non-private releases: {len(summary.privacy.non_private_releases)} (see summary.json)  wall {summary.wall_seconds:.1f} s")
 
@@ -151,7 +161,9 @@ def _emit(result: Any, fmt: str) -> None:
     else:
         print_result_table(result.summary)
         if result.out_dir is not None:
-            Console().print(f"wrote {result.out_dir}/summary.json, metrics.jsonl, {result.summary.model.path}")
+            ledger = result.summary.ledger
+            extra = f", {ledger.path}, {ledger.roster}" if ledger is not None else ""
+            Console().print(f"wrote {result.out_dir}/summary.json, metrics.jsonl, {result.summary.model.path}{extra}", highlight=False, soft_wrap=True)
 
 
 @spec_app.command("validate")
@@ -235,3 +247,15 @@ def _register_deploy_commands() -> None:
 
 
 _register_deploy_commands()
+
+
+def _register_model_commands() -> None:
+    # Using and packaging models: `fedcollab predict` (score rows), `fedcollab new` (a Flower app).
+    from fedcollab.cli._new import register as register_new
+    from fedcollab.cli._predict import register as register_predict
+
+    register_predict(app)
+    register_new(app)
+
+
+_register_model_commands()

@@ -45,15 +45,18 @@ def verify(
         raise typer.Exit(int(rep.exit_code))
     out = Console()
     t = Table(title=f"{ledger}: {rep.lines} entries" + (" (run ledger)" if rep.run_ledger else ""))
-    for col in ("party", "key fingerprint"):
-        t.add_column(col)
+    # Party names are never cut: their column keeps its full width and the others wrap (80-column terminals).
+    party_width = max([len(str(n)) for n in rep.fingerprints] + [len(g.party) for g in rep.spends] + [5])
+    t.add_column("party", no_wrap=True, min_width=party_width)
+    t.add_column("key fingerprint", overflow="fold")
     for name, fp in rep.fingerprints.items():
         t.add_row(name, fp)
     out.print(t)
     if rep.spends:
         s = Table(title="spend recomputed from the recorded events")
-        for col in ("party", "dataset", "unit", "observer", "releases", "ε", "δ", "accountant", "budget", "history"):
-            s.add_column(col)
+        s.add_column("party", no_wrap=True, min_width=party_width)
+        for col in ("dataset", "unit", "observer", "releases", "ε", "δ", "accountant", "budget", "history"):
+            s.add_column(col, overflow="fold")
         for g in rep.spends:
             eps = "∞" if g.epsilon is None else f"{g.epsilon:.6f}"
             s.add_row(g.party, g.dataset, g.unit, g.observer, str(g.releases), eps, f"{g.delta:g}", g.accountant,

@@ -146,7 +146,8 @@ def node_keygen(
         sys.stdout.write(json.dumps({"private_key": str(path), "public_key_file": str(path) + ".pub", "public_key": pub}) + "\n")
         return
     Console().print(f"node authentication key {escape(str(path))} (mode 0600); give the coordinator {escape(str(path))}.pub:")
-    Console().print(pub, highlight=False, markup=False)
+    # Raw on stdout, one line: rich would wrap the OpenSSH key at the terminal width and break copy-paste.
+    sys.stdout.write(pub.strip() + "\n")
 
 
 def node_start(

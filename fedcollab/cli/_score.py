@@ -45,6 +45,13 @@ def _progress(enabled: bool, description: str, total: int) -> Iterator[Any]:
 
 def querier_rows(spec_path: Path, *, partners: list[str] | None, split: str, data: Path | None) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
     """Encoded rows (unscaled), labels if known, and feature names, from the spec's partners or a CSV."""
+    x, y, names, _ = querier_rows_by_partner(spec_path, partners=partners, split=split, data=data)
+    return x, y, names
+
+
+def querier_rows_by_partner(spec_path: Path, *, partners: list[str] | None, split: str,
+                            data: Path | None) -> tuple[np.ndarray, np.ndarray | None, list[str], list[str]]:
+    """As :func:`querier_rows`, and the source of every row (the partner's name, or the --data file's name)."""
     from fedcollab.data import FeatureEncoder, load_partner_data, read_source, validate_frame
     from fedcollab.spec import SourceSpec, load_spec
 
@@ -57,18 +64,20 @@ def querier_rows(spec_path: Path, *, partners: list[str] | None, split: str, dat
         keep = ~typed[list(schema.features)].isna().any(axis=1)
         typed = typed[keep].reset_index(drop=True)
         y = None if typed[schema.label.column].isna().any() else enc.labels(typed)
-        return enc.features(typed), y, enc.feature_names
+        return enc.features(typed), y, enc.feature_names, [data.name] * len(typed)
     names = partners or [p.name for p in spec.partners]
-    xs, ys = [], []
+    xs, ys, who = [], [], []
     for name in names:
         pd_ = load_partner_data(spec, name)
         if split in ("test", "all"):
             xs.append(pd_.x_test)
             ys.append(pd_.y_test)
+            who += [name] * len(pd_.y_test)
         if split in ("train", "all"):
             xs.append(pd_.x_train)
             ys.append(pd_.y_train)
-    return np.concatenate(xs), np.concatenate(ys), enc.feature_names
+            who += [name] * len(pd_.y_train)
+    return np.concatenate(xs), np.concatenate(ys), enc.feature_names, who
 
 
 def _emit(info: dict[str, Any], fmt: str, lines: list[str]) -> None:
@@ -212,15 +221,20 @@ def apply(
                       f"budget: {ans.rows_before + ans.charged} of {ans.budget} rows used for model {lin.model_id[:12]}; recorded in {escape(str(home.ledger_path))}"])
 
 
-def _write_scores(path: Path, scores: Any) -> None:
+def _write_scores(path: Path, scores: Any, partners: list[str] | None = None) -> None:
+    """Scores as CSV or JSON: row, (partner: whose rows, where known), logit, probability."""
     from fedcollab.protocols._scoring import write_atomic
 
     probs = scores.probabilities
     if path.suffix.lower() == ".json":
-        rows = [{"row": i, "logit": float(z), "probability": float(p)} for i, (z, p) in enumerate(zip(scores.logits, probs, strict=True))]
+        rows = [{"row": i, **({"partner": partners[i]} if partners else {}), "logit": float(z), "probability": float(p)}
+                for i, (z, p) in enumerate(zip(scores.logits, probs, strict=True))]
         write_atomic(path, (json.dumps({"model": scores.model_id, "holder": scores.holder, "scores": rows}) + "\n").encode())
         return
-    lines = ["row,logit,probability"] + [f"{i},{z:.6f},{p:.6f}" for i, (z, p) in enumerate(zip(scores.logits, probs, strict=True))]
+    if partners:
+        lines = ["row,partner,logit,probability"] + [f"{i},{partners[i]},{z:.6f},{p:.6f}" for i, (z, p) in enumerate(zip(scores.logits, probs, strict=True))]
+    else:
+        lines = ["row,logit,probability"] + [f"{i},{z:.6f},{p:.6f}" for i, (z, p) in enumerate(zip(scores.logits, probs, strict=True))]
     write_atomic(path, ("\n".join(lines) + "\n").encode())
 
 
@@ -252,7 +266,7 @@ def decrypt(
 def run(
     spec: SpecOpt,
     model: Annotated[Path, typer.Option("--model", help="Run folder of the model to score with (fedcollab run --out).")],
-    out: Annotated[Path, typer.Option("--out", help="Folder for the request, response, secret, scores, throwaway holder and querier nodes and their roster.")] = Path("runs/score"),
+    out: Annotated[Path, typer.Option("--out", help="Folder for the request, response, secret, scores (with a partner column), the holder's ledger and the roster.")] = Path("runs/score"),
     partner: PartnerOpt = None,
     split: SplitOpt = "test",
     data: DataOpt = None,
@@ -261,7 +275,7 @@ def run(
     fmt: FmtOpt = "table",
 ) -> None:
     """All three steps on one machine (a trial): encrypted and plain accuracy side by side."""
-    from fedcollab.node import NodeHome, init_node_home
+    from fedcollab.node import init_node_home
     from fedcollab.privacy.accounting import PartyLedger
     from fedcollab.privacy.mechanisms import fresh_generator
     from fedcollab.protocols._scoring import answer_request, build_request, decrypt_response, load_linear_model, write_atomic, write_secret
@@ -269,19 +283,19 @@ def run(
 
     _check_split(split)
     try:
-        x, y, names = querier_rows(spec, partners=partner, split=split, data=data)
+        x, y, names, row_partners = querier_rows_by_partner(spec, partners=partner, split=split, data=data)
         lin = load_linear_model(model)
         if querier == "holder":
             raise ConfigError("`--querier` must differ from the simulated model holder's name 'holder'")
-        home = NodeHome(out / "holder")
-        if not home.exists():
-            policy = NodePolicy(partner="holder", scoring=ScoringPolicy(max_rows_per_querier={querier: budget if budget is not None else 2 * len(x)}))
-            init_node_home(home.root, partner="holder", policy=policy)
-        qhome = NodeHome(out / "querier")
-        if not qhome.exists():
-            init_node_home(qhome.root, partner=querier)
-        if qhome.policy().partner != querier:
-            raise ConfigError(f"`--querier`: {qhome.root} is the throwaway node of {qhome.policy().partner!r}, got {querier!r}; use another --out")
+        # The throwaway holder and querier nodes are fresh for every trial (a temporary folder), so a
+        # rerun starts with a full budget; the holder's ledger is copied to OUT/holder-ledger.jsonl.
+        import tempfile
+
+        out.mkdir(parents=True, exist_ok=True)
+        trial = tempfile.TemporaryDirectory(prefix="fedcollab-score-")
+        home = init_node_home(Path(trial.name) / "holder", partner="holder", policy=NodePolicy(
+            partner="holder", scoring=ScoringPolicy(max_rows_per_querier={querier: budget if budget is not None else 2 * len(x)})))
+        qhome = init_node_home(Path(trial.name) / "querier", partner=querier)
         # the holder's own copy of the roster, as it would receive it out of band
         roster = Roster(parties={"holder": {"signing_key": home.public_key()}, querier: {"signing_key": qhome.public_key()}})
         write_atomic(out / "roster.json", (roster.model_dump_json(indent=2) + "\n").encode())
@@ -301,7 +315,9 @@ def run(
         write_secret(secret, pending.state)
         write_atomic(out / "request.fcs", pending.request)
         write_atomic(out / "response.fcs", ans.response)
-        _write_scores(out / "scores.csv", scores)
+        _write_scores(out / "scores.csv", scores, partners=row_partners)
+        write_atomic(out / "holder-ledger.jsonl", home.ledger_path.read_bytes())
+        trial.cleanup()
     except FedcollabError as exc:
         raise _fail(exc) from None
     plain = lin.logits(x)

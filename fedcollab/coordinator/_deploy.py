@@ -7,7 +7,7 @@ coordinator's folder comes from the SuperLink's environment (``FEDCOLLAB_COORDIN
 signing key, the roster and one folder per run::
 
     HOME/signing_key.pem  HOME/roster.json
-    HOME/runs/<flower run id>/spec.toml  status.json  ledger.jsonl  metrics.jsonl  checkpoints/
+    HOME/runs/<flower run id>/spec.toml  status.json  ledger.jsonl  metrics.jsonl  checkpoints/  model.safetensors
 
 A run that fails raises ``fedcollab exit N: ...``; Flower records that text as the run's details,
 which is how ``fedcollab submit`` reports the true outcome (``flwr run`` always exits 0).
@@ -159,10 +159,14 @@ def _main(grid: Any, context: Any) -> None:
     status.update(state="completed", exit_code=0, finished=time.time(), partners=dict(recorder.partners),
                   accuracy=last.pooled.accuracy if last and last.pooled else None,
                   auc=last.pooled.auc if last and last.pooled else None, failures=recorder.failures)
-    if recorder.final_arrays is not None:
-        import numpy as np
+    if recorder.final_arrays is not None and recorder.scaling is not None:
+        # The same model file as in simulation: safetensors with feature names, encoding and scaling.
+        from fedcollab.protocols._model_file import MODEL_FILE, model_metadata, save_model
 
-        np.savez(out / "model.npz", **recorder.final_arrays)
+        sc = recorder.scaling
+        sha = save_model(recorder.final_arrays, out / MODEL_FILE,
+                         model_metadata(spec, scaling_method=sc.method, mean=sc.mean, std=sc.std, run_id=status["fedcollab_run_id"]))
+        status["model"] = {"path": MODEL_FILE, "sha256": sha, "format": "safetensors"}
     _write_json(out / "status.json", status)
 
 

@@ -33,9 +33,9 @@ class ExitCode(IntEnum):
 EXIT_CODE_HELP: dict[ExitCode, str] = {
     ExitCode.OK: "Success.",
     ExitCode.ERROR: "An unexpected error; see the log.",
-    ExitCode.CONFIG_INVALID: "The spec or policy is invalid; each problem names the field, the expectation and the value.",
+    ExitCode.CONFIG_INVALID: "The spec, policy or query is invalid (privacy values in it too, e.g. target_epsilon = 0); each problem names the field, the expectation and the value.",
     ExitCode.DATA_INVALID: "A silo's data does not match the shared schema; nothing was sent.",
-    ExitCode.PRIVACY_INVALID: "Invalid privacy parameters (epsilon <= 0, delta outside (0, 1) or [0, 1) for pure DP, NaN) or an unsupported event.",
+    ExitCode.PRIVACY_INVALID: "Invalid privacy parameters passed to the accounting or a mechanism, not read from a spec (epsilon <= 0, delta outside (0, 1) or [0, 1) for pure DP, NaN), or an unsupported event.",
     ExitCode.BUDGET_EXHAUSTED: "A release would exceed a privacy budget; it was refused before anything left the node.",
     ExitCode.CRYPTO_FAILED: "A signature, key or ciphertext check failed.",
     ExitCode.PROTOCOL_FAILED: "A protocol message was malformed (NaN or wrongly shaped update, wrong stage).",

@@ -33,7 +33,7 @@ from fedcollab.core import (
     node_code_for,
     write_private,
 )
-from fedcollab.data import PartnerData, exact_statistics, feature_bounds, load_partner_data
+from fedcollab.data import PartnerData, exact_statistics, feature_bounds, load_partner_data, prepare_frame
 from fedcollab.models import build_model, model_arrays, set_model_arrays
 from fedcollab.node._home import NodeHome, countersign_close
 from fedcollab.node._mods import SECAGG_STATE, current, order_mod, policy_mod, shell_mod
@@ -63,6 +63,17 @@ def _spec_key(spec: Spec) -> str:
     return spec.model_dump_json(by_alias=True) + spec.base_dir
 
 
+def _frame_key(frame: Any) -> str:
+    """A content fingerprint of a DataFrame (cache key: two runs with different frames never share data)."""
+    import hashlib
+
+    import pandas as pd
+
+    h = hashlib.sha256(repr(list(frame.columns)).encode())
+    h.update(pd.util.hash_pandas_object(frame, index=True).to_numpy().tobytes())
+    return "|frame:" + h.hexdigest()
+
+
 def _partner_name(spec: Spec, node_config: Any) -> str:
     if "partner" in node_config:
         name = str(node_config["partner"])
@@ -83,7 +94,8 @@ _code_for = node_code_for  # the one exception -> node code map (fedcollab.core)
 class NodeRuntime:
     """The node's logic, independent of Flower records (so it is testable as plain functions)."""
 
-    def __init__(self, spec: Spec, partner: str, *, home: NodeHome, run_id: str, plan_json: str | None = None) -> None:
+    def __init__(self, spec: Spec, partner: str, *, home: NodeHome, run_id: str, plan_json: str | None = None,
+                 frame: Any = None) -> None:
         self.spec = spec
         self.partner = partner
         self.run_id = run_id
@@ -100,9 +112,11 @@ class NodeRuntime:
                                log_text=f"the spec's dataset {entry.dataset!r} is not this node's dataset {self.dataset!r} (node.json)")
         # The split belongs to the node too: pinned per dataset on first use (issue 13, attack 2).
         local = self._with_pinned_split(spec, entry) if entry is not None else spec
-        key = (_spec_key(local), partner)
+        # ``frame``: the partner's rows as a DataFrame (simulation from Python), validated like a file.
+        key = (_spec_key(local) + (_frame_key(frame) if frame is not None else ""), partner)
         if key not in _DATA_CACHE:
-            _DATA_CACHE[key] = load_partner_data(local, partner)
+            _DATA_CACHE[key] = load_partner_data(local, partner) if frame is None else prepare_frame(
+                frame, local, next(p for p in local.partners if p.name == partner), source=f"partner {partner!r} data (DataFrame)")
         self.data = _DATA_CACHE[key]
         self.dp = spec.privacy.record_dp
         if self.dp and plan_json:
@@ -485,12 +499,14 @@ def _check_arrays(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> No
             raise UpdateError("non-finite parameters")
 
 
-def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str]) -> Any:
+def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str], *, frames: dict[str, Any] | None = None) -> Any:
     """The Flower ClientApp of a node taking part in ``spec``.
 
     ``homes`` maps partner -> node folder; ``roster`` maps every party (the coordinator
     included) to its Ed25519 signing key (hex), as the partner obtained it out of band.
+    ``frames`` (simulation from Python): partner -> pandas DataFrame used instead of the spec's source.
     """
+    frames = dict(frames or {})
     coordinator_key = roster["coordinator"]
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
@@ -532,7 +548,7 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str]) -
             raise _Coded(NodeErrorCode.BAD_REQUEST)
         st = state(context)
         return NodeRuntime(spec, partner, home=NodeHome(Path(homes[partner])), run_id=run_id,
-                           plan_json=str(st["plan"]) if "plan" in st else None)
+                           plan_json=str(st["plan"]) if "plan" in st else None, frame=frames.get(partner))
 
     # The partner's protections wrap every handler: shell (codes only) -> policy -> order (fedcollab/node/_mods.py).
     def partner_of(context: Context) -> str | None:

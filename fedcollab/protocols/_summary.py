@@ -90,13 +90,28 @@ class SpecRef(_M):
     name: str
 
 
+class EncodedColumn(_M):
+    """How one feature column becomes the model's input (categories one-hot, reference level dropped)."""
+
+    column: str
+    type: Literal["number", "bool", "category"]
+    encoded: list[str] = Field(description="Encoded feature names this column contributes, in the model's input order.")
+    levels: list[str | int | float | bool] | None = None
+    reference: str | int | float | bool | None = Field(default=None, description="Category: the dropped reference level (all encoded features 0).")
+    bounds: list[float] | None = None
+    rule: str
+
+
 class ModelRef(_M):
-    """The final model file."""
+    """The final model file (its safetensors metadata repeats ``feature_names``, ``encoding`` and the scaling)."""
 
     path: str
     sha256: str
     format: Literal["safetensors", "npz"]
     n_parameters: int
+    kind: str | None = Field(default=None, description="logistic_regression, mlp or custom.")
+    feature_names: list[str] | None = Field(default=None, description="Encoded feature names, in the model's input order.")
+    encoding: list[EncodedColumn] | None = Field(default=None, description="How each feature column is encoded; scaling is `scaling_parameters`, applied after encoding.")
 
 
 class LedgerRef(_M):

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Result", "run", "run_demo"]
+__all__ = ["FedcollabModel", "Result", "flower_client_app", "flower_server_app", "load_model", "run", "run_demo"]
+
+_WHERE = {"Result": "_run", "run": "_run", "run_demo": "_run", "FedcollabModel": "_predict", "load_model": "_predict",
+          "flower_client_app": "_flower_app", "flower_server_app": "_flower_app"}
 
 
 def __getattr__(name: str) -> Any:
-    if name in {"Result", "run", "run_demo"}:
-        from fedcollab.runner import _run
+    if name in _WHERE:
+        import importlib
 
-        return getattr(_run, name)
+        return getattr(importlib.import_module(f"fedcollab.runner.{_WHERE[name]}"), name)
     raise AttributeError(f"module 'fedcollab.runner' has no attribute {name!r}")

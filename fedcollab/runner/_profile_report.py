@@ -31,6 +31,25 @@ def _png(fig: object) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def shown_usable(rows: float, usable: float) -> float:
+    """Usable rows as displayed: at most the rows (both are noisy; projecting onto usable <= rows is post-processing)."""
+    return min(max(usable, 0.0), max(rows, 0.0))
+
+
+def shown_hist(counts: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised bar heights and their noise error bars for one silo's noisy histogram.
+
+    Bins whose noisy count is below 2 sigma are drawn as 0: they are indistinguishable from an empty
+    bin, and drawing them paints bars past the data's range. Post-processing only: no new release.
+    """
+    h = np.asarray(counts, dtype=np.float64)
+    h = np.where(h >= 2 * sigma, h, 0.0)
+    total = h.sum()
+    if total <= 0:
+        return h, np.zeros_like(h)
+    return h / total, np.where(h > 0, sigma / total, 0.0)
+
+
 def _hist_figure(prof: Profile, features: list[str]) -> str:
     from matplotlib.figure import Figure
 
@@ -45,14 +64,14 @@ def _hist_figure(prof: Profile, features: list[str]) -> str:
         x = np.arange(len(labels))
         width = 0.8 / max(len(prof.silos), 1)
         for j, s in enumerate(prof.silos):
-            h = np.clip(np.asarray(s.hists[f]), 0, None)
-            ax.bar(x + j * width, h / h.sum() if h.sum() > 0 else h, width=width, label=s.name)
+            h, err = shown_hist(np.asarray(s.hists[f]), prof.plan.sigma_rest)
+            ax.bar(x + j * width, h, width=width, label=s.name, yerr=err, error_kw={"elinewidth": 0.6, "capsize": 1.5})
         ax.set_title(f, fontsize=9)
         ax.set_xticks(x + 0.4 - width / 2, labels, fontsize=6, rotation=45)
         ax.tick_params(axis="y", labelsize=6)
     if prof.silos:
         fig.axes[0].legend(fontsize=6)
-    fig.suptitle("Per-feature distributions (noisy, normalised per silo)", fontsize=10)
+    fig.suptitle("Per-feature distributions (noisy, normalised per silo; bars: ±1 noise std; bins below 2 std not drawn)", fontsize=10)
     return _png(fig)
 
 
@@ -77,9 +96,10 @@ def _label_figure(prof: Profile) -> str:
     names = [s.name for s in prof.silos]
     pos = [max(s.usable_pos, 0) for s in prof.silos]
     neg = [max(s.usable_neg, 0) for s in prof.silos]
-    ax.barh(names, neg, label="negative", color="#4a90d9")
-    ax.barh(names, pos, left=neg, label="positive", color="#d9534f")
-    ax.set_xlabel("usable rows (noisy)")
+    sd = prof.plan.sigma_core
+    ax.barh(names, neg, label="negative", color="#4a90d9", xerr=[sd] * len(names), error_kw={"elinewidth": 0.8, "capsize": 2})
+    ax.barh(names, pos, left=neg, label="positive", color="#d9534f", xerr=[sd] * len(names), error_kw={"elinewidth": 0.8, "capsize": 2})
+    ax.set_xlabel(f"usable rows (noisy; error bars ±{sd:.1f}, one noise std)")
     ax.legend(fontsize=7)
     return _png(fig)
 
@@ -100,14 +120,18 @@ def write_profile_report(prof: Profile, spec: Spec, out: str | Path) -> Path:
         parts.append("<ul>" + "".join(f"<li class='{e(f['level'])}'><b>{e(f['level'])}</b>: {e(f['message'])}</li>" for f in prof.findings) + "</ul>")
     else:
         parts.append("<p>No findings.</p>")
-    parts.append("<h2>Silos</h2><table><tr><th>silo</th><th>schema</th><th>rows</th><th>usable rows</th><th>positive rate</th></tr>")
+    sd_rows, sd_usable = p.sigma_core, math.sqrt(2.0) * p.sigma_core  # usable = positive + negative: two noisy counts
+    parts.append(f"<h2>Silos</h2><p>Rows and usable rows (rows with every feature and the label) are separate noisy counts "
+                 f"(noise std {sd_rows:.1f} and {sd_usable:.1f}); usable rows are shown at most equal to rows.</p>"
+                 "<table><tr><th>silo</th><th>schema</th><th>rows</th><th>usable rows</th><th>positive rate</th></tr>")
     for s in prof.silos:
         rate = "n/a" if s.positive_rate is None else f"{s.positive_rate:.2f}"
-        parts.append(f"<tr><td>{e(s.name)}</td><td>conforms</td><td>{s.rows:.0f}</td><td>{s.usable:.0f}</td><td>{rate}</td></tr>")
+        parts.append(f"<tr><td>{e(s.name)}</td><td>conforms</td><td>{s.rows:.0f} ± {sd_rows:.0f}</td>"
+                     f"<td>{shown_usable(s.rows, s.usable):.0f} ± {sd_usable:.0f}</td><td>{rate}</td></tr>")
     for name, code in sorted(prof.failed.items()):
         parts.append(f"<tr><td>{e(name)}</td><td class='error'>refused (code {code})</td><td></td><td></td><td></td></tr>")
     total_rows = sum(s.rows for s in prof.silos)
-    total_usable = sum(s.usable for s in prof.silos)
+    total_usable = sum(shown_usable(s.rows, s.usable) for s in prof.silos)
     parts.append(f"<tr><th>total</th><th></th><th>{total_rows:.0f}</th><th>{total_usable:.0f}</th><th></th></tr></table>")
     if prof.silos:
         parts.append("<h2>Label balance</h2>" f"<img alt='label balance' src='data:image/png;base64,{_label_figure(prof)}'>")

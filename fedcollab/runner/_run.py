@@ -14,7 +14,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -57,11 +57,25 @@ class Result:
     rounds: list[RoundRecord]
     model: OrderedDict[str, np.ndarray]
     out_dir: Path | None
+    #: The model file's safetensors metadata (feature names, encoding, scaling, schema; JSON values).
+    model_metadata: dict[str, str] = field(default_factory=dict)
 
     @property
     def pooled(self) -> MetricsEntry:
         """Final pooled test metrics."""
         return self.summary.metrics.pooled_test
+
+    def predict(self, frame: Any, *, id_column: str | None = None) -> Any:
+        """Score new rows (a pandas DataFrame with the schema's feature columns) with the final model.
+
+        The rows are validated against the schema recorded with the model, encoded and scaled as in
+        training. Returns a DataFrame: the id column (``id_column``, else the schema's ``id`` column
+        if the rows have one, else ``row``), ``score`` (probability of the positive label) and
+        ``predicted`` (score >= 0.5). Same as ``fedcollab predict --model OUT``.
+        """
+        from fedcollab.runner._predict import FedcollabModel
+
+        return FedcollabModel.from_arrays(self.model, self.model_metadata, source="Result.model").predict(frame, id_column=id_column)
 
 
 def _versions() -> dict[str, str]:
@@ -80,18 +94,12 @@ def _entry(m: PooledMetrics | None) -> MetricsEntry:
     return MetricsEntry(accuracy=m.accuracy, auc=m.auc, loss=m.loss, n=m.n)
 
 
-def _save_model(arrays: dict[str, np.ndarray], out: Path) -> tuple[Path, str, str]:
-    try:
-        from safetensors.numpy import save_file
+def _save_model(arrays: dict[str, np.ndarray], out: Path, metadata: dict[str, str]) -> tuple[Path, str, str]:
+    """``model.safetensors`` with its metadata (the format deployment writes too: fedcollab/protocols/_model_file.py)."""
+    from fedcollab.protocols._model_file import MODEL_FILE, save_model
 
-        path = out / "model.safetensors"
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path))
-        fmt = "safetensors"
-    except ImportError:  # pragma: no cover - safetensors is a node/coordinator dependency
-        path = out / "model.npz"
-        np.savez(path, **arrays)
-        fmt = "npz"
-    return path, hashlib.sha256(path.read_bytes()).hexdigest(), fmt
+    path = out / MODEL_FILE
+    return path, save_model(arrays, path, metadata), "safetensors"
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -146,6 +154,7 @@ def run(
     timeout: float = 600.0,
     on_round: Callable[[RoundRecord], None] | None = None,
     resume: bool = False,
+    data: dict[str, Any] | None = None,
 ) -> Result:
     """Run ``spec`` on Flower's simulation engine, in-process and offline.
 
@@ -168,6 +177,10 @@ def run(
     resume : bool
         Continue the failed or interrupted run in ``out`` from its last checkpoint (same run id
         and ledger; plain aggregation without partner-level DP only, as ``submit --resume``).
+    data : dict, optional
+        Partner name -> pandas DataFrame of its rows, used instead of the spec's ``source`` (a
+        notebook's frames). Each frame is validated against the spec's schema before the
+        simulation starts, as a file would be; frames are never written to disk by fedcollab.
 
     Returns
     -------
@@ -189,7 +202,8 @@ def run(
     # partner, so each sees their own message (partner, column, file) in a second.
     from fedcollab.runner._preflight import check_model_target, check_simulation_data
 
-    check_simulation_data(spec)
+    frames = _check_frames(spec, data)
+    check_simulation_data(spec, skip=set(frames))
     check_model_target(spec)  # the spec author's own model, imported here (never at a partner's node)
     if resume:
         _check_resumable(spec)
@@ -233,7 +247,8 @@ def run(
 
             recorder.on_round = each_round
             _simulate(spec, recorder, ledger=ledger, homes={k: str(v.root) for k, v in homes.items()},
-                      roster={k: v.signing_key for k, v in roster.parties.items()}, timeout=timeout, resume=resume_from, cancel=cancel)
+                      roster={k: v.signing_key for k, v in roster.parties.items()}, timeout=timeout, resume=resume_from, cancel=cancel,
+                      frames=frames)
         if cancel.is_set():
             raise RunInterrupted("the run was interrupted (Ctrl-C)")
         if spec.aggregation == "he" and recorder.finished:
@@ -265,9 +280,17 @@ def run(
         partners={k: _entry(v) for k, v in (last_eval.partners if last_eval else {}).items()},
     )
     # Success outputs are written only now, each atomically (a failed run never leaves a model).
-    model_path, model_sha, fmt = _save_model(recorder.final_arrays, out_dir)
+    from fedcollab.protocols._model_file import encoding_of, model_metadata
+
+    n_features = len(spec.data_schema.encoded_features())
+    sc = recorder.scaling
+    metadata = model_metadata(spec, scaling_method=sc.method if sc else "none", mean=sc.mean if sc else np.zeros(n_features),
+                              std=sc.std if sc else np.ones(n_features), run_id=run_id)
+    model_path, model_sha, fmt = _save_model(recorder.final_arrays, out_dir, metadata)
     n_params = int(sum(v.size for v in recorder.final_arrays.values()))
-    model_ref = ModelRef(path=model_path.name, sha256=model_sha, format=fmt, n_parameters=n_params)  # type: ignore[arg-type]
+    model_ref = ModelRef(path=model_path.name, sha256=model_sha, format=fmt, n_parameters=n_params,  # type: ignore[arg-type]
+                         kind=spec.model.kind, feature_names=spec.data_schema.encoded_features(),
+                         encoding=encoding_of(spec.data_schema))  # type: ignore[arg-type]
     summary = Summary(
         run_id=run_id,
         spec=spec_ref,
@@ -287,7 +310,8 @@ def run(
     )
     _write_atomic(out_dir / "metrics.jsonl", "".join(earlier_metrics) + "".join(json.dumps(r.to_dict()) + "\n" for r in recorder.rounds))
     _write_atomic(out_dir / "summary.json", summary.model_dump_json(indent=2) + "\n")
-    return Result(summary=summary, rounds=list(recorder.rounds), model=recorder.final_arrays, out_dir=out_dir if tmp is None else None)
+    return Result(summary=summary, rounds=list(recorder.rounds), model=recorder.final_arrays, out_dir=out_dir if tmp is None else None,
+                  model_metadata=metadata)
 
 
 def _spec_ref(spec: Spec, sp: Path | None) -> SpecRef:
@@ -512,11 +536,39 @@ def _cancellable(server_app: Any, cancel: threading.Event) -> Any:
 
 
 def _simulate(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLedger, homes: dict[str, str], roster: dict[str, str],
-              timeout: float, resume: tuple[int, dict[str, np.ndarray]] | None = None, cancel: threading.Event | None = None) -> None:
+              timeout: float, resume: tuple[int, dict[str, np.ndarray]] | None = None, cancel: threading.Event | None = None,
+              frames: dict[str, Any] | None = None) -> None:
     server = make_server_app(spec, recorder, ledger=ledger, timeout=timeout, resume=resume)
     if cancel is not None:
         server = _cancellable(server, cancel)
-    simulate_apps(spec, server, make_client_app(spec, homes, roster))
+    simulate_apps(spec, server, make_client_app(spec, homes, roster, frames=frames))
+
+
+def _check_frames(spec: Spec, data: Any) -> dict[str, Any]:
+    """``data`` of :func:`run`: partner names to DataFrames, each valid against the schema (checked here, up front)."""
+    from fedcollab.core import ConfigError
+
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"`data` must be a dict of partner name -> pandas DataFrame, got {type(data).__name__}")
+    import pandas as pd
+
+    from fedcollab.data import prepare_frame
+
+    names = [p.name for p in spec.partners]
+    unknown = sorted(str(k) for k in data if k not in names)
+    if unknown:
+        raise ConfigError(f"`data`: {unknown} are not partners of the spec (expected some of {names})")
+    for p in spec.partners:
+        if p.name in data:
+            frame = data[p.name]
+            if not isinstance(frame, pd.DataFrame):
+                raise ConfigError(f"`data[{p.name!r}]` must be a pandas DataFrame, got {type(frame).__name__}")
+            prepare_frame(frame, spec, p, source=f"data[{p.name!r}]")  # DataValidationError listing every problem
+        elif p.source is None:
+            raise ConfigError(f"partner {p.name!r} has no `source` in the spec and no DataFrame in `data`")
+    return {k: v.copy() for k, v in data.items()}
 
 
 def simulate_apps(spec: Spec, server_app: Any, client_app: Any) -> None:

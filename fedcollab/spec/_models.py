@@ -439,6 +439,41 @@ class Spec(FrozenModel):
         """Directory relative paths in the spec resolve against."""
         return self._base_dir
 
+    def replace(self, **changes: Any) -> Spec:
+        """A copy with ``changes`` applied, the whole spec validated again (``model_copy(update=...)`` does not validate).
+
+        Keys are top-level fields (``training``, ``privacy``, ``schema`` ...); a dict merges into the
+        current table, recursively (``spec.replace(training={"rounds": 5})`` keeps the other training
+        fields), anything else replaces the value. Relative paths still resolve against this spec's folder.
+
+        Raises
+        ------
+        SpecError
+            One line per problem, naming the field (``training.rounds``), what was expected and what was got.
+        """
+        from pydantic import BaseModel
+
+        from fedcollab.core import SpecError, validate_config
+
+        def plain(value: Any) -> Any:
+            return value.model_dump(by_alias=True) if isinstance(value, BaseModel) else value
+
+        def merge(base: Any, update: Any) -> Any:
+            update = plain(update)
+            if isinstance(base, dict) and isinstance(update, dict):
+                out = dict(base)
+                for k, v in update.items():
+                    out[k] = merge(base[k], v) if k in base else plain(v)
+                return out
+            return update
+
+        data: dict[str, Any] = self.model_dump(by_alias=True)
+        for key, value in changes.items():
+            key = "schema" if key == "data_schema" else key
+            data[key] = merge(data[key], value) if key in data else plain(value)
+        new = validate_config(Spec, data, what="spec.replace(...) gives an invalid collaboration spec", error=SpecError)
+        return new.with_base_dir(self.base_dir)
+
     def with_base_dir(self, base_dir: str) -> Spec:
         """A copy whose relative paths resolve against ``base_dir``."""
         new = self.model_copy()
