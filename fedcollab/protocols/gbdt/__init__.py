@@ -42,7 +42,6 @@ from fedcollab.protocols.gbdt._train import TrainResult, train_in_process
 from fedcollab.protocols.gbdt._xgboost import to_xgboost_json, write_xgboost_json
 
 __all__ = [
-    "PROTOCOL",
     "BinLayout",
     "Ensemble",
     "GbdtDpPlan",
@@ -51,6 +50,7 @@ __all__ = [
     "LevelRequest",
     "NodeSplit",
     "NodeState",
+    "PROTOCOL",
     "Split",
     "TrainResult",
     "Tree",
@@ -75,9 +75,9 @@ __all__ = [
     "plan_gbdt_dp",
     "random_split",
     "release_event",
-    "sum_histograms",
     "split_gain",
     "split_levels",
+    "sum_histograms",
     "to_xgboost_json",
     "train_in_process",
     "tree_releases",
