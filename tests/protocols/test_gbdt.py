@@ -163,6 +163,31 @@ class TestFederatedEqualsCentral:
             np.testing.assert_allclose(a.value, b.value, rtol=1e-6)
         assert fed.trees[0].n_nodes > 3  # a real tree, not a stump
 
+    def test_federated_equals_xgboost_exact_on_the_same_bins(self, heart, layout, spec):
+        """An independent reference: XGBoost's exact greedy algorithm on the pooled bin indices grows the same trees.
+
+        The four hospitals' rows get 5 % missing values; XGBoost sees each row's bin index (NaN
+        for the missing bin) with the same lambda, min child weight, eta and base score.
+        """
+        xgb = pytest.importorskip("xgboost")
+        rng = np.random.default_rng(0)
+        parts = []
+        for d in heart:
+            x = d.x_train.copy()
+            x[rng.random(x.shape) < 0.05] = np.nan
+            parts.append((d.partner, x, d.y_train))
+        p = _params(spec, n_trees=5)
+        fed = train_in_process(parts, layout=layout, params=p, plan=None, coordinator_rng=rng).model
+        x = np.concatenate([q[1] for q in parts])
+        y = np.concatenate([q[2] for q in parts])
+        b = bin_rows(x, layout).astype(np.float64)
+        b[b == layout.n_bins[None, :]] = np.nan
+        params = {"objective": "binary:logistic", "tree_method": "exact", "max_depth": p.max_depth, "eta": p.learning_rate,
+                  "lambda": p.reg_lambda, "min_child_weight": p.min_child_weight, "base_score": p.base_score, "gamma": 0.0}
+        ref = xgb.train(params, xgb.DMatrix(b, label=y), p.n_trees)
+        assert sum(np.isnan(x).any(axis=1)) > 100
+        np.testing.assert_allclose(ref.predict(xgb.DMatrix(b)), fed.predict_proba(x), atol=1e-6, rtol=0)
+
     def test_default_direction_on_data(self):
         """Rows missing feature a are all positive: the learned default sends them to a positive leaf."""
         rng = np.random.default_rng(3)
