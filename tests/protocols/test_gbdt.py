@@ -203,7 +203,7 @@ class TestFederatedEqualsCentral:
 
 class TestSecAgg:
     def test_encoded_sum_equals_plain(self, heart, layout, spec):
-        """Fixed-point histograms summed modulo 2^64 decode to the plain sum (error <= n · 0.5 / scale)."""
+        """Fixed-point histograms summed modulo 2^64 (and by a real SecAgg+ round) decode to the plain sum (error <= n · 0.5 / scale)."""
         p = tree_params(spec)
         req = LevelRequest(tree=0, level=0, release="histogram", open=(0,))
         hists = []
@@ -211,10 +211,20 @@ class TestSecAgg:
             st = node_init(d.x_train, d.y_train, layout=layout, base_score=p.base_score)
             hists.append(node_reply(st, req, party=d.partner, layout=layout, params=p, plan=None, rng=None)[1].values)
         scale = 2.0**24
+        encoded = {d.partner: encode_histograms(hst, bound=400.0, scale=scale, n_parties=4) for d, hst in zip(heart, hists)}
         total = np.zeros(hists[0].size, dtype=np.uint64)
-        for hst in hists:
-            total += encode_histograms(hst, bound=400.0, scale=scale, n_parties=4)
+        for v in encoded.values():
+            total += v
         np.testing.assert_allclose(decode_histograms(total, shape=hists[0].shape, scale=scale), sum_histograms(hists), atol=4 * 0.5 / scale)
+        # the same vectors through a real SecAgg+ round (complete graph, one dropout tolerated)
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        from fedcollab.protocols import secagg
+
+        names = tuple(encoded)
+        cfg = secagg.SecAggConfig(run_id="gbdt", round=0, participants=names, k=3, threshold=2, max_dropouts=1, bits=64, length=hists[0].size)
+        masked_total, _ = secagg.run_round_in_memory(encoded, cfg=cfg, signing_keys={n: Ed25519PrivateKey.generate() for n in names})
+        assert np.array_equal(masked_total, total)
 
     def test_headroom_and_bound_refused(self):
         """A scale without headroom, or a cell beyond the public bound, is refused (never clipped)."""
