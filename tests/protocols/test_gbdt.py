@@ -302,7 +302,7 @@ class TestDP:
         assert np.std(noisy - exact) == pytest.approx(plan.sigma_leaf, rel=0.1)
 
     def test_node_refuses_requests_outside_plan(self, heart, layout, dp_spec):
-        """Under random splits a histogram is refused; so are a repeated step and a tree out of order."""
+        """Under random splits a histogram is refused; so are a repeated step, a second leaf release and a tree out of order."""
         p = tree_params(dp_spec)
         plan = plan_gbdt_dp(p, n_features=layout.n_features, target_epsilon=1.0, delta=1e-3)
         d = heart[0]
@@ -316,6 +316,8 @@ class TestDP:
             node_reply(st2, LevelRequest(tree=0, level=0, release="leaves", open=(0,)), **kw)
         with pytest.raises(ProtocolError, match="expects tree 0"):
             node_reply(st, LevelRequest(tree=3, level=0, release="leaves", open=(0,)), **kw)
+        with pytest.raises(ProtocolError, match="takes no further step"):  # a second leaf release of the same tree
+            node_reply(st2, LevelRequest(tree=0, level=1, release="leaves", open=(0,)), **kw)
 
     def test_dp_model_beats_chance(self, heart, layout, dp_spec):
         """At ε = 1 the default DP model is still informative (pooled AUC > 0.7)."""

@@ -161,6 +161,7 @@ class NodeState:
     h: np.ndarray = field(repr=False)
     trees_done: int = 0
     steps_done: frozenset[tuple[int, int]] = frozenset()
+    leaves_released: bool = False  # the current tree's leaf sums left: no further step until the tree is applied
 
 
 def node_init(x_train: np.ndarray, y_train: np.ndarray, *, layout: BinLayout, base_score: float) -> NodeState:
@@ -195,6 +196,10 @@ def node_reply(state: NodeState, request: LevelRequest, *, party: str, layout: B
         raise ProtocolError(f"gbdt: request for tree {t}, but this node expects tree {state.trees_done} of {params.n_trees}.")
     if (t, lv) in state.steps_done:
         raise ProtocolError(f"gbdt: step {lv} of tree {t} was already answered; a repeat is refused.")
+    if state.leaves_released:
+        raise ProtocolError(f"gbdt: the leaf sums of tree {t} were released; the tree takes no further step.")
+    if lv > levels:
+        raise ProtocolError(f"gbdt: step {lv} of tree {t} is beyond the plan ({levels} histogram steps, then the leaves).")
     if lv > 0 and (t, lv - 1) not in state.steps_done:
         raise ProtocolError(f"gbdt: step {lv} of tree {t} requested before step {lv - 1}.")
     if request.release == "histogram" and lv >= levels:
@@ -229,7 +234,7 @@ def node_reply(state: NodeState, request: LevelRequest, *, party: str, layout: B
     if plan is not None:
         assert rng is not None
         values = add_noise(values, sigma=sigma, rng=rng)
-    state = replace(state, position=position, steps_done=state.steps_done | {(t, lv)})
+    state = replace(state, position=position, steps_done=state.steps_done | {(t, lv)}, leaves_released=request.release == "leaves")
     return state, HistogramReply(tree=t, level=lv, release=request.release, values=values), event
 
 
@@ -237,7 +242,7 @@ def node_apply_tree(state: NodeState, tree: Tree, *, layout: BinLayout) -> NodeS
     """Add a finished tree's leaf values to the node's margins."""
     leaves = tree.leaf_of_bins(state.bins, layout.n_bins)
     values = np.asarray(tree.value, dtype=np.float32).astype(np.float64)
-    return replace(state, margin=state.margin + values[leaves], trees_done=state.trees_done + 1)
+    return replace(state, margin=state.margin + values[leaves], trees_done=state.trees_done + 1, leaves_released=False)
 
 
 # ----------------------------------------------------------------------------------- coordinator side
