@@ -289,6 +289,28 @@ class TestDP:
         assert eps <= 1.0 and eps > 0.99  # the budget is spent, not wasted
         assert plan.sensitivity_split == pytest.approx(math.sqrt(13 * (1 + 1 / 16)))
 
+    def test_budget_gate_admits_the_plan_and_nothing_more(self, heart, layout, dp_spec, tmp_path):
+        """A node's BudgetGate (budget ε = 1) records every planned release and refuses one more; a non-private one is refused."""
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        from fedcollab.core import BudgetExhausted, PolicyRefused
+        from fedcollab.privacy.accounting import BudgetGate, PartyLedger
+        from fedcollab.spec import BudgetSpec, NodePolicy
+
+        p = tree_params(dp_spec)
+        plan = plan_gbdt_dp(p, n_features=layout.n_features, target_epsilon=1.0, delta=1e-3)
+        ledger = PartyLedger(tmp_path / "ledger.jsonl", party="c", key=Ed25519PrivateKey.generate())
+        policy = NodePolicy(partner="c", budgets=[BudgetSpec(dataset="c", epsilon=1.0, delta=1e-3)])
+        gate = BudgetGate(ledger, policy, dataset="c", nonce_path=tmp_path / "nonces.jsonl")
+        for t in range(p.n_trees):
+            for e in tree_releases(plan, party="c", tree=t, split_levels=0):
+                gate.record(e, run_id="r", payload=b"sums %d" % t)
+        extra = tree_releases(plan, party="c", tree=p.n_trees, split_levels=0)[0]
+        with pytest.raises(BudgetExhausted):
+            gate.record(extra, run_id="r", payload=b"one tree too many")
+        with pytest.raises(PolicyRefused):
+            gate.record(tree_releases(None, party="c", tree=0, split_levels=0)[0], run_id="r", payload=b"exact sums")
+
     def test_noise_has_planned_sigma(self, heart, layout, dp_spec):
         """Leaf sums carry Gaussian noise of the planned std (and are not the exact sums)."""
         p = tree_params(dp_spec)
