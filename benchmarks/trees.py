@@ -14,7 +14,7 @@ comes from OS entropy, as at a node, so DP figures vary from run to run):
 * ``heart_auc_gbdt_nodp``: ``protocols/heart-disease-gbdt.toml`` (defaults: 50 trees, depth 3,
   lr 0.1, 32 bins, lambda 1, min child weight 1); pooled test AUC (254 rows). Deterministic.
 * ``heart_auc_gbdt_dp_eps1``: ``protocols/heart-disease-gbdt-dp.toml`` (record-level epsilon = 1,
-  delta = 1e-3 per hospital, RDP; DP defaults: 10 random trees of depth 2, lr 1, lambda 50,
+  delta = 1e-3 per hospital, RDP; DP defaults: 50 random trees of depth 2, lr 1, lambda 500,
   Gaussian leaf sums); ``heart_auc_gbdt_secagg_dp_eps1``: the same with secagg-encoded sums.
 * ``heart_auc_sklearn_central`` / ``heart_auc_sklearn_local_only``: scikit-learn's
   ``HistGradientBoostingClassifier`` with the same trees (50 iterations, depth 3, lr 0.1, 32 bins,

@@ -95,7 +95,7 @@ RULES: dict[str, list[str]] = {
         "`[model.gbdt]` is only for `kind = \"gbdt\"`; a `gbdt` model is refused with `aggregation = \"he\"` and with privacy modes other than `none` and `record`.",
     ],
     "GbdtSpec": [
-        "Fields left out resolve by privacy mode: without DP 50 trees, depth 3, learning rate 0.1, lambda 1, min child weight 1; with record-level DP 10 trees, depth 2, learning rate 1, lambda 50, min child weight 0 (protocols/gbdt.md).",
+        "Fields left out resolve by privacy mode: without DP 50 trees, depth 3, learning rate 0.1, lambda 1, min child weight 1; with record-level DP 50 trees, depth 2, learning rate 1, lambda 500, min child weight 0 (protocols/gbdt.md).",
         "`dp_leaf_share` must be < 1 with `dp_split = \"histogram\"`.",
     ],
     "PrivacySpec": [

@@ -2,7 +2,7 @@
 
 Every field is optional. Fields left out resolve to defaults measured on the Heart benchmark
 (``benchmarks/trees.py``), with one set for runs without DP and one for record-level DP, where
-fewer, shallower trees with a larger learning rate spend the budget better (see protocols/gbdt.md).
+shallower trees with a large learning rate and a large lambda spend the budget better (see protocols/gbdt.md).
 """
 
 from __future__ import annotations
@@ -49,18 +49,18 @@ class TreeParams:
 
 #: Defaults without DP and with record-level DP (measured: benchmarks/trees.py, protocols/gbdt.md).
 DEFAULTS_NO_DP: dict[str, Any] = {"n_trees": 50, "max_depth": 3, "learning_rate": 0.1, "reg_lambda": 1.0, "min_child_weight": 1.0}
-DEFAULTS_DP: dict[str, Any] = {"n_trees": 10, "max_depth": 2, "learning_rate": 1.0, "reg_lambda": 50.0, "min_child_weight": 0.0}
+DEFAULTS_DP: dict[str, Any] = {"n_trees": 50, "max_depth": 2, "learning_rate": 1.0, "reg_lambda": 500.0, "min_child_weight": 0.0}
 
 
 class GbdtSpec(FrozenModel):
     """Histogram gradient-boosted trees (logistic loss), trained federated and exported as an XGBoost model."""
 
-    n_trees: TreeCount | None = Field(default=None, description="Number of boosting rounds (one tree each); default 50 without DP, 10 with record-level DP.")
+    n_trees: TreeCount | None = Field(default=None, description="Number of boosting rounds (one tree each); default 50 (with or without DP).")
     max_depth: Depth | None = Field(default=None, description="Depth of every tree (levels of splits); default 3 without DP, 2 with record-level DP.")
     learning_rate: Finite | None = Field(default=None, gt=0, le=1, description="Shrinkage eta applied to every leaf value; default 0.1 without DP, 1 with record-level DP.")
     n_bins: Bins = Field(default=32, description="Bins of a number feature, equal-width over its public schema bounds (0/1 features get two bins); one more bin holds missing values.")
     min_child_weight: Finite | None = Field(default=None, ge=0, description="Smallest hessian sum of a child for a split to count; default 1 without DP, 0 with record-level DP (noisy sums).")
-    reg_lambda: Finite | None = Field(default=None, ge=0, description="L2 regularisation lambda of leaf values; default 1 without DP, 50 with record-level DP (damps noisy hessian sums).")
+    reg_lambda: Finite | None = Field(default=None, ge=0, description="L2 regularisation lambda of leaf values; default 1 without DP, 500 with record-level DP (averages the noise of many small steps).")
     gamma: Finite = Field(default=0.0, ge=0, description="Minimum loss reduction of a split (XGBoost's gamma).")
     base_score: Finite = Field(default=0.5, gt=0, lt=1, description="Initial prediction (a probability); 0.5 is margin 0 and uses no data.")
     dp_split: Literal["random", "histogram"] = Field(default="random", description="With record-level DP: `random` splits drawn from the public bins (no privacy cost, the whole budget on leaf sums) or `histogram` (noisy gradient histograms per level, `dp_leaf_share` of the budget on leaves).")

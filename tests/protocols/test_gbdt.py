@@ -393,7 +393,8 @@ class TestSpec:
         raw["model"] = {"kind": "gbdt"}
         raw.pop("training", None)
         s = parse_spec(raw)
-        assert tree_params(s).n_trees == 10 and tree_params(s).dp_split == "random"
+        dp = tree_params(s)
+        assert (dp.n_trees, dp.max_depth, dp.learning_rate, dp.reg_lambda, dp.dp_split) == (50, 2, 1.0, 500.0, "random")
         raw["privacy"] = {"mode": "none"}
         p = tree_params(parse_spec(raw))
         assert (p.n_trees, p.max_depth, p.learning_rate, p.n_bins, p.reg_lambda, p.min_child_weight) == (50, 3, 0.1, 32, 1.0, 1.0)
