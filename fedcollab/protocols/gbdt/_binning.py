@@ -94,7 +94,7 @@ def bin_rows(x: np.ndarray, layout: BinLayout) -> np.ndarray:
     if arr.ndim != 2 or arr.shape[1] != layout.n_features:
         raise ProtocolError(f"rows must have shape (n, {layout.n_features}), got {arr.shape}.")
     x32 = arr.astype(np.float32)
-    out = np.empty(arr.shape, dtype=np.int32)
+    out = np.empty(arr.shape, dtype=np.int32, order="F")  # column-major: histograms read one feature at a time
     for j, e in enumerate(layout.edges):
         col = x32[:, j]
         b = np.searchsorted(e.astype(np.float32), col, side="right")

@@ -38,13 +38,16 @@ def build_histograms(bins: np.ndarray, g: np.ndarray, h: np.ndarray, position: n
     if position.size and (position.max() >= n_open or position.min() < -1):
         raise ProtocolError(f"`position` must lie in [-1, {n_open}), got [{position.min()}, {position.max()}].")
     keep = position >= 0
-    slots = bins[keep].astype(np.int64) + layout.offsets[None, :]  # (m, d)
-    flat = (position[keep][:, None] * layout.n_slots + slots).ravel()
-    size = n_open * layout.n_slots
-    d = layout.n_features
-    hg = np.bincount(flat, weights=np.repeat(g[keep], d), minlength=size)
-    hh = np.bincount(flat, weights=np.repeat(h[keep], d), minlength=size)
-    return np.stack([hg, hh], axis=-1).reshape(n_open, layout.n_slots, 2)
+    rows = bins if keep.all() else bins[keep]
+    pk, gk, hk = (position, g, h) if keep.all() else (position[keep], g[keep], h[keep])
+    out = np.empty((n_open, layout.n_slots, 2))
+    # One bincount per feature and statistic: no (rows x features) temporaries.
+    for j, (off, nb) in enumerate(zip(layout.offsets, layout.n_bins)):
+        width = int(nb) + 1
+        key = pk * width + rows[:, j]
+        out[:, off : off + width, 0] = np.bincount(key, weights=gk, minlength=n_open * width).reshape(n_open, width)
+        out[:, off : off + width, 1] = np.bincount(key, weights=hk, minlength=n_open * width).reshape(n_open, width)
+    return out
 
 
 def leaf_sums(g: np.ndarray, h: np.ndarray, position: np.ndarray, *, n_leaves: int) -> np.ndarray:
