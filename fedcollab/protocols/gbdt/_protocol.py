@@ -278,9 +278,8 @@ def _grow(nodes: list[_Node], node: int, split: Any) -> NodeSplit:
     lc, rc = len(nodes), len(nodes) + 1
     nodes[node] = replace(nodes[node], left=lc, right=rc, feature=split.feature, bin_index=split.bin_index,
                           threshold=split.threshold, default_left=split.default_left, gain=split.gain)
-    known = split.gain != 0.0 or split.left != (0.0, 0.0)
-    nodes.append(_Node(g=split.left[0] if known else math.nan, h=split.left[1] if known else math.nan))
-    nodes.append(_Node(g=split.right[0] if known else math.nan, h=split.right[1] if known else math.nan))
+    nodes.append(_Node(g=split.left[0], h=split.left[1]))
+    nodes.append(_Node(g=split.right[0], h=split.right[1]))
     return NodeSplit(node=node, feature=split.feature, bin_index=split.bin_index, default_left=split.default_left, left_child=lc, right_child=rc)
 
 

@@ -15,6 +15,7 @@ threshold, within a relative tolerance of 1e-9 so that sums added in another ord
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +36,7 @@ class Split:
     threshold: float
     default_left: bool
     gain: float
-    left: tuple[float, float]  # (G, H) of the left child
+    left: tuple[float, float]  # (G, H) of the left child (NaN when not known: random splits)
     right: tuple[float, float]
 
 
@@ -91,4 +92,4 @@ def random_split(*, node: int, layout: BinLayout, rng: np.random.Generator) -> S
     j = int(rng.integers(layout.n_features))
     b = int(rng.integers(int(layout.n_bins[j]) - 1))
     return Split(node=node, feature=j, bin_index=b, threshold=layout.threshold(j, b), default_left=bool(rng.integers(2)),
-                 gain=0.0, left=(0.0, 0.0), right=(0.0, 0.0))
+                 gain=0.0, left=(math.nan, math.nan), right=(math.nan, math.nan))  # sums unknown until the leaf release
