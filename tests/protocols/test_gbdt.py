@@ -262,6 +262,18 @@ class TestXGBoostExport:
         np.testing.assert_allclose(booster.predict(dm), model.predict_proba(x), atol=1e-6, rtol=0)
         np.testing.assert_allclose(booster.predict(dm, output_margin=True), model.predict_margin(x), atol=1e-5, rtol=0)
 
+    def test_dp_model_exports_too(self, heart, layout, dp_spec, tmp_path):
+        """A DP model (random splits, noisy leaves) loads in XGBoost and predicts the same."""
+        xgb = pytest.importorskip("xgboost")
+        p = _params(dp_spec, n_trees=5)
+        plan = plan_gbdt_dp(p, n_features=layout.n_features, target_epsilon=1.0, delta=1e-3)
+        model = train_in_process(_partners(heart), layout=layout, params=p, plan=plan, coordinator_rng=np.random.default_rng(2),
+                                 node_rngs=[np.random.default_rng(i) for i in range(4)]).model
+        write_xgboost_json(model, tmp_path / "model.json")
+        x, _ = _test_rows(heart)
+        got = xgb.Booster(model_file=str(tmp_path / "model.json")).predict(xgb.DMatrix(x, feature_names=list(layout.feature_names)))
+        np.testing.assert_allclose(got, model.predict_proba(x), atol=1e-6, rtol=0)
+
     def test_no_dp_model_is_good(self, heart, layout, spec):
         """The default no-DP model reaches a pooled test AUC above 0.86 on Heart."""
         from sklearn.metrics import roc_auc_score
