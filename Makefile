@@ -49,6 +49,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/he.py
 	$(PY) benchmarks/analytics.py
 	$(PY) benchmarks/deploy.py
+	$(PY) benchmarks/trees.py
 
 clean:
 	rm -rf $(VENV) runs

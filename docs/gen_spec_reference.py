@@ -26,6 +26,7 @@ from pydantic_core import PydanticUndefined
 
 from fedcollab.spec import (
     ColumnSpec,
+    GbdtSpec,
     HeSpec,
     LabelSpec,
     ModelSpec,
@@ -53,6 +54,7 @@ MODELS: list[type[BaseModel]] = [
     ColumnSpec,
     LabelSpec,
     ModelSpec,
+    GbdtSpec,
     TrainingSpec,
     PrivacySpec,
     PartnerPrivacySpec,
@@ -93,6 +95,11 @@ RULES: dict[str, list[str]] = {
     "ModelSpec": [
         "`kind = \"mlp\"` needs `hidden`; `hidden` is only for `mlp`.",
         "`kind = \"custom\"` needs `target` of the form `package.module:ClassName`; `target` and `options` are only for `custom`.",
+        "`[model.gbdt]` is only for `kind = \"gbdt\"`; a `gbdt` model is refused with `aggregation = \"he\"` and with privacy modes other than `none` and `record`.",
+    ],
+    "GbdtSpec": [
+        "Fields left out resolve by privacy mode: without DP 50 trees, depth 3, learning rate 0.1, lambda 1, min child weight 1; with record-level DP 50 trees, depth 2, learning rate 1, lambda 500, min child weight 0 (protocols/gbdt.md).",
+        "`dp_leaf_share` must be < 1 with `dp_split = \"histogram\"`.",
     ],
     "PrivacySpec": [
         "Record-level DP-SGD (`mode = \"record\"`, or `record_level = true` with `distributed`/`central`) needs `target_epsilon` and `delta`; both are refused otherwise.",

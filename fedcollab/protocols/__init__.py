@@ -11,6 +11,7 @@
 * he: fixed-point encodings for server-blind aggregation and statistics under HE
 * wire: message kinds and record keys
 * scoring: encrypted scoring of a linear model (signed request, authenticated and budgeted answer, decryption)
+* gbdt: federated histogram gradient-boosted trees, DP plan, XGBoost export (a subpackage: ``from fedcollab.protocols import gbdt``)
 """
 
 from fedcollab.protocols import _secagg as secagg

@@ -1,5 +1,6 @@
 """The collaboration spec: strict pydantic models, TOML loading, JSON Schema export."""
 
+from fedcollab.spec._gbdt import GbdtSpec, TreeParams, tree_params
 from fedcollab.spec._he import HeSpec
 from fedcollab.spec._load import load_spec, parse_spec, spec_sha256
 from fedcollab.spec._policy import BudgetSpec, NodePolicy, PolicyWarning, ScoringPolicy, StatisticsPolicy, load_policy, policy_toml
@@ -24,6 +25,7 @@ from fedcollab.spec._models import (
 __all__ = [
     "BudgetSpec",
     "ColumnSpec",
+    "GbdtSpec",
     "HeSpec",
     "LabelSpec",
     "ModelSpec",
@@ -46,6 +48,7 @@ __all__ = [
     "StatisticSpec",
     "StatisticsPolicy",
     "TrainingSpec",
+    "TreeParams",
     "check_query",
     "load_policy",
     "load_query",
@@ -55,4 +58,5 @@ __all__ = [
     "parse_spec",
     "policy_toml",
     "spec_sha256",
+    "tree_params",
 ]

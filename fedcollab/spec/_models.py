@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, Field, PrivateAttr, model_validator
 
 from fedcollab.core import FrozenModel
+from fedcollab.spec._gbdt import GbdtSpec, gbdt_problems
 from fedcollab.spec._he import HeSpec
 
 
@@ -188,13 +189,18 @@ class SchemaSpec(FrozenModel):
 class ModelSpec(FrozenModel):
     """The model every partner trains."""
 
-    kind: Literal["logistic_regression", "mlp", "custom"] = "logistic_regression"
+    kind: Literal["logistic_regression", "mlp", "custom", "gbdt"] = "logistic_regression"
     hidden: list[PosInt] = Field(default_factory=list, description="MLP hidden layer widths.")
     target: str | None = Field(default=None, description="Custom model: `package.module:ClassName`, a torch.nn.Module built as Class(n_features, **options) returning one logit per row. The module is looked for in the spec's folder, then on PYTHONPATH and among installed packages; `spec validate` and `run` import it to check.")
     options: dict[str, Scalar] = Field(default_factory=dict, description="Keyword arguments of a custom model.")
+    gbdt: GbdtSpec | None = Field(default=None, description="Tree parameters of a `gbdt` model (all optional; see protocols/gbdt.md).")
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:
+        if self.gbdt is not None and self.kind != "gbdt":
+            raise ValueError(f"[model.gbdt] is only for kind 'gbdt', kind is `{self.kind}`")
+        if self.gbdt is not None and self.gbdt.problems():
+            raise ValueError("; ".join(self.gbdt.problems()))
         if self.kind == "mlp" and not self.hidden:
             raise ValueError("an `mlp` model needs `hidden` widths, e.g. [32, 16]")
         if self.kind != "mlp" and self.hidden:
@@ -407,6 +413,7 @@ class Spec(FrozenModel):
             problems.append("training.strategy: partner-level DP supports strategy 'fedavg' or 'fedprox' (the noise is calibrated to the mean of clipped updates)")
         if self.aggregation == "he":
             problems.extend(self.he.problems(self))
+        problems.extend(gbdt_problems(self))
         if self.privacy.mode == "central" and self.aggregation == "he":
             problems.append("privacy.mode = 'central' needs the plaintext aggregate at the coordinator: use aggregation 'plain' or 'secagg', not 'he'")
         mp = self.training.min_partners

@@ -1,0 +1,85 @@
+"""Federated histogram gradient-boosted trees (horizontal), exported as an XGBoost model.
+
+Pure functions and records; the Flower wiring (node adapter, coordinator strategy) calls them.
+See protocols/gbdt.md for the protocol, its messages, the DP sensitivity and the threat model.
+
+* binning: public bin edges from the schema bounds, binning of encoded rows (missing bin per feature)
+* histogram: per-node, per-feature, per-bin (G, H) sums, their sum, their secagg fixed-point encoding
+* split: the XGBoost gain, the learned missing direction, leaf values, random splits
+* dp: record-level clipping, Gaussian noise, the calibrated plan and the release events
+* protocol: messages and the node / coordinator stage functions; train: the in-process run
+* model / xgboost: the ensemble, its scorer, and XGBoost's JSON model format
+"""
+
+from fedcollab.protocols.gbdt._binning import BinLayout, bin_rows, layout_from_bounds, layout_from_schema
+from fedcollab.protocols.gbdt._dp import GbdtDpPlan, add_noise, clip_gradients, plan_gbdt_dp, release_event, tree_releases
+from fedcollab.protocols.gbdt._histogram import (
+    build_histograms,
+    decode_histograms,
+    encode_histograms,
+    histogram_bound,
+    leaf_sums,
+    sum_histograms,
+)
+from fedcollab.protocols.gbdt._model import Ensemble, Tree
+from fedcollab.protocols.gbdt._protocol import (
+    PROTOCOL,
+    GrowingTree,
+    HistogramReply,
+    LevelRequest,
+    NodeSplit,
+    NodeState,
+    coordinator_start_tree,
+    coordinator_step,
+    logistic_gradients,
+    node_apply_tree,
+    node_init,
+    node_reply,
+    split_levels,
+)
+from fedcollab.protocols.gbdt._split import Split, best_split, leaf_value, random_split, split_gain
+from fedcollab.protocols.gbdt._train import TrainResult, train_in_process
+from fedcollab.protocols.gbdt._xgboost import to_xgboost_json, write_xgboost_json
+
+__all__ = [
+    "BinLayout",
+    "Ensemble",
+    "GbdtDpPlan",
+    "GrowingTree",
+    "HistogramReply",
+    "LevelRequest",
+    "NodeSplit",
+    "NodeState",
+    "PROTOCOL",
+    "Split",
+    "TrainResult",
+    "Tree",
+    "add_noise",
+    "best_split",
+    "bin_rows",
+    "build_histograms",
+    "clip_gradients",
+    "coordinator_start_tree",
+    "coordinator_step",
+    "decode_histograms",
+    "encode_histograms",
+    "histogram_bound",
+    "layout_from_bounds",
+    "layout_from_schema",
+    "leaf_sums",
+    "leaf_value",
+    "logistic_gradients",
+    "node_apply_tree",
+    "node_init",
+    "node_reply",
+    "plan_gbdt_dp",
+    "random_split",
+    "release_event",
+    "split_gain",
+    "split_levels",
+    "sum_histograms",
+    "to_xgboost_json",
+    "train_in_process",
+    "tree_releases",
+    "write_xgboost_json",
+]

@@ -1,0 +1,82 @@
+"""The ensemble as XGBoost's JSON model format (``doc/model.schema`` of dmlc/xgboost, version 3.x).
+
+fedcollab writes the JSON itself (xgboost is only a test / optional dependency): ``gbtree``
+booster, ``binary:logistic`` objective, ``base_score`` as a probability, one tree per boosting
+round. Per tree, XGBoost's parallel arrays: ``left_children`` / ``right_children`` (-1 at a
+leaf), ``parents`` (2147483647 at the root), ``split_indices``, ``split_conditions`` (the
+threshold, or the leaf value at a leaf), ``default_left``, ``base_weights``, ``loss_changes``,
+``sum_hessian``; numerical splits only (``split_type`` 0), no categories (one-hot columns are
+split at 0.5). Loaded by ``xgboost.Booster(model_file="model.json")``, it predicts what
+:meth:`Ensemble.predict_proba` predicts (the same float32 thresholds and leaf values).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from fedcollab.protocols.gbdt._model import Ensemble, Tree
+
+_ROOT_PARENT = 2147483647
+XGBOOST_VERSION = [3, 2, 0]
+
+
+def _tree_json(tree: Tree, index: int, n_features: int) -> dict[str, Any]:
+    n = tree.n_nodes
+    parents = [_ROOT_PARENT] * n
+    for i in range(n):
+        if tree.left[i] >= 0:
+            parents[tree.left[i]] = i
+            parents[tree.right[i]] = i
+    leaf = [tree.left[i] < 0 for i in range(n)]
+    return {
+        "base_weights": list(tree.value),
+        "categories": [], "categories_nodes": [], "categories_segments": [], "categories_sizes": [],
+        "default_left": [int(bool(tree.default_left[i]) and not leaf[i]) for i in range(n)],
+        "id": index,
+        "left_children": list(tree.left),
+        "loss_changes": [0.0 if leaf[i] else float(tree.gain[i]) for i in range(n)],
+        "parents": parents,
+        "right_children": list(tree.right),
+        "split_conditions": [tree.value[i] if leaf[i] else tree.threshold[i] for i in range(n)],
+        "split_indices": [0 if leaf[i] else int(tree.feature[i]) for i in range(n)],
+        "split_type": [0] * n,
+        "sum_hessian": list(tree.hessian),
+        "tree_param": {"num_deleted": "0", "num_feature": str(n_features), "num_nodes": str(n), "size_leaf_vector": "1"},
+    }
+
+
+def to_xgboost_json(model: Ensemble) -> dict[str, Any]:
+    """The model as an XGBoost JSON document (a dict)."""
+    d = len(model.feature_names)
+    t = len(model.trees)
+    return {
+        "learner": {
+            "attributes": {},
+            "feature_names": list(model.feature_names),
+            "feature_types": ["float"] * d,
+            "gradient_booster": {
+                "model": {
+                    "cats": {"enc": [], "feature_segments": [], "sorted_idx": []},
+                    "gbtree_model_param": {"num_parallel_tree": "1", "num_trees": str(t)},
+                    "iteration_indptr": list(range(t + 1)),
+                    "tree_info": [0] * t,
+                    "trees": [_tree_json(tree, i, d) for i, tree in enumerate(model.trees)],
+                },
+                "name": "gbtree",
+            },
+            "learner_model_param": {"base_score": f"[{model.base_score:.9E}]", "boost_from_average": "0", "num_class": "0",
+                                    "num_feature": str(d), "num_target": "1"},
+            "objective": {"name": "binary:logistic", "reg_loss_param": {"scale_pos_weight": "1"}},
+        },
+        "version": XGBOOST_VERSION,
+    }
+
+
+def write_xgboost_json(model: Ensemble, path: str | Path) -> str:
+    """Write ``model.json`` (compact, sorted keys) and return its SHA-256 (hex) for the summary."""
+    data = json.dumps(to_xgboost_json(model), sort_keys=True, separators=(",", ":")).encode()
+    Path(path).write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
