@@ -343,6 +343,23 @@ def write_model(home: Path, run_id: str, arrays: OrderedDict[str, np.ndarray]) -
     return path
 
 
+def write_model_scaling(home: Path, run_id: str, st: Any) -> None:
+    """The scaling the final model expects, beside it (under HE only the partners know it; the model file records it)."""
+    import json
+
+    if "he.scale_mean" in st:
+        body = {"method": str(st["he.scale_method"]), "mean": list(st["he.scale_mean"]), "std": list(st["he.scale_std"])}
+        write_private(model_path(home, run_id).with_name(f"{run_id}-scaling.json"), json.dumps(body).encode())
+
+
+def read_model_scaling(home: Path, run_id: str) -> dict[str, Any] | None:
+    """The scaling the model writer recorded with the final model, if it ran the statistics round."""
+    import json
+
+    path = model_path(home, run_id).with_name(f"{run_id}-scaling.json")
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def read_model(home: Path, run_id: str) -> OrderedDict[str, np.ndarray]:
     """The final model the model writer wrote (no pickle)."""
     with np.load(model_path(home, run_id), allow_pickle=False) as z:
@@ -467,6 +484,7 @@ class HeHandlers:
             rnd = int(cfg.get("server-round", 0))
             arrays = self._global_model(node, secret_context(spec, home, run_id), msg, st, rnd)
             path = write_model(home, run_id, arrays)
+            write_model_scaling(home, run_id, st)
             import hashlib
 
             return RecordDict({"he": ConfigRecord({"model_sha256": hashlib.sha256(path.read_bytes()).hexdigest()})})

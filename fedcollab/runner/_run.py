@@ -25,7 +25,7 @@ from fedcollab.core import ConfigError, FedcollabError, NodeError, NodeErrorCode
 from fedcollab.coordinator import COORDINATOR, CoordinatorRecorder, RoundRecord, RunLedger, make_server_app, privacy_section
 from fedcollab.node import NodeHome, init_node_home, make_client_app
 from fedcollab.spec import BudgetSpec, NodePolicy, Roster, RosterEntry
-from fedcollab.protocols import HIST_BINS, PooledMetrics, Summary
+from fedcollab.protocols import HIST_BINS, PooledMetrics, Scaling, Summary
 from fedcollab.protocols._summary import LedgerRef, Metrics, MetricsEntry, ModelRef, RunError, SpecRef
 from fedcollab.spec import Spec, load_spec
 
@@ -284,6 +284,9 @@ def run(
 
     n_features = len(spec.data_schema.encoded_features())
     sc = recorder.scaling
+    if sc is not None and sc.mean.size != n_features and spec.aggregation == "he":
+        # Under HE the coordinator never saw the statistics: the model writer recorded the scaling beside the model.
+        sc = _he_scaling(spec, homes, run_id) or sc
     metadata = model_metadata(spec, scaling_method=sc.method if sc else "none", mean=sc.mean if sc else np.zeros(n_features),
                               std=sc.std if sc else np.ones(n_features), run_id=run_id)
     model_path, model_sha, fmt = _save_model(recorder.final_arrays, out_dir, metadata)
@@ -605,6 +608,17 @@ def simulate_apps(spec: Spec, server_app: Any, client_app: Any) -> None:
         raise TransportError(f"the Flower simulation failed: {type(exc).__name__}") from exc
     finally:
         flwr_logger.setLevel(level)
+
+
+def _he_scaling(spec: Spec, homes: dict[str, NodeHome], run_id: str) -> Scaling | None:
+    """The global scaling under HE, as the model writer recorded it with the final model."""
+    from fedcollab.node._he import read_model_scaling
+
+    writer = spec.he.resolved_model_writer([p.name for p in spec.partners])
+    got = read_model_scaling(homes[writer].root, run_id)
+    if got is None:
+        return None
+    return Scaling(mean=np.asarray(got["mean"], dtype=np.float64), std=np.asarray(got["std"], dtype=np.float64), method=str(got["method"]))
 
 
 def _he_model(spec: Spec, homes: dict[str, NodeHome], run_id: str) -> OrderedDict[str, np.ndarray]:
