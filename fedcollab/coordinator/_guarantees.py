@@ -27,6 +27,7 @@ _NOTES = {
     "statistics": "exact per-feature count, sum and sum of squares of the training split",
     "test_metrics": "counts, loss and score histograms on the partner's test split",
     "model_update": "model update trained without differential privacy",
+    "gbdt_histogram": "per-bin gradient and hessian sums of the tree's open nodes, or its leaf sums, without differential privacy (round = tree)",
 }
 _PARTNER_KINDS = {"distributed": ("coordinator", "ddg_update", "ddg"), "central": ("model_recipients", "central_dp_update", "gaussian")}
 
@@ -38,6 +39,8 @@ def privacy_section(spec: Spec, releases: Sequence[Release], n_train: dict[str, 
     details: dict[str, dict[str, Any]] = defaultdict(dict)
     stats_z: dict[str, float] = {}
     dp_test = False
+    trees: dict[str, int] = defaultdict(int)  # gbdt: Gaussian releases (steps) per partner
+    leaf_z: dict[str, float] = {}  # gbdt: the leaf sums' noise multiplier
     for r in releases:
         if isinstance(r.mechanism, NonPrivate):
             non_private[(r.party, r.kind, r.about, r.observer, r.declared_public)].append(r.round)
@@ -48,6 +51,10 @@ def privacy_section(spec: Spec, releases: Sequence[Release], n_train: dict[str, 
                 details[r.party].update(r.details)
             if r.kind == "statistics" and isinstance(r.mechanism, GaussianMechanism):
                 stats_z.setdefault(r.party, r.mechanism.noise_multiplier)
+            if r.kind == "gbdt_histogram" and isinstance(r.mechanism, GaussianMechanism):
+                trees[r.party] += 1
+                if r.details.get("release") == "leaves":
+                    leaf_z.setdefault(r.party, r.mechanism.noise_multiplier)
             if r.kind == "test_metrics":
                 dp_test = True  # DP test metrics (policy test_metrics = "dp") are charged with the rest
     guarantees: list[Guarantee] = []
@@ -62,15 +69,15 @@ def privacy_section(spec: Spec, releases: Sequence[Release], n_train: dict[str, 
             partners[name] = PartnerGuarantee(
                 epsilon=eps if eps != float("inf") else None,
                 target_epsilon=spec.privacy.target_epsilon,
-                noise_multiplier=sgd[0].noise_multiplier if sgd else None,
+                noise_multiplier=sgd[0].noise_multiplier if sgd else leaf_z.get(name),
                 clip_norm=float(det["clip_norm"]) if "clip_norm" in det else None,
                 sample_rate=sgd[0].sample_rate if sgd else None,
                 expected_batch=float(det["expected_batch"]) if "expected_batch" in det else None,
-                steps=sum(m.steps for m in sgd),
+                steps=sum(m.steps for m in sgd) if sgd or spec.model.kind != "gbdt" else trees.get(name, 0),
                 n_train=n_train[name],
                 statistics_noise_multiplier=stats_z.get(name),
             )
-        kinds = ["dpsgd_training"] + (["statistics"] if spec.resolved_scaling == "dp_statistics" else []) + (["test_metrics"] if dp_test else [])
+        kinds = ["gbdt_histogram" if spec.model.kind == "gbdt" else "dpsgd_training"] + (["statistics"] if spec.resolved_scaling == "dp_statistics" else []) + (["test_metrics"] if dp_test else [])
         guarantees.append(
             Guarantee(
                 unit="record",

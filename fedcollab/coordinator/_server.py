@@ -76,6 +76,8 @@ class CoordinatorRecorder:
     final_arrays: OrderedDict[str, np.ndarray] | None = None
     failures: dict[str, list[int]] = field(default_factory=dict)
     finished: bool = False
+    #: ``[model] kind = "gbdt"``: the trained ensemble (fedcollab.protocols.gbdt.Ensemble); final_arrays is then empty.
+    final_model: Any = None
 
 
 def _strategy(spec: Spec, n: int) -> Any:
@@ -423,7 +425,8 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
                 raise TransportError(f"only {len(node_ids)} of {n_partners} nodes connected")
             time.sleep(0.1)
         # --- setup: identities, public row counts, statistics, DP calibration ---------------
-        scaling_name = spec.resolved_scaling
+        gbdt_run = spec.model.kind == "gbdt"
+        scaling_name = "none" if gbdt_run else spec.resolved_scaling  # trees need no scaling: no statistics leave
         setup_cfg = ConfigRecord({"fedcollab.kind": str(MessageKind.SETUP), "scaling": scaling_name, "fedcollab.run_id": ledger.run_id})
         msgs = [Message(content=RecordDict({RecordKey.CONFIG: setup_cfg}), message_type=MessageType.QUERY, dst_node_id=nid) for nid in node_ids]
         replies = list(grid.send_and_receive(msgs, timeout=timeout))
@@ -479,6 +482,21 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
             recorder.on_setup(dict(recorder.partners))
 
         # --- rounds ---------------------------------------------------------------------------
+        if gbdt_run:
+            if resume:
+                raise ProtocolError("resuming a gbdt run is not implemented (the node's tree state is per run)")
+            from fedcollab.coordinator._gbdt import empty_arrays, gbdt_rounds
+
+            def record_tree(rnd: int, t0: float, trained: list[str], failed: dict[str, int], parts: dict[str, dict[str, Any]]) -> None:
+                record_round(rnd, t0, trained, failed, parts, empty_arrays())
+
+            recorder.final_model = gbdt_rounds(
+                spec, node_names=node_names, exchange=lambda rnd, mt, per: exchange(grid, node_names, rnd, mt, per),
+                send_stage=lambda rnd: secagg_sender(grid, node_names, rnd), roster_keys=roster_keys(), run_id=ledger.run_id,
+                max_rows=float(max(recorder.partners.values())), min_partners=min_partners, message_type=MessageType,
+                record=record_tree, failures=recorder.failures)
+            close_run(grid, node_names)
+            return
         strategy = _strategy(spec, n_partners)
         model = build_model(spec.model, n_features, seed=spec.seed)
         arrays = ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in (resume[1] if resume else model_arrays(model)).items()})
@@ -490,7 +508,10 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
             secagg_rounds(grid, node_names, arrays, scaling)
         else:
             plain_rounds(grid, node_names, arrays, scaling, strategy)
-        # --- close: every chain head listed, signed, then countersigned by every node ----------
+        close_run(grid, node_names)
+
+    def close_run(grid: Grid, node_names: dict[int, str]) -> None:
+        """Close: every chain head listed, signed, then countersigned by every node."""
         last = len(recorder.rounds)
         close = ledger.close(last, partners=[p.name for p in spec.partners])
         close_cfg = ConfigRecord({"fedcollab.kind": str(MessageKind.CLOSE), "fedcollab.run_id": ledger.run_id, "close": close.decode()})

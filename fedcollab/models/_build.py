@@ -57,7 +57,7 @@ def _custom(spec: ModelSpec, n_features: int) -> nn.Module:
 def build_model(spec: ModelSpec, n_features: int, *, seed: int) -> nn.Module:
     """The spec's model, initialised from ``seed`` (global RNG state is restored afterwards)."""
     if spec.kind == "gbdt":
-        raise SpecError("model kind gbdt is not yet runnable through fedcollab run; see protocols/gbdt.md")
+        raise SpecError("model kind gbdt is a tree ensemble, not a torch module: it is built by fedcollab.protocols.gbdt")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if spec.kind == "logistic_regression":

@@ -169,8 +169,8 @@ class NodeRuntime:
     # --- privacy plan -------------------------------------------------------------------
     def plan(self) -> DpPlan | None:
         """The DP-SGD plan (calibrated once per spec, partner and row count)."""
-        if not self.dp:
-            return None
+        if not self.dp or self.spec.model.kind == "gbdt":
+            return None  # gbdt: its own plan (fedcollab.protocols.gbdt.plan_of), no DP-SGD
         key = (_spec_key(self.spec), self.partner, self.data.n_train)
         if key not in _PLAN_CACHE:
             _PLAN_CACHE[key] = plan_dp(self.spec, n_train=self.data.n_train, n_features=len(self.data.feature_names))
@@ -179,6 +179,8 @@ class NodeRuntime:
     def evaluations_planned(self) -> int:
         """Evaluations the run asks for: every ``evaluate_every`` rounds and after the last."""
         t = self.spec.training
+        if self.spec.model.kind == "gbdt":
+            return 1  # the finished model, once
         return len({r for r in range(1, t.rounds + 1) if r % t.evaluate_every == 0} | {t.rounds})
 
     def test_metrics_plan(self) -> float | None:
@@ -211,6 +213,11 @@ class NodeRuntime:
             return Release(party=self.partner, added_by=self.partner, observer="coordinator", **kw)
 
         out: list[Release] = []
+        if spec.model.kind == "gbdt":
+            from fedcollab.protocols import gbdt
+
+            out += gbdt.planned_releases(spec, self.partner)
+            scaling = "none"  # trees release no statistics
         if scaling == "federated_statistics":
             out.append(rel(kind="statistics", about="train", unit="record", round=0, mechanism=NonPrivate()))
         elif scaling == "dp_statistics" and plan is not None and plan.stats_noise_multiplier is not None:
@@ -220,7 +227,7 @@ class NodeRuntime:
             out.append(rel(kind="dpsgd_training", about="train", unit="record", round=1,
                            mechanism=PoissonSubsampledGaussian(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
                                                                steps=plan.total_steps)))
-        elif spec.privacy.mode != "distributed":
+        elif spec.privacy.mode != "distributed" and spec.model.kind != "gbdt":
             out += [rel(kind="model_update", about="train", unit="record", round=r, mechanism=NonPrivate()) for r in range(1, rounds + 1)]
         if spec.privacy.mode == "distributed" and spec.privacy.partner is not None:
             from fedcollab.protocols import plan_distributed
@@ -282,7 +289,7 @@ class NodeRuntime:
             problems.append("feature columns")
         if spec.model.kind not in pol.allowed_model_kinds:
             problems.append("model kind")
-        if spec.training.rounds > pol.max_rounds:
+        if (gbdt_trees(spec) if spec.model.kind == "gbdt" else spec.training.rounds) > pol.max_rounds:
             problems.append("number of rounds")
         min_partners = spec.training.min_partners or len(spec.partners)
         if min_partners < pol.min_partners_per_round:
@@ -297,6 +304,8 @@ class NodeRuntime:
         """Row counts, the statistics release (if any) and the DP plan."""
         d = self.data
         self.check_policy()
+        if self.spec.model.kind == "gbdt":
+            scaling = "none"  # trees need no scaling: no statistics leave, whatever the request says
         if self.dp:
             self.policy.warn_delta(self.dataset, d.n_train)
         self.preflight(scaling)
@@ -445,18 +454,29 @@ class NodeRuntime:
         z = self.test_metrics_plan()
         if z is not None and self._test_releases_this_run() >= self.evaluations_planned():
             return self._withheld(bins, NodeErrorCode.BUDGET_EXHAUSTED, "more evaluations than the run's DP test-metrics plan", server_round)
-        model = build_model(spec.model, len(d.feature_names), seed=spec.seed)
-        _check_arrays(arrays, model_arrays(model))
-        set_model_arrays(model, arrays)
-        from fedcollab.node._training import evaluate_model
+        from fedcollab.node._training import evaluate_margin, evaluate_model
+
+        if spec.model.kind == "gbdt":
+            # ``arrays`` is the ensemble the coordinator sent (parsed against the node's layout).
+            margin = arrays.predict_margin(d.x_test)  # type: ignore[attr-defined]
+
+            def score(loss_bound: float | None = None) -> dict[str, Any]:
+                return evaluate_margin(margin, d.y_test, bins=bins, loss_bound=loss_bound)
+        else:
+            model = build_model(spec.model, len(d.feature_names), seed=spec.seed)
+            _check_arrays(arrays, model_arrays(model))
+            set_model_arrays(model, arrays)
+
+            def score(loss_bound: float | None = None) -> dict[str, Any]:
+                return evaluate_model(model, scaling.apply(d.x_test), d.y_test, bins=bins, loss_bound=loss_bound)
 
         what = "count, correct, loss sum, score histograms"
         if z is None:
-            res = evaluate_model(model, scaling.apply(d.x_test), d.y_test, bins=bins)
+            res = score()
             mech: Any = NonPrivate()
             details: dict[str, Any] = {"what": what, "bins": bins}
         else:
-            exact = evaluate_model(model, scaling.apply(d.x_test), d.y_test, bins=bins, loss_bound=LOSS_BOUND)
+            exact = score(LOSS_BOUND)
             res = dp_test_metrics(exact, noise_multiplier=z, generator=fresh_generator())
             mech = GaussianMechanism(noise_multiplier=z, releases=1)
             details = {"what": what, "bins": bins, "l2_sensitivity": TEST_METRICS_SENSITIVITY, "loss_bound": LOSS_BOUND,
@@ -482,6 +502,13 @@ class NodeRuntime:
                     and e["body"].get("dataset") == self.dataset and e["body"]["release"].get("kind") == "test_metrics"):
                 n += 1
         return n
+
+
+def gbdt_trees(spec: Spec) -> int:
+    """Trees of a gbdt spec (its rounds, for the policy's max_rounds)."""
+    from fedcollab.spec import tree_params
+
+    return tree_params(spec).n_trees
 
 
 def _zero_metrics(bins: int) -> dict[str, Any]:
@@ -574,6 +601,10 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str], *
                 raise _Coded(NodeErrorCode.POLICY_REFUSED)
             return he.query(node, cfg, st, msg)
         if kind == MessageKind.CLOSE:
+            if spec.model.kind == "gbdt":
+                from fedcollab.node._gbdt import drop_state
+
+                drop_state(Path(homes[node.partner]), node.run_id)
             return RecordDict({RecordKey.RELEASES: lines_record([node.countersign(str(cfg["close"]).encode(), coordinator_key)])})
         if kind != MessageKind.SETUP or "setup_done" in st:
             # A second setup would be a second statistics release the plan did not charge.
@@ -599,6 +630,8 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str], *
     def do_train(node: NodeRuntime, cfg: ConfigRecord, st: ConfigRecord, msg: Message, context: Context) -> RecordDict:
         if he is not None:
             return he.train(node, cfg, st, msg, scaling_of)
+        if spec.model.kind == "gbdt":
+            return gbdt_step(node, cfg, msg, context)
         global_arrays = arrays_of(msg)
         rnd = int(cfg.get("server-round", 0))
         fused: tuple[ConfigRecord, list[str]] | None = None
@@ -644,6 +677,23 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str], *
                                RecordKey.RELEASES: lines_record([*fused[1], *lines])})
         return RecordDict({RecordKey.ARRAYS: rec, RecordKey.METRICS: MetricRecord(metrics), RecordKey.RELEASES: lines_record(lines)})
 
+    def gbdt_step(node: NodeRuntime, cfg: ConfigRecord, msg: Message, context: Context) -> RecordDict:
+        """One tree step (fedcollab/node/_gbdt.py): the level request, the previous finished tree on a tree's first step."""
+        from fedcollab.node._gbdt import step
+
+        if "gbdt" not in msg.content.config_records:
+            raise ProtocolError("a gbdt step without its level request")
+        apply = msg.content.config_records.get("gbdt.apply")
+        secure = spec.aggregation == "secagg"
+        wire, lines, vector = step(node, dict(msg.content.config_records["gbdt"]), dict(apply) if apply is not None else None,
+                                   max_rows=float(cfg["secagg.max_weight"]) if secure else None,
+                                   n_parties=int(cfg["secagg.n_parties"]) if secure else None)
+        content = RecordDict({"gbdt": ConfigRecord(wire), RecordKey.RELEASES: lines_record(lines)})
+        if vector is None:
+            return content
+        keep_vector(node, context, vector, int(cfg.get("server-round", 0)))
+        return piggyback(node, msg, cfg, context, content)  # the sums leave only masked: the step's MASKED_INPUT rides here
+
     n_params: dict[int, int] = {}  # encoded features -> model parameters (fixed by the spec)
 
     def secagg_shape(node: NodeRuntime, rnd: int) -> tuple[int, int]:
@@ -651,6 +701,10 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str], *
         d = len(node.data.feature_names)
         if rnd == 0:
             return 1 + 2 * d, 64
+        if spec.model.kind == "gbdt":
+            from fedcollab.protocols import gbdt
+
+            return gbdt.secagg_length(spec), 64
         if d not in n_params:
             # Built once per process, not for every stage message.
             n_params[d] = sum(v.size for v in model_arrays(build_model(spec.model, d, seed=spec.seed)).values())
@@ -712,7 +766,16 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str], *
     def do_evaluate(node: NodeRuntime, cfg: ConfigRecord, st: ConfigRecord, msg: Message, context: Context) -> RecordDict:
         if he is not None:
             return he.evaluate(node, cfg, st, msg, scaling_of)
-        res, lines = node.evaluate(arrays_of(msg), scaling=scaling_of(cfg), server_round=int(cfg.get("server-round", 0)))
+        if spec.model.kind == "gbdt":
+            from fedcollab.protocols import gbdt
+
+            if "gbdt.model" not in msg.content.config_records:
+                raise ProtocolError("a gbdt evaluation without its model")
+            model: Any = gbdt.ensemble_from_wire(msg.content.config_records["gbdt.model"], spec)
+            sc = Scaling(mean=np.zeros(1), std=np.ones(1), method="none")  # trees read raw encoded values
+        else:
+            model, sc = arrays_of(msg), scaling_of(cfg)
+        res, lines = node.evaluate(model, scaling=sc, server_round=int(cfg.get("server-round", 0)))
         metrics = MetricRecord({"num-examples": res["n"], "n": res["n"], "correct": res["correct"], "loss_sum": res["loss_sum"],
                                 "hist_pos": res["hist_pos"], "hist_neg": res["hist_neg"]})
         return piggyback(node, msg, cfg, context, RecordDict({RecordKey.METRICS: metrics, RecordKey.RELEASES: lines_record(lines)}))

@@ -110,10 +110,19 @@ class OrderState:
     secagg_stage: Callable[[int], str | None] = lambda rnd: None  # the node's protocol stage of an open round
 
 
+def spec_rounds(spec: Spec) -> int:
+    """The run's rounds as the order counts them: training rounds, or (gbdt) the model's tree steps."""
+    if spec.model.kind == "gbdt":
+        from fedcollab.protocols import gbdt
+
+        return gbdt.max_steps(spec)
+    return spec.training.rounds
+
+
 def order_problem(spec: Spec, req: Request, at: OrderState) -> tuple[NodeErrorCode, str] | None:
     """Why ``req`` is out of order at a node where the run stands at ``at`` (None: in order)."""
     out = NodeErrorCode.OUT_OF_ORDER
-    rounds = spec.training.rounds
+    rounds = spec_rounds(spec)
     if at.closed:
         return out, f"{req.what} after the run's close"
     if req.category == "query" and req.kind == MessageKind.SETUP:

@@ -143,6 +143,19 @@ def evaluate_model(model: nn.Module, x: np.ndarray, y: np.ndarray, *, bins: int 
     return {"n": len(y), "correct": float((pred == y).sum()), "loss_sum": loss_sum, "hist_pos": pos, "hist_neg": neg}
 
 
+def evaluate_margin(margin: np.ndarray, y: np.ndarray, *, bins: int | None = None, loss_bound: float | None = None) -> dict[str, object]:
+    """:func:`evaluate_model` from raw scores (log-odds), for models that are not torch modules (trees)."""
+    m = np.asarray(margin, dtype=np.float64)
+    yy = np.asarray(y, dtype=np.float64)
+    losses = np.logaddexp(0.0, m) - yy * m  # binary cross-entropy with logits, stable
+    if loss_bound is not None:
+        losses = np.minimum(losses, loss_bound)
+    prob = 1.0 / (1.0 + np.exp(-m))
+    pred = (prob >= 0.5).astype(np.float64)
+    pos, neg = score_histograms(prob, yy) if bins is None else score_histograms(prob, yy, bins=bins)
+    return {"n": len(yy), "correct": float((pred == yy).sum()), "loss_sum": float(losses.sum()), "hist_pos": pos, "hist_neg": neg}
+
+
 def per_example_losses(model: nn.Module, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Binary cross-entropy of every row (for the membership-inference check, run at the node)."""
     model.eval()

@@ -34,11 +34,11 @@ class PartnerGuarantee(_M):
 
     epsilon: float | None = Field(description="Recomputed by fedcollab's accountant from the recorded events; null = infinite.")
     target_epsilon: float | None
-    noise_multiplier: float | None
+    noise_multiplier: float | None = Field(description="DP-SGD's noise multiplier; gbdt: the leaf sums' (sigma / sensitivity).")
     clip_norm: float | None
     sample_rate: float | None
     expected_batch: float | None
-    steps: int
+    steps: int = Field(description="DP-SGD steps; gbdt: Gaussian releases (tree steps) the partner made.")
     n_train: int
     statistics_noise_multiplier: float | None = None
     mechanism: str | None = Field(default=None, description="dpsgd, ddg (distributed discrete Gaussian) or gaussian (central).")
@@ -107,9 +107,9 @@ class ModelRef(_M):
 
     path: str
     sha256: str
-    format: Literal["safetensors", "npz"]
+    format: Literal["safetensors", "npz", "xgboost-json"]
     n_parameters: int
-    kind: str | None = Field(default=None, description="logistic_regression, mlp or custom.")
+    kind: str | None = Field(default=None, description="logistic_regression, mlp, custom or gbdt (then `model.json`, XGBoost's JSON model format).")
     feature_names: list[str] | None = Field(default=None, description="Encoded feature names, in the model's input order.")
     encoding: list[EncodedColumn] | None = Field(default=None, description="How each feature column is encoded; scaling is `scaling_parameters`, applied after encoding.")
 

@@ -30,12 +30,16 @@ class FedcollabModel:
     metadata: dict[str, Any]
     sha256: str | None
     source: str
+    #: ``kind = "gbdt"``: the tree ensemble (fedcollab.protocols.gbdt.Ensemble); ``arrays`` is then empty.
+    ensemble: Any = None
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], metadata: dict[str, str], *, source: str) -> FedcollabModel:
         """From in-memory arrays and the raw (JSON-valued) metadata, as :class:`~fedcollab.runner.Result` holds them."""
         if not metadata:
             raise ConfigError(f"{source}: no model metadata (the run produced no model file)")
+        if not isinstance(arrays, dict):  # a gbdt run's Result.model is the ensemble
+            return cls(arrays={}, metadata={k: json.loads(v) for k, v in metadata.items()}, sha256=None, source=source, ensemble=arrays)
         return cls(arrays=dict(arrays), metadata={k: json.loads(v) for k, v in metadata.items()}, sha256=None, source=source)
 
     @property
@@ -80,6 +84,8 @@ class FedcollabModel:
     def logits(self, frame: Any) -> np.ndarray:
         """One logit per row of ``frame``."""
         x, _ = self.encode(frame)
+        if self.ensemble is not None:
+            return np.asarray(self.ensemble.predict_margin(x), dtype=np.float64)
         return model_logits(self.arrays, str(self.metadata["model"]["kind"]), x)
 
     def predict(self, frame: Any, *, id_column: str | None = None) -> Any:
@@ -117,6 +123,18 @@ def load_model(path: str | Path) -> FedcollabModel:
     sha = hashlib.sha256(raw).hexdigest()
     if expected and sha != expected:
         raise ConfigError(f"{p}: SHA-256 differs from summary.json's model.sha256 (the model file was changed)")
+    if p.suffix == ".json":
+        from fedcollab.core import ProtocolError
+        from fedcollab.protocols.gbdt import from_xgboost_json
+
+        try:
+            ensemble, attrs = from_xgboost_json(raw, source=str(p))
+            meta = {k.removeprefix("fedcollab."): json.loads(v) for k, v in attrs.items() if k.startswith("fedcollab.")}
+        except (ProtocolError, ValueError):
+            raise ConfigError(f"{p}: not a fedcollab gbdt model (XGBoost JSON with fedcollab metadata)") from None
+        if not meta:
+            raise ConfigError(f"{p}: an XGBoost model without fedcollab's metadata (schema, encoding); cannot validate rows for it")
+        return FedcollabModel(arrays={}, metadata=meta, sha256=sha, source=str(p), ensemble=ensemble)
     arrays, meta = read_model(raw, source=str(p))
     return FedcollabModel(arrays=arrays, metadata=meta, sha256=sha, source=str(p))
 

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import signal
+import tempfile
 import threading
 import time
 import uuid
@@ -55,7 +56,10 @@ class Result:
 
     summary: Summary
     rounds: list[RoundRecord]
-    model: OrderedDict[str, np.ndarray]
+    #: The final model: its parameter arrays by name, or for ``kind = "gbdt"`` the tree ensemble
+    #: (:class:`fedcollab.protocols.gbdt.Ensemble`: ``trees``, ``base_score``, ``feature_names``,
+    #: ``predict_proba(encoded rows)``), also written as XGBoost's ``model.json``.
+    model: Any
     out_dir: Path | None
     #: The model file's safetensors metadata (feature names, encoding, scaling, schema; JSON values).
     model_metadata: dict[str, str] = field(default_factory=dict)
@@ -102,6 +106,30 @@ def _save_model(arrays: dict[str, np.ndarray], out: Path, metadata: dict[str, st
     return path, save_model(arrays, path, metadata), "safetensors"
 
 
+def _rounds_of(spec: Spec) -> int:
+    """Rounds a run takes: training rounds, or a gbdt model's trees."""
+    if spec.model.kind == "gbdt":
+        from fedcollab.spec import tree_params
+
+        return tree_params(spec).n_trees
+    return spec.training.rounds
+
+
+def _save_trees(model: Any, out: Path, metadata: dict[str, str]) -> tuple[Path, str, str, int]:
+    """``model.json``: XGBoost's JSON model format, fedcollab's metadata in its string attributes; (path, SHA-256, format, nodes)."""
+    from fedcollab.protocols.gbdt import xgboost_json_bytes
+
+    if model is None:
+        raise TransportError("the gbdt run produced no model")
+    data = xgboost_json_bytes(model, {f"fedcollab.{k}": v for k, v in metadata.items()})
+    path = out / "model.json"
+    fd, tmp = tempfile.mkstemp(dir=out, suffix=".json.tmp")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+    return path, hashlib.sha256(data).hexdigest(), "xgboost-json", int(sum(t.n_nodes for t in model.trees))
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
@@ -124,7 +152,7 @@ class _Progress:
                 TextColumn("{task.fields[status]}"), transient=False,
             )
             self.progress.start()
-            self.task = self.progress.add_task("starting simulation", total=self.spec.training.rounds, status="")
+            self.task = self.progress.add_task("starting simulation", total=_rounds_of(self.spec), status="")
         return self
 
     def setup(self, partners: dict[str, int]) -> None:
@@ -289,8 +317,11 @@ def run(
         sc = _he_scaling(spec, homes, run_id) or sc
     metadata = model_metadata(spec, scaling_method=sc.method if sc else "none", mean=sc.mean if sc else np.zeros(n_features),
                               std=sc.std if sc else np.ones(n_features), run_id=run_id)
-    model_path, model_sha, fmt = _save_model(recorder.final_arrays, out_dir, metadata)
-    n_params = int(sum(v.size for v in recorder.final_arrays.values()))
+    if spec.model.kind == "gbdt":
+        model_path, model_sha, fmt, n_params = _save_trees(recorder.final_model, out_dir, metadata)
+    else:
+        model_path, model_sha, fmt = _save_model(recorder.final_arrays, out_dir, metadata)
+        n_params = int(sum(v.size for v in recorder.final_arrays.values()))
     model_ref = ModelRef(path=model_path.name, sha256=model_sha, format=fmt, n_parameters=n_params,  # type: ignore[arg-type]
                          kind=spec.model.kind, feature_names=spec.data_schema.encoded_features(),
                          encoding=encoding_of(spec.data_schema))  # type: ignore[arg-type]
@@ -299,7 +330,7 @@ def run(
         spec=spec_ref,
         versions=_versions(),
         aggregation=spec.aggregation,
-        strategy=spec.training.strategy,
+        strategy="histogram-gbdt" if spec.model.kind == "gbdt" else spec.training.strategy,
         rounds=(resume_from[0] if resume_from else 0) + len(recorder.rounds),
         wall_seconds=round(wall, 3),
         scaling=recorder.scaling.method if recorder.scaling else "none",
@@ -313,7 +344,8 @@ def run(
     )
     _write_atomic(out_dir / "metrics.jsonl", "".join(earlier_metrics) + "".join(json.dumps(r.to_dict()) + "\n" for r in recorder.rounds))
     _write_atomic(out_dir / "summary.json", summary.model_dump_json(indent=2) + "\n")
-    return Result(summary=summary, rounds=list(recorder.rounds), model=recorder.final_arrays, out_dir=out_dir if tmp is None else None,
+    return Result(summary=summary, rounds=list(recorder.rounds), model=recorder.final_model if spec.model.kind == "gbdt" else recorder.final_arrays,
+                  out_dir=out_dir if tmp is None else None,
                   model_metadata=metadata)
 
 
@@ -332,7 +364,7 @@ def _ledger_ref(ledger: RunLedger) -> LedgerRef:
 
 # --- failed and interrupted runs ------------------------------------------------------------------
 #: What a completed run writes into OUT; an earlier run's copies are moved aside before a new run.
-_RUN_OUTPUTS = ("summary.json", "metrics.jsonl", "model.safetensors", "model.npz")
+_RUN_OUTPUTS = ("summary.json", "metrics.jsonl", "model.safetensors", "model.npz", "model.json")
 _RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -391,7 +423,7 @@ def _record_failure(spec: Spec, out_dir: Path, ledger: RunLedger, recorder: Coor
         spec=spec_ref,
         versions=_versions(),
         aggregation=spec.aggregation,
-        strategy=spec.training.strategy,
+        strategy="histogram-gbdt" if spec.model.kind == "gbdt" else spec.training.strategy,
         rounds=(resumed_after or 0) + len(recorder.rounds),
         wall_seconds=round(wall, 3),
         scaling=recorder.scaling.method if recorder.scaling else "none",

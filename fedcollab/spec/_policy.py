@@ -66,7 +66,6 @@ class ScoringPolicy(FrozenModel):
         return self.max_rows_per_querier.get(querier, self.default_max_rows)
 
 
-GBDT_NOT_RUNNABLE = "model kind gbdt is not yet runnable through fedcollab run; see protocols/gbdt.md"
 
 
 class NodePolicy(FrozenModel):
@@ -114,17 +113,6 @@ class NodePolicy(FrozenModel):
     def allows_custom_model(self, target: str | None) -> bool:
         """Whether ``target`` is one of the custom models this node may build (compared as text, nothing imported)."""
         return target is not None and target in self.allowed_custom_models
-
-    @model_validator(mode="after")
-    def _gbdt_not_yet_runnable(self) -> NodePolicy:
-        # The GBDT protocol core exists (fedcollab.protocols.gbdt) but no node adapter runs it yet;
-        # a policy for a gbdt run is where `fedcollab run` first meets the model kind, so it stops here.
-        # SpecError is not a ValueError: pydantic lets it through unchanged.
-        if "gbdt" in self.allowed_model_kinds:
-            from fedcollab.core import SpecError
-
-            raise SpecError(GBDT_NOT_RUNNABLE)
-        return self
 
     @model_validator(mode="after")
     def _unique_budgets(self) -> NodePolicy:

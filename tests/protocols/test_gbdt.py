@@ -435,9 +435,3 @@ class TestSpec:
         bad["aggregation"] = "he"
         assert any("not offered with aggregation = 'he'" in p for p in self._problems(bad))
 
-    def test_run_fails_fast(self, dp_spec, tmp_path):
-        """`fedcollab run` on a gbdt spec stops before any simulation with a clear error."""
-        import fedcollab
-
-        with pytest.raises(SpecError, match="model kind gbdt is not yet runnable through fedcollab run; see protocols/gbdt.md"):
-            fedcollab.run(dp_spec, out=tmp_path / "out")

@@ -8,6 +8,7 @@ See protocols/gbdt.md for the protocol, its messages, the DP sensitivity and the
 * split: the XGBoost gain, the learned missing direction, leaf values, random splits
 * dp: record-level clipping, Gaussian noise, the calibrated plan and the release events
 * protocol: messages and the node / coordinator stage functions; train: the in-process run
+* run: what node and coordinator derive from the spec (plan, layout, rounds, releases, wire model)
 * model / xgboost: the ensemble, its scorer, and XGBoost's JSON model format
 """
 
@@ -37,11 +38,35 @@ from fedcollab.protocols.gbdt._protocol import (
     node_reply,
     split_levels,
 )
+from fedcollab.protocols.gbdt._run import (
+    SECAGG_SCALE,
+    cell_bound,
+    ensemble_from_wire,
+    ensemble_to_wire,
+    layout_of,
+    params_of,
+    plan_of,
+    planned_releases,
+    max_steps,
+    secagg_length,
+    steps_per_tree,
+)
 from fedcollab.protocols.gbdt._split import Split, best_split, leaf_value, random_split, split_gain
 from fedcollab.protocols.gbdt._train import TrainResult, train_in_process
-from fedcollab.protocols.gbdt._xgboost import to_xgboost_json, write_xgboost_json
+from fedcollab.protocols.gbdt._xgboost import from_xgboost_json, to_xgboost_json, write_xgboost_json, xgboost_json_bytes
 
 __all__ = [
+    "SECAGG_SCALE",
+    "cell_bound",
+    "ensemble_from_wire",
+    "ensemble_to_wire",
+    "layout_of",
+    "params_of",
+    "plan_of",
+    "planned_releases",
+    "max_steps",
+    "secagg_length",
+    "steps_per_tree",
     "BinLayout",
     "Ensemble",
     "GbdtDpPlan",
@@ -82,4 +107,6 @@ __all__ = [
     "train_in_process",
     "tree_releases",
     "write_xgboost_json",
+    "from_xgboost_json",
+    "xgboost_json_bytes",
 ]

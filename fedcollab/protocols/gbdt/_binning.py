@@ -76,8 +76,6 @@ def layout_from_bounds(names: Sequence[str], bounds: np.ndarray, *, n_bins: int,
 
 def layout_from_schema(schema: SchemaSpec, *, n_bins: int) -> BinLayout:
     """The layout of the schema's encoded features (public bounds only)."""
-    from fedcollab.data import feature_bounds
-
     binary: list[bool] = []
     for f in schema.features:
         col = schema.column(f)
@@ -85,7 +83,8 @@ def layout_from_schema(schema: SchemaSpec, *, n_bins: int) -> BinLayout:
             binary.extend(True for _ in (col.levels or [])[1:])
         else:
             binary.append(col.type == "bool")
-    return layout_from_bounds(schema.encoded_features(), feature_bounds(schema), n_bins=n_bins, binary=binary)
+    bounds = np.asarray(schema.encoded_bounds(), dtype=np.float64).reshape(-1, 2)  # public (no data layer: the coordinator calls this too)
+    return layout_from_bounds(schema.encoded_features(), bounds, n_bins=n_bins, binary=binary)
 
 
 def bin_rows(x: np.ndarray, layout: BinLayout) -> np.ndarray:

@@ -77,6 +77,38 @@ def to_xgboost_json(model: Ensemble) -> dict[str, Any]:
 
 def write_xgboost_json(model: Ensemble, path: str | Path) -> str:
     """Write ``model.json`` (compact, sorted keys) and return its SHA-256 (hex) for the summary."""
-    data = json.dumps(to_xgboost_json(model), sort_keys=True, separators=(",", ":")).encode()
+    data = xgboost_json_bytes(model)
     Path(path).write_bytes(data)
     return hashlib.sha256(data).hexdigest()
+
+
+def xgboost_json_bytes(model: Ensemble, attributes: dict[str, str] | None = None) -> bytes:
+    """The model file's bytes (compact, sorted keys); ``attributes`` go to XGBoost's string attributes (``Booster.attributes()``)."""
+    doc = to_xgboost_json(model)
+    if attributes:
+        doc["learner"]["attributes"] = {str(k): str(v) for k, v in attributes.items()}
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def from_xgboost_json(raw: bytes | str, *, source: str = "model.json") -> tuple[Ensemble, dict[str, str]]:
+    """Read a model written by :func:`xgboost_json_bytes` back: the ensemble (for scoring) and its attributes."""
+    from fedcollab.core import ProtocolError
+
+    try:
+        doc = json.loads(raw)
+        learner = doc["learner"]
+        trees_json = learner["gradient_booster"]["model"]["trees"]
+        base = float(str(learner["learner_model_param"]["base_score"]).strip("[]"))
+        names = tuple(str(n) for n in learner.get("feature_names", []))
+        trees = []
+        for tj in trees_json:
+            n = len(tj["left_children"])
+            trees.append(Tree(left=tuple(int(v) for v in tj["left_children"]), right=tuple(int(v) for v in tj["right_children"]),
+                              feature=tuple(int(v) for v in tj["split_indices"]), bin_index=(0,) * n,
+                              threshold=tuple(float(v) for v in tj["split_conditions"]), default_left=tuple(bool(v) for v in tj["default_left"]),
+                              value=tuple(float(v) for v in tj["base_weights"]), gain=tuple(float(v) for v in tj["loss_changes"]),
+                              hessian=tuple(float(v) for v in tj["sum_hessian"])))
+        attributes = {str(k): str(v) for k, v in learner.get("attributes", {}).items()}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ProtocolError(f"{source}: not an XGBoost JSON model of fedcollab ({type(exc).__name__})") from None
+    return Ensemble(trees=tuple(trees), base_score=base, feature_names=names), attributes

@@ -1,0 +1,163 @@
+"""The coordinator's adapter for federated GBDT: drive the tree steps of ``fedcollab.protocols.gbdt`` over Flower.
+
+One tree is one *round* of the run (one line of metrics.jsonl). Each tree takes a few *steps*
+(numbered 1, 2, ... across the run); a step is one ``train`` message per node carrying a level
+request (and, on a tree's first step, the previous finished tree), answered with the node's
+(noisy) per-bin sums. With ``aggregation = "plain"`` the coordinator sums the replies; with
+``"secagg"`` the sums ride masked on the same message (the step is the SecAgg+ round) and the
+coordinator only ever sees their total, in four exchanges a step: train + MASKED_INPUT,
+CONSISTENCY, UNMASK + the next step's ADVERTISE, the next step's SHARE.
+
+A node that fails or does not answer a step drops out of the rest of the run (its tree state no
+longer matches the trees); the run goes on while ``training.min_partners`` are left. After the
+last tree every node evaluates the finished model on its test split, as for the other models.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from fedcollab.core import NodeError, ProtocolError, get_logger
+from fedcollab.privacy.mechanisms import fresh_generator
+from fedcollab.protocols import RecordKey, gbdt, secagg
+from fedcollab.coordinator._secagg import start_round
+from fedcollab.spec import Spec
+
+log = get_logger("coordinator.gbdt")
+
+_METRICS = ("n", "correct", "loss_sum", "hist_pos", "hist_neg")
+
+
+def gbdt_rounds(spec: Spec, *, node_names: dict[int, str], exchange: Callable[..., dict[str, Any]], send_stage: Callable[[int], Any],
+                roster_keys: dict[str, str], run_id: str, max_rows: float, min_partners: int, message_type: Any,
+                record: Callable[[int, float, list[str], dict[str, int], dict[str, dict[str, Any]]], None],
+                failures: dict[str, list[int]]) -> gbdt.Ensemble:
+    """Build every tree, evaluate the model, and return it.
+
+    ``exchange(rnd, message_type, {partner: (arrays, cfg, extra records)}) -> {partner: reply}``;
+    ``send_stage(rnd)`` -> ``send(stage, {partner: request})`` for a stand-alone secagg stage;
+    ``record(tree, t0, trained, failed, parts)`` writes one round record per tree.
+    """
+    params, layout, plan = gbdt.params_of(spec), gbdt.layout_of(spec), gbdt.plan_of(spec)
+    rng = fresh_generator()  # random splits (dp_split = "random") come from the coordinator's CSPRNG-seeded generator
+    secure = spec.aggregation == "secagg"
+    length = gbdt.secagg_length(spec)
+    n_parties = len(node_names)
+    active = sorted(node_names.values())
+    trees: list[gbdt.Tree] = []
+    step = 0
+    routed: dict[str, Any] = {}
+    state: Any = None
+
+    def open_round(rnd: int, participants: list[str]) -> tuple[Any, dict[str, Any]]:
+        return start_round(spec, run_id=run_id, round_=rnd, participants=participants, length=length, bits=64, roster_keys=roster_keys)
+
+    def shares_for(rnd: int, st: Any, advertised: dict[str, dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
+        st, per_node = secagg.coord_collect_advertisements(st, {p: secagg.Advertisement.from_wire(w) for p, w in advertised.items()})
+        bundles = send_stage(rnd)("share", {p: secagg.advertisements_to_wire(a) for p, a in per_node.items()})
+        return secagg.coord_route_shares(st, {p: secagg.ShareBundle.from_wire(w) for p, w in bundles.items()})
+
+    def dropped(rnd: int, answered: set[str], why: str) -> dict[str, int]:
+        nonlocal active
+        gone = {p: (failures.get(p) or [0])[-1] for p in active if p not in answered}
+        active = sorted(answered)
+        if len(active) < min_partners:
+            raise NodeError(f"gbdt step {rnd}: {len(active)} partner(s) {why}, at least {min_partners} needed", codes=gone,
+                            problems=[f"{k}: code {v}" for k, v in gone.items()])
+        return gone
+
+    if secure:
+        state, request = open_round(1, active)
+        state, routed = shares_for(1, state, send_stage(1)("advertise", {p: request for p in state.cfg.participants}))
+        active = sorted(routed)
+
+    for t in range(params.n_trees):
+        t0 = time.perf_counter()
+        failed: dict[str, int] = {}
+        gt, req = gbdt.coordinator_start_tree(t, layout=layout, params=params, plan=plan, rng=rng)
+        tree = None
+        first = True
+        while req is not None:
+            step += 1
+            cfg: dict[str, Any] = {"fedcollab.kind": "gbdt", "fedcollab.run_id": run_id, "server-round": step}
+            extra: dict[str, dict[str, Any]] = {"gbdt": req.to_wire()}
+            if first and trees:
+                extra["gbdt.apply"] = trees[-1].to_wire()
+            if req.release == "leaves":
+                shape: tuple[int, ...] = (len(req.open), 2)
+            else:
+                shape = (len(req.open), layout.n_slots, 2)
+            if not secure:
+                got = exchange(step, message_type.TRAIN, {p: (None, cfg, extra) for p in active})
+                replies = {}
+                for p, m in got.items():
+                    try:
+                        rep = gbdt.HistogramReply.from_wire(dict(m.content.config_records["gbdt"]))
+                        if (rep.tree, rep.level, rep.release, rep.values.shape) != (req.tree, req.level, req.release, shape):
+                            raise ProtocolError("a reply to another step")
+                    except (KeyError, ProtocolError):
+                        log.warning("partner %s sent a malformed gbdt reply at step %d; it is left out", p, step)
+                        continue
+                    replies[p] = rep.values
+                failed |= dropped(step, set(replies), "answered")
+                total = gbdt.sum_histograms([replies[p] for p in sorted(replies)])
+            else:
+                cfg |= {"secagg.stage": "masked", "secagg.round": step, "secagg.max_weight": max_rows, "secagg.n_parties": n_parties}
+                got = exchange(step, message_type.TRAIN, {p: (None, cfg, {**extra, "secagg": m.to_wire()}) for p, m in routed.items()})
+                masked = {p: secagg.MaskedInput.from_wire(dict(m.content.config_records["secagg"])) for p, m in got.items()
+                          if "secagg" in m.content.config_records}
+                failed |= dropped(step, set(masked), "sent masked sums")
+                state, checks = secagg.coord_collect_masked(state, masked)
+                signed = send_stage(step)("consistency", {p: c.to_wire() for p, c in checks.items()})
+                state, requests = secagg.coord_collect_signatures(state, {p: secagg.ConsistencySignature.from_wire(w) for p, w in signed.items()})
+                last = req.release == "leaves" and t == params.n_trees - 1
+                nxt = None if last else open_round(step + 1, sorted(requests))
+                per: dict[str, tuple[Any, dict[str, Any], dict[str, dict[str, Any]]]] = {}
+                for p, r in requests.items():
+                    c: dict[str, Any] = {"fedcollab.kind": "secagg", "fedcollab.run_id": run_id, "secagg.stage": "unmask", "secagg.round": step}
+                    ex = {"secagg": r.to_wire()}
+                    if nxt is not None:
+                        c |= {"secagg.next.stage": "advertise", "secagg.next.round": step + 1}
+                        ex["secagg.next"] = nxt[1]
+                    per[p] = (None, c, ex)
+                got = exchange(step, message_type.QUERY, per)
+                revealed = {p: secagg.RevealedShares.from_wire(dict(m.content.config_records["secagg"])) for p, m in got.items()
+                            if "secagg" in m.content.config_records}
+                state, total_q = secagg.coord_unmask(state, revealed)
+                n = int(np.prod(shape))
+                total = gbdt.decode_histograms(np.asarray(total_q)[:n], shape=shape, scale=gbdt.SECAGG_SCALE)
+                failed |= dropped(step, set(state.survivors), "are in the secure sum")
+                if nxt is not None:
+                    ads = {p: dict(m.content.config_records["secagg.next"]) for p, m in got.items() if "secagg.next" in m.content.config_records}
+                    state, routed = shares_for(step + 1, nxt[0], ads)
+                    active = sorted(set(active) & set(routed))
+                    routed = {p: routed[p] for p in active}
+            if not np.all(np.isfinite(total)):
+                raise ProtocolError(f"gbdt step {step}: the summed histograms are not finite")
+            gt, req, tree = gbdt.coordinator_step(gt, req, total, layout=layout, params=params, plan=plan)
+            first = False
+        assert tree is not None
+        trees.append(tree)
+        parts: dict[str, dict[str, Any]] = {}
+        model = gbdt.Ensemble(trees=tuple(trees), base_score=params.base_score, feature_names=layout.feature_names)
+        if t == params.n_trees - 1:
+            # The finished model, evaluated once at every node (its test metrics, as the node's policy bounds them).
+            rnd = gbdt.max_steps(spec)
+            cfg = {"fedcollab.run_id": run_id, "server-round": rnd}
+            got = exchange(rnd, message_type.EVALUATE, {p: (None, cfg, {"gbdt.model": gbdt.ensemble_to_wire(model)}) for p in node_names.values()})
+            for p, m in got.items():
+                mr = m.content.metric_records.get(RecordKey.METRICS)
+                if mr is not None:
+                    parts[p] = {k: mr[k] for k in _METRICS}
+        record(t + 1, t0, list(active), failed, parts)
+    return gbdt.Ensemble(trees=tuple(trees), base_score=params.base_score, feature_names=layout.feature_names)
+
+
+def empty_arrays() -> OrderedDict[str, np.ndarray]:
+    """The round record's model arrays for trees (the model is the ensemble, not arrays)."""
+    return OrderedDict()
