@@ -45,9 +45,9 @@ from fedcollab.data import load_partner_data
 from fedcollab.protocols.gbdt import layout_from_bounds, layout_from_schema, plan_gbdt_dp, train_in_process
 from fedcollab.spec import load_spec, tree_params
 
-# No Flower here, so _bench (which sets Flower's environment) is not needed.
 ROOT = Path(__file__).resolve().parents[1]
-TARGETS = {"heart_auc_gbdt_nodp": 0.86, "heart_auc_gbdt_dp_eps1": 0.80, "gbdt_seconds_4x100k": 120.0}
+TARGETS = {"heart_auc_gbdt_nodp": 0.86, "heart_auc_gbdt_dp_eps1": 0.80, "gbdt_seconds_4x100k": 120.0, "gbdt_secagg_vs_plain_round": 1.5,
+           "gbdt_seconds_4x100k_sim": 120.0}
 
 
 def _heart(spec_name: str):
@@ -106,10 +106,75 @@ def _large(seed: int = 0) -> tuple[float, float]:
     return time.perf_counter() - t0, float(roc_auc_score(yt, res.model.predict_proba(xt)))
 
 
+def _simulate(spec, out: Path, data=None):
+    """One ``fedcollab.run`` (the Flower simulation engine, in-process): (pooled AUC, mean seconds per tree, wall seconds)."""
+    import fedcollab
+
+    t0 = time.perf_counter()
+    res = fedcollab.run(spec, out=out, data=data, progress=False)
+    wall = time.perf_counter() - t0
+    per_tree = statistics.fmean(r.seconds for r in res.rounds[:-1])  # the last round also evaluates
+    return res.pooled.auc, per_tree, wall
+
+
+def _simulation_figures(tmp: Path, *, large: bool) -> dict[str, float]:
+    """Heart through Flower: plain vs secagg round time (same trees), the DP model under secagg; optionally 4 x 100k."""
+    spec = load_spec(ROOT / "protocols" / "heart-disease-gbdt.toml")
+    dp_spec = load_spec(ROOT / "protocols" / "heart-disease-gbdt-dp.toml")
+    auc_plain, t_plain, _ = _simulate(spec, tmp / "plain")
+    auc_sec, t_sec, _ = _simulate(spec.replace(aggregation="secagg"), tmp / "secagg")
+    auc_dp_sec, _, _ = _simulate(dp_spec.replace(aggregation="secagg"), tmp / "secagg-dp")
+    out = {
+        "sim_heart_auc_gbdt_nodp": round(auc_plain, 4),
+        "sim_heart_auc_gbdt_secagg_nodp": round(auc_sec, 4),
+        "sim_heart_auc_gbdt_secagg_dp_eps1": round(auc_dp_sec, 4),
+        "sim_gbdt_round_seconds_plain": round(t_plain, 4),
+        "sim_gbdt_round_seconds_secagg": round(t_sec, 4),
+        "gbdt_secagg_vs_plain_round": round(t_sec / t_plain, 3),
+    }
+    if large:
+        out |= _simulation_large(tmp)
+    return out
+
+
+def _simulation_large(tmp: Path, seed: int = 0) -> dict[str, float]:
+    """The synthetic 4 x 100k x 20 task through Flower (fedcollab.run with DataFrames): 50 trees of depth 4, plain and secagg."""
+    import pandas as pd
+
+    from fedcollab.spec import parse_spec
+
+    rng = np.random.default_rng(seed)
+    d, n = 20, 100_000
+    w = rng.normal(size=d)
+
+    def make(m: int) -> pd.DataFrame:
+        x = np.clip(rng.normal(size=(m, d)), -4, 4)
+        logit = x @ w * 0.5 + np.sin(2 * x[:, 0]) + x[:, 1] * x[:, 2]
+        df = pd.DataFrame(x, columns=[f"x{j}" for j in range(d)])
+        df["y"] = (rng.random(m) < 1 / (1 + np.exp(-logit))).astype(int)
+        return df
+
+    raw = {
+        "schema_version": 1, "name": "synthetic-4x100k", "seed": seed, "aggregation": "plain",
+        "partners": [{"name": f"p{i}", "split": {"test_fraction": 0.1, "seed": seed}} for i in range(4)],
+        "schema": {"features": [f"x{j}" for j in range(d)], "label": {"column": "y", "positive_above": 0},
+                   "columns": [{"name": f"x{j}", "type": "number", "bounds": [-4, 4]} for j in range(d)]
+                   + [{"name": "y", "type": "number", "bounds": [0, 1], "integer": True}]},
+        "model": {"kind": "gbdt", "gbdt": {"n_trees": 50, "max_depth": 4}},
+    }
+    spec = parse_spec(raw)
+    frames = {f"p{i}": make(n) for i in range(4)}
+    auc, t_plain, wall = _simulate(spec, tmp / "large-plain", data=frames)
+    _, t_sec, wall_sec = _simulate(spec.replace(aggregation="secagg"), tmp / "large-secagg", data=frames)
+    return {"gbdt_seconds_4x100k_sim": round(wall, 2), "gbdt_seconds_4x100k_sim_secagg": round(wall_sec, 2),
+            "gbdt_auc_4x100k_sim": round(auc, 4), "gbdt_secagg_vs_plain_round_4x100k": round(t_sec / t_plain, 3)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--skip-large", action="store_true", help="skip the 4 x 100k timing")
+    ap.add_argument("--skip-simulation", action="store_true", help="skip the Flower simulations (round-time ratio, DP under secagg)")
     args = ap.parse_args()
     seeds = list(range(args.seeds))
     spec, data = _heart("heart-disease-gbdt.toml")
@@ -138,6 +203,14 @@ def main() -> int:
     if not args.skip_large:
         secs, auc = _large()
         out |= {"gbdt_seconds_4x100k": round(secs, 2), "gbdt_auc_4x100k": round(auc, 4)}
+    if not args.skip_simulation:
+        import tempfile
+
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        import _bench  # noqa: F401 - sets Flower's offline environment
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out |= _simulation_figures(Path(tmp), large=not args.skip_large)
     print(f"{'figure':34s} {'value':>9s} {'target':>8s}")
     for k, v in out.items():
         t = TARGETS.get(k)

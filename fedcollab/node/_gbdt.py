@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from fedcollab.core import ProtocolError, write_private
+from fedcollab.core import NodeErrorCode, ProtocolError, write_private
 from fedcollab.privacy.mechanisms import fresh_generator
 from fedcollab.protocols import gbdt
 from fedcollab.spec import Spec
@@ -72,15 +72,20 @@ def step(node: Any, request_wire: dict[str, Any], apply_wire: dict[str, Any] | N
     spec, d, home = node.spec, node.data, Path(node.home.root)
     layout, params, plan = gbdt.layout_of(spec), gbdt.params_of(spec), gbdt.plan_of(spec)
     state = load_state(home, node.run_id, d.x_train, d.y_train, spec)
-    request = gbdt.LevelRequest.from_wire(request_wire)
-    if apply_wire is not None:
-        if request.level != 0 or state.trees_done != request.tree - 1 or not state.leaves_released:
-            raise ProtocolError("gbdt: a finished tree arrives only with the next tree's first step")
-        state = gbdt.node_apply_tree(state, gbdt.Tree.from_wire(apply_wire), layout=layout)
-    elif state.leaves_released:
-        raise ProtocolError("gbdt: the next tree's first step must carry the finished tree")
-    rng = fresh_generator() if plan is not None else None
-    state, reply, release = gbdt.node_reply(state, request, party=node.partner, layout=layout, params=params, plan=plan, rng=rng)
+    try:
+        request = gbdt.LevelRequest.from_wire(request_wire)
+        if apply_wire is not None:
+            if request.level != 0 or state.trees_done != request.tree - 1 or not state.leaves_released:
+                raise ProtocolError("gbdt: a finished tree arrives only with the next tree's first step")
+            state = gbdt.node_apply_tree(state, gbdt.Tree.from_wire(apply_wire), layout=layout)
+        elif state.leaves_released:
+            raise ProtocolError("gbdt: the next tree's first step must carry the finished tree")
+        rng = fresh_generator() if plan is not None else None
+        state, reply, release = gbdt.node_reply(state, request, party=node.partner, layout=layout, params=params, plan=plan, rng=rng)
+    except ProtocolError as exc:
+        # Out of the node's plan (a repeat, a skipped step, a histogram the plan does not make, a malformed
+        # request): a recorded refusal; the details stay in this node's log.
+        node._refuse_coded(NodeErrorCode.BAD_REQUEST, "gbdt request outside the node's plan", log_text=str(exc))
     vector = None
     if max_rows is not None:
         assert n_parties is not None

@@ -312,3 +312,48 @@ class TestAllowList:
         custom = spec.model_copy(update={"model": ModelSpec(kind="custom", target="tiny_net:TinyNet")})
         assert simulated_policy(custom, PARTNER).allowed_custom_models == ["tiny_net:TinyNet"]
         assert simulated_policy(spec, PARTNER).allowed_custom_models == []
+
+
+@pytest.mark.filterwarnings("ignore:budget of")  # the Heart DP spec's delta = 1e-3 exceeds 1/(10 n) at Hungary (a PolicyWarning)
+class TestGbdt:
+    """A hostile coordinator against a gbdt node: steps out of the plan are refused, coded, with nothing released."""
+
+    @staticmethod
+    def _level(tree: int, level: int, release: str, open_: tuple[int, ...] = (0,)) -> dict:
+        from fedcollab.protocols.gbdt import LevelRequest
+
+        return LevelRequest(tree=tree, level=level, release=release, open=open_).to_wire()  # type: ignore[arg-type]
+
+    def _releases(self, node: Node) -> int:
+        return sum(1 for e in node.entries() if e["kind"] == "release" and e["body"]["release"]["kind"] == "gbdt_histogram")
+
+    def test_step_before_setup(self, tmp_path):
+        node = Node(_spec("heart-disease-gbdt-dp.toml"), tmp_path)
+        reply = node.send("train", {"fedcollab.kind": "gbdt", "server-round": 1}, extra={"gbdt": self._level(0, 0, "leaves")})
+        node.refused(reply, NodeErrorCode.OUT_OF_ORDER, 0)
+        assert self._releases(node) == 0
+
+    def test_in_plan_answered_then_repeat_and_unplanned_refused(self, tmp_path):
+        """DP with random splits: one leaf release per tree. A repeat of the step and a histogram (not in the plan) are refused."""
+        node = Node(_spec("heart-disease-gbdt-dp.toml"), tmp_path)
+        _setup(node)
+        ok = node.send("train", {"fedcollab.kind": "gbdt", "server-round": 1}, extra={"gbdt": self._level(0, 0, "leaves")})
+        assert "gbdt" in ok.content.config_records and self._releases(node) == 1
+        values = np.asarray(ok.content.config_records["gbdt"]["values"], dtype=float)
+        assert values.shape == (2,) and np.all(np.isfinite(values))  # the root's noisy (G, H)
+        before = len(node.entries())
+        again = node.send("train", {"fedcollab.kind": "gbdt", "server-round": 2}, extra={"gbdt": self._level(0, 0, "leaves")})
+        node.refused(again, NodeErrorCode.BAD_REQUEST, before)
+        before = len(node.entries())
+        hist = node.send("train", {"fedcollab.kind": "gbdt", "server-round": 3}, extra={"gbdt": self._level(1, 0, "histogram")})
+        node.refused(hist, NodeErrorCode.BAD_REQUEST, before)
+        assert self._releases(node) == 1  # nothing more left, nothing more charged
+
+    def test_budget_refuses_a_run_the_plan_does_not_fit(self, tmp_path):
+        """A node with epsilon 0.5 refuses the epsilon-1 gbdt plan at setup, before any tree step."""
+        spec = _spec("heart-disease-gbdt-dp.toml")
+        pol = simulated_policy(spec, PARTNER)
+        low = pol.model_copy(update={"budgets": [b.model_copy(update={"epsilon": 0.5}) for b in pol.budgets]})
+        node = Node(spec, tmp_path, policy=low)
+        node.refused(node.send("query", {"fedcollab.kind": "setup", "scaling": "none"}), NodeErrorCode.BUDGET_EXHAUSTED, 0)
+        assert self._releases(node) == 0
