@@ -1,10 +1,11 @@
 """Federated GBDT benchmark: Heart AUC with and without record-level DP, against scikit-learn, and time.
 
-Everything runs **in-process**: the four Heart hospitals (embedded data, FLamby split) answer as
-nodes would, through the protocol's stage functions (``fedcollab.protocols.gbdt``: node_reply,
-coordinator_step, ...), called as plain functions; there is no Flower yet (the node adapter and
-the coordinator strategy come with the wiring), so no transport, serialisation or SecAgg+ masking
-cost is in these figures. ``secagg`` sums go through the fixed-point encoding modulo 2^64 that
+First **in-process**: the four Heart hospitals (embedded data, FLamby split) answer as nodes
+would, through the protocol's stage functions (``fedcollab.protocols.gbdt``: node_reply,
+coordinator_step, ...), called as plain functions, so no transport, serialisation or SecAgg+
+masking cost is in those figures. Then through Flower (``fedcollab.run``, the simulation engine
+in-process, real SecAgg+): the ``sim_*`` figures, ``gbdt_secagg_vs_plain_round`` and
+``gbdt_seconds_4x100k_sim``. ``secagg`` sums go through the fixed-point encoding modulo 2^64 that
 SecAgg+ would sum (the masks cancel in that sum, so the decoded totals are what the coordinator
 would see).
 
@@ -24,7 +25,7 @@ comes from OS entropy, as at a node, so DP figures vary from run to run):
 * ``gbdt_seconds_4x100k``: wall seconds to train 50 trees of depth 4 on a synthetic task of
   4 partners x 100k rows x 20 features (seeded, 32 bins, in-process, this machine), with its test AUC.
 
-Run:  .venv/bin/python benchmarks/trees.py [--seeds 3] [--skip-large]
+Run:  .venv/bin/python benchmarks/trees.py [--seeds 3] [--skip-large] [--skip-simulation]
 """
 
 from __future__ import annotations
