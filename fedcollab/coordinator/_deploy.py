@@ -24,6 +24,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fedcollab.core import ConfigError, FedcollabError, NodeError, get_logger
 from fedcollab.coordinator._ledger import RunLedger
 from fedcollab.coordinator._server import CoordinatorRecorder, RoundRecord, make_server_app
@@ -159,7 +161,15 @@ def _main(grid: Any, context: Any) -> None:
     status.update(state="completed", exit_code=0, finished=time.time(), partners=dict(recorder.partners),
                   accuracy=last.pooled.accuracy if last and last.pooled else None,
                   auc=last.pooled.auc if last and last.pooled else None, failures=recorder.failures)
-    if recorder.final_arrays is not None and recorder.scaling is not None:
+    if recorder.final_model is not None:
+        # gbdt: the same model.json as in simulation (XGBoost's format, fedcollab's metadata in its attributes).
+        from fedcollab.protocols._model_file import model_metadata
+        from fedcollab.protocols.gbdt import write_tree_model
+
+        n = len(spec.data_schema.encoded_features())
+        meta = model_metadata(spec, scaling_method="none", mean=np.zeros(n), std=np.ones(n), run_id=status["fedcollab_run_id"])
+        status["model"] = {"path": "model.json", "sha256": write_tree_model(recorder.final_model, out / "model.json", meta), "format": "xgboost-json"}
+    elif recorder.final_arrays is not None and recorder.scaling is not None:
         # The same model file as in simulation: safetensors with feature names, encoding and scaling.
         from fedcollab.protocols._model_file import MODEL_FILE, model_metadata, save_model
 

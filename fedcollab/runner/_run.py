@@ -117,17 +117,12 @@ def _rounds_of(spec: Spec) -> int:
 
 def _save_trees(model: Any, out: Path, metadata: dict[str, str]) -> tuple[Path, str, str, int]:
     """``model.json``: XGBoost's JSON model format, fedcollab's metadata in its string attributes; (path, SHA-256, format, nodes)."""
-    from fedcollab.protocols.gbdt import xgboost_json_bytes
+    from fedcollab.protocols.gbdt import write_tree_model
 
     if model is None:
         raise TransportError("the gbdt run produced no model")
-    data = xgboost_json_bytes(model, {f"fedcollab.{k}": v for k, v in metadata.items()})
     path = out / "model.json"
-    fd, tmp = tempfile.mkstemp(dir=out, suffix=".json.tmp")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
-    return path, hashlib.sha256(data).hexdigest(), "xgboost-json", int(sum(t.n_nodes for t in model.trees))
+    return path, write_tree_model(model, path, metadata), "xgboost-json", int(sum(t.n_nodes for t in model.trees))
 
 
 def _write_atomic(path: Path, text: str) -> None:

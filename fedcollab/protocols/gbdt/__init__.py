@@ -53,7 +53,7 @@ from fedcollab.protocols.gbdt._run import (
 )
 from fedcollab.protocols.gbdt._split import Split, best_split, leaf_value, random_split, split_gain
 from fedcollab.protocols.gbdt._train import TrainResult, train_in_process
-from fedcollab.protocols.gbdt._xgboost import from_xgboost_json, to_xgboost_json, write_xgboost_json, xgboost_json_bytes
+from fedcollab.protocols.gbdt._xgboost import from_xgboost_json, to_xgboost_json, write_tree_model, write_xgboost_json, xgboost_json_bytes
 
 __all__ = [
     "SECAGG_SCALE",
@@ -109,4 +109,5 @@ __all__ = [
     "write_xgboost_json",
     "from_xgboost_json",
     "xgboost_json_bytes",
+    "write_tree_model",
 ]

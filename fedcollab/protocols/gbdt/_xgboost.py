@@ -112,3 +112,18 @@ def from_xgboost_json(raw: bytes | str, *, source: str = "model.json") -> tuple[
     except (ValueError, KeyError, TypeError) as exc:
         raise ProtocolError(f"{source}: not an XGBoost JSON model of fedcollab ({type(exc).__name__})") from None
     return Ensemble(trees=tuple(trees), base_score=base, feature_names=names), attributes
+
+
+def write_tree_model(model: Ensemble, path: str | Path, metadata: dict[str, str]) -> str:
+    """A run's ``model.json``, written atomically: XGBoost's format, fedcollab's model metadata as
+    ``fedcollab.<key>`` string attributes. Returns its SHA-256 (simulation and deployment write the same file)."""
+    import os
+    import tempfile
+
+    data = xgboost_json_bytes(model, {f"fedcollab.{k}": v for k, v in metadata.items()})
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".json.tmp")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, target)
+    return hashlib.sha256(data).hexdigest()
