@@ -436,7 +436,9 @@ class Spec(FrozenModel):
 
     @property
     def resolved_scaling(self) -> str:
-        """The scaling actually used once ``auto`` is resolved."""
+        """The scaling actually used once ``auto`` is resolved (trees, ``kind = "gbdt"``: always ``none``)."""
+        if self.model.kind == "gbdt":
+            return "none"
         if self.preprocessing.scaling != "auto":
             return self.preprocessing.scaling
         return "federated_statistics" if self.privacy.mode == "none" else "public_bounds"
