@@ -154,9 +154,10 @@ def test_version():
     assert r.exit_code == 0 and r.stdout.strip() == f"fedcollab {__version__}"
 
 
-def test_resume_refused_under_secagg(tmp_path):
-    r = runner.invoke(app, ["run", str(ROOT / "protocols" / "heart-disease-secagg.toml"), "--out", str(tmp_path), "--resume"])
-    assert r.exit_code == 2 and "--resume" in r.output and "'secagg'" in r.output
+def test_resume_refused_under_he(tmp_path):
+    """Secagg and partner-level DP resume (tests/e2e/test_resume_modes.py); HE does not, and says so up front."""
+    r = runner.invoke(app, ["run", str(ROOT / "protocols" / "heart-disease-he.toml"), "--out", str(tmp_path), "--resume"])
+    assert r.exit_code == 2 and "--resume" in r.output and "'he'" in r.output
 
 
 # --- an interrupted run, its abort, and its resumption ------------------------------------------------

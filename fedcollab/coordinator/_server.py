@@ -249,11 +249,12 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
             return cfg
 
         # Round 1's keys and shares.
-        state, request = open_round(1, sorted(node_names.values()))
-        send = secagg_sender(grid, node_names, 1)
+        first = 1 + (resume[0] if resume else 0)  # a resumed run: fresh keys from its first new round
+        state, request = open_round(first, sorted(node_names.values()))
+        send = secagg_sender(grid, node_names, first)
         state, per_node = secagg.coord_collect_advertisements(state, {p: secagg.Advertisement.from_wire(w) for p, w in send("advertise", {p: request for p in state.cfg.participants}).items()})
         state, routed = secagg.coord_route_shares(state, {p: secagg.ShareBundle.from_wire(w) for p, w in send("share", {p: secagg.advertisements_to_wire(a) for p, a in per_node.items()}).items()})
-        for rnd in range(1, rounds + 1):
+        for rnd in range(first, rounds + 1):
             t0 = time.perf_counter()
             # train + MASKED_INPUT
             cfg = {**base_cfg(rnd), "secagg.stage": "masked", "secagg.round": rnd}
@@ -428,6 +429,8 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
         gbdt_run = spec.model.kind == "gbdt"
         scaling_name = "none" if gbdt_run else spec.resolved_scaling  # trees need no scaling: no statistics leave
         setup_cfg = ConfigRecord({"fedcollab.kind": str(MessageKind.SETUP), "scaling": scaling_name, "fedcollab.run_id": ledger.run_id})
+        if resume:
+            setup_cfg["fedcollab.resume_after"] = int(resume[0])  # nodes check the budget of the rounds still to come
         msgs = [Message(content=RecordDict({RecordKey.CONFIG: setup_cfg}), message_type=MessageType.QUERY, dst_node_id=nid) for nid in node_ids]
         replies = list(grid.send_and_receive(msgs, timeout=timeout))
         ok, failed = split_replies(replies, {}, 0)
@@ -500,8 +503,8 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
         strategy = _strategy(spec, n_partners)
         model = build_model(spec.model, n_features, seed=spec.seed)
         arrays = ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in (resume[1] if resume else model_arrays(model)).items()})
-        if resume and (spec.aggregation != "plain" or spec.privacy.partner_dp):
-            raise ProtocolError("resuming a run from a checkpoint is implemented for plain aggregation without partner-level DP only")
+        if resume and spec.aggregation == "he":
+            raise ProtocolError("resuming a run from a checkpoint is not implemented under aggregation = 'he'")
         if he is not None:
             he.rounds(arrays, scaling, scaling_config=scaling_config, min_partners=min_partners)
         elif spec.aggregation == "secagg":

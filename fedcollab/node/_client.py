@@ -203,11 +203,18 @@ class NodeRuntime:
                                                                steps=self.evaluations_planned(), accountant=accountant)  # type: ignore[arg-type]
         return _TEST_PLAN_CACHE[key]
 
-    def planned_releases(self, scaling: str) -> list[Release]:
-        """Every release the run's plan will make about this node's rows (for the preflight at setup)."""
+    def planned_releases(self, scaling: str, resume_after: int = 0) -> list[Release]:
+        """Every release the run's plan will make about this node's rows (for the preflight at setup).
+
+        ``resume_after = k`` (a resumed run): the rounds after ``k`` only, the earlier ones being in
+        the ledger already. The claim only narrows this early check; every release is still checked
+        against the budget when it is made, whatever the coordinator said at setup.
+        """
         spec, d = self.spec, self.data
         plan = self.plan()
         rounds = spec.training.rounds
+        k = max(0, min(int(resume_after), rounds))
+        left = range(k + 1, rounds + 1)  # the rounds this (possibly resumed) run still makes
 
         def rel(**kw: Any) -> Release:
             return Release(party=self.partner, added_by=self.partner, observer="coordinator", **kw)
@@ -223,32 +230,33 @@ class NodeRuntime:
         elif scaling == "dp_statistics" and plan is not None and plan.stats_noise_multiplier is not None:
             out.append(rel(kind="statistics", about="train", unit="record", round=0,
                            mechanism=GaussianMechanism(noise_multiplier=plan.stats_noise_multiplier, releases=1)))
-        if plan is not None:
-            out.append(rel(kind="dpsgd_training", about="train", unit="record", round=1,
+        if plan is not None and left:
+            steps = plan.total_steps if k == 0 else spec.training.local_epochs * plan.steps_per_epoch * len(left)
+            out.append(rel(kind="dpsgd_training", about="train", unit="record", round=k + 1,
                            mechanism=PoissonSubsampledGaussian(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
-                                                               steps=plan.total_steps)))
+                                                               steps=steps)))
         elif spec.privacy.mode != "distributed" and spec.model.kind != "gbdt":
-            out += [rel(kind="model_update", about="train", unit="record", round=r, mechanism=NonPrivate()) for r in range(1, rounds + 1)]
+            out += [rel(kind="model_update", about="train", unit="record", round=r, mechanism=NonPrivate()) for r in left]
         if spec.privacy.mode == "distributed" and spec.privacy.partner is not None:
             from fedcollab.protocols import plan_distributed
 
             n_params = sum(v.size for v in model_arrays(build_model(spec.model, len(d.feature_names), seed=spec.seed)).values())
             mech = plan_distributed(spec, d=n_params).mechanism()
-            out += [rel(kind="ddg_update", about="train", unit="partner", round=r, mechanism=mech) for r in range(1, rounds + 1)]
+            out += [rel(kind="ddg_update", about="train", unit="partner", round=r, mechanism=mech) for r in left]
         z = self.test_metrics_plan()
         if z is not None:
             out += [rel(kind="test_metrics", about="test", unit="record", round=r, mechanism=GaussianMechanism(noise_multiplier=z, releases=1))
                     for r in range(1, self.evaluations_planned() + 1)]
         return out
 
-    def preflight(self, scaling: str) -> None:
+    def preflight(self, scaling: str, resume_after: int = 0) -> None:
         """Check the whole run's planned spend against what is left of the budget, before anything is spent.
 
         Composed with the node's on-disk ledger (every earlier run); a plan that does not fit is
         refused with ``BUDGET_EXHAUSTED`` (recorded), a non-private plan the policy forbids with
         ``POLICY_REFUSED``. Nothing but the refusal is written.
         """
-        planned = self.planned_releases(scaling)
+        planned = self.planned_releases(scaling, resume_after)
         if any(r.non_private and r.about == "train" for r in planned):
             if not self.policy.allow_non_private_training:
                 reason = "policy forbids the non-private releases about training rows the plan makes"
@@ -300,7 +308,7 @@ class NodeRuntime:
             raise PolicyRefused(reason)
 
     # --- setup ------------------------------------------------------------------------------
-    def setup(self, scaling: str) -> tuple[dict[str, Any], dict[str, list[float]] | None, list[str]]:
+    def setup(self, scaling: str, *, resume_after: int = 0) -> tuple[dict[str, Any], dict[str, list[float]] | None, list[str]]:
         """Row counts, the statistics release (if any) and the DP plan."""
         d = self.data
         self.check_policy()
@@ -308,7 +316,7 @@ class NodeRuntime:
             scaling = "none"  # trees need no scaling: no statistics leave, whatever the request says
         if self.dp:
             self.policy.warn_delta(self.dataset, d.n_train)
-        self.preflight(scaling)
+        self.preflight(scaling, resume_after)
         counts = {"n_train": d.n_train, "n_test": d.n_test}
         releases = [
             self._release(json.dumps(counts).encode(), kind="row_counts", about="train+test", unit="record", observer="coordinator", round=0,
@@ -609,7 +617,7 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str], *
         if kind != MessageKind.SETUP or "setup_done" in st:
             # A second setup would be a second statistics release the plan did not charge.
             raise _Coded(NodeErrorCode.BAD_REQUEST)
-        info, stats, lines = node.setup(str(cfg.get("scaling", "none")))
+        info, stats, lines = node.setup(str(cfg.get("scaling", "none")), resume_after=int(cfg.get("fedcollab.resume_after", 0)))
         st["setup_done"] = True
         if "plan" in info:
             st["plan"] = info["plan"]

@@ -199,7 +199,7 @@ def run(
         Called with each round's record once the round is done, before the next one starts.
     resume : bool
         Continue the failed or interrupted run in ``out`` from its last checkpoint (same run id
-        and ledger; plain aggregation without partner-level DP only, as ``submit --resume``).
+        and ledger; plain or secagg aggregation, with or without DP (not he, not gbdt), as ``submit --resume`` does for plain).
     data : dict, optional
         Partner name -> pandas DataFrame of its rows, used instead of the spec's ``source`` (a
         notebook's frames). Each frame is validated against the spec's schema before the
@@ -256,6 +256,7 @@ def run(
     ledger = RunLedger(ledger_path, key=coordinator_key, roster=roster, run_id=run_id)
     if resume:
         ledger.heads.update(_node_heads(ledger_path))
+        ledger.releases.extend(_earlier_releases(ledger_path, run_id))
         _carry_unsent_entries(ledger, homes, resume_from[0] if resume_from else 0)
     cancel = threading.Event()
     t0 = time.perf_counter()
@@ -433,10 +434,21 @@ def _record_failure(spec: Spec, out_dir: Path, ledger: RunLedger, recorder: Coor
 
 
 def _check_resumable(spec: Spec) -> None:
-    if spec.aggregation != "plain" or spec.privacy.partner_dp:
-        what = f"aggregation {spec.aggregation!r}" if spec.aggregation != "plain" else f"privacy.mode {spec.privacy.mode!r} (partner-level DP)"
-        raise ConfigError(f"--resume: continues runs with aggregation 'plain' and no partner-level DP only (as `submit --resume`), got {what}; "
+    if spec.aggregation == "he" or spec.model.kind == "gbdt":
+        what = "aggregation 'he'" if spec.aggregation == "he" else "model kind 'gbdt'"
+        raise ConfigError(f"--resume: continues runs under plain or secagg aggregation, with or without DP, got {what}; "
                           "start the run afresh")
+
+
+def _earlier_releases(ledger_path: Path, run_id: str) -> list[Any]:
+    """The releases the interrupted part of a resumed run already made (so the summary counts the whole run)."""
+    from fedcollab.privacy.accounting import Release, parse_lines
+
+    out = []
+    for ln in parse_lines(ledger_path.read_bytes()) if ledger_path.exists() else []:
+        if ln.entry.get("kind") == "release" and ln.entry.get("run_id") == run_id:
+            out.append(Release.model_validate(ln.entry["body"]["release"]))
+    return out
 
 
 def _resume_point(out_dir: Path, spec_ref: SpecRef) -> tuple[str, tuple[int, dict[str, np.ndarray]], list[str]]:
