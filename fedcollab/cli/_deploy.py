@@ -150,6 +150,27 @@ def node_keygen(
     sys.stdout.write(pub.strip() + "\n")
 
 
+def node_approve(
+    spec: Annotated[Path, typer.Argument(help="The spec TOML the partner approves (stored byte for byte).")],
+    home: Annotated[Path, typer.Option("--home", help="The node folder (from `fedcollab node init`).")],
+    fmt: Fmt = "table",
+) -> None:
+    """Approve a spec: store it as approved/<sha256>.toml in the node folder; a deployed run must match it by hash."""
+    from fedcollab.node._home import NodeHome
+
+    if not spec.is_file():
+        raise _fail(ConfigError(f"spec {spec} is not a readable file")) from None
+    if not home.is_dir():
+        raise _fail(ConfigError(f"node folder {home} does not exist; create it with `fedcollab node init`")) from None
+    node = NodeHome(home)
+    digest = node.approve_spec(spec.read_bytes())
+    path = node.approved_dir / f"{digest}.toml"
+    if fmt == "json":
+        sys.stdout.write(json.dumps({"sha256": digest, "path": str(path)}) + "\n")
+        return
+    Console().print(f"approved {escape(str(spec))}: sha256 {digest} stored as {escape(str(path))}")
+
+
 def node_start(
     folder: Annotated[Path, typer.Argument(help="The node folder (key, policy, ledger, egress log).")],
     data: Annotated[Path, typer.Option("--data", help="This partner's data file (CSV or Parquet); passed to the node as node config.")],
@@ -271,3 +292,4 @@ def register(app: typer.Typer, node_app: typer.Typer) -> None:
     app.command("status")(status)
     node_app.command("keygen")(node_keygen)
     node_app.command("start")(node_start)
+    node_app.command("approve")(node_approve)

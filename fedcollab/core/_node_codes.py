@@ -25,6 +25,7 @@ class NodeErrorCode(IntEnum):
     SCORING_UNAUTHENTICATED = 136
     SCORING_REPLAYED = 137
     UNAPPROVED_BUNDLE = 141
+    SPEC_NOT_APPROVED = 142
     # The node owns its dataset id and its split (issue 13, attacks 2 and 5).
     DATASET_MISMATCH = 150
     SPLIT_CHANGED = 151
@@ -49,6 +50,7 @@ NODE_ERROR_HELP: dict[NodeErrorCode, str] = {
     NodeErrorCode.SCORING_UNAUTHENTICATED: "Encrypted scoring: the querier is not in the holder's roster, or the request is unsigned, signed by another key or altered after signing; nothing was scored.",
     NodeErrorCode.SCORING_REPLAYED: "Encrypted scoring: the holder's ledger already records an answer to this request id (a replay); nothing was scored or charged.",
     NodeErrorCode.UNAPPROVED_BUNDLE: "Deployment: the run's bundle is not one the partner approved (SHA-256 pin); nothing ran.",
+    NodeErrorCode.SPEC_NOT_APPROVED: "Deployment: the run's spec (SHA-256) is not in the node's approved store; nothing was built or released.",
     NodeErrorCode.DATASET_MISMATCH: "The spec names another dataset id for this partner than the one configured in the node's folder; nothing was released.",
     NodeErrorCode.SPLIT_CHANGED: "The spec's train/test split differs from the split the node pinned for this dataset on first use; nothing was released.",
     NodeErrorCode.TEST_SPLIT_TOO_SMALL: "The test split has fewer rows than the policy's `min_test_rows`; no test metrics were released.",

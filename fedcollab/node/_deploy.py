@@ -166,6 +166,31 @@ def local_spec(spec: Any, partner: str, data: Path) -> Any:
     return spec.model_copy(update={"partners": partners})
 
 
+def approved_run_spec(home: Path, value: str) -> Any:
+    """The node's OWN approved copy of the spec the run config names (issue 14 item 1), parsed.
+
+    The SHA-256 of the coordinator's spec bytes selects ``approved/<sha256>.toml`` in the node
+    folder; if there is none the refusal is logged here and only ``SPEC_NOT_APPROVED`` leaves.
+    Not yet wired into ``NodeDeployment.client_app`` (the e2e deployment tests must approve first).
+    """
+    import base64
+    import binascii
+
+    from fedcollab.core import NodeCoded
+    from fedcollab.node._home import NodeHome
+
+    try:
+        sent = base64.b64decode(value.encode("ascii"), validate=True)
+    except (ValueError, binascii.Error):
+        raise ConfigError(f"run config `{RUN_CONFIG_SPEC}` must be base64 UTF-8 TOML") from None
+    own = NodeHome(Path(home)).approved_spec(sent)
+    if own is None:
+        get_logger(__name__).warning("refused a run: spec sha256 %s is not approved in %s",
+                                     hashlib.sha256(sent).hexdigest(), home)
+        raise NodeCoded(NodeErrorCode.SPEC_NOT_APPROVED)
+    return decode_run_spec(base64.b64encode(own).decode("ascii"))
+
+
 def decode_run_spec(value: str) -> Any:
     """The spec carried by the run config (base64 TOML, as ``fedcollab submit`` sends it)."""
     import base64

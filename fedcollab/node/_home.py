@@ -68,6 +68,29 @@ class NodeHome:
     def split_path(self) -> Path:  # noqa: D102
         return self.root / "split.json"
 
+    @property
+    def approved_dir(self) -> Path:
+        """The partner's approved specs, each stored as ``approved/<sha256>.toml`` (issue 14 item 1)."""
+        return self.root / "approved"
+
+    def approve_spec(self, spec_bytes: bytes) -> str:
+        """Store ``spec_bytes`` as approved; return its SHA-256 hex (idempotent)."""
+        import hashlib
+
+        digest = hashlib.sha256(spec_bytes).hexdigest()
+        self.approved_dir.mkdir(parents=True, exist_ok=True)
+        path = self.approved_dir / f"{digest}.toml"
+        if not path.exists():
+            _write_atomic(path, spec_bytes.decode("utf-8"))
+        return digest
+
+    def approved_spec(self, spec_bytes: bytes) -> bytes | None:
+        """The node's own stored copy of the spec whose SHA-256 equals that of ``spec_bytes``; None if not approved."""
+        import hashlib
+
+        path = self.approved_dir / f"{hashlib.sha256(spec_bytes).hexdigest()}.toml"
+        return path.read_bytes() if path.is_file() else None
+
     def dataset(self) -> str:
         """The dataset id this node's budget is kept under: node-local configuration, never the spec.
 

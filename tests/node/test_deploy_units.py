@@ -171,3 +171,37 @@ class TestLocalSpec:
         with pytest.raises(ConfigError, match=RUN_CONFIG_SPEC) as exc:
             decode_run_spec(value)
         assert node_code_for(exc.value) == NodeErrorCode.BAD_REQUEST
+
+
+class TestApprovedRunSpec:
+    """Issue 14 item 1: the node parses its OWN approved copy, selected by the SHA-256 of the sent bytes."""
+
+    def test_unapproved_spec_is_refused_with_the_code(self, root, tmp_path):
+        from fedcollab.coordinator._deploy import encode_spec
+        from fedcollab.core import NodeCoded, NodeErrorCode, node_code_for
+        from fedcollab.node._deploy import approved_run_spec
+
+        text = (root / "protocols" / "heart-disease.toml").read_text()
+        with pytest.raises(NodeCoded) as exc:
+            approved_run_spec(tmp_path, encode_spec(text))
+        assert node_code_for(exc.value) == NodeErrorCode.SPEC_NOT_APPROVED
+
+    def test_approved_spec_is_parsed_from_the_nodes_copy(self, root, tmp_path):
+        from fedcollab.coordinator._deploy import encode_spec
+        from fedcollab.node._deploy import approved_run_spec
+        from fedcollab.node._home import NodeHome
+
+        text = (root / "protocols" / "heart-disease.toml").read_text()
+        NodeHome(tmp_path).approve_spec(text.encode())
+        assert approved_run_spec(tmp_path, encode_spec(text)).name == "heart-disease"
+
+    def test_one_byte_off_is_refused(self, root, tmp_path):
+        from fedcollab.coordinator._deploy import encode_spec
+        from fedcollab.core import NodeCoded
+        from fedcollab.node._deploy import approved_run_spec
+        from fedcollab.node._home import NodeHome
+
+        text = (root / "protocols" / "heart-disease.toml").read_text()
+        NodeHome(tmp_path).approve_spec(text.encode())
+        with pytest.raises(NodeCoded):
+            approved_run_spec(tmp_path, encode_spec(text + " "))
