@@ -3,6 +3,7 @@
 Keys come from the OS CSPRNG; no home-made cipher, PRG or key agreement.
 """
 
+from fedcollab.crypto._bfv_histogram import BfvPublic, BfvSecret
 from fedcollab.crypto._ckks_scoring import (
     SCORING_PARAMS,
     PublicScoringContext,
@@ -50,6 +51,8 @@ from fedcollab.crypto._shamir import split as split_secret
 from fedcollab.crypto._tls import TrialCertificates, certificate_sans, generate_node_auth_key, load_node_auth_public_key, make_trial_certificates
 
 __all__ = [
+    "BfvPublic",
+    "BfvSecret",
     "BFV_4096",
     "HE_PARAMETER_SETS",
     "SCORING_PARAMS",

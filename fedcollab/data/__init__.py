@@ -9,6 +9,7 @@ from fedcollab.data._source import EMBEDDED_PREFIX, embedded_path, read_source
 from fedcollab.data._split import split_indices
 from fedcollab.data._stats import exact_statistics
 from fedcollab.data._validate import validate_frame
+from fedcollab.data._vertical import VerticalPartyData, encoded_names, load_vertical_party, party_features, prepare_vertical_frame
 
 __all__ = [
     "EMBEDDED_PREFIX",
@@ -22,4 +23,9 @@ __all__ = [
     "read_source",
     "split_indices",
     "validate_frame",
+    "VerticalPartyData",
+    "encoded_names",
+    "load_vertical_party",
+    "party_features",
+    "prepare_vertical_frame",
 ]

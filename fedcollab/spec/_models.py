@@ -15,6 +15,7 @@ from pydantic import BeforeValidator, Field, PrivateAttr, model_validator
 from fedcollab.core import FrozenModel
 from fedcollab.spec._gbdt import GbdtSpec, gbdt_problems
 from fedcollab.spec._he import HeSpec
+from fedcollab.spec._vertical import VerticalSpec, vertical_problems
 
 
 def _integral_float_to_int(value: Any) -> Any:
@@ -63,6 +64,7 @@ class PartnerSpec(FrozenModel):
     dataset: str | None = Field(default=None, min_length=1, description="Dataset id the partner's budgets are kept under; defaults to the partner's name.")
     source: SourceSpec | None = Field(default=None, description="Local data (simulation). Omit in deployment.")
     split: SplitSpec = Field(default_factory=lambda: SplitSpec(test_fraction=0.34))
+    columns: list[str] | None = Field(default=None, description="layout = 'vertical': the schema columns this partner holds (its features; the label holder also the label). The id column is implied.")
 
     @property
     def dataset_id(self) -> str:
@@ -356,6 +358,8 @@ class Spec(FrozenModel):
     aggregation: Literal["plain", "secagg", "he"] = Field(default="plain", description="How updates are combined: `plain` (the coordinator sees each update), `secagg` (only their sum) or `he` (only ciphertexts: partners hold the key, see docs/he.md).")
     secagg: SecAggSpec = Field(default_factory=SecAggSpec, description="Parameters of secure aggregation (aggregation = 'secagg').")
     he: HeSpec = Field(default_factory=HeSpec, description="Parameters of homomorphic encryption (aggregation = 'he').")
+    layout: Literal["horizontal", "vertical"] = Field(default="horizontal", description="`horizontal`: every partner holds every column for its own rows; `vertical`: partners hold different columns about the same people (see [vertical] and docs/vertical.md).")
+    vertical: VerticalSpec | None = Field(default=None, description="layout = 'vertical': the join key, the label holder and PSI options.")
     partners: list[PartnerSpec] = Field(min_length=1)
     data_schema: SchemaSpec = Field(alias="schema")
     model: ModelSpec = Field(default_factory=ModelSpec)
@@ -414,6 +418,7 @@ class Spec(FrozenModel):
         if self.aggregation == "he":
             problems.extend(self.he.problems(self))
         problems.extend(gbdt_problems(self))
+        problems.extend(vertical_problems(self))
         if self.privacy.mode == "central" and self.aggregation == "he":
             problems.append("privacy.mode = 'central' needs the plaintext aggregate at the coordinator: use aggregation 'plain' or 'secagg', not 'he'")
         mp = self.training.min_partners

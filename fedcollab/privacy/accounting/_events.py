@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from fedcollab.core import PrivacyError
 
 Unit = Literal["record", "partner"]
-Observer = Literal["coordinator", "model_recipients"]
+Observer = Literal["coordinator", "model_recipients", "label_holder", "passive_party"]
 
 
 class _Event(BaseModel):
@@ -118,7 +118,7 @@ class Release(_Event):
     ``epsilon`` is not stored here: it is recomputed from the mechanisms by the accountant.
     """
 
-    kind: Literal["dpsgd_training", "statistics", "test_metrics", "row_counts", "model_update", "ddg_update", "central_dp_update", "query", "profile", "gbdt_histogram"]
+    kind: Literal["dpsgd_training", "statistics", "test_metrics", "row_counts", "model_update", "ddg_update", "central_dp_update", "query", "profile", "gbdt_histogram", "vertical_histogram", "vertical_partition"]
     about: Literal["train", "test", "train+test"]
     unit: Unit
     observer: Observer

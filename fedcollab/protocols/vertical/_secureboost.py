@@ -1,0 +1,519 @@
+"""Vertical SecureBoost as pure stage functions (Cheng et al., IEEE Intelligent Systems 2021).
+
+Two parties hold different columns of the same aligned records (aligned by PSI beforehand): the
+*active* party (label holder) and one *passive* party. One tree is grown level by level:
+
+1. Per tree the active party computes the logistic gradients ``g, h`` of its margins, quantises
+   them and encrypts them under its own BFV key (:class:`EncryptedGradients`).
+2. Per level it sends the passive party the open tree nodes and each record's node
+   (:class:`LevelQuery`: SecureBoost's "instance space", a declared non-private release of the
+   active party); the passive party returns encrypted per-node, per-feature, per-bin sums of
+   ``g`` and ``h`` (:class:`EncryptedBinSums`), with Gaussian noise added before they leave when
+   record-level DP is on (charged to the passive party: unit record, observer label holder).
+3. The active party decrypts, adds its own plaintext histograms and picks each node's split by the
+   XGBoost gain over *both* parties' features. A split on a passive feature goes back as a
+   reference (:class:`SplitNotice`: feature index and bin index, never a threshold: the passive
+   party's bin edges stay at its node); the passive party stores the threshold in its lookup table
+   and answers with the rows that go left (:class:`SplitPartition`, a declared non-private release).
+4. Leaf values come from the active party's own exact sums.
+
+Prediction is joint: the passive party evaluates its lookup table on the rows
+(:func:`passive_decisions`) and the active party routes them (:func:`active_margin`). The model
+can be assembled into one XGBoost model only by putting the passive party's table together with the
+active party's trees (:func:`assemble_ensemble`), e.g. for tests or when both agree to publish it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from fedcollab.core import ProtocolError
+from fedcollab.crypto import BfvPublic, BfvSecret
+from fedcollab.privacy.accounting import GaussianMechanism, NonPrivate, Release, calibrate_noise_multiplier, compute_epsilon
+from fedcollab.protocols.gbdt import BinLayout, Ensemble, Tree, best_split, bin_rows, build_histograms, leaf_value, logistic_gradients
+from fedcollab.spec import TreeParams
+
+PROTOCOL = "fedcollab.secureboost.v1"
+MAX_SCALE_BITS = 24
+NOISE_TAIL = 12.0  # noise beyond 12 sigma (probability < 1e-32 per cell) would wrap: the scale leaves room for it
+
+
+# ----------------------------------------------------------------------------------- binning
+
+
+def quantile_layout(x: np.ndarray, names: Sequence[str], *, n_bins: int) -> BinLayout:
+    """The passive party's private bin edges: quantiles of its own rows (float32), 0.5 for 0/1 features.
+
+    These edges are the split thresholds; they never leave the passive node.
+    """
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[1] != len(names):
+        raise ProtocolError(f"rows must have shape (n, {len(names)}), got {arr.shape}.")
+    edges = []
+    for j in range(arr.shape[1]):
+        col = arr[:, j][~np.isnan(arr[:, j])]
+        values = np.unique(col)
+        if values.size <= 2 and np.all(np.isin(values, (0.0, 1.0))):
+            edges.append(np.array([0.5]))
+            continue
+        qs = np.quantile(col, np.arange(1, n_bins) / n_bins) if col.size else np.array([0.0])
+        e = np.unique(qs.astype(np.float32)).astype(np.float64)
+        e = e[e > values.min()] if values.size else e  # an edge at the minimum leaves an empty first bin
+        edges.append(e if e.size else np.array([float(np.float32(values.max() if values.size else 0.0)) + 1.0]))
+    return BinLayout(feature_names=tuple(names), edges=tuple(edges))
+
+
+def proxy_layout(n_bins: Sequence[int], *, prefix: str) -> BinLayout:
+    """What the active party knows of the passive features: bin counts only (edges 0.5, 1.5, ... are placeholders)."""
+    nb = [int(v) for v in n_bins]
+    if not nb or any(v < 2 for v in nb):
+        raise ProtocolError(f"the passive party's bin counts must be >= 2 per feature, got {nb}.")
+    return BinLayout(feature_names=tuple(f"{prefix}[{j}]" for j in range(len(nb))), edges=tuple(np.arange(v - 1, dtype=np.float64) + 0.5 for v in nb))
+
+
+def joint_layout(active: BinLayout, passive: BinLayout) -> BinLayout:
+    """Active features first, then the passive ones (the split search's feature order)."""
+    return BinLayout(feature_names=active.feature_names + passive.feature_names, edges=active.edges + passive.edges)
+
+
+# ----------------------------------------------------------------------------------- DP plan
+
+
+@dataclass(frozen=True)
+class VerticalDpPlan:
+    """Gaussian noise on the passive party's bin sums: unit record (its feature values), observer label holder.
+
+    Adjacency: one aligned record's passive feature values replaced. In one level the record is in
+    one open node; per passive feature its (g, h) moves from one bin to another: 2 d cells change
+    by at most ``grad_clip`` (g) or ``hess_clip`` (h): L2 sensitivity ``sqrt(2 d (gc^2 + hc^2))``.
+    """
+
+    n_trees: int
+    levels: int
+    n_features: int
+    grad_clip: float
+    hess_clip: float
+    z: float
+    target_epsilon: float
+    delta: float
+    epsilon: float
+
+    @property
+    def sensitivity(self) -> float:
+        """L2 sensitivity of one level's bin sums."""
+        return math.sqrt(2 * self.n_features * (self.grad_clip**2 + self.hess_clip**2))
+
+    @property
+    def sigma(self) -> float:
+        """Noise std of every cell."""
+        return self.z * self.sensitivity
+
+
+def plan_vertical_dp(params: TreeParams, *, n_features: int, target_epsilon: float, delta: float) -> VerticalDpPlan:
+    """Calibrate one noise multiplier for every level of every tree (RDP accountant)."""
+    steps = params.n_trees * params.max_depth
+    z = calibrate_noise_multiplier(target_epsilon=target_epsilon, delta=delta, sample_rate=None, steps=steps, accountant="rdp")
+    eps = compute_epsilon([GaussianMechanism(noise_multiplier=z, releases=steps)], delta=delta, accountant="rdp").epsilon
+    return VerticalDpPlan(n_trees=params.n_trees, levels=params.max_depth, n_features=n_features, grad_clip=params.grad_clip,
+                          hess_clip=params.hess_clip, z=z, target_epsilon=target_epsilon, delta=delta, epsilon=eps)
+
+
+def scale_bits(n_records: int, plan: VerticalDpPlan | None, plain_modulus: int) -> int:
+    """Fixed-point bits of g and h so that every (noisy) bin sum fits in (-t/2, t/2)."""
+    bound = n_records * 1.0 + (NOISE_TAIL * plan.sigma if plan is not None else 0.0)  # |g| <= 1, h <= 1/4
+    bits = int(math.floor(math.log2((plain_modulus // 2 - 1) / max(bound, 1.0))))
+    if bits < 8:
+        raise ProtocolError(f"{n_records} records leave only {bits} fixed-point bits in the BFV plain modulus.")
+    return min(bits, MAX_SCALE_BITS)
+
+
+# ----------------------------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True)
+class PassiveAdvert:
+    """Passive -> active, once: how many value bins each of its encoded features has (no edges)."""
+
+    n_bins: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class KeyBundle:
+    """Active -> passive, once: the BFV public key and Galois keys (no secret key), and the fixed-point scale."""
+
+    public: tuple[bytes, bytes]
+    scale_bits: int
+
+
+@dataclass(frozen=True)
+class EncryptedGradients:
+    """Active -> passive, per tree: ciphertexts of the quantised (g, h) of every aligned training record."""
+
+    tree: int
+    chunks: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class LevelQuery:
+    """Active -> passive, per level: the open nodes and the open-node index of every record (-1: in none)."""
+
+    tree: int
+    level: int
+    n_open: int
+    position: np.ndarray = field(repr=False)
+
+
+@dataclass(frozen=True)
+class EncryptedBinSums:
+    """Passive -> active, per level: encrypted (G, H) per open node, passive feature slot."""
+
+    tree: int
+    level: int
+    ciphertexts: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class SplitNotice:
+    """Active -> passive: split tree node ``node`` on passive feature ``feature`` at bin ``bin_index`` (a reference, no threshold)."""
+
+    tree: int
+    node: int
+    feature: int
+    bin_index: int
+    default_left: bool
+    rows: np.ndarray = field(repr=False)  # indices of the records in that node
+
+
+@dataclass(frozen=True)
+class SplitPartition:
+    """Passive -> active: which of the notice's rows go left."""
+
+    tree: int
+    node: int
+    left: np.ndarray = field(repr=False)
+
+
+# ----------------------------------------------------------------------------------- passive side
+
+
+@dataclass(frozen=True)
+class LookupEntry:
+    """The passive party's record of one of its splits (the threshold never leaves its node)."""
+
+    feature: int
+    bin_index: int
+    threshold: float
+    default_left: bool
+
+
+@dataclass(frozen=True)
+class PassiveState:
+    """What the passive node keeps (never leaves it)."""
+
+    party: str
+    layout: BinLayout
+    bins: np.ndarray = field(repr=False)
+    public: BfvPublic | None = field(default=None, repr=False)
+    scale_bits: int = 0
+    gradients: EncryptedGradients | None = field(default=None, repr=False)
+    table: Mapping[tuple[int, int], LookupEntry] = field(default_factory=dict)
+    answered: frozenset[tuple[int, int]] = frozenset()
+
+
+def passive_init(party: str, x: np.ndarray, layout: BinLayout) -> tuple[PassiveState, PassiveAdvert]:
+    """Bin the passive party's rows with its private layout; advertise only the bin counts."""
+    bins = bin_rows(x, layout)
+    return PassiveState(party=party, layout=layout, bins=bins), PassiveAdvert(n_bins=tuple(int(v) for v in layout.n_bins))
+
+
+def passive_keys(state: PassiveState, bundle: KeyBundle) -> PassiveState:
+    """Load the active party's public key material (refused by SEAL if malformed)."""
+    if state.public is not None:
+        raise ProtocolError("secureboost: the key bundle was already received; a second one is refused.")
+    return replace(state, public=BfvPublic.from_bundle(list(bundle.public)), scale_bits=int(bundle.scale_bits))
+
+
+def passive_gradients(state: PassiveState, msg: EncryptedGradients) -> PassiveState:
+    """Keep the tree's encrypted gradients (checked when they are used)."""
+    if state.public is None:
+        raise ProtocolError("secureboost: gradients before the key bundle.")
+    return replace(state, gradients=msg)
+
+
+def _release(kind: str, *, party: str, observer: str, tree: int, level: int, mech: GaussianMechanism | NonPrivate, **details: float | int | str | bool) -> Release:
+    return Release(kind=kind, about="train", unit="record", observer=observer, added_by=party, party=party, round=tree,  # type: ignore[arg-type]
+                   mechanism=mech, details={"tree": tree, "level": level, **details})
+
+
+def passive_bin_sums(state: PassiveState, query: LevelQuery, *, plan: VerticalDpPlan | None,
+                     rng: np.random.Generator | None) -> tuple[PassiveState, EncryptedBinSums, Release]:
+    """Encrypted per-bin sums of the query's open nodes, noisy under DP; the release to record before replying."""
+    if state.public is None or state.gradients is None or state.gradients.tree != query.tree:
+        raise ProtocolError(f"secureboost: a level query for tree {query.tree} without that tree's encrypted gradients.")
+    key = (query.tree, query.level)
+    if key in state.answered:
+        raise ProtocolError(f"secureboost: level {query.level} of tree {query.tree} was already answered; a repeat is refused.")
+    if plan is not None and query.level >= plan.levels:
+        raise ProtocolError(f"secureboost: level {query.level} is beyond the plan's {plan.levels} levels per tree.")
+    pos = np.asarray(query.position, dtype=np.int64)
+    n = state.bins.shape[0]
+    if pos.shape != (n,) or query.n_open < 1 or (pos.size and (pos.max() >= query.n_open or pos.min() < -1)):
+        raise ProtocolError(f"secureboost: `position` must be {n} open-node indices in [-1, {query.n_open}).")
+    lay = state.layout
+    slots = lay.n_slots
+    cols = lay.offsets[None, :] + state.bins.astype(np.int64)  # missing bin = n_bins, i.e. the slot after the values
+    outputs = np.where(pos[:, None] >= 0, pos[:, None] * slots + cols, -1)
+    n_out = query.n_open * slots
+    noise = None
+    if plan is not None:
+        if rng is None:
+            raise ProtocolError("secureboost: a DP release needs an explicit noise generator.")
+        noise = np.rint(rng.normal(0.0, plan.sigma, size=(2, n_out)) * (1 << state.scale_bits)).astype(np.int64)
+        mech: GaussianMechanism | NonPrivate = GaussianMechanism(noise_multiplier=plan.z, releases=1)
+        extra: dict[str, float | int | str | bool] = {"sigma": plan.sigma, "sensitivity": plan.sensitivity}
+    else:
+        mech, extra = NonPrivate(), {}
+    cts = state.public.bin_sums(state.gradients.chunks, outputs, n_out, noise=noise)
+    event = _release("vertical_histogram", party=state.party, observer="label_holder", tree=query.tree, level=query.level, mech=mech, **extra)
+    return replace(state, answered=state.answered | {key}), EncryptedBinSums(tree=query.tree, level=query.level, ciphertexts=tuple(cts)), event
+
+
+def passive_split(state: PassiveState, notice: SplitNotice) -> tuple[PassiveState, SplitPartition, Release]:
+    """Record the split in the lookup table and return which of the node's rows go left (a declared non-private release)."""
+    lay = state.layout
+    if not (0 <= notice.feature < lay.n_features and 0 <= notice.bin_index < int(lay.n_bins[notice.feature]) - 1):
+        raise ProtocolError(f"secureboost: a split on feature {notice.feature} bin {notice.bin_index} is outside this party's layout.")
+    key = (notice.tree, notice.node)
+    if key in state.table:
+        raise ProtocolError(f"secureboost: node {notice.node} of tree {notice.tree} was already split.")
+    rows = np.asarray(notice.rows, dtype=np.int64)
+    if rows.ndim != 1 or (rows.size and (rows.min() < 0 or rows.max() >= state.bins.shape[0])) or np.unique(rows).size != rows.size:
+        raise ProtocolError("secureboost: the split's rows must be distinct record indices.")
+    b = state.bins[rows, notice.feature]
+    left = np.where(b == lay.n_bins[notice.feature], notice.default_left, b <= notice.bin_index)
+    entry = LookupEntry(feature=notice.feature, bin_index=notice.bin_index, threshold=lay.threshold(notice.feature, notice.bin_index), default_left=notice.default_left)
+    table = dict(state.table)
+    table[key] = entry
+    event = _release("vertical_partition", party=state.party, observer="label_holder", tree=notice.tree, level=-1, mech=NonPrivate(), node=notice.node, rows=int(rows.size))
+    return replace(state, table=table), SplitPartition(tree=notice.tree, node=notice.node, left=left), event
+
+
+def passive_decisions(table: Mapping[tuple[int, int], LookupEntry], x: np.ndarray, layout: BinLayout) -> dict[tuple[int, int], np.ndarray]:
+    """For joint prediction: whether each row goes left at each of the passive party's splits."""
+    arr = np.asarray(x, dtype=np.float64).astype(np.float32)
+    out = {}
+    for key, e in table.items():
+        v = arr[:, e.feature]
+        out[key] = np.where(np.isnan(v), e.default_left, v < np.float32(e.threshold))
+    return out
+
+
+# ----------------------------------------------------------------------------------- active side
+
+
+@dataclass(frozen=True)
+class VerticalNode:
+    """One tree node as the active party holds it: ``owner`` 0 (itself) or 1 (the passive party, a reference only)."""
+
+    left: int = -1
+    right: int = -1
+    owner: int = 0
+    feature: int = -1  # index among the owner's own features
+    bin_index: int = 0
+    threshold: float = math.nan  # the active party's own splits only
+    default_left: bool = True
+    gain: float = 0.0
+    value: float = 0.0
+    hessian: float = 0.0
+
+
+@dataclass(frozen=True)
+class VerticalTree:
+    """A finished tree: node 0 is the root."""
+
+    nodes: tuple[VerticalNode, ...]
+
+
+@dataclass(frozen=True)
+class VerticalModel:
+    """The active party's part of the model (the passive party keeps its lookup table)."""
+
+    trees: tuple[VerticalTree, ...]
+    base_score: float
+    active_features: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ActiveState:
+    """What the active node keeps (never leaves it)."""
+
+    party: str
+    layout: BinLayout
+    bins: np.ndarray = field(repr=False)
+    y: np.ndarray = field(repr=False)
+    margin: np.ndarray = field(repr=False)
+    passive: BinLayout | None = None
+    secret: BfvSecret | None = field(default=None, repr=False)
+    scale_bits: int = 0
+
+
+def active_init(party: str, x: np.ndarray, y: np.ndarray, layout: BinLayout, *, base_score: float) -> ActiveState:
+    """Bin the active party's rows (its own public-bound layout) and start at ``logit(base_score)``."""
+    bins = bin_rows(x, layout)
+    yy = np.asarray(y, dtype=np.float64)
+    if yy.shape != (bins.shape[0],) or not np.all((yy == 0) | (yy == 1)):
+        raise ProtocolError(f"labels must be {bins.shape[0]} values in {{0, 1}}.")
+    return ActiveState(party=party, layout=layout, bins=bins, y=yy, margin=np.full(len(yy), math.log(base_score / (1 - base_score))))
+
+
+def active_keys(state: ActiveState, advert: PassiveAdvert, *, plan: VerticalDpPlan | None) -> tuple[ActiveState, KeyBundle]:
+    """Fresh BFV keys for this run and the bundle for the passive party."""
+    passive = proxy_layout(advert.n_bins, prefix="passive")
+    secret = BfvSecret.generate(records=len(state.y))
+    bits = scale_bits(len(state.y), plan, secret.plain_modulus)
+    pk, gk = secret.public_bundle()
+    return replace(state, passive=passive, secret=secret, scale_bits=bits), KeyBundle(public=(pk, gk), scale_bits=bits)
+
+
+def _gradients(state: ActiveState, plan: VerticalDpPlan | None) -> tuple[np.ndarray, np.ndarray]:
+    g, h = logistic_gradients(state.y, state.margin)
+    if plan is not None:
+        g, h = np.clip(g, -plan.grad_clip, plan.grad_clip), np.clip(h, 0.0, plan.hess_clip)
+    return g, h
+
+
+@dataclass
+class _Growing:
+    nodes: list[VerticalNode]
+    position: np.ndarray  # tree node id of every record
+    open: list[int]
+
+
+def train_tree(state: ActiveState, tree: int, params: TreeParams, *, plan: VerticalDpPlan | None,
+               exchange: _Exchange) -> tuple[ActiveState, VerticalTree]:
+    """Grow one tree, calling ``exchange`` for every message to the passive party; add it to the margins."""
+    assert state.secret is not None and state.passive is not None, "keys first"
+    g, h = _gradients(state, plan)
+    s = float(1 << state.scale_bits)
+    chunks = state.secret.encrypt_rows(np.rint(g * s).astype(np.int64), np.rint(h * s).astype(np.int64))
+    exchange.gradients(EncryptedGradients(tree=tree, chunks=tuple(chunks)))
+    joint = joint_layout(state.layout, state.passive)
+    d_a = state.layout.n_features
+    gr = _Growing(nodes=[VerticalNode()], position=np.zeros(len(state.y), dtype=np.int64), open=[0])
+    for level in range(params.max_depth):
+        if not gr.open:
+            break
+        index = {node: i for i, node in enumerate(gr.open)}
+        pos = np.array([index.get(int(p), -1) for p in gr.position], dtype=np.int64)
+        reply = exchange.level(LevelQuery(tree=tree, level=level, n_open=len(gr.open), position=pos))
+        slots_p = state.passive.n_slots
+        sums = state.secret.decrypt_sums(list(reply.ciphertexts), len(gr.open) * slots_p).astype(np.float64) / s
+        hist_p = sums.reshape(len(gr.open), slots_p, 2)
+        hist_a = build_histograms(state.bins, g, h, pos, n_open=len(gr.open), layout=state.layout)
+        total = np.concatenate([hist_a, hist_p], axis=1)
+        nxt: list[int] = []
+        for i, node in enumerate(gr.open):
+            split = best_split(total[i], node=node, layout=joint, params=params)
+            if split is None:
+                continue
+            rows = np.flatnonzero(gr.position == node)
+            if split.feature < d_a:
+                b = state.bins[rows, split.feature]
+                left = np.where(b == state.layout.n_bins[split.feature], split.default_left, b <= split.bin_index)
+                owner, feat, thr = 0, split.feature, split.threshold
+            else:
+                feat = split.feature - d_a
+                part = exchange.split(SplitNotice(tree=tree, node=node, feature=feat, bin_index=split.bin_index, default_left=split.default_left, rows=rows))
+                left = np.asarray(part.left, dtype=bool)
+                if part.tree != tree or part.node != node or left.shape != rows.shape:
+                    raise ProtocolError(f"secureboost: the partition of node {node} does not match its {rows.size} rows.")
+                owner, thr = 1, math.nan
+            lc, rc = len(gr.nodes), len(gr.nodes) + 1
+            gr.nodes[node] = replace(gr.nodes[node], left=lc, right=rc, owner=owner, feature=feat, bin_index=split.bin_index,
+                                     threshold=thr, default_left=split.default_left, gain=split.gain)
+            gr.nodes += [VerticalNode(), VerticalNode()]
+            gr.position[rows] = np.where(left, lc, rc)
+            nxt += [lc, rc]
+        gr.open = nxt
+    # leaves: the active party's own exact sums
+    nodes = list(gr.nodes)
+    n_nodes = len(nodes)
+    gs = np.bincount(gr.position, weights=g, minlength=n_nodes)
+    hs = np.bincount(gr.position, weights=h, minlength=n_nodes)
+    # inner nodes' base weights and hessians from their subtrees (what XGBoost stores; not used to predict)
+    for i in reversed(range(n_nodes)):
+        if nodes[i].left >= 0:
+            gs[i] = gs[nodes[i].left] + gs[nodes[i].right]
+            hs[i] = hs[nodes[i].left] + hs[nodes[i].right]
+    for i, nd in enumerate(nodes):
+        nodes[i] = replace(nd, value=leaf_value(gs[i], hs[i], params), hessian=max(float(hs[i]), 0.0))
+    vt = VerticalTree(nodes=tuple(nodes))
+    leaf_vals = np.array([nodes[i].value for i in range(n_nodes)], dtype=np.float32).astype(np.float64)
+    return replace(state, margin=state.margin + leaf_vals[gr.position]), vt
+
+
+class _Exchange:
+    """How the active party reaches the passive one: in-process calls here, Flower messages in a run."""
+
+    def gradients(self, msg: EncryptedGradients) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def level(self, msg: LevelQuery) -> EncryptedBinSums:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def split(self, msg: SplitNotice) -> SplitPartition:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def active_margin(model: VerticalModel, x_active: np.ndarray, layout: BinLayout, decisions: Mapping[tuple[int, int], np.ndarray]) -> np.ndarray:
+    """Joint prediction at the active party: its own splits on its rows, the passive party's as decided by it."""
+    arr = np.asarray(x_active, dtype=np.float64).astype(np.float32)
+    n = arr.shape[0]
+    margin = np.full(n, math.log(model.base_score / (1 - model.base_score)))
+    rows = np.arange(n)
+    for t, tree in enumerate(model.trees):
+        node = np.zeros(n, dtype=np.int64)
+        for _ in range(len(tree.nodes)):
+            inner = np.array([tree.nodes[k].left >= 0 for k in node])
+            if not inner.any():
+                break
+            go_left = np.zeros(n, dtype=bool)
+            for k in np.unique(node[inner]):
+                nd = tree.nodes[int(k)]
+                sel = rows[node == k]
+                if nd.owner == 0:
+                    v = arr[sel, nd.feature]
+                    go_left[sel] = np.where(np.isnan(v), nd.default_left, v < np.float32(nd.threshold))
+                else:
+                    dec = decisions.get((t, int(k)))
+                    if dec is None or np.shape(dec) != (n,):
+                        raise ProtocolError(f"secureboost: no passive decision for node {int(k)} of tree {t}.")
+                    go_left[sel] = np.asarray(dec, dtype=bool)[sel]
+            node = np.where(inner, np.where(go_left, [tree.nodes[k].left for k in node], [tree.nodes[k].right for k in node]), node)
+        values = np.array([nd.value for nd in tree.nodes], dtype=np.float32).astype(np.float64)
+        margin = margin + values[node]
+    return margin
+
+
+def assemble_ensemble(model: VerticalModel, table: Mapping[tuple[int, int], LookupEntry], passive: BinLayout) -> Ensemble:
+    """One XGBoost-style ensemble over the joint features (active first): needs the passive party's lookup table."""
+    d_a = len(model.active_features)
+    trees = []
+    for t, vt in enumerate(model.trees):
+        feat, thr, bidx, dl = [], [], [], []
+        for i, nd in enumerate(vt.nodes):
+            if nd.left < 0:
+                feat.append(0), thr.append(nd.value), bidx.append(0), dl.append(False)
+            elif nd.owner == 0:
+                feat.append(nd.feature), thr.append(float(np.float32(nd.threshold))), bidx.append(nd.bin_index), dl.append(nd.default_left)
+            else:
+                e = table[(t, i)]
+                feat.append(d_a + e.feature), thr.append(float(np.float32(e.threshold))), bidx.append(e.bin_index), dl.append(e.default_left)
+        trees.append(Tree(left=tuple(n.left for n in vt.nodes), right=tuple(n.right for n in vt.nodes), feature=tuple(feat),
+                          bin_index=tuple(bidx), threshold=tuple(thr), default_left=tuple(dl), value=tuple(n.value for n in vt.nodes),
+                          gain=tuple(n.gain for n in vt.nodes), hessian=tuple(n.hessian for n in vt.nodes)))
+    return Ensemble(trees=tuple(trees), base_score=model.base_score, feature_names=model.active_features + passive.feature_names)
