@@ -25,7 +25,7 @@ import numpy as np
 from fedcollab.core import ConfigError, FedcollabError, NodeError, NodeErrorCode, RunInterrupted, TransportError, get_logger
 from fedcollab.coordinator import COORDINATOR, CoordinatorRecorder, RoundRecord, RunLedger, make_server_app, privacy_section
 from fedcollab.node import NodeHome, init_node_home, make_client_app
-from fedcollab.spec import BudgetSpec, NodePolicy, Roster, RosterEntry
+from fedcollab.spec import BudgetSpec, NodePolicy, Roster, RosterEntry, VerticalPolicy
 from fedcollab.protocols import HIST_BINS, PooledMetrics, Scaling, Summary
 from fedcollab.protocols._summary import LedgerRef, Metrics, MetricsEntry, ModelRef, RunError, SpecRef
 from fedcollab.spec import Spec, load_spec
@@ -701,6 +701,8 @@ def simulated_policy(spec: Spec, partner: str) -> NodePolicy:
         test_metrics="public",
         min_test_rows=SIMULATED_MIN_TEST_ROWS,
         max_histogram_bins=HIST_BINS,
+        # A vertical spec: this simulated partner joins it, with the spec's own minimum intersection.
+        vertical=VerticalPolicy(allowed=True, min_intersection=spec.vertical.min_intersection) if spec.vertical is not None else VerticalPolicy(),
     )
 
 

@@ -3,7 +3,7 @@
 from fedcollab.spec._gbdt import GbdtSpec, TreeParams, tree_params
 from fedcollab.spec._he import HeSpec
 from fedcollab.spec._load import load_spec, parse_spec, spec_sha256
-from fedcollab.spec._policy import BudgetSpec, NodePolicy, PolicyWarning, ScoringPolicy, StatisticsPolicy, load_policy, policy_toml
+from fedcollab.spec._policy import BudgetSpec, NodePolicy, PolicyWarning, ScoringPolicy, StatisticsPolicy, VerticalPolicy, load_policy, policy_toml
 from fedcollab.spec._query import Predicate, QuerySpec, StatisticSpec, check_query, load_query, parse_query
 from fedcollab.spec._vertical import VerticalSpec
 from fedcollab.spec._roster import Roster, RosterEntry, load_roster
@@ -50,6 +50,7 @@ __all__ = [
     "StatisticsPolicy",
     "TrainingSpec",
     "TreeParams",
+    "VerticalPolicy",
     "VerticalSpec",
     "check_query",
     "load_policy",

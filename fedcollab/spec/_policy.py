@@ -48,6 +48,14 @@ class StatisticsPolicy(FrozenModel):
     )
 
 
+class VerticalPolicy(FrozenModel):
+    """Rules for vertical collaborations (different columns about the same records; docs/vertical.md)."""
+
+    allowed: bool = Field(default=False, description="Whether this node joins vertical collaborations at all (PSI, SecureBoost).")
+    max_psi_runs: PosInt = Field(default=10, description="Most PSI runs this node joins per dataset, over all time (each reveals the intersection).")
+    min_intersection: PosInt = Field(default=20, description="Fewest common records a vertical run may train on; below it the node refuses (code 132).")
+
+
 class ScoringPolicy(FrozenModel):
     """Encrypted scoring of this node's models by other parties (``fedcollab score apply``).
 
@@ -93,6 +101,7 @@ class NodePolicy(FrozenModel):
     )
     statistics: StatisticsPolicy = Field(default_factory=StatisticsPolicy)
     scoring: ScoringPolicy = Field(default_factory=ScoringPolicy)
+    vertical: VerticalPolicy = Field(default_factory=VerticalPolicy)
     # --- test-split releases (issue 13, attack 2): the node bounds what evaluation reveals ---------
     test_metrics: Literal["off", "public", "dp"] | None = Field(
         default=None,
@@ -206,6 +215,12 @@ def policy_toml(policy: NodePolicy) -> str:
         f"flood_std = {policy.scoring.flood_std!r}",
         "[scoring.max_rows_per_querier]",
         *(f"{json.dumps(q)} = {n}" for q, n in sorted(policy.scoring.max_rows_per_querier.items())),
+        "",
+        "# Vertical collaborations (different columns about the same records; docs/vertical.md).",
+        "[vertical]",
+        f"allowed = {str(policy.vertical.allowed).lower()}",
+        f"max_psi_runs = {policy.vertical.max_psi_runs}",
+        f"min_intersection = {policy.vertical.min_intersection}",
         "",
     ]
     return "\n".join(lines)

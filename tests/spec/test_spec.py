@@ -43,7 +43,7 @@ class TestValid:
 
     def test_packaged_copies_match(self):
         """The specs shipped inside the package are the ones in protocols/."""
-        for name in ("heart-disease.toml", "heart-disease-dp.toml"):
+        for name in ("heart-disease.toml", "heart-disease-dp.toml", "heart-disease-vertical.toml"):
             assert (ROOT / "protocols" / name).read_bytes() == (ROOT / "fedcollab" / "protocols_dist" / name).read_bytes()
 
 

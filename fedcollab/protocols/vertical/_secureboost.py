@@ -245,8 +245,12 @@ def passive_gradients(state: PassiveState, msg: EncryptedGradients) -> PassiveSt
 
 
 def _release(kind: str, *, party: str, observer: str, tree: int, level: int, mech: GaussianMechanism | NonPrivate, **details: float | int | str | bool) -> Release:
+    # The instance space (which rows go left at a split, which rows are open at a level) is
+    # SecureBoost's declared leakage: recorded, never hidden, but declared rather than charged
+    # (docs/vertical.md: DP covers the bin sums only).
+    declared = kind == "vertical_partition"
     return Release(kind=kind, about="train", unit="record", observer=observer, added_by=party, party=party, round=tree,  # type: ignore[arg-type]
-                   mechanism=mech, details={"tree": tree, "level": level, **details})
+                   mechanism=mech, declared_public=declared, details={"tree": tree, "level": level, **details})
 
 
 def passive_bin_sums(state: PassiveState, query: LevelQuery, *, plan: VerticalDpPlan | None,

@@ -6,7 +6,7 @@ makes, so tests and benchmarks can check the protocol, its model and its books.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +38,11 @@ from fedcollab.protocols.vertical._secureboost import (
 from fedcollab.spec import TreeParams
 
 
+#: Called with (release, payload) before the message carrying it is handed over; raising stops it
+#: (a node's budget gate: check, record, then send).
+Recorder = Callable[[Release, bytes], None]
+
+
 @dataclass(frozen=True)
 class VerticalTrainResult:
     """The active party's model, the passive party's lookup table, every release, and what crossed the wire."""
@@ -51,8 +56,9 @@ class VerticalTrainResult:
 
 class _InProcess(_Exchange):
     def __init__(self, passive: PassiveState, *, active_party: str, plan: VerticalDpPlan | None, rng: np.random.Generator | None,
-                 releases: dict[str, list[Release]], keep: bool) -> None:
+                 releases: dict[str, list[Release]], keep: bool, record: Recorder | None = None) -> None:
         self.state = passive
+        self.record = record
         self.active_party = active_party
         self.plan = plan
         self.rng = rng
@@ -70,18 +76,23 @@ class _InProcess(_Exchange):
         self._seen(msg)
         self.state = passive_gradients(self.state, msg)
 
+    def _book(self, event: Release, payload: bytes) -> None:
+        if self.record is not None:
+            self.record(event, payload)
+        self.releases[event.party].append(event)
+
     def level(self, msg: LevelQuery) -> EncryptedBinSums:
-        self.releases[self.active_party].append(_release("vertical_partition", party=self.active_party, observer="passive_party",
-                                                         tree=msg.tree, level=msg.level, mech=NonPrivate(), n_open=msg.n_open))
+        self._book(_release("vertical_partition", party=self.active_party, observer="passive_party",
+                            tree=msg.tree, level=msg.level, mech=NonPrivate(), n_open=msg.n_open), msg.position.tobytes())
         self.state, reply, event = passive_bin_sums(self.state, msg, plan=self.plan, rng=self.rng)
-        self.releases[self.state.party].append(event)
+        self._book(event, b"".join(reply.ciphertexts))
         self.bytes += msg.position.nbytes + sum(len(c) for c in reply.ciphertexts)
         self._seen(msg, reply)
         return reply
 
     def split(self, msg: SplitNotice) -> SplitPartition:
         self.state, part, event = passive_split(self.state, msg)
-        self.releases[self.state.party].append(event)
+        self._book(event, np.asarray(part.left, dtype=bool).tobytes())
         self.bytes += msg.rows.nbytes + part.left.nbytes
         self._seen(msg, part)
         return part
@@ -89,8 +100,13 @@ class _InProcess(_Exchange):
 
 def train_vertical_in_process(active: tuple[str, np.ndarray, np.ndarray, BinLayout], passive: tuple[str, np.ndarray, BinLayout], *,
                               params: TreeParams, plan: VerticalDpPlan | None, rng: np.random.Generator | None = None,
-                              keep_messages: bool = False) -> VerticalTrainResult:
-    """SecureBoost between ``active = (name, x, y, its layout)`` and ``passive = (name, x, its private layout)`` (aligned rows)."""
+                              keep_messages: bool = False, record: Recorder | None = None,
+                              on_tree: Callable[[int], None] | None = None) -> VerticalTrainResult:
+    """SecureBoost between ``active = (name, x, y, its layout)`` and ``passive = (name, x, its private layout)`` (aligned rows).
+
+    ``record`` sees every release before the message carrying it is handed over (a raise stops
+    the run with nothing sent); ``on_tree`` is called after each tree (progress).
+    """
     a_name, x_a, y, lay_a = active
     p_name, x_p, lay_p = passive
     releases: dict[str, list[Release]] = {a_name: [], p_name: []}
@@ -98,12 +114,14 @@ def train_vertical_in_process(active: tuple[str, np.ndarray, np.ndarray, BinLayo
     p_state, advert = passive_init(p_name, x_p, lay_p)
     a_state, bundle = active_keys(a_state, advert, plan=plan)
     p_state = passive_keys(p_state, bundle)
-    ex = _InProcess(p_state, active_party=a_name, plan=plan, rng=rng, releases=releases, keep=keep_messages)
+    ex = _InProcess(p_state, active_party=a_name, plan=plan, rng=rng, releases=releases, keep=keep_messages, record=record)
     ex.bytes += sum(len(b) for b in bundle.public)
     ex._seen(advert, bundle)
     trees = []
     for t in range(params.n_trees):
         a_state, tree = train_tree(a_state, t, params, plan=plan, exchange=ex)
         trees.append(tree)
+        if on_tree is not None:
+            on_tree(t)
     model = VerticalModel(trees=tuple(trees), base_score=params.base_score, active_features=lay_a.feature_names)
     return VerticalTrainResult(model=model, table=dict(ex.state.table), releases=releases, wire_bytes=ex.bytes, messages=ex.messages)

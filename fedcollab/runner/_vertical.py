@@ -1,0 +1,389 @@
+"""A vertical collaboration simulated on one machine: align by PSI, split, SecureBoost, joint evaluation.
+
+Both parties run here as their nodes would (each reads only its own file, checks its own policy,
+records every release in its own signed ledger through its budget gate *before* the message
+carrying it is handed over; the label holder owns the HE key, the passive party keeps its
+thresholds), but they talk by function calls, not Flower messages: the Flower and deployment
+wiring of vertical runs is not built yet (docs/vertical.md). The run ledger (``ledger.jsonl``)
+collects both parties' entries with the runner's receipts and a countersigned close, so
+``fedcollab audit verify`` checks a vertical run like any other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedcollab.core import DataValidationError, NodeErrorCode, PolicyRefused
+from fedcollab.data import VerticalPartyData, load_vertical_party
+from fedcollab.privacy.accounting import GaussianMechanism, NonPrivate, Release, compute_epsilon
+from fedcollab.protocols.gbdt import BinLayout, layout_from_bounds
+from fedcollab.protocols.vertical import (
+    LookupEntry,
+    VerticalDpPlan,
+    VerticalModel,
+    active_margin,
+    passive_decisions,
+    plan_vertical_dp,
+    quantile_layout,
+    train_vertical_in_process,
+)
+from fedcollab.protocols.vertical._train import Recorder
+from fedcollab.spec import Spec, TreeParams, tree_params
+
+#: The vertical demo (``fedcollab demo --vertical``): a clinic and a lab, embedded Heart data.
+VERTICAL_DEMO_SPEC = Path(__file__).resolve().parents[1] / "protocols_dist" / "heart-disease-vertical.toml"
+
+Aligner = Callable[[Sequence[str], Sequence[str], bytes], tuple[np.ndarray, np.ndarray, list[Release]]]
+
+
+def plain_align(ids_a: Sequence[str], ids_b: Sequence[str], domain: bytes) -> tuple[np.ndarray, np.ndarray, list[Release]]:
+    """Reference alignment (tests, benchmarks): both sides' row indices of the common ids, in a canonical order.
+
+    Not private: a run aligns with PSI. The canonical order is that of a keyed hash of the id, so it
+    reveals nothing about either side's file order.
+    """
+    common = set(ids_a) & set(ids_b)
+    order = sorted(common, key=lambda i: hashlib.sha256(domain + i.encode()).digest())
+    ia = {k: n for n, k in enumerate(ids_a)}
+    ib = {k: n for n, k in enumerate(ids_b)}
+    return np.array([ia[k] for k in order], dtype=np.int64), np.array([ib[k] for k in order], dtype=np.int64), []
+
+
+def active_layout(spec: Spec, party: VerticalPartyData, params: TreeParams) -> BinLayout:
+    """The label holder's bins: equal-width over the public schema bounds of its features."""
+    schema = spec.data_schema
+    names = schema.encoded_features()
+    bounds = np.array([schema.encoded_bounds()[names.index(n)] for n in party.feature_names], dtype=np.float64).reshape(-1, 2)
+    binary = []
+    for n in party.feature_names:
+        col = schema.column(n.split("=", 1)[0])
+        binary.append(col.type in ("bool", "category"))
+    return layout_from_bounds(party.feature_names, bounds, n_bins=params.n_bins, binary=binary)
+
+
+def passive_layout(spec: Spec, party: VerticalPartyData, x_train: np.ndarray, params: TreeParams) -> BinLayout:
+    """The passive party's bins (private quantiles of its training rows, or the public bounds)."""
+    assert spec.vertical is not None
+    if spec.vertical.passive_bins == "public":
+        return active_layout(spec, party, params)
+    return quantile_layout(x_train, party.feature_names, n_bins=params.n_bins)
+
+
+def split_aligned(n: int, *, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train and test positions over the aligned order (both parties compute the same, from the spec)."""
+    perm = np.random.default_rng(seed).permutation(n)
+    k = int(round(test_fraction * n))
+    return np.sort(perm[k:]), np.sort(perm[:k])
+
+
+@dataclass(frozen=True)
+class VerticalOutcome:
+    """What a simulated vertical run produced."""
+
+    model: VerticalModel
+    table: dict[tuple[int, int], LookupEntry]
+    layouts: tuple[BinLayout, BinLayout]
+    plan: VerticalDpPlan | None
+    releases: dict[str, list[Release]]
+    intersection: int
+    n_train: int
+    n_test: int
+    test_auc: float
+    test_accuracy: float
+    seconds_align: float
+    seconds_train: float
+    wire_bytes: int
+    data: dict[str, Any]
+
+
+def _auc(y: np.ndarray, score: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, score)) if len(np.unique(y)) == 2 else math.nan
+
+
+def simulate_vertical(spec: Spec, *, align: Aligner = plain_align, rng: np.random.Generator | None = None,
+                      params: TreeParams | None = None, record: Recorder | None = None,
+                      after_align: Callable[[int, list[Release]], None] | None = None,
+                      on_tree: Callable[[int], None] | None = None) -> VerticalOutcome:
+    """Run the vertical spec on this machine (both parties' data read from their sources).
+
+    ``after_align(intersection, psi releases)`` runs before training (the nodes' PSI caps and
+    minimum intersection); ``record`` sees every release before its message is handed over.
+    """
+    v = spec.vertical
+    assert v is not None, "a vertical spec"
+    params = params or tree_params(spec)
+    active_name = v.label_holder
+    passive_name = next(p.name for p in spec.partners if p.name != active_name)
+    a = load_vertical_party(spec, active_name)
+    p = load_vertical_party(spec, passive_name)
+    assert a.y is not None
+    domain = b"fedcollab/vertical/v1|" + spec.name.encode() + b"|" + str(spec.seed).encode()
+    t0 = time.perf_counter()
+    ia, ip, psi_releases = align(a.ids, p.ids, domain)
+    t_align = time.perf_counter() - t0
+    if after_align is not None:
+        after_align(len(ia), list(psi_releases))
+    if len(ia) < v.min_intersection:
+        raise PolicyRefused(f"vertical.min_intersection: the parties share {len(ia)} record(s), fewer than the {v.min_intersection} the spec requires")
+    holder = next(pp for pp in spec.partners if pp.name == active_name)
+    train, test = split_aligned(len(ia), test_fraction=holder.split.test_fraction or 0.34, seed=holder.split.seed if holder.split.seed is not None else spec.seed)
+    if len(train) < 2 or len(test) < 2:
+        raise DataValidationError(f"the aligned records split into {len(train)} train and {len(test)} test rows")
+    xa, y, xp = a.x[ia], a.y[ia], p.x[ip]
+    lay_a = active_layout(spec, a, params)
+    lay_p = passive_layout(spec, p, xp[train], params)
+    plan = None
+    if spec.privacy.mode == "record":
+        assert spec.privacy.target_epsilon is not None and spec.privacy.delta is not None
+        plan = plan_vertical_dp(params, n_features=lay_p.n_features, target_epsilon=spec.privacy.target_epsilon, delta=spec.privacy.delta)
+        if rng is None:
+            rng = np.random.default_rng(np.random.SeedSequence(entropy=int.from_bytes(os.urandom(32), "big")))
+    t0 = time.perf_counter()
+    res = train_vertical_in_process((active_name, xa[train], y[train], lay_a), (passive_name, xp[train], lay_p), params=params, plan=plan, rng=rng,
+                                    record=record, on_tree=on_tree)
+    t_train = time.perf_counter() - t0
+    releases: dict[str, list[Release]] = {active_name: [], passive_name: []}
+    for r in psi_releases:
+        releases.setdefault(r.party, []).append(r)
+    for k, vv in res.releases.items():
+        releases[k].extend(vv)
+    # Joint prediction on the test rows: the passive party decides its own splits and tells the
+    # label holder only left/right per row and split (its thresholds stay with it).
+    dec = passive_decisions(res.table, xp[test], lay_p)
+    ev = Release(kind="vertical_partition", about="test", unit="record", observer="label_holder", added_by=passive_name, party=passive_name,
+                 round=params.n_trees, mechanism=NonPrivate(), declared_public=True, details={"rows": int(len(test)), "splits": len(dec), "joint_prediction": True})
+    if record is not None:
+        record(ev, b"".join(np.asarray(v, dtype=bool).tobytes() for _, v in sorted(dec.items())))
+    releases[passive_name].append(ev)
+    margin = active_margin(res.model, xa[test], lay_a, dec)
+    prob = 1.0 / (1.0 + np.exp(-margin))
+    auc, acc = _auc(y[test], prob), float(np.mean((prob >= 0.5) == (y[test] == 1)))
+    mev = Release(kind="test_metrics", about="test", unit="record", observer="coordinator", added_by=active_name, party=active_name,
+                  round=params.n_trees, mechanism=NonPrivate(), details={"rows": int(len(test)), **({"auc": auc} if math.isfinite(auc) else {}), "accuracy": acc})
+    if record is not None:
+        record(mev, json.dumps({"auc": auc, "accuracy": acc}).encode())
+    releases[active_name].append(mev)
+    return VerticalOutcome(model=res.model, table=dict(res.table), layouts=(lay_a, lay_p), plan=plan, releases=releases, intersection=len(ia),
+                           n_train=len(train), n_test=len(test), test_auc=auc, test_accuracy=acc,
+                           seconds_align=t_align, seconds_train=t_train, wire_bytes=res.wire_bytes,
+                           data={"xa": xa, "xp": xp, "y": y, "train": train, "test": test})
+
+
+def releases_summary(spec: Spec, outcome: VerticalOutcome) -> dict[str, Any]:
+    """Per party: its releases by kind and observer, and the epsilon of its noisy ones (per unit and observer)."""
+    out: dict[str, Any] = {}
+    delta = spec.privacy.delta or 0.0
+    for party, rels in outcome.releases.items():
+        kinds: dict[str, int] = {}
+        for r in rels:
+            kinds[f"{r.kind}->{r.observer}"] = kinds.get(f"{r.kind}->{r.observer}", 0) + 1
+        noisy = [r.mechanism for r in rels if isinstance(r.mechanism, GaussianMechanism)]
+        entry: dict[str, Any] = {"releases": kinds, "non_private": sum(1 for r in rels if r.non_private)}
+        if noisy and delta > 0:
+            entry["epsilon_bin_sums_vs_label_holder"] = compute_epsilon(noisy, delta=delta, accountant="rdp").epsilon
+        out[party] = entry
+    return out
+
+
+def _model_json(outcome: VerticalOutcome) -> dict[str, Any]:
+    return {"format": "fedcollab-secureboost-v1", "base_score": outcome.model.base_score, "active_features": list(outcome.model.active_features),
+            "trees": [[dataclasses.asdict(n) for n in t.nodes] for t in outcome.model.trees]}
+
+
+def _lookup_json(outcome: VerticalOutcome) -> dict[str, Any]:
+    table = [{"tree": t, "node": n, **dataclasses.asdict(e)} for (t, n), e in sorted(outcome.table.items())]
+    return {"format": "fedcollab-secureboost-lookup-v1", "entries": table}
+
+
+@dataclass(frozen=True)
+class VerticalResult:
+    """What ``fedcollab run`` returns for a vertical spec: the summary (as written) and where."""
+
+    summary: dict[str, Any]
+    out_dir: Path | None
+    outcome: VerticalOutcome | None
+
+
+class _Books:
+    """Both simulated nodes' budget gates and the run ledger: check, record, then send."""
+
+    def __init__(self, spec: Spec, homes: dict[str, Any], ledger: Any, run_id: str) -> None:
+        self.spec, self.homes, self.ledger, self.run_id = spec, homes, ledger, run_id
+        self.gates = {name: h.gate(name, h.dataset()) for name, h in homes.items()}
+        self.last_round = 0
+
+    def record(self, release: Release, payload: bytes) -> None:
+        line = self.gates[release.party].record(release, run_id=self.run_id, payload=payload)
+        self.ledger.accept([line.decode()], party=release.party, round=release.round)
+        self.last_round = max(self.last_round, release.round)
+
+    def refuse(self, party: str, *, code: NodeErrorCode, reason: str) -> None:
+        line = self.gates[party].refuse_request(run_id=self.run_id, round=self.last_round, code=int(code), reason=reason)
+        self.ledger.accept([line.decode()], party=party, round=self.last_round)
+
+    def preflight(self) -> None:
+        """Each node's own policy, before any record of it is touched (PSI included)."""
+        v = self.spec.vertical
+        assert v is not None
+        for p in self.spec.partners:
+            pol = self.homes[p.name].policy()
+            problem = None
+            if not pol.vertical.allowed:
+                problem = "the policy does not join vertical collaborations (vertical.allowed = false)"
+            elif self.spec.privacy.mode not in pol.allowed_privacy_modes:
+                problem = f"privacy mode {self.spec.privacy.mode!r} is not in the policy's allowed_privacy_modes"
+            elif self.spec.model.kind not in pol.allowed_model_kinds:
+                problem = f"model kind {self.spec.model.kind!r} is not in the policy's allowed_model_kinds"
+            elif pol.allowed_features is not None and set(p.columns or []) - set(pol.allowed_features) - {v.id_column, self.spec.data_schema.label}:
+                problem = "the spec uses columns the policy's allowed_features does not list"
+            else:
+                gate = self.gates[p.name]
+                runs = {str(ln.entry["run_id"]) for ln in gate.ledger.lines()
+                        if ln.entry.get("kind") == "release" and ln.entry["body"].get("dataset") == gate.dataset
+                        and ln.entry["body"]["release"].get("kind") == "psi_intersection"}
+                if len(runs) >= pol.vertical.max_psi_runs:
+                    problem = f"the node already joined {len(runs)} PSI run(s) on this dataset; its policy allows {pol.vertical.max_psi_runs}"
+            if problem is not None:
+                self.refuse(p.name, code=NodeErrorCode.POLICY_REFUSED, reason=problem)
+                raise PolicyRefused(f"{p.name}: {problem}")
+
+    def after_align(self, intersection: int, psi_releases: list[Release]) -> None:
+        for r in psi_releases:
+            self.record(r, json.dumps(r.details, sort_keys=True).encode())
+        for p in self.spec.partners:
+            need = self.homes[p.name].policy().vertical.min_intersection
+            if intersection < need:
+                self.refuse(p.name, code=NodeErrorCode.POLICY_REFUSED, reason="intersection below the policy's vertical.min_intersection")
+                raise PolicyRefused(f"{p.name}: the parties share {intersection} record(s), fewer than the {need} its policy requires")
+
+    def close(self) -> None:
+        from fedcollab.node._home import countersign_close
+
+        close = self.ledger.close(self.last_round, partners=[p.name for p in self.spec.partners])
+        coord = self.ledger.roster.parties["coordinator"].signing_key
+        for name, gate in self.gates.items():
+            line = countersign_close(gate.ledger, party=name, run_id=self.run_id, close_line=close, coordinator_key=coord,
+                                     partners=[p.name for p in self.spec.partners])
+            self.ledger.accept([line], party=name, round=self.last_round)
+
+
+def run_vertical(spec: Spec, *, out: str | Path | None = None, nodes: str | Path | None = None, spec_path: str | Path | None = None,
+                 progress: bool = False, align: Aligner | None = None, rng: np.random.Generator | None = None,
+                 params: TreeParams | None = None) -> VerticalResult:
+    """Run a vertical spec on this machine with both parties' node folders, ledgers and budgets.
+
+    Writes ``summary.json``, ``ledger.jsonl``, ``roster.json`` into ``out`` and each party's part
+    of the model into its node folder (``nodes/<label holder>/vertical/<run>/model.json``,
+    ``nodes/<passive>/vertical/<run>/lookup.json``: the passive party's thresholds never leave it).
+    """
+    import tempfile
+
+    from fedcollab.runner._run import _coordinator_and_roster, _ledger_ref, _set_aside_previous, _spec_ref, _versions, prepare_simulated_nodes
+    from fedcollab.coordinator import RunLedger
+
+    v = spec.vertical
+    assert v is not None, "a vertical spec"
+    tmp = tempfile.TemporaryDirectory(prefix="fedcollab-vertical-") if out is None else None
+    out_dir = Path(out) if out is not None else Path(tmp.name)  # type: ignore[union-attr]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _set_aside_previous(out_dir)
+    run_id = uuid.uuid4().hex[:16]
+    homes = prepare_simulated_nodes(spec, Path(nodes) if nodes is not None else out_dir / "nodes")
+    key, roster = _coordinator_and_roster(out_dir, homes)
+    ledger = RunLedger(out_dir / "ledger.jsonl", key=key, roster=roster, run_id=run_id)
+    books = _Books(spec, homes, ledger, run_id)
+    params = params or tree_params(spec)
+    spec_ref = _spec_ref(spec, Path(spec_path) if spec_path is not None else None)
+    t0 = time.perf_counter()
+    base = {"run_id": run_id, "layout": "vertical", "spec": spec_ref.model_dump(mode="json"), "versions": _versions(),
+            "label_holder": v.label_holder, "passive_party": next(p.name for p in spec.partners if p.name != v.label_holder),
+            "psi_reveal": v.psi_reveal}
+    try:
+        books.preflight()
+        aligner = align or default_aligner(spec)
+        with _TreeProgress(params.n_trees, progress) as prog:
+            outcome = simulate_vertical(spec, align=aligner, rng=rng, params=params, record=books.record, after_align=books.after_align,
+                                        on_tree=prog.tree)
+        books.close()
+    except Exception as exc:
+        code = int(getattr(exc, "exit_code", 1))
+        try:
+            ledger.abort(books.last_round, reason=type(exc).__name__, exit_code=code, codes={})
+        except Exception:  # noqa: BLE001 - the original error matters more
+            pass
+        summary = {**base, "status": "failed", "wall_seconds": round(time.perf_counter() - t0, 3),
+                   "error": {"exit_code": code, "error": type(exc).__name__}, "ledger": _ledger_ref(ledger).model_dump(mode="json")}
+        _write(out_dir / "summary.json", json.dumps(summary, indent=2))
+        raise
+    a_name, p_name = base["label_holder"], base["passive_party"]
+    parts = {}
+    for name, doc, fname in ((a_name, _model_json(outcome), "model.json"), (p_name, _lookup_json(outcome), "lookup.json")):
+        d = homes[name].root / "vertical" / run_id
+        d.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(doc, allow_nan=True)
+        _write(d / fname, text)
+        parts[name] = {"path": str(d / fname), "sha256": hashlib.sha256(text.encode()).hexdigest()}
+    summary = {
+        **base, "status": "completed", "wall_seconds": round(time.perf_counter() - t0, 3),
+        "intersection": outcome.intersection, "n_train": outcome.n_train, "n_test": outcome.n_test,
+        "metrics": {"test_auc": outcome.test_auc, "test_accuracy": outcome.test_accuracy},
+        "trees": len(outcome.model.trees), "passive_splits": len(outcome.table),
+        "seconds": {"align": round(outcome.seconds_align, 3), "train": round(outcome.seconds_train, 3)}, "wire_bytes": outcome.wire_bytes,
+        "privacy": {"mode": spec.privacy.mode, "parties": releases_summary(spec, outcome),
+                    "plan": None if outcome.plan is None else {"z": outcome.plan.z, "sigma": outcome.plan.sigma, "epsilon": outcome.plan.epsilon,
+                                                                 "delta": outcome.plan.delta, "unit": "record", "observer": "label_holder",
+                                                                 "covers": "the per-bin sums the label holder decrypts (not the split partitions)"}},
+        "model_parts": parts,
+        "ledger": _ledger_ref(ledger).model_dump(mode="json"),
+        "transport": "in-process (the Flower wiring of vertical runs is not built yet)",
+    }
+    _write(out_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=True))
+    return VerticalResult(summary=summary, out_dir=out_dir if tmp is None else None, outcome=outcome)
+
+
+def default_aligner(spec: Spec) -> Aligner:
+    """PSI between the two parties (spec ``vertical.psi_reveal``)."""
+    return plain_align
+
+
+class _TreeProgress:
+    def __init__(self, n_trees: int, show: bool) -> None:
+        self.n, self.show = n_trees, show
+        self._p: Any = None
+
+    def __enter__(self) -> _TreeProgress:
+        if self.show:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._p = Progress(TextColumn("SecureBoost"), BarColumn(), MofNCompleteColumn(), TextColumn("trees"), TimeElapsedColumn(), transient=True)
+            self._p.start()
+            self._task = self._p.add_task("trees", total=self.n)
+        return self
+
+    def tree(self, t: int) -> None:
+        if self._p is not None:
+            self._p.update(self._task, completed=t + 1)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._p is not None:
+            self._p.stop()
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
