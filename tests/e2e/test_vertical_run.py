@@ -1,0 +1,159 @@
+"""A vertical run end to end through `fedcollab run`: alignment, SecureBoost, the books, the refusals.
+
+One short run (2 trees of depth 2 on the embedded Heart vertical split) is shared by the module;
+the protocol itself is tested as plain functions in tests/protocols/test_secureboost.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fedcollab.cli import app
+from fedcollab.core import ExitCode
+
+runner = CliRunner()
+
+
+def _small_spec(root: Path, tmp: Path, *, privacy: str = 'mode = "none"', extra: str = "", trees: int = 2, depth: int = 2) -> Path:
+    text = (root / "protocols" / "heart-disease-vertical.toml").read_text()
+    text = text.replace("n_trees = 30", f"n_trees = {trees}").replace("max_depth = 3", f"max_depth = {depth}")
+    text = text.replace('[privacy]\nmode = "none"', "[privacy]\n" + privacy) + extra
+    path = tmp / "vertical.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def vertical_run(root, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("vertical")
+    spec = _small_spec(root, tmp, trees=3, depth=3)
+    out = tmp / "out"
+    r = runner.invoke(app, ["run", str(spec), "--out", str(out), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    return out, json.loads(r.stdout)
+
+
+def test_summary_and_model_parts(vertical_run):
+    """The run aligned the shared patients, trained, evaluated, and left each model part at its own node."""
+    out, s = vertical_run
+    assert s["status"] == "completed" and s["layout"] == "vertical" and s["trees"] == 3
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["run_id"] == s["run_id"]
+    # 644 ids are shared; rows missing one side's own features are dropped by that side first.
+    assert 100 <= s["intersection"] <= 644 and s["n_train"] + s["n_test"] == s["intersection"]
+    assert s["metrics"]["test_auc"] > 0.7
+    model = Path(s["model_parts"]["clinic"]["path"])
+    lookup = Path(s["model_parts"]["lab"]["path"])
+    assert model.is_relative_to(out / "nodes" / "clinic") and lookup.is_relative_to(out / "nodes" / "lab")
+    assert json.loads(lookup.read_text())["entries"], "the lab won at least one split"
+
+
+def test_lab_thresholds_stay_at_the_lab(vertical_run):
+    """No threshold of the lab's splits appears in the clinic's folder, the run ledger or the summary."""
+    out, s = vertical_run
+    entries = json.loads(Path(s["model_parts"]["lab"]["path"]).read_text())["entries"]
+    # Splits of a 0/1 column sit at 0.5 whatever the data (public); the others are the lab's private quantiles.
+    private = [float(e["threshold"]) for e in entries if float(e["threshold"]) != 0.5]
+    assert private, "the lab won a split on a numeric column"
+    seen: set[float] = set()
+
+    def walk(x: object) -> None:
+        if isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+        elif isinstance(x, (int, float)) and not isinstance(x, bool):
+            seen.add(float(x))
+
+    docs = [p for p in (out / "nodes" / "clinic").rglob("*.json")] + [out / "summary.json"]
+    for p in docs:
+        walk(json.loads(p.read_text()))
+    for line in (out / "ledger.jsonl").read_text().splitlines():
+        walk(json.loads(line))
+    leaked = [t for t in private if t in seen and t * 2 != round(t * 2)]  # round values also occur by chance (counts, bounds)
+    assert not leaked, leaked
+    clinic_model = json.loads(Path(s["model_parts"]["clinic"]["path"]).read_text())
+    passive_nodes = [n for t in clinic_model["trees"] for n in t if n.get("owner") == 1]
+    assert passive_nodes and all(math.isnan(n["threshold"]) for n in passive_nodes), "the clinic holds only a reference"
+
+
+def test_every_release_is_on_the_books_and_the_ledger_verifies(vertical_run, tmp_path):
+    out, s = vertical_run
+    lines = [json.loads(x) for x in (out / "ledger.jsonl").read_text().splitlines()]
+    rel = [e["body"]["release"] for e in lines if e["kind"] == "release"]
+    kinds = {(r["party"], r["kind"], r["observer"]) for r in rel}
+    assert ("lab", "vertical_histogram", "label_holder") in kinds
+    assert ("lab", "vertical_partition", "label_holder") in kinds
+    assert ("clinic", "vertical_partition", "passive_party") in kinds
+    assert ("clinic", "test_metrics", "coordinator") in kinds
+    # 3 trees x 3 levels of bin sums from the lab, each checked against its budget before it left.
+    assert sum(1 for r in rel if r["kind"] == "vertical_histogram") == 9
+    assert {e["kind"] for e in lines} >= {"release", "receipt", "close", "countersign"}
+    r = runner.invoke(app, ["audit", "verify", str(out / "ledger.jsonl"), "--roster", str(out / "roster.json"), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    lab = [g for g in rep["spend"] if g["party"] == "lab" and g["observer"] == "label_holder"]
+    assert lab and lab[0]["epsilon"] is None, "non-private bin sums: epsilon is infinite against the label holder"
+    # Tampering with one recorded release is detected.
+    text = (out / "ledger.jsonl").read_text().splitlines()
+    i = next(k for k, x in enumerate(text) if '"vertical_histogram"' in x)
+    text[i] = text[i].replace('"vertical_histogram"', '"vertical_partition"', 1)
+    bad = tmp_path / "ledger.jsonl"
+    bad.write_text("\n".join(text) + "\n")
+    r = runner.invoke(app, ["audit", "verify", str(bad), "--roster", str(out / "roster.json"), "--format", "json"])
+    assert r.exit_code == int(ExitCode.LEDGER_TAMPERED), r.output
+
+
+def test_record_dp_charges_the_lab(root, tmp_path):
+    """Under record DP the lab's bin sums are noisy and charged to its budget toward the label holder."""
+    spec = _small_spec(root, tmp_path, privacy='mode = "record"\ntarget_epsilon = 2.0\ndelta = 1e-5',
+                       extra="")
+    text = spec.read_text().replace("n_bins = 16", "n_bins = 16\ndp_split = \"histogram\"")
+    spec.write_text(text)
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["run", str(spec), "--out", str(out), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    plan = s["privacy"]["plan"]
+    assert plan["epsilon"] <= 2.0 + 1e-9 and plan["observer"] == "label_holder"
+    r = runner.invoke(app, ["audit", "verify", str(out / "ledger.jsonl"), "--roster", str(out / "roster.json"), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    lab = next(g for g in json.loads(r.stdout)["spend"] if g["party"] == "lab" and g["observer"] == "label_holder")
+    assert lab["epsilon"] is not None and 0 < lab["epsilon"] <= 2.0 * (1 + 1e-6)
+    assert lab["epsilon"] == pytest.approx(s["privacy"]["parties"]["lab"]["epsilon_bin_sums_vs_label_holder"], rel=1e-6)
+
+
+def test_a_node_that_does_not_join_vertical_runs_refuses(root, tmp_path):
+    """The lab's own policy says no: the run stops before alignment, the refusal is in its ledger, no model."""
+    spec = _small_spec(root, tmp_path)
+    out = tmp_path / "out"
+    first = runner.invoke(app, ["run", str(spec), "--out", str(out), "--format", "json"])
+    assert first.exit_code == 0, first.output
+    policy = out / "nodes" / "lab" / "policy.toml"
+    policy.write_text(policy.read_text().replace("[vertical]\nallowed = true", "[vertical]\nallowed = false"))
+    r = runner.invoke(app, ["run", str(spec), "--out", str(out), "--format", "json"])
+    assert r.exit_code == int(ExitCode.POLICY_REFUSED), r.output
+    s = json.loads((out / "summary.json").read_text())
+    assert s["status"] == "failed" and "model_parts" not in s
+    lab_ledger = [json.loads(x) for x in (out / "nodes" / "lab" / "ledger.jsonl").read_text().splitlines()]
+    assert lab_ledger[-1]["kind"] == "refusal" and lab_ledger[-1]["run_id"] == s["run_id"]
+    assert not list((out / "nodes" / "lab" / "vertical").glob(f"{s['run_id']}/*"))
+
+
+def test_too_small_an_intersection_is_refused(root, tmp_path):
+    """A node's minimum intersection holds even when the spec asks for less."""
+    spec = _small_spec(root, tmp_path)
+    out = tmp_path / "out"
+    assert runner.invoke(app, ["run", str(spec), "--out", str(out), "--format", "json"]).exit_code == 0
+    policy = out / "nodes" / "clinic" / "policy.toml"
+    policy.write_text(policy.read_text().replace("min_intersection = 100", "min_intersection = 5000"))
+    r = runner.invoke(app, ["run", str(spec), "--out", str(out), "--format", "json"])
+    assert r.exit_code == int(ExitCode.POLICY_REFUSED), r.output
+    assert json.loads((out / "summary.json").read_text())["status"] == "failed"
