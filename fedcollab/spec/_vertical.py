@@ -91,4 +91,8 @@ def vertical_problems(spec: Any) -> list[str]:
         out.append(f"layout = 'vertical' offers privacy.mode 'none' or 'record' (noise on the passive party's bin sums), got {spec.privacy.mode!r}")
     elif spec.privacy.mode == "record" and (spec.model.gbdt is None or spec.model.gbdt.dp_split == "random"):
         out.append("layout = 'vertical' with record-level DP protects the passive party's bin sums: set model.gbdt.dp_split = 'histogram'")
+    if spec.privacy.mode == "record" and v.passive_bins != "public":
+        # Quantile edges move with the data: one replaced record could move many records across
+        # bins, so the bin sums' sensitivity is only bounded over data-independent edges.
+        out.append(f"vertical.passive_bins must be 'public' under record-level DP (quantile edges depend on the data), got {v.passive_bins!r}")
     return out

@@ -115,7 +115,7 @@ def test_record_dp_charges_the_lab(root, tmp_path):
     """Under record DP the lab's bin sums are noisy and charged to its budget toward the label holder."""
     spec = _small_spec(root, tmp_path, privacy='mode = "record"\ntarget_epsilon = 2.0\ndelta = 1e-5',
                        extra="")
-    text = spec.read_text().replace("n_bins = 16", "n_bins = 16\ndp_split = \"histogram\"")
+    text = spec.read_text().replace("n_bins = 16", "n_bins = 16\ndp_split = \"histogram\"").replace("min_intersection = 100", "min_intersection = 100\npassive_bins = \"public\"")
     spec.write_text(text)
     out = tmp_path / "out"
     r = runner.invoke(app, ["run", str(spec), "--out", str(out), "--format", "json"])

@@ -71,6 +71,9 @@ def test_vertical_options_that_do_not_apply_are_refused() -> None:
     d = _data()
     d["privacy"] = {"mode": "record", "target_epsilon": 1.0, "delta": 1e-5}
     assert "dp_split = 'histogram'" in _problems(d)
+    assert "vertical.passive_bins must be 'public' under record-level DP (quantile edges depend on the data), got 'quantile'" in _problems(d)
+    d["vertical"]["passive_bins"] = "public"
+    assert "passive_bins" not in _problems(d)
 
 
 def test_layout_and_columns_must_agree() -> None:
