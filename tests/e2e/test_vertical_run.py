@@ -157,3 +157,11 @@ def test_too_small_an_intersection_is_refused(root, tmp_path):
     r = runner.invoke(app, ["run", str(spec), "--out", str(out), "--format", "json"])
     assert r.exit_code == int(ExitCode.POLICY_REFUSED), r.output
     assert json.loads((out / "summary.json").read_text())["status"] == "failed"
+
+
+def test_audit_report_lists_the_vertical_releases(vertical_run, tmp_path):
+    out, _ = vertical_run
+    r = runner.invoke(app, ["audit", "report", str(out / "ledger.jsonl"), "--roster", str(out / "roster.json"), "--out", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "vertical\\_histogram" in md and "vertical\\_partition" in md and "label\\_holder" in md
