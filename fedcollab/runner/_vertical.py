@@ -117,7 +117,7 @@ def _auc(y: np.ndarray, score: np.ndarray) -> float:
 def simulate_vertical(spec: Spec, *, align: Aligner = plain_align, rng: np.random.Generator | None = None,
                       params: TreeParams | None = None, record: Recorder | None = None,
                       after_align: Callable[[int, list[Release]], None] | None = None,
-                      on_tree: Callable[[int], None] | None = None) -> VerticalOutcome:
+                      on_tree: Callable[[int], None] | None = None, min_node_rows: int = 1) -> VerticalOutcome:
     """Run the vertical spec on this machine (both parties' data read from their sources).
 
     ``after_align(intersection, psi releases)`` runs before training (the nodes' PSI caps and
@@ -154,7 +154,7 @@ def simulate_vertical(spec: Spec, *, align: Aligner = plain_align, rng: np.rando
             rng = np.random.default_rng(np.random.SeedSequence(entropy=int.from_bytes(os.urandom(32), "big")))
     t0 = time.perf_counter()
     res = train_vertical_in_process((active_name, xa[train], y[train], lay_a), (passive_name, xp[train], lay_p), params=params, plan=plan, rng=rng,
-                                    record=record, on_tree=on_tree)
+                                    record=record, on_tree=on_tree, min_node_rows=min_node_rows)
     t_train = time.perf_counter() - t0
     releases: dict[str, list[Release]] = {active_name: [], passive_name: []}
     for r in psi_releases:
@@ -317,7 +317,7 @@ def run_vertical(spec: Spec, *, out: str | Path | None = None, nodes: str | Path
         aligner = align or default_aligner(spec)
         with _TreeProgress(params.n_trees, progress) as prog:
             outcome = simulate_vertical(spec, align=aligner, rng=rng, params=params, record=books.record, after_align=books.after_align,
-                                        on_tree=prog.tree)
+                                        on_tree=prog.tree, min_node_rows=homes[base["passive_party"]].policy().vertical.min_node_rows)
         books.close()
     except Exception as exc:
         code = int(getattr(exc, "exit_code", 1))

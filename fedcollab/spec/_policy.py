@@ -54,6 +54,8 @@ class VerticalPolicy(FrozenModel):
     allowed: bool = Field(default=False, description="Whether this node joins vertical collaborations at all (PSI, SecureBoost).")
     max_psi_runs: PosInt = Field(default=10, description="Most PSI runs this node joins per dataset, over all time (each reveals the intersection).")
     min_intersection: PosInt = Field(default=20, description="Fewest common records a vertical run may train on; below it the node refuses (code 132).")
+    min_node_rows: PosInt = Field(default=4, description="As the passive party: fewest records in a tree node it returns bin sums for (a one-record "
+                                  "node's sums are that record's bins); honest trees with min_child_weight >= 1 stay above 4.")
 
 
 class ScoringPolicy(FrozenModel):
@@ -221,6 +223,7 @@ def policy_toml(policy: NodePolicy) -> str:
         f"allowed = {str(policy.vertical.allowed).lower()}",
         f"max_psi_runs = {policy.vertical.max_psi_runs}",
         f"min_intersection = {policy.vertical.min_intersection}",
+        f"min_node_rows = {policy.vertical.min_node_rows}",
         "",
     ]
     return "\n".join(lines)

@@ -21,8 +21,9 @@ from fedcollab.protocols.vertical import (  # noqa: E402
     EncryptedBinSums,
     LevelQuery,
     PassiveAdvert,
+    LevelPartitions,
+    LevelSplits,
     SplitNotice,
-    SplitPartition,
     active_init,
     active_keys,
     active_margin,
@@ -33,7 +34,7 @@ from fedcollab.protocols.vertical import (  # noqa: E402
     passive_gradients,
     passive_init,
     passive_keys,
-    passive_split,
+    passive_level_splits,
     plan_vertical_dp,
     quantile_layout,
     train_vertical_in_process,
@@ -98,8 +99,10 @@ def test_the_passive_thresholds_never_leave_the_passive_node(heart, run) -> None
     for m in run.messages:
         if isinstance(m, EncryptedBinSums):
             assert all(isinstance(c, bytes) for c in m.ciphertexts)
-        if isinstance(m, SplitPartition):
-            assert m.left.dtype == bool
+        if isinstance(m, LevelPartitions):
+            assert all(p.left.dtype == bool for p in m.parts)
+        if isinstance(m, LevelSplits):  # references only: node, open index, feature index, bin index
+            assert all(not hasattr(n, "threshold") and not hasattr(n, "rows") for n in m.notices)
 
 
 def test_every_release_is_on_the_books(heart, run) -> None:
@@ -151,11 +154,24 @@ def test_the_passive_node_refuses_out_of_order_and_malformed_requests(heart) -> 
         passive_bin_sums(p, q, plan=None, rng=None)
     with pytest.raises(ProtocolError, match="open-node indices"):
         passive_bin_sums(p, LevelQuery(tree=0, level=1, n_open=1, position=np.full(n, 3)), plan=None, rng=None)
+    def splits(level: int, *notices: SplitNotice) -> LevelSplits:
+        return LevelSplits(tree=0, level=level, notices=notices)
+
     with pytest.raises(ProtocolError, match="outside this party's layout"):
-        passive_split(p, SplitNotice(tree=0, node=0, feature=99, bin_index=0, default_left=True, rows=np.arange(n)))
-    p, part, _ = passive_split(p, SplitNotice(tree=0, node=0, feature=0, bin_index=0, default_left=True, rows=np.arange(n)))
+        passive_level_splits(p, splits(0, SplitNotice(tree=0, node=0, open_index=0, feature=99, bin_index=0, default_left=True)))
+    with pytest.raises(ProtocolError, match="not the level last queried"):
+        passive_level_splits(p, splits(1, SplitNotice(tree=0, node=0, open_index=0, feature=0, bin_index=0, default_left=True)))
+    with pytest.raises(ProtocolError, match="not a distinct open node"):
+        passive_level_splits(p, splits(0, SplitNotice(tree=0, node=0, open_index=1, feature=0, bin_index=0, default_left=True)))
+    p, part, events = passive_level_splits(p, splits(0, SplitNotice(tree=0, node=0, open_index=0, feature=0, bin_index=0, default_left=True)))
+    assert part.parts[0].left.shape == (n,) and len(events) == 1 and events[0].declared_public
     with pytest.raises(ProtocolError, match="already split"):
-        passive_split(p, SplitNotice(tree=0, node=0, feature=0, bin_index=0, default_left=True, rows=np.arange(n)))
+        passive_level_splits(p, splits(0, SplitNotice(tree=0, node=0, open_index=0, feature=0, bin_index=0, default_left=True)))
+    # a label holder that isolates records in tiny nodes is refused by the node's minimum
+    tiny = np.full(n, -1)
+    tiny[:3] = 0
+    with pytest.raises(ProtocolError, match="fewer than this node's minimum of 4"):
+        passive_bin_sums(p, LevelQuery(tree=0, level=1, n_open=1, position=tiny), plan=None, rng=None, min_node_rows=4)
     dp = plan_vertical_dp(heart["params"], n_features=heart["lay_p"].n_features, target_epsilon=1.0, delta=1e-5)
     with pytest.raises(ProtocolError, match="explicit noise generator"):
         passive_bin_sums(p, LevelQuery(tree=0, level=1, n_open=1, position=np.zeros(n, dtype=np.int64)), plan=dp, rng=None)

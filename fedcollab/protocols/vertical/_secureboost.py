@@ -178,23 +178,45 @@ class EncryptedBinSums:
 
 @dataclass(frozen=True)
 class SplitNotice:
-    """Active -> passive: split tree node ``node`` on passive feature ``feature`` at bin ``bin_index`` (a reference, no threshold)."""
+    """One split on a passive feature: the level's open node ``open_index`` (tree node ``node``), feature and bin (a reference, no threshold).
+
+    The passive party takes the node's records from its own copy of the level's instance space
+    (the last :class:`LevelQuery`), so a label holder cannot ask about records of its choosing.
+    """
 
     tree: int
     node: int
+    open_index: int
     feature: int
     bin_index: int
     default_left: bool
-    rows: np.ndarray = field(repr=False)  # indices of the records in that node
+
+
+@dataclass(frozen=True)
+class LevelSplits:
+    """Active -> passive, per level with a passive split: every such split of the level at once."""
+
+    tree: int
+    level: int
+    notices: tuple[SplitNotice, ...]
 
 
 @dataclass(frozen=True)
 class SplitPartition:
-    """Passive -> active: which of the notice's rows go left."""
+    """Which of a split node's records (ascending record order) go left."""
 
     tree: int
     node: int
     left: np.ndarray = field(repr=False)
+
+
+@dataclass(frozen=True)
+class LevelPartitions:
+    """Passive -> active: the partitions of a :class:`LevelSplits`, in notice order."""
+
+    tree: int
+    level: int
+    parts: tuple[SplitPartition, ...]
 
 
 # ----------------------------------------------------------------------------------- passive side
@@ -222,6 +244,9 @@ class PassiveState:
     gradients: EncryptedGradients | None = field(default=None, repr=False)
     table: Mapping[tuple[int, int], LookupEntry] = field(default_factory=dict)
     answered: frozenset[tuple[int, int]] = frozenset()
+    level: tuple[int, int] | None = None  # (tree, level) of the last query answered
+    position: np.ndarray | None = field(default=None, repr=False)  # its open-node index of every record
+    split_levels: frozenset[tuple[int, int]] = frozenset()
 
 
 def passive_init(party: str, x: np.ndarray, layout: BinLayout) -> tuple[PassiveState, PassiveAdvert]:
@@ -254,8 +279,13 @@ def _release(kind: str, *, party: str, observer: str, tree: int, level: int, mec
 
 
 def passive_bin_sums(state: PassiveState, query: LevelQuery, *, plan: VerticalDpPlan | None,
-                     rng: np.random.Generator | None) -> tuple[PassiveState, EncryptedBinSums, Release]:
-    """Encrypted per-bin sums of the query's open nodes, noisy under DP; the release to record before replying."""
+                     rng: np.random.Generator | None, min_node_rows: int = 1) -> tuple[PassiveState, EncryptedBinSums, Release]:
+    """Encrypted per-bin sums of the query's open nodes, noisy under DP; the release to record before replying.
+
+    ``min_node_rows`` (the node's policy, ``vertical.min_node_rows``): an open node with fewer
+    records is refused, since the bin sums of a one-record node are that record's bins. Honest
+    trees stay above it: every child has hessian >= ``min_child_weight`` and h <= 1/4 per record.
+    """
     if state.public is None or state.gradients is None or state.gradients.tree != query.tree:
         raise ProtocolError(f"secureboost: a level query for tree {query.tree} without that tree's encrypted gradients.")
     key = (query.tree, query.level)
@@ -267,6 +297,10 @@ def passive_bin_sums(state: PassiveState, query: LevelQuery, *, plan: VerticalDp
     n = state.bins.shape[0]
     if pos.shape != (n,) or query.n_open < 1 or (pos.size and (pos.max() >= query.n_open or pos.min() < -1)):
         raise ProtocolError(f"secureboost: `position` must be {n} open-node indices in [-1, {query.n_open}).")
+    counts = np.bincount(pos[pos >= 0], minlength=query.n_open)
+    if counts.min() < min_node_rows:
+        raise ProtocolError(f"secureboost: an open node of level {query.level} holds {int(counts.min())} record(s), fewer than this node's "
+                            f"minimum of {min_node_rows}; refused.")
     lay = state.layout
     slots = lay.n_slots
     cols = lay.offsets[None, :] + state.bins.astype(np.int64)  # missing bin = n_bins, i.e. the slot after the values
@@ -283,27 +317,45 @@ def passive_bin_sums(state: PassiveState, query: LevelQuery, *, plan: VerticalDp
         mech, extra = NonPrivate(), {}
     cts = state.public.bin_sums(state.gradients.chunks, outputs, n_out, noise=noise)
     event = _release("vertical_histogram", party=state.party, observer="label_holder", tree=query.tree, level=query.level, mech=mech, **extra)
-    return replace(state, answered=state.answered | {key}), EncryptedBinSums(tree=query.tree, level=query.level, ciphertexts=tuple(cts)), event
+    new = replace(state, answered=state.answered | {key}, level=key, position=pos)
+    return new, EncryptedBinSums(tree=query.tree, level=query.level, ciphertexts=tuple(cts)), event
 
 
-def passive_split(state: PassiveState, notice: SplitNotice) -> tuple[PassiveState, SplitPartition, Release]:
-    """Record the split in the lookup table and return which of the node's rows go left (a declared non-private release)."""
+def passive_level_splits(state: PassiveState, msg: LevelSplits) -> tuple[PassiveState, LevelPartitions, list[Release]]:
+    """Record the level's splits on this party's features; return which of each node's records go left.
+
+    Only for the level last queried, once, one split per open node, within this party's layout;
+    the records of each node are this party's own copy of the level's instance space. Each split
+    is a declared non-private release (SecureBoost's instance-space leakage).
+    """
+    if state.level is None or state.position is None or (msg.tree, msg.level) != state.level:
+        raise ProtocolError(f"secureboost: splits for level {msg.level} of tree {msg.tree}, which is not the level last queried.")
+    if state.level in state.split_levels:
+        raise ProtocolError(f"secureboost: level {msg.level} of tree {msg.tree} was already split; a repeat is refused.")
     lay = state.layout
-    if not (0 <= notice.feature < lay.n_features and 0 <= notice.bin_index < int(lay.n_bins[notice.feature]) - 1):
-        raise ProtocolError(f"secureboost: a split on feature {notice.feature} bin {notice.bin_index} is outside this party's layout.")
-    key = (notice.tree, notice.node)
-    if key in state.table:
-        raise ProtocolError(f"secureboost: node {notice.node} of tree {notice.tree} was already split.")
-    rows = np.asarray(notice.rows, dtype=np.int64)
-    if rows.ndim != 1 or (rows.size and (rows.min() < 0 or rows.max() >= state.bins.shape[0])) or np.unique(rows).size != rows.size:
-        raise ProtocolError("secureboost: the split's rows must be distinct record indices.")
-    b = state.bins[rows, notice.feature]
-    left = np.where(b == lay.n_bins[notice.feature], notice.default_left, b <= notice.bin_index)
-    entry = LookupEntry(feature=notice.feature, bin_index=notice.bin_index, threshold=lay.threshold(notice.feature, notice.bin_index), default_left=notice.default_left)
+    n_open = int(state.position.max()) + 1 if state.position.size else 0
+    seen: set[int] = set()
     table = dict(state.table)
-    table[key] = entry
-    event = _release("vertical_partition", party=state.party, observer="label_holder", tree=notice.tree, level=-1, mech=NonPrivate(), node=notice.node, rows=int(rows.size))
-    return replace(state, table=table), SplitPartition(tree=notice.tree, node=notice.node, left=left), event
+    parts, events = [], []
+    for notice in msg.notices:
+        if not (0 <= notice.feature < lay.n_features and 0 <= notice.bin_index < int(lay.n_bins[notice.feature]) - 1):
+            raise ProtocolError(f"secureboost: a split on feature {notice.feature} bin {notice.bin_index} is outside this party's layout.")
+        if not 0 <= notice.open_index < n_open or notice.open_index in seen:
+            raise ProtocolError(f"secureboost: `open_index` {notice.open_index} is not a distinct open node of the level.")
+        key = (notice.tree, notice.node)
+        if notice.tree != msg.tree or key in table:
+            raise ProtocolError(f"secureboost: node {notice.node} of tree {notice.tree} was already split.")
+        seen.add(notice.open_index)
+        rows = np.flatnonzero(state.position == notice.open_index)
+        b = state.bins[rows, notice.feature]
+        left = np.where(b == lay.n_bins[notice.feature], notice.default_left, b <= notice.bin_index)
+        table[key] = LookupEntry(feature=notice.feature, bin_index=notice.bin_index, threshold=lay.threshold(notice.feature, notice.bin_index),
+                                 default_left=notice.default_left)
+        parts.append(SplitPartition(tree=notice.tree, node=notice.node, left=left))
+        events.append(_release("vertical_partition", party=state.party, observer="label_holder", tree=notice.tree, level=msg.level, mech=NonPrivate(),
+                               node=notice.node, rows=int(rows.size)))
+    new = replace(state, table=table, split_levels=state.split_levels | {state.level})
+    return new, LevelPartitions(tree=msg.tree, level=msg.level, parts=tuple(parts)), events
 
 
 def passive_decisions(table: Mapping[tuple[int, int], LookupEntry], x: np.ndarray, layout: BinLayout) -> dict[tuple[int, int], np.ndarray]:
@@ -390,64 +442,116 @@ def _gradients(state: ActiveState, plan: VerticalDpPlan | None) -> tuple[np.ndar
     return g, h
 
 
-@dataclass
-class _Growing:
-    nodes: list[VerticalNode]
-    position: np.ndarray  # tree node id of every record
-    open: list[int]
+@dataclass(frozen=True)
+class GrowingTree:
+    """The active party's tree in progress, between messages (what its node keeps on disk in a run)."""
+
+    tree: int
+    level: int
+    nodes: tuple[VerticalNode, ...]
+    position: np.ndarray = field(repr=False)  # tree node id of every record
+    open: tuple[int, ...]
+    g: np.ndarray = field(repr=False)
+    h: np.ndarray = field(repr=False)
+    pending: tuple[int, ...] = ()  # tree nodes split on passive features, awaiting their partitions
+    next_open: tuple[int, ...] = ()
 
 
-def train_tree(state: ActiveState, tree: int, params: TreeParams, *, plan: VerticalDpPlan | None,
-               exchange: _Exchange) -> tuple[ActiveState, VerticalTree]:
-    """Grow one tree, calling ``exchange`` for every message to the passive party; add it to the margins."""
-    assert state.secret is not None and state.passive is not None, "keys first"
+def active_begin_tree(state: ActiveState, tree: int, *, plan: VerticalDpPlan | None) -> tuple[GrowingTree, EncryptedGradients]:
+    """This tree's gradients and hessians, encrypted for the passive party."""
+    if state.secret is None or state.passive is None:
+        raise ProtocolError("secureboost: a tree before the keys.")
     g, h = _gradients(state, plan)
     s = float(1 << state.scale_bits)
     chunks = state.secret.encrypt_rows(np.rint(g * s).astype(np.int64), np.rint(h * s).astype(np.int64))
-    exchange.gradients(EncryptedGradients(tree=tree, chunks=tuple(chunks)))
+    grow = GrowingTree(tree=tree, level=0, nodes=(VerticalNode(),), position=np.zeros(len(state.y), dtype=np.int64), open=(0,), g=g, h=h)
+    return grow, EncryptedGradients(tree=tree, chunks=tuple(chunks))
+
+
+def active_query(grow: GrowingTree, params: TreeParams) -> LevelQuery | None:
+    """The next level's query (the instance space), or None when the tree is grown."""
+    if grow.pending:
+        raise ProtocolError("secureboost: the level's passive partitions are still awaited.")
+    if not grow.open or grow.level >= params.max_depth:
+        return None
+    index = {node: i for i, node in enumerate(grow.open)}
+    pos = np.array([index.get(int(p), -1) for p in grow.position], dtype=np.int64)
+    return LevelQuery(tree=grow.tree, level=grow.level, n_open=len(grow.open), position=pos)
+
+
+def active_bin_sums(state: ActiveState, grow: GrowingTree, reply: EncryptedBinSums, params: TreeParams) -> tuple[GrowingTree, LevelSplits | None]:
+    """Decrypt the passive party's bin sums, pick every open node's split; the passive splits to notify, if any.
+
+    Splits on the active party's own features are applied at once; children are numbered in
+    open-node order whoever owns the split, so the tree is the one central GBDT grows.
+    """
+    assert state.secret is not None and state.passive is not None
+    if reply.tree != grow.tree or reply.level != grow.level or grow.pending:
+        raise ProtocolError(f"secureboost: bin sums for level {reply.level} of tree {reply.tree}, expected level {grow.level} of tree {grow.tree}.")
+    s = float(1 << state.scale_bits)
+    index = {node: i for i, node in enumerate(grow.open)}
+    pos = np.array([index.get(int(p), -1) for p in grow.position], dtype=np.int64)
+    slots_p = state.passive.n_slots
+    sums = state.secret.decrypt_sums(list(reply.ciphertexts), len(grow.open) * slots_p).astype(np.float64) / s
+    hist_p = sums.reshape(len(grow.open), slots_p, 2)
+    hist_a = build_histograms(state.bins, grow.g, grow.h, pos, n_open=len(grow.open), layout=state.layout)
+    total = np.concatenate([hist_a, hist_p], axis=1)
     joint = joint_layout(state.layout, state.passive)
     d_a = state.layout.n_features
-    gr = _Growing(nodes=[VerticalNode()], position=np.zeros(len(state.y), dtype=np.int64), open=[0])
-    for level in range(params.max_depth):
-        if not gr.open:
-            break
-        index = {node: i for i, node in enumerate(gr.open)}
-        pos = np.array([index.get(int(p), -1) for p in gr.position], dtype=np.int64)
-        reply = exchange.level(LevelQuery(tree=tree, level=level, n_open=len(gr.open), position=pos))
-        slots_p = state.passive.n_slots
-        sums = state.secret.decrypt_sums(list(reply.ciphertexts), len(gr.open) * slots_p).astype(np.float64) / s
-        hist_p = sums.reshape(len(gr.open), slots_p, 2)
-        hist_a = build_histograms(state.bins, g, h, pos, n_open=len(gr.open), layout=state.layout)
-        total = np.concatenate([hist_a, hist_p], axis=1)
-        nxt: list[int] = []
-        for i, node in enumerate(gr.open):
-            split = best_split(total[i], node=node, layout=joint, params=params)
-            if split is None:
-                continue
-            rows = np.flatnonzero(gr.position == node)
-            if split.feature < d_a:
-                b = state.bins[rows, split.feature]
-                left = np.where(b == state.layout.n_bins[split.feature], split.default_left, b <= split.bin_index)
-                owner, feat, thr = 0, split.feature, split.threshold
-            else:
-                feat = split.feature - d_a
-                part = exchange.split(SplitNotice(tree=tree, node=node, feature=feat, bin_index=split.bin_index, default_left=split.default_left, rows=rows))
-                left = np.asarray(part.left, dtype=bool)
-                if part.tree != tree or part.node != node or left.shape != rows.shape:
-                    raise ProtocolError(f"secureboost: the partition of node {node} does not match its {rows.size} rows.")
-                owner, thr = 1, math.nan
-            lc, rc = len(gr.nodes), len(gr.nodes) + 1
-            gr.nodes[node] = replace(gr.nodes[node], left=lc, right=rc, owner=owner, feature=feat, bin_index=split.bin_index,
-                                     threshold=thr, default_left=split.default_left, gain=split.gain)
-            gr.nodes += [VerticalNode(), VerticalNode()]
-            gr.position[rows] = np.where(left, lc, rc)
-            nxt += [lc, rc]
-        gr.open = nxt
-    # leaves: the active party's own exact sums
-    nodes = list(gr.nodes)
+    nodes = list(grow.nodes)
+    position = grow.position.copy()
+    nxt: list[int] = []
+    notices: list[SplitNotice] = []
+    pending: list[int] = []
+    for i, node in enumerate(grow.open):
+        split = best_split(total[i], node=node, layout=joint, params=params)
+        if split is None:
+            continue
+        lc, rc = len(nodes), len(nodes) + 1
+        if split.feature < d_a:
+            rows = np.flatnonzero(grow.position == node)
+            b = state.bins[rows, split.feature]
+            left = np.where(b == state.layout.n_bins[split.feature], split.default_left, b <= split.bin_index)
+            position[rows] = np.where(left, lc, rc)
+            owner, feat, thr = 0, split.feature, split.threshold
+        else:
+            feat = split.feature - d_a
+            notices.append(SplitNotice(tree=grow.tree, node=node, open_index=i, feature=feat, bin_index=split.bin_index, default_left=split.default_left))
+            pending.append(node)
+            owner, thr = 1, math.nan
+        nodes[node] = replace(nodes[node], left=lc, right=rc, owner=owner, feature=feat, bin_index=split.bin_index,
+                              threshold=thr, default_left=split.default_left, gain=split.gain)
+        nodes += [VerticalNode(), VerticalNode()]
+        nxt += [lc, rc]
+    grown = replace(grow, nodes=tuple(nodes), position=position)
+    if notices:
+        return replace(grown, pending=tuple(pending), next_open=tuple(nxt)), LevelSplits(tree=grow.tree, level=grow.level, notices=tuple(notices))
+    return replace(grown, open=tuple(nxt), level=grow.level + 1), None
+
+
+def active_partitions(grow: GrowingTree, msg: LevelPartitions) -> GrowingTree:
+    """Apply the passive party's partitions of the level's passive splits; the level is done."""
+    if msg.tree != grow.tree or msg.level != grow.level or tuple(p.node for p in msg.parts) != grow.pending:
+        raise ProtocolError(f"secureboost: partitions for level {msg.level} of tree {msg.tree} do not match the splits notified.")
+    position = grow.position.copy()
+    for part in msg.parts:
+        rows = np.flatnonzero(grow.position == part.node)
+        left = np.asarray(part.left)
+        if left.dtype != bool or left.shape != rows.shape:
+            raise ProtocolError(f"secureboost: the partition of node {part.node} must be {rows.size} booleans.")
+        nd = grow.nodes[part.node]
+        position[rows] = np.where(left, nd.left, nd.right)
+    return replace(grow, position=position, open=grow.next_open, next_open=(), pending=(), level=grow.level + 1)
+
+
+def active_finish_tree(state: ActiveState, grow: GrowingTree, params: TreeParams) -> tuple[ActiveState, VerticalTree]:
+    """Leaf values from the active party's own exact sums; the margins move on."""
+    if grow.pending:
+        raise ProtocolError("secureboost: the level's passive partitions are still awaited.")
+    nodes = list(grow.nodes)
     n_nodes = len(nodes)
-    gs = np.bincount(gr.position, weights=g, minlength=n_nodes)
-    hs = np.bincount(gr.position, weights=h, minlength=n_nodes)
+    gs = np.bincount(grow.position, weights=grow.g, minlength=n_nodes)
+    hs = np.bincount(grow.position, weights=grow.h, minlength=n_nodes)
     # inner nodes' base weights and hessians from their subtrees (what XGBoost stores; not used to predict)
     for i in reversed(range(n_nodes)):
         if nodes[i].left >= 0:
@@ -457,7 +561,19 @@ def train_tree(state: ActiveState, tree: int, params: TreeParams, *, plan: Verti
         nodes[i] = replace(nd, value=leaf_value(gs[i], hs[i], params), hessian=max(float(hs[i]), 0.0))
     vt = VerticalTree(nodes=tuple(nodes))
     leaf_vals = np.array([nodes[i].value for i in range(n_nodes)], dtype=np.float32).astype(np.float64)
-    return replace(state, margin=state.margin + leaf_vals[gr.position]), vt
+    return replace(state, margin=state.margin + leaf_vals[grow.position]), vt
+
+
+def train_tree(state: ActiveState, tree: int, params: TreeParams, *, plan: VerticalDpPlan | None,
+               exchange: _Exchange) -> tuple[ActiveState, VerticalTree]:
+    """Grow one tree through the stages above, calling ``exchange`` for every message to the passive party."""
+    grow, grads = active_begin_tree(state, tree, plan=plan)
+    exchange.gradients(grads)
+    while (query := active_query(grow, params)) is not None:
+        grow, splits = active_bin_sums(state, grow, exchange.level(query), params)
+        if splits is not None:
+            grow = active_partitions(grow, exchange.splits(splits))
+    return active_finish_tree(state, grow, params)
 
 
 class _Exchange:
@@ -469,7 +585,7 @@ class _Exchange:
     def level(self, msg: LevelQuery) -> EncryptedBinSums:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def split(self, msg: SplitNotice) -> SplitPartition:  # pragma: no cover - interface
+    def splits(self, msg: LevelSplits) -> LevelPartitions:  # pragma: no cover - interface
         raise NotImplementedError
 
 

@@ -20,8 +20,8 @@ from fedcollab.protocols.vertical._secureboost import (
     LevelQuery,
     LookupEntry,
     PassiveState,
-    SplitNotice,
-    SplitPartition,
+    LevelPartitions,
+    LevelSplits,
     VerticalDpPlan,
     VerticalModel,
     _Exchange,
@@ -32,7 +32,7 @@ from fedcollab.protocols.vertical._secureboost import (
     passive_gradients,
     passive_init,
     passive_keys,
-    passive_split,
+    passive_level_splits,
     train_tree,
 )
 from fedcollab.spec import TreeParams
@@ -56,8 +56,9 @@ class VerticalTrainResult:
 
 class _InProcess(_Exchange):
     def __init__(self, passive: PassiveState, *, active_party: str, plan: VerticalDpPlan | None, rng: np.random.Generator | None,
-                 releases: dict[str, list[Release]], keep: bool, record: Recorder | None = None) -> None:
+                 releases: dict[str, list[Release]], keep: bool, record: Recorder | None = None, min_node_rows: int = 1) -> None:
         self.state = passive
+        self.min_node_rows = min_node_rows
         self.record = record
         self.active_party = active_party
         self.plan = plan
@@ -84,24 +85,26 @@ class _InProcess(_Exchange):
     def level(self, msg: LevelQuery) -> EncryptedBinSums:
         self._book(_release("vertical_partition", party=self.active_party, observer="passive_party",
                             tree=msg.tree, level=msg.level, mech=NonPrivate(), n_open=msg.n_open), msg.position.tobytes())
-        self.state, reply, event = passive_bin_sums(self.state, msg, plan=self.plan, rng=self.rng)
+        self.state, reply, event = passive_bin_sums(self.state, msg, plan=self.plan, rng=self.rng, min_node_rows=self.min_node_rows)
         self._book(event, b"".join(reply.ciphertexts))
         self.bytes += msg.position.nbytes + sum(len(c) for c in reply.ciphertexts)
         self._seen(msg, reply)
         return reply
 
-    def split(self, msg: SplitNotice) -> SplitPartition:
-        self.state, part, event = passive_split(self.state, msg)
-        self._book(event, np.asarray(part.left, dtype=bool).tobytes())
-        self.bytes += msg.rows.nbytes + part.left.nbytes
-        self._seen(msg, part)
-        return part
+    def splits(self, msg: LevelSplits) -> LevelPartitions:
+        state, reply, events = passive_level_splits(self.state, msg)
+        for event, part in zip(events, reply.parts):
+            self._book(event, np.asarray(part.left, dtype=bool).tobytes())
+        self.state = state
+        self.bytes += 32 * len(msg.notices) + sum(p.left.nbytes for p in reply.parts)
+        self._seen(msg, reply)
+        return reply
 
 
 def train_vertical_in_process(active: tuple[str, np.ndarray, np.ndarray, BinLayout], passive: tuple[str, np.ndarray, BinLayout], *,
                               params: TreeParams, plan: VerticalDpPlan | None, rng: np.random.Generator | None = None,
                               keep_messages: bool = False, record: Recorder | None = None,
-                              on_tree: Callable[[int], None] | None = None) -> VerticalTrainResult:
+                              on_tree: Callable[[int], None] | None = None, min_node_rows: int = 1) -> VerticalTrainResult:
     """SecureBoost between ``active = (name, x, y, its layout)`` and ``passive = (name, x, its private layout)`` (aligned rows).
 
     ``record`` sees every release before the message carrying it is handed over (a raise stops
@@ -114,7 +117,8 @@ def train_vertical_in_process(active: tuple[str, np.ndarray, np.ndarray, BinLayo
     p_state, advert = passive_init(p_name, x_p, lay_p)
     a_state, bundle = active_keys(a_state, advert, plan=plan)
     p_state = passive_keys(p_state, bundle)
-    ex = _InProcess(p_state, active_party=a_name, plan=plan, rng=rng, releases=releases, keep=keep_messages, record=record)
+    ex = _InProcess(p_state, active_party=a_name, plan=plan, rng=rng, releases=releases, keep=keep_messages, record=record,
+                    min_node_rows=min_node_rows)
     ex.bytes += sum(len(b) for b in bundle.public)
     ex._seen(advert, bundle)
     trees = []
