@@ -85,6 +85,10 @@ def deploy(base: Path, spec_path: Path, poll: float) -> dict:
         if r.returncode != 0:
             raise RuntimeError(r.stderr[-2000:])
         for name in HOSPITALS:
+            # Each partner approves the spec it runs (its node refuses any other with code 142).
+            r = _fc("node", "approve", str(spec_path), "--home", str(base / "nodes" / name))
+            if r.returncode != 0:
+                raise RuntimeError(r.stderr[-2000:])
             procs.append(_spawn(["node", "start", str(base / "nodes" / name), "--data", str(base / f"{name}.csv"), "--roster", str(coord / "roster.json"),
                                  "--superlink", address, "--ca", str(base / "certs" / "ca.crt"), "--poll", str(poll)], base / f"node-{name}.log"))
         r = _fc("submit", str(spec_path), "--home", str(coord), "--format", "json", "--timeout", "900", timeout=960)

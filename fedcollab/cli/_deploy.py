@@ -155,20 +155,36 @@ def node_approve(
     home: Annotated[Path, typer.Option("--home", help="The node folder (from `fedcollab node init`).")],
     fmt: Fmt = "table",
 ) -> None:
-    """Approve a spec: store it as approved/<sha256>.toml in the node folder; a deployed run must match it by hash."""
-    from fedcollab.node._home import NodeHome
+    """Approve a spec: store it as approved/<sha256>.toml in the node folder; the node runs only specs approved this way.
 
-    if not spec.is_file():
-        raise _fail(ConfigError(f"spec {spec} is not a readable file")) from None
+    A deployed run whose spec bytes do not hash to an approved spec is refused by the node with
+    code 142 (SPEC_NOT_APPROVED); an approved run is built from this stored copy.
+    """
+    import tomllib
+
+    from fedcollab.node._home import NodeHome
+    from fedcollab.spec import parse_spec
+
+    try:
+        raw = spec.read_bytes()
+    except OSError as exc:
+        raise _fail(ConfigError(f"spec {spec} is not a readable file ({exc.strerror or type(exc).__name__})")) from None
     if not home.is_dir():
         raise _fail(ConfigError(f"node folder {home} does not exist; create it with `fedcollab node init`")) from None
+    try:
+        # Checked as the node will read it (the run config's bytes, no folder to resolve against).
+        parse_spec(tomllib.loads(raw.decode("utf-8")), source=str(spec))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise _fail(ConfigError(f"spec {spec} is not UTF-8 TOML: {exc}")) from None
+    except FedcollabError as exc:
+        raise _fail(exc) from None
     node = NodeHome(home)
-    digest = node.approve_spec(spec.read_bytes())
+    digest = node.approve_spec(raw)
     path = node.approved_dir / f"{digest}.toml"
     if fmt == "json":
         sys.stdout.write(json.dumps({"sha256": digest, "path": str(path)}) + "\n")
         return
-    Console().print(f"approved {escape(str(spec))}: sha256 {digest} stored as {escape(str(path))}")
+    sys.stdout.write(f"approved {spec}: sha256 {digest}\nstored as {path}\n")  # unwrapped: the hash is copied from here
 
 
 def node_start(

@@ -10,15 +10,19 @@ writes at start). For each task it
 2. checks the bundle: its SHA-256 must be one the partner approved (by default the bundle its
    own fedcollab builds, :func:`approved_bundle_sha256`) — otherwise it answers with code
    ``UNAPPROVED_BUNDLE`` and nothing else;
-3. answers with the ClientApp of the fedcollab **installed at the node** (never code from the
-   bundle, which is not even unpacked), built from the spec in the run config, the node's
-   folder, its data path (node config ``data``) and its roster; the policy checks, the budget
-   gate and the ledger are those of :mod:`fedcollab.node._client`;
-4. writes one line per outgoing message to the egress log (``HOME/egress.jsonl``): time, run,
+3. checks the spec: the SHA-256 of the spec bytes in the run config must name a spec the
+   partner approved (``fedcollab node approve``: ``HOME/approved/<sha256>.toml``) — otherwise
+   every message of the run is answered with code ``SPEC_NOT_APPROVED`` and nothing else,
+   before any data is read;
+4. answers with the ClientApp of the fedcollab **installed at the node** (never code from the
+   bundle, which is not even unpacked), built from the node's **own approved copy** of the
+   spec, the node's folder, its data path (node config ``data``) and its roster; the policy
+   checks, the budget gate and the ledger are those of :mod:`fedcollab.node._client`;
+5. writes one line per outgoing message to the egress log (``HOME/egress.jsonl``): time, run,
    message type, round, size in bytes, SHA-256 commitment of the content (Flower's object id of
    the record dict), the record names, the error code if any, and the kinds of ledger entries
    it carries;
-5. pushes the reply and the updated context back to the SuperNode.
+6. pushes the reply and the updated context back to the SuperNode.
 
 One long-lived process answers every message: torch is imported once, not once per message as
 with Flower's own ``flwr-clientapp`` processes.
@@ -144,18 +148,63 @@ class NodeDeployment:
     roster: dict[str, str]  # party -> Ed25519 public key (hex), the coordinator included
     approved_bundles: frozenset[str]
     _apps: dict[str, Any] = field(default_factory=dict)
+    _refused: set[tuple[int, str]] = field(default_factory=set)  # (Flower run id, spec key) refused in that run
 
-    def client_app(self, run_config: Any) -> Any:
-        """The installed ClientApp for the spec in ``run_config`` (built once per spec)."""
-        from fedcollab.node._client import make_client_app
+    def client_app(self, run_config: Any, *, flower_run_id: int | None = None) -> Any:
+        """The installed ClientApp for the spec in ``run_config``, built from the node's OWN approved copy.
+
+        The SHA-256 of the spec bytes the run config carries selects ``approved/<sha256>.toml`` in
+        the node folder (:func:`approved_run_spec`); the ClientApp is built from that copy, once per
+        spec. A spec the partner has not approved gets :func:`refusing_app`: every message is
+        answered with ``SPEC_NOT_APPROVED`` alone, before any data is read. A refusal is remembered
+        for its Flower run only (``flower_run_id``): the rest of that run is refused as well, and a
+        spec approved afterwards is checked afresh, and accepted, in the next run.
+        """
+        from fedcollab.core import NodeCoded
 
         value = str(run_config.get(RUN_CONFIG_SPEC, ""))
         key = hashlib.sha256(value.encode()).hexdigest()
-        if key not in self._apps:
-            spec = local_spec(decode_run_spec(value), self.partner, self.data)
-            self._apps.clear()
-            self._apps[key] = make_client_app(spec, {self.partner: str(self.home)}, self.roster)
+        if key in self._apps:
+            return self._apps[key]
+        if flower_run_id is not None and (flower_run_id, key) in self._refused:
+            return refusing_app(NodeErrorCode.SPEC_NOT_APPROVED, self.partner)
+        try:
+            own = approved_run_spec(self.home, value)
+        except NodeCoded as exc:
+            if flower_run_id is not None:
+                if len(self._refused) >= 64:
+                    self._refused.clear()
+                self._refused.add((flower_run_id, key))
+            return refusing_app(exc.code, self.partner)
+        from fedcollab.node._client import make_client_app
+
+        spec = local_spec(own, self.partner, self.data)
+        self._apps.clear()
+        self._apps[key] = make_client_app(spec, {self.partner: str(self.home)}, self.roster)
         return self._apps[key]
+
+
+def refusing_app(code: NodeErrorCode, partner: str | None = None) -> Any:
+    """A ClientApp that answers every message with ``code`` alone (and the partner's public name), computing nothing.
+
+    The reply is the node's usual coded refusal (:func:`fedcollab.node._mods.coded_reply`, with no
+    ledger entries); each refused message is logged here, and the executor logs it in the egress log.
+    """
+    from flwr.app import Context, Message
+    from flwr.clientapp import ClientApp
+
+    from fedcollab.node._mods import coded_reply
+
+    app = ClientApp()
+
+    def _refuse(msg: Message, context: Context) -> Message:
+        log.error("node %s refused %s: %s", partner or "?", msg.metadata.message_type, code.name)
+        return coded_reply(msg, code, [], partner=partner)
+
+    app.query()(_refuse)
+    app.train()(_refuse)
+    app.evaluate()(_refuse)
+    return app
 
 
 def local_spec(spec: Any, partner: str, data: Path) -> Any:
@@ -170,8 +219,8 @@ def approved_run_spec(home: Path, value: str) -> Any:
     """The node's OWN approved copy of the spec the run config names (issue 14 item 1), parsed.
 
     The SHA-256 of the coordinator's spec bytes selects ``approved/<sha256>.toml`` in the node
-    folder; if there is none the refusal is logged here and only ``SPEC_NOT_APPROVED`` leaves.
-    Not yet wired into ``NodeDeployment.client_app`` (the e2e deployment tests must approve first).
+    folder; if there is none the refusal is logged here and ``NodeCoded(SPEC_NOT_APPROVED)`` is
+    raised (:meth:`NodeDeployment.client_app` then answers with that code alone).
     """
     import base64
     import binascii
@@ -258,7 +307,7 @@ def handle_task(node: NodeDeployment, egress: EgressLog, *, runtime_address: str
         else:
             try:
                 with _APP_LOCK:
-                    app = node.client_app(context.run_config)
+                    app = node.client_app(context.run_config, flower_run_id=int(run.run_id))
                     reply = app(message=message, context=context)
             except Exception as exc:  # noqa: BLE001 - text stays here; a code leaves
                 log.error("run %s: the ClientApp could not answer: %s", run.run_id, type(exc).__name__, exc_info=True)
@@ -339,18 +388,7 @@ def _build_placeholder_app() -> Any:
     # The bundle names ``fedcollab.node._deploy:app``. A node started by ``fedcollab node start``
     # never loads it (it answers from :func:`serve`); a SuperNode run without fedcollab's
     # executor would, and gets a ClientApp that refuses every message with a code.
-    from flwr.app import Context, Message
-    from flwr.clientapp import ClientApp
-
-    refuse = ClientApp()
-
-    def _refuse(msg: Message, context: Context) -> Message:
-        return _coded_reply(msg, NodeErrorCode.UNAPPROVED_BUNDLE)
-
-    refuse.query()(_refuse)
-    refuse.train()(_refuse)
-    refuse.evaluate()(_refuse)
-    return refuse
+    return refusing_app(NodeErrorCode.UNAPPROVED_BUNDLE)
 
 
 def __getattr__(name: str) -> Any:
@@ -361,4 +399,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["EgressLog", "NodeDeployment", "approved_bundle_sha256", "build_bundle", "handle_task", "local_spec", "serve"]
+__all__ = ["EgressLog", "NodeDeployment", "approved_bundle_sha256", "approved_run_spec", "build_bundle", "handle_task", "local_spec", "refusing_app",
+           "serve"]

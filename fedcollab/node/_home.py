@@ -81,7 +81,7 @@ class NodeHome:
         self.approved_dir.mkdir(parents=True, exist_ok=True)
         path = self.approved_dir / f"{digest}.toml"
         if not path.exists():
-            _write_atomic(path, spec_bytes.decode("utf-8"))
+            _write_atomic(path, spec_bytes)  # byte for byte: the hash names these exact bytes
         return digest
 
     def approved_spec(self, spec_bytes: bytes) -> bytes | None:
@@ -170,11 +170,11 @@ class NodeHome:
         return BudgetGate(ledger, self.policy(), dataset=dataset, nonce_path=self.nonce_path)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+def _write_atomic(path: Path, text: str | bytes) -> None:
+    """Write ``text`` (or bytes, unchanged) to ``path`` through a temporary file in the same folder and ``os.replace``."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as fh:
+        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())

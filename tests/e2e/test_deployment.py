@@ -2,7 +2,9 @@
 
 One module-scoped deployment (real ``flower-superlink`` and ``flower-supernode`` processes over TLS
 with node authentication, started through the ``fedcollab`` CLI) serves every test here, in file
-order: a plain 2-round Heart run, an unregistered node, a policy refusal, a coordinator restart.
+order: a plain 2-round Heart run, an unregistered node, a policy refusal (with a node that did not
+approve the run's spec), a coordinator restart. Each partner approves each spec with
+``fedcollab node approve`` before it is submitted, as a partner does in deployment.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PARTNERS = ["cleveland", "hungary", "switzerland", "va-long-beach"]
 REFUSER = "va-long-beach"  # its policy allows plain aggregation only
+UNAPPROVER = "switzerland"  # does not approve the secagg spec: its node refuses that run with 142
 
 pytestmark = pytest.mark.slow
 
@@ -69,11 +72,20 @@ class Deployment:
     extra: list[subprocess.Popen[bytes]] = field(default_factory=list)
     intruder: subprocess.Popen[bytes] | None = None
 
-    def spec(self, name: str, rounds: int, aggregation: str = "plain") -> Path:
+    def spec(self, name: str, rounds: int, aggregation: str = "plain", *, unapproved: tuple[str, ...] = ()) -> Path:
+        """Write the spec; every partner but ``unapproved`` approves it with `fedcollab node approve` (a node runs only what it approved)."""
+        import hashlib
+
         text = (ROOT / "protocols" / "heart-disease.toml").read_text().replace("rounds = 20", f"rounds = {rounds}")
         text = text.replace('aggregation = "plain"', f'aggregation = "{aggregation}"')
         path = self.base / f"{name}.toml"
         path.write_text(text)
+        for partner in PARTNERS:
+            if partner in unapproved:
+                continue
+            r = fc("node", "approve", str(path), "--home", str(self.base / "nodes" / partner), "--format", "json")
+            assert r.returncode == 0, r.stderr[-2000:]
+            assert json.loads(r.stdout)["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
         return path
 
     def start_coordinator(self) -> None:
@@ -214,10 +226,15 @@ def test_unregistered_node_is_rejected(deployment):
 
 
 def test_forbidden_mode_is_refused_with_a_code_only(deployment):
-    """A run asking for secure aggregation is refused by the node whose policy allows plain only: one coded refusal leaves it."""
+    """A run asking for secure aggregation is refused by the node whose policy allows plain only: one coded refusal leaves it.
+
+    The same run's spec was never approved by UNAPPROVER's partner: its node answers with code 142
+    (SPEC_NOT_APPROVED) alone, charges and releases nothing.
+    """
     d = deployment
     ledger_before = (d.base / "nodes" / REFUSER / "ledger.jsonl").read_text().count("\n")
-    code, row = d.submit(d.spec("heart-secagg", rounds=2, aggregation="secagg"))
+    unapproved_ledger = (d.base / "nodes" / UNAPPROVER / "ledger.jsonl").read_text()
+    code, row = d.submit(d.spec("heart-secagg", rounds=2, aggregation="secagg", unapproved=(UNAPPROVER,)))
     assert code == 9 and row["sub_status"] == "failed", row  # NODE_FAILED, the run's true outcome
     out = d.egress(REFUSER, row["run_id"])
     assert len(out) == 1, out
@@ -228,6 +245,12 @@ def test_forbidden_mode_is_refused_with_a_code_only(deployment):
     assert "POLICY_REFUSED" in (d.base / "nodes" / REFUSER / "node.log").read_text()
     st = json.loads((d.run_dir(row["run_id"]) / "status.json").read_text())
     assert st["state"] == "failed" and 132 in st["node_codes"].values()
+    # The node that did not approve the spec: code 142 alone, no ledger entry, nothing released.
+    out = d.egress(UNAPPROVER, row["run_id"])
+    assert [(e["error_code"], e["records"], e["ledger_kinds"]) for e in out] == [(142, ["fedcollab.error"], [])], out
+    assert (d.base / "nodes" / UNAPPROVER / "ledger.jsonl").read_text() == unapproved_ledger
+    assert "SPEC_NOT_APPROVED" in (d.base / "nodes" / UNAPPROVER / "node.log").read_text()
+    assert st["node_codes"].get(UNAPPROVER) == 142, st["node_codes"]
 
 
 def test_coordinator_restart_resumes_from_checkpoint(deployment):

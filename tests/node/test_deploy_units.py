@@ -205,3 +205,101 @@ class TestApprovedRunSpec:
         NodeHome(tmp_path).approve_spec(text.encode())
         with pytest.raises(NodeCoded):
             approved_run_spec(tmp_path, encode_spec(text + " "))
+
+
+class TestSpecEnforcement:
+    """Issue 14 item 1: the ClientApp a deployed node answers with is built from its own approved copy, or refuses with 142."""
+
+    PARTNER = "hungary"
+
+    def _node(self, root, tmp_path, data):
+        from fedcollab.node import init_node_home
+        from fedcollab.node._deploy import NodeDeployment
+        from fedcollab.privacy.accounting import public_key_hex
+        from fedcollab.runner._run import simulated_policy
+        from fedcollab.spec import load_spec
+
+        spec = load_spec(root / "protocols" / "heart-disease.toml")
+        home = init_node_home(tmp_path / self.PARTNER, partner=self.PARTNER, policy=simulated_policy(spec, self.PARTNER))
+        roster = {self.PARTNER: home.public_key(), "coordinator": public_key_hex(init_node_home(tmp_path / "coord", partner="coord").key())}
+        return NodeDeployment(home=home.root, partner=self.PARTNER, data=data, roster=roster, approved_bundles=frozenset()), home
+
+    def _send(self, app, message_type, cfg, flower_run_id=1):
+        import time
+        import uuid
+
+        from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+
+        from fedcollab.protocols import RecordKey
+
+        meta = Metadata(run_id=flower_run_id, message_id=uuid.uuid4().hex, src_node_id=0, dst_node_id=7, reply_to_message_id="", group_id="",
+                        created_at=time.time(), ttl=600.0, message_type=message_type)
+        msg = Message(content=RecordDict({RecordKey.CONFIG: ConfigRecord({"fedcollab.run_id": "r1", **cfg})}), metadata=meta)
+        ctx = Context(run_id=flower_run_id, node_id=7, node_config={"partner": self.PARTNER}, state=RecordDict(), run_config={})
+        return msg, app(msg, ctx)
+
+    def test_unapproved_spec_refuses_every_message_with_142_and_releases_nothing(self, root, tmp_path, monkeypatch):
+        """Setup, train and evaluate of an unapproved spec: each reply is code 142 alone, nothing is read, charged or released."""
+        from flwr.supercore.task_identity import TaskIdentity
+
+        from fedcollab.coordinator._deploy import encode_spec
+        from fedcollab.node._deploy import RUN_CONFIG_SPEC, EgressLog, _remember_request
+        from fedcollab.protocols import RecordKey
+
+        monkeypatch.setattr(TaskIdentity, "_run_id", 1, raising=False)
+        monkeypatch.setattr(TaskIdentity, "_node_id", 7, raising=False)
+        monkeypatch.setattr(TaskIdentity, "_task_id", 3, raising=False)
+        missing = tmp_path / "never-read.csv"  # the data file does not even exist: a refusal must not need it
+        node, home = self._node(root, tmp_path, missing)
+        ledger_before = home.ledger_path.read_text() if home.ledger_path.exists() else ""
+        run_config = {RUN_CONFIG_SPEC: encode_spec((root / "protocols" / "heart-disease.toml").read_text())}
+        egress = EgressLog(tmp_path / "egress.jsonl")
+        for message_type, cfg in [("query", {"fedcollab.kind": "setup", "scaling": "none"}), ("train", {"server-round": 1}),
+                                  ("evaluate", {"server-round": 1})]:
+            msg, reply = self._send(node.client_app(run_config, flower_run_id=1), message_type, cfg)
+            assert not reply.has_error()
+            assert list(reply.content.keys()) == [RecordKey.ERROR]  # no arrays, metrics, statistics or ledger entries
+            assert dict(reply.content.config_records[RecordKey.ERROR]) == {"code": 142, "partner": self.PARTNER}
+            _remember_request(msg)
+            e = egress.record(reply, flower_run_id=1, fab_sha256=None)
+            assert (e["error_code"], e["records"], e["ledger_kinds"]) == (142, ["fedcollab.error"], [])
+        assert not node._apps  # nothing was built
+        assert (home.ledger_path.read_text() if home.ledger_path.exists() else "") == ledger_before
+        assert not missing.exists()
+
+    def test_spec_approved_later_runs_in_the_next_run_only(self, root, tmp_path):
+        """A refusal holds for the rest of its Flower run; the next run checks again and gets the app built from the node's copy."""
+        from fedcollab.coordinator._deploy import encode_spec
+        from fedcollab.node._deploy import RUN_CONFIG_SPEC
+        from fedcollab.protocols import RecordKey
+
+        text = (root / "protocols" / "heart-disease.toml").read_text()
+        node, home = self._node(root, tmp_path, tmp_path / "data.csv")
+        run_config = {RUN_CONFIG_SPEC: encode_spec(text)}
+        first = node.client_app(run_config, flower_run_id=1)
+        home.approve_spec(text.encode())
+        _, reply = self._send(node.client_app(run_config, flower_run_id=1), "query", {"fedcollab.kind": "setup"})
+        assert int(reply.content.config_records[RecordKey.ERROR]["code"]) == 142  # still run 1: refused
+        app = node.client_app(run_config, flower_run_id=2)
+        assert app is not first and list(node._apps.values()) == [app]
+        assert node.client_app(run_config, flower_run_id=3) is app  # built once per spec
+        # One byte off the approved spec is another spec: refused.
+        _, reply = self._send(node.client_app({RUN_CONFIG_SPEC: encode_spec(text + " ")}, flower_run_id=3), "train", {"server-round": 1})
+        assert int(reply.content.config_records[RecordKey.ERROR]["code"]) == 142
+
+    def test_approved_app_is_built_from_the_nodes_own_copy(self, root, tmp_path, monkeypatch):
+        """The ClientApp is built from the bytes in approved/<sha256>.toml, not from the run config's copy."""
+        import fedcollab.node._client as client
+        from fedcollab.coordinator._deploy import encode_spec
+        from fedcollab.node._deploy import RUN_CONFIG_SPEC
+
+        text = (root / "protocols" / "heart-disease.toml").read_text()
+        node, home = self._node(root, tmp_path, tmp_path / "data.csv")
+        digest = home.approve_spec(text.encode())
+        # Mark the node's copy (as if the partner's folder held a different, approved text under that hash).
+        (home.root / "approved" / f"{digest}.toml").write_text(text.replace('name = "heart-disease"', 'name = "heart-disease-own-copy"', 1))
+        built = []
+        monkeypatch.setattr(client, "make_client_app", lambda spec, homes, roster: built.append(spec) or object())
+        node.client_app({RUN_CONFIG_SPEC: encode_spec(text)}, flower_run_id=1)
+        assert [s.name for s in built] == ["heart-disease-own-copy"]
+        assert built[0].partners[[p.name for p in built[0].partners].index(self.PARTNER)].source.path == str((tmp_path / "data.csv").resolve())
