@@ -165,7 +165,9 @@ class NodeDeployment:
         value = str(run_config.get(RUN_CONFIG_SPEC, ""))
         key = hashlib.sha256(value.encode()).hexdigest()
         if key in self._apps:
-            return self._apps[key]
+            if self._still_approved(value):
+                return self._apps[key]
+            self._apps.clear()  # the partner withdrew the approval: checked afresh below, and refused
         if flower_run_id is not None and (flower_run_id, key) in self._refused:
             return refusing_app(NodeErrorCode.SPEC_NOT_APPROVED, self.partner)
         try:
@@ -182,6 +184,20 @@ class NodeDeployment:
         self._apps.clear()
         self._apps[key] = make_client_app(spec, {self.partner: str(self.home)}, self.roster)
         return self._apps[key]
+
+
+    def _still_approved(self, value: str) -> bool:
+        """Whether the approved copy of the run config's spec is still in the node folder (an approval can be withdrawn)."""
+        import base64
+        import binascii
+
+        from fedcollab.node._home import NodeHome
+
+        try:
+            sent = base64.b64decode(value.encode("ascii"), validate=True)
+        except (ValueError, binascii.Error):
+            return False
+        return NodeHome(Path(self.home)).approved_spec(sent) is not None
 
 
 def refusing_app(code: NodeErrorCode, partner: str | None = None) -> Any:

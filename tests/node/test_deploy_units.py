@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import stat
 
@@ -283,6 +284,11 @@ class TestSpecEnforcement:
         app = node.client_app(run_config, flower_run_id=2)
         assert app is not first and list(node._apps.values()) == [app]
         assert node.client_app(run_config, flower_run_id=3) is app  # built once per spec
+        # Withdrawing the approval (deleting the stored copy) refuses the very next message, without a restart.
+        (home.root / "approved" / f"{hashlib.sha256(text.encode()).hexdigest()}.toml").unlink()
+        _, reply = self._send(node.client_app(run_config, flower_run_id=3), "train", {"server-round": 1})
+        assert int(reply.content.config_records[RecordKey.ERROR]["code"]) == 142 and not node._apps
+        home.approve_spec(text.encode())
         # One byte off the approved spec is another spec: refused.
         _, reply = self._send(node.client_app({RUN_CONFIG_SPEC: encode_spec(text + " ")}, flower_run_id=3), "train", {"server-round": 1})
         assert int(reply.content.config_records[RecordKey.ERROR]["code"]) == 142
