@@ -64,6 +64,7 @@ own releases (unit record, observer the other party).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -529,11 +530,13 @@ def _payload(msg: object) -> bytes:
 def train_vertical_lr_in_process(active: tuple[str, np.ndarray, np.ndarray], passive: tuple[str, np.ndarray], *, iterations: int,
                                  learning_rate: float, l2: float = 0.0, rng: np.random.Generator | None = None,
                                  record: Recorder | None = None, plan: VerticalLrDpPlan | None = None,
-                                 flood_std: float = DEFAULT_FLOOD_STD, keep_messages: bool = False) -> VerticalLrResult:
+                                 flood_std: float = DEFAULT_FLOOD_STD, keep_messages: bool = False,
+                                 on_message: Callable[[str, object], None] | None = None) -> VerticalLrResult:
     """Vertical LR between ``active = (name, x_a, y)`` and ``passive = (name, x_p)`` (aligned rows), both as function calls.
 
     ``record(release, payload)`` sees every release before the message carrying it is handed over
-    (a raise stops the run with that message unsent). ``rng`` seeds both parties' noise generators
+    (a raise stops the run with that message unsent); ``on_message(receiver, message)`` is called as
+    each message is handed over (after its release is recorded). ``rng`` seeds both parties' noise generators
     (flooding, DP); ``None`` draws a seed from the OS CSPRNG. ``messages`` holds ``(receiver, message)``.
     """
     import secrets
@@ -555,6 +558,8 @@ def train_vertical_lr_in_process(active: tuple[str, np.ndarray, np.ndarray], pas
                 record(event, _payload(msg))
             releases[event.party].append(event)
         wire += _nbytes(msg)
+        if on_message is not None:
+            on_message(to, msg)
         if keep_messages:
             messages.append((to, msg))
 
