@@ -11,6 +11,7 @@ from fedcollab.crypto._ckks_scoring import (
     SecretScoringContext,
     check_scoring_params,
 )
+from fedcollab.crypto._ckks_vertical import LrPublicContext, LrSecretContext
 from fedcollab.crypto._he import (
     BFV_4096,
     PARAMETER_SETS as HE_PARAMETER_SETS,
@@ -60,6 +61,8 @@ __all__ = [
     "SHAMIR_SHARE_BYTES",
     "X25519_KEY_BYTES",
     "HeParameters",
+    "LrPublicContext",
+    "LrSecretContext",
     "PublicContext",
     "PublicScoringContext",
     "ScoringParams",
