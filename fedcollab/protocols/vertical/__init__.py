@@ -139,7 +139,6 @@ __all__ = [
     "passive_lr_logits",
     "passive_lr_predict",
     "passive_lr_update",
-    "passive_split",
     "plan_vertical_dp",
     "plan_vertical_lr_dp",
     "predict_vertical_lr_in_process",
