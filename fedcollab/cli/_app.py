@@ -162,18 +162,19 @@ def _run_vertical(spec: Any, spec_path: Path | None, *, out: Path, nodes: Path |
 def print_vertical_table(summary: dict[str, Any]) -> None:
     """The vertical run at a glance: alignment, metrics, each party's releases."""
     c = Console()
-    t = Table(title=f"{summary['spec']['name']}: vertical SecureBoost, {summary['trees']} trees, {summary['intersection']} common records "
+    what = f"SecureBoost, {summary['trees']} trees" if "trees" in summary else f"logistic regression, {summary['iterations']} iterations"
+    t = Table(title=f"{summary['spec']['name']}: vertical {what}, {summary['intersection']} common records "
                     f"({summary['n_train']} train / {summary['n_test']} test)")
     t.add_column("party", no_wrap=True)
     t.add_column("role")
     t.add_column("releases (kind -> observer)", overflow="fold")
-    t.add_column("ε vs label holder")
+    t.add_column("ε record-level, per observer (charged releases)", overflow="fold")
     for name in (summary["label_holder"], summary["passive_party"]):
         p = summary["privacy"]["parties"].get(name, {})
         rel = ", ".join(f"{k} ×{v}" for k, v in sorted(p.get("releases", {}).items()))
-        eps = p.get("epsilon_bin_sums_vs_label_holder")
+        eps = ", ".join(f"{obs}: {'∞' if e is None else f'{e:.3f}'}" for obs, e in sorted((p.get("epsilon") or {}).items())) or "-"
         role = "label holder (active)" if name == summary["label_holder"] else "passive"
-        t.add_row(name, role, rel, "-" if name == summary["label_holder"] else ("∞ (no DP)" if eps is None else f"{eps:.3f} (bin sums)"))
+        t.add_row(name, role, rel, eps)
     c.print(t)
     m = summary["metrics"]
     c.print(f"test AUC {_fmt(m['test_auc'])}, accuracy {_fmt(m['test_accuracy'])}; PSI {summary['seconds']['align']:.2f} s, "

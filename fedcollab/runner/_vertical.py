@@ -90,12 +90,12 @@ def split_aligned(n: int, *, test_fraction: float, seed: int) -> tuple[np.ndarra
 
 @dataclass(frozen=True)
 class VerticalOutcome:
-    """What a simulated vertical run produced."""
+    """What a simulated vertical run produced (``kind`` gbdt: SecureBoost; logistic_regression: HE vertical LR)."""
 
-    model: VerticalModel
-    table: dict[tuple[int, int], LookupEntry]
-    layouts: tuple[BinLayout, BinLayout]
-    plan: VerticalDpPlan | None
+    model: Any  # VerticalModel (gbdt) or VerticalLrModel
+    table: dict[tuple[int, int], LookupEntry]  # the passive party's lookup table (gbdt; empty for LR)
+    layouts: tuple[BinLayout, BinLayout] | None
+    plan: Any  # VerticalDpPlan, VerticalLrDpPlan or None
     releases: dict[str, list[Release]]
     intersection: int
     n_train: int
@@ -106,6 +106,8 @@ class VerticalOutcome:
     seconds_train: float
     wire_bytes: int
     data: dict[str, Any]
+    kind: str = "gbdt"
+    feature_names: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
 
 
 def _auc(y: np.ndarray, score: np.ndarray) -> float:
@@ -125,7 +127,8 @@ def simulate_vertical(spec: Spec, *, align: Aligner = plain_align, rng: np.rando
     """
     v = spec.vertical
     assert v is not None, "a vertical spec"
-    params = params or tree_params(spec)
+    if params is None and spec.model.kind == "gbdt":
+        params = tree_params(spec)
     active_name = v.label_holder
     passive_name = next(p.name for p in spec.partners if p.name != active_name)
     a = load_vertical_party(spec, active_name)
@@ -144,6 +147,10 @@ def simulate_vertical(spec: Spec, *, align: Aligner = plain_align, rng: np.rando
     if len(train) < 2 or len(test) < 2:
         raise DataValidationError(f"the aligned records split into {len(train)} train and {len(test)} test rows")
     xa, y, xp = a.x[ia], a.y[ia], p.x[ip]
+    if spec.model.kind == "logistic_regression":
+        return _simulate_lr(spec, (a, xa, y), (p, xp), train, test, psi_releases=list(psi_releases), t_align=t_align, record=record,
+                            rng=rng, on_tree=on_tree)
+    assert params is not None
     lay_a = active_layout(spec, a, params)
     lay_p = passive_layout(spec, p, xp[train], params)
     plan = None
@@ -171,16 +178,78 @@ def simulate_vertical(spec: Spec, *, align: Aligner = plain_align, rng: np.rando
     releases[passive_name].append(ev)
     margin = active_margin(res.model, xa[test], lay_a, dec)
     prob = 1.0 / (1.0 + np.exp(-margin))
-    auc, acc = _auc(y[test], prob), float(np.mean((prob >= 0.5) == (y[test] == 1)))
-    mev = Release(kind="test_metrics", about="test", unit="record", observer="coordinator", added_by=active_name, party=active_name,
-                  round=params.n_trees, mechanism=NonPrivate(), details={"rows": int(len(test)), **({"auc": auc} if math.isfinite(auc) else {}), "accuracy": acc})
-    if record is not None:
-        record(mev, json.dumps({"auc": auc, "accuracy": acc}).encode())
-    releases[active_name].append(mev)
+    auc, acc = _test_metrics(active_name, y[test], prob, round_=params.n_trees, record=record, releases=releases)
     return VerticalOutcome(model=res.model, table=dict(res.table), layouts=(lay_a, lay_p), plan=plan, releases=releases, intersection=len(ia),
                            n_train=len(train), n_test=len(test), test_auc=auc, test_accuracy=acc,
                            seconds_align=t_align, seconds_train=t_train, wire_bytes=res.wire_bytes,
-                           data={"xa": xa, "xp": xp, "y": y, "train": train, "test": test})
+                           data={"xa": xa, "xp": xp, "y": y, "train": train, "test": test}, kind="gbdt",
+                           feature_names=(tuple(a.feature_names), tuple(p.feature_names)))
+
+
+def _test_metrics(active_name: str, y: np.ndarray, prob: np.ndarray, *, round_: int, record: Recorder | None,
+                  releases: dict[str, list[Release]]) -> tuple[float, float]:
+    """The label holder's test AUC and accuracy on its own labels, released to the coordinator (recorded first)."""
+    auc, acc = _auc(y, prob), float(np.mean((prob >= 0.5) == (y == 1)))
+    mev = Release(kind="test_metrics", about="test", unit="record", observer="coordinator", added_by=active_name, party=active_name,
+                  round=round_, mechanism=NonPrivate(), details={"rows": int(len(y)), **({"auc": auc} if math.isfinite(auc) else {}), "accuracy": acc})
+    if record is not None:
+        record(mev, json.dumps({"auc": auc, "accuracy": acc}).encode())
+    releases[active_name].append(mev)
+    return auc, acc
+
+
+def scale_to_unit(spec: Spec, party: VerticalPartyData, x: np.ndarray) -> np.ndarray:
+    """A party's encoded features scaled to [0, 1] by the schema's public bounds (vertical LR; no data-dependent scaling)."""
+    schema = spec.data_schema
+    names = schema.encoded_features()
+    b = np.array([schema.encoded_bounds()[names.index(n)] for n in party.feature_names], dtype=np.float64).reshape(-1, 2)
+    width = np.where(b[:, 1] > b[:, 0], b[:, 1] - b[:, 0], 1.0)
+    arr = np.asarray(x, dtype=np.float64)
+    if not np.isfinite(arr).all():
+        bad = [party.feature_names[j] for j in np.flatnonzero(~np.isfinite(arr).all(axis=0))]
+        raise DataValidationError(f"{party.partner}: vertical logistic regression needs complete rows; column(s) {', '.join(bad)} have missing "
+                                  "values (set schema.missing = 'drop_rows')")
+    return np.clip((arr - b[:, 0]) / width, 0.0, 1.0)
+
+
+def _simulate_lr(spec: Spec, active: tuple[VerticalPartyData, np.ndarray, np.ndarray], passive: tuple[VerticalPartyData, np.ndarray],
+                 train: np.ndarray, test: np.ndarray, *, psi_releases: list[Release], t_align: float, record: Recorder | None,
+                 rng: np.random.Generator | None, on_tree: Callable[[int], None] | None) -> VerticalOutcome:
+    """Vertical logistic regression on the aligned rows (two CKKS keys, masked gradients; docs/vertical-lr.md)."""
+    from fedcollab.protocols.vertical import GradientAnswer, plan_vertical_lr_dp, predict_vertical_lr_in_process, train_vertical_lr_in_process
+
+    a, xa_raw, y = active
+    p, xp_raw = passive
+    xa, xp = scale_to_unit(spec, a, xa_raw), scale_to_unit(spec, p, xp_raw)
+    iterations = spec.training.rounds
+    plan = None
+    if spec.privacy.mode == "record":
+        assert spec.privacy.target_epsilon is not None and spec.privacy.delta is not None
+        plan = plan_vertical_lr_dp(iterations=iterations, d_active=xa.shape[1], d_passive=xp.shape[1], target_epsilon=spec.privacy.target_epsilon,
+                                   delta=spec.privacy.delta)
+    done = [0]
+
+    def seen(_to: str, msg: object) -> None:
+        if isinstance(msg, GradientAnswer) and on_tree is not None:
+            on_tree(done[0])
+            done[0] += 1
+
+    t0 = time.perf_counter()
+    res = train_vertical_lr_in_process((a.partner, xa[train], y[train]), (p.partner, xp[train]), iterations=iterations,
+                                       learning_rate=spec.training.learning_rate, rng=rng, record=record, plan=plan, on_message=seen)
+    t_train = time.perf_counter() - t0
+    releases: dict[str, list[Release]] = {a.partner: [], p.partner: []}
+    for r in psi_releases:
+        releases.setdefault(r.party, []).append(r)
+    for k, vv in res.releases.items():
+        releases[k].extend(vv)
+    prob, ev = predict_vertical_lr_in_process(res.model, xa[test], (p.partner, xp[test]), record=record)
+    releases[p.partner].append(ev)
+    auc, acc = _test_metrics(a.partner, y[test], prob, round_=iterations, record=record, releases=releases)
+    return VerticalOutcome(model=res.model, table={}, layouts=None, plan=plan, releases=releases, intersection=len(train) + len(test),
+                           n_train=len(train), n_test=len(test), test_auc=auc, test_accuracy=acc, seconds_align=t_align, seconds_train=t_train,
+                           wire_bytes=res.wire_bytes, data={"xa": xa, "xp": xp, "y": y, "train": train, "test": test}, kind="logistic_regression",
+                           feature_names=(tuple(a.feature_names), tuple(p.feature_names)))
 
 
 def releases_summary(spec: Spec, outcome: VerticalOutcome) -> dict[str, Any]:
@@ -191,10 +260,16 @@ def releases_summary(spec: Spec, outcome: VerticalOutcome) -> dict[str, Any]:
         kinds: dict[str, int] = {}
         for r in rels:
             kinds[f"{r.kind}->{r.observer}"] = kinds.get(f"{r.kind}->{r.observer}", 0) + 1
-        noisy = [r.mechanism for r in rels if isinstance(r.mechanism, GaussianMechanism)]
-        entry: dict[str, Any] = {"releases": kinds, "non_private": sum(1 for r in rels if r.non_private)}
-        if noisy and delta > 0:
-            entry["epsilon_bin_sums_vs_label_holder"] = compute_epsilon(noisy, delta=delta, accountant="rdp").epsilon
+        entry: dict[str, Any] = {"releases": kinds, "non_private": sum(1 for r in rels if r.non_private),
+                                 "declared": sum(1 for r in rels if r.declared_public)}
+        eps: dict[str, float | None] = {}
+        for obs in sorted({r.observer for r in rels if not r.declared_public and r.about != "test"}):
+            group = [r for r in rels if r.observer == obs and not r.declared_public and r.about != "test"]
+            if any(r.non_private for r in group):
+                eps[obs] = None  # a non-private release about training rows: epsilon is infinite
+            elif delta > 0:
+                eps[obs] = compute_epsilon([r.mechanism for r in group], delta=delta, accountant="rdp").epsilon
+        entry["epsilon"] = eps  # per observer, over the charged releases (None = infinite)
         out[party] = entry
     return out
 
@@ -202,6 +277,27 @@ def releases_summary(spec: Spec, outcome: VerticalOutcome) -> dict[str, Any]:
 def _model_json(outcome: VerticalOutcome) -> dict[str, Any]:
     return {"format": "fedcollab-secureboost-v1", "base_score": outcome.model.base_score, "active_features": list(outcome.model.active_features),
             "trees": [[dataclasses.asdict(n) for n in t.nodes] for t in outcome.model.trees]}
+
+
+def _lr_json(outcome: VerticalOutcome, *, active: bool) -> dict[str, Any]:
+    m = outcome.model
+    names = outcome.feature_names[0 if active else 1]
+    doc: dict[str, Any] = {"format": "fedcollab-vertical-lr-v1", "features": list(names), "scaling": "public_bounds_unit",
+                           "weights": [float(w) for w in (m.active_weights if active else m.passive_weights)]}
+    if active:
+        doc["intercept"] = float(m.intercept)
+    return doc
+
+
+def _plan_json(outcome: VerticalOutcome) -> dict[str, Any] | None:
+    plan = outcome.plan
+    if plan is None:
+        return None
+    if outcome.kind == "gbdt":
+        return {"z": plan.z, "sigma": plan.sigma, "epsilon": plan.epsilon, "delta": plan.delta, "unit": "record", "observer": "label_holder",
+                "covers": "the per-bin sums the label holder decrypts (not the split partitions)"}
+    return {"z": plan.z, "epsilon": plan.epsilon, "delta": plan.delta, "unit": "record", "observer": "each other party",
+            "covers": "each party's gradient released to the other (X_a^T d by the passive party, X_p^T d by the label holder)"}
 
 
 def _lookup_json(outcome: VerticalOutcome) -> dict[str, Any]:
@@ -306,7 +402,10 @@ def run_vertical(spec: Spec, *, out: str | Path | None = None, nodes: str | Path
     key, roster = _coordinator_and_roster(out_dir, homes)
     ledger = RunLedger(out_dir / "ledger.jsonl", key=key, roster=roster, run_id=run_id)
     books = _Books(spec, homes, ledger, run_id)
-    params = params or tree_params(spec)
+    lr = spec.model.kind == "logistic_regression"
+    if params is None and not lr:
+        params = tree_params(spec)
+    steps = spec.training.rounds if lr else params.n_trees  # type: ignore[union-attr]
     spec_ref = _spec_ref(spec, Path(spec_path) if spec_path is not None else None)
     t0 = time.perf_counter()
     base = {"run_id": run_id, "layout": "vertical", "spec": spec_ref.model_dump(mode="json"), "versions": _versions(),
@@ -315,7 +414,7 @@ def run_vertical(spec: Spec, *, out: str | Path | None = None, nodes: str | Path
     try:
         books.preflight()
         aligner = align or default_aligner(spec)
-        with _TreeProgress(params.n_trees, progress) as prog:
+        with _TreeProgress(steps, progress, label="vertical LR" if lr else "SecureBoost", unit="iterations" if lr else "trees") as prog:
             outcome = simulate_vertical(spec, align=aligner, rng=rng, params=params, record=books.record, after_align=books.after_align,
                                         on_tree=prog.tree, min_node_rows=homes[base["passive_party"]].policy().vertical.min_node_rows)
         books.close()
@@ -331,7 +430,9 @@ def run_vertical(spec: Spec, *, out: str | Path | None = None, nodes: str | Path
         raise
     a_name, p_name = base["label_holder"], base["passive_party"]
     parts = {}
-    for name, doc, fname in ((a_name, _model_json(outcome), "model.json"), (p_name, _lookup_json(outcome), "lookup.json")):
+    docs = ((a_name, _model_json(outcome), "model.json"), (p_name, _lookup_json(outcome), "lookup.json")) if not lr else \
+        ((a_name, _lr_json(outcome, active=True), "model.json"), (p_name, _lr_json(outcome, active=False), "weights.json"))
+    for name, doc, fname in docs:
         d = homes[name].root / "vertical" / run_id
         d.mkdir(parents=True, exist_ok=True)
         text = json.dumps(doc, allow_nan=True)
@@ -341,12 +442,10 @@ def run_vertical(spec: Spec, *, out: str | Path | None = None, nodes: str | Path
         **base, "status": "completed", "wall_seconds": round(time.perf_counter() - t0, 3),
         "intersection": outcome.intersection, "n_train": outcome.n_train, "n_test": outcome.n_test,
         "metrics": {"test_auc": outcome.test_auc, "test_accuracy": outcome.test_accuracy},
-        "trees": len(outcome.model.trees), "passive_splits": len(outcome.table),
+        "model": "secureboost" if not lr else "vertical-logistic-regression",
+        **({"trees": len(outcome.model.trees), "passive_splits": len(outcome.table)} if not lr else {"iterations": steps}),
         "seconds": {"align": round(outcome.seconds_align, 3), "train": round(outcome.seconds_train, 3)}, "wire_bytes": outcome.wire_bytes,
-        "privacy": {"mode": spec.privacy.mode, "parties": releases_summary(spec, outcome),
-                    "plan": None if outcome.plan is None else {"z": outcome.plan.z, "sigma": outcome.plan.sigma, "epsilon": outcome.plan.epsilon,
-                                                                 "delta": outcome.plan.delta, "unit": "record", "observer": "label_holder",
-                                                                 "covers": "the per-bin sums the label holder decrypts (not the split partitions)"}},
+        "privacy": {"mode": spec.privacy.mode, "parties": releases_summary(spec, outcome), "plan": _plan_json(outcome)},
         "model_parts": parts,
         "ledger": _ledger_ref(ledger).model_dump(mode="json"),
         "transport": "in-process (the Flower wiring of vertical runs is not built yet)",
@@ -361,15 +460,15 @@ def default_aligner(spec: Spec) -> Aligner:
 
 
 class _TreeProgress:
-    def __init__(self, n_trees: int, show: bool) -> None:
-        self.n, self.show = n_trees, show
+    def __init__(self, n: int, show: bool, *, label: str = "SecureBoost", unit: str = "trees") -> None:
+        self.n, self.show, self.label, self.unit = n, show, label, unit
         self._p: Any = None
 
     def __enter__(self) -> _TreeProgress:
         if self.show:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self._p = Progress(TextColumn("SecureBoost"), BarColumn(), MofNCompleteColumn(), TextColumn("trees"), TimeElapsedColumn(), transient=True)
+            self._p = Progress(TextColumn(self.label), BarColumn(), MofNCompleteColumn(), TextColumn(self.unit), TimeElapsedColumn(), transient=True)
             self._p.start()
             self._task = self._p.add_task("trees", total=self.n)
         return self

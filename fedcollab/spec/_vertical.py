@@ -83,15 +83,15 @@ def vertical_problems(spec: Any) -> list[str]:
     for i, p in enumerate(spec.partners):
         if p.columns is not None and p.name != v.label_holder and not [c for c in p.columns if c in schema.features]:
             out.append(f"partners[{i}] ({p.name}) holds no feature: a passive party must bring at least one")
-    if spec.model.kind != "gbdt":
-        out.append(f"layout = 'vertical' trains model kind 'gbdt' (SecureBoost) in this version, got {spec.model.kind!r}")
+    if spec.model.kind not in ("gbdt", "logistic_regression"):
+        out.append(f"layout = 'vertical' trains model kind 'gbdt' (SecureBoost) or 'logistic_regression' (HE vertical LR), got {spec.model.kind!r}")
     if spec.aggregation != "plain":
         out.append(f"layout = 'vertical' always encrypts the label holder's gradients under its own key; leave `aggregation` out (got {spec.aggregation!r})")
     if spec.privacy.mode not in ("none", "record"):
         out.append(f"layout = 'vertical' offers privacy.mode 'none' or 'record' (noise on the passive party's bin sums), got {spec.privacy.mode!r}")
-    elif spec.privacy.mode == "record" and (spec.model.gbdt is None or spec.model.gbdt.dp_split == "random"):
+    elif spec.privacy.mode == "record" and spec.model.kind == "gbdt" and (spec.model.gbdt is None or spec.model.gbdt.dp_split == "random"):
         out.append("layout = 'vertical' with record-level DP protects the passive party's bin sums: set model.gbdt.dp_split = 'histogram'")
-    if spec.privacy.mode == "record" and v.passive_bins != "public":
+    if spec.privacy.mode == "record" and spec.model.kind == "gbdt" and v.passive_bins != "public":
         # Quantile edges move with the data: one replaced record could move many records across
         # bins, so the bin sums' sensitivity is only bounded over data-independent edges.
         out.append(f"vertical.passive_bins must be 'public' under record-level DP (quantile edges depend on the data), got {v.passive_bins!r}")

@@ -127,7 +127,7 @@ def test_record_dp_charges_the_lab(root, tmp_path):
     assert r.exit_code == 0, r.output
     lab = next(g for g in json.loads(r.stdout)["spend"] if g["party"] == "lab" and g["observer"] == "label_holder")
     assert lab["epsilon"] is not None and 0 < lab["epsilon"] <= 2.0 * (1 + 1e-6)
-    assert lab["epsilon"] == pytest.approx(s["privacy"]["parties"]["lab"]["epsilon_bin_sums_vs_label_holder"], rel=1e-6)
+    assert lab["epsilon"] == pytest.approx(s["privacy"]["parties"]["lab"]["epsilon"]["label_holder"], rel=1e-6)
 
 
 def test_a_node_that_does_not_join_vertical_runs_refuses(root, tmp_path):
@@ -165,3 +165,28 @@ def test_audit_report_lists_the_vertical_releases(vertical_run, tmp_path):
     assert r.exit_code == 0, r.output
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "vertical\\_histogram" in md and "vertical\\_partition" in md and "label\\_holder" in md
+
+
+def test_vertical_logistic_regression_runs_and_charges_both_ways(root, tmp_path):
+    """`kind = "logistic_regression"`: each party's gradient for the other is a release, charged under record DP."""
+    text = (root / "protocols" / "heart-disease-vertical-lr.toml").read_text().replace("rounds = 60", "rounds = 8")
+    text = text.replace('[privacy]\nmode = "none"', '[privacy]\nmode = "record"\ntarget_epsilon = 3.0\ndelta = 1e-5')
+    spec = tmp_path / "vlr.toml"
+    spec.write_text(text)
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["run", str(spec), "--out", str(out), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["model"] == "vertical-logistic-regression" and s["iterations"] == 8
+    assert s["privacy"]["plan"]["epsilon"] <= 3.0 + 1e-9
+    weights = json.loads(Path(s["model_parts"]["lab"]["path"]).read_text())
+    assert Path(s["model_parts"]["lab"]["path"]).is_relative_to(out / "nodes" / "lab") and "intercept" not in weights
+    assert len(weights["weights"]) == len(weights["features"]) and "cp=asymptomatic" in weights["features"]
+    lines = [json.loads(x) for x in (out / "ledger.jsonl").read_text().splitlines()]
+    grads = [e["body"]["release"] for e in lines if e["kind"] == "release" and e["body"]["release"]["kind"] == "vertical_gradient"]
+    assert sorted({(g["party"], g["observer"]) for g in grads}) == [("clinic", "passive_party"), ("lab", "label_holder")]
+    assert len(grads) == 16 and all(g["mechanism"]["mechanism"] == "gaussian" for g in grads)
+    r = runner.invoke(app, ["audit", "verify", str(out / "ledger.jsonl"), "--roster", str(out / "roster.json"), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    spend = {(g["party"], g["observer"]): g["epsilon"] for g in json.loads(r.stdout)["spend"]}
+    assert 0 < spend[("lab", "label_holder")] <= 3.0 * (1 + 1e-6) and 0 < spend[("clinic", "passive_party")] <= 3.0 * (1 + 1e-6)
