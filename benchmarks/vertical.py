@@ -10,6 +10,8 @@ PSI: two parties of ``--psi-n`` ids each (default 1,000,000), ``--psi-overlap`` 
   on 2 cores); the key keeps its name whatever ``--psi-n`` is, ``psi_n`` says the size.
 * ``psi_seconds_two_machines``: the same stages if each party had its own machine of this kind:
   both parties' first stage in parallel, then the reply, the match and the notice.
+* ``psi_cpu_seconds``: CPU seconds of this process over all threads (``psi_cpu_seconds /
+  psi_seconds_1m`` is how many cores it got: below 2 when another process shares the machine).
 * ``psi_stage_seconds``: per stage; ``psi_wire_bytes``: the bytes of the three messages' payloads.
 
 Run:  .venv/bin/python benchmarks/vertical.py --psi-only [--psi-n 1000000] [--psi-overlap 0.5] [--workers 2]
@@ -58,13 +60,13 @@ def bench_psi(n: int, overlap: float, *, workers: int | None = None) -> dict[str
         console.print(f"[cyan]psi[/] {name}: {stages[name]:.1f} s")
         return out
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     a, blinded = timed("active_init", active_init, ids_a, domain, reveal="both", workers=workers)
     p = timed("passive_init", passive_init, ids_b, domain, workers=workers)
     p, reply = timed("passive_reply", passive_reply, p, blinded, workers=workers)
     a, notice, _ = timed("active_match", active_match, a, reply, workers=workers)
     _, res_p, _ = timed("passive_finish", passive_finish, p, notice)
-    total = time.perf_counter() - t0
+    total, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert a.result is not None
     ia, ib = a.result.rows, res_p.rows
     ok = len(ia) == int(round(n * overlap)) and all(ids_a[i] == ids_b[j] for i, j in zip(ia.tolist(), ib.tolist(), strict=True))
@@ -72,7 +74,7 @@ def bench_psi(n: int, overlap: float, *, workers: int | None = None) -> dict[str
         raise RuntimeError("psi: the aligned rows are wrong")
     two = max(stages["active_init"], stages["passive_init"]) + stages["passive_reply"] + stages["active_match"] + stages["passive_finish"]
     wire = len(blinded.points) + len(reply.reblinded) + len(reply.points) + (notice.positions.nbytes if notice.positions is not None else 0)
-    return {"psi_seconds_1m": round(total, 2), "psi_seconds_two_machines": round(two, 2), "psi_n": n, "psi_overlap": overlap,
+    return {"psi_seconds_1m": round(total, 2), "psi_seconds_two_machines": round(two, 2), "psi_cpu_seconds": round(cpu, 2), "psi_n": n, "psi_overlap": overlap,
             "psi_common": len(ia), "psi_backend": "pynacl-ed25519", "psi_workers": workers or min(os.cpu_count() or 1, 8),
             "psi_cores": os.cpu_count(), "psi_wire_bytes": wire, "psi_stage_seconds": {k: round(v, 2) for k, v in stages.items()}}
 
