@@ -32,11 +32,15 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
-from nacl import bindings as _na
-from nacl import exceptions as _nexc
 
-from fedcollab.core import DataValidationError, ProtocolError
+from fedcollab.core import DataValidationError, MissingExtra, ProtocolError
 from fedcollab.privacy.accounting import NonPrivate, Release
+
+try:
+    from nacl import bindings as _na
+    from nacl import exceptions as _nexc
+except ImportError as exc:  # pragma: no cover - PyNaCl is a node dependency
+    raise MissingExtra("private set intersection needs PyNaCl: pip install 'fedcollab[node]'") from exc
 
 PROTOCOL = "fedcollab.psi.ecdh-ed25519.v1"
 POINT_BYTES = 32
