@@ -12,6 +12,8 @@
 * wire: message kinds and record keys
 * scoring: encrypted scoring of a linear model (signed request, authenticated and budgeted answer, decryption)
 * gbdt: federated histogram gradient-boosted trees, DP plan, XGBoost export (a subpackage: ``from fedcollab.protocols import gbdt``)
+* psi: ECDH private set intersection on edwards25519 for vertical record alignment (a subpackage, needs PyNaCl:
+  ``from fedcollab.protocols import psi``)
 """
 
 from fedcollab.protocols import _secagg as secagg

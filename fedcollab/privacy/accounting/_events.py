@@ -118,7 +118,7 @@ class Release(_Event):
     ``epsilon`` is not stored here: it is recomputed from the mechanisms by the accountant.
     """
 
-    kind: Literal["dpsgd_training", "statistics", "test_metrics", "row_counts", "model_update", "ddg_update", "central_dp_update", "query", "profile", "gbdt_histogram", "vertical_histogram", "vertical_partition", "vertical_gradient", "vertical_logit"]
+    kind: Literal["dpsgd_training", "statistics", "test_metrics", "row_counts", "model_update", "ddg_update", "central_dp_update", "query", "profile", "gbdt_histogram", "vertical_histogram", "vertical_partition", "vertical_gradient", "vertical_logit", "psi_intersection"]
     about: Literal["train", "test", "train+test"]
     unit: Unit
     observer: Observer
