@@ -119,7 +119,7 @@ def _auc(y: np.ndarray, score: np.ndarray) -> float:
 def simulate_vertical(spec: Spec, *, align: Aligner = plain_align, rng: np.random.Generator | None = None,
                       params: TreeParams | None = None, record: Recorder | None = None,
                       after_align: Callable[[int, list[Release]], None] | None = None,
-                      on_tree: Callable[[int], None] | None = None, min_node_rows: int = 1) -> VerticalOutcome:
+                      on_tree: Callable[[int], None] | None = None, min_node_rows: int = 1, run_id: str | None = None) -> VerticalOutcome:
     """Run the vertical spec on this machine (both parties' data read from their sources).
 
     ``after_align(intersection, psi releases)`` runs before training (the nodes' PSI caps and
@@ -134,7 +134,9 @@ def simulate_vertical(spec: Spec, *, align: Aligner = plain_align, rng: np.rando
     a = load_vertical_party(spec, active_name)
     p = load_vertical_party(spec, passive_name)
     assert a.y is not None
-    domain = b"fedcollab/vertical/v1|" + spec.name.encode() + b"|" + str(spec.seed).encode()
+    # Per-run domain separator for hashing ids to the group: a run's blinded points mean nothing in another run.
+    run_id = run_id or uuid.uuid4().hex[:16]
+    domain = b"fedcollab/vertical/v1|" + spec.name.encode() + b"|" + run_id.encode()
     t0 = time.perf_counter()
     ia, ip, psi_releases = align(a.ids, p.ids, domain)
     t_align = time.perf_counter() - t0
@@ -416,7 +418,8 @@ def run_vertical(spec: Spec, *, out: str | Path | None = None, nodes: str | Path
         aligner = align or default_aligner(spec)
         with _TreeProgress(steps, progress, label="vertical LR" if lr else "SecureBoost", unit="iterations" if lr else "trees") as prog:
             outcome = simulate_vertical(spec, align=aligner, rng=rng, params=params, record=books.record, after_align=books.after_align,
-                                        on_tree=prog.tree, min_node_rows=homes[base["passive_party"]].policy().vertical.min_node_rows)
+                                        on_tree=prog.tree, min_node_rows=homes[base["passive_party"]].policy().vertical.min_node_rows,
+                                        run_id=run_id)
         books.close()
     except Exception as exc:
         code = int(getattr(exc, "exit_code", 1))
@@ -455,8 +458,15 @@ def run_vertical(spec: Spec, *, out: str | Path | None = None, nodes: str | Path
 
 
 def default_aligner(spec: Spec) -> Aligner:
-    """PSI between the two parties (spec ``vertical.psi_reveal``)."""
-    return plain_align
+    """ECDH-PSI between the two parties (protocols/psi.md), with the spec's ``vertical.psi_reveal``."""
+    import functools
+
+    from fedcollab.protocols.psi import psi_align
+
+    v = spec.vertical
+    assert v is not None
+    passive = next(p.name for p in spec.partners if p.name != v.label_holder)
+    return functools.partial(psi_align, reveal=v.psi_reveal, active=v.label_holder, passive=passive)
 
 
 class _TreeProgress:

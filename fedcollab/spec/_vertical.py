@@ -83,6 +83,9 @@ def vertical_problems(spec: Any) -> list[str]:
     for i, p in enumerate(spec.partners):
         if p.columns is not None and p.name != v.label_holder and not [c for c in p.columns if c in schema.features]:
             out.append(f"partners[{i}] ({p.name}) holds no feature: a passive party must bring at least one")
+    if v.psi_reveal == "label_holder":
+        out.append("vertical.psi_reveal = 'label_holder' tells the passive party only the intersection size, but training needs it to know "
+                   "its common records: expected 'both', got 'label_holder'")
     if spec.model.kind not in ("gbdt", "logistic_regression"):
         out.append(f"layout = 'vertical' trains model kind 'gbdt' (SecureBoost) or 'logistic_regression' (HE vertical LR), got {spec.model.kind!r}")
     if spec.aggregation != "plain":

@@ -93,6 +93,11 @@ def test_every_release_is_on_the_books_and_the_ledger_verifies(vertical_run, tmp
     assert ("lab", "vertical_partition", "label_holder") in kinds
     assert ("clinic", "vertical_partition", "passive_party") in kinds
     assert ("clinic", "test_metrics", "coordinator") in kinds
+    # The alignment ran ECDH-PSI: each party recorded the intersection it revealed to the other (declared, with its size).
+    psi = {r["party"]: r for r in rel if r["kind"] == "psi_intersection"}
+    assert psi["clinic"]["observer"] == "passive_party" and psi["lab"]["observer"] == "label_holder"
+    assert psi["clinic"]["declared_public"] and psi["clinic"]["details"]["size"] == psi["lab"]["details"]["size"] == s["intersection"]
+    assert psi["lab"]["details"]["membership"] is True
     # 3 trees x 3 levels of bin sums from the lab, each checked against its budget before it left.
     assert sum(1 for r in rel if r["kind"] == "vertical_histogram") == 9
     assert {e["kind"] for e in lines} >= {"release", "receipt", "close", "countersign"}

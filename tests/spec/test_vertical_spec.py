@@ -76,6 +76,12 @@ def test_vertical_options_that_do_not_apply_are_refused() -> None:
     assert "passive_bins" not in _problems(d)
 
 
+def test_psi_reveal_to_the_label_holder_alone_cannot_train() -> None:
+    d = _data()
+    d["vertical"]["psi_reveal"] = "label_holder"
+    assert "vertical.psi_reveal = 'label_holder' tells the passive party only the intersection size" in _problems(d)
+
+
 def test_layout_and_columns_must_agree() -> None:
     d = _data()
     del d["layout"]

@@ -173,8 +173,10 @@ def _check_ids(ids: Sequence[str], *, party: str) -> list[str]:
 
 
 def _release(*, party: str, observer: Literal["label_holder", "passive_party"], size: int, membership: bool, ids_in: int) -> Release:
+    # Declared: the intersection is the price of a vertical collaboration, recorded in full (size,
+    # membership or not, ids in), never charged as DP (no noise could hide membership and still align).
     return Release(kind="psi_intersection", about="train+test", unit="record", observer=observer, added_by=party, party=party,
-                   round=0, mechanism=NonPrivate(), declared_public=False,
+                   round=0, mechanism=NonPrivate(), declared_public=True,
                    details={"size": int(size), "membership": bool(membership), "ids_in": int(ids_in)})
 
 
