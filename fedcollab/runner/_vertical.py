@@ -81,11 +81,17 @@ def passive_layout(spec: Spec, party: VerticalPartyData, x_train: np.ndarray, pa
     return quantile_layout(x_train, party.feature_names, n_bins=params.n_bins)
 
 
-def split_aligned(n: int, *, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Train and test positions over the aligned order (both parties compute the same, from the spec)."""
-    perm = np.random.default_rng(seed).permutation(n)
-    k = int(round(test_fraction * n))
-    return np.sort(perm[k:]), np.sort(perm[:k])
+def split_aligned(ids: Sequence[str], *, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train and test positions over the aligned records, from their ids and the spec's seed.
+
+    Both parties know the common ids (``psi_reveal = "both"``) and compute the same split; it is
+    keyed by the id, not by the PSI order (which changes every run with the fresh PSI scalars),
+    so a record stays on the same side of the split from run to run.
+    """
+    keys = [hashlib.sha256(f"fedcollab/vertical-split/v1|{seed}|{i}".encode()).digest() for i in ids]
+    order = np.array(sorted(range(len(ids)), key=lambda j: keys[j]), dtype=np.int64)
+    k = int(round(test_fraction * len(ids)))
+    return np.sort(order[k:]), np.sort(order[:k])
 
 
 @dataclass(frozen=True)
@@ -145,7 +151,7 @@ def simulate_vertical(spec: Spec, *, align: Aligner = plain_align, rng: np.rando
     if len(ia) < v.min_intersection:
         raise PolicyRefused(f"vertical.min_intersection: the parties share {len(ia)} record(s), fewer than the {v.min_intersection} the spec requires")
     holder = next(pp for pp in spec.partners if pp.name == active_name)
-    train, test = split_aligned(len(ia), test_fraction=holder.split.test_fraction or 0.34, seed=holder.split.seed if holder.split.seed is not None else spec.seed)
+    train, test = split_aligned([a.ids[i] for i in ia], test_fraction=holder.split.test_fraction or 0.34, seed=holder.split.seed if holder.split.seed is not None else spec.seed)
     if len(train) < 2 or len(test) < 2:
         raise DataValidationError(f"the aligned records split into {len(train)} train and {len(test)} test rows")
     xa, y, xp = a.x[ia], a.y[ia], p.x[ip]

@@ -195,3 +195,18 @@ def test_vertical_logistic_regression_runs_and_charges_both_ways(root, tmp_path)
     assert r.exit_code == 0, r.output
     spend = {(g["party"], g["observer"]): g["epsilon"] for g in json.loads(r.stdout)["spend"]}
     assert 0 < spend[("lab", "label_holder")] <= 3.0 * (1 + 1e-6) and 0 < spend[("clinic", "passive_party")] <= 3.0 * (1 + 1e-6)
+
+
+def test_the_split_follows_the_ids_not_the_psi_order():
+    """Fresh PSI scalars reorder the common records every run; the train/test split must not move."""
+    import random
+
+    from fedcollab.runner._vertical import split_aligned
+
+    ids = [f"id-{i}" for i in range(300)]
+    shuffled = random.Random(1).sample(ids, len(ids))
+    tr1, te1 = split_aligned(ids, test_fraction=0.34, seed=16)
+    tr2, te2 = split_aligned(shuffled, test_fraction=0.34, seed=16)
+    assert {ids[i] for i in te1} == {shuffled[i] for i in te2} and len(te1) == 102 and len(tr1) == 198
+    _, te3 = split_aligned(ids, test_fraction=0.34, seed=17)
+    assert {ids[i] for i in te3} != {ids[i] for i in te1}
