@@ -254,6 +254,11 @@ def spec_validate(
     else:
         for n in notes:
             Console(stderr=True).print(f"[yellow]note:[/] {escape(n)}")
+        if s.vertical is not None:
+            model = "SecureBoost" if s.model.kind == "gbdt" else "vertical logistic regression"
+            Console().print(f"[green]valid[/]: {s.name}, vertical, {len(s.partners)} partners (label holder {s.vertical.label_holder}), {model}, "
+                            f"PSI on `{s.vertical.id_column}` (reveal {s.vertical.psi_reveal}), privacy {s.privacy.mode}")
+            return
         Console().print(f"[green]valid[/]: {s.name}, {len(s.partners)} partners, privacy {s.privacy.mode}{' + record-level DP-SGD' if s.privacy.record_level else ''}, scaling {s.resolved_scaling}")
 
 

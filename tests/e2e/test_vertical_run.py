@@ -210,3 +210,9 @@ def test_the_split_follows_the_ids_not_the_psi_order():
     assert {ids[i] for i in te1} == {shuffled[i] for i in te2} and len(te1) == 102 and len(tr1) == 198
     _, te3 = split_aligned(ids, test_fraction=0.34, seed=17)
     assert {ids[i] for i in te3} != {ids[i] for i in te1}
+
+
+def test_spec_validate_describes_a_vertical_spec(root):
+    r = runner.invoke(app, ["spec", "validate", str(root / "protocols" / "heart-disease-vertical.toml")])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 0 and "vertical" in text and "label holder clinic" in text and "SecureBoost" in text and "scaling" not in text
