@@ -50,6 +50,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/analytics.py
 	$(PY) benchmarks/deploy.py
 	$(PY) benchmarks/trees.py
+	$(PY) benchmarks/vertical.py
 
 clean:
 	rm -rf $(VENV) runs
