@@ -21,14 +21,25 @@ def predict(
     out: Annotated[Path | None, typer.Option("--out", help="Write the scores here as CSV (id or row, score, predicted).")] = None,
     id_column: Annotated[str | None, typer.Option("--id", help="Column that identifies rows in the output; default `id` if present, else the row number.")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table or json (the scores on stdout).")] = "table",
+    party_data: Annotated[list[str] | None, typer.Option("--party-data", help="Vertical runs: NAME=FILE, the other party's rows for the same "
+                                                          "ids (--data is then the label holder's); records are aligned by PSI.")] = None,
 ) -> None:
-    """Score rows with a trained model: validated against the model's recorded schema, encoded and scaled as in training."""
+    """Score rows with a trained model: validated against the model's recorded schema, encoded and scaled as in training.
+
+    For a vertical run (layout = "vertical") scoring is joint: --data holds the label holder's rows,
+    --party-data NAME=FILE the other party's; the common ids are found by PSI and each party
+    evaluates its own part of the model at its own node (the passive party's thresholds never
+    leave it; what it reveals is recorded in its ledger).
+    """
     from fedcollab.runner._predict import predict_file
 
     try:
         if fmt not in ("table", "json"):
             raise ConfigError(f"`--format` must be 'table' or 'json', got {fmt!r}")
-        m, scores = predict_file(model, data, id_column=id_column)
+        if _is_vertical(model) or party_data:
+            m, scores = _predict_vertical(model, data, party_data or [])
+        else:
+            m, scores = predict_file(model, data, id_column=id_column)
     except FedcollabError as exc:
         raise _fail(exc) from None
     if out is not None:
@@ -52,6 +63,35 @@ def predict(
         con.print(f"... {len(scores) - 20} more rows" + ("" if out else " (use --out FILE for all)"))
     if out is not None:
         con.print(f"wrote {out}")
+
+
+def _is_vertical(model: Path) -> bool:
+    try:
+        return model.is_dir() and json.loads((model / "summary.json").read_text()).get("layout") == "vertical"
+    except (OSError, ValueError):
+        return False
+
+
+class _VerticalModelRef:
+    def __init__(self, source: str, sha256: str, feature_names: list[str]) -> None:
+        self.source, self.sha256, self.feature_names = source, sha256, feature_names
+
+
+def _predict_vertical(model: Path, data: Path, party_data: list[str]):  # type: ignore[no-untyped-def]
+    from fedcollab.runner._vertical import predict_vertical
+
+    if not _is_vertical(model):
+        raise ConfigError(f"--party-data is for vertical runs; --model {model} is not a vertical run folder")
+    summary = json.loads((model / "summary.json").read_text())
+    files: dict[str, str] = {summary["label_holder"]: str(data)}
+    for item in party_data:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--party-data: expected NAME=FILE, got {item!r}")
+        files[name] = path
+    scores = predict_vertical(model, files)
+    parts = summary["model_parts"][summary["label_holder"]]
+    return _VerticalModelRef(str(model), parts["sha256"], []), scores
 
 
 def register(app: typer.Typer) -> None:

@@ -55,8 +55,12 @@ def party_features(spec: Spec, partner_name: str) -> list[str]:
     return [f for f in spec.data_schema.features if f in held]
 
 
-def prepare_vertical_frame(df: pd.DataFrame, spec: Spec, partner_name: str, *, source: str = "data") -> VerticalPartyData:
-    """Check ``df`` holds exactly the id column and this partner's columns, drop rows missing one, encode."""
+def prepare_vertical_frame(df: pd.DataFrame, spec: Spec, partner_name: str, *, source: str = "data", scoring: bool = False) -> VerticalPartyData:
+    """Check ``df`` holds exactly the id column and this partner's columns, drop rows missing one, encode.
+
+    ``scoring``: rows to score with a trained model; the label holder's label column may be absent
+    (and is ignored when present), ``y`` is None.
+    """
     assert spec.vertical is not None, "a vertical spec"
     schema = spec.data_schema
     partner = next((p for p in spec.partners if p.name == partner_name), None)
@@ -64,6 +68,9 @@ def prepare_vertical_frame(df: pd.DataFrame, spec: Spec, partner_name: str, *, s
         raise DataValidationError(f"unknown partner {partner_name!r}; the spec names {[p.name for p in spec.partners]}")
     id_col = spec.vertical.id_column
     expected = [id_col, *(partner.columns or [])]
+    if scoring:
+        expected = [c for c in expected if c != schema.label.column]
+        df = df.drop(columns=[schema.label.column], errors="ignore")
     problems: list[str] = []
     missing_cols = [c for c in expected if c not in df.columns]
     extra_cols = [c for c in df.columns if c not in expected]
@@ -86,14 +93,14 @@ def prepare_vertical_frame(df: pd.DataFrame, spec: Spec, partner_name: str, *, s
         raise DataValidationError(f"{source} does not match the schema ({len(df)} rows):", problems=problems)
     frame = pd.DataFrame(typed, index=df.index)
     features = party_features(spec, partner_name)
-    used = features + ([schema.label.column] if partner_name == spec.vertical.label_holder else [])
+    used = features + ([schema.label.column] if partner_name == spec.vertical.label_holder and not scoring else [])
     miss = frame[used].isna().any(axis=1)
     if miss.any() and schema.missing == "error":
         raise DataValidationError(f"{source}: {int(miss.sum())} row(s) miss a feature or the label (schema.missing = 'error')")
     kept = frame[~miss]
     ids = tuple(raw_ids[~miss].tolist())
     y = None
-    if partner_name == spec.vertical.label_holder:
+    if partner_name == spec.vertical.label_holder and not scoring:
         lab = schema.label
         s = kept[lab.column]
         if lab.positive_above is not None:
@@ -105,8 +112,9 @@ def prepare_vertical_frame(df: pd.DataFrame, spec: Spec, partner_name: str, *, s
                              x=_encode(kept, schema, features), y=y, rows_read=len(df), rows_dropped_missing=int(miss.sum()))
 
 
-def load_vertical_party(spec: Spec, partner_name: str, *, source: SourceSpec | None = None, base_dir: str | Path | None = None) -> VerticalPartyData:
-    """Load and prepare ``partner_name``'s columns (its spec source unless ``source`` is given)."""
+def load_vertical_party(spec: Spec, partner_name: str, *, source: SourceSpec | None = None, base_dir: str | Path | None = None,
+                        scoring: bool = False) -> VerticalPartyData:
+    """Load and prepare ``partner_name``'s columns (its spec source unless ``source`` is given; ``scoring``: no label)."""
     partner = next((p for p in spec.partners if p.name == partner_name), None)
     if partner is None:
         raise DataValidationError(f"unknown partner {partner_name!r}; the spec names {[p.name for p in spec.partners]}")
@@ -114,4 +122,4 @@ def load_vertical_party(spec: Spec, partner_name: str, *, source: SourceSpec | N
     if src is None:
         raise DataValidationError(f"partner {partner_name!r} has no data source (in deployment the node supplies it)")
     df = read_source(src, base_dir if base_dir is not None else spec.base_dir)
-    return prepare_vertical_frame(df, spec, partner_name, source=f"partner {partner_name!r} data")
+    return prepare_vertical_frame(df, spec, partner_name, source=f"partner {partner_name!r} data", scoring=scoring)

@@ -459,6 +459,8 @@ def run_vertical(spec: Spec, *, out: str | Path | None = None, nodes: str | Path
         "ledger": _ledger_ref(ledger).model_dump(mode="json"),
         "transport": "in-process (the Flower wiring of vertical runs is not built yet)",
     }
+    # The spec as run (validated JSON), so that `fedcollab predict` can score new ids jointly later.
+    _write(out_dir / "spec.json", spec.model_dump_json(by_alias=True, exclude_none=True, indent=2))
     _write(out_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=True))
     return VerticalResult(summary=summary, out_dir=out_dir if tmp is None else None, outcome=outcome)
 
@@ -502,3 +504,83 @@ def _write(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+# ------------------------------------------------------------------------------------ scoring
+
+
+def predict_vertical(run_dir: str | Path, files: dict[str, str | Path], *, nodes: str | Path | None = None) -> Any:
+    """Score new records jointly with a vertical run's model: PSI on the new ids, then each party's part.
+
+    ``files``: party -> its file of new rows (the id column and its own columns; no label needed).
+    Each party's part of the model is read from its own node folder; the passive party evaluates
+    its own splits (or its partial logits) and only that leaves it, recorded in its node's ledger
+    (and the PSI releases in both), checked against its policy as in training. Returns a
+    DataFrame (id, score, predicted) of the common ids, at the label holder.
+    """
+    import pandas as pd
+
+    from fedcollab.core import ConfigError
+    from fedcollab.node import NodeHome
+    from fedcollab.protocols.vertical import VerticalModel, VerticalNode, VerticalTree, active_lr_predict, passive_lr_predict
+    from fedcollab.spec import SourceSpec, parse_spec
+
+    run = Path(run_dir)
+    try:
+        summary = json.loads((run / "summary.json").read_text())
+        spec = parse_spec(json.loads((run / "spec.json").read_text()), source=str(run / "spec.json"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--model: expected a vertical run folder with summary.json and spec.json, got {run} ({type(exc).__name__})") from None
+    if summary.get("layout") != "vertical" or summary.get("status") != "completed":
+        raise ConfigError(f"--model: {run} is not a completed vertical run (layout {summary.get('layout')!r}, status {summary.get('status')!r})")
+    v = spec.vertical
+    assert v is not None
+    a_name, p_name = summary["label_holder"], summary["passive_party"]
+    if set(files) != {a_name, p_name}:
+        raise ConfigError(f"--data / --party-data: expected files for {a_name!r} (label holder) and {p_name!r}, got {sorted(files)}")
+    a = load_vertical_party(spec, a_name, source=SourceSpec(path=str(Path(files[a_name]).resolve())), scoring=True)
+    p = load_vertical_party(spec, p_name, source=SourceSpec(path=str(Path(files[p_name]).resolve())), scoring=True)
+    parts = summary["model_parts"]
+    homes = {name: NodeHome(Path(nodes) / name if nodes is not None else Path(parts[name]["path"]).parents[2]) for name in (a_name, p_name)}
+    docs = {}
+    for name in (a_name, p_name):
+        path = Path(parts[name]["path"])
+        text = path.read_text()
+        if hashlib.sha256(text.encode()).hexdigest() != parts[name]["sha256"]:
+            raise ConfigError(f"{path}: the model part differs from the one the run wrote (sha256 mismatch)")
+        docs[name] = json.loads(text)
+    run_id = "score-" + uuid.uuid4().hex[:10]
+    gates = {name: h.gate(name, h.dataset()) for name, h in homes.items()}
+    for name, h in homes.items():
+        pol = h.policy()
+        gate = gates[name]
+        psi_runs = {str(ln.entry["run_id"]) for ln in gate.ledger.lines() if ln.entry.get("kind") == "release"
+                    and ln.entry["body"].get("dataset") == gate.dataset and ln.entry["body"]["release"].get("kind") == "psi_intersection"}
+        if not pol.vertical.allowed or len(psi_runs) >= pol.vertical.max_psi_runs:
+            gate.refuse_request(run_id=run_id, round=0, code=int(NodeErrorCode.POLICY_REFUSED), reason="vertical scoring refused by the policy")
+            raise PolicyRefused(f"{name}: the policy refuses this scoring run (vertical.allowed, or {len(psi_runs)} PSI runs of "
+                                f"{pol.vertical.max_psi_runs} allowed)")
+    from fedcollab.protocols.psi import psi_align
+
+    domain = b"fedcollab/vertical-score/v1|" + spec.name.encode() + b"|" + run_id.encode()
+    ia, ip, psi_rel = psi_align(a.ids, p.ids, domain, reveal="both", active=a_name, passive=p_name)
+    for r in psi_rel:
+        gates[r.party].record(r, run_id=run_id, payload=json.dumps(r.details, sort_keys=True).encode())
+    xa, xp = a.x[ia], p.x[ip]
+    if docs[a_name]["format"] == "fedcollab-secureboost-v1":
+        model = VerticalModel(trees=tuple(VerticalTree(nodes=tuple(VerticalNode(**n) for n in t)) for t in docs[a_name]["trees"]),
+                              base_score=float(docs[a_name]["base_score"]), active_features=tuple(docs[a_name]["active_features"]))
+        table = {(int(e["tree"]), int(e["node"])): LookupEntry(feature=int(e["feature"]), bin_index=int(e["bin_index"]),
+                                                                threshold=float(e["threshold"]), default_left=bool(e["default_left"]))
+                 for e in docs[p_name]["entries"]}
+        dec = passive_decisions(table, xp)
+        ev = Release(kind="vertical_partition", about="test", unit="record", observer="label_holder", added_by=p_name, party=p_name, round=0,
+                     mechanism=NonPrivate(), declared_public=True, details={"rows": int(len(ia)), "splits": len(dec), "joint_prediction": True})
+        gates[p_name].record(ev, run_id=run_id, payload=b"".join(np.asarray(x, dtype=bool).tobytes() for _, x in sorted(dec.items())))
+        prob = 1.0 / (1.0 + np.exp(-active_margin(model, xa, None, dec)))
+    else:
+        msg, ev = passive_lr_predict(p_name, np.array(docs[p_name]["weights"]), scale_to_unit(spec, p, xp))
+        gates[p_name].record(ev, run_id=run_id, payload=msg.values.tobytes())
+        prob = active_lr_predict(np.append(np.array(docs[a_name]["weights"]), docs[a_name]["intercept"]), scale_to_unit(spec, a, xa), msg)
+    ids = [a.ids[i] for i in ia]
+    return pd.DataFrame({v.id_column: ids, "score": prob, "predicted": (prob >= 0.5).astype(int)})

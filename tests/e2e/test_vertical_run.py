@@ -216,3 +216,33 @@ def test_spec_validate_describes_a_vertical_spec(root):
     r = runner.invoke(app, ["spec", "validate", str(root / "protocols" / "heart-disease-vertical.toml")])
     text = " ".join(r.output.split())
     assert r.exit_code == 0 and "vertical" in text and "label holder clinic" in text and "SecureBoost" in text and "scaling" not in text
+
+
+def test_joint_scoring_of_new_ids_reproduces_the_runs_test_auc(vertical_run, root, tmp_path):
+    """`fedcollab predict` on a vertical run: PSI on the ids, each party's part at its node; the test ids score as in the run."""
+    import numpy as np
+    import pandas as pd
+    from sklearn.metrics import roc_auc_score
+
+    from fedcollab.runner._vertical import split_aligned
+
+    out, s = vertical_run
+    emb = root / "fedcollab" / "data" / "embedded"
+    clinic, lab = pd.read_csv(emb / "heart_vertical_clinic.csv"), pd.read_csv(emb / "heart_vertical_lab.csv")
+    clinic.drop(columns=["num"]).to_csv(tmp_path / "clinic_new.csv", index=False)  # no label needed to score
+    lab.to_csv(tmp_path / "lab_new.csv", index=False)
+    lab_ledger = out / "nodes" / "lab" / "ledger.jsonl"
+    before = len(lab_ledger.read_text().splitlines())
+    r = runner.invoke(app, ["predict", "--model", str(out), "--data", str(tmp_path / "clinic_new.csv"), "--party-data", f"lab={tmp_path / 'lab_new.csv'}",
+                            "--out", str(tmp_path / "scores.csv"), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    scores = pd.read_csv(tmp_path / "scores.csv", dtype={"id": str})
+    assert len(scores) == s["intersection"]
+    _, test = split_aligned(list(scores["id"]), test_fraction=0.34, seed=16)
+    labels = clinic.assign(id=clinic["id"].astype(str)).set_index("id")["num"].gt(0).astype(int)
+    t = scores.iloc[test]
+    assert roc_auc_score(labels.loc[t["id"]].to_numpy(), t["score"].to_numpy()) == pytest.approx(s["metrics"]["test_auc"], abs=1e-9)
+    new = [json.loads(x) for x in lab_ledger.read_text().splitlines()[before:]]
+    kinds = sorted(e["body"]["release"]["kind"] for e in new if e["kind"] == "release")
+    assert kinds == ["psi_intersection", "vertical_partition"] and all(e["run_id"].startswith("score-") for e in new)
+    assert np.isfinite(scores["score"]).all()

@@ -358,8 +358,8 @@ def passive_level_splits(state: PassiveState, msg: LevelSplits) -> tuple[Passive
     return new, LevelPartitions(tree=msg.tree, level=msg.level, parts=tuple(parts)), events
 
 
-def passive_decisions(table: Mapping[tuple[int, int], LookupEntry], x: np.ndarray, layout: BinLayout) -> dict[tuple[int, int], np.ndarray]:
-    """For joint prediction: whether each row goes left at each of the passive party's splits."""
+def passive_decisions(table: Mapping[tuple[int, int], LookupEntry], x: np.ndarray, layout: BinLayout | None = None) -> dict[tuple[int, int], np.ndarray]:
+    """For joint prediction: whether each row goes left at each of the passive party's splits (its thresholds; ``layout`` unused)."""
     arr = np.asarray(x, dtype=np.float64).astype(np.float32)
     out = {}
     for key, e in table.items():
@@ -589,8 +589,8 @@ class _Exchange:
         raise NotImplementedError
 
 
-def active_margin(model: VerticalModel, x_active: np.ndarray, layout: BinLayout, decisions: Mapping[tuple[int, int], np.ndarray]) -> np.ndarray:
-    """Joint prediction at the active party: its own splits on its rows, the passive party's as decided by it."""
+def active_margin(model: VerticalModel, x_active: np.ndarray, layout: BinLayout | None, decisions: Mapping[tuple[int, int], np.ndarray]) -> np.ndarray:
+    """Joint prediction at the active party: its own splits on its rows (their thresholds), the passive party's as decided by it."""
     arr = np.asarray(x_active, dtype=np.float64).astype(np.float32)
     n = arr.shape[0]
     margin = np.full(n, math.log(model.base_score / (1 - model.base_score)))
