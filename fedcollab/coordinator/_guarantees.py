@@ -28,6 +28,11 @@ _NOTES = {
     "test_metrics": "counts, loss and score histograms on the partner's test split",
     "model_update": "model update trained without differential privacy",
     "gbdt_histogram": "per-bin gradient and hessian sums of the tree's open nodes, or its leaf sums, without differential privacy (round = tree)",
+    "psi_intersection": "the intersection of the parties' record ids (size, and membership when revealed), declared (docs/vertical.md)",
+    "vertical_histogram": "per-bin gradient and hessian sums over the passive party's bins, decrypted by the label holder, without DP",
+    "vertical_partition": "which records go left at a split (or are open at a level): SecureBoost's instance space, declared",
+    "vertical_gradient": "one party's gradient of the vertical logistic regression, computed from the other's data, without DP",
+    "vertical_logit": "the passive party's partial logits of the rows scored jointly, declared",
 }
 _PARTNER_KINDS = {"distributed": ("coordinator", "ddg_update", "ddg"), "central": ("model_recipients", "central_dp_update", "gaussian")}
 
