@@ -180,3 +180,29 @@ def test_the_passive_node_refuses_out_of_order_and_malformed_requests(heart) -> 
     # the bin sums of the valid query decrypt to the exact per-bin sums of g = 0.5, h = 0.25
     sums = a.secret.decrypt_sums(list(reply.ciphertexts), heart["lay_p"].n_slots) / s
     assert sums[: int(heart["lay_p"].n_bins[0]) + 1, 0].sum() == pytest.approx(0.5 * n)
+
+
+def test_three_parties_equal_central_gbdt_on_all_joined_columns(heart) -> None:
+    """A label holder and two passive parties (the lab's columns split in two): the same trees as central GBDT on all columns."""
+    h = heart
+    names = h["lay_p"].feature_names
+    cut = next(j for j, nm in enumerate(names) if nm.startswith("thalch"))
+    x1, x2 = h["xp"][:, :cut], h["xp"][:, cut:]
+    lay1 = quantile_layout(x1, names[:cut], n_bins=h["params"].n_bins)
+    lay2 = quantile_layout(x2, names[cut:], n_bins=h["params"].n_bins)
+    params = dataclasses.replace(h["params"], n_trees=4)
+    res = train_vertical_in_process(("clinic", h["xa"], h["y"], h["lay_a"]), [("ecg", x1, lay1), ("stress", x2, lay2)], params=params, plan=None)
+    joined = np.hstack([h["xa"], x1, x2])
+    central = train_in_process([("joined", joined, h["y"])], layout=joint_layout(h["lay_a"], lay1, lay2), params=params, plan=None,
+                               coordinator_rng=np.random.default_rng(0)).model
+    ours = assemble_ensemble(res.model, [res.tables["ecg"], res.tables["stress"]], [lay1, lay2])
+    for a, b in zip(ours.trees, central.trees, strict=True):
+        assert (a.left, a.right, a.feature, a.bin_index) == (b.left, b.right, b.feature, b.bin_index)
+        assert np.allclose(a.threshold, b.threshold) and np.allclose(a.value, b.value, atol=1e-6)
+    owners = {n.owner for t in res.model.trees for n in t.nodes if n.left >= 0}
+    assert {1, 2} <= owners, owners  # both passive parties won splits
+    dec = {**passive_decisions(res.tables["ecg"], x1), **passive_decisions(res.tables["stress"], x2)}
+    assert np.allclose(active_margin(res.model, h["xa"], h["lay_a"], dec), central.predict_margin(joined), atol=1e-5)
+    # each passive party keeps only its own thresholds, and records its own releases
+    assert set(res.tables["ecg"]).isdisjoint(res.tables["stress"])
+    assert {r.party for r in res.releases["ecg"]} == {"ecg"} and any(r.kind == "vertical_histogram" for r in res.releases["stress"])

@@ -75,9 +75,12 @@ def proxy_layout(n_bins: Sequence[int], *, prefix: str) -> BinLayout:
     return BinLayout(feature_names=tuple(f"{prefix}[{j}]" for j in range(len(nb))), edges=tuple(np.arange(v - 1, dtype=np.float64) + 0.5 for v in nb))
 
 
-def joint_layout(active: BinLayout, passive: BinLayout) -> BinLayout:
-    """Active features first, then the passive ones (the split search's feature order)."""
-    return BinLayout(feature_names=active.feature_names + passive.feature_names, edges=active.edges + passive.edges)
+def joint_layout(active: BinLayout, *passives: BinLayout) -> BinLayout:
+    """Active features first, then each passive party's, in order (the split search's feature order)."""
+    names, edges = active.feature_names, active.edges
+    for p in passives:
+        names, edges = names + p.feature_names, edges + p.edges
+    return BinLayout(feature_names=names, edges=edges)
 
 
 # ----------------------------------------------------------------------------------- DP plan
@@ -396,7 +399,7 @@ class VerticalTree:
 
 @dataclass(frozen=True)
 class VerticalModel:
-    """The active party's part of the model (the passive party keeps its lookup table)."""
+    """The active party's part of the model (each passive party keeps its lookup table; node ``owner`` k >= 1 is passive party k)."""
 
     trees: tuple[VerticalTree, ...]
     base_score: float
@@ -412,7 +415,7 @@ class ActiveState:
     bins: np.ndarray = field(repr=False)
     y: np.ndarray = field(repr=False)
     margin: np.ndarray = field(repr=False)
-    passive: BinLayout | None = None
+    passives: tuple[BinLayout, ...] = ()  # what it knows of each passive party's features: bin counts only
     secret: BfvSecret | None = field(default=None, repr=False)
     scale_bits: int = 0
 
@@ -426,16 +429,34 @@ def active_init(party: str, x: np.ndarray, y: np.ndarray, layout: BinLayout, *, 
     return ActiveState(party=party, layout=layout, bins=bins, y=yy, margin=np.full(len(yy), math.log(base_score / (1 - base_score))))
 
 
-def active_keys(state: ActiveState, advert: PassiveAdvert, *, plan: VerticalDpPlan | None) -> tuple[ActiveState, KeyBundle]:
-    """Fresh BFV keys for this run and the bundle for the passive party."""
-    passive = proxy_layout(advert.n_bins, prefix="passive")
+def active_keys(state: ActiveState, adverts: PassiveAdvert | Sequence[PassiveAdvert], *,
+                plan: VerticalDpPlan | Sequence[VerticalDpPlan | None] | None) -> tuple[ActiveState, KeyBundle]:
+    """Fresh BFV keys for this run and the one bundle every passive party gets (one advert per passive party, in order).
+
+    ``plan``: the DP plan (one per passive party, or one for all); the fixed-point headroom covers
+    the largest noise any passive party adds.
+    """
+    ads = [adverts] if isinstance(adverts, PassiveAdvert) else list(adverts)
+    if not ads:
+        raise ProtocolError("secureboost: at least one passive party's advert is needed.")
+    passives = tuple(proxy_layout(a.n_bins, prefix=f"passive{k + 1}" if len(ads) > 1 else "passive") for k, a in enumerate(ads))
+    plans = [p for p in (plan if isinstance(plan, (list, tuple)) else [plan]) if p is not None]
+    widest = max(plans, key=lambda p: p.sigma) if plans else None
     secret = BfvSecret.generate(records=len(state.y))
-    bits = scale_bits(len(state.y), plan, secret.plain_modulus)
+    bits = scale_bits(len(state.y), widest, secret.plain_modulus)
     pk, gk = secret.public_bundle()
-    return replace(state, passive=passive, secret=secret, scale_bits=bits), KeyBundle(public=(pk, gk), scale_bits=bits)
+    return replace(state, passives=passives, secret=secret, scale_bits=bits), KeyBundle(public=(pk, gk), scale_bits=bits)
 
 
-def _gradients(state: ActiveState, plan: VerticalDpPlan | None) -> tuple[np.ndarray, np.ndarray]:
+def _first(plan: VerticalDpPlan | Sequence[VerticalDpPlan | None] | None) -> VerticalDpPlan | None:
+    """The clipping bounds are the spec's (the same in every passive party's plan)."""
+    if isinstance(plan, (list, tuple)):
+        return next((p for p in plan if p is not None), None)
+    return plan  # type: ignore[return-value]
+
+
+def _gradients(state: ActiveState, plan: VerticalDpPlan | Sequence[VerticalDpPlan | None] | None) -> tuple[np.ndarray, np.ndarray]:
+    plan = _first(plan)
     g, h = logistic_gradients(state.y, state.margin)
     if plan is not None:
         g, h = np.clip(g, -plan.grad_clip, plan.grad_clip), np.clip(h, 0.0, plan.hess_clip)
@@ -453,13 +474,14 @@ class GrowingTree:
     open: tuple[int, ...]
     g: np.ndarray = field(repr=False)
     h: np.ndarray = field(repr=False)
-    pending: tuple[int, ...] = ()  # tree nodes split on passive features, awaiting their partitions
+    pending: tuple[tuple[int, int], ...] = ()  # (passive party k >= 1, tree node) split on its features, awaiting partitions
     next_open: tuple[int, ...] = ()
 
 
-def active_begin_tree(state: ActiveState, tree: int, *, plan: VerticalDpPlan | None) -> tuple[GrowingTree, EncryptedGradients]:
-    """This tree's gradients and hessians, encrypted for the passive party."""
-    if state.secret is None or state.passive is None:
+def active_begin_tree(state: ActiveState, tree: int, *,
+                      plan: VerticalDpPlan | Sequence[VerticalDpPlan | None] | None) -> tuple[GrowingTree, EncryptedGradients]:
+    """This tree's gradients and hessians, encrypted (the same ciphertexts go to every passive party)."""
+    if state.secret is None or not state.passives:
         raise ProtocolError("secureboost: a tree before the keys.")
     g, h = _gradients(state, plan)
     s = float(1 << state.scale_bits)
@@ -479,30 +501,35 @@ def active_query(grow: GrowingTree, params: TreeParams) -> LevelQuery | None:
     return LevelQuery(tree=grow.tree, level=grow.level, n_open=len(grow.open), position=pos)
 
 
-def active_bin_sums(state: ActiveState, grow: GrowingTree, reply: EncryptedBinSums, params: TreeParams) -> tuple[GrowingTree, LevelSplits | None]:
-    """Decrypt the passive party's bin sums, pick every open node's split; the passive splits to notify, if any.
+def active_bin_sums(state: ActiveState, grow: GrowingTree, replies: EncryptedBinSums | Sequence[EncryptedBinSums],
+                    params: TreeParams) -> tuple[GrowingTree, dict[int, LevelSplits]]:
+    """Decrypt every passive party's bin sums (one reply each, in order), pick every open node's split.
 
-    Splits on the active party's own features are applied at once; children are numbered in
-    open-node order whoever owns the split, so the tree is the one central GBDT grows.
+    Returns the splits to notify, per passive party k >= 1 (empty when every split is the active
+    party's own: those are applied at once). Children are numbered in open-node order whoever owns
+    the split, so the tree is the one central GBDT grows on the joined columns.
     """
-    assert state.secret is not None and state.passive is not None
-    if reply.tree != grow.tree or reply.level != grow.level or grow.pending:
-        raise ProtocolError(f"secureboost: bin sums for level {reply.level} of tree {reply.tree}, expected level {grow.level} of tree {grow.tree}.")
+    reps = [replies] if isinstance(replies, EncryptedBinSums) else list(replies)
+    assert state.secret is not None and state.passives
+    if len(reps) != len(state.passives) or grow.pending or any(r.tree != grow.tree or r.level != grow.level for r in reps):
+        raise ProtocolError(f"secureboost: bin sums for level {grow.level} of tree {grow.tree} expected from each of the "
+                            f"{len(state.passives)} passive parties, got {[(r.tree, r.level) for r in reps]}.")
     s = float(1 << state.scale_bits)
     index = {node: i for i, node in enumerate(grow.open)}
     pos = np.array([index.get(int(p), -1) for p in grow.position], dtype=np.int64)
-    slots_p = state.passive.n_slots
-    sums = state.secret.decrypt_sums(list(reply.ciphertexts), len(grow.open) * slots_p).astype(np.float64) / s
-    hist_p = sums.reshape(len(grow.open), slots_p, 2)
-    hist_a = build_histograms(state.bins, grow.g, grow.h, pos, n_open=len(grow.open), layout=state.layout)
-    total = np.concatenate([hist_a, hist_p], axis=1)
-    joint = joint_layout(state.layout, state.passive)
+    hists = [build_histograms(state.bins, grow.g, grow.h, pos, n_open=len(grow.open), layout=state.layout)]
+    for lay, rep in zip(state.passives, reps):
+        sums = state.secret.decrypt_sums(list(rep.ciphertexts), len(grow.open) * lay.n_slots).astype(np.float64) / s
+        hists.append(sums.reshape(len(grow.open), lay.n_slots, 2))
+    total = np.concatenate(hists, axis=1)
+    joint = joint_layout(state.layout, *state.passives)
+    starts = np.cumsum([state.layout.n_features] + [p.n_features for p in state.passives])  # first joint feature of passive k+1
     d_a = state.layout.n_features
     nodes = list(grow.nodes)
     position = grow.position.copy()
     nxt: list[int] = []
-    notices: list[SplitNotice] = []
-    pending: list[int] = []
+    notices: dict[int, list[SplitNotice]] = {}
+    pending: list[tuple[int, int]] = []
     for i, node in enumerate(grow.open):
         split = best_split(total[i], node=node, layout=joint, params=params)
         if split is None:
@@ -515,32 +542,41 @@ def active_bin_sums(state: ActiveState, grow: GrowingTree, reply: EncryptedBinSu
             position[rows] = np.where(left, lc, rc)
             owner, feat, thr = 0, split.feature, split.threshold
         else:
-            feat = split.feature - d_a
-            notices.append(SplitNotice(tree=grow.tree, node=node, open_index=i, feature=feat, bin_index=split.bin_index, default_left=split.default_left))
-            pending.append(node)
-            owner, thr = 1, math.nan
+            k = int(np.searchsorted(starts, split.feature, side="right"))  # 1-based passive party
+            feat = split.feature - int(starts[k - 1])
+            notices.setdefault(k, []).append(SplitNotice(tree=grow.tree, node=node, open_index=i, feature=feat, bin_index=split.bin_index,
+                                                         default_left=split.default_left))
+            pending.append((k, node))
+            owner, thr = k, math.nan
         nodes[node] = replace(nodes[node], left=lc, right=rc, owner=owner, feature=feat, bin_index=split.bin_index,
                               threshold=thr, default_left=split.default_left, gain=split.gain)
         nodes += [VerticalNode(), VerticalNode()]
         nxt += [lc, rc]
     grown = replace(grow, nodes=tuple(nodes), position=position)
     if notices:
-        return replace(grown, pending=tuple(pending), next_open=tuple(nxt)), LevelSplits(tree=grow.tree, level=grow.level, notices=tuple(notices))
-    return replace(grown, open=tuple(nxt), level=grow.level + 1), None
+        out = {k: LevelSplits(tree=grow.tree, level=grow.level, notices=tuple(v)) for k, v in sorted(notices.items())}
+        return replace(grown, pending=tuple(pending), next_open=tuple(nxt)), out
+    return replace(grown, open=tuple(nxt), level=grow.level + 1), {}
 
 
-def active_partitions(grow: GrowingTree, msg: LevelPartitions) -> GrowingTree:
-    """Apply the passive party's partitions of the level's passive splits; the level is done."""
-    if msg.tree != grow.tree or msg.level != grow.level or tuple(p.node for p in msg.parts) != grow.pending:
-        raise ProtocolError(f"secureboost: partitions for level {msg.level} of tree {msg.tree} do not match the splits notified.")
+def active_partitions(grow: GrowingTree, msgs: LevelPartitions | Mapping[int, LevelPartitions]) -> GrowingTree:
+    """Apply the passive parties' partitions of the level's passive splits (per party k >= 1); the level is done."""
+    by_party = {1: msgs} if isinstance(msgs, LevelPartitions) else dict(msgs)
+    want: dict[int, list[int]] = {}
+    for k, node in grow.pending:
+        want.setdefault(k, []).append(node)
+    got = {k: [p.node for p in m.parts] for k, m in by_party.items()}
+    if got != want or any(m.tree != grow.tree or m.level != grow.level for m in by_party.values()):
+        raise ProtocolError(f"secureboost: partitions for level {grow.level} of tree {grow.tree} do not match the splits notified.")
     position = grow.position.copy()
-    for part in msg.parts:
-        rows = np.flatnonzero(grow.position == part.node)
-        left = np.asarray(part.left)
-        if left.dtype != bool or left.shape != rows.shape:
-            raise ProtocolError(f"secureboost: the partition of node {part.node} must be {rows.size} booleans.")
-        nd = grow.nodes[part.node]
-        position[rows] = np.where(left, nd.left, nd.right)
+    for m in by_party.values():
+        for part in m.parts:
+            rows = np.flatnonzero(grow.position == part.node)
+            left = np.asarray(part.left)
+            if left.dtype != bool or left.shape != rows.shape:
+                raise ProtocolError(f"secureboost: the partition of node {part.node} must be {rows.size} booleans.")
+            nd = grow.nodes[part.node]
+            position[rows] = np.where(left, nd.left, nd.right)
     return replace(grow, position=position, open=grow.next_open, next_open=(), pending=(), level=grow.level + 1)
 
 
@@ -564,28 +600,31 @@ def active_finish_tree(state: ActiveState, grow: GrowingTree, params: TreeParams
     return replace(state, margin=state.margin + leaf_vals[grow.position]), vt
 
 
-def train_tree(state: ActiveState, tree: int, params: TreeParams, *, plan: VerticalDpPlan | None,
+def train_tree(state: ActiveState, tree: int, params: TreeParams, *, plan: VerticalDpPlan | Sequence[VerticalDpPlan | None] | None,
                exchange: _Exchange) -> tuple[ActiveState, VerticalTree]:
-    """Grow one tree through the stages above, calling ``exchange`` for every message to the passive party."""
+    """Grow one tree through the stages above, calling ``exchange`` for every message to the passive parties."""
     grow, grads = active_begin_tree(state, tree, plan=plan)
     exchange.gradients(grads)
     while (query := active_query(grow, params)) is not None:
         grow, splits = active_bin_sums(state, grow, exchange.level(query), params)
-        if splits is not None:
-            grow = active_partitions(grow, exchange.splits(splits))
+        if splits:
+            grow = active_partitions(grow, {k: exchange.splits(k, msg) for k, msg in splits.items()})
     return active_finish_tree(state, grow, params)
 
 
 class _Exchange:
-    """How the active party reaches the passive one: in-process calls here, Flower messages in a run."""
+    """How the active party reaches the passive ones: in-process calls here, Flower messages in a run."""
 
     def gradients(self, msg: EncryptedGradients) -> None:  # pragma: no cover - interface
+        """To every passive party."""
         raise NotImplementedError
 
-    def level(self, msg: LevelQuery) -> EncryptedBinSums:  # pragma: no cover - interface
+    def level(self, msg: LevelQuery) -> list[EncryptedBinSums]:  # pragma: no cover - interface
+        """To every passive party; their replies in order."""
         raise NotImplementedError
 
-    def splits(self, msg: LevelSplits) -> LevelPartitions:  # pragma: no cover - interface
+    def splits(self, passive: int, msg: LevelSplits) -> LevelPartitions:  # pragma: no cover - interface
+        """To passive party ``passive`` (1-based)."""
         raise NotImplementedError
 
 
@@ -619,9 +658,13 @@ def active_margin(model: VerticalModel, x_active: np.ndarray, layout: BinLayout 
     return margin
 
 
-def assemble_ensemble(model: VerticalModel, table: Mapping[tuple[int, int], LookupEntry], passive: BinLayout) -> Ensemble:
-    """One XGBoost-style ensemble over the joint features (active first): needs the passive party's lookup table."""
+def assemble_ensemble(model: VerticalModel, table: Mapping[tuple[int, int], LookupEntry] | Sequence[Mapping[tuple[int, int], LookupEntry]],
+                      passive: BinLayout | Sequence[BinLayout]) -> Ensemble:
+    """One XGBoost-style ensemble over the joint features (active first, then each passive party's): needs their lookup tables."""
+    tables = [table] if isinstance(table, Mapping) else list(table)
+    lays = [passive] if isinstance(passive, BinLayout) else list(passive)
     d_a = len(model.active_features)
+    offsets = np.cumsum([d_a] + [lay.n_features for lay in lays])
     trees = []
     for t, vt in enumerate(model.trees):
         feat, thr, bidx, dl = [], [], [], []
@@ -631,9 +674,13 @@ def assemble_ensemble(model: VerticalModel, table: Mapping[tuple[int, int], Look
             elif nd.owner == 0:
                 feat.append(nd.feature), thr.append(float(np.float32(nd.threshold))), bidx.append(nd.bin_index), dl.append(nd.default_left)
             else:
-                e = table[(t, i)]
-                feat.append(d_a + e.feature), thr.append(float(np.float32(e.threshold))), bidx.append(e.bin_index), dl.append(e.default_left)
+                e = tables[nd.owner - 1][(t, i)]
+                feat.append(int(offsets[nd.owner - 1]) + e.feature), thr.append(float(np.float32(e.threshold))), bidx.append(e.bin_index)
+                dl.append(e.default_left)
         trees.append(Tree(left=tuple(n.left for n in vt.nodes), right=tuple(n.right for n in vt.nodes), feature=tuple(feat),
                           bin_index=tuple(bidx), threshold=tuple(thr), default_left=tuple(dl), value=tuple(n.value for n in vt.nodes),
                           gain=tuple(n.gain for n in vt.nodes), hessian=tuple(n.hessian for n in vt.nodes)))
-    return Ensemble(trees=tuple(trees), base_score=model.base_score, feature_names=model.active_features + passive.feature_names)
+    names = model.active_features
+    for lay in lays:
+        names = names + lay.feature_names
+    return Ensemble(trees=tuple(trees), base_score=model.base_score, feature_names=names)

@@ -6,11 +6,12 @@ makes, so tests and benchmarks can check the protocol, its model and its books.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedcollab.core import ProtocolError
 from fedcollab.privacy.accounting import NonPrivate, Release
 from fedcollab.protocols.gbdt import BinLayout
 from fedcollab.protocols.vertical._secureboost import (
@@ -45,24 +46,26 @@ Recorder = Callable[[Release, bytes], None]
 
 @dataclass(frozen=True)
 class VerticalTrainResult:
-    """The active party's model, the passive party's lookup table, every release, and what crossed the wire."""
+    """The active party's model, each passive party's lookup table, every release, and what crossed the wire."""
 
     model: VerticalModel
-    table: Mapping[tuple[int, int], LookupEntry]
+    table: Mapping[tuple[int, int], LookupEntry]  # every passive party's entries (tree node ids are unique across parties)
     releases: dict[str, list[Release]]
     wire_bytes: int
     messages: list[object]
+    tables: dict[str, Mapping[tuple[int, int], LookupEntry]] = field(default_factory=dict)  # per passive party
 
 
 class _InProcess(_Exchange):
-    def __init__(self, passive: PassiveState, *, active_party: str, plan: VerticalDpPlan | None, rng: np.random.Generator | None,
-                 releases: dict[str, list[Release]], keep: bool, record: Recorder | None = None, min_node_rows: int = 1) -> None:
-        self.state = passive
-        self.min_node_rows = min_node_rows
+    def __init__(self, passives: list[PassiveState], *, active_party: str, plans: list[VerticalDpPlan | None],
+                 rngs: list[np.random.Generator | None], releases: dict[str, list[Release]], keep: bool, record: Recorder | None = None,
+                 min_node_rows: list[int] | None = None) -> None:
+        self.states = passives
+        self.min_node_rows = min_node_rows or [1] * len(passives)
         self.record = record
         self.active_party = active_party
-        self.plan = plan
-        self.rng = rng
+        self.plans = plans
+        self.rngs = rngs
         self.releases = releases
         self.bytes = 0
         self.keep = keep
@@ -73,59 +76,78 @@ class _InProcess(_Exchange):
             self.messages.extend(msgs)
 
     def gradients(self, msg: EncryptedGradients) -> None:
-        self.bytes += sum(len(c) for c in msg.chunks)
+        for k, st in enumerate(self.states):
+            self.bytes += sum(len(c) for c in msg.chunks)
+            self.states[k] = passive_gradients(st, msg)
         self._seen(msg)
-        self.state = passive_gradients(self.state, msg)
 
     def _book(self, event: Release, payload: bytes) -> None:
         if self.record is not None:
             self.record(event, payload)
         self.releases[event.party].append(event)
 
-    def level(self, msg: LevelQuery) -> EncryptedBinSums:
-        self._book(_release("vertical_partition", party=self.active_party, observer="passive_party",
-                            tree=msg.tree, level=msg.level, mech=NonPrivate(), n_open=msg.n_open), msg.position.tobytes())
-        self.state, reply, event = passive_bin_sums(self.state, msg, plan=self.plan, rng=self.rng, min_node_rows=self.min_node_rows)
-        self._book(event, b"".join(reply.ciphertexts))
-        self.bytes += msg.position.nbytes + sum(len(c) for c in reply.ciphertexts)
-        self._seen(msg, reply)
-        return reply
+    def level(self, msg: LevelQuery) -> list[EncryptedBinSums]:
+        replies = []
+        for k, st in enumerate(self.states):
+            self._book(_release("vertical_partition", party=self.active_party, observer="passive_party", tree=msg.tree, level=msg.level,
+                                mech=NonPrivate(), n_open=msg.n_open, to=st.party), msg.position.tobytes())
+            self.states[k], reply, event = passive_bin_sums(st, msg, plan=self.plans[k], rng=self.rngs[k], min_node_rows=self.min_node_rows[k])
+            self._book(event, b"".join(reply.ciphertexts))
+            self.bytes += msg.position.nbytes + sum(len(c) for c in reply.ciphertexts)
+            self._seen(msg, reply)
+            replies.append(reply)
+        return replies
 
-    def splits(self, msg: LevelSplits) -> LevelPartitions:
-        state, reply, events = passive_level_splits(self.state, msg)
+    def splits(self, passive: int, msg: LevelSplits) -> LevelPartitions:
+        state, reply, events = passive_level_splits(self.states[passive - 1], msg)
         for event, part in zip(events, reply.parts):
             self._book(event, np.asarray(part.left, dtype=bool).tobytes())
-        self.state = state
+        self.states[passive - 1] = state
         self.bytes += 32 * len(msg.notices) + sum(p.left.nbytes for p in reply.parts)
         self._seen(msg, reply)
         return reply
 
 
-def train_vertical_in_process(active: tuple[str, np.ndarray, np.ndarray, BinLayout], passive: tuple[str, np.ndarray, BinLayout], *,
-                              params: TreeParams, plan: VerticalDpPlan | None, rng: np.random.Generator | None = None,
-                              keep_messages: bool = False, record: Recorder | None = None,
-                              on_tree: Callable[[int], None] | None = None, min_node_rows: int = 1) -> VerticalTrainResult:
-    """SecureBoost between ``active = (name, x, y, its layout)`` and ``passive = (name, x, its private layout)`` (aligned rows).
+def train_vertical_in_process(active: tuple[str, np.ndarray, np.ndarray, BinLayout],
+                              passive: tuple[str, np.ndarray, BinLayout] | Sequence[tuple[str, np.ndarray, BinLayout]], *,
+                              params: TreeParams, plan: VerticalDpPlan | Sequence[VerticalDpPlan | None] | None,
+                              rng: np.random.Generator | None = None, keep_messages: bool = False, record: Recorder | None = None,
+                              on_tree: Callable[[int], None] | None = None, min_node_rows: int | Sequence[int] = 1) -> VerticalTrainResult:
+    """SecureBoost between ``active = (name, x, y, its layout)`` and one or more ``passive = (name, x, its private layout)`` (aligned rows).
 
-    ``record`` sees every release before the message carrying it is handed over (a raise stops
-    the run with nothing sent); ``on_tree`` is called after each tree (progress).
+    ``plan``: one DP plan for every passive party or one per passive party (each noises its own bin
+    sums); ``rng`` is split into one noise generator per passive party. ``record`` sees every
+    release before the message carrying it is handed over (a raise stops the run with nothing
+    sent); ``on_tree`` is called after each tree (progress); ``min_node_rows``: each passive party's
+    policy minimum (one value for all, or one each).
     """
     a_name, x_a, y, lay_a = active
-    p_name, x_p, lay_p = passive
-    releases: dict[str, list[Release]] = {a_name: [], p_name: []}
+    pas = [passive] if isinstance(passive, tuple) and isinstance(passive[0], str) else list(passive)  # type: ignore[list-item]
+    n = len(pas)
+    plans = list(plan) if isinstance(plan, (list, tuple)) else [plan] * n
+    mins = list(min_node_rows) if isinstance(min_node_rows, (list, tuple)) else [int(min_node_rows)] * n
+    if len(plans) != n or len(mins) != n:
+        raise ProtocolError(f"secureboost: {n} passive parties need {n} plans and minimum node sizes.")
+    rngs: list[np.random.Generator | None] = list(rng.spawn(n)) if rng is not None and n > 1 else [rng] * n
+    releases: dict[str, list[Release]] = {a_name: [], **{p[0]: [] for p in pas}}
     a_state: ActiveState = active_init(a_name, x_a, y, lay_a, base_score=params.base_score)
-    p_state, advert = passive_init(p_name, x_p, lay_p)
-    a_state, bundle = active_keys(a_state, advert, plan=plan)
-    p_state = passive_keys(p_state, bundle)
-    ex = _InProcess(p_state, active_party=a_name, plan=plan, rng=rng, releases=releases, keep=keep_messages, record=record,
-                    min_node_rows=min_node_rows)
-    ex.bytes += sum(len(b) for b in bundle.public)
-    ex._seen(advert, bundle)
+    states, adverts = [], []
+    for p_name, x_p, lay_p in pas:
+        st, ad = passive_init(p_name, x_p, lay_p)
+        states.append(st)
+        adverts.append(ad)
+    a_state, bundle = active_keys(a_state, adverts, plan=plans)
+    states = [passive_keys(st, bundle) for st in states]
+    ex = _InProcess(states, active_party=a_name, plans=plans, rngs=rngs, releases=releases, keep=keep_messages, record=record, min_node_rows=mins)
+    ex.bytes += n * sum(len(b) for b in bundle.public)
+    ex._seen(*adverts, bundle)
     trees = []
     for t in range(params.n_trees):
-        a_state, tree = train_tree(a_state, t, params, plan=plan, exchange=ex)
+        a_state, tree = train_tree(a_state, t, params, plan=plans, exchange=ex)
         trees.append(tree)
         if on_tree is not None:
             on_tree(t)
     model = VerticalModel(trees=tuple(trees), base_score=params.base_score, active_features=lay_a.feature_names)
-    return VerticalTrainResult(model=model, table=dict(ex.state.table), releases=releases, wire_bytes=ex.bytes, messages=ex.messages)
+    tables = {st.party: dict(st.table) for st in ex.states}
+    merged = {k: e for tb in tables.values() for k, e in tb.items()}
+    return VerticalTrainResult(model=model, table=merged, releases=releases, wire_bytes=ex.bytes, messages=ex.messages, tables=tables)
