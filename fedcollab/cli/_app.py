@@ -169,7 +169,7 @@ def print_vertical_table(summary: dict[str, Any]) -> None:
     t.add_column("role")
     t.add_column("releases (kind -> observer)", overflow="fold")
     t.add_column("ε record-level, per observer (charged releases)", overflow="fold")
-    for name in (summary["label_holder"], summary["passive_party"]):
+    for name in (summary["label_holder"], *(summary.get("passive_parties") or [summary["passive_party"]])):
         p = summary["privacy"]["parties"].get(name, {})
         rel = ", ".join(f"{k} ×{v}" for k, v in sorted(p.get("releases", {}).items()))
         eps = ", ".join(f"{obs}: {'∞' if e is None else f'{e:.3f}'}" for obs, e in sorted((p.get("epsilon") or {}).items())) or "-"

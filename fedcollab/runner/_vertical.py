@@ -114,6 +114,8 @@ class VerticalOutcome:
     data: dict[str, Any]
     kind: str = "gbdt"
     feature_names: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+    tables: dict[str, dict[tuple[int, int], LookupEntry]] = dataclasses.field(default_factory=dict)  # per passive party (gbdt)
+    passive_features: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
 
 def _auc(y: np.ndarray, score: np.ndarray) -> float:
@@ -122,29 +124,64 @@ def _auc(y: np.ndarray, score: np.ndarray) -> float:
     return float(roc_auc_score(y, score)) if len(np.unique(y)) == 2 else math.nan
 
 
-def simulate_vertical(spec: Spec, *, align: Aligner = plain_align, rng: np.random.Generator | None = None,
+def align_parties(active: VerticalPartyData, passives: Sequence[VerticalPartyData], domain: bytes, *, align: Aligner | None,
+                  reveal: str = "both") -> tuple[np.ndarray, dict[str, np.ndarray], list[Release]]:
+    """The label holder's rows and each passive party's rows of the records common to all, in one order.
+
+    One PSI per passive party, in turn, over the label holder's records still common (a per-party
+    domain separator each); a passive party aligned before the last then learns which of its
+    common records survive the later PSIs: a declared release by the label holder to it.
+    ``align`` (tests, benchmarks) replaces PSI with another aligner of the same signature.
+    """
+    import functools
+
+    from fedcollab.protocols.psi import psi_align
+
+    sel = np.arange(len(active.ids), dtype=np.int64)
+    rows: dict[str, np.ndarray] = {}
+    releases: list[Release] = []
+    for p in passives:
+        fn = align or functools.partial(psi_align, reveal=reveal, active=active.partner, passive=p.partner)
+        ia, ip, rel = fn([active.ids[i] for i in sel], p.ids, domain + b"|" + p.partner.encode())
+        sel = sel[np.asarray(ia, dtype=np.int64)]
+        for name in rows:
+            rows[name] = rows[name][np.asarray(ia, dtype=np.int64)]
+        rows[p.partner] = np.asarray(ip, dtype=np.int64)
+        releases.extend(rel)
+    if len(passives) > 1:
+        for p in passives[:-1]:
+            releases.append(Release(kind="psi_intersection", about="train+test", unit="record", observer="passive_party", added_by=active.partner,
+                                    party=active.partner, round=0, mechanism=NonPrivate(), declared_public=True,
+                                    details={"size": int(len(sel)), "membership": True, "ids_in": int(len(active.ids)), "to": p.partner,
+                                             "common_to_all": True}))
+    return sel, rows, releases
+
+
+def simulate_vertical(spec: Spec, *, align: Aligner | None = plain_align, rng: np.random.Generator | None = None,
                       params: TreeParams | None = None, record: Recorder | None = None,
                       after_align: Callable[[int, list[Release]], None] | None = None,
-                      on_tree: Callable[[int], None] | None = None, min_node_rows: int = 1, run_id: str | None = None) -> VerticalOutcome:
-    """Run the vertical spec on this machine (both parties' data read from their sources).
+                      on_tree: Callable[[int], None] | None = None, min_node_rows: int | dict[str, int] = 1,
+                      run_id: str | None = None) -> VerticalOutcome:
+    """Run the vertical spec on this machine (every party's data read from its source).
 
-    ``after_align(intersection, psi releases)`` runs before training (the nodes' PSI caps and
-    minimum intersection); ``record`` sees every release before its message is handed over.
+    ``align``: None = ECDH-PSI (what a run does); ``plain_align`` (the default here, for tests and
+    benchmarks) = a plain set intersection. ``after_align(intersection, psi releases)`` runs before
+    training (the nodes' PSI caps and minimum intersection); ``record`` sees every release before
+    its message is handed over; ``min_node_rows``: each passive party's policy minimum.
     """
     v = spec.vertical
     assert v is not None, "a vertical spec"
     if params is None and spec.model.kind == "gbdt":
         params = tree_params(spec)
     active_name = v.label_holder
-    passive_name = next(p.name for p in spec.partners if p.name != active_name)
     a = load_vertical_party(spec, active_name)
-    p = load_vertical_party(spec, passive_name)
+    ps = [load_vertical_party(spec, pp.name) for pp in spec.partners if pp.name != active_name]
     assert a.y is not None
     # Per-run domain separator for hashing ids to the group: a run's blinded points mean nothing in another run.
     run_id = run_id or uuid.uuid4().hex[:16]
     domain = b"fedcollab/vertical/v1|" + spec.name.encode() + b"|" + run_id.encode()
     t0 = time.perf_counter()
-    ia, ip, psi_releases = align(a.ids, p.ids, domain)
+    ia, rows, psi_releases = align_parties(a, ps, domain, align=align, reveal=v.psi_reveal)
     t_align = time.perf_counter() - t0
     if after_align is not None:
         after_align(len(ia), list(psi_releases))
@@ -154,44 +191,54 @@ def simulate_vertical(spec: Spec, *, align: Aligner = plain_align, rng: np.rando
     train, test = split_aligned([a.ids[i] for i in ia], test_fraction=holder.split.test_fraction or 0.34, seed=holder.split.seed if holder.split.seed is not None else spec.seed)
     if len(train) < 2 or len(test) < 2:
         raise DataValidationError(f"the aligned records split into {len(train)} train and {len(test)} test rows")
-    xa, y, xp = a.x[ia], a.y[ia], p.x[ip]
+    xa, y = a.x[ia], a.y[ia]
+    xps = {p.partner: p.x[rows[p.partner]] for p in ps}
     if spec.model.kind == "logistic_regression":
-        return _simulate_lr(spec, (a, xa, y), (p, xp), train, test, psi_releases=list(psi_releases), t_align=t_align, record=record,
+        p = ps[0]
+        return _simulate_lr(spec, (a, xa, y), (p, xps[p.partner]), train, test, psi_releases=list(psi_releases), t_align=t_align, record=record,
                             rng=rng, on_tree=on_tree)
     assert params is not None
     lay_a = active_layout(spec, a, params)
-    lay_p = passive_layout(spec, p, xp[train], params)
-    plan = None
+    lays = {p.partner: passive_layout(spec, p, xps[p.partner][train], params) for p in ps}
+    plans: list[VerticalDpPlan | None] = [None] * len(ps)
     if spec.privacy.mode == "record":
         assert spec.privacy.target_epsilon is not None and spec.privacy.delta is not None
-        plan = plan_vertical_dp(params, n_features=lay_p.n_features, target_epsilon=spec.privacy.target_epsilon, delta=spec.privacy.delta)
+        plans = [plan_vertical_dp(params, n_features=lays[p.partner].n_features, target_epsilon=spec.privacy.target_epsilon, delta=spec.privacy.delta)
+                 for p in ps]
         if rng is None:
             rng = np.random.default_rng(np.random.SeedSequence(entropy=int.from_bytes(os.urandom(32), "big")))
+    mins = [min_node_rows.get(p.partner, 1) if isinstance(min_node_rows, dict) else int(min_node_rows) for p in ps]
     t0 = time.perf_counter()
-    res = train_vertical_in_process((active_name, xa[train], y[train], lay_a), (passive_name, xp[train], lay_p), params=params, plan=plan, rng=rng,
-                                    record=record, on_tree=on_tree, min_node_rows=min_node_rows)
+    res = train_vertical_in_process((active_name, xa[train], y[train], lay_a), [(p.partner, xps[p.partner][train], lays[p.partner]) for p in ps],
+                                    params=params, plan=plans, rng=rng, record=record, on_tree=on_tree, min_node_rows=mins)
     t_train = time.perf_counter() - t0
-    releases: dict[str, list[Release]] = {active_name: [], passive_name: []}
+    releases: dict[str, list[Release]] = {active_name: [], **{p.partner: [] for p in ps}}
     for r in psi_releases:
         releases.setdefault(r.party, []).append(r)
     for k, vv in res.releases.items():
         releases[k].extend(vv)
-    # Joint prediction on the test rows: the passive party decides its own splits and tells the
+    # Joint prediction on the test rows: each passive party decides its own splits and tells the
     # label holder only left/right per row and split (its thresholds stay with it).
-    dec = passive_decisions(res.table, xp[test], lay_p)
-    ev = Release(kind="vertical_partition", about="test", unit="record", observer="label_holder", added_by=passive_name, party=passive_name,
-                 round=params.n_trees, mechanism=NonPrivate(), declared_public=True, details={"rows": int(len(test)), "splits": len(dec), "joint_prediction": True})
-    if record is not None:
-        record(ev, b"".join(np.asarray(v, dtype=bool).tobytes() for _, v in sorted(dec.items())))
-    releases[passive_name].append(ev)
+    dec: dict[tuple[int, int], np.ndarray] = {}
+    for p in ps:
+        mine = passive_decisions(res.tables[p.partner], xps[p.partner][test])
+        ev = Release(kind="vertical_partition", about="test", unit="record", observer="label_holder", added_by=p.partner, party=p.partner,
+                     round=params.n_trees, mechanism=NonPrivate(), declared_public=True,
+                     details={"rows": int(len(test)), "splits": len(mine), "joint_prediction": True})
+        if record is not None:
+            record(ev, b"".join(np.asarray(v, dtype=bool).tobytes() for _, v in sorted(mine.items())))
+        releases[p.partner].append(ev)
+        dec.update(mine)
     margin = active_margin(res.model, xa[test], lay_a, dec)
     prob = 1.0 / (1.0 + np.exp(-margin))
     auc, acc = _test_metrics(active_name, y[test], prob, round_=params.n_trees, record=record, releases=releases)
-    return VerticalOutcome(model=res.model, table=dict(res.table), layouts=(lay_a, lay_p), plan=plan, releases=releases, intersection=len(ia),
-                           n_train=len(train), n_test=len(test), test_auc=auc, test_accuracy=acc,
+    first = ps[0].partner
+    return VerticalOutcome(model=res.model, table=dict(res.table), layouts=(lay_a, *(lays[p.partner] for p in ps)), plan=plans[0], releases=releases,
+                           intersection=len(ia), n_train=len(train), n_test=len(test), test_auc=auc, test_accuracy=acc,
                            seconds_align=t_align, seconds_train=t_train, wire_bytes=res.wire_bytes,
-                           data={"xa": xa, "xp": xp, "y": y, "train": train, "test": test}, kind="gbdt",
-                           feature_names=(tuple(a.feature_names), tuple(p.feature_names)))
+                           data={"xa": xa, "xp": xps[first], "xps": xps, "y": y, "train": train, "test": test}, kind="gbdt",
+                           feature_names=(tuple(a.feature_names), tuple(ps[0].feature_names)), tables=dict(res.tables),
+                           passive_features={p.partner: tuple(p.feature_names) for p in ps})
 
 
 def _test_metrics(active_name: str, y: np.ndarray, prob: np.ndarray, *, round_: int, record: Recorder | None,
@@ -308,9 +355,11 @@ def _plan_json(outcome: VerticalOutcome) -> dict[str, Any] | None:
             "covers": "each party's gradient released to the other (X_a^T d by the passive party, X_p^T d by the label holder)"}
 
 
-def _lookup_json(outcome: VerticalOutcome) -> dict[str, Any]:
-    table = [{"tree": t, "node": n, **dataclasses.asdict(e)} for (t, n), e in sorted(outcome.table.items())]
-    return {"format": "fedcollab-secureboost-lookup-v1", "entries": table}
+def _lookup_json(outcome: VerticalOutcome, party: str | None = None) -> dict[str, Any]:
+    tb = outcome.tables.get(party, outcome.table) if party is not None else outcome.table
+    table = [{"tree": t, "node": n, **dataclasses.asdict(e)} for (t, n), e in sorted(tb.items())]
+    owner = 1 + list(outcome.tables).index(party) if party in outcome.tables else 1
+    return {"format": "fedcollab-secureboost-lookup-v1", "owner": owner, "entries": table}
 
 
 @dataclass(frozen=True)
@@ -418,14 +467,14 @@ def run_vertical(spec: Spec, *, out: str | Path | None = None, nodes: str | Path
     t0 = time.perf_counter()
     base = {"run_id": run_id, "layout": "vertical", "spec": spec_ref.model_dump(mode="json"), "versions": _versions(),
             "label_holder": v.label_holder, "passive_party": next(p.name for p in spec.partners if p.name != v.label_holder),
-            "psi_reveal": v.psi_reveal}
+            "passive_parties": [p.name for p in spec.partners if p.name != v.label_holder], "psi_reveal": v.psi_reveal}
     try:
         books.preflight()
-        aligner = align or default_aligner(spec)
+        aligner = align  # None: ECDH-PSI with each passive party
         with _TreeProgress(steps, progress, label="vertical LR" if lr else "SecureBoost", unit="iterations" if lr else "trees") as prog:
             outcome = simulate_vertical(spec, align=aligner, rng=rng, params=params, record=books.record, after_align=books.after_align,
-                                        on_tree=prog.tree, min_node_rows=homes[base["passive_party"]].policy().vertical.min_node_rows,
-                                        run_id=run_id)
+                                        on_tree=prog.tree, run_id=run_id,
+                                        min_node_rows={n: homes[n].policy().vertical.min_node_rows for n in base["passive_parties"]})
         books.close()
     except Exception as exc:
         code = int(getattr(exc, "exit_code", 1))
@@ -439,8 +488,8 @@ def run_vertical(spec: Spec, *, out: str | Path | None = None, nodes: str | Path
         raise
     a_name, p_name = base["label_holder"], base["passive_party"]
     parts = {}
-    docs = ((a_name, _model_json(outcome), "model.json"), (p_name, _lookup_json(outcome), "lookup.json")) if not lr else \
-        ((a_name, _lr_json(outcome, active=True), "model.json"), (p_name, _lr_json(outcome, active=False), "weights.json"))
+    docs = ((a_name, _model_json(outcome), "model.json"), *((n, _lookup_json(outcome, n), "lookup.json") for n in base["passive_parties"])) if not lr \
+        else ((a_name, _lr_json(outcome, active=True), "model.json"), (p_name, _lr_json(outcome, active=False), "weights.json"))
     for name, doc, fname in docs:
         d = homes[name].root / "vertical" / run_id
         d.mkdir(parents=True, exist_ok=True)
@@ -463,18 +512,6 @@ def run_vertical(spec: Spec, *, out: str | Path | None = None, nodes: str | Path
     _write(out_dir / "spec.json", spec.model_dump_json(by_alias=True, exclude_none=True, indent=2))
     _write(out_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=True))
     return VerticalResult(summary=summary, out_dir=out_dir if tmp is None else None, outcome=outcome)
-
-
-def default_aligner(spec: Spec) -> Aligner:
-    """ECDH-PSI between the two parties (protocols/psi.md), with the spec's ``vertical.psi_reveal``."""
-    import functools
-
-    from fedcollab.protocols.psi import psi_align
-
-    v = spec.vertical
-    assert v is not None
-    passive = next(p.name for p in spec.partners if p.name != v.label_holder)
-    return functools.partial(psi_align, reveal=v.psi_reveal, active=v.label_holder, passive=passive)
 
 
 class _TreeProgress:
@@ -535,15 +572,16 @@ def predict_vertical(run_dir: str | Path, files: dict[str, str | Path], *, nodes
         raise ConfigError(f"--model: {run} is not a completed vertical run (layout {summary.get('layout')!r}, status {summary.get('status')!r})")
     v = spec.vertical
     assert v is not None
-    a_name, p_name = summary["label_holder"], summary["passive_party"]
-    if set(files) != {a_name, p_name}:
-        raise ConfigError(f"--data / --party-data: expected files for {a_name!r} (label holder) and {p_name!r}, got {sorted(files)}")
+    a_name = summary["label_holder"]
+    p_names = summary.get("passive_parties") or [summary["passive_party"]]
+    if set(files) != {a_name, *p_names}:
+        raise ConfigError(f"--data / --party-data: expected files for {a_name!r} (label holder) and {p_names}, got {sorted(files)}")
     a = load_vertical_party(spec, a_name, source=SourceSpec(path=str(Path(files[a_name]).resolve())), scoring=True)
-    p = load_vertical_party(spec, p_name, source=SourceSpec(path=str(Path(files[p_name]).resolve())), scoring=True)
+    ps = [load_vertical_party(spec, n, source=SourceSpec(path=str(Path(files[n]).resolve())), scoring=True) for n in p_names]
     parts = summary["model_parts"]
-    homes = {name: NodeHome(Path(nodes) / name if nodes is not None else Path(parts[name]["path"]).parents[2]) for name in (a_name, p_name)}
+    homes = {name: NodeHome(Path(nodes) / name if nodes is not None else Path(parts[name]["path"]).parents[2]) for name in (a_name, *p_names)}
     docs = {}
-    for name in (a_name, p_name):
+    for name in (a_name, *p_names):
         path = Path(parts[name]["path"])
         text = path.read_text()
         if hashlib.sha256(text.encode()).hexdigest() != parts[name]["sha256"]:
@@ -560,23 +598,26 @@ def predict_vertical(run_dir: str | Path, files: dict[str, str | Path], *, nodes
             gate.refuse_request(run_id=run_id, round=0, code=int(NodeErrorCode.POLICY_REFUSED), reason="vertical scoring refused by the policy")
             raise PolicyRefused(f"{name}: the policy refuses this scoring run (vertical.allowed, or {len(psi_runs)} PSI runs of "
                                 f"{pol.vertical.max_psi_runs} allowed)")
-    from fedcollab.protocols.psi import psi_align
-
     domain = b"fedcollab/vertical-score/v1|" + spec.name.encode() + b"|" + run_id.encode()
-    ia, ip, psi_rel = psi_align(a.ids, p.ids, domain, reveal="both", active=a_name, passive=p_name)
+    ia, rows, psi_rel = align_parties(a, ps, domain, align=None)
     for r in psi_rel:
         gates[r.party].record(r, run_id=run_id, payload=json.dumps(r.details, sort_keys=True).encode())
-    xa, xp = a.x[ia], p.x[ip]
+    xa = a.x[ia]
+    p, p_name = ps[0], p_names[0]
+    xp = p.x[rows[p_name]]
     if docs[a_name]["format"] == "fedcollab-secureboost-v1":
         model = VerticalModel(trees=tuple(VerticalTree(nodes=tuple(VerticalNode(**n) for n in t)) for t in docs[a_name]["trees"]),
                               base_score=float(docs[a_name]["base_score"]), active_features=tuple(docs[a_name]["active_features"]))
-        table = {(int(e["tree"]), int(e["node"])): LookupEntry(feature=int(e["feature"]), bin_index=int(e["bin_index"]),
-                                                                threshold=float(e["threshold"]), default_left=bool(e["default_left"]))
-                 for e in docs[p_name]["entries"]}
-        dec = passive_decisions(table, xp)
-        ev = Release(kind="vertical_partition", about="test", unit="record", observer="label_holder", added_by=p_name, party=p_name, round=0,
-                     mechanism=NonPrivate(), declared_public=True, details={"rows": int(len(ia)), "splits": len(dec), "joint_prediction": True})
-        gates[p_name].record(ev, run_id=run_id, payload=b"".join(np.asarray(x, dtype=bool).tobytes() for _, x in sorted(dec.items())))
+        dec: dict[tuple[int, int], np.ndarray] = {}
+        for q in ps:  # each passive party evaluates its own splits at its own node; only left/right leaves it
+            table = {(int(e["tree"]), int(e["node"])): LookupEntry(feature=int(e["feature"]), bin_index=int(e["bin_index"]),
+                                                                    threshold=float(e["threshold"]), default_left=bool(e["default_left"]))
+                     for e in docs[q.partner]["entries"]}
+            mine = passive_decisions(table, q.x[rows[q.partner]])
+            ev = Release(kind="vertical_partition", about="test", unit="record", observer="label_holder", added_by=q.partner, party=q.partner,
+                         round=0, mechanism=NonPrivate(), declared_public=True, details={"rows": int(len(ia)), "splits": len(mine), "joint_prediction": True})
+            gates[q.partner].record(ev, run_id=run_id, payload=b"".join(np.asarray(x, dtype=bool).tobytes() for _, x in sorted(mine.items())))
+            dec.update(mine)
         prob = 1.0 / (1.0 + np.exp(-active_margin(model, xa, None, dec)))
     else:
         msg, ev = passive_lr_predict(p_name, np.array(docs[p_name]["weights"]), scale_to_unit(spec, p, xp))

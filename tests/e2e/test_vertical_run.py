@@ -246,3 +246,49 @@ def test_joint_scoring_of_new_ids_reproduces_the_runs_test_auc(vertical_run, roo
     kinds = sorted(e["body"]["release"]["kind"] for e in new if e["kind"] == "release")
     assert kinds == ["psi_intersection", "vertical_partition"] and all(e["run_id"].startswith("score-") for e in new)
     assert np.isfinite(scores["score"]).all()
+
+
+def test_three_parties_run_score_and_verify(root, tmp_path):
+    """A label holder and two passive parties (the lab's columns split between an ECG lab and a stress-test lab)."""
+    import pandas as pd
+
+    emb = root / "fedcollab" / "data" / "embedded"
+    lab = pd.read_csv(emb / "heart_vertical_lab.csv")
+    lab[["id", "cp", "fbs", "restecg"]].to_csv(tmp_path / "ecg.csv", index=False)
+    lab[["id", "thalch", "exang", "oldpeak"]].iloc[40:].to_csv(tmp_path / "stress.csv", index=False)  # fewer ids: a 3-way intersection
+    text = _small_spec(root, tmp_path, trees=3, depth=3).read_text()
+    text = text.replace('''[[partners]]
+name = "lab"
+source = { path = "embedded://heart_vertical_lab.csv" }
+columns = ["cp", "fbs", "restecg", "thalch", "exang", "oldpeak"]''', f'''[[partners]]
+name = "ecg"
+source = {{ path = "{tmp_path / 'ecg.csv'}" }}
+columns = ["cp", "fbs", "restecg"]
+
+[[partners]]
+name = "stress"
+source = {{ path = "{tmp_path / 'stress.csv'}" }}
+columns = ["thalch", "exang", "oldpeak"]''')
+    spec = tmp_path / "three.toml"
+    spec.write_text(text)
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["run", str(spec), "--out", str(out), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["passive_parties"] == ["ecg", "stress"] and s["metrics"]["test_auc"] > 0.7
+    for name in ("ecg", "stress"):
+        assert Path(s["model_parts"][name]["path"]).is_relative_to(out / "nodes" / name)
+    lines = [json.loads(x) for x in (out / "ledger.jsonl").read_text().splitlines()]
+    rel = [e["body"]["release"] for e in lines if e["kind"] == "release"]
+    assert {r["party"] for r in rel if r["kind"] == "vertical_histogram"} == {"ecg", "stress"}
+    # the ECG lab was aligned first: the clinic tells it which of its common records survive the second PSI (declared)
+    told = [r for r in rel if r["kind"] == "psi_intersection" and r["party"] == "clinic" and r["details"].get("to") == "ecg" and r["details"].get("common_to_all")]
+    assert len(told) == 1 and told[0]["details"]["size"] == s["intersection"]
+    r = runner.invoke(app, ["audit", "verify", str(out / "ledger.jsonl"), "--roster", str(out / "roster.json"), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    clinic = pd.read_csv(emb / "heart_vertical_clinic.csv").drop(columns=["num"])
+    clinic.to_csv(tmp_path / "clinic_new.csv", index=False)
+    r = runner.invoke(app, ["predict", "--model", str(out), "--data", str(tmp_path / "clinic_new.csv"), "--party-data", f"ecg={tmp_path / 'ecg.csv'}",
+                            "--party-data", f"stress={tmp_path / 'stress.csv'}", "--out", str(tmp_path / "scores.csv"), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    assert len(pd.read_csv(tmp_path / "scores.csv")) == s["intersection"]

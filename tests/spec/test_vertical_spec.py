@@ -93,5 +93,17 @@ def test_layout_and_columns_must_agree() -> None:
     del d["partners"][1]["columns"]
     assert "partners[1] (lab): a vertical spec needs `columns`" in _problems(d)
     d = _data()
-    d["partners"].append({"name": "tax", "columns": ["chol"]})
-    assert "exactly 2 partners" in _problems(d)
+    d["partners"] = d["partners"][:1]
+    assert "at least 2 partners" in _problems(d)
+
+
+def test_three_parties_are_accepted_for_secureboost_not_for_linear_models() -> None:
+    d = _data()
+    lab = d["partners"][1]
+    d["partners"][1] = {**lab, "columns": ["cp", "fbs", "restecg"]}
+    d["partners"].append({"name": "stress", "source": lab["source"], "columns": ["thalch", "exang", "oldpeak"]})
+    from fedcollab.spec import parse_spec
+
+    assert len(parse_spec(d, base_dir=ROOT / "protocols").partners) == 3
+    d["model"] = {"kind": "logistic_regression"}
+    assert "with model kind 'logistic_regression' takes exactly 2 partners" in _problems(d)

@@ -139,9 +139,10 @@ def scale_bits(n_records: int, plan: VerticalDpPlan | None, plain_modulus: int) 
 
 @dataclass(frozen=True)
 class PassiveAdvert:
-    """Passive -> active, once: how many value bins each of its encoded features has (no edges)."""
+    """Passive -> active, once: how many value bins each of its encoded features has (no edges), and its minimum node size."""
 
     n_bins: tuple[int, ...]
+    min_node_rows: int = 1
 
 
 @dataclass(frozen=True)
@@ -247,15 +248,17 @@ class PassiveState:
     gradients: EncryptedGradients | None = field(default=None, repr=False)
     table: Mapping[tuple[int, int], LookupEntry] = field(default_factory=dict)
     answered: frozenset[tuple[int, int]] = frozenset()
+    min_node_rows: int = 1  # its policy's vertical.min_node_rows
     level: tuple[int, int] | None = None  # (tree, level) of the last query answered
     position: np.ndarray | None = field(default=None, repr=False)  # its open-node index of every record
     split_levels: frozenset[tuple[int, int]] = frozenset()
 
 
-def passive_init(party: str, x: np.ndarray, layout: BinLayout) -> tuple[PassiveState, PassiveAdvert]:
-    """Bin the passive party's rows with its private layout; advertise only the bin counts."""
+def passive_init(party: str, x: np.ndarray, layout: BinLayout, *, min_node_rows: int = 1) -> tuple[PassiveState, PassiveAdvert]:
+    """Bin the passive party's rows with its private layout; advertise only the bin counts and the minimum node size it answers for."""
     bins = bin_rows(x, layout)
-    return PassiveState(party=party, layout=layout, bins=bins), PassiveAdvert(n_bins=tuple(int(v) for v in layout.n_bins))
+    return (PassiveState(party=party, layout=layout, bins=bins, min_node_rows=int(min_node_rows)),
+            PassiveAdvert(n_bins=tuple(int(v) for v in layout.n_bins), min_node_rows=int(min_node_rows)))
 
 
 def passive_keys(state: PassiveState, bundle: KeyBundle) -> PassiveState:
@@ -282,7 +285,7 @@ def _release(kind: str, *, party: str, observer: str, tree: int, level: int, mec
 
 
 def passive_bin_sums(state: PassiveState, query: LevelQuery, *, plan: VerticalDpPlan | None,
-                     rng: np.random.Generator | None, min_node_rows: int = 1) -> tuple[PassiveState, EncryptedBinSums, Release]:
+                     rng: np.random.Generator | None, min_node_rows: int | None = None) -> tuple[PassiveState, EncryptedBinSums, Release]:
     """Encrypted per-bin sums of the query's open nodes, noisy under DP; the release to record before replying.
 
     ``min_node_rows`` (the node's policy, ``vertical.min_node_rows``): an open node with fewer
@@ -301,6 +304,7 @@ def passive_bin_sums(state: PassiveState, query: LevelQuery, *, plan: VerticalDp
     if pos.shape != (n,) or query.n_open < 1 or (pos.size and (pos.max() >= query.n_open or pos.min() < -1)):
         raise ProtocolError(f"secureboost: `position` must be {n} open-node indices in [-1, {query.n_open}).")
     counts = np.bincount(pos[pos >= 0], minlength=query.n_open)
+    min_node_rows = state.min_node_rows if min_node_rows is None else min_node_rows
     if counts.min() < min_node_rows:
         raise ProtocolError(f"secureboost: an open node of level {query.level} holds {int(counts.min())} record(s), fewer than this node's "
                             f"minimum of {min_node_rows}; refused.")
@@ -416,6 +420,7 @@ class ActiveState:
     y: np.ndarray = field(repr=False)
     margin: np.ndarray = field(repr=False)
     passives: tuple[BinLayout, ...] = ()  # what it knows of each passive party's features: bin counts only
+    min_node_rows: int = 1  # the largest minimum node size the passive parties advertised
     secret: BfvSecret | None = field(default=None, repr=False)
     scale_bits: int = 0
 
@@ -445,7 +450,8 @@ def active_keys(state: ActiveState, adverts: PassiveAdvert | Sequence[PassiveAdv
     secret = BfvSecret.generate(records=len(state.y))
     bits = scale_bits(len(state.y), widest, secret.plain_modulus)
     pk, gk = secret.public_bundle()
-    return replace(state, passives=passives, secret=secret, scale_bits=bits), KeyBundle(public=(pk, gk), scale_bits=bits)
+    least = max(int(a.min_node_rows) for a in ads)
+    return replace(state, passives=passives, secret=secret, scale_bits=bits, min_node_rows=least), KeyBundle(public=(pk, gk), scale_bits=bits)
 
 
 def _first(plan: VerticalDpPlan | Sequence[VerticalDpPlan | None] | None) -> VerticalDpPlan | None:
@@ -476,6 +482,7 @@ class GrowingTree:
     h: np.ndarray = field(repr=False)
     pending: tuple[tuple[int, int], ...] = ()  # (passive party k >= 1, tree node) split on its features, awaiting partitions
     next_open: tuple[int, ...] = ()
+    min_rows: int = 1  # nodes with fewer records stay leaves (the passive parties' minimum)
 
 
 def active_begin_tree(state: ActiveState, tree: int, *,
@@ -486,19 +493,26 @@ def active_begin_tree(state: ActiveState, tree: int, *,
     g, h = _gradients(state, plan)
     s = float(1 << state.scale_bits)
     chunks = state.secret.encrypt_rows(np.rint(g * s).astype(np.int64), np.rint(h * s).astype(np.int64))
-    grow = GrowingTree(tree=tree, level=0, nodes=(VerticalNode(),), position=np.zeros(len(state.y), dtype=np.int64), open=(0,), g=g, h=h)
+    grow = GrowingTree(tree=tree, level=0, nodes=(VerticalNode(),), position=np.zeros(len(state.y), dtype=np.int64), open=(0,), g=g, h=h,
+                       min_rows=state.min_node_rows)
     return grow, EncryptedGradients(tree=tree, chunks=tuple(chunks))
 
 
-def active_query(grow: GrowingTree, params: TreeParams) -> LevelQuery | None:
-    """The next level's query (the instance space), or None when the tree is grown."""
+def active_query(grow: GrowingTree, params: TreeParams) -> tuple[GrowingTree, LevelQuery | None]:
+    """The next level's query (the instance space), or None when the tree is grown.
+
+    Nodes with fewer records than the passive parties' minimum stay leaves (with noisy DP
+    hessians ``min_child_weight`` alone does not keep nodes that large).
+    """
     if grow.pending:
         raise ProtocolError("secureboost: the level's passive partitions are still awaited.")
+    counts = np.bincount(grow.position, minlength=len(grow.nodes))
+    grow = replace(grow, open=tuple(n for n in grow.open if counts[n] >= grow.min_rows))
     if not grow.open or grow.level >= params.max_depth:
-        return None
+        return grow, None
     index = {node: i for i, node in enumerate(grow.open)}
     pos = np.array([index.get(int(p), -1) for p in grow.position], dtype=np.int64)
-    return LevelQuery(tree=grow.tree, level=grow.level, n_open=len(grow.open), position=pos)
+    return grow, LevelQuery(tree=grow.tree, level=grow.level, n_open=len(grow.open), position=pos)
 
 
 def active_bin_sums(state: ActiveState, grow: GrowingTree, replies: EncryptedBinSums | Sequence[EncryptedBinSums],
@@ -605,7 +619,10 @@ def train_tree(state: ActiveState, tree: int, params: TreeParams, *, plan: Verti
     """Grow one tree through the stages above, calling ``exchange`` for every message to the passive parties."""
     grow, grads = active_begin_tree(state, tree, plan=plan)
     exchange.gradients(grads)
-    while (query := active_query(grow, params)) is not None:
+    while True:
+        grow, query = active_query(grow, params)
+        if query is None:
+            break
         grow, splits = active_bin_sums(state, grow, exchange.level(query), params)
         if splits:
             grow = active_partitions(grow, {k: exchange.splits(k, msg) for k, msg in splits.items()})

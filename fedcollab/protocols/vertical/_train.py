@@ -91,7 +91,7 @@ class _InProcess(_Exchange):
         for k, st in enumerate(self.states):
             self._book(_release("vertical_partition", party=self.active_party, observer="passive_party", tree=msg.tree, level=msg.level,
                                 mech=NonPrivate(), n_open=msg.n_open, to=st.party), msg.position.tobytes())
-            self.states[k], reply, event = passive_bin_sums(st, msg, plan=self.plans[k], rng=self.rngs[k], min_node_rows=self.min_node_rows[k])
+            self.states[k], reply, event = passive_bin_sums(st, msg, plan=self.plans[k], rng=self.rngs[k])
             self._book(event, b"".join(reply.ciphertexts))
             self.bytes += msg.position.nbytes + sum(len(c) for c in reply.ciphertexts)
             self._seen(msg, reply)
@@ -132,8 +132,8 @@ def train_vertical_in_process(active: tuple[str, np.ndarray, np.ndarray, BinLayo
     releases: dict[str, list[Release]] = {a_name: [], **{p[0]: [] for p in pas}}
     a_state: ActiveState = active_init(a_name, x_a, y, lay_a, base_score=params.base_score)
     states, adverts = [], []
-    for p_name, x_p, lay_p in pas:
-        st, ad = passive_init(p_name, x_p, lay_p)
+    for (p_name, x_p, lay_p), m in zip(pas, mins):
+        st, ad = passive_init(p_name, x_p, lay_p, min_node_rows=m)
         states.append(st)
         adverts.append(ad)
     a_state, bundle = active_keys(a_state, adverts, plan=plans)
