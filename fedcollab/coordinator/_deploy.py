@@ -130,7 +130,8 @@ def _main(grid: Any, context: Any) -> None:
         status["fedcollab_run_id"] = run_id
         ledger = RunLedger(out / "ledger.jsonl", key=key, roster=roster, run_id=run_id)
         recorder = CoordinatorRecorder(checkpoint_dir=out / "checkpoints", on_round=on_round)
-        timeout = float(context.run_config.get(RUN_CONFIG_TIMEOUT, 600.0))
+        # A stage deadline from the spec bounds how long one silent node can stall an exchange.
+        timeout = float(spec.training.stage_timeout or context.run_config.get(RUN_CONFIG_TIMEOUT, 600.0))
         inner = make_server_app(spec, recorder, ledger=ledger, timeout=timeout, resume=resume, fuse_evaluate=True)
         _write_json(out / "status.json", status)
         inner(PollingGrid(grid), context)

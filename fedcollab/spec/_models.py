@@ -238,6 +238,9 @@ class TrainingSpec(FrozenModel):
     server_tau: Finite = Field(default=1e-3, gt=0)
     min_partners: PosInt | None = Field(default=None, description="Fewest partners whose updates a round needs; default all.")
     evaluate_every: PosInt = Field(default=1, description="Federated evaluation every this many rounds (and always after the last).")
+    stage_timeout: Finite | None = Field(default=None, gt=0, le=86400, description="Deployment: seconds the coordinator waits for the replies to one "
+                                         "exchange (a stage of a round); a node silent past it is a dropout for that stage, as a missing reply in "
+                                         "simulation. Default: submit's --run-timeout (600 s).")
 
 
 class PartnerPrivacySpec(FrozenModel):

@@ -72,11 +72,11 @@ class Deployment:
     extra: list[subprocess.Popen[bytes]] = field(default_factory=list)
     intruder: subprocess.Popen[bytes] | None = None
 
-    def spec(self, name: str, rounds: int, aggregation: str = "plain", *, unapproved: tuple[str, ...] = ()) -> Path:
+    def spec(self, name: str, rounds: int, aggregation: str = "plain", *, unapproved: tuple[str, ...] = (), training: str = "") -> Path:
         """Write the spec; every partner but ``unapproved`` approves it with `fedcollab node approve` (a node runs only what it approved)."""
         import hashlib
 
-        text = (ROOT / "protocols" / "heart-disease.toml").read_text().replace("rounds = 20", f"rounds = {rounds}")
+        text = (ROOT / "protocols" / "heart-disease.toml").read_text().replace("rounds = 20", f"rounds = {rounds}" + (f"\n{training}" if training else ""))
         text = text.replace('aggregation = "plain"', f'aggregation = "{aggregation}"')
         path = self.base / f"{name}.toml"
         path.write_text(text)
@@ -292,3 +292,35 @@ def test_coordinator_restart_resumes_from_checkpoint(deployment):
         assert rounds[len(rounds) - len(resumed):] == resumed and all(r == after + 1 for r in rounds[:len(rounds) - len(resumed)])
     run_ledger = (new / "ledger.jsonl").read_text()
     assert run_ledger.startswith((old / "ledger.jsonl").read_text())
+
+
+def test_a_killed_node_is_a_dropout_within_the_stage_deadline(deployment):
+    """Issue 13 (faults): a node killed mid-run stalls no stage past `training.stage_timeout`; the run finishes without it.
+
+    Runs last: the killed node stays down.
+    """
+    d = deployment
+    victim = "va-long-beach"
+    spec = d.spec("heart-kill", rounds=3, training="min_partners = 3\nstage_timeout = 10")
+    assert "stage_timeout = 10" in spec.read_text()
+    proc = spawn(["submit", str(spec), "--home", str(d.coord), "--format", "json", "--timeout", "300"], d.base / "submit-kill.log")
+    d.extra.append(proc)
+    deadline = time.monotonic() + 180
+    started = None
+    while time.monotonic() < deadline and started is None:
+        for st_path in d.coord.glob("runs/*/status.json"):
+            if (st_path.parent / "spec.toml").exists() and (st_path.parent / "spec.toml").read_text() == spec.read_text():
+                if json.loads(st_path.read_text()).get("rounds"):
+                    started = st_path
+        time.sleep(0.2)
+    assert started is not None, "round 1 did not finish within 180 s"
+    stop(d.nodes[victim], sig=signal.SIGKILL)  # gone, not refusing: no reply will ever come
+    t_kill = time.monotonic()
+    assert proc.wait(240) == 0, (d.base / "submit-kill.log").read_text()[-3000:]
+    elapsed = time.monotonic() - t_kill
+    st = json.loads(started.read_text())
+    assert st["state"] == "completed" and [r["round"] for r in st["rounds"]] == [1, 2, 3], st
+    assert victim in st["rounds"][0]["partners"] and victim not in st["rounds"][-1]["partners"]
+    assert sorted(st["rounds"][-1]["partners"]) == sorted(p for p in PARTNERS if p != victim)
+    # Each remaining exchange waited at most the stage deadline for the dead node, never the 600 s run timeout.
+    assert elapsed < 150, elapsed
