@@ -28,6 +28,15 @@ def _small_spec(root: Path, tmp: Path, *, privacy: str = 'mode = "none"', extra:
     return path
 
 
+def _nodes(spec: Path, out: Path) -> None:
+    """The simulated partners' node folders a run would create (policy derived from the spec)."""
+    from fedcollab.runner._run import prepare_simulated_nodes
+    from fedcollab.spec import load_spec
+
+    prepare_simulated_nodes(load_spec(spec), out / "nodes")
+    assert (out / "nodes" / "lab" / "policy.toml").read_text().count("[vertical]\nallowed = true") == 1
+
+
 @pytest.fixture(scope="module")
 def vertical_run(root, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vertical")
@@ -139,8 +148,7 @@ def test_a_node_that_does_not_join_vertical_runs_refuses(root, tmp_path):
     """The lab's own policy says no: the run stops before alignment, the refusal is in its ledger, no model."""
     spec = _small_spec(root, tmp_path)
     out = tmp_path / "out"
-    first = runner.invoke(app, ["run", str(spec), "--out", str(out), "--format", "json"])
-    assert first.exit_code == 0, first.output
+    _nodes(spec, out)
     policy = out / "nodes" / "lab" / "policy.toml"
     policy.write_text(policy.read_text().replace("[vertical]\nallowed = true", "[vertical]\nallowed = false"))
     r = runner.invoke(app, ["run", str(spec), "--out", str(out), "--format", "json"])
@@ -156,7 +164,7 @@ def test_too_small_an_intersection_is_refused(root, tmp_path):
     """A node's minimum intersection holds even when the spec asks for less."""
     spec = _small_spec(root, tmp_path)
     out = tmp_path / "out"
-    assert runner.invoke(app, ["run", str(spec), "--out", str(out), "--format", "json"]).exit_code == 0
+    _nodes(spec, out)
     policy = out / "nodes" / "clinic" / "policy.toml"
     policy.write_text(policy.read_text().replace("min_intersection = 100", "min_intersection = 5000"))
     r = runner.invoke(app, ["run", str(spec), "--out", str(out), "--format", "json"])
@@ -256,7 +264,7 @@ def test_three_parties_run_score_and_verify(root, tmp_path):
     lab = pd.read_csv(emb / "heart_vertical_lab.csv")
     lab[["id", "cp", "fbs", "restecg"]].to_csv(tmp_path / "ecg.csv", index=False)
     lab[["id", "thalch", "exang", "oldpeak"]].iloc[40:].to_csv(tmp_path / "stress.csv", index=False)  # fewer ids: a 3-way intersection
-    text = _small_spec(root, tmp_path, trees=3, depth=3).read_text()
+    text = _small_spec(root, tmp_path, trees=2, depth=3).read_text()
     text = text.replace('''[[partners]]
 name = "lab"
 source = { path = "embedded://heart_vertical_lab.csv" }

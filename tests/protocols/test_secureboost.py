@@ -190,7 +190,7 @@ def test_three_parties_equal_central_gbdt_on_all_joined_columns(heart) -> None:
     x1, x2 = h["xp"][:, :cut], h["xp"][:, cut:]
     lay1 = quantile_layout(x1, names[:cut], n_bins=h["params"].n_bins)
     lay2 = quantile_layout(x2, names[cut:], n_bins=h["params"].n_bins)
-    params = dataclasses.replace(h["params"], n_trees=4)
+    params = dataclasses.replace(h["params"], n_trees=2)
     res = train_vertical_in_process(("clinic", h["xa"], h["y"], h["lay_a"]), [("ecg", x1, lay1), ("stress", x2, lay2)], params=params, plan=None)
     joined = np.hstack([h["xa"], x1, x2])
     central = train_in_process([("joined", joined, h["y"])], layout=joint_layout(h["lay_a"], lay1, lay2), params=params, plan=None,
