@@ -128,6 +128,10 @@ def run(
     try:
         loaded = load_spec(spec)
         if loaded.layout == "vertical":
+            if resume:
+                from fedcollab.core import ConfigError
+
+                raise ConfigError("--resume: vertical runs cannot be resumed in this version (run them again), got a spec with layout = 'vertical'")
             _run_vertical(loaded, spec, out=out or Path("runs") / spec.stem, nodes=nodes, fmt=fmt)
             return
         # Before torch and Flower load: a data problem is named (partner, column, file) in a second.

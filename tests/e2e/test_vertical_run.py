@@ -300,3 +300,9 @@ columns = ["thalch", "exang", "oldpeak"]''')
                             "--party-data", f"stress={tmp_path / 'stress.csv'}", "--out", str(tmp_path / "scores.csv"), "--format", "json"])
     assert r.exit_code == 0, r.output
     assert len(pd.read_csv(tmp_path / "scores.csv")) == s["intersection"]
+
+
+def test_resume_is_refused_for_a_vertical_spec(root, tmp_path):
+    r = runner.invoke(app, ["run", str(root / "protocols" / "heart-disease-vertical.toml"), "--out", str(tmp_path / "o"), "--resume", "--format", "json"])
+    assert r.exit_code == int(ExitCode.CONFIG_INVALID) and "vertical runs cannot be resumed" in r.output
+    assert not (tmp_path / "o" / "ledger.jsonl").exists()
