@@ -371,6 +371,13 @@ class VerticalResult:
     outcome: VerticalOutcome | None
 
 
+def psi_runs_joined(gate: Any) -> int:
+    """How many PSI runs (run ids with a ``psi_intersection`` release) a node's ledger holds for the gate's dataset."""
+    return len({str(ln.entry["run_id"]) for ln in gate.ledger.lines()
+                if ln.entry.get("kind") == "release" and ln.entry["body"].get("dataset") == gate.dataset
+                and ln.entry["body"]["release"].get("kind") == "psi_intersection"})
+
+
 class _Books:
     """Both simulated nodes' budget gates and the run ledger: check, record, then send."""
 
@@ -404,12 +411,9 @@ class _Books:
             elif pol.allowed_features is not None and set(p.columns or []) - set(pol.allowed_features) - {v.id_column, self.spec.data_schema.label}:
                 problem = "the spec uses columns the policy's allowed_features does not list"
             else:
-                gate = self.gates[p.name]
-                runs = {str(ln.entry["run_id"]) for ln in gate.ledger.lines()
-                        if ln.entry.get("kind") == "release" and ln.entry["body"].get("dataset") == gate.dataset
-                        and ln.entry["body"]["release"].get("kind") == "psi_intersection"}
-                if len(runs) >= pol.vertical.max_psi_runs:
-                    problem = f"the node already joined {len(runs)} PSI run(s) on this dataset; its policy allows {pol.vertical.max_psi_runs}"
+                runs = psi_runs_joined(self.gates[p.name])
+                if runs >= pol.vertical.max_psi_runs:
+                    problem = f"the node already joined {runs} PSI run(s) on this dataset; its policy allows {pol.vertical.max_psi_runs}"
             if problem is not None:
                 self.refuse(p.name, code=NodeErrorCode.POLICY_REFUSED, reason=problem)
                 raise PolicyRefused(f"{p.name}: {problem}")
@@ -592,11 +596,10 @@ def predict_vertical(run_dir: str | Path, files: dict[str, str | Path], *, nodes
     for name, h in homes.items():
         pol = h.policy()
         gate = gates[name]
-        psi_runs = {str(ln.entry["run_id"]) for ln in gate.ledger.lines() if ln.entry.get("kind") == "release"
-                    and ln.entry["body"].get("dataset") == gate.dataset and ln.entry["body"]["release"].get("kind") == "psi_intersection"}
-        if not pol.vertical.allowed or len(psi_runs) >= pol.vertical.max_psi_runs:
+        runs = psi_runs_joined(gate)
+        if not pol.vertical.allowed or runs >= pol.vertical.max_psi_runs:
             gate.refuse_request(run_id=run_id, round=0, code=int(NodeErrorCode.POLICY_REFUSED), reason="vertical scoring refused by the policy")
-            raise PolicyRefused(f"{name}: the policy refuses this scoring run (vertical.allowed, or {len(psi_runs)} PSI runs of "
+            raise PolicyRefused(f"{name}: the policy refuses this scoring run (vertical.allowed, or {runs} PSI runs of "
                                 f"{pol.vertical.max_psi_runs} allowed)")
     domain = b"fedcollab/vertical-score/v1|" + spec.name.encode() + b"|" + run_id.encode()
     ia, rows, psi_rel = align_parties(a, ps, domain, align=None)

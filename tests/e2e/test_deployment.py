@@ -107,6 +107,17 @@ class Deployment:
         assert r.stdout.strip(), r.stderr[-3000:]
         return r.returncode, json.loads(r.stdout.strip().splitlines()[-1])
 
+    def wait_for(self, spec: Path, pattern: str, ready=lambda path: True, timeout: float = 180) -> Path:  # type: ignore[no-untyped-def]
+        """The first file ``runs/<id>/<pattern>`` of the run of ``spec`` (its spec.toml) that is ``ready``, polled every 0.2 s."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for path in self.coord.glob(f"runs/*/{pattern}"):
+                rd = self.coord / "runs" / path.relative_to(self.coord / "runs").parts[0]
+                if (rd / "spec.toml").exists() and (rd / "spec.toml").read_text() == spec.read_text() and ready(path):
+                    return path
+            time.sleep(0.2)
+        raise AssertionError(f"no {pattern} of the run of {spec.name} within {timeout} s")
+
     def run_dir(self, flower_run_id: int) -> Path:
         return self.coord / "runs" / str(flower_run_id)
 
@@ -259,14 +270,7 @@ def test_coordinator_restart_resumes_from_checkpoint(deployment):
     spec = d.spec("heart-3", rounds=3)
     proc = spawn(["submit", str(spec), "--home", str(d.coord), "--format", "json", "--timeout", "300"], d.base / "submit-interrupted.log")
     d.extra.append(proc)
-    deadline = time.monotonic() + 180
-    ckpt = None
-    while time.monotonic() < deadline and ckpt is None:
-        for rd in d.coord.glob("runs/*/checkpoints/checkpoint.npz"):
-            if (rd.parents[1] / "spec.toml").read_text() == spec.read_text():
-                ckpt = rd
-        time.sleep(0.2)
-    assert ckpt is not None, "no checkpoint within 180 s"
+    ckpt = d.wait_for(spec, "checkpoints/checkpoint.npz")
     old = ckpt.parents[1]
     assert d.coordinator is not None
     stop(d.coordinator, sig=signal.SIGKILL)  # the SuperLink, its SuperExec and the ServerApp die together
@@ -305,15 +309,7 @@ def test_a_killed_node_is_a_dropout_within_the_stage_deadline(deployment):
     assert "stage_timeout = 5" in spec.read_text()
     proc = spawn(["submit", str(spec), "--home", str(d.coord), "--format", "json", "--timeout", "300"], d.base / "submit-kill.log")
     d.extra.append(proc)
-    deadline = time.monotonic() + 180
-    started = None
-    while time.monotonic() < deadline and started is None:
-        for st_path in d.coord.glob("runs/*/status.json"):
-            if (st_path.parent / "spec.toml").exists() and (st_path.parent / "spec.toml").read_text() == spec.read_text():
-                if json.loads(st_path.read_text()).get("rounds"):
-                    started = st_path
-        time.sleep(0.2)
-    assert started is not None, "round 1 did not finish within 180 s"
+    started = d.wait_for(spec, "status.json", ready=lambda p: bool(json.loads(p.read_text()).get("rounds")))  # round 1 done
     stop(d.nodes[victim], sig=signal.SIGKILL)  # gone, not refusing: no reply will ever come
     t_kill = time.monotonic()
     assert proc.wait(240) == 0, (d.base / "submit-kill.log").read_text()[-3000:]
