@@ -27,12 +27,11 @@ import numpy as np
 
 from fedcollab.core import DataValidationError, NodeErrorCode, PolicyRefused
 from fedcollab.data import VerticalPartyData, load_vertical_party
-from fedcollab.privacy.accounting import GaussianMechanism, NonPrivate, Release, compute_epsilon
+from fedcollab.privacy.accounting import NonPrivate, Release, compute_epsilon
 from fedcollab.protocols.gbdt import BinLayout, layout_from_bounds
 from fedcollab.protocols.vertical import (
     LookupEntry,
     VerticalDpPlan,
-    VerticalModel,
     active_margin,
     passive_decisions,
     plan_vertical_dp,
@@ -100,7 +99,7 @@ class VerticalOutcome:
 
     model: Any  # VerticalModel (gbdt) or VerticalLrModel
     table: dict[tuple[int, int], LookupEntry]  # the passive party's lookup table (gbdt; empty for LR)
-    layouts: tuple[BinLayout, BinLayout] | None
+    layouts: tuple[BinLayout, ...] | None  # the label holder's, then each passive party's (gbdt)
     plan: Any  # VerticalDpPlan, VerticalLrDpPlan or None
     releases: dict[str, list[Release]]
     intersection: int
