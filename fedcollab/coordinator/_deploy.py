@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from fedcollab.core import ConfigError, FedcollabError, NodeError, get_logger
+from fedcollab.coordinator._exchange import PollingGrid
 from fedcollab.coordinator._ledger import RunLedger
 from fedcollab.coordinator._server import CoordinatorRecorder, RoundRecord, make_server_app
 from fedcollab.spec import Roster, Spec, parse_spec
@@ -37,7 +38,7 @@ ENV_HOME = "FEDCOLLAB_COORDINATOR_HOME"
 RUN_CONFIG_SPEC = "fedcollab-spec"
 RUN_CONFIG_TIMEOUT = "fedcollab-timeout"
 RUN_CONFIG_RESUME = "fedcollab-resume"  # the Flower run id of an interrupted run to continue ("" = a new run)
-#: Seconds between the ServerApp's polls for replies (Flower's HttpGrid sleeps 3 s between polls).
+#: The longest wait between the ServerApp's polls for replies (Flower's HttpGrid sleeps 3 s between polls).
 REPLY_POLL_SECONDS = 0.25
 #: Prefix of a failed run's details, read back by ``fedcollab submit``.
 EXIT_PREFIX = "fedcollab exit "
@@ -56,30 +57,6 @@ def decode_spec(value: str) -> tuple[str, Spec]:
     except (ValueError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"run config {RUN_CONFIG_SPEC!r} is not base64 TOML") from exc
     return text, parse_spec(data, source="the submitted spec")
-
-
-class PollingGrid:
-    """A Grid that polls for replies every ``interval`` seconds instead of Flower's fixed 3 s."""
-
-    def __init__(self, grid: Any, interval: float = REPLY_POLL_SECONDS) -> None:
-        self._grid = grid
-        self._interval = interval
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
-
-    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Any]:
-        """Push, then pull until every reply is in or ``timeout`` passes."""
-        ids = set(self._grid.push_messages(messages))
-        end = time.time() + (timeout if timeout is not None else 0.0)
-        out: list[Any] = []
-        while ids and (timeout is None or time.time() < end):
-            got = list(self._grid.pull_messages(ids))
-            out.extend(got)
-            ids.difference_update(m.metadata.reply_to_message_id for m in got)
-            if ids:
-                time.sleep(self._interval)
-        return out
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -134,7 +111,7 @@ def _main(grid: Any, context: Any) -> None:
         timeout = float(spec.training.stage_timeout or context.run_config.get(RUN_CONFIG_TIMEOUT, 600.0))
         inner = make_server_app(spec, recorder, ledger=ledger, timeout=timeout, resume=resume, fuse_evaluate=True)
         _write_json(out / "status.json", status)
-        inner(PollingGrid(grid), context)
+        inner(PollingGrid(grid, longest=REPLY_POLL_SECONDS), context)
         if not recorder.finished:
             raise NodeError("the run ended before the last round")
     except FedcollabError as exc:

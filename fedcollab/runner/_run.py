@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from fedcollab.core import ConfigError, FedcollabError, NodeError, NodeErrorCode, RunInterrupted, TransportError, get_logger
-from fedcollab.coordinator import COORDINATOR, CoordinatorRecorder, RoundRecord, RunLedger, make_server_app, privacy_section
+from fedcollab.coordinator import COORDINATOR, CoordinatorRecorder, PollingGrid, RoundRecord, RunLedger, make_server_app, privacy_section
 from fedcollab.node import NodeHome, init_node_home, make_client_app
 from fedcollab.spec import BudgetSpec, NodePolicy, Roster, RosterEntry, VerticalPolicy
 from fedcollab.protocols import HIST_BINS, PooledMetrics, Scaling, Summary
@@ -532,39 +532,6 @@ def _sigint_cancels(cancel: threading.Event) -> Iterator[None]:
         signal.signal(signal.SIGINT, old)
 
 
-class _CancellableGrid:
-    """The simulation's Grid, stopping the coordinator's exchanges once ``cancel`` is set (Ctrl-C)."""
-
-    def __init__(self, grid: Any, cancel: threading.Event, interval: float = 0.05) -> None:
-        self._grid, self._cancel, self._interval = grid, cancel, interval
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
-
-    def _check(self) -> None:
-        if self._cancel.is_set():
-            raise RunInterrupted("the run was interrupted (Ctrl-C)")
-
-    def get_node_ids(self) -> Any:  # noqa: D102
-        self._check()
-        return self._grid.get_node_ids()
-
-    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Any]:
-        """Push, then pull until every reply is in, ``timeout`` passes or the run is cancelled."""
-        self._check()
-        ids = set(self._grid.push_messages(messages))
-        end = time.monotonic() + (timeout if timeout is not None else 0.0)
-        out: list[Any] = []
-        while ids and (timeout is None or time.monotonic() < end):
-            got = list(self._grid.pull_messages(ids))
-            out.extend(got)
-            ids.difference_update(m.metadata.reply_to_message_id for m in got)
-            if ids:
-                self._check()
-                time.sleep(self._interval)
-        return out
-
-
 def _cancellable(server_app: Any, cancel: threading.Event) -> Any:
     from flwr.serverapp import ServerApp
 
@@ -572,7 +539,11 @@ def _cancellable(server_app: Any, cancel: threading.Event) -> Any:
 
     @app.main()
     def main(grid: Any, context: Any) -> None:
-        server_app(_CancellableGrid(grid, cancel), context)
+        def check() -> None:
+            if cancel.is_set():
+                raise RunInterrupted("the run was interrupted (Ctrl-C)")
+
+        server_app(PollingGrid(grid, check=check), context)
 
     return app
 
