@@ -5,8 +5,8 @@ One tree is one *round* of the run (one line of metrics.jsonl). Each tree takes 
 request (and, on a tree's first step, the previous finished tree), answered with the node's
 (noisy) per-bin sums. With ``aggregation = "plain"`` the coordinator sums the replies; with
 ``"secagg"`` the sums ride masked on the same message (the step is the SecAgg+ round) and the
-coordinator only ever sees their total, in four exchanges a step: train + MASKED_INPUT,
-CONSISTENCY, UNMASK + the next step's ADVERTISE, the next step's SHARE.
+coordinator only ever sees their total, in three exchanges a step: train + MASKED_INPUT + the next
+step's ADVERTISE, CONSISTENCY + the next step's SHARE, UNMASK.
 
 A node that fails or does not answer a step drops out of the rest of the run (its tree state no
 longer matches the trees); the run goes on while ``training.min_partners`` are left. After the
@@ -107,24 +107,49 @@ def gbdt_rounds(spec: Spec, *, node_names: dict[int, str], exchange: Callable[..
                 failed |= dropped(step, set(replies), "answered")
                 total = gbdt.sum_histograms([replies[p] for p in sorted(replies)])
             else:
-                cfg |= {"secagg.stage": "masked", "secagg.round": step, "secagg.max_weight": max_rows, "secagg.n_parties": n_parties}
-                got = exchange(step, message_type.TRAIN, {p: (None, cfg, {**extra, "secagg": m.to_wire()}) for p, m in routed.items()})
-                masked = {p: secagg.MaskedInput.from_wire(dict(m.content.config_records["secagg"])) for p, m in got.items()
-                          if "secagg" in m.content.config_records}
-                failed |= dropped(step, set(masked), "sent masked sums")
-                state, checks = secagg.coord_collect_masked(state, masked)
-                signed = send_stage(step)("consistency", {p: c.to_wire() for p, c in checks.items()})
-                state, requests = secagg.coord_collect_signatures(state, {p: secagg.ConsistencySignature.from_wire(w) for p, w in signed.items()})
+                # Three exchanges a step: train + MASKED_INPUT(step) + ADVERTISE(step + 1); CONSISTENCY(step) +
+                # SHARE(step + 1); UNMASK(step). The next step's keys are fresh and its shares are routed
+                # before its masked input, as in a stand-alone round; only the messages are shared.
                 last = req.release == "leaves" and t == params.n_trees - 1
-                nxt = None if last else open_round(step + 1, sorted(requests))
+                nxt = None if last else open_round(step + 1, sorted(routed))
+                cfg |= {"secagg.stage": "masked", "secagg.round": step, "secagg.max_weight": max_rows, "secagg.n_parties": n_parties}
                 per: dict[str, tuple[Any, dict[str, Any], dict[str, dict[str, Any]]]] = {}
-                for p, r in requests.items():
-                    c: dict[str, Any] = {"fedcollab.kind": "secagg", "fedcollab.run_id": run_id, "secagg.stage": "unmask", "secagg.round": step}
-                    ex = {"secagg": r.to_wire()}
+                for p, m in routed.items():
+                    c: dict[str, Any] = dict(cfg)
+                    ex: dict[str, dict[str, Any]] = {**extra, "secagg": m.to_wire()}
                     if nxt is not None:
                         c |= {"secagg.next.stage": "advertise", "secagg.next.round": step + 1}
                         ex["secagg.next"] = nxt[1]
                     per[p] = (None, c, ex)
+                got = exchange(step, message_type.TRAIN, per)
+                masked = {p: secagg.MaskedInput.from_wire(dict(m.content.config_records["secagg"])) for p, m in got.items()
+                          if "secagg" in m.content.config_records}
+                failed |= dropped(step, set(masked), "sent masked sums")
+                state, checks = secagg.coord_collect_masked(state, masked)
+                share_req: dict[str, dict[str, Any]] = {}
+                if nxt is not None:
+                    ads = {p: secagg.Advertisement.from_wire(dict(m.content.config_records["secagg.next"])) for p, m in got.items()
+                           if p in masked and "secagg.next" in m.content.config_records}
+                    next_state, per_node = secagg.coord_collect_advertisements(nxt[0], ads)
+                    share_req = {p: secagg.advertisements_to_wire(a) for p, a in per_node.items()}
+                per = {}
+                for p, chk in checks.items():
+                    c = {"fedcollab.kind": "secagg", "fedcollab.run_id": run_id, "secagg.stage": "consistency", "secagg.round": step}
+                    ex = {"secagg": chk.to_wire()}
+                    if p in share_req:
+                        c |= {"secagg.next.stage": "share", "secagg.next.round": step + 1}
+                        ex["secagg.next"] = share_req[p]
+                    per[p] = (None, c, ex)
+                got = exchange(step, message_type.QUERY, per)
+                signed = {p: secagg.ConsistencySignature.from_wire(dict(m.content.config_records["secagg"])) for p, m in got.items()
+                          if "secagg" in m.content.config_records}
+                bundles = {p: secagg.ShareBundle.from_wire(dict(m.content.config_records["secagg.next"])) for p, m in got.items()
+                           if "secagg.next" in m.content.config_records}
+                state, requests = secagg.coord_collect_signatures(state, signed)
+                per = {}
+                for p, r in requests.items():
+                    c = {"fedcollab.kind": "secagg", "fedcollab.run_id": run_id, "secagg.stage": "unmask", "secagg.round": step}
+                    per[p] = (None, c, {"secagg": r.to_wire()})
                 got = exchange(step, message_type.QUERY, per)
                 revealed = {p: secagg.RevealedShares.from_wire(dict(m.content.config_records["secagg"])) for p, m in got.items()
                             if "secagg" in m.content.config_records}
@@ -133,8 +158,7 @@ def gbdt_rounds(spec: Spec, *, node_names: dict[int, str], exchange: Callable[..
                 total = gbdt.decode_histograms(np.asarray(total_q)[:n], shape=shape, scale=gbdt.SECAGG_SCALE)
                 failed |= dropped(step, set(state.survivors), "are in the secure sum")
                 if nxt is not None:
-                    ads = {p: dict(m.content.config_records["secagg.next"]) for p, m in got.items() if "secagg.next" in m.content.config_records}
-                    state, routed = shares_for(step + 1, nxt[0], ads)
+                    state, routed = secagg.coord_route_shares(next_state, bundles)
                     active = sorted(set(active) & set(routed))
                     routed = {p: routed[p] for p in active}
             if not np.all(np.isfinite(total)):
