@@ -32,6 +32,7 @@ from fedcollab.crypto._he import (
     verify,
 )
 from fedcollab.crypto._keys import generate_signing_key, load_signing_key
+from fedcollab.crypto._seal import SealAdvert, SealedChannel, SealKey
 from fedcollab.crypto._secagg_primitives import (
     X25519_KEY_BYTES,
     agree,
@@ -52,6 +53,9 @@ from fedcollab.crypto._shamir import split as split_secret
 from fedcollab.crypto._tls import TrialCertificates, certificate_sans, generate_node_auth_key, load_node_auth_public_key, make_trial_certificates
 
 __all__ = [
+    "SealAdvert",
+    "SealKey",
+    "SealedChannel",
     "BfvPublic",
     "BfvSecret",
     "BFV_4096",

@@ -31,6 +31,13 @@ from fedcollab.privacy.accounting import NonPrivate, Release, compute_epsilon
 from fedcollab.protocols.gbdt import BinLayout, layout_from_bounds
 from fedcollab.protocols.vertical import (
     LookupEntry,
+    active_layout,
+    lookup_document,
+    model_document,
+    passive_layout,
+    spec_split,
+    split_aligned,
+    vertical_domain,
     VerticalDpPlan,
     active_margin,
     passive_decisions,
@@ -58,39 +65,6 @@ def plain_align(ids_a: Sequence[str], ids_b: Sequence[str], domain: bytes) -> tu
     ia = {k: n for n, k in enumerate(ids_a)}
     ib = {k: n for n, k in enumerate(ids_b)}
     return np.array([ia[k] for k in order], dtype=np.int64), np.array([ib[k] for k in order], dtype=np.int64), []
-
-
-def active_layout(spec: Spec, party: VerticalPartyData, params: TreeParams) -> BinLayout:
-    """The label holder's bins: equal-width over the public schema bounds of its features."""
-    schema = spec.data_schema
-    names = schema.encoded_features()
-    bounds = np.array([schema.encoded_bounds()[names.index(n)] for n in party.feature_names], dtype=np.float64).reshape(-1, 2)
-    binary = []
-    for n in party.feature_names:
-        col = schema.column(n.split("=", 1)[0])
-        binary.append(col.type in ("bool", "category"))
-    return layout_from_bounds(party.feature_names, bounds, n_bins=params.n_bins, binary=binary)
-
-
-def passive_layout(spec: Spec, party: VerticalPartyData, x_train: np.ndarray, params: TreeParams) -> BinLayout:
-    """The passive party's bins (private quantiles of its training rows, or the public bounds)."""
-    assert spec.vertical is not None
-    if spec.vertical.passive_bins == "public":
-        return active_layout(spec, party, params)
-    return quantile_layout(x_train, party.feature_names, n_bins=params.n_bins)
-
-
-def split_aligned(ids: Sequence[str], *, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Train and test positions over the aligned records, from their ids and the spec's seed.
-
-    Both parties know the common ids (``psi_reveal = "both"``) and compute the same split; it is
-    keyed by the id, not by the PSI order (which changes every run with the fresh PSI scalars),
-    so a record stays on the same side of the split from run to run.
-    """
-    keys = [hashlib.sha256(f"fedcollab/vertical-split/v1|{seed}|{i}".encode()).digest() for i in ids]
-    order = np.array(sorted(range(len(ids)), key=lambda j: keys[j]), dtype=np.int64)
-    k = int(round(test_fraction * len(ids)))
-    return np.sort(order[k:]), np.sort(order[:k])
 
 
 @dataclass(frozen=True)
@@ -178,7 +152,7 @@ def simulate_vertical(spec: Spec, *, align: Aligner | None = plain_align, rng: n
     assert a.y is not None
     # Per-run domain separator for hashing ids to the group: a run's blinded points mean nothing in another run.
     run_id = run_id or uuid.uuid4().hex[:16]
-    domain = b"fedcollab/vertical/v1|" + spec.name.encode() + b"|" + run_id.encode()
+    domain = vertical_domain(spec, run_id)
     t0 = time.perf_counter()
     ia, rows, psi_releases = align_parties(a, ps, domain, align=align, reveal=v.psi_reveal)
     t_align = time.perf_counter() - t0
@@ -186,10 +160,7 @@ def simulate_vertical(spec: Spec, *, align: Aligner | None = plain_align, rng: n
         after_align(len(ia), list(psi_releases))
     if len(ia) < v.min_intersection:
         raise PolicyRefused(f"vertical.min_intersection: the parties share {len(ia)} record(s), fewer than the {v.min_intersection} the spec requires")
-    holder = next(pp for pp in spec.partners if pp.name == active_name)
-    train, test = split_aligned([a.ids[i] for i in ia], test_fraction=holder.split.test_fraction or 0.34, seed=holder.split.seed if holder.split.seed is not None else spec.seed)
-    if len(train) < 2 or len(test) < 2:
-        raise DataValidationError(f"the aligned records split into {len(train)} train and {len(test)} test rows")
+    train, test = spec_split(spec, [a.ids[i] for i in ia])
     xa, y = a.x[ia], a.y[ia]
     xps = {p.partner: p.x[rows[p.partner]] for p in ps}
     if spec.model.kind == "logistic_regression":
@@ -329,8 +300,7 @@ def releases_summary(spec: Spec, outcome: VerticalOutcome) -> dict[str, Any]:
 
 
 def _model_json(outcome: VerticalOutcome) -> dict[str, Any]:
-    return {"format": "fedcollab-secureboost-v1", "base_score": outcome.model.base_score, "active_features": list(outcome.model.active_features),
-            "trees": [[dataclasses.asdict(n) for n in t.nodes] for t in outcome.model.trees]}
+    return model_document(outcome.model)
 
 
 def _lr_json(outcome: VerticalOutcome, *, active: bool) -> dict[str, Any]:
@@ -356,9 +326,8 @@ def _plan_json(outcome: VerticalOutcome) -> dict[str, Any] | None:
 
 def _lookup_json(outcome: VerticalOutcome, party: str | None = None) -> dict[str, Any]:
     tb = outcome.tables.get(party, outcome.table) if party is not None else outcome.table
-    table = [{"tree": t, "node": n, **dataclasses.asdict(e)} for (t, n), e in sorted(tb.items())]
     owner = 1 + list(outcome.tables).index(party) if party in outcome.tables else 1
-    return {"format": "fedcollab-secureboost-lookup-v1", "owner": owner, "entries": table}
+    return lookup_document(tb, owner)
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,27 @@ from fedcollab.protocols.vertical._logistic import (
     predict_vertical_lr_in_process,
     train_vertical_lr_in_process,
 )
+from fedcollab.protocols.vertical._codec import MESSAGES as WIRE_MESSAGES
+from fedcollab.protocols.vertical._codec import decode as decode_message
+from fedcollab.protocols.vertical._codec import encode as encode_message
+from fedcollab.protocols.vertical._party import (
+    Ack,
+    ActiveResult,
+    CommonRows,
+    Decisions,
+    Finish,
+    PassiveParty,
+    PredictRequest,
+    active_layout,
+    active_protocol,
+    lookup_document,
+    model_document,
+    passive_layout,
+    relay,
+    spec_split,
+    split_aligned,
+    vertical_domain,
+)
 from fedcollab.protocols.vertical._secureboost import (
     PROTOCOL,
     ActiveState,
@@ -80,6 +101,25 @@ from fedcollab.protocols.vertical._secureboost import (
 from fedcollab.protocols.vertical._train import VerticalTrainResult, train_vertical_in_process
 
 __all__ = [
+    "Ack",
+    "ActiveResult",
+    "CommonRows",
+    "Decisions",
+    "Finish",
+    "PassiveParty",
+    "PredictRequest",
+    "WIRE_MESSAGES",
+    "active_layout",
+    "active_protocol",
+    "decode_message",
+    "encode_message",
+    "lookup_document",
+    "model_document",
+    "passive_layout",
+    "relay",
+    "spec_split",
+    "split_aligned",
+    "vertical_domain",
     "ActiveLrState",
     "ActiveState",
     "EncryptedBinSums",
