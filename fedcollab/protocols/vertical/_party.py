@@ -9,7 +9,7 @@ calls (:func:`fedcollab.protocols.vertical.train_vertical_in_process`, simulatio
   passive party in turn, the rows common to all (:class:`CommonRows`), the keyed train/test split
   both sides compute from the common ids, SecureBoost level by level (the tree's gradients and
   its first level's query ride in one message), joint prediction on the test rows
-  (:class:`PredictRequest` / :class:`Decisions`) and the end (:class:`Finish`).
+  (:class:`PredictRequest` / :class:`Decisions`, the last exchange).
 * :class:`PassiveParty` answers one message at a time (:meth:`PassiveParty.handle`), with the
   stage functions' own checks (a repeat, a level not queried, a split outside its layout: refused).
 
@@ -159,7 +159,7 @@ class CommonRows:
 @register
 @dataclass(frozen=True)
 class PredictRequest:
-    """Label holder -> passive party, once, after training: decide your splits on the test rows."""
+    """Label holder -> passive party, once, after training: decide your splits on the test rows (the run's last message)."""
 
     about: str = "test"
 
@@ -171,14 +171,6 @@ class Decisions:
 
     keys: np.ndarray = field(repr=False)  # (k, 2) int64
     left: np.ndarray = field(repr=False)  # (k, n_test) bool
-
-
-@register
-@dataclass(frozen=True)
-class Finish:
-    """Label holder -> passive party: the run is over; keep your lookup table."""
-
-    trees: int
 
 
 @register
@@ -225,7 +217,7 @@ def active_protocol(spec: Spec, data: VerticalPartyData, passives: Sequence[str]
     domain = vertical_domain(spec, run_id)
     sel = np.arange(len(data.ids), dtype=np.int64)
     perms: dict[str, np.ndarray] = {}
-    for p in passives:
+    for k, p in enumerate(passives):
         st, blinded = psi.active_init([data.ids[i] for i in sel], domain + b"|" + p.encode(), party=data.partner, reveal=v.psi_reveal)
         inbox = yield {p: (blinded,)}
         st, notice, event = psi.active_match(st, _only(inbox, p, psi.PassiveReply))  # type: ignore[arg-type]
@@ -236,8 +228,9 @@ def active_protocol(spec: Spec, data: VerticalPartyData, passives: Sequence[str]
         for q in perms:
             perms[q] = perms[q][ia]
         perms[p] = np.arange(len(ia), dtype=np.int64)
-        inbox = yield {p: (notice,)}
-        _only(inbox, p, Ack)
+        if k < len(passives) - 1:
+            inbox = yield {p: (notice,)}
+            _only(inbox, p, Ack)
     if len(passives) > 1:
         for p in passives[:-1]:
             ev = Release(kind="psi_intersection", about="train+test", unit="record", observer="passive_party", added_by=data.partner,
@@ -248,8 +241,16 @@ def active_protocol(spec: Spec, data: VerticalPartyData, passives: Sequence[str]
     if len(sel) < need:
         raise PolicyRefused(f"vertical.min_intersection: the parties share {len(sel)} record(s), fewer than the {need} required")
     train, test = spec_split(spec, [data.ids[i] for i in sel])
-    inbox = yield {p: (CommonRows(positions=perms[p]),) for p in passives}
-    adverts = [_only(inbox, p, PassiveAdvert) for p in passives]
+    # The last PSI's notice and every party's common rows travel together (one exchange fewer).
+    last = passives[-1]
+    inbox = yield {p: ((notice,) if p == last else ()) + (CommonRows(positions=perms[p]),) for p in passives}
+    adverts = []
+    for p in passives:
+        got = tuple(inbox.get(p, ()))
+        if p == last:
+            _only({p: got[:1]}, p, Ack)
+            got = got[1:]
+        adverts.append(_only({p: got}, p, PassiveAdvert))
     xa, y = data.x[sel], data.y[sel]
     lay_a = active_layout(spec, data, params)
     state = active_init(data.partner, xa[train], y[train], lay_a, base_score=params.base_score)
@@ -301,9 +302,6 @@ def active_protocol(spec: Spec, data: VerticalPartyData, passives: Sequence[str]
                   round=params.n_trees, mechanism=NonPrivate(), details={"rows": int(n_test), **({"auc": auc} if math.isfinite(auc) else {}),
                                                                          "accuracy": acc})
     record(mev, json.dumps({"auc": auc, "accuracy": acc}).encode())
-    inbox = yield {p: (Finish(trees=params.n_trees),) for p in passives}
-    for p in passives:
-        _only(inbox, p, Ack)
     splits_total = sum(1 for tr in trees for nd in tr.nodes if nd.left >= 0 and nd.owner > 0)
     return ActiveResult(model=model, intersection=int(len(sel)), n_train=int(len(train)), n_test=int(n_test), test_auc=auc, test_accuracy=acc,
                         passive_splits=splits_total)
@@ -375,11 +373,9 @@ class PassiveParty:
                 self.record(event, np.asarray(part.left, dtype=bool).tobytes())
             return (parts,)
         if isinstance(msg, PredictRequest):
-            return (self._decide(msg),)
-        if isinstance(msg, Finish):
-            self._need_state()
-            self.finished = True
-            return (Ack(what="finish"),)
+            out = self._decide(msg)
+            self.finished = True  # the last message of a run: the lookup table is this party's to keep
+            return (out,)
         raise ProtocolError(f"vertical: a passive party does not answer {type(msg).__name__}")
 
     def _need_state(self) -> PassiveState:
@@ -456,5 +452,5 @@ def relay(active: Generator[Outbox, Mapping[str, Sequence[object]], ActiveResult
         return stop.value  # type: ignore[no-any-return]
 
 
-__all__ = ["Ack", "ActiveResult", "CommonRows", "Decisions", "Finish", "PassiveParty", "PredictRequest", "active_layout", "active_protocol",
+__all__ = ["Ack", "ActiveResult", "CommonRows", "Decisions", "PassiveParty", "PredictRequest", "active_layout", "active_protocol",
            "lookup_document", "model_document", "passive_layout", "relay", "spec_split", "split_aligned", "vertical_domain"]
