@@ -107,6 +107,20 @@ def _main(grid: Any, context: Any) -> None:
         status["fedcollab_run_id"] = run_id
         ledger = RunLedger(out / "ledger.jsonl", key=key, roster=roster, run_id=run_id)
         recorder = CoordinatorRecorder(checkpoint_dir=out / "checkpoints", on_round=on_round)
+        if spec.layout == "vertical":
+            # PSI and SecureBoost between the parties, relayed sealed (fedcollab/coordinator/_vertical.py).
+            if resume is not None:
+                raise ConfigError("resume: a vertical run cannot be resumed (its parties' state is per run); submit it again")
+            from fedcollab.coordinator._vertical import run_vertical
+
+            timeout = float(spec.training.stage_timeout or context.run_config.get(RUN_CONFIG_TIMEOUT, 600.0))
+            status.update(state="running", layout="vertical")
+            _write_json(out / "status.json", status)
+            result = run_vertical(spec, PollingGrid(grid, longest=REPLY_POLL_SECONDS), ledger=ledger, timeout=timeout)
+            status.update(state="completed", exit_code=0, finished=time.time(), vertical=result,
+                          accuracy=result.get("test_accuracy"), auc=result.get("test_auc"))
+            _write_json(out / "status.json", status)
+            return
         # A stage deadline from the spec bounds how long one silent node can stall an exchange.
         timeout = float(spec.training.stage_timeout or context.run_config.get(RUN_CONFIG_TIMEOUT, 600.0))
         inner = make_server_app(spec, recorder, ledger=ledger, timeout=timeout, resume=resume, fuse_evaluate=True)
@@ -132,6 +146,7 @@ def _main(grid: Any, context: Any) -> None:
                 log.exception("could not append the abort entry")
         raise RuntimeError(f"{EXIT_PREFIX}{code}: {type(exc).__name__} node codes {json.dumps(codes, sort_keys=True)}") from None
     except Exception as exc:
+        log.exception("run %s failed", context.run_id)  # the coordinator's own log keeps the traceback
         status.update(state="failed", exit_code=1, error=type(exc).__name__, finished=time.time())
         _write_json(out / "status.json", status)
         raise RuntimeError(f"{EXIT_PREFIX}1: {type(exc).__name__}") from exc

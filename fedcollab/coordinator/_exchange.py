@@ -38,8 +38,8 @@ class PollingGrid:
             self._check()
         return self._grid.get_node_ids()
 
-    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Any]:
-        """Push, then pull until every reply is in or ``timeout`` passes (``None``: no limit)."""
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None, until: Callable[[list[Any]], bool] | None = None) -> list[Any]:
+        """Push, then pull until every reply is in, ``until(replies so far)`` holds, or ``timeout`` passes (``None``: no limit)."""
         if self._check is not None:
             self._check()
         ids = set(self._grid.push_messages(messages))
@@ -50,7 +50,7 @@ class PollingGrid:
             got = list(self._grid.pull_messages(ids))
             out.extend(got)
             ids.difference_update(m.metadata.reply_to_message_id for m in got)
-            if not ids:
+            if not ids or (until is not None and until(out)):
                 break
             if self._check is not None:
                 self._check()

@@ -541,6 +541,11 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str], *
     included) to its Ed25519 signing key (hex), as the partner obtained it out of band.
     ``frames`` (simulation from Python): partner -> pandas DataFrame used instead of the spec's source.
     """
+    if spec.layout == "vertical":
+        # Vertical runs (deployment): PSI and SecureBoost as sealed messages (fedcollab/node/_vertical.py).
+        from fedcollab.node._vertical import make_vertical_client_app
+
+        return make_vertical_client_app(spec, homes, roster)
     frames = dict(frames or {})
     coordinator_key = roster["coordinator"]
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict

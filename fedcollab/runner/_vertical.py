@@ -28,7 +28,7 @@ import numpy as np
 from fedcollab.core import DataValidationError, NodeErrorCode, PolicyRefused
 from fedcollab.data import VerticalPartyData, load_vertical_party
 from fedcollab.privacy.accounting import NonPrivate, Release, compute_epsilon
-from fedcollab.protocols.gbdt import BinLayout, layout_from_bounds
+from fedcollab.protocols.gbdt import BinLayout
 from fedcollab.protocols.vertical import (
     LookupEntry,
     active_layout,
@@ -36,16 +36,15 @@ from fedcollab.protocols.vertical import (
     model_document,
     passive_layout,
     spec_split,
-    split_aligned,
     vertical_domain,
     VerticalDpPlan,
     active_margin,
     passive_decisions,
     plan_vertical_dp,
-    quantile_layout,
     train_vertical_in_process,
 )
 from fedcollab.protocols.vertical._train import Recorder
+from fedcollab.node._vertical import psi_runs_joined, vertical_policy_problem
 from fedcollab.spec import Spec, TreeParams, tree_params
 
 #: The vertical demo (``fedcollab demo --vertical``): a clinic and a lab, embedded Heart data.
@@ -339,13 +338,6 @@ class VerticalResult:
     outcome: VerticalOutcome | None
 
 
-def psi_runs_joined(gate: Any) -> int:
-    """How many PSI runs (run ids with a ``psi_intersection`` release) a node's ledger holds for the gate's dataset."""
-    return len({str(ln.entry["run_id"]) for ln in gate.ledger.lines()
-                if ln.entry.get("kind") == "release" and ln.entry["body"].get("dataset") == gate.dataset
-                and ln.entry["body"]["release"].get("kind") == "psi_intersection"})
-
-
 class _Books:
     """Both simulated nodes' budget gates and the run ledger: check, record, then send."""
 
@@ -369,16 +361,8 @@ class _Books:
         assert v is not None
         for p in self.spec.partners:
             pol = self.homes[p.name].policy()
-            problem = None
-            if not pol.vertical.allowed:
-                problem = "the policy does not join vertical collaborations (vertical.allowed = false)"
-            elif self.spec.privacy.mode not in pol.allowed_privacy_modes:
-                problem = f"privacy mode {self.spec.privacy.mode!r} is not in the policy's allowed_privacy_modes"
-            elif self.spec.model.kind not in pol.allowed_model_kinds:
-                problem = f"model kind {self.spec.model.kind!r} is not in the policy's allowed_model_kinds"
-            elif pol.allowed_features is not None and set(p.columns or []) - set(pol.allowed_features) - {v.id_column, self.spec.data_schema.label}:
-                problem = "the spec uses columns the policy's allowed_features does not list"
-            else:
+            problem = vertical_policy_problem(self.spec, p.name, pol)
+            if problem is None:
                 runs = psi_runs_joined(self.gates[p.name])
                 if runs >= pol.vertical.max_psi_runs:
                     problem = f"the node already joined {runs} PSI run(s) on this dataset; its policy allows {pol.vertical.max_psi_runs}"
