@@ -209,7 +209,7 @@ def test_the_split_follows_the_ids_not_the_psi_order():
     """Fresh PSI scalars reorder the common records every run; the train/test split must not move."""
     import random
 
-    from fedcollab.runner._vertical import split_aligned
+    from fedcollab.protocols.vertical import split_aligned
 
     ids = [f"id-{i}" for i in range(300)]
     shuffled = random.Random(1).sample(ids, len(ids))
@@ -232,7 +232,7 @@ def test_joint_scoring_of_new_ids_reproduces_the_runs_test_auc(vertical_run, roo
     import pandas as pd
     from sklearn.metrics import roc_auc_score
 
-    from fedcollab.runner._vertical import split_aligned
+    from fedcollab.protocols.vertical import split_aligned
 
     out, s = vertical_run
     emb = root / "fedcollab" / "data" / "embedded"
