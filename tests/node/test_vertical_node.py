@@ -1,0 +1,208 @@
+"""A vertical run's nodes against a hostile coordinator, in-process with real Flower messages.
+
+The two nodes (clinic, the label holder, and lab) are the real ClientApps a deployed node runs
+(``make_vertical_client_app``); a small in-process grid hands the coordinator's messages to them
+the way the SuperLink does (stamped metadata, one context per node kept across messages). The
+relay is the deployment coordinator's own (``run_vertical``). Each attack checks the coded
+refusal, that the node's ledger gained refusals only, and that no sealed message left.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import pytest
+from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+
+from fedcollab.audit import verify_ledger
+from fedcollab.coordinator._ledger import RunLedger
+from fedcollab.coordinator._vertical import run_vertical
+from fedcollab.core import NodeError, NodeErrorCode
+from fedcollab.node import NodeHome, init_node_home
+from fedcollab.node._vertical import make_vertical_client_app
+from fedcollab.privacy.accounting import public_key_hex
+from fedcollab.protocols import RecordKey
+from fedcollab.spec import NodePolicy, Roster, RosterEntry, VerticalPolicy, load_spec
+from tests.conftest import ROOT
+
+PARTIES = ("clinic", "lab")
+
+
+def _spec(tmp_path, *, trees: int = 1, depth: int = 1):
+    text = (ROOT / "protocols" / "heart-disease-vertical.toml").read_text()
+    text = text.replace("n_trees = 30", f"n_trees = {trees}").replace("max_depth = 3", f"max_depth = {depth}")
+    path = tmp_path / "vertical.toml"
+    path.write_text(text)
+    return load_spec(path)
+
+
+def _policy(name: str, **vertical) -> NodePolicy:
+    return NodePolicy(partner=name, allow_non_private_training=True, allowed_model_kinds=["gbdt"], test_metrics="public", min_test_rows=10,
+                      vertical=VerticalPolicy(allowed=True, min_intersection=100, **vertical))
+
+
+class Grid:
+    """The coordinator's grid, delivering to in-process ClientApps (node ids 1, 2, ...)."""
+
+    def __init__(self, spec, tmp_path, *, tamper=None) -> None:
+        self.homes = {n: NodeHome(tmp_path / n) for n in PARTIES}
+        for n, h in self.homes.items():
+            init_node_home(h.root, partner=n, policy=_policy(n))
+        coord = init_node_home(tmp_path / "coord", partner="coord")
+        self.key = coord.key()
+        self.roster = {"coordinator": public_key_hex(self.key), **{n: h.public_key() for n, h in self.homes.items()}}
+        app = make_vertical_client_app(spec, {n: str(h.root) for n, h in self.homes.items()}, self.roster)
+        self.nodes = {i + 1: (app, Context(run_id=1, node_id=i + 1, node_config={"partner": n}, state=RecordDict(), run_config={}))
+                      for i, n in enumerate(PARTIES)}
+        self.tamper = tamper  # (node id, message) -> message: what a hostile coordinator changes on the way
+        self.sent: list[Message] = []
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def deliver(self, msg: Message, nid: int) -> Message:
+        meta = Metadata(run_id=1, message_id=uuid.uuid4().hex, src_node_id=0, dst_node_id=nid, reply_to_message_id="", group_id="",
+                        created_at=time.time(), ttl=600.0, message_type=msg.metadata.message_type)
+        msg = Message(content=msg.content, metadata=meta)
+        if self.tamper is not None:
+            msg = self.tamper(nid, msg)
+        app, ctx = self.nodes[nid]
+        reply = app(msg, ctx)
+        self.sent.append(reply)
+        return reply
+
+    def send_and_receive(self, messages, *, timeout=None, until=None):
+        return [self.deliver(m, m.metadata.dst_node_id) for m in messages]
+
+    def ledger_run_roster(self) -> Roster:
+        return Roster(parties={k: RosterEntry(signing_key=v) for k, v in self.roster.items()})
+
+
+def _entries(home: NodeHome) -> list[dict]:
+    return [json.loads(x) for x in home.ledger_path.read_text().splitlines() if x.strip()]
+
+
+def _send(grid: Grid, partner: str, cfg: dict, **records) -> Message:
+    nid = 1 + PARTIES.index(partner)
+    content = RecordDict({RecordKey.CONFIG: ConfigRecord({"fedcollab.kind": "vertical", "fedcollab.run_id": "run-v", **cfg}),
+                          **{k: ConfigRecord(v) for k, v in records.items()}})
+    return grid.deliver(Message(content=content, message_type="query", dst_node_id=nid), nid)
+
+
+def _refused(grid: Grid, partner: str, reply: Message, code: NodeErrorCode, before: int) -> None:
+    got = reply.content
+    assert RecordKey.ERROR in got.config_records, f"answered instead of refused: {list(got.keys())}"
+    assert int(got.config_records[RecordKey.ERROR]["code"]) == int(code)
+    assert set(got.keys()) <= {RecordKey.ERROR, RecordKey.RELEASES}  # no sealed message, no report
+    new = _entries(grid.homes[partner])[before:]
+    assert new and all(e["kind"] == "refusal" for e in new), [e["kind"] for e in new]
+
+
+@pytest.fixture(autouse=True)
+def _server_identity(monkeypatch):
+    """As inside a ServerApp: the coordinator's messages are made in a process with a task identity."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1, raising=False)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0, raising=False)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 3, raising=False)
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory):
+    return _spec(tmp_path_factory.mktemp("vspec"))
+
+
+def test_the_relay_runs_the_nodes_and_the_ledger_verifies(spec, tmp_path):
+    """The deployment path end to end in-process: each part of the model at its node, the coordinator's view sealed."""
+    grid = Grid(spec, tmp_path)
+    ledger = RunLedger(tmp_path / "ledger.jsonl", key=grid.key, roster=grid.ledger_run_roster(), run_id="run-ok")
+    out = run_vertical(spec, grid, ledger=ledger, timeout=30)
+    assert out["label_holder"] == "clinic" and out["passive_parties"] == ["lab"] and out["trees"] == 1
+    assert out["relayed_bytes"] > 0 and out["steps"] >= 3
+    assert (grid.homes["lab"].root / out["model_parts"]["lab"]["model_part"]).exists()
+    assert (grid.homes["clinic"].root / out["model_parts"]["clinic"]["model_part"]).exists()
+    assert int(verify_ledger(tmp_path / "ledger.jsonl", grid.ledger_run_roster()).exit_code) == 0
+    # What the coordinator handled: only sealed bytes between the parties; no threshold, bin index or id.
+    lookup = json.loads((grid.homes["lab"].root / out["model_parts"]["lab"]["model_part"]).read_text())["entries"]
+    for reply in grid.sent:
+        for key in ("vertical.out",):
+            rec = reply.content.config_records.get(key)
+            if rec is not None:
+                assert all(isinstance(v, bytes) and b"bin_index" not in v and b"threshold" not in v for v in rec.values())
+    assert lookup  # the lab holds at least one split's threshold, and it never left the lab
+
+
+def test_stages_out_of_order_are_refused(spec, tmp_path):
+    grid = Grid(spec, tmp_path)
+    for partner in PARTIES:
+        for stage in ("keys", "step"):
+            before = len(_entries(grid.homes[partner]))
+            _refused(grid, partner, _send(grid, partner, {"vertical.stage": stage}, **{"vertical.in": {"clinic": b"x"}}),
+                     NodeErrorCode.OUT_OF_ORDER, before)
+    # After hello: a second hello, and a step before the keys, are refused too.
+    assert RecordKey.ERROR not in _send(grid, "lab", {"vertical.stage": "hello"}).content.config_records
+    for stage in ("hello", "step"):
+        before = len(_entries(grid.homes["lab"]))
+        _refused(grid, "lab", _send(grid, "lab", {"vertical.stage": stage}, **{"vertical.in": {"clinic": b"x"}}), NodeErrorCode.OUT_OF_ORDER, before)
+    before = len(_entries(grid.homes["lab"]))
+    _refused(grid, "lab", _send(grid, "lab", {"vertical.stage": "teleport"}), NodeErrorCode.BAD_REQUEST, before)
+    # Train and evaluate messages are not part of a vertical run.
+    reply = grid.deliver(Message(content=RecordDict(), message_type="train", dst_node_id=2), 2)
+    assert int(reply.content.config_records[RecordKey.ERROR]["code"]) == int(NodeErrorCode.BAD_REQUEST)
+
+
+def test_the_policy_holds_on_every_message(spec, tmp_path):
+    """The lab withdraws from vertical runs after hello: the very next message is refused, nothing sealed leaves."""
+    grid = Grid(spec, tmp_path)
+    assert RecordKey.ERROR not in _send(grid, "lab", {"vertical.stage": "hello"}).content.config_records
+    home = grid.homes["lab"]
+    from fedcollab.spec import policy_toml
+
+    home.policy_path.write_text(policy_toml(_policy("lab").model_copy(update={"vertical": VerticalPolicy(allowed=False)})))
+    before = len(_entries(home))
+    _refused(grid, "lab", _send(grid, "lab", {"vertical.stage": "keys"}, **{"vertical.adverts": {}}), NodeErrorCode.POLICY_REFUSED, before)
+    assert "vertical.allowed" in _entries(home)[-1]["body"]["reason"]
+
+
+def test_a_psi_cap_is_enforced_at_hello(spec, tmp_path):
+    """With ``max_psi_runs = 1`` a node joins one run; the next hello is refused, so no second intersection."""
+    from fedcollab.spec import policy_toml
+
+    grid = Grid(spec, tmp_path)
+    for name, home in grid.homes.items():
+        home.policy_path.write_text(policy_toml(_policy(name, max_psi_runs=1)))
+    roster = grid.ledger_run_roster()
+    run_vertical(spec, grid, ledger=RunLedger(tmp_path / "l1.jsonl", key=grid.key, roster=roster, run_id="run-1"), timeout=30)
+    before = {n: len(_entries(h)) for n, h in grid.homes.items()}
+    with pytest.raises(NodeError) as err:
+        run_vertical(spec, grid, ledger=RunLedger(tmp_path / "l2.jsonl", key=grid.key, roster=roster, run_id="run-2"), timeout=30)
+    assert err.value.codes == {n: int(NodeErrorCode.POLICY_REFUSED) for n in PARTIES}
+    for name, home in grid.homes.items():
+        new = _entries(home)[before[name]:]
+        assert [e["kind"] for e in new] == ["refusal"] and "PSI run" in new[0]["body"]["reason"]
+
+
+def test_a_tampered_sealed_message_stops_the_run_with_a_code(spec, tmp_path):
+    """The coordinator flips one byte of the clinic's first sealed message to the lab: the lab refuses, releases nothing more."""
+    flipped: list[int] = []
+
+    def tamper(nid: int, msg: Message) -> Message:
+        rec = msg.content.config_records.get("vertical.in")
+        if nid == 2 and rec is not None and not flipped:
+            wire = bytearray(bytes(rec["clinic"]))
+            wire[-1] ^= 1
+            rec["clinic"] = bytes(wire)
+            flipped.append(len(wire))
+        return msg
+
+    grid = Grid(spec, tmp_path, tamper=tamper)
+    ledger = RunLedger(tmp_path / "ledger.jsonl", key=grid.key, roster=grid.ledger_run_roster(), run_id="run-t")
+    before = len(_entries(grid.homes["lab"]))
+    with pytest.raises(NodeError) as err:
+        run_vertical(spec, grid, ledger=ledger, timeout=30)
+    assert flipped and err.value.codes == {"lab": int(NodeErrorCode.CRYPTO_REFUSED)}
+    new = _entries(grid.homes["lab"])[before:]
+    assert new[-1]["kind"] == "refusal" and not any(e["kind"] == "release" for e in new), [e["kind"] for e in new]
