@@ -3,8 +3,9 @@
 Both parties run here as their nodes would (each reads only its own file, checks its own policy,
 records every release in its own signed ledger through its budget gate *before* the message
 carrying it is handed over; the label holder owns the HE key, the passive party keeps its
-thresholds), but they talk by function calls, not Flower messages: the Flower and deployment
-wiring of vertical runs is not built yet (docs/vertical.md). The run ledger (``ledger.jsonl``)
+thresholds), but they talk by function calls, not Flower messages. In deployment the same
+protocol runs as sealed Flower messages between the nodes (``fedcollab.node._vertical``, relayed
+by ``fedcollab.coordinator._vertical``; docs/vertical.md, "Deployment"). The run ledger (``ledger.jsonl``)
 collects both parties' entries with the runner's receipts and a countersigned close, so
 ``fedcollab audit verify`` checks a vertical run like any other.
 """
