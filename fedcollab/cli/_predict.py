@@ -23,6 +23,8 @@ def predict(
     fmt: Annotated[str, typer.Option("--format", help="table or json (the scores on stdout).")] = "table",
     party_data: Annotated[list[str] | None, typer.Option("--party-data", help="Vertical runs: NAME=FILE, the other party's rows for the same "
                                                           "ids (--data is then the label holder's); records are aligned by PSI.")] = None,
+    nodes: Annotated[Path | None, typer.Option("--nodes", help="Vertical runs: the folder holding each party's node folder (NODES/<partner>); "
+                                               "default: where the run wrote them (fedcollab run --nodes, or OUT/nodes).")] = None,
 ) -> None:
     """Score rows with a trained model: validated against the model's recorded schema, encoded and scaled as in training.
 
@@ -37,8 +39,10 @@ def predict(
         if fmt not in ("table", "json"):
             raise ConfigError(f"`--format` must be 'table' or 'json', got {fmt!r}")
         if _is_vertical(model) or party_data:
-            m, scores = _predict_vertical(model, data, party_data or [])
+            m, scores = _predict_vertical(model, data, party_data or [], nodes)
         else:
+            if nodes is not None:
+                raise ConfigError(f"--nodes is for vertical runs; --model {model} is not a vertical run folder")
             m, scores = predict_file(model, data, id_column=id_column)
     except FedcollabError as exc:
         raise _fail(exc) from None
@@ -77,7 +81,7 @@ class _VerticalModelRef:
         self.source, self.sha256, self.feature_names = source, sha256, feature_names
 
 
-def _predict_vertical(model: Path, data: Path, party_data: list[str]):  # type: ignore[no-untyped-def]
+def _predict_vertical(model: Path, data: Path, party_data: list[str], nodes: Path | None = None):  # type: ignore[no-untyped-def]
     from fedcollab.runner._vertical import predict_vertical
 
     if not _is_vertical(model):
@@ -89,7 +93,7 @@ def _predict_vertical(model: Path, data: Path, party_data: list[str]):  # type: 
         if not sep or not name or not path:
             raise ConfigError(f"--party-data: expected NAME=FILE, got {item!r}")
         files[name] = path
-    scores = predict_vertical(model, files)
+    scores = predict_vertical(model, files, nodes=nodes)
     parts = summary["model_parts"][summary["label_holder"]]
     return _VerticalModelRef(str(model), parts["sha256"], []), scores
 

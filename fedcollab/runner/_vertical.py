@@ -463,7 +463,7 @@ def run_vertical(spec: Spec, *, out: str | Path | None = None, nodes: str | Path
         "privacy": {"mode": spec.privacy.mode, "parties": releases_summary(spec, outcome), "plan": _plan_json(outcome)},
         "model_parts": parts,
         "ledger": _ledger_ref(ledger).model_dump(mode="json"),
-        "transport": "in-process (the Flower wiring of vertical runs is not built yet)",
+        "transport": "in-process (fedcollab run; a deployed run relays sealed Flower messages, docs/vertical.md)",
     }
     # The spec as run (validated JSON), so that `fedcollab predict` can score new ids jointly later.
     _write(out_dir / "spec.json", spec.model_dump_json(by_alias=True, exclude_none=True, indent=2))
@@ -536,10 +536,18 @@ def predict_vertical(run_dir: str | Path, files: dict[str, str | Path], *, nodes
     a = load_vertical_party(spec, a_name, source=SourceSpec(path=str(Path(files[a_name]).resolve())), scoring=True)
     ps = [load_vertical_party(spec, n, source=SourceSpec(path=str(Path(files[n]).resolve())), scoring=True) for n in p_names]
     parts = summary["model_parts"]
+    trained = str(summary.get("run_id", ""))
+    if not (0 < len(trained) <= 64 and trained.replace("-", "").isalnum()):
+        raise ConfigError(f"--model: summary.json run_id: expected letters, digits and dashes, got {trained[:80]!r}")
     homes = {name: NodeHome(Path(nodes) / name if nodes is not None else Path(parts[name]["path"]).parents[2]) for name in (a_name, *p_names)}
     docs = {}
     for name in (a_name, *p_names):
-        path = Path(parts[name]["path"])
+        # Each part is read from its party's node folder (``--nodes`` or where the run wrote it), never from elsewhere.
+        path = homes[name].root / "vertical" / trained / Path(parts[name]["path"]).name
+        if Path(parts[name]["path"]).name not in ("model.json", "lookup.json", "weights.json"):
+            raise ConfigError(f"--model: model_parts.{name}.path: expected model.json, lookup.json or weights.json, got {Path(parts[name]['path']).name!r}")
+        if not path.is_file():
+            raise ConfigError(f"{name}: no model part at {path} (is --nodes the folder holding {name}'s node?)")
         text = path.read_text()
         if hashlib.sha256(text.encode()).hexdigest() != parts[name]["sha256"]:
             raise ConfigError(f"{path}: the model part differs from the one the run wrote (sha256 mismatch)")
@@ -558,6 +566,17 @@ def predict_vertical(run_dir: str | Path, files: dict[str, str | Path], *, nodes
     ia, rows, psi_rel = align_parties(a, ps, domain, align=None)
     for r in psi_rel:
         gates[r.party].record(r, run_id=run_id, payload=json.dumps(r.details, sort_keys=True).encode())
+    # As in training: a party answers for no fewer common records than its policy's minimum (a batch of
+    # one or two ids would single out those people's splits), refused before any decision leaves it.
+    # Every party whose policy refuses records its own refusal.
+    short = {name: h.policy().vertical.min_intersection for name, h in homes.items() if len(ia) < h.policy().vertical.min_intersection}
+    for name in short:
+        gates[name].refuse_request(run_id=run_id, round=0, code=int(NodeErrorCode.POLICY_REFUSED),
+                                   reason="scoring intersection below the policy's vertical.min_intersection")
+    if short:
+        name, need = next(iter(short.items()))
+        raise PolicyRefused(f"{name}: vertical.min_intersection: the scoring files share {len(ia)} id(s), "
+                            f"fewer than the {need} {name}'s policy requires" + (f" (also refused by {', '.join(list(short)[1:])})" if len(short) > 1 else ""))
     xa = a.x[ia]
     p, p_name = ps[0], p_names[0]
     xp = p.x[rows[p_name]]

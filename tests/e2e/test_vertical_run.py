@@ -256,6 +256,45 @@ def test_joint_scoring_of_new_ids_reproduces_the_runs_test_auc(vertical_run, roo
     assert np.isfinite(scores["score"]).all()
 
 
+def test_scoring_a_handful_of_ids_is_refused_and_parts_come_from_the_nodes(vertical_run, root, tmp_path):
+    """A scoring batch below the nodes' vertical.min_intersection is refused before any decision leaves the lab;
+    --nodes names where the node folders are; a run id that is not one (a path) is refused."""
+    import shutil
+
+    import pandas as pd
+
+    out, s = vertical_run
+    emb = root / "fedcollab" / "data" / "embedded"
+    clinic, lab = pd.read_csv(emb / "heart_vertical_clinic.csv"), pd.read_csv(emb / "heart_vertical_lab.csv")
+    clinic.drop(columns=["num"]).head(5).to_csv(tmp_path / "few.csv", index=False)
+    lab.to_csv(tmp_path / "lab_new.csv", index=False)
+    lab_ledger = out / "nodes" / "lab" / "ledger.jsonl"
+    before = len(lab_ledger.read_text().splitlines())
+    r = runner.invoke(app, ["predict", "--model", str(out), "--data", str(tmp_path / "few.csv"), "--party-data", f"lab={tmp_path / 'lab_new.csv'}"])
+    assert r.exit_code == int(ExitCode.POLICY_REFUSED), r.output
+    assert "min_intersection" in " ".join(r.output.split())
+    new = [json.loads(x) for x in lab_ledger.read_text().splitlines()[before:]]
+    kinds = [e["body"]["release"]["kind"] if e["kind"] == "release" else e["kind"] for e in new]
+    assert "vertical_partition" not in kinds and kinds[-1] == "refusal", kinds
+    # The parts are read from the node folders: moved elsewhere, --nodes finds them; without it they are missing.
+    moved = tmp_path / "elsewhere"
+    run = tmp_path / "run"
+    shutil.copytree(out, run, ignore=shutil.ignore_patterns("nodes"))
+    shutil.copytree(out / "nodes", moved)
+    clinic.drop(columns=["num"]).to_csv(tmp_path / "clinic_new.csv", index=False)
+    args = ["predict", "--model", str(run), "--data", str(tmp_path / "clinic_new.csv"), "--party-data", f"lab={tmp_path / 'lab_new.csv'}", "--format", "json"]
+    summary = json.loads((run / "summary.json").read_text())
+    for part in summary["model_parts"].values():
+        part["path"] = str(tmp_path / "gone" / Path(part["path"]).name)
+    (run / "summary.json").write_text(json.dumps(summary))
+    r = runner.invoke(app, [*args, "--nodes", str(moved)])
+    assert r.exit_code == 0, r.output
+    summary["run_id"] = "../../etc"
+    (run / "summary.json").write_text(json.dumps(summary))
+    r = runner.invoke(app, [*args, "--nodes", str(moved)])
+    assert r.exit_code == int(ExitCode.CONFIG_INVALID) and "run_id" in r.output, r.output
+
+
 def test_three_parties_run_score_and_verify(root, tmp_path):
     """A label holder and two passive parties (the lab's columns split between an ECG lab and a stress-test lab)."""
     import pandas as pd
