@@ -87,6 +87,22 @@ def test_model_json_is_an_xgboost_model_with_the_same_predictions(run):
 
 
 def test_pooled_metrics_and_summary(run):
-    _, res = run
+    """The pooled test metrics are the finished model's on every partner's test rows.
+
+    Utility under DP is random (the noise comes from a CSPRNG), so it is measured in
+    ``benchmarks/gbdt.py``; here the federated evaluation must agree with scoring the same rows
+    directly (up to the bounded metric histograms' resolution).
+    """
+    from sklearn.metrics import roc_auc_score
+
+    from fedcollab.data import load_partner_data
+
+    spec, res = run
     assert res.summary.rounds == N_TREES and res.summary.model.kind == "gbdt"
-    assert res.pooled.n > 200 and 0.5 < res.pooled.auc <= 1.0
+    parts = [load_partner_data(spec, p.name) for p in spec.partners]
+    x = np.concatenate([d.x_test for d in parts])
+    y = np.concatenate([d.y_test for d in parts])
+    proba = res.model.predict_proba(x)
+    assert res.pooled.n == len(y) > 200
+    assert abs(res.pooled.accuracy - float(np.mean((proba > 0.5) == (y > 0.5)))) < 0.02
+    assert abs(res.pooled.auc - roc_auc_score(y, proba)) < 0.03
