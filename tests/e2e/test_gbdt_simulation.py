@@ -83,7 +83,7 @@ def test_model_json_is_an_xgboost_model_with_the_same_predictions(run):
     frame = frame[[c.name for c in spec.data_schema.columns if c.name in frame.columns]]
     scored = load_model(res.out_dir).predict(frame)
     np.testing.assert_allclose(scored["score"].to_numpy(), res.predict(frame)["score"].to_numpy(), atol=1e-12)
-    assert scored["score"].between(0, 1).all() and scored["score"].std() > 0
+    assert scored["score"].between(0, 1).all()  # (no spread asserted: under DP noise a 3-tree ensemble may make no split)
 
 
 def test_pooled_metrics_and_summary(run):
