@@ -8,7 +8,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test install install-dev lint-imports bench clean schema
+.PHONY: demo test test-deployment install install-dev lint-imports bench clean schema
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -33,9 +33,14 @@ demo: $(VENV)/.installed
 lint-imports: $(VENV)/.installed-dev
 	$(VENV)/bin/lint-imports
 
+# The suite, in-process (simulations, protocols, CLI): under 10 minutes on 2 cores.
 test: $(VENV)/.installed-dev
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider -m "not deployment" tests
+
+# Deployment end to end: a SuperLink and SuperNodes as processes over TLS (~5 minutes). CI runs both.
+test-deployment: $(VENV)/.installed-dev
+	$(PY) -m pytest -q -p no:cacheprovider -m deployment tests
 
 schema: $(VENV)/.installed
 	$(VENV)/bin/fedcollab spec schema --out protocols

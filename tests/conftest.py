@@ -45,3 +45,28 @@ def dp_run(tmp_path_factory, heart_dp_spec):
     spec = spec.with_base_dir(heart_dp_spec.base_dir)
     out = tmp_path_factory.mktemp("dp-run")
     return fedcollab.run(spec, out=out, spec_path=ROOT / "protocols" / "heart-disease-dp.toml")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_ray_cluster_per_test_process():
+    """The simulations of this test process share one local Ray cluster instead of starting one each.
+
+    Flower's Ray backend starts Ray when it is not running and shuts it down after every
+    simulation (``RayBackend.terminate``); starting a local cluster costs ~5 s on two cores, paid
+    by some twenty simulations. The backend still builds and terminates its own actor pool for each
+    run (every simulation's ClientApps are fresh processes); only ``ray.shutdown`` waits for the end
+    of the session. Nothing else changes: the same simulation engine, the same actors.
+    """
+    try:
+        import ray
+    except ImportError:  # an install without the simulation extra
+        yield
+        return
+    real = ray.shutdown
+    ray.shutdown = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        ray.shutdown = real
+        if ray.is_initialized():
+            real()

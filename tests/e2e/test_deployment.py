@@ -26,7 +26,8 @@ PARTNERS = ["cleveland", "hungary", "switzerland", "va-long-beach"]
 REFUSER = "va-long-beach"  # its policy allows plain aggregation only
 UNAPPROVER = "switzerland"  # does not approve the secagg spec: its node refuses that run with 142
 
-pytestmark = pytest.mark.slow
+# Run by `make test-deployment` (CI runs it after `make test`): ~5 minutes of real processes.
+pytestmark = [pytest.mark.slow, pytest.mark.deployment]
 
 
 def _env() -> dict[str, str]:
@@ -38,6 +39,20 @@ def _env() -> dict[str, str]:
 def fc(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """Run the ``fedcollab`` command in a child process."""
     return subprocess.run([sys.executable, "-m", "fedcollab", *args], env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run a short ``fedcollab`` command (approve, keygen, register-node, nodes, status, certs) in this process.
+
+    The same CLI code as ``fc``; a child process would pay ~2.5 s of imports for each of the
+    some thirty short commands here. The long-lived ones (coordinator, nodes, submit) are processes.
+    """
+    from typer.testing import CliRunner
+
+    from fedcollab.cli import app
+
+    r = CliRunner().invoke(app, list(args))
+    return subprocess.CompletedProcess(list(args), r.exit_code, r.stdout, r.stderr)
 
 
 def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
@@ -83,7 +98,7 @@ class Deployment:
         for partner in PARTNERS:
             if partner in unapproved:
                 continue
-            r = fc("node", "approve", str(path), "--home", str(self.base / "nodes" / partner), "--format", "json")
+            r = cli("node", "approve", str(path), "--home", str(self.base / "nodes" / partner), "--format", "json")
             assert r.returncode == 0, r.stderr[-2000:]
             assert json.loads(r.stdout)["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
         return path
@@ -96,7 +111,7 @@ class Deployment:
         """Until the SuperLink answers and ``n`` nodes are online."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            r = fc("coordinator", "nodes", "--home", str(self.coord), "--format", "json")
+            r = cli("coordinator", "nodes", "--home", str(self.coord), "--format", "json")
             if r.returncode == 0 and sum(x["status"] == "online" for x in json.loads(r.stdout)) >= n:
                 return
             time.sleep(1)
@@ -147,7 +162,7 @@ def deployment(tmp_path_factory):
 
     _require_flower_binaries()
     base = tmp_path_factory.mktemp("deploy")
-    r = fc("certs", str(base / "certs"), "--format", "json")
+    r = cli("certs", str(base / "certs"), "--format", "json")
     assert r.returncode == 0, r.stderr
     assert set(json.loads(r.stdout)["sans"]) >= {"localhost", "127.0.0.1"}
     coord = base / "coordinator"
@@ -170,12 +185,12 @@ def deployment(tmp_path_factory):
         d.start_coordinator()
         keys = []
         for name in PARTNERS:
-            r = fc("node", "keygen", str(base / "nodes" / name), "--format", "json")
+            r = cli("node", "keygen", str(base / "nodes" / name), "--format", "json")
             assert r.returncode == 0, r.stderr
             keys.append(json.loads(r.stdout)["public_key_file"])
         deadline = time.monotonic() + 90
         while True:  # the SuperLink takes a few seconds to listen
-            r = fc("coordinator", "register-node", *keys, "--home", str(coord), "--format", "json")
+            r = cli("coordinator", "register-node", *keys, "--home", str(coord), "--format", "json")
             if r.returncode == 0 or time.monotonic() > deadline:
                 break
             time.sleep(1)
@@ -187,7 +202,7 @@ def deployment(tmp_path_factory):
         # A node whose key was never registered (a copy of cleveland's folder with a fresh key).
         intruder = base / "nodes" / "intruder"
         shutil.copytree(base / "nodes" / "cleveland", intruder, ignore=shutil.ignore_patterns("flower_auth_key*"))
-        assert fc("node", "keygen", str(intruder)).returncode == 0
+        assert cli("node", "keygen", str(intruder)).returncode == 0
         d.intruder = spawn(["node", "start", str(intruder), "--data", str(base / "cleveland.csv"), "--roster", str(base / "roster.json"),
                             "--superlink", d.address, "--ca", str(d.ca)], base / "node-intruder.log")
         d.extra.append(d.intruder)
@@ -206,7 +221,7 @@ def test_plain_run_completes_over_tls_with_node_auth(deployment):
     assert st["state"] == "completed" and [r["round"] for r in st["rounds"]] == [1, 2]
     assert all(sorted(r["partners"]) == PARTNERS for r in st["rounds"])
     assert st["accuracy"] > 0.6
-    r = fc("status", str(run_id), "--home", str(d.coord), "--format", "json")
+    r = cli("status", str(run_id), "--home", str(d.coord), "--format", "json")
     assert r.returncode == 0 and json.loads(r.stdout)[0]["exit_code"] == 0
     for name in PARTNERS:
         out = d.egress(name, run_id)
@@ -232,7 +247,7 @@ def test_unregistered_node_is_rejected(deployment):
     assert d.intruder.wait(120) == 12, (d.base / "node-intruder.log").read_text()[-2000:]
     assert "refused this node's key" in (d.base / "node-intruder.log").read_text()
     assert not (d.base / "nodes" / "intruder" / "egress.jsonl").exists()
-    r = fc("coordinator", "nodes", "--home", str(d.coord), "--format", "json")
+    r = cli("coordinator", "nodes", "--home", str(d.coord), "--format", "json")
     assert r.returncode == 0 and len(json.loads(r.stdout)) == 4
 
 
@@ -346,10 +361,10 @@ def test_vertical_secureboost_across_two_nodes(deployment):
     (d.base / "roster-vertical.json").write_text(text)
     keys = []
     for name in files:
-        r = fc("node", "keygen", str(d.base / "nodes" / name), "--format", "json")
+        r = cli("node", "keygen", str(d.base / "nodes" / name), "--format", "json")
         assert r.returncode == 0, r.stderr
         keys.append(json.loads(r.stdout)["public_key_file"])
-    assert fc("coordinator", "register-node", *keys, "--home", str(d.coord), "--format", "json").returncode == 0
+    assert cli("coordinator", "register-node", *keys, "--home", str(d.coord), "--format", "json").returncode == 0
     procs = {name: spawn(["node", "start", str(d.base / "nodes" / name), "--data", str(embedded_path(f)), "--roster",
                           str(d.base / "roster-vertical.json"), "--superlink", d.address, "--ca", str(d.ca)], d.base / f"node-{name}.log")
              for name, f in files.items()}
@@ -358,7 +373,7 @@ def test_vertical_secureboost_across_two_nodes(deployment):
     spec = d.base / "vertical.toml"
     spec.write_text(text)
     for name in files:
-        assert fc("node", "approve", str(spec), "--home", str(d.base / "nodes" / name)).returncode == 0
+        assert cli("node", "approve", str(spec), "--home", str(d.base / "nodes" / name)).returncode == 0
     d.wait_online(n=len(PARTNERS) - 1 + 2)
     code, row = d.submit(spec)
     assert code == 0 and row["sub_status"] == "completed", (row, (d.base / "coordinator.log").read_text()[-3000:])
