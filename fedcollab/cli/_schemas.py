@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fedcollab.privacy.accounting import event_json_schema
 from fedcollab.privacy.accounting._ledger import ledger_entry_json_schema
-from fedcollab.protocols import Summary
+from fedcollab.protocols import Summary, VerticalSummary
 from fedcollab.spec import NodePolicy, Spec
 
 
@@ -20,6 +20,7 @@ def schemas() -> dict[str, dict]:
     return {
         "schema/spec.schema.json": spec,
         "summary.schema.json": summary,
+        "vertical-summary.schema.json": {**VerticalSummary.model_json_schema(), "$id": "https://fedcollab.dev/schema/vertical-summary.schema.json"},
         "schema/event.schema.json": event_json_schema(),
         "ledger.schema.json": ledger_entry_json_schema(),
         "schema/policy.schema.json": {**NodePolicy.model_json_schema(), "$id": "https://fedcollab.dev/schema/policy.schema.json"},

@@ -71,7 +71,7 @@ from fedcollab.protocols._statistics import (
     scaling_from_bounds,
     statistics_sensitivity,
 )
-from fedcollab.protocols._summary import SUMMARY_SCHEMA_VERSION, Summary
+from fedcollab.protocols._summary import SUMMARY_SCHEMA_VERSION, Summary, VerticalSummary
 from fedcollab.protocols._wire import MessageKind, RecordKey
 
 __all__ = [
@@ -90,6 +90,7 @@ __all__ = [
     "ScoringReplayError",
     "ScoringRequestError",
     "Summary",
+    "VerticalSummary",
     "SystemRandomSource",
     "answer_request",
     "build_request",

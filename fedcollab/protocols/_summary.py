@@ -162,3 +162,98 @@ class Summary(_M):
         if self.status != "completed" and self.error is None:
             raise ValueError(f"status {self.status!r} needs `error`")
         return self
+
+
+# --- vertical runs ---------------------------------------------------------------------------
+# A vertical run's summary.json (JSON Schema in ``protocols/vertical-summary.schema.json``): written
+# by ``fedcollab run`` on a ``layout = "vertical"`` spec, read back by ``fedcollab predict``.
+
+
+class VerticalMetrics(_M):
+    """The label holder's test metrics on the common records it held back (null: a class is absent)."""
+
+    test_auc: float | None
+    test_accuracy: float | None
+
+
+class VerticalSeconds(_M):
+    align: float = Field(ge=0, description="PSI: seconds to align the parties' records.")
+    train: float = Field(ge=0)
+
+
+class VerticalPartyReleases(_M):
+    """One party's releases by ``kind->observer``, and the epsilon of its noisy ones per observer (null: infinite)."""
+
+    releases: dict[str, int]
+    non_private: int = Field(ge=0)
+    declared: int = Field(ge=0, description="Declared releases (the intersection size and membership).")
+    epsilon: dict[str, float | None]
+
+
+class VerticalPrivacy(_M):
+    mode: Literal["none", "record"]
+    parties: dict[str, VerticalPartyReleases]
+    plan: dict[str, float | str | None] | None = Field(description="The record-level DP plan (z, sigma, epsilon, delta, unit, observer, covers); null without DP.")
+
+
+class ModelPart(_M):
+    """One party's part of the model, in its own node folder (never the coordinator's)."""
+
+    path: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class VerticalError(_M):
+    exit_code: int
+    error: str = Field(description="The fedcollab error class, never exception text or data values.")
+
+
+class VerticalSummary(_M):
+    """``summary.json`` of a vertical run (SecureBoost or vertical logistic regression).
+
+    A failed run writes the fields known before training (``status = "failed"`` and ``error``);
+    a completed one adds the intersection, the metrics, the model parts and the privacy section.
+    """
+
+    run_id: str = Field(pattern=r"^[A-Za-z0-9-]{1,64}$")
+    layout: Literal["vertical"]
+    spec: SpecRef
+    versions: dict[str, str]
+    label_holder: str
+    passive_party: str = Field(description="The first passive party (all of them: passive_parties).")
+    passive_parties: list[str] = Field(min_length=1)
+    psi_reveal: str
+    status: Literal["completed", "failed"]
+    wall_seconds: float = Field(ge=0)
+    ledger: LedgerRef
+    error: VerticalError | None = None
+    intersection: int | None = Field(default=None, ge=0)
+    n_train: int | None = Field(default=None, ge=0)
+    n_test: int | None = Field(default=None, ge=0)
+    metrics: VerticalMetrics | None = None
+    model: Literal["secureboost", "vertical-logistic-regression"] | None = None
+    trees: int | None = Field(default=None, ge=0)
+    passive_splits: int | None = Field(default=None, ge=0)
+    iterations: int | None = Field(default=None, ge=0)
+    seconds: VerticalSeconds | None = None
+    wire_bytes: int | None = Field(default=None, ge=0)
+    privacy: VerticalPrivacy | None = None
+    model_parts: dict[str, ModelPart] | None = None
+    transport: str | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> VerticalSummary:
+        if self.status == "failed":
+            if self.error is None:
+                raise ValueError("status 'failed' needs `error` (exit_code, error)")
+            return self
+        missing = [f for f in ("intersection", "n_train", "n_test", "metrics", "model", "seconds", "privacy", "model_parts") if getattr(self, f) is None]
+        if missing:
+            raise ValueError(f"status 'completed' needs {', '.join(missing)}")
+        if self.label_holder in self.passive_parties:
+            raise ValueError(f"label_holder {self.label_holder!r} is also listed in passive_parties")
+        want = {self.label_holder, *self.passive_parties}
+        got = set(self.model_parts or {})
+        if self.model == "secureboost" and got != want:
+            raise ValueError(f"model_parts: expected one part for each of {sorted(want)}, got {sorted(got)}")
+        return self

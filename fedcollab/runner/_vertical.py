@@ -44,6 +44,7 @@ from fedcollab.protocols.vertical import (
     plan_vertical_dp,
     train_vertical_in_process,
 )
+from fedcollab.protocols._summary import VerticalSummary
 from fedcollab.protocols.vertical._train import Recorder
 from fedcollab.node._vertical import psi_runs_joined, vertical_policy_problem
 from fedcollab.spec import Spec, TreeParams, tree_params
@@ -441,6 +442,7 @@ def run_vertical(spec: Spec, *, out: str | Path | None = None, nodes: str | Path
             pass
         summary = {**base, "status": "failed", "wall_seconds": round(time.perf_counter() - t0, 3),
                    "error": {"exit_code": code, "error": type(exc).__name__}, "ledger": _ledger_ref(ledger).model_dump(mode="json")}
+        VerticalSummary.model_validate(summary)  # the published format (protocols/vertical-summary.schema.json)
         _write(out_dir / "summary.json", json.dumps(summary, indent=2))
         raise
     a_name, p_name = base["label_holder"], base["passive_party"]
@@ -467,6 +469,7 @@ def run_vertical(spec: Spec, *, out: str | Path | None = None, nodes: str | Path
     }
     # The spec as run (validated JSON), so that `fedcollab predict` can score new ids jointly later.
     _write(out_dir / "spec.json", spec.model_dump_json(by_alias=True, exclude_none=True, indent=2))
+    VerticalSummary.model_validate(summary)  # the published format (protocols/vertical-summary.schema.json)
     _write(out_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=True))
     return VerticalResult(summary=summary, out_dir=out_dir if tmp is None else None, outcome=outcome)
 
@@ -514,7 +517,7 @@ def predict_vertical(run_dir: str | Path, files: dict[str, str | Path], *, nodes
     """
     import pandas as pd
 
-    from fedcollab.core import ConfigError
+    from fedcollab.core import ConfigError, validate_config
     from fedcollab.node import NodeHome
     from fedcollab.protocols.vertical import VerticalModel, VerticalNode, VerticalTree, active_lr_predict, passive_lr_predict
     from fedcollab.spec import SourceSpec, parse_spec
@@ -525,8 +528,10 @@ def predict_vertical(run_dir: str | Path, files: dict[str, str | Path], *, nodes
         spec = parse_spec(json.loads((run / "spec.json").read_text()), source=str(run / "spec.json"))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"--model: expected a vertical run folder with summary.json and spec.json, got {run} ({type(exc).__name__})") from None
-    if summary.get("layout") != "vertical" or summary.get("status") != "completed":
-        raise ConfigError(f"--model: {run} is not a completed vertical run (layout {summary.get('layout')!r}, status {summary.get('status')!r})")
+    if not isinstance(summary, dict) or summary.get("layout") != "vertical" or summary.get("status") != "completed":
+        got = (summary.get("layout"), summary.get("status")) if isinstance(summary, dict) else (None, None)
+        raise ConfigError(f"--model: {run} is not a completed vertical run (layout {got[0]!r}, status {got[1]!r})")
+    validate_config(VerticalSummary, summary, what=f"--model: {run / 'summary.json'}")  # each problem by field
     v = spec.vertical
     assert v is not None
     a_name = summary["label_holder"]

@@ -62,6 +62,30 @@ def test_summary_and_model_parts(vertical_run):
     assert json.loads(lookup.read_text())["entries"], "the lab won at least one split"
 
 
+def test_summary_follows_the_published_schema_and_predict_names_a_broken_field(vertical_run, root, tmp_path):
+    """summary.json validates against protocols/vertical-summary.schema.json; `predict` on a summary whose
+    model part's sha256 is not one, or with no model parts, exits CONFIG_INVALID naming the field."""
+    import shutil
+
+    import jsonschema
+
+    out, _ = vertical_run
+    summary = json.loads((out / "summary.json").read_text())
+    jsonschema.validate(summary, json.loads((root / "protocols" / "vertical-summary.schema.json").read_text()))
+    emb = root / "fedcollab" / "data" / "embedded"
+    for broken, field in ((lambda d: d["model_parts"]["lab"].update(sha256="not-a-digest"), "model_parts.lab.sha256"),
+                          (lambda d: d.pop("model_parts"), "model_parts")):
+        run = tmp_path / field
+        shutil.copytree(out, run, ignore=shutil.ignore_patterns("nodes"))
+        doc = json.loads((run / "summary.json").read_text())
+        broken(doc)
+        (run / "summary.json").write_text(json.dumps(doc))
+        r = runner.invoke(app, ["predict", "--model", str(run), "--data", str(emb / "heart_vertical_clinic.csv"),
+                                "--party-data", f"lab={emb / 'heart_vertical_lab.csv'}", "--nodes", str(out / "nodes")])
+        assert r.exit_code == int(ExitCode.CONFIG_INVALID), r.output
+        assert field in " ".join(r.output.split()), r.output
+
+
 def test_lab_thresholds_stay_at_the_lab(vertical_run):
     """No threshold of the lab's splits appears in the clinic's folder, the run ledger or the summary."""
     out, s = vertical_run
