@@ -197,6 +197,8 @@ def node_start(
     dataset: Annotated[str | None, typer.Option("--dataset", help="Dataset id of the data file (selects the budget); stored in FOLDER/node.json. Default: the one already there.")] = None,
     approve: Annotated[list[str] | None, typer.Option("--approve-bundle", help="SHA-256 of an approved bundle (repeatable; default: the bundle this fedcollab builds).")] = None,
     poll: Annotated[float, typer.Option("--poll", help="Cap in seconds on the SuperNode's idle polling (Flower's is 3 s); 0 runs flower-supernode unchanged.")] = 0.3,
+    anchor_dir: Annotated[Path | None, typer.Option("--anchor-dir", help="Where the ledger's anchor lives, outside FOLDER (see `fedcollab node anchor`); "
+                                                    "default: $FEDCOLLAB_ANCHOR_DIR, else FOLDER/ledger.anchor.json.")] = None,
     fmt: Fmt = "table",
 ) -> None:
     """Run this partner's node: a SuperNode over TLS with node authentication, answering only with the installed fedcollab.
@@ -216,6 +218,10 @@ def node_start(
     for h in (logging.FileHandler(folder / "node.log"), logging.StreamHandler(sys.stderr)):
         h.setFormatter(fmt_)
         fc_log.addHandler(h)
+    if anchor_dir is not None:  # inherited by the SuperNode and the ClientApp processes it starts
+        from fedcollab.node._home import ANCHOR_DIR_ENV
+
+        os.environ[ANCHOR_DIR_ENV] = str(anchor_dir.resolve())
     try:
         if policy is not None:
             folder.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,43 @@ from fedcollab.core import FedcollabError
 node_app = typer.Typer(help="A partner's node: keys, policy and ledger.", no_args_is_help=True)
 
 
+@node_app.command("anchor")
+def anchor(
+    folder: Annotated[Path, typer.Argument(help="The node folder.")],
+    to: Annotated[Path, typer.Option("--to", help="A folder outside the node folder (another volume, one a backup restore does not touch).")],
+    passphrase_env: Annotated[str | None, typer.Option("--passphrase-env", help="The signing key's passphrase is in this environment variable.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+) -> None:
+    """Move the ledger anchor out of the node folder, so that restoring an old copy of the whole folder is refused.
+
+    Checks the ledger against its anchor first. Then start the node with ``--anchor-dir DIR`` (or
+    ``FEDCOLLAB_ANCHOR_DIR=DIR`` in its service's environment): a node that is started without it
+    finds no anchor next to a non-empty ledger and refuses every release.
+    """
+    from fedcollab.node._home import NodeHome
+
+    passphrase = os.environ.get(passphrase_env, "").encode() or None if passphrase_env else None
+    try:
+        if fmt not in ("table", "json"):
+            from fedcollab.core import ConfigError
+
+            raise ConfigError(f"`--format` must be 'table' or 'json', got {fmt!r}")
+        home = NodeHome(folder)
+        if not home.exists():
+            from fedcollab.core import ConfigError
+
+            raise ConfigError(f"{folder}: not a node folder (no signing_key.pem and policy.toml)")
+        target = home.move_anchor(to.resolve(), passphrase=passphrase)
+    except FedcollabError as exc:
+        Console(stderr=True).print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(int(exc.exit_code)) from None
+    info = {"folder": str(folder), "anchor": str(target), "start_with": f"--anchor-dir {to.resolve()}"}
+    if fmt == "json":
+        sys.stdout.write(json.dumps(info) + "\n")
+        return
+    Console().print(f"anchor moved to {escape(str(target))}; start the node with --anchor-dir {escape(str(to.resolve()))}", highlight=False)
+
+
 @node_app.command("init")
 def init(
     folder: Annotated[Path, typer.Argument(help="The node folder to create.")],

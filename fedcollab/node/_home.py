@@ -9,7 +9,10 @@
     DIR/split.json        the train/test split pinned per dataset on first use (written by the node)
     DIR/ledger.jsonl      the node's chain of privacy events (source of truth for its budget)
     DIR/ledger.anchor.json  seq and hash of its last entry, replaced atomically after every append;
-                          a ledger file behind it is refused (rolled back) at start-up and on every read
+                          a ledger file behind it is refused (rolled back) at start-up and on every read.
+                          With ``FEDCOLLAB_ANCHOR_DIR`` set (``node start --anchor-dir``) the anchor lives
+                          there instead, outside the folder, so that restoring an old copy of the whole
+                          folder (a snapshot, a backup) is caught too (``fedcollab node anchor`` moves it)
     DIR/nonces.jsonl      commitment nonces, mode 0600 (never sent)
 """
 
@@ -28,6 +31,19 @@ from fedcollab.core import ConfigError, ProtocolError
 from fedcollab.crypto import generate_signing_key, load_signing_key
 from fedcollab.privacy.accounting import BudgetGate, PartyLedger, parse_lines, public_key_hex, verify_signature
 from fedcollab.spec import NodePolicy, load_policy, policy_toml
+
+#: Where nodes keep their ledger anchors when it is not their own folder: another volume, a
+#: partition a backup restore does not touch, a write-once store. Operational configuration of the
+#: machine (the node's service unit, ``node start --anchor-dir``), deliberately not a file in the folder.
+ANCHOR_DIR_ENV = "FEDCOLLAB_ANCHOR_DIR"
+
+
+def external_anchor_path(root: Path, anchor_dir: str | Path) -> Path:
+    """The anchor of the node folder ``root`` in ``anchor_dir``: one file per folder, named after its absolute path."""
+    import hashlib
+
+    real = Path(root).resolve()
+    return Path(anchor_dir) / f"{real.name}-{hashlib.sha256(str(real).encode()).hexdigest()[:16]}.anchor.json"
 
 
 @dataclass(frozen=True)
@@ -53,8 +69,32 @@ class NodeHome:
         return self.root / "ledger.jsonl"
 
     @property
-    def anchor_path(self) -> Path:  # noqa: D102
-        return self.root / "ledger.anchor.json"
+    def anchor_path(self) -> Path:
+        """``$FEDCOLLAB_ANCHOR_DIR/<folder>-<hash>.anchor.json`` when that is set, else ``DIR/ledger.anchor.json``."""
+        d = os.environ.get(ANCHOR_DIR_ENV)
+        return external_anchor_path(self.root, d) if d else self.root / "ledger.anchor.json"
+
+    def move_anchor(self, anchor_dir: str | Path, *, passphrase: bytes | None = None) -> Path:
+        """Move the folder's anchor to ``anchor_dir`` (outside the folder), after checking the ledger against it.
+
+        Refuses (LedgerRolledBack) a ledger that is already behind its anchor, and a target that
+        already holds a different anchor for this folder. The folder's own anchor is removed last,
+        so an interrupted move leaves both (identical) copies.
+        """
+        inside = self.root / "ledger.anchor.json"
+        PartyLedger(self.ledger_path, party=self.policy().partner, key=self.key(passphrase), anchor_path=inside).check_anchor()
+        target = external_anchor_path(self.root, anchor_dir)
+        if target.resolve().is_relative_to(self.root.resolve()):
+            raise ConfigError(f"--to: expected a folder outside the node folder {self.root}, got {anchor_dir}")
+        data = inside.read_bytes() if inside.exists() else None
+        if target.exists() and data is not None and target.read_bytes() != data:
+            raise ConfigError(f"{target}: already holds a different anchor for {self.root}; refusing to overwrite")
+        Path(anchor_dir).mkdir(parents=True, exist_ok=True)
+        if data is not None:
+            _write_atomic(target, data)
+            os.chmod(target, 0o600)
+            inside.unlink()
+        return target
 
     @property
     def nonce_path(self) -> Path:  # noqa: D102

@@ -152,6 +152,55 @@ class TestRollback:
         with pytest.raises(LedgerRolledBack, match="anchor is missing"):
             home.gate("a", "a")
 
+    def test_restoring_a_copy_of_the_whole_folder_is_refused_with_the_anchor_outside(self, tmp_path, monkeypatch):
+        """The anchor in the folder rolls back with the folder (a snapshot restore); one kept in FEDCOLLAB_ANCHOR_DIR does not."""
+        import shutil
+
+        from fedcollab.node._home import ANCHOR_DIR_ENV
+
+        home = self._home(tmp_path, epsilon=100.0)
+        self._spend(home.gate("a", "a"), 2)
+        snapshot = tmp_path / "snapshot"
+        shutil.copytree(home.root, snapshot)
+        self._spend(home.gate("a", "a"), 3, start=3)
+        # Without an outside anchor the restored folder is self-consistent: the rollback goes unseen.
+        shutil.rmtree(home.root)
+        shutil.copytree(snapshot, home.root)
+        assert self._spend(home.gate("a", "a"), 1, start=3) == 1
+        # Move the anchor out; then restoring the folder copy taken before is refused.
+        outside = tmp_path / "anchors"
+        target = home.move_anchor(outside)
+        assert target.parent == outside and not (home.root / "ledger.anchor.json").exists()
+        monkeypatch.setenv(ANCHOR_DIR_ENV, str(outside))
+        assert home.anchor_path == target
+        self._spend(home.gate("a", "a"), 2, start=4)
+        shutil.rmtree(home.root)
+        shutil.copytree(snapshot, home.root)
+        before = home.ledger_path.read_bytes()
+        with pytest.raises(LedgerRolledBack, match="rolled back"):
+            home.gate("a", "a")
+        assert home.ledger_path.read_bytes() == before  # nothing appended
+        # A node started without the setting, on a folder whose anchor was moved out, refuses too.
+        monkeypatch.delenv(ANCHOR_DIR_ENV)
+        (home.root / "ledger.anchor.json").unlink()
+        with pytest.raises(LedgerRolledBack, match="anchor is missing"):
+            home.gate("a", "a")
+
+    def test_moving_the_anchor_checks_the_ledger_first(self, tmp_path):
+        """`node anchor` refuses a ledger already behind its anchor, and a target inside the node folder."""
+        from typer.testing import CliRunner
+
+        from fedcollab.cli import app
+
+        home = self._home(tmp_path, epsilon=100.0)
+        self._spend(home.gate("a", "a"), 3)
+        r = CliRunner().invoke(app, ["node", "anchor", str(home.root), "--to", str(home.root / "sub"), "--format", "json"])
+        assert r.exit_code == int(ExitCode.CONFIG_INVALID) and "outside the node folder" in " ".join(r.output.split())
+        home.ledger_path.write_bytes(b"".join(home.ledger_path.read_bytes().splitlines(keepends=True)[:1]))
+        r = CliRunner().invoke(app, ["node", "anchor", str(home.root), "--to", str(tmp_path / "anchors")])
+        assert r.exit_code == 20 and "rolled back" in " ".join(r.output.split())
+        assert (home.root / "ledger.anchor.json").exists() and not (tmp_path / "anchors").exists()
+
     def test_untouched_ledger_keeps_working(self, tmp_path):
         home = self._home(tmp_path, epsilon=100.0)
         assert self._spend(home.gate("a", "a"), 3) == 3

@@ -212,7 +212,8 @@ class PartyLedger:
         anchor = self.read_anchor()
         if anchor is None:
             if own:
-                raise LedgerRolledBack(f"{self.path.name} holds {len(own)} entries but its anchor is missing; refusing every release")
+                raise LedgerRolledBack(f"{self.path.name} holds {len(own)} entries but its anchor is missing ({self.anchor_path}); refusing every "
+                                      "release (to keep anchors in FEDCOLLAB_ANCHOR_DIR, move the folder's there first: fedcollab node anchor)")
             return
         seq, h = anchor
         if len(own) <= seq or own[seq].hash != h or int(own[seq].entry.get("seq", -1)) != seq:
