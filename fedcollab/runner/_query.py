@@ -98,13 +98,19 @@ def _prepare(spec: Spec | str | Path, out: str | Path | None, nodes: str | Path 
 
 
 class _Stages:
-    def __init__(self, enabled: bool, total: int) -> None:
-        self.enabled, self.total = enabled, total
+    def __init__(self, enabled: bool, total: int, *, what: str = "query", partners: int = 0) -> None:
+        self.enabled, self.total, self.what, self.partners = enabled, total, what, partners
         self.progress: Any = None
 
     def __enter__(self) -> _Stages:
         if self.enabled:
+            from rich.console import Console
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            # A line that stays (the bar below is transient, and shows nothing where stderr is not a terminal):
+            # Flower's simulation engine takes ~10 s to start before the first stage.
+            Console(stderr=True).print(f"{self.what}: {self.partners} partners on Flower's simulation engine (it takes ~10 s to start) ...",
+                                       highlight=False)
 
             self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TimeElapsedColumn(), transient=True)
             self.progress.start()
@@ -142,7 +148,7 @@ def run_query(spec: Spec | str | Path, query: QuerySpec | str | Path, *, out: st
     sp, out_dir, tmp, homes, ledger, roster = _prepare(sp, out, nodes)
     recorder = AnalyticsRecorder()
     t0 = time.perf_counter()
-    with _Stages(progress, 4) as stages:
+    with _Stages(progress, 4, what="query", partners=len(sp.partners)) as stages:
         recorder.on_stage = stages
         client = make_analytics_client_app(sp, {k: str(v.root) for k, v in homes.items()}, {k: v.signing_key for k, v in roster.parties.items()})
         simulate_apps(sp, make_query_server_app(sp, q, recorder, ledger=ledger, timeout=timeout), client)
@@ -176,7 +182,7 @@ def run_profile(spec: Spec | str | Path, *, out: str | Path | None = None, nodes
     sp, out_dir, tmp, homes, ledger, roster = _prepare(spec, out, nodes)
     recorder = AnalyticsRecorder()
     t0 = time.perf_counter()
-    with _Stages(progress, 1) as stages:
+    with _Stages(progress, 1, what="profile", partners=len(sp.partners)) as stages:
         recorder.on_stage = stages
         client = make_analytics_client_app(sp, {k: str(v.root) for k, v in homes.items()}, {k: v.signing_key for k, v in roster.parties.items()})
         simulate_apps(sp, make_profile_server_app(sp, recorder, ledger=ledger, epsilon=epsilon, delta=delta, timeout=timeout), client)

@@ -51,14 +51,19 @@ class TestEndToEnd:
         assert json.loads((out / "query.json").read_text())["results"]
 
 
-def test_profile_end_to_end_flags_switzerland(heart_spec, tmp_path):
-    """`fedcollab profile` through Flower: every silo answers with its own noise, the findings flag Switzerland, the ledger verifies."""
+def test_profile_end_to_end_flags_switzerland(heart_spec, tmp_path, capsys):
+    """`fedcollab profile` through Flower: every silo answers with its own noise, the findings flag Switzerland, the ledger verifies.
+
+    With progress on (the CLI's table format), a line on stderr says what is starting before
+    Flower's engine takes its ~10 s (issue 17 item 8: nothing was printed for ~13 s).
+    """
     from fedcollab.audit import verify_ledger
     from fedcollab.core import ExitCode
     from fedcollab.runner._query import run_profile
     from fedcollab.spec import load_roster
 
-    res = run_profile(heart_spec, out=tmp_path)
+    res = run_profile(heart_spec, out=tmp_path, progress=True)
+    assert "profile: 4 partners on Flower's simulation engine" in " ".join(capsys.readouterr().err.split())
     prof = res.profile
     assert prof.failed == {} and sorted(s.name for s in prof.silos) == ["cleveland", "hungary", "switzerland", "va-long-beach"]
     flagged = {(f.get("silo"), f.get("column")) for f in prof.findings}
