@@ -30,18 +30,15 @@ def anchor(
     ``FEDCOLLAB_ANCHOR_DIR=DIR`` in its service's environment): a node that is started without it
     finds no anchor next to a non-empty ledger and refuses every release.
     """
+    from fedcollab.core import ConfigError
     from fedcollab.node._home import NodeHome
 
     passphrase = os.environ.get(passphrase_env, "").encode() or None if passphrase_env else None
     try:
         if fmt not in ("table", "json"):
-            from fedcollab.core import ConfigError
-
             raise ConfigError(f"`--format` must be 'table' or 'json', got {fmt!r}")
         home = NodeHome(folder)
         if not home.exists():
-            from fedcollab.core import ConfigError
-
             raise ConfigError(f"{folder}: not a node folder (no signing_key.pem and policy.toml)")
         target = home.move_anchor(to.resolve(), passphrase=passphrase)
     except FedcollabError as exc:

@@ -541,9 +541,7 @@ def predict_vertical(run_dir: str | Path, files: dict[str, str | Path], *, nodes
     a = load_vertical_party(spec, a_name, source=SourceSpec(path=str(Path(files[a_name]).resolve())), scoring=True)
     ps = [load_vertical_party(spec, n, source=SourceSpec(path=str(Path(files[n]).resolve())), scoring=True) for n in p_names]
     parts = summary["model_parts"]
-    trained = str(summary.get("run_id", ""))
-    if not (0 < len(trained) <= 64 and trained.replace("-", "").isalnum()):
-        raise ConfigError(f"--model: summary.json run_id: expected letters, digits and dashes, got {trained[:80]!r}")
+    trained = summary["run_id"]  # letters, digits and dashes: checked by VerticalSummary above
     homes = {name: NodeHome(Path(nodes) / name if nodes is not None else Path(parts[name]["path"]).parents[2]) for name in (a_name, *p_names)}
     docs = {}
     for name in (a_name, *p_names):
@@ -574,7 +572,8 @@ def predict_vertical(run_dir: str | Path, files: dict[str, str | Path], *, nodes
     # As in training: a party answers for no fewer common records than its policy's minimum (a batch of
     # one or two ids would single out those people's splits), refused before any decision leaves it.
     # Every party whose policy refuses records its own refusal.
-    short = {name: h.policy().vertical.min_intersection for name, h in homes.items() if len(ia) < h.policy().vertical.min_intersection}
+    need_by = {name: h.policy().vertical.min_intersection for name, h in homes.items()}
+    short = {name: need for name, need in need_by.items() if len(ia) < need}
     for name in short:
         gates[name].refuse_request(run_id=run_id, round=0, code=int(NodeErrorCode.POLICY_REFUSED),
                                    reason="scoring intersection below the policy's vertical.min_intersection")
