@@ -46,8 +46,8 @@ def _policy(name: str, **vertical) -> NodePolicy:
 class Grid:
     """The coordinator's grid, delivering to in-process ClientApps (node ids 1, 2, ...)."""
 
-    def __init__(self, spec, tmp_path, *, tamper=None) -> None:
-        self.homes = {n: NodeHome(tmp_path / n) for n in PARTIES}
+    def __init__(self, spec, tmp_path, *, tamper=None, parties=PARTIES) -> None:
+        self.homes = {n: NodeHome(tmp_path / n) for n in parties}
         for n, h in self.homes.items():
             init_node_home(h.root, partner=n, policy=_policy(n))
         coord = init_node_home(tmp_path / "coord", partner="coord")
@@ -55,7 +55,7 @@ class Grid:
         self.roster = {"coordinator": public_key_hex(self.key), **{n: h.public_key() for n, h in self.homes.items()}}
         app = make_vertical_client_app(spec, {n: str(h.root) for n, h in self.homes.items()}, self.roster)
         self.nodes = {i + 1: (app, Context(run_id=1, node_id=i + 1, node_config={"partner": n}, state=RecordDict(), run_config={}))
-                      for i, n in enumerate(PARTIES)}
+                      for i, n in enumerate(parties)}
         self.tamper = tamper  # (node id, message) -> message: what a hostile coordinator changes on the way
         self.sent: list[Message] = []
 
@@ -206,3 +206,57 @@ def test_a_tampered_sealed_message_stops_the_run_with_a_code(spec, tmp_path):
     assert flipped and err.value.codes == {"lab": int(NodeErrorCode.CRYPTO_REFUSED)}
     new = _entries(grid.homes["lab"])[before:]
     assert new[-1]["kind"] == "refusal" and not any(e["kind"] == "release" for e in new), [e["kind"] for e in new]
+
+
+def test_three_parties_over_the_relay(tmp_path):
+    """A label holder and two passive parties (the lab's columns split in two), each its own node behind the relay.
+
+    The clinic talks to each passive party over its own sealed channel; the coordinator relays between three nodes;
+    each passive party's thresholds stay at its node, and each is charged only for its own releases.
+    """
+    import pandas as pd
+
+    lab = pd.read_csv(ROOT / "fedcollab" / "data" / "embedded" / "heart_vertical_lab.csv")
+    lab[["id", "cp", "fbs", "restecg"]].to_csv(tmp_path / "ecg.csv", index=False)
+    lab[["id", "thalch", "exang", "oldpeak"]].iloc[40:].to_csv(tmp_path / "stress.csv", index=False)  # fewer ids: a 3-way intersection
+    text = (ROOT / "protocols" / "heart-disease-vertical.toml").read_text().replace("n_trees = 30", "n_trees = 1").replace("max_depth = 3", "max_depth = 2")
+    old = """[[partners]]
+name = "lab"
+source = { path = "embedded://heart_vertical_lab.csv" }
+columns = ["cp", "fbs", "restecg", "thalch", "exang", "oldpeak"]"""
+    assert old in text
+    text = text.replace(old, f"""[[partners]]
+name = "ecg"
+source = {{ path = "{tmp_path / 'ecg.csv'}" }}
+columns = ["cp", "fbs", "restecg"]
+
+[[partners]]
+name = "stress"
+source = {{ path = "{tmp_path / 'stress.csv'}" }}
+columns = ["thalch", "exang", "oldpeak"]""")
+    (tmp_path / "three.toml").write_text(text)
+    spec = load_spec(tmp_path / "three.toml")
+    parties = ("clinic", "ecg", "stress")
+    grid = Grid(spec, tmp_path, parties=parties)
+    ledger = RunLedger(tmp_path / "ledger.jsonl", key=grid.key, roster=grid.ledger_run_roster(), run_id="run-3")
+    out = run_vertical(spec, grid, ledger=ledger, timeout=30)
+    assert out["label_holder"] == "clinic" and out["passive_parties"] == ["ecg", "stress"]
+    assert int(verify_ledger(tmp_path / "ledger.jsonl", grid.ledger_run_roster()).exit_code) == 0
+    # Every sealed payload the coordinator relayed is opaque bytes between two of the three parties.
+    for reply in grid.sent:
+        rec = reply.content.config_records.get("vertical.out")
+        if rec is not None:
+            assert set(rec.keys()) <= set(parties)
+            assert all(isinstance(v, bytes) and b"threshold" not in v and b"bin_index" not in v for v in rec.values())
+    for name in ("ecg", "stress"):
+        part = grid.homes[name].root / out["model_parts"][name]["model_part"]
+        assert part.exists()
+        # each passive party released its own histograms and the intersection, in its own ledger
+        kinds = {e["body"]["release"]["kind"] for e in _entries(grid.homes[name]) if e["kind"] == "release"}
+        assert {"psi_intersection", "vertical_histogram"} <= kinds, kinds
+    # The run trained on all three parties: the clinic's part is the tree skeleton, its split nodes owned by the clinic (0)
+    # or by a passive party (1 = ecg, 2 = stress), whose threshold the clinic does not hold.
+    model = json.loads((grid.homes["clinic"].root / out["model_parts"]["clinic"]["model_part"]).read_text())
+    splits = [n for tree in model["trees"] for n in tree if n["left"] != -1]
+    assert splits and all(n["owner"] in (0, 1, 2) for n in splits) and {n["owner"] for n in splits} & {1, 2}
+    assert all(n["threshold"] != n["threshold"] for n in splits if n["owner"] != 0)  # NaN: only a reference at the clinic
