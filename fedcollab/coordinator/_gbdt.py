@@ -8,6 +8,10 @@ request (and, on a tree's first step, the previous finished tree), answered with
 coordinator only ever sees their total, in three exchanges a step: train + MASKED_INPUT + the next
 step's ADVERTISE, CONSISTENCY + the next step's SHARE, UNMASK.
 
+With ``bin_edges = "quantile"`` (plain aggregation) step 1 asks every node for its count sketch;
+the coordinator sums the sketches, sets the edges at the pooled quantiles and sends them with
+the first tree's first step (``gbdt.edges``); the trees' steps then start at 2.
+
 A node that fails or does not answer a step drops out of the rest of the run (its tree state no
 longer matches the trees); the run goes on while ``training.min_partners`` are left. After the
 last tree every node evaluates the finished model on its test split, as for the other models.
@@ -71,6 +75,26 @@ def gbdt_rounds(spec: Spec, *, node_names: dict[int, str], exchange: Callable[..
                             problems=[f"{k}: code {v}" for k, v in gone.items()])
         return gone
 
+    sketch = gbdt.sketch_of(spec)
+    edges_wire: dict[str, Any] | None = None
+    if sketch is not None:
+        # Step 1: every node's (noisy) count sketch, summed in the clear (plain aggregation only: spec-checked).
+        step = 1
+        cfg0: dict[str, Any] = {"fedcollab.kind": "gbdt", "fedcollab.run_id": run_id, "server-round": step}
+        got = exchange(step, message_type.TRAIN, {p: (None, cfg0, {"gbdt": gbdt.sketch_request_wire()}) for p in active})
+        counts = {}
+        for p, m in got.items():
+            try:
+                counts[p] = gbdt.sketch_reply_from_wire(dict(m.content.config_records["gbdt"]), sketch)
+            except (KeyError, ProtocolError):
+                log.warning("partner %s sent a malformed gbdt sketch; it is left out", p)
+        pre_failed = dropped(step, set(counts), "sent their sketch")
+        indices = gbdt.edges_from_sketch(np.sum([counts[p] for p in sorted(counts)], axis=0), sketch, n_bins=params.n_bins)
+        layout = gbdt.layout_from_sketch(layout, sketch, indices, n_bins=params.n_bins)
+        edges_wire = gbdt.edges_to_wire(indices)
+    else:
+        pre_failed = {}
+
     if secure:
         state, request = open_round(1, active)
         state, routed = shares_for(1, state, send_stage(1)("advertise", {p: request for p in state.cfg.participants}))
@@ -78,7 +102,7 @@ def gbdt_rounds(spec: Spec, *, node_names: dict[int, str], exchange: Callable[..
 
     for t in range(params.n_trees):
         t0 = time.perf_counter()
-        failed: dict[str, int] = {}
+        failed: dict[str, int] = dict(pre_failed) if t == 0 else {}
         gt, req = gbdt.coordinator_start_tree(t, layout=layout, params=params, plan=plan, rng=rng)
         tree = None
         first = True
@@ -88,6 +112,8 @@ def gbdt_rounds(spec: Spec, *, node_names: dict[int, str], exchange: Callable[..
             extra: dict[str, dict[str, Any]] = {"gbdt": req.to_wire()}
             if first and trees:
                 extra["gbdt.apply"] = trees[-1].to_wire()
+            if first and t == 0 and edges_wire is not None:
+                extra["gbdt.edges"] = edges_wire
             if req.release == "leaves":
                 shape: tuple[int, ...] = (len(req.open), 2)
             else:

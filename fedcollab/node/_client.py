@@ -698,9 +698,11 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str], *
             raise ProtocolError("a gbdt step without its level request")
         apply = msg.content.config_records.get("gbdt.apply")
         secure = spec.aggregation == "secagg"
+        edges = msg.content.config_records.get("gbdt.edges")
         wire, lines, vector = step(node, dict(msg.content.config_records["gbdt"]), dict(apply) if apply is not None else None,
                                    max_rows=float(cfg["secagg.max_weight"]) if secure else None,
-                                   n_parties=int(cfg["secagg.n_parties"]) if secure else None)
+                                   n_parties=int(cfg["secagg.n_parties"]) if secure else None,
+                                   edges_wire=dict(edges) if edges is not None else None)
         content = RecordDict({"gbdt": ConfigRecord(wire), RecordKey.RELEASES: lines_record(lines)})
         if vector is None:
             return content

@@ -9,7 +9,12 @@ ledger against its budget, and only then answers and advances its state. Under
 wait in the node folder for the step's SecAgg+ stages (the step number is the secure-aggregation round;
 every step's vector has the fixed length ``secagg_length``, zero-padded).
 
-The node's tree state (margins, row positions, gradients, steps answered) lives in its folder
+With ``bin_edges = "quantile"`` the run's first step is a ``gbdt`` record of kind
+``sketch_request``: the node releases its (noisy) count sketch once, and the first tree's first
+step carries the coordinator's edges (``gbdt.edges``), which the node checks against the public
+grid before re-binning its rows; any other order is refused.
+
+The node's tree state (margins, row positions, gradients, steps answered, quantile edges) lives in its folder
 (``gbdt/<run id>.npz``, mode 0600), so the same code serves simulation and deployment. The DP
 plan comes from the node's own spec (public parameters only), never from the request; the noise
 from a generator seeded from OS entropy.
@@ -18,6 +23,7 @@ from a generator seeded from OS entropy.
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -34,6 +40,15 @@ def _state_path(home: Path, run_id: str) -> Path:
     return home / "gbdt" / f"{run_id}.npz"
 
 
+def layout_of_state(spec: Spec, state: gbdt.NodeState) -> gbdt.BinLayout:
+    """The bins the node uses: the public layout, or the quantile edges it accepted."""
+    public = gbdt.layout_of(spec)
+    sk = gbdt.sketch_of(spec)
+    if state.edge_index is None or sk is None:
+        return public
+    return gbdt.layout_from_sketch(public, sk, state.edge_index, n_bins=gbdt.params_of(spec).n_bins)
+
+
 def load_state(home: Path, run_id: str, x_train: np.ndarray, y_train: np.ndarray, spec: Spec) -> gbdt.NodeState:
     """This run's state at the node, or a fresh one (binned rows, margin ``logit(base_score)``)."""
     fresh = gbdt.node_init(x_train, y_train, layout=gbdt.layout_of(spec), base_score=gbdt.params_of(spec).base_score)
@@ -42,8 +57,14 @@ def load_state(home: Path, run_id: str, x_train: np.ndarray, y_train: np.ndarray
         return fresh
     with np.load(path) as z:
         steps = frozenset((int(a), int(b)) for a, b in z["steps_done"].reshape(-1, 2))
-        return replace(fresh, margin=z["margin"], position=z["position"], g=z["g"], h=z["h"], trees_done=int(z["trees_done"]),
-                       steps_done=steps, leaves_released=bool(z["leaves_released"]))
+        raw = json.loads(str(z["edge_index"])) if "edge_index" in z.files else None
+        state = replace(fresh, margin=z["margin"], position=z["position"], g=z["g"], h=z["h"], trees_done=int(z["trees_done"]),
+                        steps_done=steps, leaves_released=bool(z["leaves_released"]),
+                        sketched=bool(z["sketched"]) if "sketched" in z.files else False,
+                        edge_index=tuple(tuple(i) for i in raw) if raw is not None else None)
+    if state.edge_index is not None:
+        state = replace(state, bins=gbdt.bin_rows(x_train, layout_of_state(spec, state)))
+    return state
 
 
 def save_state(home: Path, run_id: str, state: gbdt.NodeState) -> None:
@@ -51,7 +72,8 @@ def save_state(home: Path, run_id: str, state: gbdt.NodeState) -> None:
     buf = io.BytesIO()
     steps = np.array(sorted(state.steps_done), dtype=np.int64).reshape(-1, 2)
     np.savez(buf, margin=state.margin, position=state.position, g=state.g, h=state.h, trees_done=np.asarray(state.trees_done),
-             steps_done=steps, leaves_released=np.asarray(state.leaves_released))
+             steps_done=steps, leaves_released=np.asarray(state.leaves_released), sketched=np.asarray(state.sketched),
+             edge_index=np.asarray(json.dumps(state.edge_index)))
     write_private(_state_path(home, run_id), buf.getvalue())
 
 
@@ -61,18 +83,39 @@ def drop_state(home: Path, run_id: str) -> None:
 
 
 def step(node: Any, request_wire: dict[str, Any], apply_wire: dict[str, Any] | None, *, max_rows: float | None = None,
-         n_parties: int | None = None) -> tuple[dict[str, Any], list[str], np.ndarray | None]:
+         n_parties: int | None = None, edges_wire: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[str], np.ndarray | None]:
     """Answer one level request: ``(reply record, ledger lines, secagg vector or None)``.
 
     ``apply_wire``: the previous finished tree (required with the first step of every tree but
     the first). With ``max_rows`` and ``n_parties`` (secagg) the values are encoded for SecAgg+
-    and the reply holds only the header. The release is recorded (policy and budget checked)
-    before the state advances or anything leaves.
+    and the reply holds only the header. ``edges_wire``: the quantile edges, with the first tree's
+    first step. The release is recorded (policy and budget checked) before the state advances or
+    anything leaves.
     """
     spec, d, home = node.spec, node.data, Path(node.home.root)
-    layout, params, plan = gbdt.layout_of(spec), gbdt.params_of(spec), gbdt.plan_of(spec)
+    params, plan, sk = gbdt.params_of(spec), gbdt.plan_of(spec), gbdt.sketch_of(spec)
     state = load_state(home, node.run_id, d.x_train, d.y_train, spec)
+    layout = layout_of_state(spec, state)
+    if gbdt.is_sketch_request(request_wire):
+        try:
+            if sk is None or max_rows is not None or apply_wire is not None or edges_wire is not None:
+                raise ProtocolError("gbdt: a sketch request where the node's spec has no quantile sketch")
+            state, values, release = gbdt.node_sketch(state, d.x_train, party=node.partner, sketch=sk, plan=plan,
+                                                      rng=fresh_generator() if plan is not None else None)
+        except ProtocolError as exc:
+            node._refuse_coded(NodeErrorCode.BAD_REQUEST, "gbdt request outside the node's plan", log_text=str(exc))
+        line = node.gate.record(release, run_id=node.run_id, payload=np.ascontiguousarray(values).tobytes()).decode()
+        save_state(home, node.run_id, state)
+        return gbdt.sketch_reply_wire(values), [line], None
     try:
+        if sk is not None and state.edge_index is None:
+            # The first tree step of a quantile run must carry the edges (checked on the public grid).
+            if edges_wire is None:
+                raise ProtocolError("gbdt: the first tree step of a quantile run must carry the edges")
+            state, layout = gbdt.node_set_edges(state, d.x_train, gbdt.edges_from_wire(edges_wire), public=gbdt.layout_of(spec), sketch=sk,
+                                                n_bins=params.n_bins)
+        elif edges_wire is not None:
+            raise ProtocolError("gbdt: edges arrive once, with the first tree step of a quantile run")
         request = gbdt.LevelRequest.from_wire(request_wire)
         if apply_wire is not None:
             if request.level != 0 or state.trees_done != request.tree - 1 or not state.leaves_released:
@@ -108,4 +151,4 @@ def step(node: Any, request_wire: dict[str, Any], apply_wire: dict[str, Any] | N
     return wire, [line], vector
 
 
-__all__ = ["drop_state", "load_state", "save_state", "step"]
+__all__ = ["drop_state", "layout_of_state", "load_state", "save_state", "step"]

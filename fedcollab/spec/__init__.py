@@ -1,6 +1,6 @@
 """The collaboration spec: strict pydantic models, TOML loading, JSON Schema export."""
 
-from fedcollab.spec._gbdt import GbdtSpec, TreeParams, tree_params
+from fedcollab.spec._gbdt import SKETCH_GRID, GbdtSpec, TreeParams, tree_params
 from fedcollab.spec._he import HeSpec
 from fedcollab.spec._load import load_spec, parse_spec, spec_sha256
 from fedcollab.spec._policy import BudgetSpec, NodePolicy, PolicyWarning, ScoringPolicy, StatisticsPolicy, VerticalPolicy, load_policy, policy_toml
@@ -40,6 +40,7 @@ __all__ = [
     "QuerySpec",
     "Roster",
     "RosterEntry",
+    "SKETCH_GRID",
     "SchemaSpec",
     "ScoringPolicy",
     "SecAggSpec",

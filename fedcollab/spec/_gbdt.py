@@ -45,7 +45,13 @@ class TreeParams:
     dp_leaf_share: float
     grad_clip: float
     hess_clip: float
+    bin_edges: Literal["public", "quantile"] = "public"
+    dp_sketch_share: float = 0.1
 
+
+#: Fine grid of the quantile sketch: equal-width cells over a feature's public bounds; the edges are
+#: chosen among these cells' boundaries (public, so a node can check every edge it is sent).
+SKETCH_GRID = 256
 
 #: Defaults without DP and with record-level DP (measured: benchmarks/trees.py, protocols/gbdt.md).
 DEFAULTS_NO_DP: dict[str, Any] = {"n_trees": 50, "max_depth": 3, "learning_rate": 0.1, "reg_lambda": 1.0, "min_child_weight": 1.0}
@@ -67,6 +73,8 @@ class GbdtSpec(FrozenModel):
     dp_leaf_share: Finite = Field(default=0.8, gt=0, le=1, description="dp_split = 'histogram': share of the composed Gaussian precision (1/sigma^2) spent on leaf sums; 1 is only allowed with `random`.")
     grad_clip: Finite = Field(default=1.0, gt=0, description="With record-level DP: per-record bound on |gradient| (logistic loss: |p - y| <= 1 already).")
     hess_clip: Finite = Field(default=0.25, gt=0, description="With record-level DP: per-record bound on the hessian (logistic loss: p(1 - p) <= 1/4 already).")
+    bin_edges: Literal["public", "quantile"] = Field(default="public", description="Bin edges of number features: `public` (equal-width over the schema bounds, no data, no cost) or `quantile` (each node releases a count sketch of its rows on a fine public grid, noisy and charged under record-level DP; the coordinator sets the edges at the pooled quantiles). Measured on Heart: public is as good (benchmarks/trees.py), hence the default; quantile is for skewed columns with wide bounds. Offered with aggregation = 'plain'.")
+    dp_sketch_share: Finite = Field(default=0.1, gt=0, lt=1, description="bin_edges = 'quantile' with record-level DP: share of the composed Gaussian precision (1/sigma^2) spent on the sketch; the trees get the rest.")
 
     def resolved(self, *, record_dp: bool) -> TreeParams:
         """Every field set, defaults chosen by whether record-level DP is on."""
@@ -74,7 +82,8 @@ class GbdtSpec(FrozenModel):
         pick = {k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in base.items()}
         return TreeParams(
             n_bins=self.n_bins, gamma=self.gamma, base_score=self.base_score, dp_split=self.dp_split,
-            dp_leaf_share=self.dp_leaf_share, grad_clip=self.grad_clip, hess_clip=self.hess_clip, **pick,
+            dp_leaf_share=self.dp_leaf_share, grad_clip=self.grad_clip, hess_clip=self.hess_clip, bin_edges=self.bin_edges,
+            dp_sketch_share=self.dp_sketch_share, **pick,
         )
 
     def problems(self) -> list[str]:
@@ -94,6 +103,11 @@ def gbdt_problems(spec: Any) -> list[str]:
         out.append("model kind 'gbdt' is not offered with aggregation = 'he' (per-bin sums of every tree level do not fit the BFV budget); use 'plain' or 'secagg'")
     if spec.privacy.mode in ("distributed", "central"):
         out.append(f"model kind 'gbdt' offers privacy.mode 'none' or 'record', got {spec.privacy.mode!r}")
+    table = spec.model.gbdt
+    if table is not None and table.bin_edges == "quantile" and spec.layout == "vertical":
+        out.append("model.gbdt.bin_edges = 'quantile' is for horizontal runs; a vertical run's passive parties bin their own columns (vertical.passive_bins)")
+    elif table is not None and table.bin_edges == "quantile" and spec.aggregation != "plain":
+        out.append(f"model.gbdt.bin_edges = 'quantile' is offered with aggregation = 'plain' only (each node's count sketch would leave outside the secure sum), got aggregation = {spec.aggregation!r}; use bin_edges = 'public'")
     return out
 
 

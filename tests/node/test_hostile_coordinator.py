@@ -349,6 +349,39 @@ class TestGbdt:
         node.refused(hist, NodeErrorCode.BAD_REQUEST, before)
         assert self._releases(node) == 1  # nothing more left, nothing more charged
 
+    def test_quantile_sketch_and_edges_only_in_order(self, tmp_path):
+        """bin_edges = "quantile": a tree step before the sketch, a second sketch, a tree step without edges, edges off the
+        grid and edges sent twice are refused, coded, with nothing more released; a public-edges node refuses a sketch."""
+        from fedcollab.protocols.gbdt import edges_to_wire, sketch_request_wire
+
+        def refuse(n: Node, rnd: int, extra: dict) -> None:
+            before = len(n.entries())
+            n.refused(n.send("train", {"fedcollab.kind": "gbdt", "server-round": rnd}, extra=extra), NodeErrorCode.BAD_REQUEST, before)
+
+        public = Node(_spec("heart-disease-gbdt-dp.toml"), tmp_path / "public")
+        _setup(public)
+        refuse(public, 1, {"gbdt": sketch_request_wire()})
+        assert self._releases(public) == 0
+        spec = _spec("heart-disease-gbdt-dp.toml").replace(model={"gbdt": {"bin_edges": "quantile"}})
+        node = Node(spec, tmp_path / "q")
+        _setup(node)
+        good = edges_to_wire([(3, 10, 200)] * 5)
+        tree = {"gbdt": self._level(0, 0, "leaves"), "gbdt.edges": good}
+        # The trees' steps before the sketch: refused (no edges accepted before a sketch).
+        refuse(node, 1, tree)
+        ok = node.send("train", {"fedcollab.kind": "gbdt", "server-round": 2}, extra={"gbdt": sketch_request_wire()})
+        assert ok.content.config_records["gbdt"]["kind"] == "sketch_reply" and self._releases(node) == 1
+        refuse(node, 3, {"gbdt": sketch_request_wire()})
+        refuse(node, 4, {"gbdt": self._level(0, 0, "leaves")})
+        off_grid = {"gbdt": self._level(0, 0, "leaves"), "gbdt.edges": edges_to_wire([(3, 10, 400)] * 5)}
+        refuse(node, 5, off_grid)
+        assert self._releases(node) == 1
+        ok = node.send("train", {"fedcollab.kind": "gbdt", "server-round": 6}, extra=tree)
+        assert ok.content.config_records["gbdt"]["kind"] == "histogram_reply" and self._releases(node) == 2
+        again = {"gbdt": self._level(1, 0, "leaves"), "gbdt.edges": good}
+        refuse(node, 7, again)
+        assert self._releases(node) == 2
+
     def test_budget_refuses_a_run_the_plan_does_not_fit(self, tmp_path):
         """A node with epsilon 0.5 refuses the epsilon-1 gbdt plan at setup, before any tree step."""
         spec = _spec("heart-disease-gbdt-dp.toml")

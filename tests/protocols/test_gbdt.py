@@ -435,3 +435,121 @@ class TestSpec:
         bad["aggregation"] = "he"
         assert any("not offered with aggregation = 'he'" in p for p in self._problems(bad))
 
+
+
+class TestQuantileSketch:
+    """``bin_edges = "quantile"``: the count sketch, the edges the coordinator picks, what a node accepts, the DP plan."""
+
+    @pytest.fixture()
+    def qspec(self, dp_spec):
+        return dp_spec.replace(model={"gbdt": {"bin_edges": "quantile"}})
+
+    def test_edges_sit_at_the_pooled_quantiles(self, spec, heart, layout):
+        from fedcollab.protocols.gbdt import edges_from_sketch, layout_from_sketch, sketch_counts, sketch_layout_from_schema
+
+        sk = sketch_layout_from_schema(spec.data_schema)
+        assert [layout.feature_names[j] for j in sk.features] == ["age", "trestbps", "chol", "thalch", "oldpeak"]
+        # The sum of the nodes' sketches is the sketch of the pooled rows (so the edges do not depend on who holds what).
+        pooled = np.concatenate([d.x_train for d in heart])
+        total = sum(sketch_counts(d.x_train, sk) for d in heart)
+        np.testing.assert_array_equal(total, sketch_counts(pooled, sk))
+        n_bins = 8
+        idx = edges_from_sketch(total, sk, n_bins=n_bins)
+        q = layout_from_sketch(layout, sk, idx, n_bins=n_bins)
+        for i, j in enumerate(sk.features):
+            col = pooled[:, j][~np.isnan(pooled[:, j])].astype(np.float32)
+            grid = sk.grids[i]
+            assert all(e == grid[k] for k, e in zip(idx[i], q.edges[j]))  # every edge a boundary of the public grid
+            # For each quantile k / n_bins: the first grid boundary with at least that share of the rows below it is an edge
+            # (an atom, such as oldpeak's many zeros, merges quantiles into one edge).
+            below = np.array([np.mean(col < g) for g in grid.astype(np.float32)])
+            want = {int(np.argmax(below >= qk)) for qk in np.arange(1, n_bins) / n_bins}
+            assert set(idx[i]) == want, layout.feature_names[j]
+        # Binary features keep their public 0.5 split.
+        for j in set(range(layout.n_features)) - set(sk.features):
+            np.testing.assert_array_equal(q.edges[j], layout.edges[j])
+
+    def test_on_a_skewed_column_quantile_bins_balance_where_public_ones_do_not(self, layout, spec):
+        from fedcollab.protocols.gbdt import edges_from_sketch, layout_from_sketch, sketch_counts, sketch_layout_from_schema
+
+        sk = sketch_layout_from_schema(spec.data_schema)
+        rng = np.random.default_rng(0)
+        x = np.zeros((4000, layout.n_features))
+        j = sk.features[2]  # chol: public bounds [100, 600]; put most rows near the bottom
+        x[:, j] = 100 + rng.exponential(15.0, size=4000)
+        n_bins = 16
+        q = layout_from_sketch(layout, sk, edges_from_sketch(sketch_counts(x, sk), sk, n_bins=n_bins), n_bins=n_bins)
+        pub = layout_from_schema(spec.data_schema, n_bins=n_bins)
+        fullest = {name: np.bincount(bin_rows(x, lay)[:, j]).max() / len(x) for name, lay in (("quantile", q), ("public", pub))}
+        assert fullest["quantile"] < 0.2 and fullest["public"] > 0.8, fullest  # one grid cell (1.95) holds ~12 %
+
+    def test_a_node_checks_the_edges_and_the_order(self, qspec, heart):
+        from fedcollab.protocols.gbdt import layout_of, node_set_edges, node_sketch, plan_of, sketch_of
+
+        sk, pub, plan = sketch_of(qspec), layout_of(qspec), plan_of(qspec)
+        n_bins = tree_params(qspec).n_bins
+        d = heart[0]
+        st = node_init(d.x_train, d.y_train, layout=pub, base_score=0.5)
+        good = tuple((3, 10, 200) for _ in sk.features)
+        with pytest.raises(ProtocolError, match="after the sketch"):
+            node_set_edges(st, d.x_train, good, public=pub, sketch=sk, n_bins=n_bins)  # edges before the sketch
+        st2, values, event = node_sketch(st, d.x_train, party=d.partner, sketch=sk, plan=plan, rng=np.random.default_rng(1))
+        assert values.shape == (len(sk.features), 256) and event.details["release"] == "sketch"
+        assert event.mechanism.noise_multiplier == plan.z_sketch and event.details["sensitivity"] == math.sqrt(len(sk.features))
+        with pytest.raises(ProtocolError, match="answered once"):
+            node_sketch(st2, d.x_train, party=d.partner, sketch=sk, plan=plan, rng=np.random.default_rng(1))
+        for bad, what in [((( 10, 3),) * len(sk.features), "increasing"), (((0, 255),) * len(sk.features), "increasing"),
+                          ((tuple(range(n_bins)),) * len(sk.features), "increasing"), (good[:-1], "expected edges of"),
+                          (((1.5,),) * len(sk.features), "ints")]:
+            with pytest.raises(ProtocolError, match=what):
+                node_set_edges(st2, d.x_train, bad, public=pub, sketch=sk, n_bins=n_bins)
+        st3, lay = node_set_edges(st2, d.x_train, good, public=pub, sketch=sk, n_bins=n_bins)
+        np.testing.assert_array_equal(st3.bins, bin_rows(d.x_train, lay))
+        with pytest.raises(ProtocolError, match="arrive once"):
+            node_set_edges(st3, d.x_train, good, public=pub, sketch=sk, n_bins=n_bins)
+
+    def test_the_plan_charges_the_sketch_and_stays_within_the_target(self, qspec, dp_spec):
+        from fedcollab.protocols.gbdt import plan_of, planned_releases
+
+        plan, base = plan_of(qspec), plan_of(dp_spec)
+        assert plan.sketch_features == 5 and plan.z_sketch is not None and base.sketch_features == 0
+        assert plan.epsilon <= 1.0 and compute_epsilon(plan.mechanisms(), delta=plan.delta, accountant=plan.accountant).epsilon == pytest.approx(plan.epsilon)
+        # The sketch takes dp_sketch_share = 0.1 of the precision: the leaves get 90 % of it, sigma up by 1/sqrt(0.9).
+        assert plan.z_leaf / base.z_leaf == pytest.approx(1 / math.sqrt(0.9), rel=2e-3)
+        rel = planned_releases(qspec, "hospital")
+        assert rel[0].details["release"] == "sketch" and len(rel) == tree_params(qspec).n_trees + 1
+        # What the nodes record is what is planned: composing the planned events gives the plan's epsilon.
+        assert compute_epsilon([r.mechanism for r in rel], delta=plan.delta, accountant=plan.accountant).epsilon == pytest.approx(plan.epsilon, rel=1e-6)
+
+    def test_federated_quantile_run_without_dp_equals_central_on_the_same_edges(self, spec, heart, layout):
+        from fedcollab.protocols.gbdt import edges_from_sketch, layout_from_sketch, sketch_counts, sketch_layout_from_schema
+
+        params = _params(spec, n_trees=3, bin_edges="quantile")
+        sk = sketch_layout_from_schema(spec.data_schema)
+        fed = train_in_process(_partners(heart), layout=layout, params=params, plan=None, coordinator_rng=np.random.default_rng(0), sketch=sk)
+        pooled_x = np.concatenate([d.x_train for d in heart])
+        pooled_y = np.concatenate([d.y_train for d in heart])
+        q = layout_from_sketch(layout, sk, edges_from_sketch(sketch_counts(pooled_x, sk), sk, n_bins=params.n_bins), n_bins=params.n_bins)
+        central = train_in_process([("all", pooled_x, pooled_y)], layout=q, params=params, plan=None, coordinator_rng=np.random.default_rng(0))
+        x, _ = _test_rows(heart)
+        np.testing.assert_allclose(fed.model.predict_proba(x), central.model.predict_proba(x), atol=1e-9)
+        assert all(r[0].details["release"] == "sketch" for r in fed.releases.values())
+
+    def test_spec_refusals(self, raw_dp):
+        bad = copy.deepcopy(raw_dp)
+        bad["model"] = {"kind": "gbdt", "gbdt": {"bin_edges": "quantile"}}
+        bad["aggregation"] = "secagg"
+        with pytest.raises(SpecError) as exc:
+            parse_spec(bad)
+        assert any("bin_edges = 'quantile' is offered with aggregation = 'plain' only" in p for p in exc.value.problems)
+        for share in (0.0, 1.0, float("nan")):
+            bad = copy.deepcopy(raw_dp)
+            bad["model"] = {"kind": "gbdt", "gbdt": {"bin_edges": "quantile", "dp_sketch_share": share}}
+            with pytest.raises(SpecError) as exc:
+                parse_spec(bad)
+            assert len(exc.value.problems) == 1 and exc.value.problems[0].startswith("`model.gbdt.dp_sketch_share`")
+
+
+@pytest.fixture()
+def raw_dp():
+    return tomllib.loads((ROOT / "protocols" / "heart-disease-gbdt-dp.toml").read_text())

@@ -4,6 +4,7 @@ Pure functions and records; the Flower wiring (node adapter, coordinator strateg
 See protocols/gbdt.md for the protocol, its messages, the DP sensitivity and the threat model.
 
 * binning: public bin edges from the schema bounds, binning of encoded rows (missing bin per feature)
+* sketch: quantile bin edges from the nodes' (noisy) count sketch on a fine public grid
 * histogram: per-node, per-feature, per-bin (G, H) sums, their sum, their secagg fixed-point encoding
 * split: the XGBoost gain, the learned missing direction, leaf values, random splits
 * dp: record-level clipping, Gaussian noise, the calibrated plan and the release events
@@ -13,7 +14,7 @@ See protocols/gbdt.md for the protocol, its messages, the DP sensitivity and the
 """
 
 from fedcollab.protocols.gbdt._binning import BinLayout, bin_rows, layout_from_bounds, layout_from_schema
-from fedcollab.protocols.gbdt._dp import GbdtDpPlan, add_noise, clip_gradients, plan_gbdt_dp, release_event, tree_releases
+from fedcollab.protocols.gbdt._dp import GbdtDpPlan, add_noise, clip_gradients, plan_gbdt_dp, release_event, sketch_release, tree_releases
 from fedcollab.protocols.gbdt._histogram import (
     build_histograms,
     decode_histograms,
@@ -36,6 +37,8 @@ from fedcollab.protocols.gbdt._protocol import (
     node_apply_tree,
     node_init,
     node_reply,
+    node_set_edges,
+    node_sketch,
     split_levels,
 )
 from fedcollab.protocols.gbdt._run import (
@@ -49,7 +52,22 @@ from fedcollab.protocols.gbdt._run import (
     planned_releases,
     max_steps,
     secagg_length,
+    sketch_of,
+    sketch_steps,
     steps_per_tree,
+)
+from fedcollab.protocols.gbdt._sketch import (
+    SketchLayout,
+    edges_from_sketch,
+    edges_from_wire,
+    edges_to_wire,
+    is_sketch_request,
+    layout_from_sketch,
+    sketch_counts,
+    sketch_layout_from_schema,
+    sketch_reply_from_wire,
+    sketch_reply_wire,
+    sketch_request_wire,
 )
 from fedcollab.protocols.gbdt._split import Split, best_split, leaf_value, random_split, split_gain
 from fedcollab.protocols.gbdt._train import TrainResult, train_in_process
@@ -67,6 +85,20 @@ __all__ = [
     "max_steps",
     "secagg_length",
     "steps_per_tree",
+    "sketch_of",
+    "sketch_steps",
+    "SketchLayout",
+    "edges_from_sketch",
+    "edges_from_wire",
+    "edges_to_wire",
+    "is_sketch_request",
+    "layout_from_sketch",
+    "sketch_counts",
+    "sketch_layout_from_schema",
+    "sketch_reply_from_wire",
+    "sketch_reply_wire",
+    "sketch_request_wire",
+    "sketch_release",
     "BinLayout",
     "Ensemble",
     "GbdtDpPlan",
@@ -97,6 +129,8 @@ __all__ = [
     "node_apply_tree",
     "node_init",
     "node_reply",
+    "node_set_edges",
+    "node_sketch",
     "plan_gbdt_dp",
     "random_split",
     "release_event",

@@ -74,8 +74,8 @@ def layout_from_bounds(names: Sequence[str], bounds: np.ndarray, *, n_bins: int,
     return BinLayout(feature_names=tuple(names), edges=edges)
 
 
-def layout_from_schema(schema: SchemaSpec, *, n_bins: int) -> BinLayout:
-    """The layout of the schema's encoded features (public bounds only)."""
+def binary_flags(schema: SchemaSpec) -> list[bool]:
+    """For every encoded feature: whether it is 0/1 (a bool, or one level of a one-hot category)."""
     binary: list[bool] = []
     for f in schema.features:
         col = schema.column(f)
@@ -83,6 +83,12 @@ def layout_from_schema(schema: SchemaSpec, *, n_bins: int) -> BinLayout:
             binary.extend(True for _ in (col.levels or [])[1:])
         else:
             binary.append(col.type == "bool")
+    return binary
+
+
+def layout_from_schema(schema: SchemaSpec, *, n_bins: int) -> BinLayout:
+    """The layout of the schema's encoded features (public bounds only)."""
+    binary = binary_flags(schema)
     bounds = np.asarray(schema.encoded_bounds(), dtype=np.float64).reshape(-1, 2)  # public (no data layer: the coordinator calls this too)
     return layout_from_bounds(schema.encoded_features(), bounds, n_bins=n_bins, binary=binary)
 

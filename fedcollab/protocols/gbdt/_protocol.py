@@ -29,9 +29,10 @@ import numpy as np
 from fedcollab.core import ProtocolError
 from fedcollab.privacy.accounting import Release
 from fedcollab.protocols.gbdt._binning import BinLayout, bin_rows
-from fedcollab.protocols.gbdt._dp import GbdtDpPlan, ReleaseKind, add_noise, clip_gradients, release_event
+from fedcollab.protocols.gbdt._dp import GbdtDpPlan, ReleaseKind, add_noise, clip_gradients, release_event, sketch_release
 from fedcollab.protocols.gbdt._histogram import build_histograms, leaf_sums
 from fedcollab.protocols.gbdt._model import Tree
+from fedcollab.protocols.gbdt._sketch import SketchLayout, layout_from_sketch, sketch_counts
 from fedcollab.protocols.gbdt._split import best_split, leaf_value, random_split
 from fedcollab.spec import TreeParams
 
@@ -162,6 +163,8 @@ class NodeState:
     trees_done: int = 0
     steps_done: frozenset[tuple[int, int]] = frozenset()
     leaves_released: bool = False  # the current tree's leaf sums left: no further step until the tree is applied
+    sketched: bool = False  # bin_edges = "quantile": the count sketch left (answered once, before any tree)
+    edge_index: tuple[tuple[int, ...], ...] | None = None  # the quantile edges' grid indices, once received
 
 
 def node_init(x_train: np.ndarray, y_train: np.ndarray, *, layout: BinLayout, base_score: float) -> NodeState:
@@ -173,6 +176,43 @@ def node_init(x_train: np.ndarray, y_train: np.ndarray, *, layout: BinLayout, ba
     n = len(y)
     margin = np.full(n, math.log(base_score / (1 - base_score)))
     return NodeState(bins=bins, y=y, margin=margin, position=np.zeros(n, dtype=np.int64), g=np.zeros(n), h=np.zeros(n))
+
+
+def node_sketch(state: NodeState, x_train: np.ndarray, *, party: str, sketch: SketchLayout, plan: GbdtDpPlan | None,
+                rng: np.random.Generator | None) -> tuple[NodeState, np.ndarray, Release]:
+    """The run's first step with quantile edges: the node's (noisy) count sketch and its release event.
+
+    Raises
+    ------
+    ProtocolError
+        If the sketch was already answered or a tree has started (the sketch comes once, first).
+    """
+    if state.sketched or state.trees_done or state.steps_done or state.edge_index is not None:
+        raise ProtocolError("gbdt: the count sketch is the run's first step and is answered once.")
+    if plan is not None and rng is None:
+        raise ProtocolError("gbdt: a DP release needs an explicit noise generator.")
+    event = sketch_release(plan, party=party)
+    values = sketch_counts(x_train, sketch)
+    if plan is not None:
+        assert rng is not None
+        values = add_noise(values, sigma=plan.sigma_sketch, rng=rng)
+    return replace(state, sketched=True), values, event
+
+
+def node_set_edges(state: NodeState, x_train: np.ndarray, indices: Sequence[Sequence[int]], *, public: BinLayout, sketch: SketchLayout,
+                   n_bins: int) -> tuple[NodeState, BinLayout]:
+    """Check the coordinator's quantile edges against the public grid and re-bin the node's rows with them.
+
+    Raises
+    ------
+    ProtocolError
+        Before the sketch, after the first tree step, a second time, or with edges off the grid.
+    """
+    if not state.sketched or state.edge_index is not None or state.steps_done:
+        raise ProtocolError("gbdt: quantile edges arrive once, after the sketch and with the first tree's first step.")
+    layout = layout_from_sketch(public, sketch, indices, n_bins=n_bins)
+    idx = tuple(tuple(int(v) for v in i) for i in indices)
+    return replace(state, bins=bin_rows(x_train, layout), edge_index=idx), layout
 
 
 def logistic_gradients(y: np.ndarray, margin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -15,10 +15,11 @@ from typing import Any
 from fedcollab.core import ProtocolError
 from fedcollab.privacy.accounting import Release
 from fedcollab.protocols.gbdt._binning import BinLayout, layout_from_schema
-from fedcollab.protocols.gbdt._dp import GbdtDpPlan, plan_gbdt_dp, tree_releases
+from fedcollab.protocols.gbdt._dp import GbdtDpPlan, plan_gbdt_dp, sketch_release, tree_releases
 from fedcollab.protocols.gbdt._histogram import histogram_bound
 from fedcollab.protocols.gbdt._model import Ensemble, Tree
 from fedcollab.protocols.gbdt._protocol import split_levels
+from fedcollab.protocols.gbdt._sketch import SketchLayout, sketch_layout_from_schema
 from fedcollab.spec import SchemaSpec, Spec, TreeParams, tree_params
 
 #: Fixed-point scale of the secagg encoding of the sums (2^24: far below the noise, far from wrapping).
@@ -41,8 +42,22 @@ def layout_of(spec: Spec) -> BinLayout:
 
 
 @lru_cache(maxsize=16)
-def _plan(params: TreeParams, n_features: int, eps: float, delta: float, accountant: str) -> GbdtDpPlan:
-    return plan_gbdt_dp(params, n_features=n_features, target_epsilon=eps, delta=delta, accountant=accountant)  # type: ignore[arg-type]
+def _sketch(schema_json: str) -> SketchLayout:
+    return sketch_layout_from_schema(SchemaSpec.model_validate_json(schema_json))
+
+
+def sketch_of(spec: Spec) -> SketchLayout | None:
+    """The quantile sketch's features and grids (None with ``bin_edges = "public"`` or no number feature)."""
+    if params_of(spec).bin_edges != "quantile":
+        return None
+    sk = _sketch(spec.data_schema.model_dump_json(by_alias=True))
+    return sk if sk.features else None
+
+
+@lru_cache(maxsize=16)
+def _plan(params: TreeParams, n_features: int, eps: float, delta: float, accountant: str, sketch_features: int) -> GbdtDpPlan:
+    return plan_gbdt_dp(params, n_features=n_features, target_epsilon=eps, delta=delta, accountant=accountant,  # type: ignore[arg-type]
+                        sketch_features=sketch_features)
 
 
 def plan_of(spec: Spec) -> GbdtDpPlan | None:
@@ -51,7 +66,9 @@ def plan_of(spec: Spec) -> GbdtDpPlan | None:
         return None
     p = spec.privacy
     assert p.target_epsilon is not None and p.delta is not None
-    return _plan(params_of(spec), layout_of(spec).n_features, float(p.target_epsilon), float(p.delta), p.accountant)
+    sk = sketch_of(spec)
+    return _plan(params_of(spec), layout_of(spec).n_features, float(p.target_epsilon), float(p.delta), p.accountant,
+                 len(sk.features) if sk is not None else 0)
 
 
 def steps_per_tree(spec: Spec) -> int:
@@ -59,9 +76,14 @@ def steps_per_tree(spec: Spec) -> int:
     return split_levels(params_of(spec), plan_of(spec)) + 1
 
 
+def sketch_steps(spec: Spec) -> int:
+    """1 with a quantile sketch (the run's step 1), else 0."""
+    return 1 if sketch_of(spec) is not None else 0
+
+
 def max_steps(spec: Spec) -> int:
     """Most exchanges of the whole model: its steps are numbered 1..max_steps (a tree that stops early skips none)."""
-    return params_of(spec).n_trees * steps_per_tree(spec)
+    return sketch_steps(spec) + params_of(spec).n_trees * steps_per_tree(spec)
 
 
 def secagg_length(spec: Spec) -> int:
@@ -80,7 +102,7 @@ def planned_releases(spec: Spec, party: str) -> list[Release]:
     """Every release the whole model makes about ``party``'s training rows, in order."""
     params, plan = params_of(spec), plan_of(spec)
     levels = split_levels(params, plan)
-    out: list[Release] = []
+    out: list[Release] = [sketch_release(plan, party=party)] if sketch_of(spec) is not None else []
     for t in range(params.n_trees):
         out += tree_releases(plan, party=party, tree=t, split_levels=levels)
     return out

@@ -17,7 +17,16 @@ from fedcollab.protocols.gbdt._binning import BinLayout
 from fedcollab.protocols.gbdt._dp import GbdtDpPlan
 from fedcollab.protocols.gbdt._histogram import decode_histograms, encode_histograms, histogram_bound, sum_histograms
 from fedcollab.protocols.gbdt._model import Ensemble
-from fedcollab.protocols.gbdt._protocol import coordinator_start_tree, coordinator_step, node_apply_tree, node_init, node_reply
+from fedcollab.protocols.gbdt._protocol import (
+    coordinator_start_tree,
+    coordinator_step,
+    node_apply_tree,
+    node_init,
+    node_reply,
+    node_set_edges,
+    node_sketch,
+)
+from fedcollab.protocols.gbdt._sketch import SketchLayout, edges_from_sketch
 from fedcollab.spec import TreeParams
 
 SECAGG_SCALE = float(2**24)
@@ -33,11 +42,26 @@ class TrainResult:
 
 def train_in_process(partners: Sequence[tuple[str, np.ndarray, np.ndarray]], *, layout: BinLayout, params: TreeParams,
                      plan: GbdtDpPlan | None, coordinator_rng: np.random.Generator,
-                     node_rngs: Sequence[np.random.Generator] | None = None, secagg: bool = False) -> TrainResult:
-    """Train with ``partners`` = ``[(name, x_train, y_train), ...]`` answering as nodes would."""
+                     node_rngs: Sequence[np.random.Generator] | None = None, secagg: bool = False,
+                     sketch: SketchLayout | None = None) -> TrainResult:
+    """Train with ``partners`` = ``[(name, x_train, y_train), ...]`` answering as nodes would.
+
+    With ``sketch`` (``bin_edges = "quantile"``) the run starts with the count sketch, summed in the clear,
+    and ``layout`` (the public one) gets the quantile edges.
+    """
     states = [node_init(x, y, layout=layout, base_score=params.base_score) for _, x, y in partners]
     rngs = list(node_rngs) if node_rngs is not None else [None] * len(partners)
     releases: dict[str, list[Release]] = {name: [] for name, _, _ in partners}
+    if sketch is not None:
+        counts = []
+        for i, (name, x, _) in enumerate(partners):
+            states[i], values, event = node_sketch(states[i], x, party=name, sketch=sketch, plan=plan, rng=rngs[i])
+            releases[name].append(event)
+            counts.append(values)
+        indices = edges_from_sketch(np.sum(counts, axis=0), sketch, n_bins=params.n_bins)
+        public = layout
+        for i, (_, x, _) in enumerate(partners):
+            states[i], layout = node_set_edges(states[i], x, indices, public=public, sketch=sketch, n_bins=params.n_bins)
     max_rows = max(len(y) for _, _, y in partners)
     sigma = 0.0 if plan is None else max(plan.sigma_split, plan.sigma_leaf)
     # |p - y| <= 1 and p (1 - p) <= 1/4 bound every cell without DP; 12 sigma covers the noise (fails with prob. < 1e-32 per cell)
