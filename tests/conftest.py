@@ -11,6 +11,33 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
 
+
+def three_party_vertical_spec(text: str, tmp_path: Path) -> str:
+    """A vertical Heart spec's ``text`` with the lab's columns split between an ECG lab and a stress-test lab.
+
+    Writes ``ecg.csv`` and ``stress.csv`` under ``tmp_path``; the stress lab misses the first 40 ids,
+    so the intersection is a three-way one. Returns the rewritten spec text.
+    """
+    import pandas as pd
+
+    lab = pd.read_csv(ROOT / "fedcollab" / "data" / "embedded" / "heart_vertical_lab.csv")
+    lab[["id", "cp", "fbs", "restecg"]].to_csv(tmp_path / "ecg.csv", index=False)
+    lab[["id", "thalch", "exang", "oldpeak"]].iloc[40:].to_csv(tmp_path / "stress.csv", index=False)
+    old = """[[partners]]
+name = "lab"
+source = { path = "embedded://heart_vertical_lab.csv" }
+columns = ["cp", "fbs", "restecg", "thalch", "exang", "oldpeak"]"""
+    assert old in text, "the vertical spec's lab partner table changed"
+    return text.replace(old, f"""[[partners]]
+name = "ecg"
+source = {{ path = "{tmp_path / 'ecg.csv'}" }}
+columns = ["cp", "fbs", "restecg"]
+
+[[partners]]
+name = "stress"
+source = {{ path = "{tmp_path / 'stress.csv'}" }}
+columns = ["thalch", "exang", "oldpeak"]""")
+
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT

@@ -40,31 +40,31 @@ def _state_path(home: Path, run_id: str) -> Path:
     return home / "gbdt" / f"{run_id}.npz"
 
 
-def layout_of_state(spec: Spec, state: gbdt.NodeState) -> gbdt.BinLayout:
-    """The bins the node uses: the public layout, or the quantile edges it accepted."""
+def layout_of_edges(spec: Spec, edge_index: tuple[tuple[int, ...], ...] | None) -> gbdt.BinLayout:
+    """The bins the node uses: the public layout, or the quantile edges (grid indices) it accepted."""
     public = gbdt.layout_of(spec)
     sk = gbdt.sketch_of(spec)
-    if state.edge_index is None or sk is None:
+    if edge_index is None or sk is None:
         return public
-    return gbdt.layout_from_sketch(public, sk, state.edge_index, n_bins=gbdt.params_of(spec).n_bins)
+    return gbdt.layout_from_sketch(public, sk, edge_index, n_bins=gbdt.params_of(spec).n_bins)
 
 
 def load_state(home: Path, run_id: str, x_train: np.ndarray, y_train: np.ndarray, spec: Spec) -> gbdt.NodeState:
     """This run's state at the node, or a fresh one (binned rows, margin ``logit(base_score)``)."""
-    fresh = gbdt.node_init(x_train, y_train, layout=gbdt.layout_of(spec), base_score=gbdt.params_of(spec).base_score)
+    base = gbdt.params_of(spec).base_score
     path = _state_path(home, run_id)
     if not path.exists():
-        return fresh
+        return gbdt.node_init(x_train, y_train, layout=gbdt.layout_of(spec), base_score=base)
     with np.load(path) as z:
         steps = frozenset((int(a), int(b)) for a, b in z["steps_done"].reshape(-1, 2))
         raw = json.loads(str(z["edge_index"])) if "edge_index" in z.files else None
-        state = replace(fresh, margin=z["margin"], position=z["position"], g=z["g"], h=z["h"], trees_done=int(z["trees_done"]),
-                        steps_done=steps, leaves_released=bool(z["leaves_released"]),
-                        sketched=bool(z["sketched"]) if "sketched" in z.files else False,
-                        edge_index=tuple(tuple(i) for i in raw) if raw is not None else None)
-    if state.edge_index is not None:
-        state = replace(state, bins=gbdt.bin_rows(x_train, layout_of_state(spec, state)))
-    return state
+        saved = dict(margin=z["margin"], position=z["position"], g=z["g"], h=z["h"], trees_done=int(z["trees_done"]),
+                     steps_done=steps, leaves_released=bool(z["leaves_released"]),
+                     sketched=bool(z["sketched"]) if "sketched" in z.files else False,
+                     edge_index=tuple(tuple(i) for i in raw) if raw is not None else None)
+    # The rows are binned once, with the edges this node accepted (or the public ones).
+    layout = layout_of_edges(spec, saved["edge_index"])
+    return replace(gbdt.node_init(x_train, y_train, layout=layout, base_score=base), **saved)
 
 
 def save_state(home: Path, run_id: str, state: gbdt.NodeState) -> None:
@@ -95,7 +95,7 @@ def step(node: Any, request_wire: dict[str, Any], apply_wire: dict[str, Any] | N
     spec, d, home = node.spec, node.data, Path(node.home.root)
     params, plan, sk = gbdt.params_of(spec), gbdt.plan_of(spec), gbdt.sketch_of(spec)
     state = load_state(home, node.run_id, d.x_train, d.y_train, spec)
-    layout = layout_of_state(spec, state)
+    layout = layout_of_edges(spec, state.edge_index)
     if gbdt.is_sketch_request(request_wire):
         try:
             if sk is None or max_rows is not None or apply_wire is not None or edges_wire is not None:
@@ -151,4 +151,4 @@ def step(node: Any, request_wire: dict[str, Any], apply_wire: dict[str, Any] | N
     return wire, [line], vector
 
 
-__all__ = ["drop_state", "layout_of_state", "load_state", "save_state", "step"]
+__all__ = ["drop_state", "layout_of_edges", "load_state", "save_state", "step"]

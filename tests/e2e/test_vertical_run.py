@@ -323,23 +323,10 @@ def test_three_parties_run_score_and_verify(root, tmp_path):
     """A label holder and two passive parties (the lab's columns split between an ECG lab and a stress-test lab)."""
     import pandas as pd
 
-    emb = root / "fedcollab" / "data" / "embedded"
-    lab = pd.read_csv(emb / "heart_vertical_lab.csv")
-    lab[["id", "cp", "fbs", "restecg"]].to_csv(tmp_path / "ecg.csv", index=False)
-    lab[["id", "thalch", "exang", "oldpeak"]].iloc[40:].to_csv(tmp_path / "stress.csv", index=False)  # fewer ids: a 3-way intersection
-    text = _small_spec(root, tmp_path, trees=2, depth=3).read_text()
-    text = text.replace('''[[partners]]
-name = "lab"
-source = { path = "embedded://heart_vertical_lab.csv" }
-columns = ["cp", "fbs", "restecg", "thalch", "exang", "oldpeak"]''', f'''[[partners]]
-name = "ecg"
-source = {{ path = "{tmp_path / 'ecg.csv'}" }}
-columns = ["cp", "fbs", "restecg"]
+    from tests.conftest import three_party_vertical_spec
 
-[[partners]]
-name = "stress"
-source = {{ path = "{tmp_path / 'stress.csv'}" }}
-columns = ["thalch", "exang", "oldpeak"]''')
+    emb = root / "fedcollab" / "data" / "embedded"
+    text = three_party_vertical_spec(_small_spec(root, tmp_path, trees=2, depth=3).read_text(), tmp_path)
     spec = tmp_path / "three.toml"
     spec.write_text(text)
     out = tmp_path / "out"

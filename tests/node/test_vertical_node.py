@@ -25,7 +25,7 @@ from fedcollab.node._vertical import make_vertical_client_app
 from fedcollab.privacy.accounting import public_key_hex
 from fedcollab.protocols import RecordKey
 from fedcollab.spec import NodePolicy, Roster, RosterEntry, VerticalPolicy, load_spec
-from tests.conftest import ROOT
+from tests.conftest import ROOT, three_party_vertical_spec
 
 PARTIES = ("clinic", "lab")
 
@@ -214,26 +214,8 @@ def test_three_parties_over_the_relay(tmp_path):
     The clinic talks to each passive party over its own sealed channel; the coordinator relays between three nodes;
     each passive party's thresholds stay at its node, and each is charged only for its own releases.
     """
-    import pandas as pd
-
-    lab = pd.read_csv(ROOT / "fedcollab" / "data" / "embedded" / "heart_vertical_lab.csv")
-    lab[["id", "cp", "fbs", "restecg"]].to_csv(tmp_path / "ecg.csv", index=False)
-    lab[["id", "thalch", "exang", "oldpeak"]].iloc[40:].to_csv(tmp_path / "stress.csv", index=False)  # fewer ids: a 3-way intersection
     text = (ROOT / "protocols" / "heart-disease-vertical.toml").read_text().replace("n_trees = 30", "n_trees = 1").replace("max_depth = 3", "max_depth = 2")
-    old = """[[partners]]
-name = "lab"
-source = { path = "embedded://heart_vertical_lab.csv" }
-columns = ["cp", "fbs", "restecg", "thalch", "exang", "oldpeak"]"""
-    assert old in text
-    text = text.replace(old, f"""[[partners]]
-name = "ecg"
-source = {{ path = "{tmp_path / 'ecg.csv'}" }}
-columns = ["cp", "fbs", "restecg"]
-
-[[partners]]
-name = "stress"
-source = {{ path = "{tmp_path / 'stress.csv'}" }}
-columns = ["thalch", "exang", "oldpeak"]""")
+    text = three_party_vertical_spec(text, tmp_path)
     (tmp_path / "three.toml").write_text(text)
     spec = load_spec(tmp_path / "three.toml")
     parties = ("clinic", "ecg", "stress")

@@ -33,12 +33,18 @@ from fedcollab.protocols.gbdt._protocol import (
     NodeState,
     coordinator_start_tree,
     coordinator_step,
+    edges_from_wire,
+    edges_to_wire,
+    is_sketch_request,
     logistic_gradients,
     node_apply_tree,
     node_init,
     node_reply,
     node_set_edges,
     node_sketch,
+    sketch_reply_from_wire,
+    sketch_reply_wire,
+    sketch_request_wire,
     split_levels,
 )
 from fedcollab.protocols.gbdt._run import (
@@ -56,19 +62,7 @@ from fedcollab.protocols.gbdt._run import (
     sketch_steps,
     steps_per_tree,
 )
-from fedcollab.protocols.gbdt._sketch import (
-    SketchLayout,
-    edges_from_sketch,
-    edges_from_wire,
-    edges_to_wire,
-    is_sketch_request,
-    layout_from_sketch,
-    sketch_counts,
-    sketch_layout_from_schema,
-    sketch_reply_from_wire,
-    sketch_reply_wire,
-    sketch_request_wire,
-)
+from fedcollab.protocols.gbdt._sketch import SketchLayout, edges_from_sketch, layout_from_sketch, sketch_counts, sketch_layout_from_schema
 from fedcollab.protocols.gbdt._split import Split, best_split, leaf_value, random_split, split_gain
 from fedcollab.protocols.gbdt._train import TrainResult, train_in_process
 from fedcollab.protocols.gbdt._xgboost import from_xgboost_json, to_xgboost_json, write_tree_model, write_xgboost_json, xgboost_json_bytes

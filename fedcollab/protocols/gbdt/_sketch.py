@@ -20,19 +20,14 @@ DP the sketch is a non-private release like the histograms, which the node's pol
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from fedcollab.core import ProtocolError
 from fedcollab.protocols.gbdt._binning import BinLayout, _edges, binary_flags
 from fedcollab.spec import SKETCH_GRID, SchemaSpec
-
-PROTOCOL = "fedcollab.gbdt.v1"
-
 
 @dataclass(frozen=True)
 class SketchLayout:
@@ -112,53 +107,3 @@ def layout_from_sketch(public: BinLayout, sk: SketchLayout, indices: Sequence[Se
                                 f"into its {grid.size}-boundary grid, got {ints[:8]}{'...' if len(ints) > 8 else ''}.")
         edges[j] = grid[arr]
     return BinLayout(feature_names=public.feature_names, edges=tuple(edges))
-
-
-# ----------------------------------------------------------------------------------- messages
-
-
-def sketch_request_wire() -> dict[str, Any]:
-    """Coordinator -> node: release your count sketch (the run's first step)."""
-    return {"protocol": PROTOCOL, "kind": "sketch_request"}
-
-
-def is_sketch_request(wire: Mapping[str, Any]) -> bool:
-    """Whether a ``gbdt`` record asks for the sketch (else it is a level request)."""
-    return wire.get("protocol") == PROTOCOL and wire.get("kind") == "sketch_request"
-
-
-def sketch_reply_wire(values: np.ndarray) -> dict[str, Any]:
-    """Node -> coordinator: the (noisy) counts."""
-    return {"protocol": PROTOCOL, "kind": "sketch_reply", "shape": list(values.shape), "values": np.asarray(values, dtype=np.float64).ravel().tolist()}
-
-
-def sketch_reply_from_wire(wire: Mapping[str, Any], sk: SketchLayout) -> np.ndarray:
-    """Parse a sketch reply: finite numbers of the sketch's shape."""
-    if wire.get("protocol") != PROTOCOL or wire.get("kind") != "sketch_reply":
-        raise ProtocolError(f"gbdt sketch reply: expected protocol {PROTOCOL!r} kind 'sketch_reply', got {wire.get('protocol')!r} {wire.get('kind')!r}.")
-    shape = (len(sk.features), sk.n_cells)
-    try:
-        values = np.asarray(wire.get("values"), dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ProtocolError("gbdt sketch reply: `values` must be a list of numbers.") from None
-    if list(wire.get("shape") or []) != list(shape) or values.ndim != 1 or values.size != shape[0] * shape[1] or not np.all(np.isfinite(values)):
-        raise ProtocolError(f"gbdt sketch reply: `values` must be {shape[0] * shape[1]} finite numbers of shape {shape}.")
-    return values.reshape(shape)
-
-
-def edges_to_wire(indices: Sequence[Sequence[int]]) -> dict[str, Any]:
-    """Coordinator -> node, with the first tree's first step: the chosen grid indices."""
-    return {"protocol": PROTOCOL, "kind": "edges", "indices": json.dumps([list(map(int, i)) for i in indices])}
-
-
-def edges_from_wire(wire: Mapping[str, Any]) -> tuple[tuple[int, ...], ...]:
-    """Parse the edges record (types only; :func:`layout_from_sketch` checks them against the grid)."""
-    if wire.get("protocol") != PROTOCOL or wire.get("kind") != "edges":
-        raise ProtocolError("gbdt edges: not an edges record.")
-    try:
-        raw = json.loads(str(wire["indices"]))
-    except (KeyError, TypeError, ValueError):
-        raise ProtocolError("gbdt edges: `indices` must be a JSON list of lists of ints.") from None
-    if not isinstance(raw, list) or not all(isinstance(r, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in r) for r in raw):
-        raise ProtocolError("gbdt edges: `indices` must be a JSON list of lists of ints.")
-    return tuple(tuple(r) for r in raw)
