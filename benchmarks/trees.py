@@ -43,7 +43,7 @@ from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.metrics import roc_auc_score
 
 from fedcollab.data import load_partner_data
-from fedcollab.protocols.gbdt import layout_from_bounds, layout_from_schema, plan_gbdt_dp, train_in_process
+from fedcollab.protocols.gbdt import layout_from_bounds, layout_from_schema, train_in_process
 from fedcollab.spec import load_spec, tree_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,15 +58,14 @@ def _heart(spec_name: str):
 
 
 def _fed_auc(spec, data, *, seed: int, secagg: bool = False) -> float:
+    from fedcollab.protocols.gbdt import plan_of, sketch_of
+
     params = tree_params(spec)
     layout = layout_from_schema(spec.data_schema, n_bins=params.n_bins)
-    plan = None
-    if spec.privacy.record_dp:
-        plan = plan_gbdt_dp(params, n_features=layout.n_features, target_epsilon=spec.privacy.target_epsilon,
-                            delta=spec.privacy.delta, accountant=spec.privacy.accountant)
+    plan = plan_of(spec)  # with bin_edges = "quantile" the plan also charges the sketch
     res = train_in_process([(d.partner, d.x_train, d.y_train) for d in data], layout=layout, params=params, plan=plan,
                            coordinator_rng=np.random.default_rng(seed),
-                           node_rngs=[np.random.default_rng() for _ in data] if plan else None, secagg=secagg)
+                           node_rngs=[np.random.default_rng() for _ in data] if plan else None, secagg=secagg, sketch=sketch_of(spec))
     x = np.concatenate([d.x_test for d in data])
     y = np.concatenate([d.y_test for d in data])
     return float(roc_auc_score(y, res.model.predict_proba(x)))
@@ -180,10 +179,13 @@ def main() -> int:
     seeds = list(range(args.seeds))
     spec, data = _heart("heart-disease-gbdt.toml")
     dp_spec, dp_data = _heart("heart-disease-gbdt-dp.toml")
-    runs: dict[str, list[float]] = {k: [] for k in ("nodp", "dp", "secagg_dp", "central", "local")}
+    runs: dict[str, list[float]] = {k: [] for k in ("nodp", "dp", "secagg_dp", "nodp_quantile", "dp_quantile", "central", "local")}
+    quantile = {"gbdt": {"bin_edges": "quantile"}}
     for s in seeds:
         runs["nodp"].append(_fed_auc(spec, data, seed=s))
         runs["dp"].append(_fed_auc(dp_spec, dp_data, seed=s))
+        runs["nodp_quantile"].append(_fed_auc(spec.replace(model=quantile), data, seed=s))
+        runs["dp_quantile"].append(_fed_auc(dp_spec.replace(model=quantile), dp_data, seed=s))
         runs["secagg_dp"].append(_fed_auc(dp_spec, dp_data, seed=s, secagg=True))
         c, lo = _sklearn(data, s)
         runs["central"].append(c)
@@ -195,6 +197,10 @@ def main() -> int:
         "heart_auc_gbdt_dp_eps1": round(m["dp"], 4),
         "heart_auc_gbdt_dp_eps1_sd": round(statistics.stdev(runs["dp"]), 4) if len(seeds) > 1 else None,
         "heart_auc_gbdt_secagg_dp_eps1": round(m["secagg_dp"], 4),
+        # bin_edges = "quantile" (the DP count sketch, charged) against the default public edges, same seeds
+        "heart_auc_gbdt_nodp_quantile": round(m["nodp_quantile"], 4),
+        "heart_auc_gbdt_dp_eps1_quantile": round(m["dp_quantile"], 4),
+        "gbdt_quantile_minus_public_dp_auc": round(m["dp_quantile"] - m["dp"], 4),
         "heart_auc_sklearn_central": round(m["central"], 4),
         "heart_auc_sklearn_local_only": round(m["local"], 4),
         "gbdt_vs_central_auc": round(m["nodp"] - m["central"], 4),
