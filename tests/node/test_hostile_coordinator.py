@@ -364,6 +364,10 @@ class TestGbdt:
         assert self._releases(public) == 0
         spec = _spec("heart-disease-gbdt-dp.toml").replace(model={"gbdt": {"bin_edges": "quantile"}})
         node = Node(spec, tmp_path / "q")
+        # A sketch request before setup: out of order, nothing released.
+        node.refused(node.send("train", {"fedcollab.kind": "gbdt", "server-round": 1}, extra={"gbdt": sketch_request_wire()}),
+                     NodeErrorCode.OUT_OF_ORDER, 0)
+        assert self._releases(node) == 0
         _setup(node)
         good = edges_to_wire([(3, 10, 200)] * 5)
         tree = {"gbdt": self._level(0, 0, "leaves"), "gbdt.edges": good}
