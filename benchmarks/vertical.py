@@ -2,7 +2,7 @@
 
 PSI: two parties of ``--psi-n`` ids each (default 1,000,000), ``--psi-overlap`` of them common
 (default 0.5), seeded synthetic ids, both parties in this one process on this machine's cores
-(libsodium through PyNaCl; its calls release the GIL, so each stage runs in a thread pool of
+(libsodium's ristretto255 through rbcl; its ctypes calls release the GIL, so each stage runs in a thread pool of
 ``--workers`` threads, default the number of cores, at most 8). Figures:
 
 * ``psi_seconds_1m``: wall seconds of the whole protocol in-process (hash, blind and shuffle at
@@ -68,6 +68,34 @@ def _ids(n: int, overlap: float, seed: int = 0) -> tuple[list[str], list[str]]:
     return ids_a, ids_b
 
 
+def bench_primitive(n: int = 4000) -> dict[str, Any]:
+    """One thread, the same points count: libsodium's ristretto255 multiplication (what the protocol uses, through
+    rbcl) against edwards25519's ``scalarmult_ed25519_noclamp`` (the previous choice, through PyNaCl, when installed)."""
+    import hashlib
+
+    import rbcl
+
+    from fedcollab.protocols.psi import hash_to_group, new_scalar
+
+    pts = hash_to_group([f"p{i}" for i in range(n)], b"bench", workers=1)
+    k = new_scalar(os.urandom)
+    t = time.perf_counter()
+    for q in pts:
+        rbcl.crypto_scalarmult_ristretto255(k, q)
+    out: dict[str, Any] = {"psi_mul_us_ristretto255": round((time.perf_counter() - t) / n * 1e6, 1)}
+    try:
+        from nacl import bindings as na
+    except ImportError:
+        return out
+    ed = [na.crypto_core_ed25519_from_uniform(hashlib.sha512(q).digest()[:32]) for q in pts]
+    t = time.perf_counter()
+    for q in ed:
+        na.crypto_scalarmult_ed25519_noclamp(k, q)
+    out["psi_mul_us_ed25519_pynacl"] = round((time.perf_counter() - t) / n * 1e6, 1)
+    out["psi_mul_ed25519_over_ristretto255"] = round(out["psi_mul_us_ed25519_pynacl"] / out["psi_mul_us_ristretto255"], 2)
+    return out
+
+
 def bench_psi(n: int, overlap: float, *, workers: int | None = None) -> dict[str, Any]:
     """Time one in-process PSI of two parties of ``n`` ids, ``overlap`` common; checks the result."""
     ids_a, ids_b = _ids(n, overlap)
@@ -97,7 +125,7 @@ def bench_psi(n: int, overlap: float, *, workers: int | None = None) -> dict[str
     two = max(stages["active_init"], stages["passive_init"]) + stages["passive_reply"] + stages["active_match"] + stages["passive_finish"]
     wire = len(blinded.points) + len(reply.reblinded) + len(reply.points) + (notice.positions.nbytes if notice.positions is not None else 0)
     return {"psi_seconds_1m": round(total, 2), "psi_seconds_two_machines": round(two, 2), "psi_cpu_seconds": round(cpu, 2), "psi_n": n, "psi_overlap": overlap,
-            "psi_common": len(ia), "psi_backend": "pynacl-ed25519", "psi_workers": workers or min(os.cpu_count() or 1, 8),
+            "psi_common": len(ia), "psi_backend": "libsodium-ristretto255", "psi_workers": workers or min(os.cpu_count() or 1, 8),
             "psi_cores": os.cpu_count(), "psi_wire_bytes": wire, "psi_stage_seconds": {k: round(v, 2) for k, v in stages.items()}}
 
 
@@ -202,6 +230,7 @@ def main() -> int:
             console.print("[cyan]vertical[/] vertical logistic regression ...")
             out |= bench_vertical_lr(Path(tmp))
     if not args.skip_psi:
+        out |= bench_primitive()
         out |= bench_psi(args.psi_n, args.psi_overlap, workers=args.workers)
     print(f"{'figure':40s} {'value':>14s} {'target':>8s}")
     for k, v in out.items():

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from nacl import bindings as na
+import rbcl
 
 from fedcollab.core import DataValidationError, ProtocolError
 from fedcollab.protocols.psi import (
@@ -25,7 +25,7 @@ from fedcollab.protocols.psi import (
 )
 
 DOMAIN = b"test-run-1"
-IDENTITY = b"\x01" + b"\x00" * 31  # the neutral element: small order, refused
+IDENTITY = bytes(32)  # ristretto255's neutral element: a valid encoding, refused as input
 
 
 def _ids(rng: random.Random, n: int, prefix: str = "c") -> list[str]:
@@ -81,7 +81,7 @@ def test_wire_carries_only_valid_points_and_no_id_bytes():
     assert len(blinded.points) == 70 * POINT_BYTES and len(reply.reblinded) == 70 * POINT_BYTES and len(reply.points) == 90 * POINT_BYTES
     for name, buf in fields.items():
         pts = [buf[i:i + 32] for i in range(0, len(buf), 32)]
-        assert all(na.crypto_core_ed25519_is_valid_point(p) for p in pts), name
+        assert all(rbcl.crypto_core_ristretto255_is_valid_point(p) for p in pts), name
     wire = b"".join(fields.values()) + blinded.domain_tag + notice.positions.tobytes()
     for x in ids_a + ids_b:
         e = x.encode()
@@ -110,13 +110,20 @@ def _bad_points():
     rng = random.Random(11)
     while True:
         junk = rng.randbytes(32)
-        if not na.crypto_core_ed25519_is_valid_point(junk):
+        if not rbcl.crypto_core_ristretto255_is_valid_point(junk):
             break
-    torsion = bytes.fromhex("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a")  # order 8
-    return {"random bytes": junk, "identity": IDENTITY, "small order": torsion}
+    # a valid element's encoding with the top bit set: not canonical (s >= 2^255 > p, RFC 9496), which
+    # libsodium decodes as the same element (it ignores that bit): the protocol refuses it itself
+    good = rbcl.crypto_core_ristretto255_from_hash(hashlib.sha512(b"x").digest())
+    non_canonical = good[:31] + bytes([good[31] | 0x80])
+    assert rbcl.crypto_core_ristretto255_is_valid_point(non_canonical)
+    # an edwards25519 point of order 8 (valid there, and an attack on cofactor groups): not a ristretto255 encoding
+    torsion = bytes.fromhex("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a")
+    assert not rbcl.crypto_core_ristretto255_is_valid_point(torsion)
+    return {"random bytes": junk, "identity": IDENTITY, "non-canonical": non_canonical, "edwards torsion": torsion}
 
 
-@pytest.mark.parametrize("kind", ["random bytes", "identity", "small order"])
+@pytest.mark.parametrize("kind", ["random bytes", "identity", "non-canonical", "edwards torsion"])
 def test_wrong_group_elements_refused(kind):
     bad = _bad_points()[kind]
     ids_a, ids_b = [f"a{i}" for i in range(20)], [f"a{i}" for i in range(10, 30)]
@@ -200,3 +207,14 @@ def test_psi_align_fits_the_aligner_signature():
     assert sorted(["a", "b", "c"][i] for i in ia) == ["a", "c"] and [["c", "a", "z"][j] for j in ib] == [["a", "b", "c"][i] for i in ia]
     assert [e.party for e in events] == ["hospital", "bank"]
     assert isinstance(BlindedSet, type)
+
+
+def test_hash_to_group_is_rfc_9496():
+    """The map under H is RFC 9496's hash-to-group (its appendix A.3 vector), and H is domain-separated per run."""
+    from fedcollab.protocols.psi import hash_to_group
+
+    label = b"Ristretto is traditionally a short shot of espresso coffee"
+    got = rbcl.crypto_core_ristretto255_from_hash(hashlib.sha512(label).digest())
+    assert got.hex() == "3066f82a1a747d45120d1740f14358531a8f04bbffe6a819f86dfe50f44a0a46"
+    a, b = hash_to_group(["id-1", "id-2"], b"run-a", workers=1), hash_to_group(["id-1"], b"run-b", workers=1)
+    assert len(set(a)) == 2 and a[0] != b[0] and all(rbcl.crypto_core_ristretto255_is_valid_point(p) for p in a)

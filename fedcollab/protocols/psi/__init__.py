@@ -1,6 +1,6 @@
 """Private set intersection for vertical collaboration (protocols/psi.md).
 
-* ecdh: ECDH-PSI on the prime-order subgroup of edwards25519 (libsodium through PyNaCl) as pure
+* ecdh: ECDH-PSI on ristretto255, a prime-order group (libsodium through rbcl) as pure
   stages (active_init, passive_init, passive_reply, active_match, passive_finish), and
   :func:`psi_align`, the whole exchange in-process with the aligner signature the runner uses
 """

@@ -1,10 +1,11 @@
-"""ECDH private set intersection on the prime-order subgroup of edwards25519 (protocols/psi.md).
+"""ECDH private set intersection on ristretto255, a prime-order group (protocols/psi.md).
 
 Two parties hold record ids (strings): the *active* party (label holder) and the *passive* one.
 With a per-run domain separator ``domain`` both hash each id to the group,
-``H(x) = from_uniform(SHA-512("fedcollab.psi.v1" || len(domain) || domain || len(x) || x)[:32])``
-(libsodium's Elligator 2 map, cofactor cleared: a point of the prime-order subgroup), and each
-draws a fresh secret scalar per run from the CSPRNG it is given. Two messages, then a notice:
+``H(x) = from_hash(SHA-512("fedcollab.psi.v2" || len(domain) || domain || len(x) || x))``
+(libsodium's ``crypto_core_ristretto255_from_hash``: RFC 9496's hash-to-group, two Elligator maps
+added, uniform on the group), and each draws a fresh secret scalar per run from the CSPRNG it is
+given. Two messages, then a notice:
 
 1. active -> passive, :class:`BlindedSet`: ``H(a)^alpha`` for its ids, shuffled.
 2. passive -> active, :class:`PassiveReply`: ``H(a)^(alpha beta)`` in the active party's order
@@ -15,11 +16,13 @@ draws a fresh secret scalar per run from the CSPRNG it is given. Two messages, t
 
 Both parties list the common records in the same canonical order: by the bytes of the
 double-blinded point ``H(x)^(alpha beta)`` (random per run), so that row ``i`` of the aligned
-data is the same record at both. Only 32-byte point encodings cross; every received point is
-validated (libsodium's ``crypto_scalarmult_ed25519_noclamp`` refuses a non-canonical encoding, a
-point off the curve, of small order or outside the prime-order subgroup, the same checks as
-``crypto_core_ed25519_is_valid_point``; a point that is only compared and matches nothing is
-checked with ``is_valid_point``). Curve arithmetic is libsodium's (through PyNaCl), never ours.
+data is the same record at both. Only 32-byte ristretto255 encodings cross; every received point
+is validated (libsodium's ``crypto_scalarmult_ristretto255`` refuses an encoding that is not the
+canonical encoding of a group element, and the identity as input or result; a point that is only
+compared and matches nothing is checked with ``crypto_core_ristretto255_is_valid_point``). The
+group has prime order, so there is no cofactor and no subgroup check. Curve arithmetic is
+libsodium's (through ``rbcl``, which bundles libsodium and binds its ristretto255 functions),
+never ours.
 """
 
 from __future__ import annotations
@@ -37,15 +40,17 @@ from fedcollab.core import DataValidationError, MissingExtra, ProtocolError
 from fedcollab.privacy.accounting import NonPrivate, Release
 
 try:
-    from nacl import bindings as _na
-    from nacl import exceptions as _nexc
-except ImportError as exc:  # pragma: no cover - PyNaCl is a node dependency
-    raise MissingExtra("private set intersection needs PyNaCl: pip install 'fedcollab[node]'") from exc
+    import rbcl as _rb
+except ImportError as exc:  # pragma: no cover - rbcl is a node dependency
+    raise MissingExtra("private set intersection needs rbcl (libsodium's ristretto255): pip install 'fedcollab[node]'") from exc
 
-PROTOCOL = "fedcollab.psi.ecdh-ed25519.v1"
+PROTOCOL = "fedcollab.psi.ecdh-ristretto255.v1"
 POINT_BYTES = 32
-HASH_PREFIX = b"fedcollab.psi.v1"
-CHUNK = 4096  # points per task of the thread pool (libsodium runs without the GIL)
+HASH_PREFIX = b"fedcollab.psi.v2"
+CHUNK = 4096  # points per task of the thread pool (libsodium is called through ctypes, without the GIL)
+_IDENTITY = bytes(POINT_BYTES)  # ristretto255's encoding of the neutral element
+_INVALID = ("is not a valid point of the prime-order group (not the canonical encoding of a ristretto255 "
+            "element, or the identity).")
 
 Reveal = Literal["both", "label_holder"]
 RngBytes = Callable[[int], bytes]
@@ -75,10 +80,10 @@ def domain_tag(domain: bytes) -> bytes:
 
 
 def hash_to_group(ids: Sequence[str], domain: bytes, *, workers: int | None = None) -> list[bytes]:
-    """Each id's point ``H(x)`` in the prime-order subgroup (32-byte encodings, in input order)."""
+    """Each id's point ``H(x)`` in ristretto255 (32-byte encodings, in input order)."""
     dom = bytes(domain)
     base = hashlib.sha512(HASH_PREFIX + len(dom).to_bytes(8, "big") + dom)
-    from_uniform = _na.crypto_core_ed25519_from_uniform
+    from_hash = _rb.crypto_core_ristretto255_from_hash
     enc = [str(x).encode("utf-8") for x in ids]
 
     def run(lo: int, hi: int) -> list[bytes]:
@@ -86,7 +91,7 @@ def hash_to_group(ids: Sequence[str], domain: bytes, *, workers: int | None = No
         for e in enc[lo:hi]:
             h = base.copy()
             h.update(len(e).to_bytes(8, "big") + e)
-            out.append(from_uniform(h.digest()[:32]))
+            out.append(from_hash(h.digest()))
         return out
 
     return _map_chunks(run, len(enc), _workers(workers))
@@ -97,7 +102,7 @@ def new_scalar(rng_bytes: RngBytes) -> bytes:
     raw = rng_bytes(64)
     if not isinstance(raw, bytes | bytearray) or len(raw) != 64:
         raise ProtocolError("psi: the random source must return the number of bytes asked for.")
-    k = _na.crypto_core_ed25519_scalar_reduce(bytes(raw))
+    k = _rb.crypto_core_ristretto255_scalar_reduce(bytes(raw))
     if k == bytes(32):
         raise ProtocolError("psi: the random source gave a zero scalar.")
     return k
@@ -105,7 +110,7 @@ def new_scalar(rng_bytes: RngBytes) -> bytes:
 
 def blind(scalar: bytes, points: Sequence[bytes], *, field_name: str, workers: int | None = None) -> list[bytes]:
     """``P^scalar`` for every point; a point that is not a valid element of the group is refused, by index."""
-    mul = _na.crypto_scalarmult_ed25519_noclamp
+    mul = _rb.crypto_scalarmult_ristretto255
 
     def run(lo: int, hi: int) -> list[bytes]:
         out = []
@@ -113,23 +118,21 @@ def blind(scalar: bytes, points: Sequence[bytes], *, field_name: str, workers: i
             p = points[i]
             try:
                 out.append(mul(scalar, p))
-            except _nexc.CryptoError:  # libsodium's checks failed (encoding, curve, small order, subgroup)
-                raise ProtocolError(f"psi: `{field_name}[{i}]` is not a valid point of the prime-order group "
-                                    "(non-canonical, off the curve, of small order or outside the subgroup).") from None
+            except (RuntimeError, TypeError, ValueError):  # libsodium refused the encoding, or the identity
+                raise ProtocolError(f"psi: `{field_name}[{i}]` {_INVALID}") from None
         return out
 
     return _map_chunks(run, len(points), _workers(workers))
 
 
 def _check_valid(points: Sequence[bytes], *, field_name: str, indices: Sequence[int], workers: int | None) -> None:
-    is_valid = _na.crypto_core_ed25519_is_valid_point
+    is_valid = _rb.crypto_core_ristretto255_is_valid_point
     idx = list(indices)
 
     def run(lo: int, hi: int) -> list[bytes]:
         for i in idx[lo:hi]:
-            if not is_valid(points[i]):
-                raise ProtocolError(f"psi: `{field_name}[{i}]` is not a valid point of the prime-order group "
-                                    "(non-canonical, off the curve, of small order or outside the subgroup).")
+            if not is_valid(points[i]) or points[i] == _IDENTITY:
+                raise ProtocolError(f"psi: `{field_name}[{i}]` {_INVALID}")
         return []
 
     _map_chunks(run, len(idx), _workers(workers))
@@ -145,6 +148,11 @@ def split_points(buf: bytes, *, field_name: str, expected: int | None = None) ->
     pts = [b[i:i + POINT_BYTES] for i in range(0, len(b), POINT_BYTES)]
     if expected is not None and len(pts) != expected:
         raise ProtocolError(f"psi: `{field_name}` has {len(pts)} points, expected {expected}.")
+    # RFC 9496 refuses an encoding >= p; libsodium ignores the top bit, so two strings would name one
+    # element (and slip past the duplicate check): a set top bit is refused here, before any arithmetic.
+    top = np.flatnonzero(np.frombuffer(b, dtype=np.uint8)[POINT_BYTES - 1::POINT_BYTES] & 0x80)
+    if top.size:
+        raise ProtocolError(f"psi: `{field_name}[{int(top[0])}]` {_INVALID}")
     if len(set(pts)) != len(pts):
         raise ProtocolError(f"psi: `{field_name}` repeats a point; duplicates are refused.")
     return pts
