@@ -1,0 +1,52 @@
+"""`fedcollab submit --resume` at the deployed coordinator: HE, gbdt and vertical runs are refused before anything is sent.
+
+Calls the ServerApp's body (`_main`) in-process with no grid at all: a refusal that came after any
+message would fail on the missing grid with exit code 1, not the spec error's 2.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fedcollab.coordinator import COORDINATOR
+from fedcollab.coordinator._deploy import ENV_HOME, EXIT_PREFIX, RUN_CONFIG_RESUME, RUN_CONFIG_SPEC, _main, run_dir
+from fedcollab.privacy.accounting import public_key_hex
+from fedcollab.spec import Roster, RosterEntry
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _interrupted(home: Path, text: str) -> None:
+    """An interrupted run 1 at the coordinator: status, spec, a round-1 checkpoint and a ledger file."""
+    old = run_dir(home, 1)
+    (old / "checkpoints").mkdir(parents=True)
+    (old / "status.json").write_text(json.dumps({"state": "failed", "fedcollab_run_id": "r-old"}))
+    (old / "spec.toml").write_text(text)
+    np.savez(old / "checkpoints" / "checkpoint.npz", __round__=np.array(1), w=np.zeros(3))
+    (old / "ledger.jsonl").write_text("")
+
+
+@pytest.mark.parametrize("spec, what", [("heart-disease-he.toml", "aggregation 'he'"), ("heart-disease-gbdt.toml", "model kind 'gbdt'"),
+                                        ("heart-disease-vertical-lr.toml", "a vertical run cannot be resumed")])
+def test_resume_refused_before_any_message(tmp_path, monkeypatch, caplog, spec, what):
+    key = Ed25519PrivateKey.generate()
+    roster = Roster(parties={COORDINATOR: RosterEntry(signing_key=public_key_hex(key), role="coordinator")})
+    (tmp_path / "roster.json").write_text(roster.model_dump_json())
+    text = (ROOT / "protocols" / spec).read_text()
+    _interrupted(tmp_path, text)
+    monkeypatch.setenv(ENV_HOME, str(tmp_path))
+    ctx = SimpleNamespace(run_id=2, run_config={RUN_CONFIG_SPEC: base64.b64encode(text.encode()).decode("ascii"), RUN_CONFIG_RESUME: "1"})
+    with caplog.at_level("ERROR"), pytest.raises(RuntimeError, match=rf"^{EXIT_PREFIX}2: ConfigError"):
+        _main(None, ctx)  # no grid: anything sent would fail with exit 1
+    assert what in caplog.text and "submit it again" in caplog.text  # the coordinator's log says which mode, and what to do
+    status = json.loads((run_dir(tmp_path, 2) / "status.json").read_text())
+    assert status["state"] == "failed" and status["exit_code"] == 2 and status["error"] == "ConfigError"
+    assert status["resumed_from"] == 1 and status["fedcollab_run_id"] == "r-old"
+
