@@ -49,4 +49,3 @@ def test_resume_refused_before_any_message(tmp_path, monkeypatch, caplog, spec, 
     status = json.loads((run_dir(tmp_path, 2) / "status.json").read_text())
     assert status["state"] == "failed" and status["exit_code"] == 2 and status["error"] == "ConfigError"
     assert status["resumed_from"] == 1 and status["fedcollab_run_id"] == "r-old"
-

@@ -18,6 +18,7 @@ from fedcollab.protocols.psi import (
     PassiveReply,
     active_init,
     active_match,
+    hash_to_group,
     passive_finish,
     passive_init,
     passive_reply,
@@ -211,8 +212,6 @@ def test_psi_align_fits_the_aligner_signature():
 
 def test_hash_to_group_is_rfc_9496():
     """The map under H is RFC 9496's hash-to-group (its appendix A.3 vector), and H is domain-separated per run."""
-    from fedcollab.protocols.psi import hash_to_group
-
     label = b"Ristretto is traditionally a short shot of espresso coffee"
     got = rbcl.crypto_core_ristretto255_from_hash(hashlib.sha512(label).digest())
     assert got.hex() == "3066f82a1a747d45120d1740f14358531a8f04bbffe6a819f86dfe50f44a0a46"
