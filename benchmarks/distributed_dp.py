@@ -111,7 +111,9 @@ def upload_bytes(vectors: dict[str, np.ndarray]) -> float:
 
 def bytes_ratio(d: int, spec: Any) -> tuple[float, float, float]:
     """(DDG bytes, plain SecAgg bytes, ratio) per node and round for a model of ``d`` parameters."""
-    from fedcollab.protocols import ddg_encode, ddg_generator, encode_update, plan_distributed
+    from fedcollab.protocols.ddg import ddg_encode, ddg_generator
+    from fedcollab.protocols.partner_dp import plan_distributed
+    from fedcollab.protocols.quantize import encode_update
 
     rng = np.random.default_rng(0)
     updates = {p: rng.normal(0, 0.01, d) for p in ("a", "b", "c", "d")}

@@ -84,7 +84,7 @@ def bench_ours(layers: list[np.ndarray], w: np.ndarray, reps: int) -> dict[str, 
     from fedcollab.crypto import new_secret_context
     from fedcollab.node._he import make_upload, open_aggregate
     from fedcollab.privacy.accounting import public_key_hex
-    from fedcollab.protocols import decode_weighted, encode_weighted
+    from fedcollab.protocols.he import decode_weighted, encode_weighted
 
     clip, scale = 8.0, float(2**19)
     ctx = new_secret_context()

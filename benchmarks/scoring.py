@@ -43,7 +43,7 @@ from rich.console import Console  # noqa: E402
 from fedcollab.data import load_partner_data  # noqa: E402
 from fedcollab.privacy.accounting import PartyLedger, public_key_hex  # noqa: E402
 from fedcollab.privacy.mechanisms import fresh_generator  # noqa: E402
-from fedcollab.protocols import answer_request, build_request, decrypt_response, load_linear_model  # noqa: E402
+from fedcollab.protocols.scoring import answer_request, build_request, decrypt_response, load_linear_model
 from fedcollab.spec import NodePolicy, Roster, ScoringPolicy, load_spec  # noqa: E402
 
 SPEC = ROOT / "protocols" / "heart-disease.toml"

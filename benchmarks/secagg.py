@@ -494,7 +494,8 @@ def protocol_compute(length: int) -> dict[str, float]:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from fedcollab.crypto import expand_mask
-    from fedcollab.protocols import decode_update, encode_update, secagg
+    from fedcollab.protocols import secagg
+    from fedcollab.protocols.quantize import decode_update, encode_update
 
     names = [f"site{i + 1}" for i in range(N_NODES)]
     cfg = secagg.SecAggConfig(run_id="bench", round=1, participants=tuple(names), k=1000, threshold=3, max_dropouts=1, bits=32, length=length)

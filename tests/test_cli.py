@@ -86,7 +86,7 @@ def test_error_printer_shows_only_a_node_code_a_class_names():
     """The CLI prints the node code of scoring's holder refusals, not the core tree's ClientApp defaults."""
     from fedcollab.cli._errors import _own_node_code
     from fedcollab.core import ConfigError, NodeErrorCode, ProtocolError
-    from fedcollab.protocols import ScoringReplayError
+    from fedcollab.protocols.scoring import ScoringReplayError
 
     assert _own_node_code(ScoringReplayError("replayed")) == NodeErrorCode.SCORING_REPLAYED
     assert _own_node_code(ConfigError("x")) is None and _own_node_code(ProtocolError("x")) is None

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fedcollab.cli import app
-from fedcollab.protocols._scoring import REQUEST_MAGIC, pack_container, unpack_container
+from fedcollab.protocols.scoring import REQUEST_MAGIC, pack_container, unpack_container
 
 runner = CliRunner()
 

@@ -245,7 +245,7 @@ class TestDisplay:
     def test_partner_level_table_says_so_and_shows_rounds(self, short_run, capsys):
         """A partner-level guarantee is labelled partner-level and shows rounds, not `steps 0`."""
         from fedcollab.cli._app import print_result_table
-        from fedcollab.protocols._summary import Guarantee, PartnerGuarantee, Privacy
+        from fedcollab.protocols.summary import Guarantee, PartnerGuarantee, Privacy
 
         pg = PartnerGuarantee(epsilon=1.5, target_epsilon=2.0, noise_multiplier=None, clip_norm=1.0, sample_rate=None, expected_batch=None,
                               steps=0, n_train=100, mechanism="ddg", rounds=2)

@@ -37,8 +37,8 @@ from fedcollab.privacy.accounting import (
     key_fingerprint,
     merge_mechanisms,
     parse_lines,
+    spent,
 )
-from fedcollab.privacy.accounting._ledger import spent
 from fedcollab.spec import Roster
 
 #: Entry kinds this report knows; any other kind is listed as it is.

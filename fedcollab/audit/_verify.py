@@ -26,6 +26,7 @@ from typing import Any
 from fedcollab.core import ExitCode
 from fedcollab.privacy.accounting import (
     GENESIS,
+    SCORING_CHARGE_PER_ROW,
     LedgerError,
     LedgerLine,
     Release,
@@ -33,9 +34,9 @@ from fedcollab.privacy.accounting import (
     counts_toward_budget,
     key_fingerprint,
     parse_lines,
+    spent,
     verify_signature,
 )
-from fedcollab.privacy.accounting._ledger import SCORING_CHARGE_PER_ROW, spent
 from fedcollab.spec import Roster
 
 CLAIM_RTOL = 1e-9
@@ -205,7 +206,7 @@ def _schema_validator() -> Any:
     if _VALIDATOR is None:
         import jsonschema
 
-        from fedcollab.privacy.accounting._ledger import ledger_entry_json_schema
+        from fedcollab.privacy.accounting import ledger_entry_json_schema
 
         schema = ledger_entry_json_schema()
         _VALIDATOR = jsonschema.Draft202012Validator(schema, format_checker=None)

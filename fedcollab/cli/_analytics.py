@@ -34,7 +34,7 @@ def query_cmd(
 ) -> None:
     """Cross-silo statistics with distributed DP noise, summed under secure aggregation."""
     _setup_logging(verbose)
-    from fedcollab.runner._query import run_query
+    from fedcollab.runner import run_query
 
     try:
         res = run_query(spec, query, out=out or Path("runs") / f"query-{spec.stem}", nodes=nodes, progress=fmt == "table")
@@ -67,7 +67,7 @@ def profile_cmd(
 ) -> None:
     """AI-readiness report across silos (HTML): sizes, missing values, labels, distributions, drift, findings."""
     _setup_logging(verbose)
-    from fedcollab.runner._query import run_profile
+    from fedcollab.runner import run_profile
 
     try:
         res = run_profile(spec, out=out or Path("runs") / f"profile-{spec.stem}", nodes=nodes, epsilon=epsilon, delta=delta,

@@ -122,7 +122,7 @@ def run(
     its ledger with a signed abort; an earlier run's outputs are moved to OUT/previous/RUN_ID/.
     """
     _setup_logging(verbose)
-    from fedcollab.runner._preflight import check_simulation_data
+    from fedcollab.runner import check_simulation_data
     from fedcollab.spec import load_spec
 
     try:
@@ -148,7 +148,7 @@ def run(
 
 def _run_vertical(spec: Any, spec_path: Path | None, *, out: Path, nodes: Path | None, fmt: str) -> None:
     """A vertical spec: PSI alignment, SecureBoost, joint evaluation (fedcollab.runner._vertical)."""
-    from fedcollab.runner._vertical import run_vertical
+    from fedcollab.runner import run_vertical
 
     try:
         result = run_vertical(spec, out=out, nodes=nodes, spec_path=spec_path, progress=fmt == "table")
@@ -199,7 +199,7 @@ def demo(
     """
     _setup_logging(verbose)
     if vertical:
-        from fedcollab.runner._vertical import VERTICAL_DEMO_SPEC
+        from fedcollab.runner import VERTICAL_DEMO_SPEC
         from fedcollab.spec import load_spec
 
         try:
@@ -235,7 +235,7 @@ def spec_validate(
 ) -> None:
     """Check a spec; every problem names the field, the expectation and the value."""
     from fedcollab.core import SpecError
-    from fedcollab.runner._preflight import check_model_target, missing_sources
+    from fedcollab.runner import check_model_target, missing_sources
     from fedcollab.spec import load_spec
 
     notes: list[str] = []

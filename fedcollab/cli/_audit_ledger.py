@@ -32,7 +32,7 @@ def verify(
 ) -> None:
     """Check every chain, signature and countersignature; recompute every epsilon; check budgets."""
     from fedcollab.audit import Report, verify_ledger, verify_with_run
-    from fedcollab.audit._verify import Finding
+    from fedcollab.audit import Finding
     from fedcollab.spec import load_roster
 
     try:

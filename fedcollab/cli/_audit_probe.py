@@ -47,7 +47,7 @@ def _probe_dpsgd(*, noise_multiplier: float, clip_norm: float, delta: float, sam
     try:
         import torch
 
-        from fedcollab.node._probe import probe_dpsgd
+        from fedcollab.node import probe_dpsgd
     except ImportError as exc:
         raise MissingExtra(f"`--mechanism dpsgd` needs torch and opacus ({exc.name} is missing): pip install 'fedcollab[node]'.") from None
     generator = None

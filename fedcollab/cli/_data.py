@@ -29,7 +29,7 @@ def data_check(
 
     Exit 0 when the data can be used, 3 (data invalid) otherwise.
     """
-    from fedcollab.runner._preflight import check_partner_data
+    from fedcollab.runner import check_partner_data
     from fedcollab.spec import load_spec
 
     try:

@@ -76,7 +76,7 @@ def coordinator_start(
 
     The process becomes ``flower-superlink`` (same PID): stop it with SIGTERM.
     """
-    from fedcollab.runner._deploy import CoordinatorConfig, coordinator_command
+    from fedcollab.runner import CoordinatorConfig, coordinator_command
 
     try:
         cmd, env = coordinator_command(CoordinatorConfig(home=home, certs=certs_dir, host=host, port=port))
@@ -95,7 +95,7 @@ def coordinator_register_node(
     superlink: Superlink = None, ca: Ca = None, home: Home = None, fmt: Fmt = "table",
 ) -> None:
     """Register partners' node keys: only registered nodes may connect."""
-    from fedcollab.runner._deploy import register_node
+    from fedcollab.runner import register_node
 
     names = list(name or [])
     if names and len(names) != len(public_keys):
@@ -118,7 +118,7 @@ def coordinator_register_node(
 @coordinator_app.command("nodes")
 def coordinator_nodes(superlink: Superlink = None, ca: Ca = None, home: Home = None, fmt: Fmt = "table") -> None:
     """List registered nodes and whether they are online."""
-    from fedcollab.runner._deploy import list_nodes
+    from fedcollab.runner import list_nodes
 
     addr, cafile = _connection(superlink, ca, home)
     try:
@@ -139,7 +139,7 @@ def node_keygen(
     fmt: Fmt = "table",
 ) -> None:
     """Create the node's authentication key (P-384, OpenSSH) if missing and print its public key for the coordinator."""
-    from fedcollab.runner._deploy import node_auth_key
+    from fedcollab.runner import node_auth_key
 
     path, pub = node_auth_key(folder)
     if fmt == "json":
@@ -162,7 +162,7 @@ def node_approve(
     """
     import tomllib
 
-    from fedcollab.node._home import NodeHome
+    from fedcollab.node import NodeHome
     from fedcollab.spec import parse_spec
 
     try:
@@ -207,7 +207,7 @@ def node_start(
     """
     import logging
 
-    from fedcollab.runner._deploy import NodeConfig, start_node
+    from fedcollab.runner import NodeConfig, start_node
     from fedcollab.spec import load_policy, policy_toml
 
     # The node's own log (refusals with their reasons stay here): fedcollab's logger only.
@@ -219,7 +219,7 @@ def node_start(
         h.setFormatter(fmt_)
         fc_log.addHandler(h)
     if anchor_dir is not None:  # inherited by the SuperNode and the ClientApp processes it starts
-        from fedcollab.node._home import ANCHOR_DIR_ENV
+        from fedcollab.node import ANCHOR_DIR_ENV
 
         os.environ[ANCHOR_DIR_ENV] = str(anchor_dir.resolve())
     try:
@@ -256,7 +256,7 @@ def submit(
     fmt: Fmt = "table",
 ) -> None:
     """Start a run on the deployment; exits with the run's true outcome (0 completed, else fedcollab's code)."""
-    from fedcollab.runner._deploy import submit as do_submit
+    from fedcollab.runner import submit as do_submit
 
     addr, cafile = _connection(superlink, ca, home)
 
@@ -282,7 +282,7 @@ def status(
     superlink: Superlink = None, ca: Ca = None, home: Home = None, fmt: Fmt = "table",
 ) -> None:
     """Runs on the deployment, their status and fedcollab's exit code for finished ones."""
-    from fedcollab.runner._deploy import run_status
+    from fedcollab.runner import run_status
 
     addr, cafile = _connection(superlink, ca, home)
     try:

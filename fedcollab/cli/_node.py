@@ -31,7 +31,7 @@ def anchor(
     finds no anchor next to a non-empty ledger and refuses every release.
     """
     from fedcollab.core import ConfigError
-    from fedcollab.node._home import NodeHome
+    from fedcollab.node import NodeHome
 
     passphrase = os.environ.get(passphrase_env, "").encode() or None if passphrase_env else None
     try:
@@ -62,7 +62,7 @@ def init(
     fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
 ) -> None:
     """Create the node's Ed25519 signing key (mode 0600), a policy template and an empty ledger."""
-    from fedcollab.node._home import init_node_home
+    from fedcollab.node import init_node_home
     from fedcollab.privacy.accounting import key_fingerprint
     from fedcollab.spec import BudgetSpec, NodePolicy
 

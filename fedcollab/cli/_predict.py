@@ -33,7 +33,7 @@ def predict(
     evaluates its own part of the model at its own node (the passive party's thresholds never
     leave it; what it reveals is recorded in its ledger).
     """
-    from fedcollab.runner._predict import predict_file
+    from fedcollab.runner import predict_file
 
     try:
         if fmt not in ("table", "json"):
@@ -82,7 +82,7 @@ class _VerticalModelRef:
 
 
 def _predict_vertical(model: Path, data: Path, party_data: list[str], nodes: Path | None = None):  # type: ignore[no-untyped-def]
-    from fedcollab.runner._vertical import predict_vertical
+    from fedcollab.runner import predict_vertical
 
     if not _is_vertical(model):
         raise ConfigError(f"--party-data is for vertical runs; --model {model} is not a vertical run folder")

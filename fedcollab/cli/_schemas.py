@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fedcollab.privacy.accounting import event_json_schema
-from fedcollab.privacy.accounting._ledger import ledger_entry_json_schema
-from fedcollab.protocols import Summary, VerticalSummary
+from fedcollab.privacy.accounting import event_json_schema, ledger_entry_json_schema
+from fedcollab.protocols.summary import Summary, VerticalSummary
 from fedcollab.spec import NodePolicy, Spec
 
 

@@ -146,7 +146,7 @@ def encrypt(
 ) -> None:
     """Querier: encrypt rows under a fresh CKKS key, sign the request with your node key; keep the secret state."""
     from fedcollab.privacy.accounting import key_fingerprint, public_key_hex
-    from fedcollab.protocols._scoring import build_request, write_atomic, write_secret
+    from fedcollab.protocols.scoring import build_request, write_atomic, write_secret
 
     _check_split(split)
     try:
@@ -185,7 +185,7 @@ def apply(
     from fedcollab.node import NodeHome
     from fedcollab.privacy.accounting import PartyLedger
     from fedcollab.privacy.mechanisms import fresh_generator
-    from fedcollab.protocols._scoring import answer_request, load_linear_model, parse_request, write_atomic
+    from fedcollab.protocols.scoring import answer_request, load_linear_model, parse_request, write_atomic
     from fedcollab.spec import load_roster
 
     try:
@@ -223,7 +223,7 @@ def apply(
 
 def _write_scores(path: Path, scores: Any, partners: list[str] | None = None) -> None:
     """Scores as CSV or JSON: row, (partner: whose rows, where known), logit, probability."""
-    from fedcollab.protocols._scoring import write_atomic
+    from fedcollab.protocols.scoring import write_atomic
 
     probs = scores.probabilities
     if path.suffix.lower() == ".json":
@@ -246,7 +246,7 @@ def decrypt(
     fmt: FmtOpt = "table",
 ) -> None:
     """Querier: decrypt the scores, apply the sigmoid, report accuracy when labels are known."""
-    from fedcollab.protocols._scoring import decrypt_response
+    from fedcollab.protocols.scoring import decrypt_response
 
     try:
         try:
@@ -278,7 +278,7 @@ def run(
     from fedcollab.node import init_node_home
     from fedcollab.privacy.accounting import PartyLedger
     from fedcollab.privacy.mechanisms import fresh_generator
-    from fedcollab.protocols._scoring import answer_request, build_request, decrypt_response, load_linear_model, write_atomic, write_secret
+    from fedcollab.protocols.scoring import answer_request, build_request, decrypt_response, load_linear_model, write_atomic, write_secret
     from fedcollab.spec import NodePolicy, Roster, ScoringPolicy
 
     _check_split(split)

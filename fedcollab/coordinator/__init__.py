@@ -1,11 +1,36 @@
 """The coordinator: Flower ServerApp, the round loop over Message-API strategies, accounting of releases.
 
 Never imports the data layer (import-linter contract): it sees only what nodes release.
+Other packages import the coordinator through the names below, never its private modules; each
+module loads on first use.
 """
 
-from fedcollab.coordinator._exchange import PollingGrid
-from fedcollab.coordinator._guarantees import privacy_section
-from fedcollab.coordinator._ledger import COORDINATOR, RunLedger
-from fedcollab.coordinator._server import CoordinatorRecorder, RoundRecord, make_server_app
+from __future__ import annotations
 
-__all__ = ["COORDINATOR", "CoordinatorRecorder", "PollingGrid", "RoundRecord", "RunLedger", "make_server_app", "privacy_section"]
+from typing import Any
+
+_WHERE = {
+    "PollingGrid": "_exchange",
+    "privacy_section": "_guarantees",
+    "COORDINATOR": "_ledger", "RunLedger": "_ledger",
+    "CoordinatorRecorder": "_server", "RoundRecord": "_server", "make_server_app": "_server",
+    # cross-silo analytics
+    "AnalyticsRecorder": "_analytics", "default_n_honest": "_analytics",
+    "make_profile_server_app": "_analytics", "make_query_server_app": "_analytics",
+    # deployment: the run config the ServerApp reads
+    "RUN_CONFIG_RESUME": "_deploy", "RUN_CONFIG_SPEC": "_deploy", "RUN_CONFIG_TIMEOUT": "_deploy", "encode_spec": "_deploy",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        import importlib
+
+        return getattr(importlib.import_module(f"fedcollab.coordinator.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'fedcollab.coordinator' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])

@@ -20,9 +20,9 @@ import numpy as np
 from fedcollab.core import NodeError, NodeErrorCode, ProtocolError, TransportError, get_logger
 from fedcollab.coordinator._ledger import RunLedger
 from fedcollab.coordinator._secagg import secure_sum
-from fedcollab.protocols import RecordKey
-from fedcollab.protocols._profile import Profile, build_profile, plan_profile, profile_layout
-from fedcollab.protocols._query import QueryPlan, QueryRow, honest_minimum, plan_query, query_result
+from fedcollab.protocols.wire import RecordKey
+from fedcollab.protocols.profile import Profile, build_profile, plan_profile, profile_layout
+from fedcollab.protocols.query import QueryPlan, QueryRow, honest_minimum, plan_query, query_result
 from fedcollab.spec import QuerySpec, Spec
 
 log = get_logger("coordinator.analytics")

@@ -160,7 +160,7 @@ def _main(grid: Any, context: Any) -> None:
                   auc=last.pooled.auc if last and last.pooled else None, failures=recorder.failures)
     if recorder.final_model is not None:
         # gbdt: the same model.json as in simulation (XGBoost's format, fedcollab's metadata in its attributes).
-        from fedcollab.protocols._model_file import model_metadata
+        from fedcollab.protocols.model_file import model_metadata
         from fedcollab.protocols.gbdt import write_tree_model
 
         n = len(spec.data_schema.encoded_features())
@@ -168,7 +168,7 @@ def _main(grid: Any, context: Any) -> None:
         status["model"] = {"path": "model.json", "sha256": write_tree_model(recorder.final_model, out / "model.json", meta), "format": "xgboost-json"}
     elif recorder.final_arrays is not None and recorder.scaling is not None:
         # The same model file as in simulation: safetensors with feature names, encoding and scaling.
-        from fedcollab.protocols._model_file import MODEL_FILE, model_metadata, save_model
+        from fedcollab.protocols.model_file import MODEL_FILE, model_metadata, save_model
 
         sc = recorder.scaling
         sha = save_model(recorder.final_arrays, out / MODEL_FILE,

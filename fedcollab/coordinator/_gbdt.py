@@ -28,7 +28,8 @@ import numpy as np
 
 from fedcollab.core import NodeError, ProtocolError, get_logger
 from fedcollab.privacy.mechanisms import fresh_generator
-from fedcollab.protocols import RecordKey, gbdt, secagg
+from fedcollab.protocols import gbdt, secagg
+from fedcollab.protocols.wire import RecordKey
 from fedcollab.coordinator._secagg import start_round
 from fedcollab.spec import Spec
 

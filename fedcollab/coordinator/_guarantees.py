@@ -19,7 +19,7 @@ from fedcollab.privacy.accounting import (
     compute_epsilon,
     merge_mechanisms,
 )
-from fedcollab.protocols._summary import Guarantee, NonPrivateRelease, PartnerGuarantee, Privacy
+from fedcollab.protocols.summary import Guarantee, NonPrivateRelease, PartnerGuarantee, Privacy
 from fedcollab.spec import Spec
 
 _NOTES = {

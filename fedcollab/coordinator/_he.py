@@ -35,12 +35,13 @@ from fedcollab.crypto import (
     upload_hash,
     verify,
 )
-from fedcollab.protocols import Scaling, pooled_metrics, scaling_from_bounds
-from fedcollab.protocols._he import flatten_per_party, unflatten_per_party
+from fedcollab.protocols.evaluation import pooled_metrics
+from fedcollab.protocols.statistics import Scaling, scaling_from_bounds
+from fedcollab.protocols.he import flatten_per_party, unflatten_per_party
 from fedcollab.spec import Spec
 
 log = get_logger("coordinator.he")
-#: Statistics under HE are (1 + 2 d) values of 5 limbs (``fedcollab.protocols._he``).
+#: Statistics under HE are (1 + 2 d) values of 5 limbs (``fedcollab.protocols.he``).
 _STATS_LIMBS = 5
 #: Flower's gRPC message limit (deployment); a round's message must stay below it.
 GRPC_MAX_MESSAGE_BYTES = 536_870_912

@@ -15,8 +15,17 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedcollab.core import ProtocolError
-from fedcollab.privacy.accounting import PartyLedger, Release, parse_lines, verify_signature
-from fedcollab.privacy.accounting._ledger import claim, commitment, keep_nonce, release_bodies, spent
+from fedcollab.privacy.accounting import (
+    PartyLedger,
+    Release,
+    claim,
+    commitment,
+    keep_nonce,
+    parse_lines,
+    release_bodies,
+    spent,
+    verify_signature,
+)
 from fedcollab.spec import Roster
 
 COORDINATOR = "coordinator"

@@ -20,9 +20,9 @@ from fedcollab.core import ProtocolError
 from fedcollab.coordinator._ledger import COORDINATOR, RunLedger
 from fedcollab.privacy.accounting import Release
 from fedcollab.privacy.mechanisms import fresh_generator
-from fedcollab.protocols import clip_vector, ddg_decode, plan_central, plan_distributed
-from fedcollab.protocols._partner_dp import PARTNER_ACCOUNTANT
-from fedcollab.protocols._quantize import decode_update
+from fedcollab.protocols.ddg import ddg_decode
+from fedcollab.protocols.partner_dp import PARTNER_ACCOUNTANT, plan_central, plan_distributed
+from fedcollab.protocols.quantize import clip_vector, decode_update
 from fedcollab.spec import Spec
 
 

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from fedcollab.core import ProtocolError, get_logger
-from fedcollab.protocols import decode_update, secagg
+from fedcollab.protocols import secagg
+from fedcollab.protocols.quantize import decode_update
 from fedcollab.spec import Spec
 
 log = get_logger("coordinator.secagg")

@@ -18,18 +18,10 @@ import numpy as np
 from fedcollab.core import NodeError, NodeErrorCode, ProtocolError, TransportError, get_logger
 from fedcollab.models import build_model, model_arrays
 from fedcollab.privacy.accounting import Release
-from fedcollab.protocols import (
-    MessageKind,
-    PooledMetrics,
-    RecordKey,
-    Scaling,
-    combine_statistics,
-    decode_statistics,
-    pooled_metrics,
-    scaling_from_bounds,
-)
+from fedcollab.protocols.evaluation import pooled_metrics, PooledMetrics
+from fedcollab.protocols.statistics import STATS_BITS, Scaling, combine_statistics, decode_statistics, scaling_from_bounds
+from fedcollab.protocols.wire import MessageKind, RecordKey
 from fedcollab.protocols import secagg
-from fedcollab.protocols._statistics import STATS_BITS
 from fedcollab.coordinator._ledger import RunLedger
 from fedcollab.coordinator._partner_dp import PartnerDp
 from fedcollab.coordinator._secagg import decode_mean_update, secure_sum, start_round

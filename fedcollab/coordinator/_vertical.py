@@ -25,7 +25,7 @@ from typing import Any
 
 from fedcollab.core import NodeError, NodeErrorCode, ProtocolError, TransportError, get_logger
 from fedcollab.coordinator._ledger import RunLedger
-from fedcollab.protocols import MessageKind, RecordKey
+from fedcollab.protocols.wire import MessageKind, RecordKey
 from fedcollab.spec import Spec
 
 log = get_logger("coordinator.vertical")

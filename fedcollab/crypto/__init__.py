@@ -11,7 +11,11 @@ from fedcollab.crypto._ckks_scoring import (
     SecretScoringContext,
     check_scoring_params,
 )
+from fedcollab.crypto._ckks_vertical import DEFAULT_FLOOD_STD as LR_FLOOD_STD
+from fedcollab.crypto._ckks_vertical import MAX_ABS_VALUE as LR_MAX_ABS_VALUE
 from fedcollab.crypto._ckks_vertical import LrPublicContext, LrSecretContext
+from fedcollab.crypto._ckks_vertical import n_chunks as lr_n_chunks
+from fedcollab.crypto._ckks_vertical import slots as lr_slots
 from fedcollab.crypto._he import (
     BFV_4096,
     PARAMETER_SETS as HE_PARAMETER_SETS,
@@ -53,26 +57,28 @@ from fedcollab.crypto._shamir import split as split_secret
 from fedcollab.crypto._tls import TrialCertificates, certificate_sans, generate_node_auth_key, load_node_auth_public_key, make_trial_certificates
 
 __all__ = [
-    "SealAdvert",
-    "SealKey",
-    "SealedChannel",
+    "BFV_4096",
     "BfvPublic",
     "BfvSecret",
-    "BFV_4096",
     "HE_PARAMETER_SETS",
-    "SCORING_PARAMS",
-    "SHAMIR_PRIME",
-    "SHAMIR_SHARE_BYTES",
-    "X25519_KEY_BYTES",
     "HeParameters",
+    "LR_FLOOD_STD",
+    "LR_MAX_ABS_VALUE",
     "LrPublicContext",
     "LrSecretContext",
     "PublicContext",
     "PublicScoringContext",
+    "SCORING_PARAMS",
+    "SHAMIR_PRIME",
+    "SHAMIR_SHARE_BYTES",
     "ScoringParams",
+    "SealAdvert",
+    "SealKey",
+    "SealedChannel",
     "SecretContext",
     "SecretScoringContext",
     "TrialCertificates",
+    "X25519_KEY_BYTES",
     "aggregate_message",
     "agree",
     "certificate_sans",
@@ -92,6 +98,8 @@ __all__ = [
     "load_public_context",
     "load_secret_context",
     "load_signing_key",
+    "lr_n_chunks",
+    "lr_slots",
     "make_trial_certificates",
     "new_secret_context",
     "open_key_package",

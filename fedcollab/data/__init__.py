@@ -5,7 +5,7 @@ Runs at the partner only: the coordinator never imports this package (import-lin
 
 from fedcollab.data._encode import FeatureEncoder, feature_bounds
 from fedcollab.data._prepare import PartnerData, load_partner_data, prepare_frame
-from fedcollab.data._source import EMBEDDED_PREFIX, embedded_path, read_source
+from fedcollab.data._source import EMBEDDED_PREFIX, embedded_path, read_source, resolve_path
 from fedcollab.data._split import split_indices
 from fedcollab.data._stats import exact_statistics
 from fedcollab.data._validate import validate_frame
@@ -26,6 +26,7 @@ __all__ = [
     "prepare_frame",
     "prepare_vertical_frame",
     "read_source",
+    "resolve_path",
     "split_indices",
     "validate_frame",
 ]

@@ -2,20 +2,42 @@
 
 Raw rows never leave the node; what does leave is listed as releases, each with its privacy
 status, and errors leave as closed codes only.
+
+Other packages import the node through the names below, never its private modules. Each module
+loads on first use: ``fedcollab node init`` reads the node folder (``NodeHome``) without importing
+torch or Flower, and the DP-SGD probe's scipy.stats is never loaded by a message handler.
 """
 
-from fedcollab.node._client import NodeRuntime, make_client_app
-from fedcollab.node._home import NodeHome, init_node_home
-from fedcollab.node._training import evaluate_model, per_example_losses, train_model
+from __future__ import annotations
 
-__all__ = ["NodeHome", "NodeRuntime", "evaluate_model", "init_node_home", "make_client_app", "per_example_losses", "probe_dpsgd", "train_model"]
+from typing import Any
+
+_WHERE = {
+    # the node folder: policy, keys, ledger, rollback anchor
+    "ANCHOR_DIR_ENV": "_home", "NodeHome": "_home", "countersign_close": "_home", "init_node_home": "_home",
+    # the ClientApp and local training
+    "NodeRuntime": "_client", "make_client_app": "_client",
+    "evaluate_model": "_training", "per_example_losses": "_training", "train_model": "_training",
+    # the other ClientApps and their node-side state
+    "make_analytics_client_app": "_analytics",
+    "read_model": "_he", "read_model_scaling": "_he",
+    "psi_runs_joined": "_vertical", "vertical_policy_problem": "_vertical",
+    # deployment: the approved bundle and the SuperNode
+    "NodeDeployment": "_deploy", "approved_bundle_sha256": "_deploy", "build_bundle": "_deploy", "serve": "_deploy",
+    # the empirical DP-SGD audit
+    "probe_dpsgd": "_probe",
+}
+
+__all__ = sorted(_WHERE)
 
 
-def __getattr__(name: str) -> object:
-    # The DP-SGD probe pulls in scipy.stats (about 1 s): loaded only when asked for, never in a
-    # node's message handlers.
-    if name == "probe_dpsgd":
-        from fedcollab.node._probe import probe_dpsgd
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        import importlib
 
-        return probe_dpsgd
+        return getattr(importlib.import_module(f"fedcollab.node.{_WHERE[name]}"), name)
     raise AttributeError(f"module 'fedcollab.node' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])

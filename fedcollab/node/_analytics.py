@@ -32,8 +32,8 @@ from fedcollab.data import FeatureEncoder, read_source, validate_frame
 from fedcollab.node._home import NodeHome, countersign_close
 from fedcollab.privacy.accounting import Release
 from fedcollab.privacy.mechanisms import fresh_generator
-from fedcollab.protocols._profile import ProfileBlock, noisy_profile, plan_profile, profile_layout
-from fedcollab.protocols._query import RESOLUTION, Layout, QueryPlan, encode_query_vector, honest_minimum, plan_query
+from fedcollab.protocols.profile import ProfileBlock, noisy_profile, plan_profile, profile_layout
+from fedcollab.protocols.query import RESOLUTION, Layout, QueryPlan, encode_query_vector, honest_minimum, plan_query
 from fedcollab.spec import Predicate, QuerySpec, SchemaSpec, Spec, check_query, parse_query
 
 log = get_logger("node.analytics")
@@ -289,8 +289,9 @@ def make_analytics_client_app(spec: Spec, homes: dict[str, str], roster: dict[st
     from flwr.clientapp import ClientApp
 
     from fedcollab.node._secagg import handle_stage
-    from fedcollab.protocols import RecordKey, secagg
-    from fedcollab.protocols._ddg import ddg_generator
+    from fedcollab.protocols import secagg
+    from fedcollab.protocols.wire import RecordKey
+    from fedcollab.protocols.ddg import ddg_generator
 
     coordinator_key = roster["coordinator"]
     app = ClientApp()

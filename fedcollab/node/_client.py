@@ -44,7 +44,9 @@ from fedcollab.privacy.accounting import (
     Release,
 )
 from fedcollab.privacy.mechanisms import fresh_generator
-from fedcollab.protocols import DpPlan, MessageKind, RecordKey, Scaling, dp_statistics, plan_dp
+from fedcollab.protocols.dpsgd import DpPlan, plan_dp
+from fedcollab.protocols.statistics import dp_statistics, Scaling
+from fedcollab.protocols.wire import MessageKind, RecordKey
 from fedcollab.spec import Spec
 
 log = get_logger("node")
@@ -238,7 +240,7 @@ class NodeRuntime:
         elif spec.privacy.mode != "distributed" and spec.model.kind != "gbdt":
             out += [rel(kind="model_update", about="train", unit="record", round=r, mechanism=NonPrivate()) for r in left]
         if spec.privacy.mode == "distributed" and spec.privacy.partner is not None:
-            from fedcollab.protocols import plan_distributed
+            from fedcollab.protocols.partner_dp import plan_distributed
 
             n_params = sum(v.size for v in model_arrays(build_model(spec.model, len(d.feature_names), seed=spec.seed)).values())
             mech = plan_distributed(spec, d=n_params).mechanism()
@@ -400,7 +402,7 @@ class NodeRuntime:
     # --- distributed DP -------------------------------------------------------------------------
     def check_participants(self, count: int, *, server_round: int, stage: str) -> None:
         """Refuse (and record) a distributed-DP round with fewer partners than the noise was sized for."""
-        from fedcollab.protocols import check_honest_minimum
+        from fedcollab.protocols.ddg import check_honest_minimum
 
         pp = self.spec.privacy.partner
         assert pp is not None
@@ -416,7 +418,8 @@ class NodeRuntime:
 
         Checked against the partner-level budget (unit partner, observer coordinator) before it exists outside this call.
         """
-        from fedcollab.protocols import ddg_encode, ddg_generator, plan_distributed
+        from fedcollab.protocols.ddg import ddg_encode, ddg_generator
+        from fedcollab.protocols.partner_dp import plan_distributed
 
         self.check_participants(participants, server_round=server_round, stage="masked-input")
         names = list(old)
@@ -448,7 +451,7 @@ class NodeRuntime:
         refusal of the metrics alone must not take down. The zero record depends on no row.
         """
         spec, d, pol = self.spec, self.data, self.policy
-        from fedcollab.protocols._evaluation import LOSS_BOUND, TEST_METRICS_SENSITIVITY, dp_test_metrics, histogram_bins
+        from fedcollab.protocols.evaluation import LOSS_BOUND, TEST_METRICS_SENSITIVITY, dp_test_metrics, histogram_bins
 
         bins = histogram_bins(pol.max_histogram_bins)
         mode = pol.resolved_test_metrics
@@ -629,7 +632,7 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str], *
         content = RecordDict({RecordKey.INFO: ConfigRecord(info), RecordKey.RELEASES: lines_record(lines)})
         if stats is not None and spec.aggregation == "secagg":
             # The statistics leave only masked, summed with the other partners' (round 0, mod 2^64).
-            from fedcollab.protocols import encode_statistics
+            from fedcollab.protocols.statistics import encode_statistics
 
             keep_vector(node, context, encode_statistics(stats, n_parties=len(spec.partners)), 0)
         elif stats is not None and he is not None:

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcollab.core import ConfigError, NodeErrorCode, get_logger, node_code_for
-from fedcollab.protocols import RecordKey
+from fedcollab.protocols.wire import RecordKey
 
 log = get_logger("node.deploy")
 

@@ -50,8 +50,14 @@ from fedcollab.crypto import (
     upload_hash,
     verify,
 )
-from fedcollab.protocols import decode_statistics_limbs, decode_weighted, encode_statistics_limbs, encode_weighted
-from fedcollab.protocols._he import flatten_per_party, unflatten_per_party
+from fedcollab.protocols.he import (
+    decode_statistics_limbs,
+    decode_weighted,
+    encode_statistics_limbs,
+    encode_weighted,
+    flatten_per_party,
+    unflatten_per_party,
+)
 from fedcollab.spec import Spec
 
 log = get_logger("node.he")
@@ -393,7 +399,7 @@ class HeHandlers:
     def _lines(self, lines: list[str]) -> Any:
         from flwr.app import ConfigRecord
 
-        from fedcollab.protocols import RecordKey
+        from fedcollab.protocols.wire import RecordKey
 
         return {RecordKey.RELEASES: ConfigRecord({"lines": json.dumps(lines)})}
 
@@ -426,7 +432,7 @@ class HeHandlers:
         return server_step(self.spec, self._home(node), node.run_id, tpl, decode_model(total, tpl, scale=self.spec.he.scale), round_)
 
     def _scaling(self, st: Any, cfg: Any, scaling_of: Any) -> Any:
-        from fedcollab.protocols import Scaling
+        from fedcollab.protocols.statistics import Scaling
 
         if str(cfg.get("he.scaling", "")) == "node":
             if "he.scale_mean" not in st:
@@ -462,7 +468,7 @@ class HeHandlers:
             st["he.upload.0"] = up["hash"]
             return RecordDict({"he.upload": ConfigRecord({"ct": up["ct"], "round": 0, "signature": up["signature"]})})
         if stage == "stats_result":
-            from fedcollab.protocols import combine_statistics
+            from fedcollab.protocols.statistics import combine_statistics
 
             d = len(node.data.feature_names)
             my = st.get("he.upload.0")
@@ -493,7 +499,7 @@ class HeHandlers:
     def train(self, node: Any, cfg: Any, st: Any, msg: Any, scaling_of: Any) -> Any:
         """Decrypt the previous aggregate (round 1: the seeded initial model), train, encrypt the pre-weighted model."""
         ConfigRecord, MetricRecord, RecordDict = self._records()
-        from fedcollab.protocols import RecordKey
+        from fedcollab.protocols.wire import RecordKey
 
         rnd = int(cfg.get("server-round", 0))
         total_rows = float(cfg.get("he.total_rows", 0.0))
@@ -513,7 +519,7 @@ class HeHandlers:
     def evaluate(self, node: Any, cfg: Any, st: Any, msg: Any, scaling_of: Any) -> Any:
         """Decrypt the round's aggregate and evaluate it on the test split."""
         _, MetricRecord, RecordDict = self._records()
-        from fedcollab.protocols import RecordKey
+        from fedcollab.protocols.wire import RecordKey
 
         rnd = int(cfg.get("server-round", 0))
         ctx = secret_context(self.spec, self._home(node), node.run_id)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fedcollab.core import FedcollabError, NodeCoded, NodeErrorCode, PolicyRefused, get_logger
-from fedcollab.protocols import MessageKind, RecordKey
+from fedcollab.protocols.wire import MessageKind, RecordKey
 
 if TYPE_CHECKING:
     from flwr.app import Context, Message

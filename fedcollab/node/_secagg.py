@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from fedcollab.core import PolicyRefused, ProtocolError
-from fedcollab.protocols import clip_vector, encode_update, secagg
+from fedcollab.protocols import secagg
+from fedcollab.protocols.quantize import clip_vector, encode_update
 from fedcollab.spec import Spec
 
 BITS = 32

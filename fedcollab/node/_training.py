@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedcollab.protocols import DpPlan, score_histograms
+from fedcollab.protocols.dpsgd import DpPlan
+from fedcollab.protocols.evaluation import score_histograms
 from fedcollab.spec import TrainingSpec
 
 NOISE_RNG = "torch.Generator seeded from os.urandom (64 bits); Opacus secure_mode unavailable"

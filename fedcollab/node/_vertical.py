@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from fedcollab.core import NodeCoded, NodeErrorCode, PolicyRefused, ProtocolError, get_logger, node_code_for
-from fedcollab.protocols import MessageKind, RecordKey
+from fedcollab.protocols.wire import MessageKind, RecordKey
 
 log = get_logger("node.vertical")
 

@@ -212,8 +212,8 @@ def submit(address: str, ca_cert: str | Path, spec_path: str | Path, *, wait: bo
     from flwr.proto.control_pb2 import StartRunRequest  # pylint: disable=E0611
     from flwr.supercore.fab import Fab
 
-    from fedcollab.coordinator._deploy import RUN_CONFIG_RESUME, RUN_CONFIG_SPEC, RUN_CONFIG_TIMEOUT, encode_spec
-    from fedcollab.node._deploy import build_bundle
+    from fedcollab.coordinator import RUN_CONFIG_RESUME, RUN_CONFIG_SPEC, RUN_CONFIG_TIMEOUT, encode_spec
+    from fedcollab.node import build_bundle
     from fedcollab.spec import load_spec
 
     p = Path(spec_path)
@@ -303,7 +303,7 @@ def node_auth_key(home: Path) -> tuple[Path, str]:
 
 def _node_setup(cfg: NodeConfig) -> tuple[Any, list[str], dict[str, str]]:
     from fedcollab.node import NodeHome
-    from fedcollab.node._deploy import NodeDeployment, approved_bundle_sha256
+    from fedcollab.node import NodeDeployment, approved_bundle_sha256
     from fedcollab.spec import Roster
 
     home = NodeHome(cfg.home.resolve())
@@ -348,7 +348,7 @@ def start_node(cfg: NodeConfig, *, on_ready: Callable[[dict[str, Any]], None] | 
 
     Raises :class:`NodeRejected` when the SuperLink refuses the node's key.
     """
-    from fedcollab.node._deploy import serve
+    from fedcollab.node import serve
 
     node, cmd, extra = _node_setup(cfg)
     stop = stop or threading.Event()

@@ -40,7 +40,7 @@ def flower_server_app(spec_path: str | Path, *, out: str | Path, base_dir: str |
     from flwr.serverapp import ServerApp
 
     from fedcollab.coordinator import CoordinatorRecorder, RunLedger, make_server_app
-    from fedcollab.protocols._model_file import MODEL_FILE, model_metadata, save_model
+    from fedcollab.protocols.model_file import MODEL_FILE, model_metadata, save_model
     from fedcollab.runner._run import _coordinator_and_roster, _keep_previous_ledger, _write_atomic, prepare_simulated_nodes
 
     app = ServerApp()

@@ -1,6 +1,6 @@
 """Scoring new rows with a run's model: validate against the recorded schema, encode, scale, score.
 
-Everything needed comes from the model file's metadata (``fedcollab/protocols/_model_file.py``):
+Everything needed comes from the model file's metadata (``fedcollab/protocols/model_file.py``):
 no spec, no data of the partners, and no code is imported (logistic regression and MLP only).
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from fedcollab.core import ConfigError, DataValidationError
-from fedcollab.protocols._model_file import MODEL_FILE, model_logits, read_model
+from fedcollab.protocols.model_file import MODEL_FILE, model_logits, read_model
 from fedcollab.spec import SchemaSpec
 
 #: The column of the output that numbers rows when they carry no id column.

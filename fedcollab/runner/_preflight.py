@@ -46,7 +46,7 @@ def check_partner_data(spec: Spec, partner: str, *, data: str | Path | None = No
     ``where`` filter. Never raises for bad data: every problem is listed in the result.
     """
     from fedcollab.data import prepare_frame, read_source
-    from fedcollab.data._source import resolve_path
+    from fedcollab.data import resolve_path
 
     p = next((x for x in spec.partners if x.name == partner), None)
     if p is None:
@@ -99,7 +99,7 @@ def check_simulation_data(spec: Spec, *, skip: set[str] = frozenset()) -> list[D
 
 def missing_sources(spec: Spec) -> list[str]:
     """One line per simulation source file that does not exist: the field, the partner and the path."""
-    from fedcollab.data._source import EMBEDDED_PREFIX, resolve_path
+    from fedcollab.data import EMBEDDED_PREFIX, resolve_path
 
     out = []
     for i, p in enumerate(spec.partners):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedcollab.protocols._profile import Profile
+from fedcollab.protocols.profile import Profile
 from fedcollab.spec import Spec
 
 _CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"

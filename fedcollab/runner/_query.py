@@ -10,11 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from fedcollab.core import TransportError
-from fedcollab.coordinator import RunLedger
-from fedcollab.coordinator._analytics import AnalyticsRecorder, default_n_honest, make_profile_server_app, make_query_server_app
-from fedcollab.node import NodeHome, init_node_home
-from fedcollab.node._analytics import make_analytics_client_app
-from fedcollab.protocols._profile import Profile
+from fedcollab.coordinator import AnalyticsRecorder, RunLedger, default_n_honest, make_profile_server_app, make_query_server_app
+from fedcollab.node import NodeHome, init_node_home, make_analytics_client_app
+from fedcollab.protocols.profile import Profile
 from fedcollab.spec import BudgetSpec, NodePolicy, QuerySpec, Spec, check_query, load_query, load_spec
 from fedcollab.runner._run import (
     SIMULATED_BUDGET_EPSILON,

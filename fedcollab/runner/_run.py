@@ -9,7 +9,6 @@ import logging
 import os
 import re
 import signal
-import tempfile
 import threading
 import time
 import uuid
@@ -25,10 +24,10 @@ import numpy as np
 from fedcollab.core import ConfigError, FedcollabError, NodeError, NodeErrorCode, RunInterrupted, TransportError, get_logger
 from fedcollab.coordinator import COORDINATOR, CoordinatorRecorder, PollingGrid, RoundRecord, RunLedger, make_server_app, privacy_section
 from fedcollab.node import NodeHome, init_node_home, make_client_app
-from fedcollab.spec import BudgetSpec, NodePolicy, Roster, RosterEntry, VerticalPolicy
-from fedcollab.protocols import HIST_BINS, PooledMetrics, Scaling, Summary
-from fedcollab.protocols._summary import LedgerRef, Metrics, MetricsEntry, ModelRef, RunError, SpecRef
-from fedcollab.spec import Spec, load_spec
+from fedcollab.spec import BudgetSpec, NodePolicy, Roster, RosterEntry, Spec, VerticalPolicy, load_spec
+from fedcollab.protocols.evaluation import HIST_BINS, PooledMetrics
+from fedcollab.protocols.statistics import Scaling
+from fedcollab.protocols.summary import LedgerRef, Metrics, MetricsEntry, ModelRef, RunError, SpecRef, Summary
 
 log = get_logger("runner")
 
@@ -99,8 +98,8 @@ def _entry(m: PooledMetrics | None) -> MetricsEntry:
 
 
 def _save_model(arrays: dict[str, np.ndarray], out: Path, metadata: dict[str, str]) -> tuple[Path, str, str]:
-    """``model.safetensors`` with its metadata (the format deployment writes too: fedcollab/protocols/_model_file.py)."""
-    from fedcollab.protocols._model_file import MODEL_FILE, save_model
+    """``model.safetensors`` with its metadata (the format deployment writes too: fedcollab/protocols/model_file.py)."""
+    from fedcollab.protocols.model_file import MODEL_FILE, save_model
 
     path = out / MODEL_FILE
     return path, save_model(arrays, path, metadata), "safetensors"
@@ -304,7 +303,7 @@ def run(
         partners={k: _entry(v) for k, v in (last_eval.partners if last_eval else {}).items()},
     )
     # Success outputs are written only now, each atomically (a failed run never leaves a model).
-    from fedcollab.protocols._model_file import encoding_of, model_metadata
+    from fedcollab.protocols.model_file import encoding_of, model_metadata
 
     n_features = len(spec.data_schema.encoded_features())
     sc = recorder.scaling
@@ -622,7 +621,7 @@ def simulate_apps(spec: Spec, server_app: Any, client_app: Any) -> None:
 
 def _he_scaling(spec: Spec, homes: dict[str, NodeHome], run_id: str) -> Scaling | None:
     """The global scaling under HE, as the model writer recorded it with the final model."""
-    from fedcollab.node._he import read_model_scaling
+    from fedcollab.node import read_model_scaling
 
     writer = spec.he.resolved_model_writer([p.name for p in spec.partners])
     got = read_model_scaling(homes[writer].root, run_id)
@@ -633,7 +632,7 @@ def _he_scaling(spec: Spec, homes: dict[str, NodeHome], run_id: str) -> Scaling 
 
 def _he_model(spec: Spec, homes: dict[str, NodeHome], run_id: str) -> OrderedDict[str, np.ndarray]:
     """Under HE the coordinator holds no model: the model writer decrypted it into its node folder."""
-    from fedcollab.node._he import read_model
+    from fedcollab.node import read_model
 
     writer = spec.he.resolved_model_writer([p.name for p in spec.partners])
     return read_model(homes[writer].root, run_id)

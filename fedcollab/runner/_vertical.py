@@ -32,21 +32,21 @@ from fedcollab.privacy.accounting import NonPrivate, Release, compute_epsilon
 from fedcollab.protocols.gbdt import BinLayout
 from fedcollab.protocols.vertical import (
     LookupEntry,
+    Recorder,
+    VerticalDpPlan,
     active_layout,
+    active_margin,
     lookup_document,
     model_document,
-    passive_layout,
-    spec_split,
-    vertical_domain,
-    VerticalDpPlan,
-    active_margin,
     passive_decisions,
+    passive_layout,
     plan_vertical_dp,
+    spec_split,
     train_vertical_in_process,
+    vertical_domain,
 )
-from fedcollab.protocols._summary import VerticalSummary
-from fedcollab.protocols.vertical._train import Recorder
-from fedcollab.node._vertical import psi_runs_joined, vertical_policy_problem
+from fedcollab.protocols.summary import VerticalSummary
+from fedcollab.node import psi_runs_joined, vertical_policy_problem
 from fedcollab.spec import Spec, TreeParams, tree_params
 
 #: The vertical demo (``fedcollab demo --vertical``): a clinic and a lab, embedded Heart data.
@@ -382,7 +382,7 @@ class _Books:
                 raise PolicyRefused(f"{p.name}: the parties share {intersection} record(s), fewer than the {need} its policy requires")
 
     def close(self) -> None:
-        from fedcollab.node._home import countersign_close
+        from fedcollab.node import countersign_close
 
         close = self.ledger.close(self.last_round, partners=[p.name for p in self.spec.partners])
         coord = self.ledger.roster.parties["coordinator"].signing_key

@@ -10,7 +10,7 @@ import pytest
 from fedcollab.node import init_node_home
 from fedcollab.node._analytics import NodeAnalytics, load_frame, profile_counts
 from fedcollab.privacy.accounting import compute_epsilon
-from fedcollab.protocols._profile import build_profile, noisy_profile, plan_profile, profile_layout
+from fedcollab.protocols.profile import build_profile, noisy_profile, plan_profile, profile_layout
 from fedcollab.spec import BudgetSpec, NodePolicy
 
 

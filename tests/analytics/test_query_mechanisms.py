@@ -13,8 +13,8 @@ from fedcollab.core import BudgetExhausted, ConfigError, NodeErrorCode, PolicyRe
 from fedcollab.node import init_node_home
 from fedcollab.node._analytics import NodeAnalytics, load_frame, local_aggregates
 from fedcollab.privacy.accounting import compute_epsilon, public_key_hex
-from fedcollab.protocols._ddg import ddg_generator
-from fedcollab.protocols._query import RESOLUTION, encode_query_vector, plan_query, query_result
+from fedcollab.protocols.ddg import ddg_generator
+from fedcollab.protocols.query import RESOLUTION, encode_query_vector, plan_query, query_result
 from fedcollab.spec import BudgetSpec, NodePolicy, Roster, RosterEntry, StatisticsPolicy, check_query, parse_query
 from tests.conftest import ROOT
 

@@ -19,7 +19,7 @@ from flwr.app import Array, ArrayRecord, Message, MessageType, Metadata, MetricR
 from fedcollab.coordinator._server import _strategy
 from fedcollab.core import SpecError
 from fedcollab.node._secagg import encode_for_secagg, flatten
-from fedcollab.protocols import decode_update
+from fedcollab.protocols.quantize import decode_update
 from fedcollab.spec import parse_spec
 from tests.conftest import ROOT
 

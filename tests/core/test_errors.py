@@ -171,7 +171,7 @@ class TestClientAppsUseTheOneMap:
     def _ask(app, message_type: str) -> tuple[int, str]:
         from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-        from fedcollab.protocols import RecordKey
+        from fedcollab.protocols.wire import RecordKey
 
         req = Message(content=RecordDict({"config": ConfigRecord({"fedcollab.run_id": "r1", "fedcollab.kind": "setup"})}),
                       dst_node_id=1, message_type=message_type)

@@ -32,7 +32,7 @@ def test_he_model_equals_plain_fedavg(he_run):
     from fedcollab.data import exact_statistics, load_partner_data
     from fedcollab.models import build_model, model_arrays, set_model_arrays
     from fedcollab.node._training import train_model
-    from fedcollab.protocols import combine_statistics
+    from fedcollab.protocols.statistics import combine_statistics
 
     spec, result = he_run
     assert result.summary.aggregation == "he" and [r.round for r in result.rounds] == [1, 2] and not result.summary.failures

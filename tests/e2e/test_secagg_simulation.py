@@ -60,7 +60,7 @@ def dropout_run(tmp_path_factory):
     import fedcollab
     from fedcollab.node import init_node_home
     from fedcollab.privacy.accounting import compute_epsilon
-    from fedcollab.protocols import plan_dp
+    from fedcollab.protocols.dpsgd import plan_dp
     from fedcollab.runner._run import simulated_policy
     from fedcollab.spec import load_spec
     from tests.conftest import ROOT

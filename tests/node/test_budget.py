@@ -11,7 +11,7 @@ from fedcollab.audit import verify_ledger
 from fedcollab.core import BudgetExhausted, ExitCode, NodeErrorCode, PolicyRefused
 from fedcollab.models import build_model, model_arrays
 from fedcollab.privacy.accounting import public_key_hex
-from fedcollab.protocols import scaling_from_bounds
+from fedcollab.protocols.statistics import scaling_from_bounds
 from fedcollab.spec import BudgetSpec, NodePolicy, Roster, RosterEntry
 from tests.node.test_node import make_node
 

@@ -231,7 +231,7 @@ class TestSpecEnforcement:
 
         from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
-        from fedcollab.protocols import RecordKey
+        from fedcollab.protocols.wire import RecordKey
 
         meta = Metadata(run_id=flower_run_id, message_id=uuid.uuid4().hex, src_node_id=0, dst_node_id=7, reply_to_message_id="", group_id="",
                         created_at=time.time(), ttl=600.0, message_type=message_type)
@@ -245,7 +245,7 @@ class TestSpecEnforcement:
 
         from fedcollab.coordinator._deploy import encode_spec
         from fedcollab.node._deploy import RUN_CONFIG_SPEC, EgressLog, _remember_request
-        from fedcollab.protocols import RecordKey
+        from fedcollab.protocols.wire import RecordKey
 
         monkeypatch.setattr(TaskIdentity, "_run_id", 1, raising=False)
         monkeypatch.setattr(TaskIdentity, "_node_id", 7, raising=False)
@@ -272,7 +272,7 @@ class TestSpecEnforcement:
         """A refusal holds for the rest of its Flower run; the next run checks again and gets the app built from the node's copy."""
         from fedcollab.coordinator._deploy import encode_spec
         from fedcollab.node._deploy import RUN_CONFIG_SPEC
-        from fedcollab.protocols import RecordKey
+        from fedcollab.protocols.wire import RecordKey
 
         text = (root / "protocols" / "heart-disease.toml").read_text()
         node, home = self._node(root, tmp_path, tmp_path / "data.csv")

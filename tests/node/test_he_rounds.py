@@ -25,7 +25,7 @@ from fedcollab.node._he import (
     secret_context,
 )
 from fedcollab.privacy.accounting import public_key_hex
-from fedcollab.protocols import encode_statistics_limbs, encode_weighted, quantisation_bound
+from fedcollab.protocols.he import encode_statistics_limbs, encode_weighted, quantisation_bound
 
 RUN = "run-he-test"
 
@@ -198,7 +198,7 @@ class TestSignedUploadsAndAggregates:
         # the node decrypts its own sum of the two, never cleveland's model alone.
         included = sorted(f"{p}:{u[0]}" for p, u in verified.items())
         from fedcollab.crypto import aggregate_message, sign
-        from fedcollab.protocols._he import flatten_per_party
+        from fedcollab.protocols.he import flatten_per_party
 
         forged = {"ct": ups["cleveland"]["ct"], "round": 1, "included": included,
                   "signature": sign(federation["coordinator"], aggregate_message(run_id=RUN, round_=1, ciphertexts=ups["cleveland"]["ct"],
@@ -259,7 +259,8 @@ def heart_rounds(spec, federation):
     from fedcollab.data import exact_statistics, load_partner_data
     from fedcollab.models import build_model, model_arrays, set_model_arrays
     from fedcollab.node._training import evaluate_model, train_model
-    from fedcollab.protocols import combine_statistics, pooled_metrics
+    from fedcollab.protocols.evaluation import pooled_metrics
+    from fedcollab.protocols.statistics import combine_statistics
 
     names = [p.name for p in spec.partners]
     data = {n: load_partner_data(spec, n) for n in names}

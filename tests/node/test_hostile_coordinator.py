@@ -24,7 +24,8 @@ from fedcollab.models import build_model, model_arrays
 from fedcollab.node import NodeHome, init_node_home, make_client_app
 from fedcollab.node._mods import OrderState, Request, order_problem
 from fedcollab.privacy.accounting import GaussianMechanism, Release, public_key_hex
-from fedcollab.protocols import RecordKey, scaling_from_bounds
+from fedcollab.protocols.statistics import scaling_from_bounds
+from fedcollab.protocols.wire import RecordKey
 from fedcollab.runner._run import simulated_policy
 from fedcollab.spec import ModelSpec, NodePolicy, load_spec
 from tests.conftest import ROOT

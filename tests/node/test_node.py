@@ -14,7 +14,7 @@ from fedcollab.models import build_model, model_arrays
 from fedcollab.node import train_model
 from fedcollab.node._client import NodeRuntime, _code_for
 from fedcollab.privacy.accounting import PoissonSubsampledGaussian, Release, compute_epsilon
-from fedcollab.protocols import Scaling, scaling_from_bounds
+from fedcollab.protocols.statistics import Scaling, scaling_from_bounds
 
 
 def make_node(spec, partner, root, *, run_id="run-1", policy=None) -> NodeRuntime:

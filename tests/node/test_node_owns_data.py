@@ -17,8 +17,8 @@ from fedcollab.models import build_model, model_arrays
 from fedcollab.node import NodeHome, init_node_home
 from fedcollab.node._client import NodeRuntime, _code_for
 from fedcollab.privacy.accounting import GaussianMechanism, PoissonSubsampledGaussian, Release
-from fedcollab.protocols import pooled_metrics, scaling_from_bounds
-from fedcollab.protocols._evaluation import HIST_BINS, dp_test_metrics, histogram_bins
+from fedcollab.protocols.evaluation import HIST_BINS, dp_test_metrics, histogram_bins, pooled_metrics
+from fedcollab.protocols.statistics import scaling_from_bounds
 from fedcollab.spec import BudgetSpec, NodePolicy
 
 

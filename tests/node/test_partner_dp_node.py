@@ -12,7 +12,7 @@ from fedcollab.core import BudgetExhausted, NodeErrorCode
 from fedcollab.models import build_model, model_arrays
 from fedcollab.node._client import NodeRuntime, _code_for
 from fedcollab.privacy.accounting import ZCDPMechanism, read_ledger
-from fedcollab.protocols import plan_distributed
+from fedcollab.protocols.partner_dp import plan_distributed
 from fedcollab.spec import BudgetSpec, NodePolicy, parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedcollab.core import CryptoError, NodeErrorCode, ProtocolError
 from fedcollab.crypto import combine_shares, expand_mask, load_private, share_from_bytes
-from fedcollab.protocols import _secagg, secagg
+from fedcollab.protocols import secagg
 
 NAMES = tuple(f"n{i}" for i in range(10))
 T, T_MIN, LENGTH = 5, 6, 64
@@ -89,9 +89,9 @@ def sum_of_pair(r, reveals):
         if v in (A, B):
             continue
         s_sk = combine_shares(s_pts[v], threshold=T, length=32)
-        assert _secagg.public_bytes(load_private(s_sk)) == r.coord.keys[v][1]
+        assert secagg.public_bytes(load_private(s_sk)) == r.coord.keys[v][1]
         for u in (A, B):
-            mask = _secagg._pair_mask(cfg, s_sk, r.coord.keys[u][1], v, u)
+            mask = secagg._pair_mask(cfg, s_sk, r.coord.keys[u][1], v, u)
             total = total - mask if u < v else total + mask
     return total
 
@@ -109,7 +109,7 @@ class TestAttack3SplitSurvivorSets:
         """Why t signatures are not enough when 2t <= n: two groups of t each sign their own set; x_A + x_B leaks."""
         r = through_masked(keys)
         states, sigs = split_view(r, keys)
-        monkeypatch.setattr(_secagg, "consistency_quorum", lambda cfg: cfg.threshold)
+        monkeypatch.setattr(secagg, "consistency_quorum", lambda cfg: cfg.threshold)
         reveals = []
         for group, shown in ((G1, S1), (G2, S2)):
             mine = {w: sigs[w] for w in group}
@@ -209,7 +209,7 @@ class TestAttack4InflatedHonestCount:
     def test_the_inflated_count_would_release_more_than_charged(self, three_party):
         """The attack's effect: noise sized for 4 honest shares, summed over 3, spends more than the ε charged."""
         from fedcollab.privacy.accounting import compute_epsilon
-        from fedcollab.protocols._query import plan_query, query_zcdp
+        from fedcollab.protocols.query import plan_query, query_zcdp
         from fedcollab.spec import parse_query
 
         q = parse_query({"statistics": [{"kind": "count"}], "epsilon": 2.0, "delta": 1e-6})
@@ -223,7 +223,7 @@ class TestAttack4InflatedHonestCount:
     def test_refused_at_the_node_budget_unchanged(self, three_party, tmp_path, via):
         """min_honest = 4 in the query, or n_honest = 4 claimed by the request, on a 3-party spec: coded refusal, no release."""
         from fedcollab.node._analytics import _code_for
-        from fedcollab.protocols._ddg import ddg_generator
+        from fedcollab.protocols.ddg import ddg_generator
         from fedcollab.spec import parse_query
 
         node = _analytics_node(three_party, tmp_path)

@@ -7,7 +7,8 @@ import pytest
 
 from fedcollab.core import PolicyRefused, ProtocolError
 from fedcollab.node._secagg import check_config, encode_for_secagg
-from fedcollab.protocols import decode_update, secagg
+from fedcollab.protocols import secagg
+from fedcollab.protocols.quantize import decode_update
 
 
 @pytest.fixture(scope="module")

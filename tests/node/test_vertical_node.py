@@ -23,7 +23,7 @@ from fedcollab.core import NodeError, NodeErrorCode
 from fedcollab.node import NodeHome, init_node_home
 from fedcollab.node._vertical import make_vertical_client_app
 from fedcollab.privacy.accounting import public_key_hex
-from fedcollab.protocols import RecordKey
+from fedcollab.protocols.wire import RecordKey
 from fedcollab.spec import NodePolicy, Roster, RosterEntry, VerticalPolicy, load_spec
 from tests.conftest import ROOT, three_party_vertical_spec
 

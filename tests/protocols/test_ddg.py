@@ -11,19 +11,7 @@ from scipy import stats
 
 from fedcollab.core import ProtocolError, UpdateError
 from fedcollab.privacy.accounting import ZCDPMechanism, compute_epsilon
-from fedcollab.protocols import (
-    check_honest_minimum,
-    check_wraparound,
-    ddg_decode,
-    ddg_encode,
-    SystemRandomSource,
-    ddg_generator,
-    ddg_norm_bound,
-    ddg_tau,
-    ddg_zcdp,
-    sample_discrete_gaussian,
-    wraparound_probability,
-)
+from fedcollab.protocols.ddg import check_honest_minimum, check_wraparound, ddg_decode, ddg_encode, ddg_generator, ddg_norm_bound, ddg_tau, ddg_zcdp, sample_discrete_gaussian, SystemRandomSource, wraparound_probability
 
 BETA = math.exp(-0.5)
 

@@ -6,14 +6,7 @@ import numpy as np
 import pytest
 
 from fedcollab.core import ProtocolError, UpdateError
-from fedcollab.protocols import (
-    check_he_headroom,
-    decode_statistics_limbs,
-    decode_weighted,
-    encode_statistics_limbs,
-    encode_weighted,
-    quantisation_bound,
-)
+from fedcollab.protocols.he import check_he_headroom, decode_statistics_limbs, decode_weighted, encode_statistics_limbs, encode_weighted, quantisation_bound
 
 MAX_ABS = 8_380_416
 SCALE = float(2**19)

@@ -13,7 +13,9 @@ from scipy import stats
 
 from fedcollab.core import PrivacyError
 from fedcollab.privacy.accounting import GaussianMechanism, ZCDPMechanism, calibrate_noise_multiplier, compute_epsilon
-from fedcollab.protocols import ddg_decode, ddg_encode, ddg_generator, plan_central, plan_distributed, secagg
+from fedcollab.protocols import secagg
+from fedcollab.protocols.ddg import ddg_decode, ddg_encode, ddg_generator
+from fedcollab.protocols.partner_dp import plan_central, plan_distributed
 from fedcollab.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]

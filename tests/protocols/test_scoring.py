@@ -13,19 +13,17 @@ from fedcollab.audit._verify import verify_lines
 from fedcollab.core import CryptoError, ExitCode, NodeErrorCode, PolicyRefused
 from fedcollab.crypto import SCORING_PARAMS, PublicScoringContext, SecretScoringContext
 from fedcollab.privacy.accounting import PartyLedger, key_fingerprint, public_key_hex
-from fedcollab.protocols import (
+from fedcollab.protocols.scoring import (
+    REQUEST_MAGIC,
     LinearModel,
     ScoringAuthError,
     ScoringBudgetExhausted,
     ScoringReplayError,
     ScoringRequestError,
     answer_request,
+    blob_table,
     build_request,
     decrypt_response,
-)
-from fedcollab.protocols._scoring import (
-    REQUEST_MAGIC,
-    blob_table,
     fold_scaling,
     load_linear_model,
     pack_container,

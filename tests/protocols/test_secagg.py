@@ -11,17 +11,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedcollab.core import ConfigError, CryptoError, ProtocolError, UpdateError
 from fedcollab.crypto import combine_shares, expand_mask, share_from_bytes
-from fedcollab.protocols import (
-    check_headroom,
-    clip_vector,
-    decode_update,
-    dequantize,
-    encode_update,
-    pack,
-    quantize,
-    secagg,
-    unpack,
-)
+from fedcollab.protocols import secagg
+from fedcollab.protocols.quantize import check_headroom, clip_vector, decode_update, dequantize, encode_update, pack, quantize, unpack
+
 Stage = secagg.Stage
 NAMES = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot")
 LENGTH = 257

@@ -7,8 +7,8 @@ import pytest
 
 from fedcollab.core import ProtocolError
 from fedcollab.data import exact_statistics, feature_bounds, load_partner_data
-from fedcollab.protocols import combine_statistics, dp_statistics, pooled_metrics, score_histograms, statistics_sensitivity
-from fedcollab.protocols._evaluation import auc_from_histograms
+from fedcollab.protocols.evaluation import auc_from_histograms, pooled_metrics, score_histograms
+from fedcollab.protocols.statistics import combine_statistics, dp_statistics, statistics_sensitivity
 
 
 class TestStatisticsRound:

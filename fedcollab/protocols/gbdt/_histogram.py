@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from fedcollab.core import ProtocolError
-from fedcollab.protocols._quantize import check_headroom, dequantize, quantize
+from fedcollab.protocols.quantize import check_headroom, dequantize, quantize
 from fedcollab.protocols.gbdt._binning import BinLayout
 
 

@@ -70,14 +70,13 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from fedcollab.core import CryptoError, ProtocolError
-from fedcollab.crypto import LrPublicContext, LrSecretContext
-from fedcollab.crypto._ckks_vertical import DEFAULT_FLOOD_STD, MAX_ABS_VALUE, n_chunks, slots
+from fedcollab.crypto import LR_FLOOD_STD, LR_MAX_ABS_VALUE, LrPublicContext, LrSecretContext, lr_n_chunks, lr_slots
 from fedcollab.privacy.accounting import GaussianMechanism, NonPrivate, Release, calibrate_noise_multiplier, compute_epsilon
 from fedcollab.protocols.vertical._train import Recorder
 
 PROTOCOL = "fedcollab.vertical-lr.v1"
 #: Partial logits (times 1/4) above this are refused: the CKKS slots would lose their headroom.
-MAX_ABS_LOGIT = 0.25 * MAX_ABS_VALUE
+MAX_ABS_LOGIT = 0.25 * LR_MAX_ABS_VALUE
 
 
 # ----------------------------------------------------------------------------------- parameters
@@ -90,7 +89,7 @@ class VerticalLrParams:
     iterations: int
     learning_rate: float
     l2: float = 0.0
-    flood_std: float = DEFAULT_FLOOD_STD
+    flood_std: float = LR_FLOOD_STD
 
     def __post_init__(self) -> None:
         if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 1:
@@ -241,7 +240,7 @@ def _rows(x: np.ndarray, what: str, plan: VerticalLrDpPlan | None) -> np.ndarray
         raise ProtocolError(f"vertical-lr: {what} must have shape (n, d) with n, d >= 1, got {arr.shape}.")
     if not np.isfinite(arr).all():
         raise ProtocolError(f"vertical-lr: {what} must be finite (impute missing values first).")
-    limit = 1.0 if plan is not None else MAX_ABS_VALUE
+    limit = 1.0 if plan is not None else LR_MAX_ABS_VALUE
     if np.abs(arr).max() > limit:
         raise ProtocolError(f"vertical-lr: {what} must be scaled to [-{limit:g}, {limit:g}]"
                             f"{' (the DP sensitivity assumes it)' if plan is not None else ''}, got max |x| {np.abs(arr).max():g}.")
@@ -378,7 +377,7 @@ def active_lr_residual(state: ActiveLrState, msg: EncryptedLogits, *, rng: np.ra
     """``Enc_a(a)`` and the active's masked gradient query under the passive key (nothing is released: all encrypted)."""
     _order(state, msg.iteration, "logits", "the encrypted logits")
     n = state.x.shape[0]
-    chunks = _chunks(msg.chunks, n_chunks(n), "the encrypted logits")
+    chunks = _chunks(msg.chunks, lr_n_chunks(n), "the encrypted logits")
     gen = _gen(rng, "the active party's gradient query")
     a = _share(0.25 * (state.x @ state.w) + 0.5 - state.y, state.plan, "the active party's residual share")
     assert state.peer is not None and state.secret is not None
@@ -396,12 +395,12 @@ def passive_lr_gradient(state: PassiveLrState, msg: ResidualQuery, *,
     """Decrypt the active's query (its masked gradient sums: the release of ``g_a`` to the label holder) and send the passive's own query."""
     _order(state, msg.iteration, "residual", "the residual query")
     n = state.x.shape[0]
-    residual = _chunks(msg.residual, n_chunks(n), "the encrypted residual")
+    residual = _chunks(msg.residual, lr_n_chunks(n), "the encrypted residual")
     query = _chunks(msg.query, state.peer_features + 1, "the active party's gradient query")
     gen = _gen(rng, "the passive party's gradient query")
     assert state.peer is not None and state.secret is not None
     try:
-        sums = state.secret.decrypt_sums(query, used=min(n, slots()))
+        sums = state.secret.decrypt_sums(query, used=min(n, lr_slots()))
         b = 0.25 * (state.x @ state.w)
         b = np.clip(b, -state.plan.residual_clip, state.plan.residual_clip) if state.plan is not None else b
         mine, mask_sums = state.peer.masked_products(residual, offset=b, x=state.x, flood_std=float(state.params.flood_std), generator=gen)
@@ -433,7 +432,7 @@ def active_lr_gradient(state: ActiveLrState, msg: GradientExchange, *,
     gen = _gen(rng, "the active party's answer")
     assert state.secret is not None and state.mask_sums is not None
     try:
-        sums = state.secret.decrypt_sums(query, used=min(n, slots()))
+        sums = state.secret.decrypt_sums(query, used=min(n, lr_slots()))
     except CryptoError as exc:
         raise ProtocolError(f"vertical-lr: {exc}") from None
     sens = state.plan.sensitivity_passive if state.plan is not None else None
@@ -530,7 +529,7 @@ def _payload(msg: object) -> bytes:
 def train_vertical_lr_in_process(active: tuple[str, np.ndarray, np.ndarray], passive: tuple[str, np.ndarray], *, iterations: int,
                                  learning_rate: float, l2: float = 0.0, rng: np.random.Generator | None = None,
                                  record: Recorder | None = None, plan: VerticalLrDpPlan | None = None,
-                                 flood_std: float = DEFAULT_FLOOD_STD, keep_messages: bool = False,
+                                 flood_std: float = LR_FLOOD_STD, keep_messages: bool = False,
                                  on_message: Callable[[str, object], None] | None = None) -> VerticalLrResult:
     """Vertical LR between ``active = (name, x_a, y)`` and ``passive = (name, x_p)`` (aligned rows), both as function calls.
 

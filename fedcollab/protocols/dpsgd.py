@@ -15,7 +15,7 @@ from fedcollab.privacy.accounting import (
     PoissonSubsampledGaussian,
     calibrate_noise_multiplier,
 )
-from fedcollab.protocols._statistics import statistics_sensitivity
+from fedcollab.protocols.statistics import statistics_sensitivity
 from fedcollab.spec import Spec
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from fedcollab.core import ProtocolError, UpdateError
-from fedcollab.protocols._quantize import _positive_finite
+from fedcollab.protocols.quantize import _positive_finite
 
 #: Statistics under HE: fixed point and limbs.
 HE_STATS_SCALE = float(2**12)

@@ -30,7 +30,7 @@ import numpy as np
 
 from fedcollab.core import PrivacyError
 from fedcollab.privacy.accounting import GaussianMechanism
-from fedcollab.protocols._query import rho_for, smallest_scale
+from fedcollab.protocols.query import rho_for, smallest_scale
 from fedcollab.spec import SchemaSpec
 
 HIST_BINS = 10

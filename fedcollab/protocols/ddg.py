@@ -34,7 +34,7 @@ import numpy as np
 
 from fedcollab.core import ProtocolError
 from fedcollab.privacy.accounting import ZCDPMechanism
-from fedcollab.protocols._quantize import (
+from fedcollab.protocols.quantize import (
     _positive_finite,
     _positive_int,
     clip_vector,

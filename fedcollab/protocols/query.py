@@ -18,7 +18,7 @@ discrete Gaussian noise level ``sigma = z R`` serves every block: the query's bu
 equally across its blocks (in zCDP, each gets ``1 / (2 z^2)``).
 
 Noise under secure aggregation is the distributed discrete Gaussian (Kairouz, Liu & Steinke
-2021): each node adds ``N_Z(0, sigma^2 / n_honest)`` (:func:`~fedcollab.protocols._ddg.sample_discrete_gaussian`)
+2021): each node adds ``N_Z(0, sigma^2 / n_honest)`` (:func:`~fedcollab.protocols.ddg.sample_discrete_gaussian`)
 and the vectors are summed modulo ``2^64``. Accounting (:func:`query_zcdp`) is KLS21 Theorem 1
 with the exact integer sensitivities (no rounding term: the vector is integral by construction).
 """
@@ -33,7 +33,7 @@ import numpy as np
 
 from fedcollab.core import PrivacyError, ProtocolError
 from fedcollab.privacy.accounting import NonPrivate, ZCDPMechanism, compute_epsilon
-from fedcollab.protocols._ddg import check_wraparound, ddg_tau, sample_discrete_gaussian
+from fedcollab.protocols.ddg import check_wraparound, ddg_tau, sample_discrete_gaussian
 from fedcollab.spec import QuerySpec, SchemaSpec
 
 #: Integer units one row may contribute to a coordinate (fixed-point resolution of sums).
@@ -166,7 +166,7 @@ def query_zcdp(*, n_blocks: int, sigma: float, n_honest: int, d: int, resolution
 
     ``sigma`` is the std of the summed honest noise in integer units; ``Δ2 = R sqrt(K)``,
     ``Δ1 = R K``; ``tau = ddg_tau(sigma^2 / n_honest, n_honest)``; then, as in
-    :func:`~fedcollab.protocols._ddg.ddg_zcdp`, ``rho`` is the minimum of the three bounds.
+    :func:`~fedcollab.protocols.ddg.ddg_zcdp`, ``rho`` is the minimum of the three bounds.
     """
     if n_blocks < 1 or n_honest < 1 or d < 1 or not (sigma > 0 and math.isfinite(sigma)):
         raise PrivacyError("query accounting: blocks, honest shares, length and sigma must be positive.")
@@ -260,7 +260,7 @@ def encode_query_vector(aggregates: np.ndarray, plan: QueryPlan, *, n_parties: i
     """Add this node's share of the noise and map to ``uint64`` (modulo 2^64) for secure aggregation.
 
     ``aggregates`` are the node's exact integer block sums (int64); ``max_rows`` bounds any
-    node's rows (wrap-around check with :func:`~fedcollab.protocols._ddg.check_wraparound`).
+    node's rows (wrap-around check with :func:`~fedcollab.protocols.ddg.check_wraparound`).
     """
     v = np.asarray(aggregates, dtype=np.int64)
     if v.ndim != 1 or v.size != plan.layout.length:

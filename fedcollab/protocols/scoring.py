@@ -37,8 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from fedcollab.core import BudgetExhausted, ConfigError, CryptoError, NodeErrorCode, PolicyRefused, ProtocolError, write_private
 from fedcollab.crypto import SCORING_PARAMS, PublicScoringContext, SecretScoringContext, check_scoring_params
-from fedcollab.privacy.accounting import PartyLedger, key_fingerprint, public_key_hex
-from fedcollab.privacy.accounting._ledger import SCORING_CHARGE_PER_ROW, canonical
+from fedcollab.privacy.accounting import SCORING_CHARGE_PER_ROW, PartyLedger, canonical, key_fingerprint, public_key_hex
 from fedcollab.spec import NodePolicy, Roster
 
 REQUEST_MAGIC = b"FCSCREQ1"

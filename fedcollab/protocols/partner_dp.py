@@ -7,7 +7,7 @@ unweighted mean (sum / number of partners summed, a public count); weighting by 
 let a large partner's update exceed the sensitivity.
 
 * Distributed (:func:`plan_distributed`): the distributed discrete Gaussian of KLS21
-  (``fedcollab.protocols._ddg``). ``sigma_total`` (real units, on the sum) is calibrated so that
+  (``fedcollab.protocols.ddg``). ``sigma_total`` (real units, on the sum) is calibrated so that
   ``rounds`` releases of ``ddg_zcdp(...)`` stay within the partner-level target in RDP. The
   granularity ``gamma = C / 2^j`` is the finest one whose wrap-around bound modulo 2^32, for
   all partners summed, stays within the spec's limit. Shares are sized for
@@ -25,7 +25,7 @@ from typing import Any
 
 from fedcollab.core import PrivacyError
 from fedcollab.privacy.accounting import GaussianMechanism, ZCDPMechanism, calibrate_noise_multiplier, compute_epsilon
-from fedcollab.protocols._ddg import ddg_norm_bound, ddg_zcdp, wraparound_probability
+from fedcollab.protocols.ddg import ddg_norm_bound, ddg_zcdp, wraparound_probability
 from fedcollab.spec import Spec
 
 #: The modulus of model-update vectors under secure aggregation.

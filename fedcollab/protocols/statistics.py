@@ -120,7 +120,7 @@ STATS_CLIP = float(2**40)
 
 def encode_statistics(stats: dict[str, list[float]], *, n_parties: int) -> np.ndarray:
     """count, sums and sums of squares as one uint64 fixed-point vector (for secure aggregation)."""
-    from fedcollab.protocols._quantize import quantize
+    from fedcollab.protocols.quantize import quantize
 
     x = np.asarray([*stats["count"], *stats["sum"], *stats["sumsq"]], dtype=np.float64)
     if not np.isfinite(x).all() or np.abs(x).max() > STATS_CLIP:
@@ -130,7 +130,7 @@ def encode_statistics(stats: dict[str, list[float]], *, n_parties: int) -> np.nd
 
 def decode_statistics(total: np.ndarray, *, n_features: int) -> dict[str, list[float]]:
     """The summed statistics (one part, as :func:`combine_statistics` takes them)."""
-    from fedcollab.protocols._quantize import dequantize
+    from fedcollab.protocols.quantize import dequantize
 
     x = dequantize(total, scale=STATS_SCALE, bits=STATS_BITS)
     if x.size != 1 + 2 * n_features:
