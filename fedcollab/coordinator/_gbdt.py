@@ -8,8 +8,8 @@ request (and, on a tree's first step, the previous finished tree), answered with
 coordinator only ever sees their total, in three exchanges a step: train + MASKED_INPUT + the next
 step's ADVERTISE, CONSISTENCY + the next step's SHARE, UNMASK.
 
-With ``bin_edges = "quantile"`` (plain aggregation) step 1 asks every node for its count sketch;
-the coordinator sums the sketches, sets the edges at the pooled quantiles and sends them with
+With ``bin_edges = "quantile"`` step 1 asks every node for its count sketch (under secagg the
+step's SecAgg+ round, so the coordinator sees only the pooled sketch); it sets the edges at the pooled quantiles and sends them with
 the first tree's first step (``gbdt.edges``); the trees' steps then start at 2.
 
 A node that fails or does not answer a step drops out of the rest of the run (its tree state no
@@ -76,30 +76,93 @@ def gbdt_rounds(spec: Spec, *, node_names: dict[int, str], exchange: Callable[..
                             problems=[f"{k}: code {v}" for k, v in gone.items()])
         return gone
 
+    def secure_step(step: int, cfg: dict[str, Any], extra: dict[str, dict[str, Any]], *, last: bool) -> tuple[np.ndarray, dict[str, int]]:
+        """One step's sums under SecAgg+, in three exchanges: train + MASKED_INPUT(step) + ADVERTISE(step + 1);
+        CONSISTENCY(step) + SHARE(step + 1); UNMASK(step). The next step's keys are fresh and its shares are
+        routed before its masked input, as in a stand-alone round; only the messages are shared."""
+        nonlocal state, routed, active
+        failed: dict[str, int] = {}
+        nxt = None if last else open_round(step + 1, sorted(routed))
+        cfg = cfg | {"secagg.stage": "masked", "secagg.round": step, "secagg.max_weight": max_rows, "secagg.n_parties": n_parties}
+        per: dict[str, tuple[Any, dict[str, Any], dict[str, dict[str, Any]]]] = {}
+        for p, m in routed.items():
+            c: dict[str, Any] = dict(cfg)
+            ex: dict[str, dict[str, Any]] = {**extra, "secagg": m.to_wire()}
+            if nxt is not None:
+                c |= {"secagg.next.stage": "advertise", "secagg.next.round": step + 1}
+                ex["secagg.next"] = nxt[1]
+            per[p] = (None, c, ex)
+        got = exchange(step, message_type.TRAIN, per)
+        masked = {p: secagg.MaskedInput.from_wire(dict(m.content.config_records["secagg"])) for p, m in got.items()
+                  if "secagg" in m.content.config_records}
+        failed |= dropped(step, set(masked), "sent masked sums")
+        state, checks = secagg.coord_collect_masked(state, masked)
+        share_req: dict[str, dict[str, Any]] = {}
+        if nxt is not None:
+            ads = {p: secagg.Advertisement.from_wire(dict(m.content.config_records["secagg.next"])) for p, m in got.items()
+                   if p in masked and "secagg.next" in m.content.config_records}
+            next_state, per_node = secagg.coord_collect_advertisements(nxt[0], ads)
+            share_req = {p: secagg.advertisements_to_wire(a) for p, a in per_node.items()}
+        per = {}
+        for p, chk in checks.items():
+            c = {"fedcollab.kind": "secagg", "fedcollab.run_id": run_id, "secagg.stage": "consistency", "secagg.round": step}
+            ex = {"secagg": chk.to_wire()}
+            if p in share_req:
+                c |= {"secagg.next.stage": "share", "secagg.next.round": step + 1}
+                ex["secagg.next"] = share_req[p]
+            per[p] = (None, c, ex)
+        got = exchange(step, message_type.QUERY, per)
+        signed = {p: secagg.ConsistencySignature.from_wire(dict(m.content.config_records["secagg"])) for p, m in got.items()
+                  if "secagg" in m.content.config_records}
+        bundles = {p: secagg.ShareBundle.from_wire(dict(m.content.config_records["secagg.next"])) for p, m in got.items()
+                   if "secagg.next" in m.content.config_records}
+        state, requests = secagg.coord_collect_signatures(state, signed)
+        per = {}
+        for p, r in requests.items():
+            c = {"fedcollab.kind": "secagg", "fedcollab.run_id": run_id, "secagg.stage": "unmask", "secagg.round": step}
+            per[p] = (None, c, {"secagg": r.to_wire()})
+        got = exchange(step, message_type.QUERY, per)
+        revealed = {p: secagg.RevealedShares.from_wire(dict(m.content.config_records["secagg"])) for p, m in got.items()
+                    if "secagg" in m.content.config_records}
+        state, total_q = secagg.coord_unmask(state, revealed)
+        failed |= dropped(step, set(state.survivors), "are in the secure sum")
+        if nxt is not None:
+            state, routed = secagg.coord_route_shares(next_state, bundles)
+            active = sorted(set(active) & set(routed))
+            routed = {p: routed[p] for p in active}
+        return np.asarray(total_q), failed
+
     sketch = gbdt.sketch_of(spec)
     edges_wire: dict[str, Any] | None = None
-    if sketch is not None:
-        # Step 1: every node's (noisy) count sketch, summed in the clear (plain aggregation only: spec-checked).
-        step = 1
-        cfg0: dict[str, Any] = {"fedcollab.kind": "gbdt", "fedcollab.run_id": run_id, "server-round": step}
-        got = exchange(step, message_type.TRAIN, {p: (None, cfg0, {"gbdt": gbdt.sketch_request_wire()}) for p in active})
-        counts = {}
-        for p, m in got.items():
-            try:
-                counts[p] = gbdt.sketch_reply_from_wire(dict(m.content.config_records["gbdt"]), sketch)
-            except (KeyError, ProtocolError):
-                log.warning("partner %s sent a malformed gbdt sketch; it is left out", p)
-        pre_failed = dropped(step, set(counts), "sent their sketch")
-        indices = gbdt.edges_from_sketch(np.sum([counts[p] for p in sorted(counts)], axis=0), sketch, n_bins=params.n_bins)
-        layout = gbdt.layout_from_sketch(layout, sketch, indices, n_bins=params.n_bins)
-        edges_wire = gbdt.edges_to_wire(indices)
-    else:
-        pre_failed = {}
-
+    pre_failed: dict[str, int] = {}
     if secure:
         state, request = open_round(1, active)
         state, routed = shares_for(1, state, send_stage(1)("advertise", {p: request for p in state.cfg.participants}))
         active = sorted(routed)
+    if sketch is not None:
+        # Step 1: every node's (noisy) count sketch; summed in the clear, or under secagg as the step's SecAgg+ round.
+        step = 1
+        cfg0: dict[str, Any] = {"fedcollab.kind": "gbdt", "fedcollab.run_id": run_id, "server-round": step}
+        extra0 = {"gbdt": gbdt.sketch_request_wire()}
+        shape0 = (len(sketch.features), sketch.n_cells)
+        if secure:
+            total_q, pre_failed = secure_step(step, cfg0, extra0, last=False)
+            total0 = gbdt.decode_histograms(total_q[:int(np.prod(shape0))], shape=shape0, scale=gbdt.SECAGG_SCALE)
+        else:
+            got = exchange(step, message_type.TRAIN, {p: (None, cfg0, extra0) for p in active})
+            counts = {}
+            for p, m in got.items():
+                try:
+                    counts[p] = gbdt.sketch_reply_from_wire(dict(m.content.config_records["gbdt"]), sketch)
+                except (KeyError, ProtocolError):
+                    log.warning("partner %s sent a malformed gbdt sketch; it is left out", p)
+            pre_failed = dropped(step, set(counts), "sent their sketch")
+            total0 = np.sum([counts[p] for p in sorted(counts)], axis=0)
+        if not np.all(np.isfinite(total0)):
+            raise ProtocolError("gbdt step 1: the summed sketch is not finite")
+        indices = gbdt.edges_from_sketch(total0, sketch, n_bins=params.n_bins)
+        layout = gbdt.layout_from_sketch(layout, sketch, indices, n_bins=params.n_bins)
+        edges_wire = gbdt.edges_to_wire(indices)
 
     for t in range(params.n_trees):
         t0 = time.perf_counter()
@@ -134,60 +197,10 @@ def gbdt_rounds(spec: Spec, *, node_names: dict[int, str], exchange: Callable[..
                 failed |= dropped(step, set(replies), "answered")
                 total = gbdt.sum_histograms([replies[p] for p in sorted(replies)])
             else:
-                # Three exchanges a step: train + MASKED_INPUT(step) + ADVERTISE(step + 1); CONSISTENCY(step) +
-                # SHARE(step + 1); UNMASK(step). The next step's keys are fresh and its shares are routed
-                # before its masked input, as in a stand-alone round; only the messages are shared.
                 last = req.release == "leaves" and t == params.n_trees - 1
-                nxt = None if last else open_round(step + 1, sorted(routed))
-                cfg |= {"secagg.stage": "masked", "secagg.round": step, "secagg.max_weight": max_rows, "secagg.n_parties": n_parties}
-                per: dict[str, tuple[Any, dict[str, Any], dict[str, dict[str, Any]]]] = {}
-                for p, m in routed.items():
-                    c: dict[str, Any] = dict(cfg)
-                    ex: dict[str, dict[str, Any]] = {**extra, "secagg": m.to_wire()}
-                    if nxt is not None:
-                        c |= {"secagg.next.stage": "advertise", "secagg.next.round": step + 1}
-                        ex["secagg.next"] = nxt[1]
-                    per[p] = (None, c, ex)
-                got = exchange(step, message_type.TRAIN, per)
-                masked = {p: secagg.MaskedInput.from_wire(dict(m.content.config_records["secagg"])) for p, m in got.items()
-                          if "secagg" in m.content.config_records}
-                failed |= dropped(step, set(masked), "sent masked sums")
-                state, checks = secagg.coord_collect_masked(state, masked)
-                share_req: dict[str, dict[str, Any]] = {}
-                if nxt is not None:
-                    ads = {p: secagg.Advertisement.from_wire(dict(m.content.config_records["secagg.next"])) for p, m in got.items()
-                           if p in masked and "secagg.next" in m.content.config_records}
-                    next_state, per_node = secagg.coord_collect_advertisements(nxt[0], ads)
-                    share_req = {p: secagg.advertisements_to_wire(a) for p, a in per_node.items()}
-                per = {}
-                for p, chk in checks.items():
-                    c = {"fedcollab.kind": "secagg", "fedcollab.run_id": run_id, "secagg.stage": "consistency", "secagg.round": step}
-                    ex = {"secagg": chk.to_wire()}
-                    if p in share_req:
-                        c |= {"secagg.next.stage": "share", "secagg.next.round": step + 1}
-                        ex["secagg.next"] = share_req[p]
-                    per[p] = (None, c, ex)
-                got = exchange(step, message_type.QUERY, per)
-                signed = {p: secagg.ConsistencySignature.from_wire(dict(m.content.config_records["secagg"])) for p, m in got.items()
-                          if "secagg" in m.content.config_records}
-                bundles = {p: secagg.ShareBundle.from_wire(dict(m.content.config_records["secagg.next"])) for p, m in got.items()
-                           if "secagg.next" in m.content.config_records}
-                state, requests = secagg.coord_collect_signatures(state, signed)
-                per = {}
-                for p, r in requests.items():
-                    c = {"fedcollab.kind": "secagg", "fedcollab.run_id": run_id, "secagg.stage": "unmask", "secagg.round": step}
-                    per[p] = (None, c, {"secagg": r.to_wire()})
-                got = exchange(step, message_type.QUERY, per)
-                revealed = {p: secagg.RevealedShares.from_wire(dict(m.content.config_records["secagg"])) for p, m in got.items()
-                            if "secagg" in m.content.config_records}
-                state, total_q = secagg.coord_unmask(state, revealed)
-                n = int(np.prod(shape))
-                total = gbdt.decode_histograms(np.asarray(total_q)[:n], shape=shape, scale=gbdt.SECAGG_SCALE)
-                failed |= dropped(step, set(state.survivors), "are in the secure sum")
-                if nxt is not None:
-                    state, routed = secagg.coord_route_shares(next_state, bundles)
-                    active = sorted(set(active) & set(routed))
-                    routed = {p: routed[p] for p in active}
+                total_q, gone = secure_step(step, cfg, extra, last=last)
+                failed |= gone
+                total = gbdt.decode_histograms(total_q[:int(np.prod(shape))], shape=shape, scale=gbdt.SECAGG_SCALE)
             if not np.all(np.isfinite(total)):
                 raise ProtocolError(f"gbdt step {step}: the summed histograms are not finite")
             gt, req, tree = gbdt.coordinator_step(gt, req, total, layout=layout, params=params, plan=plan)

@@ -10,7 +10,8 @@ wait in the node folder for the step's SecAgg+ stages (the step number is the se
 every step's vector has the fixed length ``secagg_length``, zero-padded).
 
 With ``bin_edges = "quantile"`` the run's first step is a ``gbdt`` record of kind
-``sketch_request``: the node releases its (noisy) count sketch once, and the first tree's first
+``sketch_request``: the node releases its (noisy) count sketch once (under secagg masked, as the
+run's first SecAgg+ round, like a step's sums), and the first tree's first
 step carries the coordinator's edges (``gbdt.edges``), which the node checks against the public
 grid before re-binning its rows; any other order is refused.
 
@@ -98,15 +99,23 @@ def step(node: Any, request_wire: dict[str, Any], apply_wire: dict[str, Any] | N
     layout = layout_of_edges(spec, state.edge_index)
     if gbdt.is_sketch_request(request_wire):
         try:
-            if sk is None or max_rows is not None or apply_wire is not None or edges_wire is not None:
+            if sk is None or apply_wire is not None or edges_wire is not None:
                 raise ProtocolError("gbdt: a sketch request where the node's spec has no quantile sketch")
             state, values, release = gbdt.node_sketch(state, d.x_train, party=node.partner, sketch=sk, plan=plan,
                                                       rng=fresh_generator() if plan is not None else None)
         except ProtocolError as exc:
             node._refuse_coded(NodeErrorCode.BAD_REQUEST, "gbdt request outside the node's plan", log_text=str(exc))
-        line = node.gate.record(release, run_id=node.run_id, payload=np.ascontiguousarray(values).tobytes()).decode()
+        if max_rows is not None:
+            # Under secagg the sketch leaves only masked, in the step's SecAgg+ round, like the histograms.
+            vector = _secagg_vector(spec, values, bound=gbdt.sketch_bound(spec, int(max_rows)), n_rows=d.n_train,
+                                    max_rows=max_rows, n_parties=n_parties)
+            wire, payload = {**gbdt.sketch_reply_wire(values), "values": []}, vector.tobytes()
+        else:
+            vector, wire, payload = None, gbdt.sketch_reply_wire(values), np.ascontiguousarray(values).tobytes()
+        release = release.model_copy(update={"details": {**release.details, "aggregation": spec.aggregation}})
+        line = node.gate.record(release, run_id=node.run_id, payload=payload).decode()
         save_state(home, node.run_id, state)
-        return gbdt.sketch_reply_wire(values), [line], None
+        return wire, [line], vector
     try:
         if sk is not None and state.edge_index is None:
             # The first tree step of a quantile run must carry the edges (checked on the public grid).
@@ -131,15 +140,8 @@ def step(node: Any, request_wire: dict[str, Any], apply_wire: dict[str, Any] | N
         node._refuse_coded(NodeErrorCode.BAD_REQUEST, "gbdt request outside the node's plan", log_text=str(exc))
     vector = None
     if max_rows is not None:
-        assert n_parties is not None
-        if not (d.n_train <= max_rows and 3 <= n_parties <= len(spec.partners)):
-            raise ProtocolError("gbdt: secagg encoding parameters out of range")
-        encoded = gbdt.encode_histograms(reply.values, bound=gbdt.cell_bound(spec, int(max_rows)), scale=gbdt.SECAGG_SCALE, n_parties=n_parties)
-        length = gbdt.secagg_length(spec)
-        if encoded.size > length:
-            raise ProtocolError("gbdt: a release longer than the secagg length")
-        vector = np.zeros(length, dtype=np.uint64)
-        vector[:encoded.size] = encoded
+        vector = _secagg_vector(spec, reply.values, bound=gbdt.cell_bound(spec, int(max_rows)), n_rows=d.n_train,
+                                max_rows=max_rows, n_parties=n_parties)
         wire = {**reply.to_wire(), "values": []}
         payload = vector.tobytes()
     else:
@@ -149,6 +151,19 @@ def step(node: Any, request_wire: dict[str, Any], apply_wire: dict[str, Any] | N
     line = node.gate.record(release, run_id=node.run_id, payload=payload).decode()
     save_state(home, node.run_id, state)
     return wire, [line], vector
+
+
+def _secagg_vector(spec: Any, values: np.ndarray, *, bound: float, n_rows: int, max_rows: float, n_parties: int | None) -> np.ndarray:
+    """A release as its SecAgg+ input: fixed point modulo 2^64, zero-padded to the run's fixed ``secagg_length``."""
+    if n_parties is None or not (n_rows <= max_rows and 3 <= n_parties <= len(spec.partners)):
+        raise ProtocolError("gbdt: secagg encoding parameters out of range")
+    encoded = gbdt.encode_histograms(values, bound=bound, scale=gbdt.SECAGG_SCALE, n_parties=n_parties)
+    length = gbdt.secagg_length(spec)
+    if encoded.size > length:
+        raise ProtocolError("gbdt: a release longer than the secagg length")
+    vector = np.zeros(length, dtype=np.uint64)
+    vector[:encoded.size] = encoded
+    return vector
 
 
 __all__ = ["drop_state", "layout_of_edges", "load_state", "save_state", "step"]

@@ -73,7 +73,7 @@ class GbdtSpec(FrozenModel):
     dp_leaf_share: Finite = Field(default=0.8, gt=0, le=1, description="dp_split = 'histogram': share of the composed Gaussian precision (1/sigma^2) spent on leaf sums; 1 is only allowed with `random`.")
     grad_clip: Finite = Field(default=1.0, gt=0, description="With record-level DP: per-record bound on |gradient| (logistic loss: |p - y| <= 1 already).")
     hess_clip: Finite = Field(default=0.25, gt=0, description="With record-level DP: per-record bound on the hessian (logistic loss: p(1 - p) <= 1/4 already).")
-    bin_edges: Literal["public", "quantile"] = Field(default="public", description="Bin edges of number features: `public` (equal-width over the schema bounds, no data, no cost) or `quantile` (each node releases a count sketch of its rows on a fine public grid, noisy and charged under record-level DP; the coordinator sets the edges at the pooled quantiles). Measured on Heart: public is as good (benchmarks/trees.py), hence the default; quantile is for skewed columns with wide bounds. Offered with aggregation = 'plain'.")
+    bin_edges: Literal["public", "quantile"] = Field(default="public", description="Bin edges of number features: `public` (equal-width over the schema bounds, no data, no cost) or `quantile` (each node releases a count sketch of its rows on a fine public grid, noisy and charged under record-level DP; the coordinator sets the edges at the pooled quantiles). Measured on Heart: public is as good (benchmarks/trees.py), hence the default; quantile is for skewed columns with wide bounds. Under aggregation = 'secagg' the sketches are summed in the run's first SecAgg+ round, so the coordinator sees only the pooled sketch.")
     dp_sketch_share: Finite = Field(default=0.1, gt=0, lt=1, description="bin_edges = 'quantile' with record-level DP: share of the composed Gaussian precision (1/sigma^2) spent on the sketch; the trees get the rest.")
 
     def resolved(self, *, record_dp: bool) -> TreeParams:
@@ -106,8 +106,6 @@ def gbdt_problems(spec: Any) -> list[str]:
     table = spec.model.gbdt
     if table is not None and table.bin_edges == "quantile" and spec.layout == "vertical":
         out.append("model.gbdt.bin_edges = 'quantile' is for horizontal runs; a vertical run's passive parties bin their own columns (vertical.passive_bins)")
-    elif table is not None and table.bin_edges == "quantile" and spec.aggregation != "plain":
-        out.append(f"model.gbdt.bin_edges = 'quantile' is offered with aggregation = 'plain' only (each node's count sketch would leave outside the secure sum), got aggregation = {spec.aggregation!r}; use bin_edges = 'public'")
     return out
 
 

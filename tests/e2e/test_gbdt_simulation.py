@@ -115,13 +115,13 @@ def quantile_run(tmp_path_factory):
     from tests.conftest import ROOT
 
     spec = load_spec(ROOT / "protocols" / "heart-disease-gbdt-dp.toml")
-    spec = spec.replace(model={"gbdt": {"n_trees": 2, "max_depth": 2, "bin_edges": "quantile"}})
+    spec = spec.replace(aggregation="secagg", model={"gbdt": {"n_trees": 2, "max_depth": 2, "bin_edges": "quantile"}})
     return spec, fedcollab.run(spec, out=tmp_path_factory.mktemp("gbdt-quantile"))
 
 
 def test_quantile_edges_through_flower(quantile_run):
-    """bin_edges = "quantile": each node's sketch is its first release (Gaussian, charged), the trees split on the sketch's
-    grid, and the whole run stays within the target; the ledger verifies."""
+    """bin_edges = "quantile" under secagg: each node's sketch is its first release (Gaussian, charged, summed in the run's
+    first SecAgg+ round), the trees split on the sketch's grid, and the whole run stays within the target; the ledger verifies."""
     import json
 
     from fedcollab.audit import verify_ledger
@@ -136,6 +136,7 @@ def test_quantile_edges_through_flower(quantile_run):
     for p in spec.partners:
         mine = [r for r in releases if r["party"] == p.name and r["kind"] == "gbdt_histogram"]
         assert mine[0]["details"]["release"] == "sketch" and mine[0]["mechanism"]["noise_multiplier"] == pytest.approx(plan.z_sketch)
+        assert all(r["details"]["aggregation"] == "secagg" for r in mine)
         assert [r["details"]["release"] for r in mine[1:]] == ["leaves", "leaves"]
     (g,) = res.summary.privacy.guarantees
     assert all(0 < pg.epsilon <= 1.0 + 1e-9 for pg in g.partners.values())

@@ -535,13 +535,32 @@ class TestQuantileSketch:
         np.testing.assert_allclose(fed.model.predict_proba(x), central.model.predict_proba(x), atol=1e-9)
         assert all(r[0].details["release"] == "sketch" for r in fed.releases.values())
 
+    def test_federated_quantile_run_under_secagg_encoding_gives_the_plain_edges_and_model(self, spec, heart, layout):
+        """Without DP the sketch counts are integers, exact in the secagg fixed point: same edges, same trees as plain."""
+        from fedcollab.protocols.gbdt import sketch_layout_from_schema
+
+        params = _params(spec, n_trees=2, bin_edges="quantile")
+        sk = sketch_layout_from_schema(spec.data_schema)
+        runs = [train_in_process(_partners(heart), layout=layout, params=params, plan=None, coordinator_rng=np.random.default_rng(0),
+                                 sketch=sk, secagg=secure) for secure in (False, True)]
+        x, _ = _test_rows(heart)
+        np.testing.assert_allclose(runs[0].model.predict_proba(x), runs[1].model.predict_proba(x), atol=1e-6)
+        splits = [[[(t.feature[i], t.threshold[i]) for i in range(t.n_nodes) if t.left[i] >= 0] for t in r.model.trees] for r in runs]
+        assert splits[0] == splits[1] and all(splits[0])  # the same split features and thresholds (leaf values within fixed point)
+
+    def test_sketch_secagg_length_and_bound(self, raw_dp):
+        """The run's fixed secagg length holds the sketch, and the sketch's bound covers its rows and 12 sigma of its noise."""
+        from fedcollab.protocols.gbdt import plan_of, secagg_length, sketch_bound, sketch_of
+
+        raw = copy.deepcopy(raw_dp)
+        raw["model"] = {"kind": "gbdt", "gbdt": {"bin_edges": "quantile", "max_depth": 1}}
+        raw["aggregation"] = "secagg"
+        qspec = parse_spec(raw)  # quantile edges are offered under secagg
+        sk, plan = sketch_of(qspec), plan_of(qspec)
+        assert secagg_length(qspec) >= len(sk.features) * sk.n_cells
+        assert sketch_bound(qspec, 100) == pytest.approx(100 + 12 * plan.sigma_sketch) and plan.sigma_sketch > 0
+
     def test_spec_refusals(self, raw_dp):
-        bad = copy.deepcopy(raw_dp)
-        bad["model"] = {"kind": "gbdt", "gbdt": {"bin_edges": "quantile"}}
-        bad["aggregation"] = "secagg"
-        with pytest.raises(SpecError) as exc:
-            parse_spec(bad)
-        assert any("bin_edges = 'quantile' is offered with aggregation = 'plain' only" in p for p in exc.value.problems)
         for share in (0.0, 1.0, float("nan")):
             bad = copy.deepcopy(raw_dp)
             bad["model"] = {"kind": "gbdt", "gbdt": {"bin_edges": "quantile", "dp_sketch_share": share}}

@@ -87,15 +87,22 @@ def max_steps(spec: Spec) -> int:
 
 
 def secagg_length(spec: Spec) -> int:
-    """The fixed length of every step's secagg vector: the largest release, shorter ones zero-padded.
+    """The fixed length of every step's secagg vector: the largest release (the sketch included), shorter ones zero-padded.
 
     Fixed because under pipelined SecAgg+ the next step's round opens before its release is known
     (a tree may stop splitting early, and then the leaves come at an earlier step).
     """
-    params, layout = params_of(spec), layout_of(spec)
+    params, layout, sk = params_of(spec), layout_of(spec), sketch_of(spec)
     levels = split_levels(params, plan_of(spec))
     hist = (2 ** (levels - 1)) * layout.n_slots * 2 if levels > 0 else 0
-    return max(hist, (2 ** params.max_depth) * 2)
+    sketch = len(sk.features) * sk.n_cells if sk is not None else 0
+    return max(hist, (2 ** params.max_depth) * 2, sketch)
+
+
+def sketch_bound(spec: Spec, max_rows: int) -> float:
+    """The bound on every cell of one node's count sketch that the secagg encoding checks: its rows, plus 12 sigma of noise."""
+    plan = plan_of(spec)
+    return float(max_rows) + 12.0 * (plan.sigma_sketch if plan is not None else 0.0)
 
 
 def planned_releases(spec: Spec, party: str) -> list[Release]:

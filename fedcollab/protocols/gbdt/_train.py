@@ -46,23 +46,32 @@ def train_in_process(partners: Sequence[tuple[str, np.ndarray, np.ndarray]], *, 
                      sketch: SketchLayout | None = None) -> TrainResult:
     """Train with ``partners`` = ``[(name, x_train, y_train), ...]`` answering as nodes would.
 
-    With ``sketch`` (``bin_edges = "quantile"``) the run starts with the count sketch, summed in the clear,
-    and ``layout`` (the public one) gets the quantile edges.
+    With ``sketch`` (``bin_edges = "quantile"``) the run starts with the count sketch (summed in the clear,
+    or fixed-point encoded as under SecAgg+ with ``secagg``), and ``layout`` (the public one) gets the
+    quantile edges.
     """
     states = [node_init(x, y, layout=layout, base_score=params.base_score) for _, x, y in partners]
     rngs = list(node_rngs) if node_rngs is not None else [None] * len(partners)
     releases: dict[str, list[Release]] = {name: [] for name, _, _ in partners}
+    max_rows = max(len(y) for _, _, y in partners)
     if sketch is not None:
         counts = []
         for i, (name, x, _) in enumerate(partners):
             states[i], values, event = node_sketch(states[i], x, party=name, sketch=sketch, plan=plan, rng=rngs[i])
             releases[name].append(event)
             counts.append(values)
-        indices = edges_from_sketch(np.sum(counts, axis=0), sketch, n_bins=params.n_bins)
+        if secagg:
+            sk_bound = float(max_rows) + 12.0 * (plan.sigma_sketch if plan is not None else 0.0)
+            sk_q = np.zeros(counts[0].size, dtype=np.uint64)
+            for v in counts:
+                sk_q += encode_histograms(v, bound=sk_bound, scale=SECAGG_SCALE, n_parties=len(counts))
+            summed = decode_histograms(sk_q, shape=counts[0].shape, scale=SECAGG_SCALE)
+        else:
+            summed = np.sum(counts, axis=0)
+        indices = edges_from_sketch(summed, sketch, n_bins=params.n_bins)
         public = layout
         for i, (_, x, _) in enumerate(partners):
             states[i], layout = node_set_edges(states[i], x, indices, public=public, sketch=sketch, n_bins=params.n_bins)
-    max_rows = max(len(y) for _, _, y in partners)
     sigma = 0.0 if plan is None else max(plan.sigma_split, plan.sigma_leaf)
     # |p - y| <= 1 and p (1 - p) <= 1/4 bound every cell without DP; 12 sigma covers the noise (fails with prob. < 1e-32 per cell)
     bound = histogram_bound(max_rows=max_rows, grad_clip=min(params.grad_clip, 1.0), hess_clip=min(params.hess_clip, 0.25), noise_margin=12.0 * sigma)
