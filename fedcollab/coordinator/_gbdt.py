@@ -9,8 +9,9 @@ coordinator only ever sees their total, in three exchanges a step: train + MASKE
 step's ADVERTISE, CONSISTENCY + the next step's SHARE, UNMASK.
 
 With ``bin_edges = "quantile"`` step 1 asks every node for its count sketch (under secagg the
-step's SecAgg+ round, so the coordinator sees only the pooled sketch); it sets the edges at the pooled quantiles and sends them with
-the first tree's first step (``gbdt.edges``); the trees' steps then start at 2.
+step's SecAgg+ round, so the coordinator sees only the pooled sketch); it sets the edges at the
+pooled quantiles and sends them with the first tree's first step (``gbdt.edges``); the trees'
+steps then start at 2.
 
 A node that fails or does not answer a step drops out of the rest of the run (its tree state no
 longer matches the trees); the run goes on while ``training.min_partners`` are left. After the
