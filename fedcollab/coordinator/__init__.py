@@ -7,7 +7,7 @@ module loads on first use.
 
 from __future__ import annotations
 
-from typing import Any
+from fedcollab.core import lazy_exports
 
 _WHERE = {
     "PollingGrid": "_exchange",
@@ -23,14 +23,4 @@ _WHERE = {
 
 __all__ = sorted(_WHERE)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        import importlib
-
-        return getattr(importlib.import_module(f"fedcollab.coordinator.{_WHERE[name]}"), name)
-    raise AttributeError(f"module 'fedcollab.coordinator' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_WHERE])
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)

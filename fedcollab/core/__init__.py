@@ -22,6 +22,7 @@ from fedcollab.core._errors import (
 )
 from fedcollab.core._exit_codes import EXIT_CODE_HELP, ExitCode
 from fedcollab.core._files import write_private
+from fedcollab.core._lazy import lazy_exports
 from fedcollab.core._log import get_logger
 from fedcollab.core._node_codes import NODE_ERROR_HELP, NodeErrorCode
 
@@ -49,6 +50,7 @@ __all__ = [
     "UpdateError",
     "format_validation_error",
     "get_logger",
+    "lazy_exports",
     "node_code_for",
     "validate_config",
     "write_private",

@@ -10,7 +10,7 @@ torch or Flower, and the DP-SGD probe's scipy.stats is never loaded by a message
 
 from __future__ import annotations
 
-from typing import Any
+from fedcollab.core import lazy_exports
 
 _WHERE = {
     # the node folder: policy, keys, ledger, rollback anchor
@@ -30,14 +30,4 @@ _WHERE = {
 
 __all__ = sorted(_WHERE)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        import importlib
-
-        return getattr(importlib.import_module(f"fedcollab.node.{_WHERE[name]}"), name)
-    raise AttributeError(f"module 'fedcollab.node' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_WHERE])
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)
