@@ -2,7 +2,7 @@
 
 One module-scoped deployment (real ``flower-superlink`` and ``flower-supernode`` processes over TLS
 with node authentication, started through the ``fedcollab`` CLI) serves every test here, in file
-order: a plain 2-round Heart run, an unregistered node, a policy refusal (with a node that did not
+order: a plain 2-round Heart run, federated trees under secagg, an unregistered node, a policy refusal (with a node that did not
 approve the run's spec), a coordinator restart. Each partner approves each spec with
 ``fedcollab node approve`` before it is submitted, as a partner does in deployment.
 """
@@ -172,7 +172,7 @@ def deployment(tmp_path_factory):
     hospitals = {"cleveland": "Cleveland", "hungary": "Hungary", "switzerland": "Switzerland", "va-long-beach": "VA Long Beach"}
     for name in PARTNERS:
         # min_test_rows = 10: Switzerland's test split has 16 rows, under the policy default of 20 (as simulated partners).
-        policy = NodePolicy(partner=name, allow_non_private_training=True, min_test_rows=10,
+        policy = NodePolicy(partner=name, allow_non_private_training=True, min_test_rows=10, allowed_model_kinds=["logistic_regression", "mlp", "gbdt"],
                             allowed_aggregation=["plain"] if name == REFUSER else ["plain", "secagg", "he"])
         home = init_node_home(base / "nodes" / name, partner=name, policy=policy)
         parties[name] = RosterEntry(signing_key=home.public_key())
@@ -236,6 +236,61 @@ def test_plain_run_completes_over_tls_with_node_auth(deployment):
     from fedcollab.audit import verify_ledger
     from fedcollab.spec import Roster
 
+    rep = verify_ledger(d.run_dir(run_id) / "ledger.jsonl", Roster.model_validate_json((d.coord / "roster.json").read_text()))
+    assert int(rep.exit_code) == 0, rep.findings
+
+
+def test_gbdt_under_secagg_over_tls(deployment):
+    """Issue 15: federated trees over TLS under SecAgg+; model.json is a real XGBoost model; the ledger verifies.
+
+    REFUSER's partner first allows secure aggregation in its policy (a node reads its policy at every
+    run; restored after). Each tree step's sums leave every node masked (the coordinator sees only
+    totals); the written model loads in xgboost and scores as fedcollab's own scorer does.
+    """
+    import hashlib
+
+    import numpy as np
+
+    from fedcollab.audit import verify_ledger
+    from fedcollab.protocols.gbdt import from_xgboost_json
+    from fedcollab.spec import Roster, load_policy, policy_toml
+
+    xgb = pytest.importorskip("xgboost")
+    d = deployment
+    text = (ROOT / "protocols" / "heart-disease-gbdt.toml").read_text().replace('aggregation = "plain"', 'aggregation = "secagg"')
+    text = text.replace("n_trees = 50", "n_trees = 2").replace("max_depth = 3", "max_depth = 2")
+    spec = d.base / "gbdt-secagg.toml"
+    spec.write_text(text)
+    for partner in PARTNERS:
+        assert cli("node", "approve", str(spec), "--home", str(d.base / "nodes" / partner)).returncode == 0
+    policy_path = d.base / "nodes" / REFUSER / "policy.toml"
+    narrow = policy_path.read_text()
+    policy_path.write_text(policy_toml(load_policy(policy_path).model_copy(update={"allowed_aggregation": ["plain", "secagg"]})))
+    try:
+        code, row = d.submit(spec)
+    finally:
+        policy_path.write_text(narrow)
+    assert code == 0 and row["sub_status"] == "completed", (row, (d.base / "coordinator.log").read_text()[-3000:])
+    run_id = row["run_id"]
+    st = json.loads((d.run_dir(run_id) / "status.json").read_text())
+    assert st["state"] == "completed" and [r["round"] for r in st["rounds"]] == [1, 2], st
+    assert all(sorted(r["partners"]) == PARTNERS for r in st["rounds"]), st["rounds"]
+    assert st["auc"] > 0.7, st
+    for name in PARTNERS:
+        out = d.egress(name, run_id)
+        assert out and all(e["error_code"] is None for e in out), out
+        trains = [e for e in out if e["message_type"] == "train"]
+        # Every tree step's reply carries its sums masked (the "secagg" record), never as plain arrays.
+        assert len(trains) >= 2 * 2 and all("secagg" in e["records"] and "arrays" not in e["records"] for e in trains), trains
+    path = d.run_dir(run_id) / "model.json"
+    assert st["model"] == {"path": "model.json", "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "format": "xgboost-json"}
+    ensemble, _ = from_xgboost_json(path.read_bytes())
+    booster = xgb.Booster(model_file=str(path))
+    assert booster.num_boosted_rounds() == 2 == len(ensemble.trees)
+    x = np.random.default_rng(0).uniform(-1, 2, size=(50, len(ensemble.feature_names))) * 100
+    x[::7, 0] = np.nan  # missing values follow each split's default direction in both scorers
+    got = booster.predict(xgb.DMatrix(x, feature_names=list(ensemble.feature_names)))
+    np.testing.assert_allclose(got, ensemble.predict_proba(x), atol=1e-6, rtol=0)
     rep = verify_ledger(d.run_dir(run_id) / "ledger.jsonl", Roster.model_validate_json((d.coord / "roster.json").read_text()))
     assert int(rep.exit_code) == 0, rep.findings
 
