@@ -107,10 +107,9 @@ def _main(grid: Any, context: Any) -> None:
         status["fedcollab_run_id"] = run_id
         ledger = RunLedger(out / "ledger.jsonl", key=key, roster=roster, run_id=run_id)
         recorder = CoordinatorRecorder(checkpoint_dir=out / "checkpoints", on_round=on_round)
-        if resume is not None and (spec.aggregation == "he" or spec.model.kind == "gbdt"):
+        if resume is not None and spec.aggregation == "he":
             # Refused before anything is sent (setup would spend the nodes' statistics budget first).
-            what = "aggregation 'he'" if spec.aggregation == "he" else "model kind 'gbdt'"
-            raise ConfigError(f"resume: continues runs under plain or secagg aggregation, with or without DP, got {what}; submit it again")
+            raise ConfigError("resume: continues runs under plain or secagg aggregation, with or without DP, got aggregation 'he'; submit it again")
         if spec.layout == "vertical":
             # PSI and SecureBoost between the parties, relayed sealed (fedcollab/coordinator/_vertical.py).
             if resume is not None:

@@ -13,6 +13,11 @@ step's SecAgg+ round, so the coordinator sees only the pooled sketch); it sets t
 pooled quantiles and sends them with the first tree's first step (``gbdt.edges``); the trees'
 steps then start at 2.
 
+After every tree but the last the coordinator checkpoints the finished trees, the step number and
+the edges. A resumed run (``--resume``) continues from there under the same run id: its first
+step carries the trees back (``gbdt.resume``), each node rebuilds its margins from the trees it
+recognises, and the steps after the checkpoint are answered again as new, charged releases.
+
 A node that fails or does not answer a step drops out of the rest of the run (its tree state no
 longer matches the trees); the run goes on while ``training.min_partners`` are left. After the
 last tree every node evaluates the finished model on its test split, as for the other models.
@@ -42,12 +47,16 @@ _METRICS = ("n", "correct", "loss_sum", "hist_pos", "hist_neg")
 def gbdt_rounds(spec: Spec, *, node_names: dict[int, str], exchange: Callable[..., dict[str, Any]], send_stage: Callable[[int], Any],
                 roster_keys: dict[str, str], run_id: str, max_rows: float, min_partners: int, message_type: Any,
                 record: Callable[[int, float, list[str], dict[str, int], dict[str, dict[str, Any]]], None],
-                failures: dict[str, list[int]]) -> gbdt.Ensemble:
+                failures: dict[str, list[int]], checkpoint: Callable[[int, dict[str, np.ndarray]], None] | None = None,
+                resume: tuple[int, dict[str, np.ndarray]] | None = None) -> gbdt.Ensemble:
     """Build every tree, evaluate the model, and return it.
 
     ``exchange(rnd, message_type, {partner: (arrays, cfg, extra records)}) -> {partner: reply}``;
     ``send_stage(rnd)`` -> ``send(stage, {partner: request})`` for a stand-alone secagg stage;
-    ``record(tree, t0, trained, failed, parts)`` writes one round record per tree.
+    ``record(tree, t0, trained, failed, parts)`` writes one round record per tree;
+    ``checkpoint(trees, arrays)`` keeps the finished trees after each tree (``gbdt.checkpoint_arrays``).
+    ``resume = (k, arrays)``: continue after the k-th tree from such a checkpoint; the first step
+    brings the k trees back to every node (``gbdt.resume``), which rebuilds its margins from them.
     """
     params, layout, plan = gbdt.params_of(spec), gbdt.layout_of(spec), gbdt.plan_of(spec)
     rng = fresh_generator()  # random splits (dp_split = "random") come from the coordinator's CSPRNG-seeded generator
@@ -136,11 +145,17 @@ def gbdt_rounds(spec: Spec, *, node_names: dict[int, str], exchange: Callable[..
     sketch = gbdt.sketch_of(spec)
     edges_wire: dict[str, Any] | None = None
     pre_failed: dict[str, int] = {}
+    if resume is not None:
+        done, step, edges_wire = gbdt.from_checkpoint(resume[1], spec, trees_done=int(resume[0]))
+        trees.extend(done)
+        if edges_wire is not None:
+            layout = gbdt.layout_from_sketch(layout, sketch, gbdt.edges_from_wire(edges_wire), n_bins=params.n_bins)  # type: ignore[arg-type]
     if secure:
-        state, request = open_round(1, active)
-        state, routed = shares_for(1, state, send_stage(1)("advertise", {p: request for p in state.cfg.participants}))
+        # The first SecAgg+ round opens stand-alone (later ones ride on the previous step); a resumed run's with fresh keys.
+        state, request = open_round(step + 1, active)
+        state, routed = shares_for(step + 1, state, send_stage(step + 1)("advertise", {p: request for p in state.cfg.participants}))
         active = sorted(routed)
-    if sketch is not None:
+    if sketch is not None and resume is None:
         # Step 1: every node's (noisy) count sketch; summed in the clear, or under secagg as the step's SecAgg+ round.
         step = 1
         cfg0: dict[str, Any] = {"fedcollab.kind": "gbdt", "fedcollab.run_id": run_id, "server-round": step}
@@ -165,9 +180,11 @@ def gbdt_rounds(spec: Spec, *, node_names: dict[int, str], exchange: Callable[..
         layout = gbdt.layout_from_sketch(layout, sketch, indices, n_bins=params.n_bins)
         edges_wire = gbdt.edges_to_wire(indices)
 
-    for t in range(params.n_trees):
+    first_tree = len(trees)  # 0, or the trees a resumed run brings back
+    for t in range(first_tree, params.n_trees):
         t0 = time.perf_counter()
         failed: dict[str, int] = dict(pre_failed) if t == 0 else {}
+        resuming = resume is not None and t == first_tree
         gt, req = gbdt.coordinator_start_tree(t, layout=layout, params=params, plan=plan, rng=rng)
         tree = None
         first = True
@@ -175,7 +192,10 @@ def gbdt_rounds(spec: Spec, *, node_names: dict[int, str], exchange: Callable[..
             step += 1
             cfg: dict[str, Any] = {"fedcollab.kind": "gbdt", "fedcollab.run_id": run_id, "server-round": step}
             extra: dict[str, dict[str, Any]] = {"gbdt": req.to_wire()}
-            if first and trees:
+            if first and resuming:
+                extra["gbdt.resume"] = gbdt.ensemble_to_wire(gbdt.Ensemble(trees=tuple(trees), base_score=params.base_score,
+                                                                          feature_names=layout.feature_names))
+            elif first and trees:
                 extra["gbdt.apply"] = trees[-1].to_wire()
             if first and t == 0 and edges_wire is not None:
                 extra["gbdt.edges"] = edges_wire
@@ -208,6 +228,8 @@ def gbdt_rounds(spec: Spec, *, node_names: dict[int, str], exchange: Callable[..
             first = False
         assert tree is not None
         trees.append(tree)
+        if checkpoint is not None and t < params.n_trees - 1:
+            checkpoint(t + 1, gbdt.checkpoint_arrays(trees, step=step, edges=edges_wire))
         parts: dict[str, dict[str, Any]] = {}
         model = gbdt.Ensemble(trees=tuple(trees), base_score=params.base_score, feature_names=layout.feature_names)
         if t == params.n_trees - 1:

@@ -478,8 +478,6 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
 
         # --- rounds ---------------------------------------------------------------------------
         if gbdt_run:
-            if resume:
-                raise ProtocolError("resuming a gbdt run is not implemented (the node's tree state is per run)")
             from fedcollab.coordinator._gbdt import empty_arrays, gbdt_rounds
 
             def record_tree(rnd: int, t0: float, trained: list[str], failed: dict[str, int], parts: dict[str, dict[str, Any]]) -> None:
@@ -489,7 +487,8 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
                 spec, node_names=node_names, exchange=lambda rnd, mt, per: exchange(grid, node_names, rnd, mt, per),
                 send_stage=lambda rnd: secagg_sender(grid, node_names, rnd), roster_keys=roster_keys(), run_id=ledger.run_id,
                 max_rows=float(max(recorder.partners.values())), min_partners=min_partners, message_type=MessageType,
-                record=record_tree, failures=recorder.failures)
+                record=record_tree, failures=recorder.failures, resume=resume,
+                checkpoint=(lambda rnd, a: _write_checkpoint(recorder.checkpoint_dir, rnd, a)) if recorder.checkpoint_dir is not None else None)
             close_run(grid, node_names)
             return
         strategy = _strategy(spec, n_partners)

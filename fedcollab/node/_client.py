@@ -225,7 +225,7 @@ class NodeRuntime:
         if spec.model.kind == "gbdt":
             from fedcollab.protocols import gbdt
 
-            out += gbdt.planned_releases(spec, self.partner)
+            out += gbdt.planned_releases(spec, self.partner, after_trees=int(resume_after))
             scaling = "none"  # trees release no statistics
         if scaling == "federated_statistics":
             out.append(rel(kind="statistics", about="train", unit="record", round=0, mechanism=NonPrivate()))
@@ -627,6 +627,8 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str], *
             raise _Coded(NodeErrorCode.BAD_REQUEST)
         info, stats, lines = node.setup(str(cfg.get("scaling", "none")), resume_after=int(cfg.get("fedcollab.resume_after", 0)))
         st["setup_done"] = True
+        if spec.model.kind == "gbdt":
+            st["gbdt.resume_after"] = int(cfg.get("fedcollab.resume_after", 0))  # the trees the first step must bring back
         if "plan" in info:
             st["plan"] = info["plan"]
         content = RecordDict({RecordKey.INFO: ConfigRecord(info), RecordKey.RELEASES: lines_record(lines)})
@@ -647,7 +649,7 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str], *
         if he is not None:
             return he.train(node, cfg, st, msg, scaling_of)
         if spec.model.kind == "gbdt":
-            return gbdt_step(node, cfg, msg, context)
+            return gbdt_step(node, cfg, st, msg, context)
         global_arrays = arrays_of(msg)
         rnd = int(cfg.get("server-round", 0))
         fused: tuple[ConfigRecord, list[str]] | None = None
@@ -693,19 +695,26 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str], *
                                RecordKey.RELEASES: lines_record([*fused[1], *lines])})
         return RecordDict({RecordKey.ARRAYS: rec, RecordKey.METRICS: MetricRecord(metrics), RecordKey.RELEASES: lines_record(lines)})
 
-    def gbdt_step(node: NodeRuntime, cfg: ConfigRecord, msg: Message, context: Context) -> RecordDict:
-        """One tree step (fedcollab/node/_gbdt.py): the level request, the previous finished tree on a tree's first step."""
+    def gbdt_step(node: NodeRuntime, cfg: ConfigRecord, st: ConfigRecord, msg: Message, context: Context) -> RecordDict:
+        """One tree step (fedcollab/node/_gbdt.py): the level request, the previous finished tree on a tree's first step.
+
+        A resumed run (its setup said ``fedcollab.resume_after = k``) must open with the k
+        checkpointed trees (``gbdt.resume``), once; the node's own record of that setup decides.
+        """
         from fedcollab.node._gbdt import step
 
         if "gbdt" not in msg.content.config_records:
             raise ProtocolError("a gbdt step without its level request")
-        apply = msg.content.config_records.get("gbdt.apply")
+        records = msg.content.config_records
+        apply, edges, resume = records.get("gbdt.apply"), records.get("gbdt.edges"), records.get("gbdt.resume")
         secure = spec.aggregation == "secagg"
-        edges = msg.content.config_records.get("gbdt.edges")
-        wire, lines, vector = step(node, dict(msg.content.config_records["gbdt"]), dict(apply) if apply is not None else None,
+        resume_after = 0 if st.get("gbdt.resumed", False) else int(st.get("gbdt.resume_after", 0))
+        wire, lines, vector = step(node, dict(records["gbdt"]), dict(apply) if apply is not None else None,
                                    max_rows=float(cfg["secagg.max_weight"]) if secure else None,
                                    n_parties=int(cfg["secagg.n_parties"]) if secure else None,
-                                   edges_wire=dict(edges) if edges is not None else None)
+                                   edges_wire=dict(edges) if edges is not None else None,
+                                   resume_wire=dict(resume) if resume is not None else None, resume_after=resume_after)
+        st["gbdt.resumed"] = True  # from the first answered step on, no resume record is accepted
         content = RecordDict({"gbdt": ConfigRecord(wire), RecordKey.RELEASES: lines_record(lines)})
         if vector is None:
             return content

@@ -62,7 +62,8 @@ def load_state(home: Path, run_id: str, x_train: np.ndarray, y_train: np.ndarray
         saved = dict(margin=z["margin"], position=z["position"], g=z["g"], h=z["h"], trees_done=int(z["trees_done"]),
                      steps_done=steps, leaves_released=bool(z["leaves_released"]),
                      sketched=bool(z["sketched"]) if "sketched" in z.files else False,
-                     edge_index=tuple(tuple(i) for i in raw) if raw is not None else None)
+                     edge_index=tuple(tuple(i) for i in raw) if raw is not None else None,
+                     tree_digests=tuple(json.loads(str(z["tree_digests"]))) if "tree_digests" in z.files else ())
     # The rows are binned once, with the edges this node accepted (or the public ones).
     layout = layout_of_edges(spec, saved["edge_index"])
     return replace(gbdt.node_init(x_train, y_train, layout=layout, base_score=base), **saved)
@@ -74,7 +75,7 @@ def save_state(home: Path, run_id: str, state: gbdt.NodeState) -> None:
     steps = np.array(sorted(state.steps_done), dtype=np.int64).reshape(-1, 2)
     np.savez(buf, margin=state.margin, position=state.position, g=state.g, h=state.h, trees_done=np.asarray(state.trees_done),
              steps_done=steps, leaves_released=np.asarray(state.leaves_released), sketched=np.asarray(state.sketched),
-             edge_index=np.asarray(json.dumps(state.edge_index)))
+             edge_index=np.asarray(json.dumps(state.edge_index)), tree_digests=np.asarray(json.dumps(list(state.tree_digests))))
     write_private(_state_path(home, run_id), buf.getvalue())
 
 
@@ -84,14 +85,19 @@ def drop_state(home: Path, run_id: str) -> None:
 
 
 def step(node: Any, request_wire: dict[str, Any], apply_wire: dict[str, Any] | None, *, max_rows: float | None = None,
-         n_parties: int | None = None, edges_wire: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[str], np.ndarray | None]:
+         n_parties: int | None = None, edges_wire: dict[str, Any] | None = None, resume_wire: dict[str, Any] | None = None,
+         resume_after: int = 0) -> tuple[dict[str, Any], list[str], np.ndarray | None]:
     """Answer one level request: ``(reply record, ledger lines, secagg vector or None)``.
 
     ``apply_wire``: the previous finished tree (required with the first step of every tree but
     the first). With ``max_rows`` and ``n_parties`` (secagg) the values are encoded for SecAgg+
     and the reply holds only the header. ``edges_wire``: the quantile edges, with the first tree's
-    first step. The release is recorded (policy and budget checked) before the state advances or
-    anything leaves.
+    first step. ``resume_after = k``: this Flower run resumes the run after its k-th tree (the
+    node's own setup said so), so this first step must carry the k checkpointed trees
+    (``resume_wire``, an ensemble record) instead of a finished tree; the node rebuilds its
+    margins from them if it recognises them (:func:`fedcollab.protocols.gbdt.node_resume`). A
+    resume record at any other step is refused. The release is recorded (policy and budget
+    checked) before the state advances or anything leaves.
     """
     spec, d, home = node.spec, node.data, Path(node.home.root)
     params, plan, sk = gbdt.params_of(spec), gbdt.plan_of(spec), gbdt.sketch_of(spec)
@@ -117,6 +123,15 @@ def step(node: Any, request_wire: dict[str, Any], apply_wire: dict[str, Any] | N
         save_state(home, node.run_id, state)
         return wire, [line], vector
     try:
+        if resume_after:
+            if resume_wire is None or apply_wire is not None or edges_wire is not None:
+                raise ProtocolError("gbdt: a resumed run's first tree step must carry the checkpointed trees, and only them")
+            trees = gbdt.ensemble_from_wire(resume_wire, spec).trees
+            if len(trees) != resume_after:
+                raise ProtocolError(f"gbdt: the run resumes after {resume_after} trees, the request carries {len(trees)}")
+            state = gbdt.node_resume(state, trees, layout=layout, base_score=params.base_score)
+        elif resume_wire is not None:
+            raise ProtocolError("gbdt: checkpointed trees arrive only with a resumed run's first tree step")
         if sk is not None and state.edge_index is None:
             # The first tree step of a quantile run must carry the edges (checked on the public grid).
             if edges_wire is None:

@@ -198,7 +198,7 @@ def run(
         Called with each round's record once the round is done, before the next one starts.
     resume : bool
         Continue the failed or interrupted run in ``out`` from its last checkpoint (same run id
-        and ledger; plain or secagg aggregation, with or without DP (not he, not gbdt), as ``submit --resume`` does for plain).
+        and ledger; plain or secagg aggregation, with or without DP, trees included (not he), as ``submit --resume`` does).
     data : dict, optional
         Partner name -> pandas DataFrame of its rows, used instead of the spec's ``source`` (a
         notebook's frames). Each frame is validated against the spec's schema before the
@@ -433,9 +433,8 @@ def _record_failure(spec: Spec, out_dir: Path, ledger: RunLedger, recorder: Coor
 
 
 def _check_resumable(spec: Spec) -> None:
-    if spec.aggregation == "he" or spec.model.kind == "gbdt":
-        what = "aggregation 'he'" if spec.aggregation == "he" else "model kind 'gbdt'"
-        raise ConfigError(f"--resume: continues runs under plain or secagg aggregation, with or without DP, got {what}; "
+    if spec.aggregation == "he":
+        raise ConfigError("--resume: continues runs under plain or secagg aggregation, with or without DP, got aggregation 'he'; "
                           "start the run afresh")
 
 

@@ -1,4 +1,4 @@
-"""`fedcollab submit --resume` at the deployed coordinator: HE, gbdt and vertical runs are refused before anything is sent.
+"""`fedcollab submit --resume` at the deployed coordinator: HE and vertical runs are refused before anything is sent.
 
 Calls the ServerApp's body (`_main`) in-process with no grid at all: a refusal that came after any
 message would fail on the missing grid with exit code 1, not the spec error's 2.
@@ -33,7 +33,7 @@ def _interrupted(home: Path, text: str) -> None:
     (old / "ledger.jsonl").write_text("")
 
 
-@pytest.mark.parametrize("spec, what", [("heart-disease-he.toml", "aggregation 'he'"), ("heart-disease-gbdt.toml", "model kind 'gbdt'"),
+@pytest.mark.parametrize("spec, what", [("heart-disease-he.toml", "aggregation 'he'"),
                                         ("heart-disease-vertical-lr.toml", "a vertical run cannot be resumed")])
 def test_resume_refused_before_any_message(tmp_path, monkeypatch, caplog, spec, what):
     key = Ed25519PrivateKey.generate()

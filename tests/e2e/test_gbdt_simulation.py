@@ -108,20 +108,54 @@ def test_pooled_metrics_and_summary(run):
     assert abs(res.pooled.auc - roc_auc_score(y, proba)) < 0.03
 
 
+class _Boom(RuntimeError):
+    pass
+
+
 @pytest.fixture(scope="module")
 def quantile_run(tmp_path_factory):
+    """A quantile-edge run under secagg and DP that fails after its first tree and is resumed (``run --resume``).
+
+    The failure is injected in-process: the run's ``on_round`` callback raises once tree 1 is
+    recorded (its checkpoint written), as any coordinator-side error would fail the run.
+    """
+    import json
+
     import fedcollab
     from fedcollab.spec import load_spec
     from tests.conftest import ROOT
 
     spec = load_spec(ROOT / "protocols" / "heart-disease-gbdt-dp.toml")
-    spec = spec.replace(aggregation="secagg", model={"gbdt": {"n_trees": 2, "max_depth": 2, "bin_edges": "quantile"}})
-    return spec, fedcollab.run(spec, out=tmp_path_factory.mktemp("gbdt-quantile"))
+    spec = spec.replace(aggregation="secagg", model={"gbdt": {"n_trees": 3, "max_depth": 2, "bin_edges": "quantile"}})
+    out = tmp_path_factory.mktemp("gbdt-quantile")
+
+    def boom(r) -> None:
+        if r.round == 1:
+            raise _Boom("injected coordinator failure after tree 1")
+
+    with pytest.raises(Exception):
+        fedcollab.run(spec, out=out, on_round=boom)
+    failed = json.loads((out / "summary.json").read_text())
+    before = (out / "ledger.jsonl").read_bytes().splitlines()
+    return spec, fedcollab.run(spec, out=out, resume=True), failed, before
+
+
+def test_a_failed_gbdt_run_resumes_after_its_checkpointed_tree(quantile_run):
+    """Issue 13 (recovery in every mode): the resumed run keeps the run id and the ledger, builds trees 2 and 3 only,
+    each node having rebuilt its margins from the checkpointed tree; the model has all three trees."""
+    spec, res, failed, before = quantile_run
+    assert failed["status"] == "failed" and failed["rounds"] == 1
+    assert res.summary.status == "completed" and res.summary.run_id == failed["run_id"]
+    assert res.summary.resumed_after_round == 1 and res.summary.rounds == 3 and [r.round for r in res.rounds] == [2, 3]
+    assert len(res.model.trees) == 3
+    assert (res.out_dir / "ledger.jsonl").read_bytes().splitlines()[:len(before)] == before  # nothing of the first part lost
+    assert res.pooled is not None and res.pooled.n > 200
 
 
 def test_quantile_edges_through_flower(quantile_run):
     """bin_edges = "quantile" under secagg: each node's sketch is its first release (Gaussian, charged, summed in the run's
-    first SecAgg+ round), the trees split on the sketch's grid, and the whole run stays within the target; the ledger verifies."""
+    first SecAgg+ round), the trees split on the sketch's grid, and the whole run, resumed after its first tree, is charged
+    each release once and stays within the target; the ledger verifies."""
     import json
 
     from fedcollab.audit import verify_ledger
@@ -129,7 +163,7 @@ def test_quantile_edges_through_flower(quantile_run):
     from fedcollab.protocols import gbdt
     from fedcollab.spec import load_roster
 
-    spec, res = quantile_run
+    spec, res, _, _ = quantile_run
     plan, sk = gbdt.plan_of(spec), gbdt.sketch_of(spec)
     lines = [json.loads(x) for x in (res.out_dir / "ledger.jsonl").read_text().splitlines()]
     releases = [e["body"]["release"] for e in lines if e.get("kind") == "release"]
@@ -137,11 +171,11 @@ def test_quantile_edges_through_flower(quantile_run):
         mine = [r for r in releases if r["party"] == p.name and r["kind"] == "gbdt_histogram"]
         assert mine[0]["details"]["release"] == "sketch" and mine[0]["mechanism"]["noise_multiplier"] == pytest.approx(plan.z_sketch)
         assert all(r["details"]["aggregation"] == "secagg" for r in mine)
-        assert [r["details"]["release"] for r in mine[1:]] == ["leaves", "leaves"]
+        assert [r["details"]["release"] for r in mine[1:]] == ["leaves", "leaves", "leaves"]
     (g,) = res.summary.privacy.guarantees
     assert all(0 < pg.epsilon <= 1.0 + 1e-9 for pg in g.partners.values())
     assert pytest.approx(plan.epsilon, rel=1e-6) == next(iter(g.partners.values())).epsilon
-    # Every split on a number feature sits on a boundary of the sketch's public grid.
+    # Every split on a number feature sits on a boundary of the sketch's public grid (the resumed trees' too).
     grids = dict(zip(sk.features, sk.grids))
     splits = [(t.feature[i], t.threshold[i]) for t in res.model.trees for i in range(len(t.left)) if t.left[i] >= 0]
     on_numbers = [(f, th) for f, th in splits if f in grids]

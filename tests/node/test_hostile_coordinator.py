@@ -387,6 +387,41 @@ class TestGbdt:
         refuse(node, 7, again)
         assert self._releases(node) == 2
 
+    def test_checkpointed_trees_only_where_the_nodes_own_setup_resumed(self, tmp_path):
+        """`gbdt.resume` (a resumed run's checkpointed trees) is refused in a run that did not resume, a resumed run's first
+        step must carry exactly the trees its setup named, once; every refusal coded, nothing more released."""
+        import math
+
+        from fedcollab.protocols.gbdt import Ensemble, Tree, ensemble_to_wire, layout_of, params_of
+
+        spec = _spec("heart-disease-gbdt-dp.toml")
+        leaf = Tree.from_wire({"left": [-1], "right": [-1], "feature": [-1], "bin_index": [-1], "threshold": [math.nan], "default_left": [1],
+                               "value": [0.25], "gain": [0.0], "hessian": [1.0]})
+
+        def trees(n: int) -> dict:
+            return ensemble_to_wire(Ensemble(trees=(leaf,) * n, base_score=params_of(spec).base_score, feature_names=layout_of(spec).feature_names))
+
+        def refuse(n: Node, rnd: int, extra: dict) -> None:
+            before = len(n.entries())
+            n.refused(n.send("train", {"fedcollab.kind": "gbdt", "server-round": rnd}, extra=extra), NodeErrorCode.BAD_REQUEST, before)
+
+        node = Node(spec, tmp_path)
+        _setup(node)
+        assert "gbdt" in node.send("train", {"fedcollab.kind": "gbdt", "server-round": 1}, extra={"gbdt": self._level(0, 0, "leaves")}).content.config_records
+        refuse(node, 2, {"gbdt": self._level(1, 0, "leaves"), "gbdt.resume": trees(1)})  # this run did not resume
+        assert self._releases(node) == 1
+        # The coordinator dies; a new Flower run resumes the same run after tree 1 (the node's state survives in its folder).
+        node.context = Context(run_id=2, node_id=7, node_config={"partner": PARTNER}, state=RecordDict(), run_config={})
+        reply = node.send("query", {"fedcollab.kind": "setup", "scaling": "none", "fedcollab.resume_after": 1})
+        assert RecordKey.ERROR not in reply.content.config_records
+        refuse(node, 3, {"gbdt": self._level(1, 0, "leaves"), "gbdt.apply": leaf.to_wire()})  # no checkpointed trees
+        refuse(node, 4, {"gbdt": self._level(1, 0, "leaves"), "gbdt.resume": trees(2)})  # not the trees the setup named
+        assert self._releases(node) == 1
+        ok = node.send("train", {"fedcollab.kind": "gbdt", "server-round": 5}, extra={"gbdt": self._level(1, 0, "leaves"), "gbdt.resume": trees(1)})
+        assert ok.content.config_records["gbdt"]["kind"] == "histogram_reply" and self._releases(node) == 2
+        refuse(node, 6, {"gbdt": self._level(2, 0, "leaves"), "gbdt.resume": trees(2)})  # a later resume record
+        assert self._releases(node) == 2
+
     def test_budget_refuses_a_run_the_plan_does_not_fit(self, tmp_path):
         """A node with epsilon 0.5 refuses the epsilon-1 gbdt plan at setup, before any tree step."""
         spec = _spec("heart-disease-gbdt-dp.toml")

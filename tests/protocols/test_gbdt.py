@@ -23,12 +23,17 @@ from fedcollab.protocols.gbdt import (
     decode_histograms,
     encode_histograms,
     layout_from_bounds,
+    checkpoint_arrays,
+    from_checkpoint,
     layout_from_schema,
     leaf_sums,
     leaf_value,
+    node_apply_tree,
     node_init,
     node_reply,
+    node_resume,
     plan_gbdt_dp,
+    planned_releases,
     split_gain,
     sum_histograms,
     train_in_process,
@@ -572,3 +577,66 @@ class TestQuantileSketch:
 @pytest.fixture()
 def raw_dp():
     return tomllib.loads((ROOT / "protocols" / "heart-disease-gbdt-dp.toml").read_text())
+
+
+@pytest.fixture(scope="module")
+def three(heart, layout, spec):
+    """Three trees of depth 2 trained without DP, and their parameters."""
+    p = _params(spec, n_trees=3, max_depth=2)
+    return p, list(train_in_process(_partners(heart), layout=layout, params=p, plan=None, coordinator_rng=np.random.default_rng(0)).model.trees)
+
+
+class TestResume:
+    """A resumed run (issue 13, recovery in every mode): the node rebuilds its margins from checkpointed trees it recognises."""
+
+    def test_margins_rebuilt_exactly_and_later_steps_answered_again(self, heart, layout, three):
+        p, trees = three
+        d = heart[0]
+        st = node_init(d.x_train, d.y_train, layout=layout, base_score=p.base_score)
+        after_one = node_apply_tree(st, trees[0], layout=layout)
+        after_two = node_apply_tree(after_one, trees[1], layout=layout)
+        kw = dict(party="c", layout=layout, params=p, plan=None, rng=None)
+        mid, _, _ = node_reply(after_two, LevelRequest(tree=2, level=0, release="histogram", open=(0,)), **kw)  # the interrupted step
+        back = node_resume(mid, trees[:2], layout=layout, base_score=p.base_score)
+        np.testing.assert_array_equal(back.margin, after_two.margin)
+        assert back.trees_done == 2 and back.tree_digests == after_two.tree_digests and (2, 0) not in back.steps_done
+        _, again, _ = node_reply(back, LevelRequest(tree=2, level=0, release="histogram", open=(0,)), **kw)  # answered again
+        assert again.values.shape[0] == 1
+        earlier = node_resume(mid, trees[:1], layout=layout, base_score=p.base_score)  # an older checkpoint: tree 1 is built again
+        np.testing.assert_array_equal(earlier.margin, after_one.margin)
+        assert earlier.trees_done == 1 and not {s for s in earlier.steps_done if s[0] >= 1}
+
+    def test_unknown_trees_refused(self, heart, layout, three):
+        p, trees = three
+        d = heart[0]
+        st = node_init(d.x_train, d.y_train, layout=layout, base_score=p.base_score)
+        for t in trees[:2]:
+            st = node_apply_tree(st, t, layout=layout)
+        forged = dataclasses.replace(trees[1], value=tuple(v + 0.5 for v in trees[1].value))
+        with pytest.raises(ProtocolError, match="tree 1 is not the tree this node applied"):
+            node_resume(st, [trees[0], forged], layout=layout, base_score=p.base_score)
+        with pytest.raises(ProtocolError, match="released the leaves of 2"):  # a third tree whose leaves this node never released
+            node_resume(st, trees, layout=layout, base_score=p.base_score)
+        # The tree whose leaf sums it released last (the coordinator finished it, the node never got it) is accepted.
+        pending = dataclasses.replace(st, leaves_released=True, steps_done=st.steps_done | {(2, 0), (2, 1), (2, 2)})
+        done = node_resume(pending, trees, layout=layout, base_score=p.base_score)
+        np.testing.assert_array_equal(done.margin, node_apply_tree(st, trees[2], layout=layout).margin)
+        # A node whose record of the applied trees is gone cannot recognise them: refused.
+        with pytest.raises(ProtocolError, match="incomplete"):
+            node_resume(dataclasses.replace(st, tree_digests=()), trees[:2], layout=layout, base_score=p.base_score)
+
+    def test_planned_releases_after_k_trees_and_checkpoint_round_trip(self, dp_spec, spec, three):
+        _, trees = three
+        full = planned_releases(dp_spec, "c")
+        n = tree_params(dp_spec).n_trees
+        assert len(full) % n == 0
+        per_tree = len(full) // n
+        assert planned_releases(dp_spec, "c", after_trees=3) == full[3 * per_tree:]
+        s3 = spec.replace(model={"gbdt": {"n_trees": 5, "max_depth": 2}})
+        arrays = checkpoint_arrays(trees[:2], step=6, edges=None)
+        got, step, edges = from_checkpoint(arrays, s3, trees_done=2)
+        assert [t.to_wire() for t in got] == [t.to_wire() for t in trees[:2]] and step == 6 and edges is None
+        with pytest.raises(ProtocolError, match="expected 3 of 5 trees"):
+            from_checkpoint(arrays, s3, trees_done=3)
+        with pytest.raises(ProtocolError, match="malformed checkpoint"):
+            from_checkpoint({"w": np.zeros(3)}, s3, trees_done=2)

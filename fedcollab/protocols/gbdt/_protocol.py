@@ -19,6 +19,7 @@ returned as a :class:`Release` for the node adapter to gate against the budget a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -211,6 +212,7 @@ class NodeState:
     leaves_released: bool = False  # the current tree's leaf sums left: no further step until the tree is applied
     sketched: bool = False  # bin_edges = "quantile": the count sketch left (answered once, before any tree)
     edge_index: tuple[tuple[int, ...], ...] | None = None  # the quantile edges' grid indices, once received
+    tree_digests: tuple[str, ...] = ()  # tree_digest of every tree applied, in order (to recognise them at a resume)
 
 
 def node_init(x_train: np.ndarray, y_train: np.ndarray, *, layout: BinLayout, base_score: float) -> NodeState:
@@ -328,7 +330,49 @@ def node_apply_tree(state: NodeState, tree: Tree, *, layout: BinLayout) -> NodeS
     """Add a finished tree's leaf values to the node's margins."""
     leaves = tree.leaf_of_bins(state.bins, layout.n_bins)
     values = np.asarray(tree.value, dtype=np.float32).astype(np.float64)
-    return replace(state, margin=state.margin + values[leaves], trees_done=state.trees_done + 1, leaves_released=False)
+    return replace(state, margin=state.margin + values[leaves], trees_done=state.trees_done + 1, leaves_released=False,
+                   tree_digests=(*state.tree_digests, tree_digest(tree)))
+
+
+def tree_digest(tree: Tree) -> str:
+    """SHA-256 of what a tree does to a node's margins: its routing (children, features, bins, default directions) and leaf values."""
+    body = [list(tree.left), list(tree.right), list(tree.feature), list(tree.bin_index), [bool(v) for v in tree.default_left],
+            [float(v) for v in tree.value]]
+    return hashlib.sha256(json.dumps(body).encode()).hexdigest()
+
+
+def node_resume(state: NodeState, trees: Sequence[Tree], *, layout: BinLayout, base_score: float) -> NodeState:
+    """A resumed run's first step: rebuild the margins from the coordinator's checkpointed trees.
+
+    The node accepts the trees only as far as it knows them: every tree it applied before must come
+    back unchanged (by :func:`tree_digest`), and at most one tree more, the one whose leaf sums it
+    released last (the coordinator finished it; the node never received it). The margins are then
+    recomputed from ``logit(base_score)`` in tree order, exactly as the applications made them;
+    steps of later trees are forgotten, so the resumed run answers them again (each answer a new,
+    charged release).
+
+    Raises
+    ------
+    ProtocolError
+        For a tree the node did not apply (or more trees than it released), or with the quantile
+        sketch answered but no edges.
+    """
+    if len(state.tree_digests) != state.trees_done:
+        raise ProtocolError("gbdt resume: this node's record of the trees it applied is incomplete.")
+    known = state.trees_done + (1 if state.leaves_released else 0)
+    if len(trees) > known:
+        raise ProtocolError(f"gbdt resume: {len(trees)} trees, but this node released the leaves of {known}.")
+    for i, tree in enumerate(trees[:len(state.tree_digests)]):
+        if tree_digest(tree) != state.tree_digests[i]:
+            raise ProtocolError(f"gbdt resume: tree {i} is not the tree this node applied.")
+    if state.sketched and state.edge_index is None and trees:
+        raise ProtocolError("gbdt resume: trees of a quantile run, but this node never received the edges.")
+    n = len(state.y)
+    fresh = replace(state, margin=np.full(n, math.log(base_score / (1 - base_score))), position=np.zeros(n, dtype=np.int64),
+                    trees_done=0, tree_digests=(), leaves_released=False, steps_done=frozenset(s for s in state.steps_done if s[0] < len(trees)))
+    for tree in trees:
+        fresh = node_apply_tree(fresh, tree, layout=layout)
+    return fresh
 
 
 # ----------------------------------------------------------------------------------- coordinator side

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
+
+import numpy as np
 
 from fedcollab.core import ProtocolError
 from fedcollab.privacy.accounting import Release
@@ -105,12 +108,17 @@ def sketch_bound(spec: Spec, max_rows: int) -> float:
     return float(max_rows) + 12.0 * (plan.sigma_sketch if plan is not None else 0.0)
 
 
-def planned_releases(spec: Spec, party: str) -> list[Release]:
-    """Every release the whole model makes about ``party``'s training rows, in order."""
+def planned_releases(spec: Spec, party: str, *, after_trees: int = 0) -> list[Release]:
+    """Every release the whole model makes about ``party``'s training rows, in order.
+
+    ``after_trees = k`` (a run resumed after its k-th tree): the releases still to come, the
+    trees from k on (the sketch and the earlier trees are in the ledger already).
+    """
     params, plan = params_of(spec), plan_of(spec)
     levels = split_levels(params, plan)
-    out: list[Release] = [sketch_release(plan, party=party)] if sketch_of(spec) is not None else []
-    for t in range(params.n_trees):
+    k = max(0, min(int(after_trees), params.n_trees))
+    out: list[Release] = [sketch_release(plan, party=party)] if sketch_of(spec) is not None and k == 0 else []
+    for t in range(k, params.n_trees):
         out += tree_releases(plan, party=party, tree=t, split_levels=levels)
     return out
 
@@ -142,3 +150,37 @@ def ensemble_from_wire(wire: Any, spec: Spec) -> Ensemble:
     if any(f >= layout.n_features for t in model.trees for f in t.feature):
         raise ProtocolError("gbdt: a tree splits on a feature outside the schema")
     return model
+
+
+def checkpoint_arrays(trees: Sequence[Tree], *, step: int, edges: dict[str, Any] | None) -> dict[str, np.ndarray]:
+    """The coordinator's checkpoint after a tree: the finished trees, the last step number, the quantile edges (if any)."""
+    doc = {"protocol": "fedcollab.gbdt.checkpoint.v1", "trees": [t.to_wire() for t in trees], "step": int(step), "edges": edges}
+    return {"gbdt": np.frombuffer(json.dumps(doc).encode(), dtype=np.uint8).copy()}
+
+
+def from_checkpoint(arrays: Mapping[str, np.ndarray], spec: Spec, *, trees_done: int) -> tuple[list[Tree], int, dict[str, Any] | None]:
+    """Read :func:`checkpoint_arrays` back: ``(trees, last step, edges record or None)``, checked against the spec.
+
+    Raises
+    ------
+    ProtocolError
+        If the checkpoint is not a gbdt checkpoint of ``trees_done`` trees of this spec.
+    """
+    try:
+        doc = json.loads(np.asarray(arrays["gbdt"], dtype=np.uint8).tobytes())
+        if doc.get("protocol") != "fedcollab.gbdt.checkpoint.v1":
+            raise ValueError("not a gbdt checkpoint")
+        model = ensemble_from_wire({"trees": json.dumps(doc["trees"]), "base_score": params_of(spec).base_score}, spec)
+        step = doc["step"]
+        edges = doc["edges"]
+        if not isinstance(step, int) or isinstance(step, bool) or not (isinstance(edges, dict) or edges is None):
+            raise ValueError("malformed step or edges")
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ProtocolError(f"gbdt checkpoint: expected the trees, step and edges of a gbdt run, got a malformed checkpoint ({type(exc).__name__})") from None
+    trees = list(model.trees)
+    if len(trees) != trees_done or not 0 < trees_done < params_of(spec).n_trees or not 0 < step <= max_steps(spec):
+        raise ProtocolError(f"gbdt checkpoint: expected {trees_done} of {params_of(spec).n_trees} trees within "
+                            f"{max_steps(spec)} steps, got {len(trees)} trees at step {step}")
+    if (edges is None) != (sketch_of(spec) is None):
+        raise ProtocolError("gbdt checkpoint: quantile edges must be there exactly when the spec's bin_edges is 'quantile'")
+    return trees, step, edges
