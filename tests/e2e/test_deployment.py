@@ -392,8 +392,9 @@ def test_a_killed_node_is_a_dropout_within_the_stage_deadline(deployment):
     assert elapsed < 120, elapsed
 
 
-def test_vertical_secureboost_across_two_nodes(deployment):
-    """Issue 16 item 6: the vertical Heart spec (a clinic holding the label, a lab) between two more nodes on the same SuperLink.
+def test_vertical_secureboost_across_three_nodes(deployment):
+    """Issue 16 item 6: a vertical Heart spec between three more nodes on the same SuperLink: a clinic holding the label
+    and two passive parties (the lab's columns split between an ECG lab and a stress-test lab, which misses 40 ids).
 
     The coordinator relays sealed bytes only; each node enforces its own policy, logs its egress,
     keeps its own part of the model; the run ledger verifies offline. Runs last: the hospital
@@ -402,51 +403,57 @@ def test_vertical_secureboost_across_two_nodes(deployment):
     from fedcollab.data._source import embedded_path
     from fedcollab.node import init_node_home
     from fedcollab.spec import NodePolicy, Roster, RosterEntry, VerticalPolicy
+    from tests.conftest import three_party_vertical_spec
 
     d = deployment
+    text = (ROOT / "protocols" / "heart-disease-vertical.toml").read_text().replace("n_trees = 30", "n_trees = 2").replace("max_depth = 3", "max_depth = 2")
+    text = three_party_vertical_spec(text, d.base)  # writes ecg.csv and stress.csv next to the nodes' folders
+    files = {"clinic": embedded_path("heart_vertical_clinic.csv"), "ecg": d.base / "ecg.csv", "stress": d.base / "stress.csv"}
+    passive = ["ecg", "stress"]
     roster = Roster.model_validate_json((d.coord / "roster.json").read_text())
     parties = dict(roster.parties)
-    files = {"clinic": "heart_vertical_clinic.csv", "lab": "heart_vertical_lab.csv"}
     for name in files:
         policy = NodePolicy(partner=name, allow_non_private_training=True, allowed_model_kinds=["gbdt"], test_metrics="public", min_test_rows=10,
                             vertical=VerticalPolicy(allowed=True, min_intersection=100))
         parties[name] = RosterEntry(signing_key=init_node_home(d.base / "nodes" / name, partner=name, policy=policy).public_key())
-    text = Roster(parties=parties).model_dump_json(indent=2)
-    (d.coord / "roster.json").write_text(text)  # the coordinator reads its roster at every run
-    (d.base / "roster-vertical.json").write_text(text)
+    text_roster = Roster(parties=parties).model_dump_json(indent=2)
+    (d.coord / "roster.json").write_text(text_roster)  # the coordinator reads its roster at every run
+    (d.base / "roster-vertical.json").write_text(text_roster)
     keys = []
     for name in files:
         r = cli("node", "keygen", str(d.base / "nodes" / name), "--format", "json")
         assert r.returncode == 0, r.stderr
         keys.append(json.loads(r.stdout)["public_key_file"])
     assert cli("coordinator", "register-node", *keys, "--home", str(d.coord), "--format", "json").returncode == 0
-    procs = {name: spawn(["node", "start", str(d.base / "nodes" / name), "--data", str(embedded_path(f)), "--roster",
+    procs = {name: spawn(["node", "start", str(d.base / "nodes" / name), "--data", str(f), "--roster",
                           str(d.base / "roster-vertical.json"), "--superlink", d.address, "--ca", str(d.ca)], d.base / f"node-{name}.log")
              for name, f in files.items()}
     d.extra.extend(procs.values())
-    text = (ROOT / "protocols" / "heart-disease-vertical.toml").read_text().replace("n_trees = 30", "n_trees = 2").replace("max_depth = 3", "max_depth = 1")
     spec = d.base / "vertical.toml"
     spec.write_text(text)
     for name in files:
         assert cli("node", "approve", str(spec), "--home", str(d.base / "nodes" / name)).returncode == 0
-    d.wait_online(n=len(PARTNERS) - 1 + 2)
+    d.wait_online(n=len(PARTNERS) - 1 + len(files))
     code, row = d.submit(spec)
     assert code == 0 and row["sub_status"] == "completed", (row, (d.base / "coordinator.log").read_text()[-3000:])
     st = json.loads((d.run_dir(row["run_id"]) / "status.json").read_text())
     v = st["vertical"]
-    assert st["state"] == "completed" and v["label_holder"] == "clinic" and v["passive_parties"] == ["lab"], st
-    assert 100 <= v["intersection"] <= 644 and v["n_train"] + v["n_test"] == v["intersection"] and v["trees"] == 2
+    assert st["state"] == "completed" and v["label_holder"] == "clinic" and v["passive_parties"] == passive, st
+    assert 100 <= v["intersection"] <= 644 - 40 and v["n_train"] + v["n_test"] == v["intersection"] and v["trees"] == 2
     assert st["auc"] > 0.7
-    # Each part of the model is at its own node; the lab's thresholds appear nowhere at the coordinator.
-    lookup = d.base / "nodes" / "lab" / v["model_parts"]["lab"]["model_part"]
-    assert (d.base / "nodes" / "clinic" / v["model_parts"]["clinic"]["model_part"]).exists()
-    entries = json.loads(lookup.read_text())["entries"]
-    assert entries and all({"feature", "bin_index", "threshold"} <= set(e) for e in entries), entries
-    # The label holder's part holds the lab's splits as references only (no threshold).
-    trees = json.loads((d.base / "nodes" / "clinic" / v["model_parts"]["clinic"]["model_part"]).read_text())["trees"]
-    theirs = [n for t in trees for n in t if n["owner"] != 0 and n["left"] >= 0]
-    assert len(theirs) == len(entries) and all(n["threshold"] != n["threshold"] for n in theirs), theirs
-    # The coordinator's files hold neither part: no tree node, no lookup entry.
+    # Each part of the model is at its own node; the passive parties' thresholds appear nowhere at the coordinator.
+    clinic_part = d.base / "nodes" / "clinic" / v["model_parts"]["clinic"]["model_part"]
+    trees = json.loads(clinic_part.read_text())["trees"]
+    all_entries = 0
+    for i, name in enumerate(passive, start=1):
+        entries = json.loads((d.base / "nodes" / name / v["model_parts"][name]["model_part"]).read_text())["entries"]
+        assert all({"feature", "bin_index", "threshold"} <= set(e) for e in entries), entries
+        # The label holder's part holds each passive party's splits as references only (no threshold).
+        theirs = [n for t in trees for n in t if n["owner"] == i and n["left"] >= 0]
+        assert len(theirs) == len(entries) and all(n["threshold"] != n["threshold"] for n in theirs), (name, theirs)
+        all_entries += len(entries)
+    assert all_entries > 0  # at least one split on a passive party's feature
+    # The coordinator's files hold no part: no tree node, no lookup entry.
     coordinator_view = "".join(p.read_text(errors="replace") for p in d.run_dir(row["run_id"]).rglob("*") if p.is_file())
     assert "bin_index" not in coordinator_view and "default_left" not in coordinator_view
     # Every message that left each vertical node is in its egress log, none refused; the hospitals were left alone.
@@ -458,7 +465,7 @@ def test_vertical_secureboost_across_two_nodes(deployment):
     assert {"release", "countersign"} <= kinds
     from fedcollab.audit import verify_ledger
 
-    # The auditor checks it with this collaboration's public keys (the coordinator's, the clinic's, the lab's).
+    # The auditor checks it with this collaboration's public keys (the coordinator's and the three parties').
     mine = Roster(parties={k: e for k, e in parties.items() if k in ("coordinator", *files)})
     rep = verify_ledger(d.run_dir(row["run_id"]) / "ledger.jsonl", mine)
     assert int(rep.exit_code) == 0, rep.findings
