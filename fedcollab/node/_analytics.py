@@ -4,7 +4,10 @@ A node answers a query from its own rows only: it re-checks the query against it
 the schema and its policy (``statistics.allowed_queries``, ``allowed_features``), clamps every
 value to the public bounds, adds its share of the noise, records the release in its ledger (the
 budget gate refuses before anything leaves) and keeps the encoded vector until the secure
-aggregation's masked-input stage. Errors leave as closed codes only.
+aggregation's masked-input stage. Errors leave as closed codes only: the ClientApp uses the
+training app's shell mod, and its own order mod (``fedcollab.node._mods.analytics_order_mod``:
+checks, one query with its SecAgg+ stages or one profile, the close; anything else is refused
+with ``OUT_OF_ORDER``, recorded).
 """
 
 from __future__ import annotations
@@ -288,13 +291,13 @@ def make_analytics_client_app(spec: Spec, homes: dict[str, str], roster: dict[st
     from flwr.app import ConfigRecord, Context, Message, RecordDict
     from flwr.clientapp import ClientApp
 
+    from fedcollab.node._mods import analytics_order_mod, current, shell_mod
     from fedcollab.node._secagg import handle_stage
     from fedcollab.protocols import secagg
     from fedcollab.protocols.wire import RecordKey
     from fedcollab.protocols.ddg import ddg_generator
 
     coordinator_key = roster["coordinator"]
-    app = ClientApp()
 
     def partner_of(context: Context) -> str:
         if "partition-id" in context.node_config:
@@ -327,7 +330,7 @@ def make_analytics_client_app(spec: Spec, homes: dict[str, str], roster: dict[st
                                RecordKey.RELEASES: ConfigRecord({"lines": json.dumps([line])})})
         if kind == "secagg":
             st = context.state.config_records.get("analytics")
-            if st is None:
+            if st is None:  # (the order mod refuses a stage before the query first)
                 raise ProtocolError("secagg before the query")
             stage, rnd = str(cfg["secagg.stage"]), int(cfg["secagg.round"])
             length = int(st["length"])
@@ -360,35 +363,29 @@ def make_analytics_client_app(spec: Spec, homes: dict[str, str], roster: dict[st
             return RecordDict({RecordKey.RELEASES: ConfigRecord({"lines": json.dumps([node.countersign(str(cfg["close"]).encode(), coordinator_key)])})})
         raise ProtocolError("unknown analytics request")
 
+    def open_node(msg: Message, context: Context) -> NodeAnalytics:
+        """The node for this message: its own spec, policy and ledger, for the run the message names."""
+        partner = partner_of(context)
+        cfg = msg.content.config_records.get(RecordKey.CONFIG, ConfigRecord())
+        run_id = str(cfg.get("fedcollab.run_id", ""))
+        if not run_id or partner not in homes:
+            raise ProtocolError("bad request")
+        return NodeAnalytics(spec, partner, home=NodeHome(Path(homes[partner])), run_id=run_id)
+
+    def partner_or_none(context: Context) -> str | None:
+        try:
+            return partner_of(context)
+        except ProtocolError:
+            return None
+
+    # The same shell as the training ClientApp (a failure leaves as its code and the node's new ledger
+    # entries, no text), then the analytics run's own order.
+    app = ClientApp(mods=[shell_mod(open_node, node_code_for, partner_or_none), analytics_order_mod])  # type: ignore[arg-type]
+
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        node: NodeAnalytics | None = None
-        partner = None
-        start = 0
-        try:
-            partner = partner_of(context)
-            cfg = msg.content.config_records.get(RecordKey.CONFIG, ConfigRecord())
-            run_id = str(cfg.get("fedcollab.run_id", ""))
-            if not run_id or partner not in homes:
-                raise ProtocolError("bad request")
-            node = NodeAnalytics(spec, partner, home=NodeHome(Path(homes[partner])), run_id=run_id)
-            start = node.gate.ledger.head()[0]
-            return Message(content=work(node, cfg, msg, context), reply_to=msg)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a code
-            code = node_code_for(exc)
-            # Text stays in this node's log; only the code and the node's new ledger entries leave.
-            log.error("node %s refused an analytics request: %s (%s)", partner or "?", code.name, exc,
-                      exc_info=not isinstance(exc, FedcollabError))
-            err: dict[str, Any] = {"code": int(code)}
-            if partner is not None:
-                err["partner"] = partner  # public: the coordinator addresses partners by name
-            content = RecordDict({RecordKey.ERROR: ConfigRecord(err)})
-            if node is not None:
-                new = [ln.raw.decode() for ln in node.gate.ledger.lines()
-                       if ln.entry.get("party") == partner and int(ln.entry.get("seq", -1)) >= start]
-                if new:
-                    content[RecordKey.RELEASES] = ConfigRecord({"lines": json.dumps(new)})
-            return Message(content=content, reply_to=msg)
+        cfg = msg.content.config_records.get(RecordKey.CONFIG, ConfigRecord())
+        return Message(content=work(current(), cfg, msg, context), reply_to=msg)  # type: ignore[arg-type]
 
     return app
 

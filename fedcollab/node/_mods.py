@@ -16,6 +16,10 @@ every registered handler (query, train, evaluate) in the same chain, outermost f
 
 The node the shell opened travels to the inner mods and the handler in a context variable
 (:func:`current`), set for exactly one message.
+
+The analytics ClientApp (``fedcollab.node._analytics``) uses the same shell, with
+:func:`analytics_order_mod` for its own order (checks, one query with its SecAgg+ stages or one
+profile, the close); :func:`analytics_order_problem` is its pure rule.
 """
 
 from __future__ import annotations
@@ -305,4 +309,71 @@ def order_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
     return reply
 
 
-__all__ = ["Coded", "OrderState", "Request", "current", "order_mod", "order_problem", "order_state", "policy_mod", "read_request", "shell_mod"]
+# --- analytics runs (query or profile): their own order ---------------------------------------------
+
+#: Where an analytics run's order record lives in ``context.state``.
+ANALYTICS_ORDER = "fedcollab.analytics.order"
+#: The analytics kinds that release something about the node's rows (one of them per run).
+ANALYTICS_RELEASES = ("analytics.query", "analytics.profile")
+
+
+@dataclass(frozen=True)
+class AnalyticsOrder:
+    """Where an analytics run stands at this node: its run id, what it released, whether it closed."""
+
+    run_id: str = ""
+    released: str = ""  # the release kind answered ("analytics.query" / "analytics.profile"), or ""
+    closed: bool = False
+
+
+def analytics_order_problem(kind: str, run_id: str, round_: int | None, at: AnalyticsOrder) -> tuple[NodeErrorCode, str] | None:
+    """Why an analytics message is out of order (``(OUT_OF_ORDER, reason)``), or None; the pure rule.
+
+    An analytics run is one release: checks, then **one** query (with its SecAgg+ stages, all in
+    round 1) or one profile, then the close. Nothing is answered after the close or under another
+    run id than the run's first message's; a secure-aggregation stage needs the query answered; a
+    second query or profile in the same run is refused (it would be a second release the
+    coordinator's plan did not announce).
+    """
+    out = NodeErrorCode.OUT_OF_ORDER
+    if at.closed:
+        return out, "a message after the run's close"
+    if at.run_id and run_id != at.run_id:
+        return out, "a message of another run"
+    if kind in ANALYTICS_RELEASES and at.released:
+        return out, "a second release in one analytics run"
+    if kind == "secagg":
+        if at.released != "analytics.query":
+            return out, "a secure-aggregation stage before the query"
+        if round_ != 1:
+            return out, "a secure-aggregation stage of another round than the query's"
+    return None
+
+
+def analytics_order_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
+    """Refuse (and record) an analytics message out of the run's order; advance the order after an answered one."""
+    from flwr.app import ConfigRecord
+
+    node = current()
+    cfg = msg.content.config_records.get(RecordKey.CONFIG)
+    kind = str(cfg.get("fedcollab.kind", "")) if cfg is not None else ""
+    run_id = str(cfg.get("fedcollab.run_id", "")) if cfg is not None else ""
+    raw_round = cfg.get("secagg.round") if cfg is not None else None
+    round_ = int(raw_round) if isinstance(raw_round, int) and not isinstance(raw_round, bool) else None
+    rec = ctxt.state.config_records.get(ANALYTICS_ORDER)
+    at = AnalyticsOrder(run_id=str(rec.get("run_id", "")), released=str(rec.get("released", "")), closed=bool(rec.get("closed", False))) \
+        if rec is not None else AnalyticsOrder()
+    problem = analytics_order_problem(kind, run_id, round_, at)
+    if problem is not None:
+        _refuse(node, problem[0], problem[1], 0)
+    reply = call_next(msg, ctxt)
+    if RecordKey.ERROR in reply.content.config_records:
+        return reply
+    ctxt.state[ANALYTICS_ORDER] = ConfigRecord({"run_id": at.run_id or run_id,
+                                                "released": kind if kind in ANALYTICS_RELEASES else at.released,
+                                                "closed": at.closed or kind == "analytics.close"})
+    return reply
+
+
+__all__ = ["AnalyticsOrder", "Coded", "OrderState", "Request", "analytics_order_mod", "analytics_order_problem", "current", "order_mod",
+           "order_problem", "order_state", "policy_mod", "read_request", "shell_mod"]

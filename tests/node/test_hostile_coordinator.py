@@ -430,3 +430,67 @@ class TestGbdt:
         node = Node(spec, tmp_path, policy=low)
         node.refused(node.send("query", {"fedcollab.kind": "setup", "scaling": "none"}), NodeErrorCode.BUDGET_EXHAUSTED, 0)
         assert self._releases(node) == 0
+
+
+class TestAnalyticsOrder:
+    """The analytics ClientApp behind the same shell, with its own order mod: one release per run, stages after the query."""
+
+    @staticmethod
+    def _rule(kind, msg_run="r", round_=None, **at):
+        from fedcollab.node._mods import AnalyticsOrder, analytics_order_problem
+
+        got = analytics_order_problem(kind, msg_run, round_, AnalyticsOrder(**at))
+        return None if got is None else (got[0], got[1])
+
+    def test_the_pure_rule(self):
+        out = NodeErrorCode.OUT_OF_ORDER
+        assert self._rule("analytics.check") is None and self._rule("analytics.query") is None and self._rule("analytics.profile") is None
+        assert self._rule("secagg", round_=1)[0] == out  # before the query
+        assert self._rule("secagg", round_=1, run_id="r", released="analytics.query") is None
+        assert self._rule("secagg", round_=2, run_id="r", released="analytics.query")[0] == out
+        assert self._rule("secagg", round_=1, run_id="r", released="analytics.profile")[0] == out
+        assert self._rule("analytics.profile", run_id="r", released="analytics.query")[0] == out  # a second release
+        assert self._rule("analytics.query", run_id="r", released="analytics.query")[0] == out
+        assert self._rule("analytics.check", "other", None, run_id="r")[0] == out  # another run's message
+        assert self._rule("analytics.close", "r", None, run_id="r", closed=True)[0] == out  # after the close
+
+    def test_the_app_refuses_out_of_order_recorded_with_nothing_released(self, tmp_path, heart_dp_spec):
+        from fedcollab.node._analytics import make_analytics_client_app
+
+        init_node_home(tmp_path / PARTNER, partner=PARTNER, policy=simulated_policy(heart_dp_spec, PARTNER))  # a record-level budget: the query is charged
+        home = NodeHome(tmp_path / PARTNER)
+        roster = {PARTNER: home.public_key(), "coordinator": public_key_hex(init_node_home(tmp_path / "coord", partner="coord").key())}
+        app = make_analytics_client_app(heart_dp_spec, {PARTNER: str(home.root)}, roster)
+        ctx = Context(run_id=1, node_id=7, node_config={"partner": PARTNER}, state=RecordDict(), run_config={})
+        query = json.dumps({"name": "q", "epsilon": 1.0, "delta": 1e-6, "statistics": [{"kind": "count"}]})
+
+        def send(cfg: dict, extra: dict | None = None, run: str = RUN) -> Message:
+            content = RecordDict({RecordKey.CONFIG: ConfigRecord({"fedcollab.run_id": run, **cfg}),
+                                  **{k: ConfigRecord(v) for k, v in (extra or {}).items()}})
+            meta = Metadata(run_id=1, message_id=uuid.uuid4().hex, src_node_id=0, dst_node_id=7, reply_to_message_id="", group_id="",
+                            created_at=time.time(), ttl=600.0, message_type="query")
+            return app(Message(content=content, metadata=meta), ctx)
+
+        def entries() -> list[dict]:
+            return [json.loads(x) for x in home.ledger_path.read_text().splitlines() if x.strip()]
+
+        def refused(reply: Message) -> None:
+            before = refused.n
+            err = reply.content.config_records.get(RecordKey.ERROR)
+            assert err is not None and int(err["code"]) == int(NodeErrorCode.OUT_OF_ORDER), list(reply.content.keys())
+            assert set(reply.content.keys()) <= {RecordKey.ERROR, RecordKey.RELEASES}
+            new = entries()[before:]
+            assert [e["kind"] for e in new] == ["refusal"]
+            refused.n = len(entries())
+
+        refused.n = 0
+        releases = lambda: sum(e["kind"] == "release" for e in entries())  # noqa: E731
+        refused(send({"fedcollab.kind": "secagg", "secagg.stage": "advertise", "secagg.round": 1}))  # before the query
+        ok = send({"fedcollab.kind": "analytics.query", "query": query})
+        assert RecordKey.ERROR not in ok.content.config_records and releases() == 1
+        refused.n = len(entries())
+        refused(send({"fedcollab.kind": "analytics.query", "query": query}))  # a second release in one run
+        refused(send({"fedcollab.kind": "analytics.profile", "epsilon": 1.0, "delta": 1e-6}))
+        refused(send({"fedcollab.kind": "secagg", "secagg.stage": "advertise", "secagg.round": 2}))  # another round
+        refused(send({"fedcollab.kind": "analytics.check", "query": query}, run="another-run"))
+        assert releases() == 1  # nothing more released
