@@ -39,7 +39,7 @@ NODE_ERROR_HELP: dict[NodeErrorCode, str] = {
     NodeErrorCode.DATA_SCHEMA_MISMATCH: "The node's data does not match the shared schema.",
     NodeErrorCode.BAD_REQUEST: "The coordinator's message was malformed or out of order.",
     NodeErrorCode.BAD_MODEL_UPDATE: "The global model received or the update produced was NaN or wrongly shaped.",
-    NodeErrorCode.OUT_OF_ORDER: "The message does not follow the run's order at this node (train, evaluate or close before setup, a second setup, a secure-aggregation stage before the round's earlier stages, a round already answered or beyond the spec); refused and recorded, nothing released.",
+    NodeErrorCode.OUT_OF_ORDER: "The message does not follow the run's order at this node (train, evaluate or close before setup, a second setup, a secure-aggregation stage before the round's earlier stages, a round already answered or beyond the spec; in an analytics run, a second query or profile, or a secure-aggregation stage before the query); refused and recorded, nothing released.",
     NodeErrorCode.PRIVACY_INVALID: "The privacy parameters could not be satisfied (for example no sigma reaches the target).",
     NodeErrorCode.BUDGET_EXHAUSTED: "The release would exceed the node's budget; nothing was released.",
     NodeErrorCode.POLICY_REFUSED: "The node's policy forbids this request.",

@@ -261,51 +261,60 @@ def _new_lines(node: VerticalNode, start: int) -> list[str]:
 
 
 def make_vertical_client_app(spec: Any, homes: dict[str, str], roster: dict[str, str]) -> Any:
-    """The ClientApp of a node in a vertical ``spec`` (deployment): every message checked, answered or refused by code."""
+    """The ClientApp of a node in a vertical ``spec`` (deployment): every message checked, answered or refused by code.
+
+    Behind the training app's shell mod (``fedcollab.node._mods.shell_mod``): a failure leaves as
+    its code and the node's new ledger entries, never text. The order of the vertical stages is the
+    node's own (``VerticalNode.answer`` refuses a stage out of order, recorded).
+    """
     from flwr.app import ConfigRecord, Context, Message, RecordDict
     from flwr.clientapp import ClientApp
 
     from fedcollab.node._client import _partner_name
-    from fedcollab.node._mods import coded_reply
+    from fedcollab.node._mods import current, shell_mod
 
     nodes: dict[str, VerticalNode] = {}
-    app = ClientApp()
+
+    def partner_of(context: Context) -> str | None:
+        try:
+            return _partner_name(spec, context.node_config)
+        except Exception:  # noqa: BLE001 - unknown: the shell reports the refusal without a partner name
+            return None
+
+    def open_node(msg: Message, context: Context) -> VerticalNode:
+        partner = _partner_name(spec, context.node_config)
+        if partner not in homes:
+            raise NodeCoded(NodeErrorCode.UNKNOWN_PARTNER)
+        if partner not in nodes:
+            nodes[partner] = VerticalNode(spec, partner, Path(homes[partner]), roster)
+        node = nodes[partner]
+        node.gate = node.home.gate(partner, node.dataset)  # the policy and ledger as they are now
+        return node
+
+    app = ClientApp(mods=[shell_mod(open_node, node_code_for, partner_of)])  # type: ignore[arg-type]
 
     def refuse_other(msg: Message, context: Context) -> Message:
-        return coded_reply(msg, NodeErrorCode.BAD_REQUEST, [])
+        raise NodeCoded(NodeErrorCode.BAD_REQUEST)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        partner: str | None = None
-        node: VerticalNode | None = None
-        start = 0
-        try:
-            partner = _partner_name(spec, context.node_config)
-            if partner not in homes:
-                raise NodeCoded(NodeErrorCode.UNKNOWN_PARTNER)
-            if partner not in nodes:
-                nodes[partner] = VerticalNode(spec, partner, Path(homes[partner]), roster)
-            node = nodes[partner]
-            node.gate = node.home.gate(partner, node.dataset)  # the policy and ledger as they are now
-            start = node.gate.ledger.head()[0]
-            cfg = msg.content.config_records.get(RecordKey.CONFIG, ConfigRecord())
-            kind, run_id = str(cfg.get("fedcollab.kind", "")), str(cfg.get("fedcollab.run_id", ""))
-            if kind == MessageKind.CLOSE:
-                node.check(run_id)
-                line = node.countersign(run_id, str(cfg["close"]).encode(), roster["coordinator"])
-                return Message(content=RecordDict({RecordKey.RELEASES: ConfigRecord({"lines": json.dumps([line])})}), reply_to=msg)
-            stage = str(cfg.get("vertical.stage", ""))
-            if kind != KIND or stage not in STAGES:
-                node.refuse(run_id, NodeErrorCode.BAD_REQUEST, f"not a vertical message (kind {kind!r}, stage {stage!r})")
-            out, _ = node.answer(stage, run_id, cfg, msg.content.config_records)
-            content = RecordDict({k: ConfigRecord(v) for k, v in out.items()})
-            content[RecordKey.RELEASES] = ConfigRecord({"lines": json.dumps(_new_lines(node, start))})
-            return Message(content=content, reply_to=msg)
-        except Exception as exc:  # noqa: BLE001 - every failure leaves as a code and the node's new ledger entries
-            code = node_code_for(exc)
-            log.error("partner %s refused a vertical message: %s", partner or "?", code.name, exc_info=not isinstance(exc, NodeCoded))
-            return coded_reply(msg, code, _new_lines(node, start) if node is not None else [], partner=partner)
+        node: VerticalNode = current()  # type: ignore[assignment]
+        start = node.gate.ledger.head()[0]
+        cfg = msg.content.config_records.get(RecordKey.CONFIG, ConfigRecord())
+        kind, run_id = str(cfg.get("fedcollab.kind", "")), str(cfg.get("fedcollab.run_id", ""))
+        if kind == MessageKind.CLOSE:
+            node.check(run_id)
+            line = node.countersign(run_id, str(cfg["close"]).encode(), roster["coordinator"])
+            return Message(content=RecordDict({RecordKey.RELEASES: ConfigRecord({"lines": json.dumps([line])})}), reply_to=msg)
+        stage = str(cfg.get("vertical.stage", ""))
+        if kind != KIND or stage not in STAGES:
+            node.refuse(run_id, NodeErrorCode.BAD_REQUEST, f"not a vertical message (kind {kind!r}, stage {stage!r})")
+        out, _ = node.answer(stage, run_id, cfg, msg.content.config_records)
+        content = RecordDict({k: ConfigRecord(v) for k, v in out.items()})
+        content[RecordKey.RELEASES] = ConfigRecord({"lines": json.dumps(_new_lines(node, start))})
+        return Message(content=content, reply_to=msg)
 
+    # train and evaluate are not vertical messages: refused with a code (through the same shell).
     app.train()(refuse_other)
     app.evaluate()(refuse_other)
     return app
