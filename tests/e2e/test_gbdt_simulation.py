@@ -18,15 +18,54 @@ N_TREES = 3
 DEPTH = 2
 
 
+#: Lowers its budget after the first tree (the whole plan passed its check at setup) to halfway to the second tree's
+#: cost: its gate refuses a step in the middle of the second tree, a real dropout under secagg (its masked sums are
+#: missing; SecAgg+ recovers the others' total from the shares).
+DROPPED = "switzerland"
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     import fedcollab
-    from fedcollab.spec import load_spec
+    from fedcollab.node import init_node_home
+    from fedcollab.privacy.accounting import spent
+    from fedcollab.protocols import gbdt
+    from fedcollab.runner._run import simulated_policy
+    from fedcollab.spec import load_spec, policy_toml
     from tests.conftest import ROOT
 
     spec = load_spec(ROOT / "protocols" / "heart-disease-gbdt-dp.toml")
-    spec = spec.replace(aggregation="secagg", model={"gbdt": {"n_trees": N_TREES, "max_depth": DEPTH, "dp_split": "histogram"}})
-    return spec, fedcollab.run(spec, out=tmp_path_factory.mktemp("gbdt"))
+    spec = spec.replace(aggregation="secagg", model={"gbdt": {"n_trees": N_TREES, "max_depth": DEPTH, "dp_split": "histogram"}},
+                        training={"min_partners": 3})
+    nodes = tmp_path_factory.mktemp("gbdt-nodes")
+    for p in spec.partners:
+        init_node_home(nodes / p.name, partner=p.name, policy=simulated_policy(spec, p.name))
+    plan = gbdt.planned_releases(spec, DROPPED)
+    per_tree = len(plan) // N_TREES
+    eps = [spent(plan[:k * per_tree], delta=spec.privacy.delta, accountant=spec.privacy.accountant) for k in (1, 2)]
+
+    def lower_the_budget(record) -> None:
+        if record.round == 1:
+            policy = simulated_policy(spec, DROPPED)
+            budget = policy.budgets[0].model_copy(update={"epsilon": (eps[0] + eps[1]) / 2})
+            (nodes / DROPPED / "policy.toml").write_text(policy_toml(policy.model_copy(update={"budgets": [budget]})))
+
+    return spec, fedcollab.run(spec, out=tmp_path_factory.mktemp("gbdt"), nodes=nodes, on_round=lower_the_budget)
+
+
+def test_a_node_refusing_mid_run_drops_out_and_the_trees_go_on(run):
+    """Dropout survival under secagg: the refusing node drops out in the middle of tree 2; the rest of tree 2 and tree 3
+    are built by the other three (its missing masked sums recovered by SecAgg+), its refusal is in the run ledger, and it
+    still evaluates the finished model."""
+    import json
+
+    spec, res = run
+    assert res.summary.status == "completed" and res.summary.rounds == N_TREES
+    assert [sorted(r.partners_trained) for r in res.rounds] == [sorted(p.name for p in spec.partners)] + [sorted(p.name for p in spec.partners if p.name != DROPPED)] * 2
+    assert res.summary.failures.get(DROPPED) == [131]  # BUDGET_EXHAUSTED, once: the rest of the run does not ask it again
+    lines = [json.loads(x) for x in (res.out_dir / "ledger.jsonl").read_text().splitlines()]
+    assert [e["body"]["code"] for e in lines if e.get("kind") == "refusal" and e["party"] == DROPPED] == [131]
+    assert res.pooled is not None and res.pooled.n > 200  # every node's test rows, the dropped one's included
 
 
 def test_every_release_is_charged_and_within_the_target(run):
@@ -42,7 +81,10 @@ def test_every_release_is_charged_and_within_the_target(run):
         assert 1 <= len(mine) <= N_TREES * steps_per_tree  # a tree that stops splitting early asks for fewer levels
         assert {r["unit"] for r in mine} == {"record"} and {r["observer"] for r in mine} == {"coordinator"}
         assert all(r["mechanism"]["mechanism"] == "gaussian" and r["details"]["aggregation"] == "secagg" for r in mine)
-        assert {r["round"] for r in mine} == set(range(N_TREES))
+        if p.name == DROPPED:  # tree 1 whole, then part of tree 2 (the levels its lowered budget still held)
+            assert {r["round"] for r in mine} == {0, 1} and 0 < sum(r["round"] == 1 for r in mine) < steps_per_tree
+        else:
+            assert {r["round"] for r in mine} == set(range(N_TREES))
     (g,) = res.summary.privacy.guarantees
     assert (g.unit, g.observer) == ("record", "coordinator") and "gbdt_histogram" in g.releases_included
     assert set(g.partners) == {p.name for p in spec.partners}
