@@ -18,9 +18,13 @@ the edges. A resumed run (``--resume``) continues from there under the same run 
 step carries the trees back (``gbdt.resume``), each node rebuilds its margins from the trees it
 recognises, and the steps after the checkpoint are answered again as new, charged releases.
 
-A node that fails or does not answer a step drops out of the rest of the run (its tree state no
-longer matches the trees); the run goes on while ``training.min_partners`` are left. After the
-last tree every node evaluates the finished model on its test split, as for the other models.
+A node that fails or does not answer a step drops out (its tree state no longer matches the
+trees); the run goes on while ``training.min_partners`` are left. Under plain aggregation a node
+that went *silent* (no reply, no error code) is asked again at every next tree's first step, with
+every finished tree (``gbdt.catchup``) so that it rebuilds its margins; if it answers, it is back
+for the rest of the run (a node that refused with a code is not asked again; under secagg a
+dropped node stays out: the next SecAgg+ round opens before the tree starts). After the last tree
+every node evaluates the finished model on its test split, as for the other models.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ def gbdt_rounds(spec: Spec, *, node_names: dict[int, str], exchange: Callable[..
     n_parties = len(node_names)
     active = sorted(node_names.values())
     trees: list[gbdt.Tree] = []
+    readmit: set[str] = set()  # plain: nodes that went silent at a tree step, asked again at each next tree's first step
     step = 0
     routed: dict[str, Any] = {}
     state: Any = None
@@ -204,7 +209,15 @@ def gbdt_rounds(spec: Spec, *, node_names: dict[int, str], exchange: Callable[..
             else:
                 shape = (len(req.open), layout.n_slots, 2)
             if not secure:
-                got = exchange(step, message_type.TRAIN, {p: (None, cfg, extra) for p in active})
+                per = {p: (None, cfg, extra) for p in active}
+                if first and trees and not resuming:
+                    # Re-admission: a node that went silent gets every finished tree (gbdt.catchup) instead of the last.
+                    catchup = gbdt.ensemble_to_wire(gbdt.Ensemble(trees=tuple(trees), base_score=params.base_score,
+                                                                  feature_names=layout.feature_names))
+                    rest = {k: v for k, v in extra.items() if k != "gbdt.apply"}
+                    per |= {p: (None, cfg, {**rest, "gbdt.catchup": catchup}) for p in sorted(readmit)}
+                codes_before = {p: len(failures.get(p, [])) for p in per}
+                got = exchange(step, message_type.TRAIN, per)
                 replies = {}
                 for p, m in got.items():
                     try:
@@ -215,6 +228,12 @@ def gbdt_rounds(spec: Spec, *, node_names: dict[int, str], exchange: Callable[..
                         log.warning("partner %s sent a malformed gbdt reply at step %d; it is left out", p, step)
                         continue
                     replies[p] = rep.values
+                # Silent (no reply, no code) nodes may come back; a node that answered with a code does not.
+                silent = {p for p in per if p not in got and len(failures.get(p, [])) == codes_before[p]}
+                back = readmit & set(replies)
+                readmit = (readmit | (silent & set(active))) - set(replies) - {p for p in per if p not in silent and p not in replies}
+                if back:
+                    log.info("gbdt step %d: %s re-admitted after catching up on %d trees", step, sorted(back), len(trees))
                 failed |= dropped(step, set(replies), "answered")
                 total = gbdt.sum_histograms([replies[p] for p in sorted(replies)])
             else:

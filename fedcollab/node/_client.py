@@ -707,13 +707,15 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str], *
             raise ProtocolError("a gbdt step without its level request")
         records = msg.content.config_records
         apply, edges, resume = records.get("gbdt.apply"), records.get("gbdt.edges"), records.get("gbdt.resume")
+        catchup = records.get("gbdt.catchup")
         secure = spec.aggregation == "secagg"
         resume_after = 0 if st.get("gbdt.resumed", False) else int(st.get("gbdt.resume_after", 0))
         wire, lines, vector = step(node, dict(records["gbdt"]), dict(apply) if apply is not None else None,
                                    max_rows=float(cfg["secagg.max_weight"]) if secure else None,
                                    n_parties=int(cfg["secagg.n_parties"]) if secure else None,
                                    edges_wire=dict(edges) if edges is not None else None,
-                                   resume_wire=dict(resume) if resume is not None else None, resume_after=resume_after)
+                                   resume_wire=dict(resume) if resume is not None else None, resume_after=resume_after,
+                                   catchup_wire=dict(catchup) if catchup is not None else None)
         st["gbdt.resumed"] = True  # from the first answered step on, no resume record is accepted
         content = RecordDict({"gbdt": ConfigRecord(wire), RecordKey.RELEASES: lines_record(lines)})
         if vector is None:

@@ -86,7 +86,7 @@ def drop_state(home: Path, run_id: str) -> None:
 
 def step(node: Any, request_wire: dict[str, Any], apply_wire: dict[str, Any] | None, *, max_rows: float | None = None,
          n_parties: int | None = None, edges_wire: dict[str, Any] | None = None, resume_wire: dict[str, Any] | None = None,
-         resume_after: int = 0) -> tuple[dict[str, Any], list[str], np.ndarray | None]:
+         resume_after: int = 0, catchup_wire: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[str], np.ndarray | None]:
     """Answer one level request: ``(reply record, ledger lines, secagg vector or None)``.
 
     ``apply_wire``: the previous finished tree (required with the first step of every tree but
@@ -96,8 +96,11 @@ def step(node: Any, request_wire: dict[str, Any], apply_wire: dict[str, Any] | N
     node's own setup said so), so this first step must carry the k checkpointed trees
     (``resume_wire``, an ensemble record) instead of a finished tree; the node rebuilds its
     margins from them if it recognises them (:func:`fedcollab.protocols.gbdt.node_resume`). A
-    resume record at any other step is refused. The release is recorded (policy and budget
-    checked) before the state advances or anything leaves.
+    resume record at any other step is refused. ``catchup_wire``: every finished tree, sent to a
+    node the coordinator re-admits at a tree's first step after it went silent (plain aggregation);
+    accepted only at level 0 of the tree after them, and never with fewer trees than the node
+    applied. The release is recorded (policy and budget checked) before the state advances or
+    anything leaves.
     """
     spec, d, home = node.spec, node.data, Path(node.home.root)
     params, plan, sk = gbdt.params_of(spec), gbdt.plan_of(spec), gbdt.sketch_of(spec)
@@ -132,6 +135,12 @@ def step(node: Any, request_wire: dict[str, Any], apply_wire: dict[str, Any] | N
             state = gbdt.node_resume(state, trees, layout=layout, base_score=params.base_score)
         elif resume_wire is not None:
             raise ProtocolError("gbdt: checkpointed trees arrive only with a resumed run's first tree step")
+        if catchup_wire is not None:
+            request0 = gbdt.LevelRequest.from_wire(request_wire)
+            trees = gbdt.ensemble_from_wire(catchup_wire, spec).trees
+            if resume_after or apply_wire is not None or edges_wire is not None or request0.level != 0 or len(trees) != request0.tree:
+                raise ProtocolError("gbdt: the finished trees of a catch-up come alone, with the first step of the tree after them")
+            state = gbdt.node_resume(state, trees, layout=layout, base_score=params.base_score, catch_up=True)
         if sk is not None and state.edge_index is None:
             # The first tree step of a quantile run must carry the edges (checked on the public grid).
             if edges_wire is None:

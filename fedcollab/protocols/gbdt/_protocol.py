@@ -341,7 +341,7 @@ def tree_digest(tree: Tree) -> str:
     return hashlib.sha256(json.dumps(body).encode()).hexdigest()
 
 
-def node_resume(state: NodeState, trees: Sequence[Tree], *, layout: BinLayout, base_score: float) -> NodeState:
+def node_resume(state: NodeState, trees: Sequence[Tree], *, layout: BinLayout, base_score: float, catch_up: bool = False) -> NodeState:
     """A resumed run's first step: rebuild the margins from the coordinator's checkpointed trees.
 
     The node accepts the trees only as far as it knows them: every tree it applied before must come
@@ -350,6 +350,12 @@ def node_resume(state: NodeState, trees: Sequence[Tree], *, layout: BinLayout, b
     recomputed from ``logit(base_score)`` in tree order, exactly as the applications made them;
     steps of later trees are forgotten, so the resumed run answers them again (each answer a new,
     charged release).
+
+    ``catch_up=True`` (a node re-admitted after it dropped out of the same run): the trees after the
+    ones it applied are accepted although it did not help build them (they are the model every
+    node receives for evaluation anyway, and the coordinator chooses every tree a node applies in
+    any case), but never fewer trees than it applied: a catch-up moves a node forward only, so it
+    is never asked for a tree's sums twice.
 
     Raises
     ------
@@ -360,7 +366,9 @@ def node_resume(state: NodeState, trees: Sequence[Tree], *, layout: BinLayout, b
     if len(state.tree_digests) != state.trees_done:
         raise ProtocolError("gbdt resume: this node's record of the trees it applied is incomplete.")
     known = state.trees_done + (1 if state.leaves_released else 0)
-    if len(trees) > known:
+    if catch_up and len(trees) < state.trees_done:
+        raise ProtocolError(f"gbdt catch-up: {len(trees)} trees, but this node applied {state.trees_done} already.")
+    if not catch_up and len(trees) > known:
         raise ProtocolError(f"gbdt resume: {len(trees)} trees, but this node released the leaves of {known}.")
     for i, tree in enumerate(trees[:len(state.tree_digests)]):
         if tree_digest(tree) != state.tree_digests[i]:
