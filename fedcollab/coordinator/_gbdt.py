@@ -58,7 +58,7 @@ def gbdt_rounds(spec: Spec, *, node_names: dict[int, str], exchange: Callable[..
     ``exchange(rnd, message_type, {partner: (arrays, cfg, extra records)}) -> {partner: reply}``;
     ``send_stage(rnd)`` -> ``send(stage, {partner: request})`` for a stand-alone secagg stage;
     ``record(tree, t0, trained, failed, parts)`` writes one round record per tree;
-    ``checkpoint(trees, arrays)`` keeps the finished trees after each tree (``gbdt.checkpoint_arrays``).
+    ``checkpoint(trees_done, arrays)`` keeps the finished trees after each tree but the last (``gbdt.checkpoint_arrays``).
     ``resume = (k, arrays)``: continue after the k-th tree from such a checkpoint; the first step
     brings the k trees back to every node (``gbdt.resume``), which rebuilds its margins from them.
     """
