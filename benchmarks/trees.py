@@ -227,9 +227,12 @@ def main() -> int:
     for k, v in out.items():
         t = TARGETS.get(k)
         print(f"{k:34s} {v!s:>9s} {'' if t is None else t:>8}")
-    ok = (out["heart_auc_gbdt_nodp"] >= 0.86 and out["heart_auc_gbdt_dp_eps1"] >= 0.80 and out.get("gbdt_seconds_4x100k", 0) <= 120
-          and abs(out["gbdt_secagg_minus_plain_dp_auc"]) <= 0.01)
-    out["verdict"] = "pass" if ok else "fail"
+    # One verdict per acceptance figure measured in this run (issue 15): the AUC bars, the paired secagg-minus-plain
+    # DP difference, and the times; the round-time ratio is transport-bound (protocols/gbdt.md) and reported as it is.
+    checks = {"heart_auc_gbdt_nodp": lambda v: v >= 0.86, "heart_auc_gbdt_dp_eps1": lambda v: v >= 0.80,
+              "gbdt_secagg_minus_plain_dp_auc": lambda v: abs(v) <= 0.01, "gbdt_seconds_4x100k": lambda v: v <= 120,
+              "gbdt_seconds_4x100k_sim": lambda v: v <= 120, "gbdt_secagg_vs_plain_round": lambda v: v <= 1.5}
+    out["verdict"] = {k: "pass" if f(out[k]) else "fail" for k, f in checks.items() if k in out}
     print(json.dumps(out))
     return 0
 
