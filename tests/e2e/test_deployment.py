@@ -368,6 +368,43 @@ def test_coordinator_restart_resumes_from_checkpoint(deployment):
     assert run_ledger.startswith((old / "ledger.jsonl").read_text())
 
 
+def test_coordinator_restart_resumes_a_gbdt_run_after_its_last_tree(deployment):
+    """Issue 15/13: kill the coordinator during a tree run, restart it: `submit --resume` continues after the last
+    checkpointed tree; every node rebuilds its margins from the trees it applied; the model has every tree."""
+    import hashlib
+
+    d = deployment
+    text = (ROOT / "protocols" / "heart-disease-gbdt.toml").read_text().replace("n_trees = 50", "n_trees = 4").replace("max_depth = 3", "max_depth = 2")
+    spec = d.base / "gbdt-resume.toml"
+    spec.write_text(text)
+    for partner in PARTNERS:
+        assert cli("node", "approve", str(spec), "--home", str(d.base / "nodes" / partner)).returncode == 0
+    proc = spawn(["submit", str(spec), "--home", str(d.coord), "--format", "json", "--timeout", "300"], d.base / "submit-gbdt-interrupted.log")
+    d.extra.append(proc)
+    ckpt = d.wait_for(spec, "checkpoints/checkpoint.npz")
+    old = ckpt.parents[1]
+    assert d.coordinator is not None
+    stop(d.coordinator, sig=signal.SIGKILL)
+    stop(proc)
+    ledgers_before = {n: (d.base / "nodes" / n / "ledger.jsonl").read_text() for n in PARTNERS}
+    d.start_coordinator()
+    d.wait_online()
+    code, row = d.submit(spec, "--resume", old.name)
+    assert code == 0, (row, (d.base / "coordinator.log").read_text()[-3000:])
+    new = d.run_dir(row["run_id"])
+    st = json.loads((new / "status.json").read_text())
+    after = st["resumed_after_round"]
+    assert 1 <= after < 4 and [r["round"] for r in st["rounds"]] == list(range(after + 1, 5)), st
+    assert st["fedcollab_run_id"] == json.loads((old / "status.json").read_text())["fedcollab_run_id"]
+    for n in PARTNERS:
+        assert (d.base / "nodes" / n / "ledger.jsonl").read_text().startswith(ledgers_before[n])  # nothing lost, only appended
+        assert all(e["error_code"] is None for e in d.egress(n, row["run_id"]))  # every node recognised the trees it applied
+    path = new / "model.json"
+    assert st["model"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert len(json.loads(path.read_text())["learner"]["gradient_booster"]["model"]["trees"]) == 4
+    assert (new / "ledger.jsonl").read_text().startswith((old / "ledger.jsonl").read_text())
+
+
 def test_a_killed_node_is_a_dropout_within_the_stage_deadline(deployment):
     """Issue 13 (faults): a node killed mid-run stalls no stage past `training.stage_timeout`; the run finishes without it.
 
