@@ -2,8 +2,9 @@
 
 One module-scoped deployment (real ``flower-superlink`` and ``flower-supernode`` processes over TLS
 with node authentication, started through the ``fedcollab`` CLI) serves every test here, in file
-order: a plain 2-round Heart run, federated trees under secagg, an unregistered node, a policy refusal (with a node that did not
-approve the run's spec), a coordinator restart. Each partner approves each spec with
+order: a plain 2-round Heart run, federated trees under secagg, an unregistered node, a policy
+refusal (with a node that did not approve the run's spec), a coordinator restart (a plain run,
+then a tree run), a killed node, a three-party vertical run. Each partner approves each spec with
 ``fedcollab node approve`` before it is submitted, as a partner does in deployment.
 """
 
