@@ -38,6 +38,30 @@ name = "stress"
 source = {{ path = "{tmp_path / 'stress.csv'}" }}
 columns = ["thalch", "exang", "oldpeak"]""")
 
+class InjectedFailure(RuntimeError):
+    """A coordinator-side failure a test injects through the run's ``on_round`` callback."""
+
+
+def fail_after_round_one_then_resume(spec, out: Path):
+    """Run ``spec`` into ``out``, fail it once round 1 is recorded (its checkpoint written), then ``run --resume`` it.
+
+    Returns ``(failed summary.json as a dict, the ledger's lines before the resume, the resumed Result)``.
+    """
+    import json
+
+    import fedcollab
+
+    def boom(r) -> None:
+        if r.round == 1:
+            raise InjectedFailure("injected coordinator failure after round 1")
+
+    with pytest.raises(Exception):
+        fedcollab.run(spec, out=out, on_round=boom)
+    failed = json.loads((out / "summary.json").read_text())
+    before = (out / "ledger.jsonl").read_bytes().splitlines()
+    return failed, before, fedcollab.run(spec, out=out, resume=True)
+
+
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT

@@ -150,10 +150,6 @@ def test_pooled_metrics_and_summary(run):
     assert abs(res.pooled.auc - roc_auc_score(y, proba)) < 0.03
 
 
-class _Boom(RuntimeError):
-    pass
-
-
 @pytest.fixture(scope="module")
 def quantile_run(tmp_path_factory):
     """A quantile-edge run under secagg and DP that fails after its first tree and is resumed (``run --resume``).
@@ -161,25 +157,13 @@ def quantile_run(tmp_path_factory):
     The failure is injected in-process: the run's ``on_round`` callback raises once tree 1 is
     recorded (its checkpoint written), as any coordinator-side error would fail the run.
     """
-    import json
-
-    import fedcollab
     from fedcollab.spec import load_spec
-    from tests.conftest import ROOT
+    from tests.conftest import ROOT, fail_after_round_one_then_resume
 
     spec = load_spec(ROOT / "protocols" / "heart-disease-gbdt-dp.toml")
     spec = spec.replace(aggregation="secagg", model={"gbdt": {"n_trees": 3, "max_depth": 2, "bin_edges": "quantile"}})
-    out = tmp_path_factory.mktemp("gbdt-quantile")
-
-    def boom(r) -> None:
-        if r.round == 1:
-            raise _Boom("injected coordinator failure after tree 1")
-
-    with pytest.raises(Exception):
-        fedcollab.run(spec, out=out, on_round=boom)
-    failed = json.loads((out / "summary.json").read_text())
-    before = (out / "ledger.jsonl").read_bytes().splitlines()
-    return spec, fedcollab.run(spec, out=out, resume=True), failed, before
+    failed, before, res = fail_after_round_one_then_resume(spec, tmp_path_factory.mktemp("gbdt-quantile"))
+    return spec, res, failed, before
 
 
 def test_a_failed_gbdt_run_resumes_after_its_checkpointed_tree(quantile_run):

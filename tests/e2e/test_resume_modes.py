@@ -17,28 +17,14 @@ pytestmark = pytest.mark.slow
 ROUNDS = 3
 
 
-class _Boom(RuntimeError):
-    pass
-
-
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory):
-    import fedcollab
     from fedcollab.spec import load_spec
-    from tests.conftest import ROOT
+    from tests.conftest import ROOT, fail_after_round_one_then_resume
 
     spec = load_spec(ROOT / "protocols" / "heart-disease-ddp.toml").replace(training={"rounds": ROUNDS})
     out = tmp_path_factory.mktemp("ddp-resume")
-
-    def boom(r) -> None:
-        if r.round == 1:
-            raise _Boom("injected coordinator failure after round 1")
-
-    with pytest.raises(Exception):
-        fedcollab.run(spec, out=out, on_round=boom)
-    failed = json.loads((out / "summary.json").read_text())
-    lines_before = (out / "ledger.jsonl").read_bytes().splitlines()
-    res = fedcollab.run(spec, out=out, resume=True)
+    failed, lines_before, res = fail_after_round_one_then_resume(spec, out)
     return spec, out, failed, lines_before, res
 
 
