@@ -185,6 +185,10 @@ def gbdt_rounds(spec: Spec, *, node_names: dict[int, str], exchange: Callable[..
         layout = gbdt.layout_from_sketch(layout, sketch, indices, n_bins=params.n_bins)
         edges_wire = gbdt.edges_to_wire(indices)
 
+    def trees_wire() -> dict[str, Any]:
+        """Every finished tree as one ensemble record (a resumed run's gbdt.resume, a re-admitted node's gbdt.catchup)."""
+        return gbdt.ensemble_to_wire(gbdt.Ensemble(trees=tuple(trees), base_score=params.base_score, feature_names=layout.feature_names))
+
     first_tree = len(trees)  # 0, or the trees a resumed run brings back
     for t in range(first_tree, params.n_trees):
         t0 = time.perf_counter()
@@ -198,8 +202,7 @@ def gbdt_rounds(spec: Spec, *, node_names: dict[int, str], exchange: Callable[..
             cfg: dict[str, Any] = {"fedcollab.kind": "gbdt", "fedcollab.run_id": run_id, "server-round": step}
             extra: dict[str, dict[str, Any]] = {"gbdt": req.to_wire()}
             if first and resuming:
-                extra["gbdt.resume"] = gbdt.ensemble_to_wire(gbdt.Ensemble(trees=tuple(trees), base_score=params.base_score,
-                                                                          feature_names=layout.feature_names))
+                extra["gbdt.resume"] = trees_wire()
             elif first and trees:
                 extra["gbdt.apply"] = trees[-1].to_wire()
             if first and t == 0 and edges_wire is not None:
@@ -212,10 +215,8 @@ def gbdt_rounds(spec: Spec, *, node_names: dict[int, str], exchange: Callable[..
                 per = {p: (None, cfg, extra) for p in active}
                 if first and trees and not resuming:
                     # Re-admission: a node that went silent gets every finished tree (gbdt.catchup) instead of the last.
-                    catchup = gbdt.ensemble_to_wire(gbdt.Ensemble(trees=tuple(trees), base_score=params.base_score,
-                                                                  feature_names=layout.feature_names))
                     rest = {k: v for k, v in extra.items() if k != "gbdt.apply"}
-                    per |= {p: (None, cfg, {**rest, "gbdt.catchup": catchup}) for p in sorted(readmit)}
+                    per |= {p: (None, cfg, {**rest, "gbdt.catchup": trees_wire()}) for p in sorted(readmit)}
                 codes_before = {p: len(failures.get(p, [])) for p in per}
                 got = exchange(step, message_type.TRAIN, per)
                 replies = {}
