@@ -131,14 +131,25 @@ def test_a_node_that_refused_is_not_asked_again(tmp_path):
 
 
 def test_a_catch_up_never_rewinds_a_node(tmp_path):
-    """A catch-up with fewer trees than the node applied (which would have it answer a tree's sums twice) is refused."""
+    """A catch-up before setup, with other trees than those before its tree, or at a later level is refused, coded,
+    with nothing released (fewer trees than the node applied would have it answer a tree's sums twice)."""
     from fedcollab.protocols.gbdt import LevelRequest
 
     spec = load_spec(ROOT / "protocols" / "heart-disease-gbdt.toml").replace(model={"gbdt": {"n_trees": 2, "max_depth": 1}})
     fed = Federation(spec, tmp_path, lost=set())
     n = "cleveland"
-    assert RecordKey.ERROR not in fed.deliver(n, "query", {"fedcollab.kind": "setup", "scaling": "none"}, {}).content.config_records
     level = LevelRequest(tree=1, level=0, release="histogram", open=(0,)).to_wire()
     empty = gbdt.ensemble_to_wire(gbdt.Ensemble(trees=(), base_score=0.5, feature_names=gbdt.layout_of(spec).feature_names))
-    reply = fed.deliver(n, "train", {"fedcollab.kind": "gbdt", "server-round": 1}, {"gbdt": level, "gbdt.catchup": empty})
-    assert int(reply.content.config_records[RecordKey.ERROR]["code"]) == 120  # BAD_REQUEST: not the trees before tree 1
+
+    def code(rnd: int, extra: dict) -> int:
+        reply = fed.deliver(n, "train", {"fedcollab.kind": "gbdt", "server-round": rnd}, extra)
+        return int(reply.content.config_records[RecordKey.ERROR]["code"])
+
+    assert code(1, {"gbdt": level, "gbdt.catchup": empty}) == 122  # OUT_OF_ORDER: before setup
+    assert RecordKey.ERROR not in fed.deliver(n, "query", {"fedcollab.kind": "setup", "scaling": "none"}, {}).content.config_records
+    assert code(1, {"gbdt": level, "gbdt.catchup": empty}) == 120  # BAD_REQUEST: not the trees before tree 1
+    deeper = LevelRequest(tree=0, level=1, release="leaves", open=(1, 2)).to_wire()
+    assert code(2, {"gbdt": deeper, "gbdt.catchup": empty}) == 120  # only with a tree's first step
+    releases = [e for e in fed.homes[n].gate(n, fed.homes[n].dataset()).ledger.lines() if e.entry.get("kind") == "release"
+                and e.entry["body"]["release"]["kind"] == "gbdt_histogram"]
+    assert releases == []  # nothing released by any refused catch-up
