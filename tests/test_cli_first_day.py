@@ -154,10 +154,12 @@ def test_version():
     assert r.exit_code == 0 and r.stdout.strip() == f"fedcollab {__version__}"
 
 
-def test_resume_refused_under_he(tmp_path):
-    """Secagg and partner-level DP resume (tests/e2e/test_resume_modes.py); HE does not, and says so up front."""
+def test_resume_of_a_folder_without_a_run(tmp_path):
+    """Every mode resumes (tests/e2e/test_resume_modes.py, test_he_simulation.py, test_gbdt_simulation.py); a folder with no
+    interrupted run in it is a spec error (exit 2) that says what `--resume` expected, before any node is started."""
     r = runner.invoke(app, ["run", str(ROOT / "protocols" / "heart-disease-he.toml"), "--out", str(tmp_path), "--resume"])
-    assert r.exit_code == 2 and "--resume" in r.output and "'he'" in r.output
+    assert r.exit_code == 2 and "--resume" in r.output and "summary.json" in r.output
+    assert not (tmp_path / "nodes").exists()
 
 
 # --- an interrupted run, its abort, and its resumption ------------------------------------------------

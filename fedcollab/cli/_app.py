@@ -113,7 +113,7 @@ def run(
     nodes: Annotated[Path | None, typer.Option("--nodes", help="Simulated partners' node folders (keys, policies, ledgers); reuse it to keep budgets across runs. Default OUT/nodes.")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table or json (the summary on stdout; on failure a JSON error object).")] = "table",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log node and coordinator events.")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the failed or interrupted run in OUT from its last checkpoint (plain or secagg aggregation, with or without DP, trees included; not he or vertical).")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the failed or interrupted run in OUT from its last checkpoint (every aggregation mode, with or without DP, trees included; not vertical).")] = False,
 ) -> None:
     """Run a collaboration on Flower's simulation engine (one machine, offline).
 

@@ -102,14 +102,11 @@ def _main(grid: Any, context: Any) -> None:
         resume = None
         previous = str(context.run_config.get(RUN_CONFIG_RESUME, "") or "")
         if previous:
-            run_id, resume = _resume_from(run_dir(home, int(previous)), text, out)
+            run_id, resume = _resume_from(run_dir(home, int(previous)), text, out, spec)
             status.update(resumed_from=int(previous), resumed_after_round=resume[0])
         status["fedcollab_run_id"] = run_id
         ledger = RunLedger(out / "ledger.jsonl", key=key, roster=roster, run_id=run_id)
         recorder = CoordinatorRecorder(checkpoint_dir=out / "checkpoints", on_round=on_round)
-        if resume is not None and spec.aggregation == "he":
-            # Refused before anything is sent (setup would spend the nodes' statistics budget first).
-            raise ConfigError("resume: continues runs under plain or secagg aggregation, with or without DP, got aggregation 'he'; submit it again")
         if spec.layout == "vertical":
             # PSI and SecureBoost between the parties, relayed sealed (fedcollab/coordinator/_vertical.py).
             if resume is not None:
@@ -176,22 +173,22 @@ def _main(grid: Any, context: Any) -> None:
     _write_json(out / "status.json", status)
 
 
-def _resume_from(old: Path, spec_text: str, out: Path) -> tuple[str, tuple[int, dict[str, Any]]]:
+def _resume_from(old: Path, spec_text: str, out: Path, spec: Any) -> tuple[str, tuple[int, dict[str, Any]]]:
     """The interrupted run's fedcollab run id and its last checkpoint; its ledger is carried over whole.
 
     The new Flower run continues the same fedcollab run (same run id, same ledger chain): rounds
-    after the checkpoint are executed again and every node charges them as new releases.
+    after the checkpoint are executed again and every node charges them as new releases. Under
+    HE the encrypted checkpoint is copied into the new run's folder, where the HE session reads it.
     """
     import shutil
 
-    import numpy as np
+    from fedcollab.coordinator._he import HE_CHECKPOINT
+    from fedcollab.coordinator._server import load_checkpoint
 
     try:
         old_status = json.loads((old / "status.json").read_text())
         old_spec = (old / "spec.toml").read_text()
-        with np.load(old / "checkpoints" / "checkpoint.npz") as ck:
-            last = int(ck["__round__"])
-            arrays = {k: np.array(ck[k]) for k in ck.files if k != "__round__"}
+        last, arrays = load_checkpoint(old / "checkpoints", spec)
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigError(f"cannot resume from {old}: no status, spec or checkpoint ({type(exc).__name__})") from None
     if old_spec != spec_text:
@@ -199,6 +196,9 @@ def _resume_from(old: Path, spec_text: str, out: Path) -> tuple[str, tuple[int, 
     if old_status.get("state") == "completed":
         raise ConfigError("resume: that run completed")
     shutil.copyfile(old / "ledger.jsonl", out / "ledger.jsonl")
+    if spec.aggregation == "he":
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(old / "checkpoints" / HE_CHECKPOINT, out / "checkpoints" / HE_CHECKPOINT)
     return str(old_status["fedcollab_run_id"]), (last, arrays)
 
 

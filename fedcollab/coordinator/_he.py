@@ -14,6 +14,7 @@ itself. See ``docs/he.md``.
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import os
 import tempfile
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from fedcollab.core import CryptoError, NodeError, NodeErrorCode, ProtocolError, get_logger
+from fedcollab.core import ConfigError, CryptoError, NodeError, NodeErrorCode, ProtocolError, get_logger
 from fedcollab.crypto import (
     HE_PARAMETER_SETS,
     PublicContext,
@@ -107,15 +108,70 @@ def aggregate_uploads(ctx: PublicContext, uploads: dict[str, tuple[str, list[byt
     return wire, rejected
 
 
+#: The encrypted checkpoint's file name in the run's ``checkpoints/`` folder.
+HE_CHECKPOINT = "checkpoint.he.json"
+
+
 def write_encrypted_checkpoint(directory: Path, aggregate: dict[str, Any], *, fingerprint: str) -> None:
-    """The round's encrypted aggregate (JSON, ciphertexts in base64): a restart needs a partner to decrypt it."""
+    """The round's encrypted aggregate (JSON, ciphertexts in base64): a restart needs a partner to decrypt it.
+
+    It holds the whole aggregate as the nodes receive it (the coordinator's signature, the
+    included upload hashes and every included upload with its partner's signature), so a resumed
+    run sends the nodes exactly what they would have checked and decrypted (``read_encrypted_checkpoint``).
+    """
     directory.mkdir(parents=True, exist_ok=True)
+    uploads = unflatten_per_party({k[len("upload/"):]: v for k, v in aggregate.items() if str(k).startswith("upload/")})
     doc = {"round": aggregate["round"], "fingerprint": fingerprint, "included": aggregate["included"],
-           "signature": aggregate["signature"].hex(), "ct": [base64.b64encode(c).decode() for c in aggregate["ct"]]}
+           "signature": bytes(aggregate["signature"]).hex(), "ct": [base64.b64encode(c).decode() for c in aggregate["ct"]],
+           "uploads": {p: {"ct": [base64.b64encode(bytes(c)).decode() for c in u["ct"]], "signature": bytes(u["signature"]).hex()}
+                       for p, u in sorted(uploads.items())}}
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=".json.tmp")
     with os.fdopen(fd, "w") as fh:
         json.dump(doc, fh)
-    os.replace(tmp, directory / "checkpoint.he.json")
+    os.replace(tmp, directory / HE_CHECKPOINT)
+
+
+def read_encrypted_checkpoint(path: Path) -> tuple[int, dict[str, Any], str]:
+    """``(round, aggregate wire, key fingerprint)`` of an encrypted checkpoint, as the next round's message carries it.
+
+    Only the form is checked here (a malformed file is a :class:`ConfigError` naming the field);
+    the signatures are the nodes' to check, against their own roster copies, before they decrypt.
+    """
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: expected an encrypted checkpoint (JSON), got none ({type(exc).__name__})") from None
+
+    def field(name: str, kind: type, got: Any) -> Any:
+        if not isinstance(got, kind) or isinstance(got, bool):
+            raise ConfigError(f"{path}: `{name}` must be {kind.__name__}, got {type(got).__name__}")
+        return got
+
+    try:
+        if not isinstance(doc, dict):
+            raise ConfigError(f"{path}: expected a JSON object, got {type(doc).__name__}")
+        rnd = field("round", int, doc.get("round"))
+        if rnd < 1:
+            raise ConfigError(f"{path}: `round` must be >= 1, got {rnd}")
+        wire: dict[str, Any] = {
+            "round": rnd,
+            "included": [field("included[]", str, x) for x in field("included", list, doc.get("included"))],
+            "signature": bytes.fromhex(field("signature", str, doc.get("signature"))),
+            "ct": [base64.b64decode(field("ct[]", str, c), validate=True) for c in field("ct", list, doc.get("ct"))],
+        }
+        uploads = field("uploads", dict, doc.get("uploads"))
+        for p, u in uploads.items():
+            u = field(f"uploads.{p}", dict, u)
+            wire[f"upload/{p}/ct"] = [base64.b64decode(field(f"uploads.{p}.ct[]", str, c), validate=True)
+                                      for c in field(f"uploads.{p}.ct", list, u.get("ct"))]
+            wire[f"upload/{p}/signature"] = bytes.fromhex(field(f"uploads.{p}.signature", str, u.get("signature")))
+        fingerprint = field("fingerprint", str, doc.get("fingerprint"))
+    except (ValueError, binascii.Error) as exc:
+        raise ConfigError(f"{path}: expected hex signatures and base64 ciphertexts ({type(exc).__name__})") from None
+    listed = sorted(x.partition(":")[0] for x in wire["included"])
+    if listed != sorted(uploads):
+        raise ConfigError(f"{path}: `uploads` must hold exactly the included partners' uploads {listed}, got {sorted(uploads)}")
+    return rnd, wire, fingerprint
 
 
 class HeSession:
@@ -138,6 +194,8 @@ class HeSession:
         self.node_scaling = False
         self.ctx: PublicContext | None = None
         self.fingerprint = ""
+        #: A resumed run's checkpointed aggregate (``resume_from``): the next round's train message carries it.
+        self.resumed_aggregate: dict[str, Any] | None = None
 
     def _roster(self, party: str) -> str:
         return self.ledger.roster.parties[party].signing_key
@@ -179,6 +237,36 @@ class HeSession:
                 raise ProtocolError(f"{p} confirmed another HE key fingerprint")
         log.info("HE key %s… generated by %s, installed at %s", self.fingerprint[:12], self.holder, others)
 
+    def resume_from(self, checkpoint_dir: Path | None, last_round: int) -> None:
+        """A resumed run: every partner reloads the run's key from its own folder, the key holder re-publishes the public context.
+
+        No key is generated or sent again: the encrypted aggregate of ``last_round`` (the
+        checkpoint) is decryptable only under the key the partners already hold, and every
+        partner must confirm that key's fingerprint (each records a signed ``key_custody``
+        entry). The next round's train message then carries the checkpointed aggregate.
+        """
+        if checkpoint_dir is None:
+            raise ProtocolError("resuming under HE needs the run's checkpoint folder")
+        rnd, self.resumed_aggregate, fingerprint = read_encrypted_checkpoint(checkpoint_dir / HE_CHECKPOINT)
+        if rnd != last_round:
+            raise ProtocolError(f"the encrypted checkpoint is of round {rnd}, the run resumes after round {last_round}")
+        if self.holder not in self.partners:
+            raise ProtocolError(f"the HE key holder {self.holder!r} did not join the run")
+        got = self._send(0, self.mt.QUERY, {p: (None, self._base("rejoin"), {}) for p in self.partners})
+        self._require(got, self.partners, "key reload")
+        for p, m in got.items():
+            if str(m.content.config_records["he"]["fingerprint"]) != fingerprint:
+                raise ProtocolError(f"{p} holds another HE key than the checkpoint's ({fingerprint[:12]}...)")
+        self.ctx, self.fingerprint = accept_public_context(self.spec, dict(got[self.holder].content.config_records["he"]),
+                                                           run_id=self.run_id, holder_key=self._roster(self.holder))
+        if self.fingerprint != fingerprint:
+            raise ProtocolError(f"the key holder re-published another HE key than the checkpoint's ({fingerprint[:12]}...)")
+        self.ledger.own.append(kind="key_custody", run_id=self.run_id, round=0, body={
+            "key": "he-public-context", "event": f"resumed after round {rnd}: re-published by the key holder, signature verified",
+            "fingerprint": self.fingerprint, "public_digest": self.ctx.digest, "generated_by": self.holder, "party": "coordinator",
+            "holds": "parameters only: no secret key (checked), no public key", "can_decrypt": False})
+        log.info("HE run resumed after round %d: key %s… reloaded at %s", rnd, self.fingerprint[:12], self.partners)
+
     # --- statistics ------------------------------------------------------------------------------
     def scaling(self, scaling_name: str, bounds: np.ndarray, n_features: int) -> Scaling:
         """The scaling to send: statistics modes run encrypted and leave the scaling at the partners."""
@@ -213,9 +301,9 @@ class HeSession:
         n_params = int(sum(arrays[k].numpy().size for k in arrays.keys()))
         n_ct = -(-(n_params + 1) // self.ctx.params.slots)
         total_rows = float(sum(rec.partners.values()))
-        agg: dict[str, Any] | None = None
+        agg = self.resumed_aggregate
         rounds = spec.training.rounds
-        for rnd in range(1, rounds + 1):
+        for rnd in range(1 + (int(agg["round"]) if agg is not None else 0), rounds + 1):
             t0 = time.perf_counter()
             cfg = dict(scaling_config(scaling, rnd))
             cfg["he.total_rows"] = total_rows

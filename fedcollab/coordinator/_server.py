@@ -113,12 +113,38 @@ def _write_checkpoint(directory: Path, rnd: int, arrays: dict[str, np.ndarray]) 
     os.replace(tmp, directory / "checkpoint.npz")
 
 
+def load_checkpoint(directory: Path, spec: Spec) -> tuple[int, dict[str, np.ndarray]]:
+    """The last checkpoint a run wrote in ``directory``: ``(last round or tree, arrays)``.
+
+    Under HE it is the encrypted aggregate (``checkpoint.he.json``, checked for form here, its
+    signatures by the nodes); the arrays are then empty, the aggregate being read again by the
+    resumed run's :class:`~fedcollab.coordinator._he.HeSession`.
+
+    Raises
+    ------
+    OSError, ValueError, KeyError
+        No checkpoint, or an unreadable one (the caller names the run folder).
+    ConfigError
+        A malformed encrypted checkpoint (naming the field).
+    """
+    if spec.aggregation == "he":
+        from fedcollab.coordinator._he import HE_CHECKPOINT, read_encrypted_checkpoint
+
+        if not (directory / HE_CHECKPOINT).exists():
+            raise FileNotFoundError(str(directory / HE_CHECKPOINT))
+        return read_encrypted_checkpoint(directory / HE_CHECKPOINT)[0], {}
+    with np.load(directory / "checkpoint.npz") as f:
+        last = int(f["__round__"])
+        return last, {k: np.array(f[k]) for k in f.files if k != "__round__"}
+
+
 def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLedger, timeout: float = 600.0,
                     resume: tuple[int, dict[str, np.ndarray]] | None = None, fuse_evaluate: bool = False) -> Any:
     """The Flower ServerApp coordinating ``spec``; results go to ``recorder``, entries to ``ledger``.
 
-    ``resume = (last_round, arrays)`` continues a run from its checkpoint (deployment, after a
-    coordinator restart): setup runs again, then rounds ``last_round + 1 ...`` (plain aggregation).
+    ``resume = (last_round, arrays)`` continues a run from its checkpoint (:func:`load_checkpoint`):
+    setup runs again, then rounds ``last_round + 1 ...``, in every aggregation mode (under HE the
+    partners reload the run's key from their folders and the encrypted aggregate is read again).
     ``fuse_evaluate`` (deployment, plain aggregation): round r's evaluation rides on round r + 1's
     train message, which carries the same global model; one message exchange per round instead of
     two (the last round still evaluates on its own).
@@ -459,7 +485,10 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
             from fedcollab.coordinator._he import HeSession
 
             he = HeSession(spec, grid=grid, node_names=node_names, exchange=exchange, ledger=ledger, recorder=recorder, message_type=MessageType)
-            he.distribute_keys()
+            if resume:
+                he.resume_from(recorder.checkpoint_dir, int(resume[0]))  # the partners' keys from their folders, the encrypted aggregate
+            else:
+                he.distribute_keys()
         if spec.aggregation == "secagg" and scaling_name in {"federated_statistics", "dp_statistics"}:
             stats = [secure_statistics(grid, node_names)]
         if he is not None:
@@ -493,9 +522,9 @@ def make_server_app(spec: Spec, recorder: CoordinatorRecorder, *, ledger: RunLed
             return
         strategy = _strategy(spec, n_partners)
         model = build_model(spec.model, n_features, seed=spec.seed)
-        arrays = ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in (resume[1] if resume else model_arrays(model)).items()})
-        if resume and spec.aggregation == "he":
-            raise ProtocolError("resuming a run from a checkpoint is not implemented under aggregation = 'he'")
+        # Under HE the checkpoint is the encrypted aggregate (the HE session holds it); the arrays only give the model's size.
+        start = resume[1] if resume and he is None else model_arrays(model)
+        arrays = ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in start.items()})
         if he is not None:
             he.rounds(arrays, scaling, scaling_config=scaling_config, min_partners=min_partners)
         elif spec.aggregation == "secagg":

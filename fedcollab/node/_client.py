@@ -629,6 +629,8 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str], *
         st["setup_done"] = True
         if spec.model.kind == "gbdt":
             st["gbdt.resume_after"] = int(cfg.get("fedcollab.resume_after", 0))  # the trees the first step must bring back
+        if he is not None:
+            st["he.resume_after"] = int(cfg.get("fedcollab.resume_after", 0))  # a resumed run reloads the run's key (stage "rejoin")
         if "plan" in info:
             st["plan"] = info["plan"]
         content = RecordDict({RecordKey.INFO: ConfigRecord(info), RecordKey.RELEASES: lines_record(lines)})

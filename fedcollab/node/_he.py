@@ -89,6 +89,34 @@ def secret_context(spec: Spec, home: Path, run_id: str) -> SecretContext:
     return load_secret_context(path.read_bytes(), params=params_of(spec))
 
 
+def record_upload(home: Path, run_id: str, round_: int, upload_hash_hex: str) -> None:
+    """Keep the hash of this node's upload of ``round_`` in its folder (its latest, if the round ran again after a resume).
+
+    The folder, not Flower's context, so that a resumed run (a new Flower run) still refuses an
+    aggregate of an earlier round that leaves this node's upload out (issue 13, attack 6).
+    """
+    path = he_dir(home) / f"{run_id}-uploads.json"
+    done = json.loads(path.read_text()) if path.exists() else {}
+    done[str(int(round_))] = str(upload_hash_hex)
+    write_private(path, json.dumps(done, sort_keys=True).encode())
+
+
+def my_upload(home: Path, run_id: str, round_: int) -> str | None:
+    """The hash of this node's upload of ``round_`` (None: it sent none that round)."""
+    path = he_dir(home) / f"{run_id}-uploads.json"
+    if not path.exists():
+        return None
+    got = json.loads(path.read_text()).get(str(int(round_)))
+    return str(got) if got is not None else None
+
+
+def publish_context(ctx: SecretContext, *, run_id: str, signing_key: Ed25519PrivateKey) -> dict[str, Any]:
+    """The context without its secret key, signed by the key holder: what the coordinator may hold."""
+    public = ctx.public()
+    return {"public_context": public.data, "fingerprint": ctx.fingerprint, "params": ctx.params.name,
+            "signature": sign(signing_key, public_context_message(run_id=run_id, public_data=public.data, fingerprint=ctx.fingerprint))}
+
+
 # --- key custody -----------------------------------------------------------------------------------
 
 def make_advert(*, run_id: str, me: str, signing_key: Ed25519PrivateKey, home: Path) -> dict[str, Any]:
@@ -123,10 +151,7 @@ def generate_key(spec: Spec, *, run_id: str, me: str, signing_key: Ed25519Privat
     write_private(he_dir(home) / f"{run_id}.ctx", ctx.secret_bytes())
     packages = {p: seal_key_package(ctx, run_id=run_id, sender=me, recipient=p, recipient_x25519=bytes(adverts[p]["x25519"]),
                                     signing_key=signing_key) for p in others}
-    public = ctx.public()
-    published = {"public_context": public.data, "fingerprint": ctx.fingerprint, "params": ctx.params.name,
-                 "signature": sign(signing_key, public_context_message(run_id=run_id, public_data=public.data, fingerprint=ctx.fingerprint))}
-    return ctx, published, packages
+    return ctx, publish_context(ctx, run_id=run_id, signing_key=signing_key), packages
 
 
 def install_key(spec: Spec, *, run_id: str, me: str, home: Path, package: dict[str, Any], roster: dict[str, str]) -> SecretContext:
@@ -425,9 +450,8 @@ class HeHandlers:
         if round_ == 0:
             return OrderedDict((k, v.copy()) for k, v in tpl.items())
         length = int(sum(v.size for v in tpl.values())) + 1
-        my = st.get(f"he.upload.{round_}")
         total = open_aggregate(ctx, self._aggregate(msg), run_id=node.run_id, round_=round_, coordinator_key=self.coordinator_key,
-                               length=length, my_hash=str(my) if my is not None else None,
+                               length=length, my_hash=my_upload(self._home(node), node.run_id, round_),
                                min_partners=required_partners(self.spec, node.policy.min_partners_per_round), roster=self.partner_roster)
         return server_step(self.spec, self._home(node), node.run_id, tpl, decode_model(total, tpl, scale=self.spec.he.scale), round_)
 
@@ -463,17 +487,27 @@ class HeHandlers:
             line = node.gate.ledger.append(kind="key_custody", run_id=run_id, round=0,
                                            body=custody_body(spec, ctx, me=me, event="received from the key holder; signature and fingerprint verified")).decode()
             return RecordDict({"he": ConfigRecord({"fingerprint": ctx.fingerprint}), **self._lines([line])})
+        if stage == "rejoin":
+            # A resumed run: the key this node installed for the run, from its own folder; nothing new is generated or opened.
+            if int(st.get("he.resume_after", 0)) < 1 or "he.rejoined" in st:
+                raise ProtocolError("a key reload only opens a resumed run, once")
+            ctx = secret_context(spec, home, run_id)
+            st["he.rejoined"] = True
+            line = node.gate.ledger.append(kind="key_custody", run_id=run_id, round=0, body=custody_body(
+                spec, ctx, me=me, event=f"reloaded from this partner's folder: the run resumes after round {int(st['he.resume_after'])}")).decode()
+            he_rec = publish_context(ctx, run_id=run_id, signing_key=key) if spec.he.resolved_key_holder(_partners(spec)) == me else {
+                "fingerprint": ctx.fingerprint}
+            return RecordDict({"he": ConfigRecord(he_rec), **self._lines([line])})
         if stage == "stats":
             up = encrypt_statistics(spec, secret_context(spec, home, run_id), home=home, run_id=run_id, me=me, signing_key=key)
-            st["he.upload.0"] = up["hash"]
+            record_upload(home, run_id, 0, up["hash"])
             return RecordDict({"he.upload": ConfigRecord({"ct": up["ct"], "round": 0, "signature": up["signature"]})})
         if stage == "stats_result":
             from fedcollab.protocols.statistics import combine_statistics
 
             d = len(node.data.feature_names)
-            my = st.get("he.upload.0")
             total = open_statistics(spec, secret_context(spec, home, run_id), self._aggregate(msg), run_id=run_id,
-                                    coordinator_key=self.coordinator_key, n_features=d, my_hash=str(my) if my is not None else None,
+                                    coordinator_key=self.coordinator_key, n_features=d, my_hash=my_upload(home, run_id, 0),
                                     min_partners=required_partners(spec, node.policy.min_partners_per_round), roster=self.partner_roster)
             if spec.resolved_scaling == "dp_statistics":
                 bounds = np.asarray(spec.data_schema.encoded_bounds(), dtype=np.float64).reshape(-1, 2)
@@ -512,7 +546,7 @@ class HeHandlers:
         st["steps"] = int(st["steps"]) + steps
         up = encrypt_model(self.spec, ctx, OrderedDict((k, arrays[k]) for k in global_arrays), weight=node.data.n_train / total_rows,
                            run_id=node.run_id, round_=rnd, me=node.partner, signing_key=node.gate.ledger.key)
-        st[f"he.upload.{rnd}"] = up["hash"]
+        record_upload(self._home(node), node.run_id, rnd, up["hash"])
         return RecordDict({"he.upload": ConfigRecord({"ct": up["ct"], "round": rnd, "signature": up["signature"]}),
                            RecordKey.METRICS: MetricRecord(metrics), **self._lines(lines)})
 

@@ -228,7 +228,6 @@ def run(
     check_simulation_data(spec, skip=set(frames))
     check_model_target(spec)  # the spec author's own model, imported here (never at a partner's node)
     if resume:
-        _check_resumable(spec)
         if out is None:
             raise ConfigError("--resume: expected --out, the folder of the interrupted run, got none")
     set_flower_env()
@@ -244,7 +243,7 @@ def run(
     resume_from: tuple[int, dict[str, np.ndarray]] | None = None
     earlier_metrics: list[str] = []
     if resume:
-        run_id, resume_from, earlier_metrics = _resume_point(out_dir, spec_ref)
+        run_id, resume_from, earlier_metrics = _resume_point(out_dir, spec_ref, spec)
     else:
         _set_aside_previous(out_dir)
         run_id = uuid.uuid4().hex[:16]
@@ -432,12 +431,6 @@ def _record_failure(spec: Spec, out_dir: Path, ledger: RunLedger, recorder: Coor
     _write_atomic(out_dir / "summary.json", summary.model_dump_json(indent=2) + "\n")
 
 
-def _check_resumable(spec: Spec) -> None:
-    if spec.aggregation == "he":
-        raise ConfigError("--resume: continues runs under plain or secagg aggregation, with or without DP, got aggregation 'he'; "
-                          "start the run afresh")
-
-
 def _earlier_releases(ledger_path: Path, run_id: str) -> list[Any]:
     """The releases the interrupted part of a resumed run already made (so the summary counts the whole run)."""
     from fedcollab.privacy.accounting import Release, parse_lines
@@ -449,7 +442,7 @@ def _earlier_releases(ledger_path: Path, run_id: str) -> list[Any]:
     return out
 
 
-def _resume_point(out_dir: Path, spec_ref: SpecRef) -> tuple[str, tuple[int, dict[str, np.ndarray]], list[str]]:
+def _resume_point(out_dir: Path, spec_ref: SpecRef, spec: Spec) -> tuple[str, tuple[int, dict[str, np.ndarray]], list[str]]:
     """The interrupted run's id, its last checkpoint and the metrics lines of the rounds before it."""
     try:
         old = Summary.model_validate_json((out_dir / "summary.json").read_text())
@@ -459,11 +452,11 @@ def _resume_point(out_dir: Path, spec_ref: SpecRef) -> tuple[str, tuple[int, dic
         raise ConfigError(f"--resume: the run {old.run_id} in {out_dir} completed; there is nothing to resume")
     if old.spec.sha256 != spec_ref.sha256:
         raise ConfigError(f"--resume: the spec differs from the interrupted run's (spec.sha256 {old.spec.sha256[:12]}..., got {spec_ref.sha256[:12]}...)")
-    ck = out_dir / "checkpoints" / "checkpoint.npz"
+    from fedcollab.coordinator import load_checkpoint
+
+    ck = out_dir / "checkpoints"
     try:
-        with np.load(ck) as f:
-            last = int(f["__round__"])
-            arrays = {k: np.array(f[k]) for k in f.files if k != "__round__"}
+        last, arrays = load_checkpoint(ck, spec)
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigError(f"--resume: no checkpoint to continue from ({ck}: {type(exc).__name__}); the run stopped before round 1 ended") from None
     earlier = []

@@ -1,4 +1,5 @@
-"""`fedcollab submit --resume` at the deployed coordinator: HE and vertical runs are refused before anything is sent.
+"""`fedcollab submit --resume` at the deployed coordinator: vertical runs, and HE runs without a readable encrypted
+checkpoint, are refused before anything is sent.
 
 Calls the ServerApp's body (`_main`) in-process with no grid at all: a refusal that came after any
 message would fail on the missing grid with exit code 1, not the spec error's 2.
@@ -33,8 +34,37 @@ def _interrupted(home: Path, text: str) -> None:
     (old / "ledger.jsonl").write_text("")
 
 
-@pytest.mark.parametrize("spec, what", [("heart-disease-he.toml", "aggregation 'he'"),
-                                        ("heart-disease-vertical-lr.toml", "a vertical run cannot be resumed")])
+def _submit_resume(tmp_path, monkeypatch, caplog, spec: str, he_checkpoint: str | None = None) -> dict:
+    """Resume run 1 as run 2 with no grid; the ConfigError's exit code 2, the status it left."""
+    key = Ed25519PrivateKey.generate()
+    roster = Roster(parties={COORDINATOR: RosterEntry(signing_key=public_key_hex(key), role="coordinator")})
+    (tmp_path / "roster.json").write_text(roster.model_dump_json())
+    text = (ROOT / "protocols" / spec).read_text()
+    _interrupted(tmp_path, text)
+    if he_checkpoint is not None:
+        (run_dir(tmp_path, 1) / "checkpoints" / "checkpoint.he.json").write_text(he_checkpoint)
+    monkeypatch.setenv(ENV_HOME, str(tmp_path))
+    ctx = SimpleNamespace(run_id=2, run_config={RUN_CONFIG_SPEC: base64.b64encode(text.encode()).decode("ascii"), RUN_CONFIG_RESUME: "1"})
+    with caplog.at_level("ERROR"), pytest.raises(RuntimeError, match=rf"^{EXIT_PREFIX}2: ConfigError"):
+        _main(None, ctx)  # no grid: anything sent would fail with exit 1
+    return json.loads((run_dir(tmp_path, 2) / "status.json").read_text())
+
+
+@pytest.mark.parametrize("checkpoint, what", [
+    (None, "no status, spec or checkpoint"),  # a plain checkpoint.npz is not an HE run's
+    ('{"round": 1, "fingerprint": "f", "included": ["cleveland:00"], "signature": "zz", "ct": [], "uploads": {}}', "hex signatures"),
+    ('{"round": 1, "fingerprint": "f", "included": ["cleveland:00"], "signature": "00", "ct": [], "uploads": {}}', "`uploads` must hold"),
+    ('{"round": 0, "fingerprint": "f", "included": [], "signature": "00", "ct": [], "uploads": {}}', "`round` must be >= 1"),
+])
+def test_he_resume_needs_its_encrypted_checkpoint(tmp_path, monkeypatch, caplog, checkpoint, what):
+    """An HE run resumes from its encrypted aggregate (checkpoint.he.json); without one, or with a malformed one, the
+    coordinator stops with a spec error naming the field, before any message."""
+    status = _submit_resume(tmp_path, monkeypatch, caplog, "heart-disease-he.toml", checkpoint)
+    assert what in caplog.text
+    assert status["state"] == "failed" and status["exit_code"] == 2 and status["error"] == "ConfigError"
+
+
+@pytest.mark.parametrize("spec, what", [("heart-disease-vertical-lr.toml", "a vertical run cannot be resumed")])
 def test_resume_refused_before_any_message(tmp_path, monkeypatch, caplog, spec, what):
     key = Ed25519PrivateKey.generate()
     roster = Roster(parties={COORDINATOR: RosterEntry(signing_key=public_key_hex(key), role="coordinator")})

@@ -4,7 +4,7 @@ One module-scoped deployment (real ``flower-superlink`` and ``flower-supernode``
 with node authentication, started through the ``fedcollab`` CLI) serves every test here, in file
 order: a plain 2-round Heart run, federated trees under secagg, an unregistered node, a policy
 refusal (with a node that did not approve the run's spec), a coordinator restart (a plain run,
-then a tree run), a killed node, a three-party vertical run. Each partner approves each spec with
+a tree run, then a server-blind HE run), a killed node, a three-party vertical run. Each partner approves each spec with
 ``fedcollab node approve`` before it is submitted, as a partner does in deployment.
 """
 
@@ -403,6 +403,58 @@ def test_coordinator_restart_resumes_a_gbdt_run_after_its_last_tree(deployment):
     path = new / "model.json"
     assert st["model"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert len(json.loads(path.read_text())["learner"]["gradient_booster"]["model"]["trees"]) == 4
+    assert (new / "ledger.jsonl").read_text().startswith((old / "ledger.jsonl").read_text())
+
+
+def test_coordinator_restart_resumes_an_he_run(deployment):
+    """Issue 13 (resume in every mode): kill the coordinator during a server-blind HE run, restart it: `submit --resume`
+    continues from the encrypted checkpoint; every partner reloads the run's key from its own folder (none is generated or
+    sent again), the resumed rounds leave only encrypted, and the model writer writes the final model the run ledger names."""
+    import hashlib
+
+    from fedcollab.spec import load_policy, policy_toml
+
+    d = deployment
+    spec = d.base / "he-resume.toml"
+    spec.write_text((ROOT / "protocols" / "heart-disease-he.toml").read_text().replace("rounds = 20", "rounds = 5"))
+    for partner in PARTNERS:
+        assert cli("node", "approve", str(spec), "--home", str(d.base / "nodes" / partner)).returncode == 0
+    policy_path = d.base / "nodes" / REFUSER / "policy.toml"
+    narrow = policy_path.read_text()
+    policy_path.write_text(policy_toml(load_policy(policy_path).model_copy(update={"allowed_aggregation": ["plain", "he"]})))
+    try:
+        proc = spawn(["submit", str(spec), "--home", str(d.coord), "--format", "json", "--timeout", "300"], d.base / "submit-he-interrupted.log")
+        d.extra.append(proc)
+        old = d.wait_for(spec, "checkpoints/checkpoint.he.json").parents[1]
+        assert d.coordinator is not None
+        stop(d.coordinator, sig=signal.SIGKILL)
+        stop(proc)
+        ledgers_before = {n: (d.base / "nodes" / n / "ledger.jsonl").read_text() for n in PARTNERS}
+        d.start_coordinator()
+        d.wait_online()
+        code, row = d.submit(spec, "--resume", old.name)
+    finally:
+        policy_path.write_text(narrow)
+    assert code == 0, (row, (d.base / "coordinator.log").read_text()[-3000:])
+    new = d.run_dir(row["run_id"])
+    st = json.loads((new / "status.json").read_text())
+    after = st["resumed_after_round"]
+    assert 1 <= after < 5 and [r["round"] for r in st["rounds"]] == list(range(after + 1, 6)), st
+    run_id = st["fedcollab_run_id"]
+    assert run_id == json.loads((old / "status.json").read_text())["fedcollab_run_id"]
+    for n in PARTNERS:
+        text = (d.base / "nodes" / n / "ledger.jsonl").read_text()
+        assert text.startswith(ledgers_before[n])  # nothing lost, only appended
+        events = [e["body"]["event"] for e in map(json.loads, text[len(ledgers_before[n]):].splitlines()) if e["kind"] == "key_custody"]
+        assert len(events) == 1 and events[0].startswith("reloaded from this partner's folder"), (n, events)
+        out = d.egress(n, row["run_id"])
+        assert out and all(e["error_code"] is None for e in out), out
+        trains = [e for e in out if e["message_type"] == "train"]
+        assert len(trains) == 5 - after and all("he.upload" in e["records"] and "arrays" not in e["records"] for e in trains), trains
+    model = d.base / "nodes" / "cleveland" / "he" / f"{run_id}-model.npz"
+    final = [json.loads(x)["body"] for x in (new / "ledger.jsonl").read_text().splitlines()
+             if json.loads(x)["kind"] == "key_custody" and json.loads(x)["body"].get("model_sha256")]
+    assert [b["model_sha256"] for b in final] == [hashlib.sha256(model.read_bytes()).hexdigest()]
     assert (new / "ledger.jsonl").read_text().startswith((old / "ledger.jsonl").read_text())
 
 

@@ -1,4 +1,9 @@
-"""One short Flower simulation of Heart with aggregation = "he" (2 rounds): server-blind end to end."""
+"""One short Flower simulation of Heart with aggregation = "he" (2 rounds): server-blind end to end.
+
+The run fails after round 1 (its encrypted checkpoint written) and is resumed (``run --resume``):
+the partners reload the run's key from their folders, the coordinator sends them the checkpointed
+aggregate, and every test below reads the resumed run's results.
+"""
 
 from __future__ import annotations
 
@@ -13,14 +18,20 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def he_run(tmp_path_factory):
-    import fedcollab
+def he_parts(tmp_path_factory):
+    """``(spec, resumed Result, failed summary.json, ledger lines before the resume)``."""
     from fedcollab.spec import load_spec
-    from tests.conftest import ROOT
+    from tests.conftest import ROOT, fail_after_round_one_then_resume
 
     base = load_spec(ROOT / "protocols" / "heart-disease-he.toml")
     spec = base.model_copy(update={"training": base.training.model_copy(update={"rounds": 2})}).with_base_dir(base.base_dir)
-    return spec, fedcollab.run(spec, out=tmp_path_factory.mktemp("he"))
+    failed, before, result = fail_after_round_one_then_resume(spec, tmp_path_factory.mktemp("he"))
+    return spec, result, failed, before
+
+
+@pytest.fixture(scope="module")
+def he_run(he_parts):
+    return he_parts[:2]
 
 
 def _entries(result):
@@ -35,7 +46,8 @@ def test_he_model_equals_plain_fedavg(he_run):
     from fedcollab.protocols.statistics import combine_statistics
 
     spec, result = he_run
-    assert result.summary.aggregation == "he" and [r.round for r in result.rounds] == [1, 2] and not result.summary.failures
+    assert result.summary.aggregation == "he" and [r.round for r in result.rounds] == [2] and not result.summary.failures
+    assert result.summary.resumed_after_round == 1 and result.summary.rounds == 2
     names = [p.name for p in spec.partners]
     data = {n: load_partner_data(spec, n) for n in names}
     scaling = combine_statistics([exact_statistics(d.x_train) for d in data.values()])
@@ -83,3 +95,34 @@ def test_key_custody_in_the_verified_ledger(he_run):
     final = [e for e in custody if e["party"] == "coordinator" and e["body"].get("model_sha256")]
     model_file = result.out_dir / "nodes" / "cleveland" / "he" / f"{result.summary.run_id}-model.npz"
     assert final[0]["body"]["model_sha256"] == hashlib.sha256(model_file.read_bytes()).hexdigest()
+
+
+def test_resumed_run_reloads_the_key_and_charges_round_two_once_more(he_parts):
+    """The resume kept the failed part's ledger lines, reloaded one key at every partner (signed), generated none, and re-ran only round 2.
+
+    Round 1's training release is in the ledger once (from the failed part), round 2's once (the
+    resumed part: the failed part stopped after round 1), the statistics twice (setup runs again).
+    """
+    from fedcollab.audit import verify_ledger
+    from fedcollab.core import ExitCode
+    from fedcollab.spec import load_roster
+
+    spec, result, failed, before = he_parts
+    assert failed["status"] == "failed" and failed["run_id"] == result.summary.run_id
+    lines = (result.out_dir / "ledger.jsonl").read_bytes().splitlines()
+    assert lines[:len(before)] == before
+    rep = verify_ledger(result.out_dir / "ledger.jsonl", load_roster(result.out_dir / "roster.json"))
+    assert rep.exit_code == ExitCode.OK, [f.to_dict() for f in rep.findings][:3]
+    entries = _entries(result)
+    custody = [e for e in entries if e["kind"] == "key_custody"]
+    reloads = {e["party"]: e["body"] for e in custody if "reloaded" in e["body"].get("event", "")}
+    assert set(reloads) == {p.name for p in spec.partners}
+    fp = {e["body"]["fingerprint"] for e in custody if e["body"].get("fingerprint")}
+    assert len(fp) == 1  # one key, generated once, before the failure
+    assert [e["party"] for e in custody if e["body"].get("event", "").startswith("generated")] == ["cleveland"]
+    assert any(e["party"] == "coordinator" and e["body"]["event"].startswith("resumed after round 1") for e in custody)
+    for p in spec.partners:
+        rel = [e["body"]["release"] for e in entries if e["kind"] == "release" and e["party"] == p.name]
+        assert sorted(r["round"] for r in rel if r["kind"] == "model_update") == [1, 2], p.name
+        assert [r["round"] for r in rel if r["kind"] == "statistics"] == [0, 0], p.name
+    assert [r.round for r in result.rounds] == [2]  # the resumed part

@@ -169,6 +169,30 @@ class TestSignedUploadsAndAggregates:
         with pytest.raises(ProtocolError, match="round 1, expected 2"):
             open_aggregate(ctx, agg, run_id=RUN, round_=2, coordinator_key=ckey, length=5, my_hash=None, min_partners=2, roster=federation["roster"])
 
+    def test_encrypted_checkpoint_round_trips_to_what_the_nodes_check(self, spec, federation, tmp_path):
+        """A resumed run sends the checkpointed aggregate as it was: it reads back equal, the nodes decrypt it, and a tampered
+        upload in the file is caught by the nodes' own roster check (the coordinator only checks the file's form)."""
+        import json
+
+        from fedcollab.coordinator._he import HE_CHECKPOINT, read_encrypted_checkpoint, write_encrypted_checkpoint
+
+        ups = {p: _upload(spec, federation, p, np.arange(5), 1) for p in ("cleveland", "hungary", "va-long-beach")}
+        verified = {p: verify_upload(_wire(u), run_id=RUN, round_=1, partner=p, roster_key=federation["roster"][p]) for p, u in ups.items()}
+        agg, _ = aggregate_uploads(federation["pub"], verified, run_id=RUN, round_=1, n_ciphertexts=1, signing_key=federation["coordinator"])
+        write_encrypted_checkpoint(tmp_path, agg, fingerprint=federation["fp"])
+        rnd, wire, fp = read_encrypted_checkpoint(tmp_path / HE_CHECKPOINT)
+        assert (rnd, fp) == (1, federation["fp"]) and wire.keys() == agg.keys()
+        assert all(wire[k] == (list(agg[k]) if isinstance(agg[k], list) else agg[k]) for k in agg)
+        ckey = public_key_hex(federation["coordinator"])
+        kw = dict(run_id=RUN, round_=1, coordinator_key=ckey, length=5, my_hash=ups["hungary"]["hash"], min_partners=3, roster=federation["roster"])
+        np.testing.assert_array_equal(open_aggregate(federation["contexts"]["hungary"], wire, **kw), 3 * np.arange(5))
+        doc = json.loads((tmp_path / HE_CHECKPOINT).read_text())
+        doc["uploads"]["cleveland"]["ct"] = doc["uploads"]["hungary"]["ct"]  # a swapped upload: the file's form is still right
+        (tmp_path / HE_CHECKPOINT).write_text(json.dumps(doc))
+        _, forged, _ = read_encrypted_checkpoint(tmp_path / HE_CHECKPOINT)
+        with pytest.raises(CryptoError, match="cleveland"):
+            open_aggregate(federation["contexts"]["hungary"], forged, **kw)
+
     def test_single_partner_upload_as_the_aggregate_is_refused(self, spec, federation):
         """Attack 6: the coordinator signs one partner's upload as "the aggregate" for a node that did not upload.
 

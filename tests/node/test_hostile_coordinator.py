@@ -80,6 +80,15 @@ class Node:
         return new
 
 
+    def rejected(self, reply: Message, code: NodeErrorCode, before: int) -> None:
+        """A coded refusal raised by a handler (not the mods): the code, no data-bearing record, nothing new in the ledger but refusals."""
+        got = reply.content
+        assert RecordKey.ERROR in got.config_records, f"answered instead of refused: {list(got.keys())}"
+        assert int(got.config_records[RecordKey.ERROR]["code"]) == int(code)
+        assert set(got.keys()) <= {RecordKey.ERROR, RecordKey.RELEASES}
+        assert all(e["kind"] == "refusal" for e in self.entries()[before:])
+
+
 def _scaling(spec) -> dict:
     s = scaling_from_bounds(np.asarray(spec.data_schema.encoded_bounds()))
     return {"scale_mean": s.mean.tolist(), "scale_std": s.std.tolist(), "scale_method": s.method}
@@ -494,3 +503,63 @@ class TestAnalyticsOrder:
         refused(send({"fedcollab.kind": "secagg", "secagg.stage": "advertise", "secagg.round": 2}))  # another round
         refused(send({"fedcollab.kind": "analytics.check", "query": query}, run="another-run"))
         assert releases() == 1  # nothing more released
+
+
+class TestHeResume:
+    """A resumed HE run reloads the run's key from the node's folder (stage `rejoin`): only where the node's own setup resumed, once,
+    and the node still checks that the checkpointed aggregate holds its own upload (attack 6) in the new Flower run."""
+
+    def _resumed(self, node: Node, run: int) -> None:
+        node.context = Context(run_id=run, node_id=7, node_config={"partner": PARTNER}, state=RecordDict(), run_config={})
+        reply = node.send("query", {"fedcollab.kind": "setup", "scaling": "public_bounds", "fedcollab.resume_after": 1})
+        assert RecordKey.ERROR not in reply.content.config_records
+
+    def _install_key(self, node: Node):
+        from fedcollab.core import write_private
+        from fedcollab.crypto import new_secret_context
+        from fedcollab.node._he import he_dir, params_of
+
+        ctx = new_secret_context(params_of(node.spec))
+        write_private(he_dir(node.home.root) / f"{RUN}.ctx", ctx.secret_bytes())  # as `install` left it in the interrupted run
+        return ctx
+
+    def test_rejoin_only_in_a_resumed_run_with_the_key_once(self, tmp_path):
+        node = Node(_spec("heart-disease-he.toml"), tmp_path)
+        _setup(node)
+        ctx = self._install_key(node)
+        rejoin = {"fedcollab.kind": "he", "he.stage": "rejoin"}
+        before = len(node.entries())
+        node.rejected(node.send("query", rejoin), NodeErrorCode.BAD_REQUEST, before)  # this run did not resume
+        self._resumed(node, 2)
+        reply = node.send("query", rejoin)
+        assert str(reply.content.config_records["he"]["fingerprint"]) == ctx.fingerprint
+        assert "public_context" not in reply.content.config_records["he"]  # hungary is not the key holder
+        custody = [e for e in node.entries() if e["kind"] == "key_custody"]
+        assert len(custody) == 1 and custody[0]["body"]["fingerprint"] == ctx.fingerprint and "reloaded" in custody[0]["body"]["event"]
+        before = len(node.entries())
+        node.rejected(node.send("query", rejoin), NodeErrorCode.BAD_REQUEST, before)  # a second reload
+        (node.home.root / "he" / f"{RUN}.ctx").unlink()
+        self._resumed(node, 3)
+        before = len(node.entries())
+        node.rejected(node.send("query", rejoin), NodeErrorCode.BAD_REQUEST, before)  # no key for this run in the folder
+
+    def test_own_upload_still_required_after_the_resume(self, tmp_path):
+        """The node's round-1 upload hash is kept in its folder: a checkpointed round-1 aggregate without it is refused
+        (BAD_MODEL_UPDATE) in the resumed run, before any training, although the new Flower context knows nothing of round 1."""
+        from fedcollab.crypto import aggregate_message, sign
+        from fedcollab.node._he import record_upload
+
+        node = Node(_spec("heart-disease-he.toml"), tmp_path)
+        _setup(node)
+        ctx = self._install_key(node)
+        record_upload(node.home.root, RUN, 1, "ab" * 32)  # what train of round 1 recorded in the interrupted run
+        self._resumed(node, 2)
+        node.send("query", {"fedcollab.kind": "he", "he.stage": "rejoin"})
+        cts = ctx.encrypt(np.zeros(8, dtype=np.int64))
+        included = sorted(f"{p}:{'cd' * 32}" for p in ("cleveland", "switzerland", "va-long-beach", "x"))
+        coordinator = NodeHome(tmp_path / "coord").key()
+        agg = {"ct": cts, "round": 1, "included": included,
+               "signature": sign(coordinator, aggregate_message(run_id=RUN, round_=1, ciphertexts=cts, included=included))}
+        before = len(node.entries())
+        reply = node.send("train", {"server-round": 2, "he.total_rows": 1e6, **_scaling(node.spec)}, extra={"he.aggregate": agg})
+        node.rejected(reply, NodeErrorCode.BAD_MODEL_UPDATE, before)
