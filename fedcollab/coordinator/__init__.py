@@ -13,7 +13,7 @@ _WHERE = {
     "PollingGrid": "_exchange",
     "privacy_section": "_guarantees",
     "COORDINATOR": "_ledger", "RunLedger": "_ledger",
-    "CoordinatorRecorder": "_server", "RoundRecord": "_server", "make_server_app": "_server", "load_checkpoint": "_server",
+    "CoordinatorRecorder": "_server", "RoundRecord": "_rounds", "make_server_app": "_server", "load_checkpoint": "_server",
     # cross-silo analytics
     "AnalyticsRecorder": "_analytics", "default_n_honest": "_analytics",
     "make_profile_server_app": "_analytics", "make_query_server_app": "_analytics",

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from fedcollab.core import NodeError, NodeErrorCode, ProtocolError, TransportError, get_logger
+from fedcollab.coordinator._exchange import code_name
 from fedcollab.coordinator._ledger import RunLedger
 from fedcollab.coordinator._secagg import secure_sum
 from fedcollab.protocols.wire import RecordKey
@@ -41,13 +42,6 @@ class AnalyticsRecorder:
     failures: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     finished: bool = False
-
-
-def _code_name(code: int) -> str:
-    try:
-        return NodeErrorCode(code).name
-    except ValueError:
-        return "FLOWER_ERROR"
 
 
 def default_n_honest(spec: Spec, query: QuerySpec) -> int:
@@ -107,7 +101,7 @@ def _make(spec: Spec, recorder: AnalyticsRecorder, ledger: RunLedger, timeout: f
                 failed[name] = int(NodeErrorCode.INTERNAL)
         for name, code in failed.items():
             recorder.failures[name] = code
-            log.warning("partner %s replied with error code %d (%s)", name, code, _code_name(code))
+            log.warning("partner %s replied with error code %d (%s)", name, code, code_name(code))
         return ok, failed
 
     @app.main()
@@ -143,12 +137,12 @@ def make_query_server_app(spec: Spec, query: QuerySpec, recorder: AnalyticsRecor
         ok, failed = exchange(grid, node_ids, {"fedcollab.kind": "analytics.check", **cfg})
         if failed:
             raise NodeError("the query was refused; nothing was released:", codes=failed,
-                            problems=[f"{k}: code {v} ({_code_name(v)})" for k, v in sorted(failed.items())])
+                            problems=[f"{k}: code {v} ({code_name(v)})" for k, v in sorted(failed.items())])
         stage("answer")
         ok, failed = exchange(grid, node_ids, {"fedcollab.kind": "analytics.query", **cfg})
         if failed:
             raise NodeError("some nodes failed to answer the query; no aggregate was computed:", codes=failed,
-                            problems=[f"{k}: code {v} ({_code_name(v)})" for k, v in sorted(failed.items())])
+                            problems=[f"{k}: code {v} ({code_name(v)})" for k, v in sorted(failed.items())])
         recorder.min_group_size = max(int(m.content.config_records[RecordKey.INFO]["min_group_size"]) for m in ok.values())
         plan = plan_query(query, spec.data_schema, n_honest=n_honest)
         if any(int(m.content.config_records[RecordKey.INFO]["length"]) != plan.layout.length for m in ok.values()):

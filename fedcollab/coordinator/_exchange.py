@@ -1,4 +1,11 @@
-"""One way the coordinator waits for replies: push, then poll with a short interval that grows.
+"""The coordinator's exchanges: one way to wait for replies (:class:`PollingGrid`) and one exchange helper (:class:`Link`).
+
+:class:`Link` is how every training protocol's coordinator side talks to the nodes: one message
+per partner, replies by partner, coded refusals and dropouts recorded once, every reply's ledger
+entries accepted into the run ledger. The round loop, its strategies (plain, SecAgg+, HE) and the
+tree steps all use it.
+
+:class:`PollingGrid`: push, then poll with a short interval that grows.
 
 Flower's own ``send_and_receive`` sleeps a fixed interval between polls (0.1 s in the simulation
 engine's in-memory Grid, 3 s in the deployment Grid), so every exchange costs at least that much
@@ -12,6 +19,7 @@ the exchange: Ctrl-C in simulation).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -60,3 +68,113 @@ class PollingGrid:
             time.sleep(wait if end is None else min(wait, max(end - now, 0.0)))
             wait = min(wait * POLL_GROWTH, self._longest)
         return out
+
+
+class Link:
+    """One run's exchanges with its nodes, written once for every protocol's coordinator side.
+
+    ``exchange(rnd, message_type, {partner: (arrays, config, extra records)})`` pushes one message
+    per partner, waits ``timeout`` for the replies and returns them by partner; a failed, refused
+    or missing reply is a dropout (logged, recorded in ``recorder.failures``, absent from the
+    result). Every reply's ledger entries are accepted into the run ledger (``collect_lines``).
+    ``node_names`` (Flower node id -> partner) is filled once setup has named the nodes.
+    """
+
+    def __init__(self, grid: Any, *, ledger: Any, recorder: Any, timeout: float, partner_names: set[str]) -> None:
+        self.grid, self.ledger, self.recorder, self.timeout = grid, ledger, recorder, timeout
+        self.partner_names = partner_names
+        self.node_names: dict[int, str] = {}
+
+    def collect_lines(self, m: Any, party: str, rnd: int) -> None:
+        """Accept a reply's ledger entries (verified against the party's roster key) into the run ledger."""
+        from fedcollab.core import ProtocolError
+        from fedcollab.protocols.wire import RecordKey
+
+        rec = m.content.config_records.get(RecordKey.RELEASES)
+        if rec is None:
+            if RecordKey.ERROR in m.content.config_records:
+                return
+            raise ProtocolError("a reply without its ledger entries")
+        self.ledger.accept(json.loads(str(rec["lines"])), party=party, round=rnd)
+
+    def split_replies(self, replies: list[Any], rnd: int, node_names: dict[int, str] | None = None) -> tuple[list[Any], dict[str, int]]:
+        """``(answered replies, {partner: code})``: Flower errors and nodes' coded refusals are failures, recorded once."""
+        from fedcollab.core import NodeErrorCode, get_logger
+        from fedcollab.protocols.wire import RecordKey
+
+        names = self.node_names if node_names is None else node_names
+        ok: list[Any] = []
+        failed: dict[str, int] = {}
+        for m in replies:
+            name = names.get(m.metadata.src_node_id, f"node-{m.metadata.src_node_id}")
+            if m.has_error():
+                failed[name] = int(m.error.code) if m.error.code else int(NodeErrorCode.INTERNAL)
+                continue
+            if RecordKey.ERROR in m.content.config_records:
+                err = m.content.config_records[RecordKey.ERROR]
+                claimed = str(err.get("partner", ""))
+                if m.metadata.src_node_id not in names and claimed in self.partner_names and claimed not in failed:
+                    name = claimed  # before setup: the refusing node's partner name instead of its Flower node id
+                failed[name] = int(err["code"])
+                if name in names.values():
+                    self.collect_lines(m, name, rnd)  # the node's refusal entries
+            else:
+                ok.append(m)
+        for name, code in failed.items():
+            self.recorder.failures.setdefault(name, []).append(code)
+            get_logger("coordinator").warning("partner %s replied with error code %d (%s)", name, code, code_name(code))
+        return ok, failed
+
+    def send_and_split(self, msgs: list[Any], rnd: int, node_names: dict[int, str] | None = None) -> tuple[list[Any], dict[str, int]]:
+        """Push ``msgs``, wait for the replies, split them (``split_replies``)."""
+        return self.split_replies(list(self.grid.send_and_receive(msgs, timeout=self.timeout)), rnd, node_names)
+
+    def exchange(self, rnd: int, message_type: str, per_node: dict[str, tuple[Any, dict[str, Any], dict[str, dict[str, Any]]]]) -> dict[str, Any]:
+        """One exchange with per-node content (arrays or None, config, extra ConfigRecords); replies by partner."""
+        from flwr.app import ConfigRecord, Message, RecordDict
+
+        from fedcollab.core import get_logger
+        from fedcollab.protocols.wire import RecordKey
+
+        by_name = {v: k for k, v in self.node_names.items()}
+        msgs = []
+        for p, (arr, cfg, extra) in per_node.items():
+            content = RecordDict({RecordKey.CONFIG: ConfigRecord(cfg), **{k: ConfigRecord(v) for k, v in extra.items()}})
+            if arr is not None:
+                content[RecordKey.ARRAYS] = arr
+            msgs.append(Message(content=content, message_type=message_type, dst_node_id=by_name[p]))
+        got, failed = self.send_and_split(msgs, rnd)
+        if failed:
+            get_logger("coordinator").warning("round %d %s: no answer from %s", rnd, message_type, sorted(failed))
+        out = {}
+        for m in got:
+            name = self.node_names[m.metadata.src_node_id]
+            if RecordKey.RELEASES in m.content.config_records:
+                self.collect_lines(m, name, rnd)
+            out[name] = m
+        return out
+
+    def secagg_sender(self, rnd: int) -> Callable[[str, dict[str, dict[str, Any]]], dict[str, dict[str, Any]]]:
+        """``send(stage, {partner: request}) -> {partner: reply}``: one stand-alone exchange of a SecAgg+ stage of round ``rnd``."""
+        from flwr.app import MessageType
+
+        def send(stage: str, requests: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+            cfg = {"fedcollab.kind": "secagg", "fedcollab.run_id": self.ledger.run_id, "secagg.stage": stage, "secagg.round": rnd}
+            got = self.exchange(rnd, MessageType.QUERY, {p: (None, cfg, {"secagg": r}) for p, r in requests.items()})
+            return {p: dict(m.content.config_records["secagg"]) for p, m in got.items() if "secagg" in m.content.config_records}
+
+        return send
+
+    def roster_keys(self) -> dict[str, str]:
+        """Every roster party's Ed25519 public key (hex)."""
+        return {k: v.signing_key for k, v in self.ledger.roster.parties.items()}
+
+
+def code_name(code: int) -> str:
+    """The node error code's name (``FLOWER_ERROR`` for a Flower error code)."""
+    from fedcollab.core import NodeErrorCode
+
+    try:
+        return NodeErrorCode(code).name
+    except ValueError:
+        return "FLOWER_ERROR"

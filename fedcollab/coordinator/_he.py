@@ -18,7 +18,6 @@ import binascii
 import json
 import os
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from fedcollab.crypto import (
     upload_hash,
     verify,
 )
-from fedcollab.protocols.evaluation import pooled_metrics
+from fedcollab.coordinator._rounds import Trained, metric_parts
 from fedcollab.protocols.statistics import Scaling, scaling_from_bounds
 from fedcollab.protocols.he import flatten_per_party, unflatten_per_party
 from fedcollab.spec import Spec
@@ -46,9 +45,6 @@ log = get_logger("coordinator.he")
 _STATS_LIMBS = 5
 #: Flower's gRPC message limit (deployment); a round's message must stay below it.
 GRPC_MAX_MESSAGE_BYTES = 536_870_912
-
-#: exchange(grid, node_names, round, message_type, {partner: (arrays, config, extra records)}) -> {partner: reply}
-Exchange = Callable[..., dict[str, Any]]
 
 
 def accept_public_context(spec: Spec, published: dict[str, Any], *, run_id: str, holder_key: str) -> tuple[PublicContext, str]:
@@ -175,19 +171,22 @@ def read_encrypted_checkpoint(path: Path) -> tuple[int, dict[str, Any], str]:
 
 
 class HeSession:
-    """One run's HE state at the coordinator: the public context, the key holder's fingerprint, the round loop."""
+    """One run's HE state at the coordinator: key custody, the encrypted statistics, and the rounds as the round loop's strategy.
 
-    def __init__(self, spec: Spec, *, grid: Any, node_names: dict[int, str], exchange: Exchange, ledger: Any, recorder: Any,
-                 message_type: Any) -> None:
+    ``link`` is the run's :class:`~fedcollab.coordinator._exchange.Link`. After key custody
+    (:meth:`distribute_keys`, or :meth:`resume_from` in a resumed run) and :meth:`start_rounds`,
+    :func:`~fedcollab.coordinator._rounds.run_rounds` drives :meth:`train`, :meth:`checkpoint`,
+    :meth:`evaluate` and :meth:`finish`.
+    """
+
+    def __init__(self, spec: Spec, *, link: Any, message_type: Any) -> None:
         self.spec = spec
-        self.grid = grid
-        self.node_names = node_names
-        self.exchange = exchange
-        self.ledger = ledger
-        self.recorder = recorder
+        self.link = link
+        self.ledger = link.ledger
+        self.recorder = link.recorder
         self.mt = message_type
-        self.run_id = ledger.run_id
-        self.partners = sorted(node_names.values())
+        self.run_id = self.ledger.run_id
+        self.partners = sorted(link.node_names.values())
         names = [p.name for p in spec.partners]
         self.holder = spec.he.resolved_key_holder(names)
         self.writer = spec.he.resolved_model_writer(names)
@@ -204,7 +203,7 @@ class HeSession:
         return {"fedcollab.kind": "he", "fedcollab.run_id": self.run_id, "he.stage": stage}
 
     def _send(self, rnd: int, mt: Any, per: dict[str, tuple[Any, dict[str, Any], dict[str, dict[str, Any]]]]) -> dict[str, Any]:
-        return self.exchange(self.grid, self.node_names, rnd, mt, per)
+        return self.link.exchange(rnd, mt, per)
 
     def _require(self, got: dict[str, Any], want: list[str], what: str) -> None:
         missing = sorted(set(want) - set(got))
@@ -291,67 +290,73 @@ class HeSession:
         # The coordinator never sees the statistics: the scaling lives at the partners.
         return Scaling(mean=np.zeros(0), std=np.zeros(0), method=scaling_name)
 
-    # --- rounds --------------------------------------------------------------------------------------
-    def rounds(self, arrays: Any, scaling: Scaling, *, scaling_config: Callable[[Scaling, int], Any], min_partners: int) -> None:
-        """Train (pre-weighted encrypted uploads) -> add -> sign -> evaluate, every round; then the final model at the writer."""
-        from fedcollab.coordinator._server import RoundRecord
-
+    # --- rounds (the round loop's strategy: fedcollab.coordinator._rounds) ------------------------------
+    def start_rounds(self, arrays: Any, scaling: Scaling, *, scaling_config: Callable[[int], Any], min_partners: int) -> HeSession:
+        """Ready the rounds: the model's size (from the seeded initial ``arrays``), the scaling to send, the minimum of partners."""
         assert self.ctx is not None
-        spec, rec = self.spec, self.recorder
-        n_params = int(sum(arrays[k].numpy().size for k in arrays.keys()))
-        n_ct = -(-(n_params + 1) // self.ctx.params.slots)
-        total_rows = float(sum(rec.partners.values()))
-        agg = self.resumed_aggregate
-        rounds = spec.training.rounds
-        for rnd in range(1 + (int(agg["round"]) if agg is not None else 0), rounds + 1):
-            t0 = time.perf_counter()
-            cfg = dict(scaling_config(scaling, rnd))
-            cfg["he.total_rows"] = total_rows
-            if self.node_scaling:
-                cfg["he.scaling"] = "node"
-            if spec.training.strategy == "fedprox":
-                cfg["proximal-mu"] = spec.training.proximal_mu
-            extra = {"he.aggregate": agg} if agg is not None else {}
-            got = self._send(rnd, self.mt.TRAIN, {p: (None, cfg, extra) for p in self.partners})
-            failed = {p: c[-1] for p, c in rec.failures.items() if p not in got and p in self.partners}
-            uploads: dict[str, tuple[str, list[bytes], bytes]] = {}
-            for p, m in got.items():
-                try:
-                    uploads[p] = verify_upload(m.content.config_records.get("he.upload"), run_id=self.run_id, round_=rnd, partner=p,
-                                               roster_key=self._roster(p))
-                except (CryptoError, ProtocolError) as exc:
-                    self._reject(p, rnd, failed, exc)
-            new, rejected = aggregate_uploads(self.ctx, uploads, run_id=self.run_id, round_=rnd, n_ciphertexts=n_ct,
-                                              signing_key=self.ledger.own.key)
-            for p, why in rejected.items():
-                self._reject(p, rnd, failed, CryptoError(why))
-            included = [x.split(":", 1)[0] for x in new["included"]]
-            if len(included) < min_partners:
-                raise NodeError(f"round {rnd}: {len(included)} valid encrypted upload(s), at least {min_partners} needed", codes=failed)
-            agg = new
-            if rec.checkpoint_dir is not None:
-                write_encrypted_checkpoint(rec.checkpoint_dir, agg, fingerprint=self.fingerprint)
-            parts: dict[str, dict[str, Any]] = {}
-            if rnd % spec.training.evaluate_every == 0 or rnd == rounds:
-                ecfg = dict(scaling_config(scaling, rnd))
-                if self.node_scaling:
-                    ecfg["he.scaling"] = "node"
-                egot = self._send(rnd, self.mt.EVALUATE, {p: (None, ecfg, {"he.aggregate": agg}) for p in self.partners})
-                for p, m in egot.items():
-                    mr = m.content.metric_records["metrics"]
-                    parts[p] = {k: mr[k] for k in ("n", "correct", "loss_sum", "hist_pos", "hist_neg")}
-                failed.update({p: rec.failures[p][-1] for p in self.partners if p not in egot and p not in failed and p in rec.failures})
-            per = {k: pooled_metrics([v]) for k, v in sorted(parts.items())}
-            record = RoundRecord(rnd, time.perf_counter() - t0, sorted(included), failed, pooled_metrics(list(parts.values())) if parts else None, per)
-            rec.rounds.append(record)
-            if rec.on_round:
-                rec.on_round(record)
-        assert agg is not None
-        cfg = {**self._base("final"), "server-round": rounds}
-        got = self._send(rounds, self.mt.QUERY, {self.writer: (None, cfg, {"he.aggregate": agg})})
+        self.n_params = int(sum(arrays[k].numpy().size for k in arrays.keys()))
+        self.n_ct = -(-(self.n_params + 1) // self.ctx.params.slots)
+        self.total_rows = float(sum(self.recorder.partners.values()))
+        self.scaling_config, self.min_partners = scaling_config, min_partners
+        self.agg: dict[str, Any] | None = self.resumed_aggregate
+        return self
+
+    def _cfg(self, rnd: int) -> dict[str, Any]:
+        cfg = dict(self.scaling_config(rnd))
+        if self.node_scaling:
+            cfg["he.scaling"] = "node"
+        return cfg
+
+    def train(self, rnd: int, evaluate_previous: int | None) -> Any:
+        """Pre-weighted encrypted uploads -> verified -> added -> signed: the round's aggregate, which only the partners can open."""
+        assert self.ctx is not None
+        rec = self.recorder
+        cfg = self._cfg(rnd)
+        cfg["he.total_rows"] = self.total_rows
+        if self.spec.training.strategy == "fedprox":
+            cfg["proximal-mu"] = self.spec.training.proximal_mu
+        extra = {"he.aggregate": self.agg} if self.agg is not None else {}
+        got = self._send(rnd, self.mt.TRAIN, {p: (None, cfg, extra) for p in self.partners})
+        failed = {p: c[-1] for p, c in rec.failures.items() if p not in got and p in self.partners}
+        uploads: dict[str, tuple[str, list[bytes], bytes]] = {}
+        for p, m in got.items():
+            try:
+                uploads[p] = verify_upload(m.content.config_records.get("he.upload"), run_id=self.run_id, round_=rnd, partner=p,
+                                           roster_key=self._roster(p))
+            except (CryptoError, ProtocolError) as exc:
+                self._reject(p, rnd, failed, exc)
+        new, rejected = aggregate_uploads(self.ctx, uploads, run_id=self.run_id, round_=rnd, n_ciphertexts=self.n_ct,
+                                          signing_key=self.ledger.own.key)
+        for p, why in rejected.items():
+            self._reject(p, rnd, failed, CryptoError(why))
+        included = [x.split(":", 1)[0] for x in new["included"]]
+        if len(included) < self.min_partners:
+            raise NodeError(f"round {rnd}: {len(included)} valid encrypted upload(s), at least {self.min_partners} needed", codes=failed)
+        self.agg = new
+        return Trained(sorted(included), failed, None)
+
+    def checkpoint(self, directory: Path, rnd: int) -> None:
+        assert self.agg is not None
+        write_encrypted_checkpoint(directory, self.agg, fingerprint=self.fingerprint)
+
+    def evaluate(self, rnd: int, evaluating: bool, failed: dict[str, int]) -> dict[str, dict[str, Any]]:
+        """Every partner decrypts the round's aggregate (after its own checks) and evaluates it on its test split."""
+        if not evaluating:
+            return {}
+        egot = self._send(rnd, self.mt.EVALUATE, {p: (None, self._cfg(rnd), {"he.aggregate": self.agg}) for p in self.partners})
+        parts = {p: metric_parts(m.content.metric_records["metrics"]) for p, m in egot.items()}
+        rec = self.recorder
+        failed.update({p: rec.failures[p][-1] for p in self.partners if p not in egot and p not in failed and p in rec.failures})
+        return parts
+
+    def finish(self, last_round: int) -> None:
+        """The final model: decrypted and written by the model writer (a partner), never by the coordinator."""
+        assert self.agg is not None
+        cfg = {**self._base("final"), "server-round": last_round}
+        got = self._send(last_round, self.mt.QUERY, {self.writer: (None, cfg, {"he.aggregate": self.agg})})
         self._require(got, [self.writer], "final model")
         self.model_sha256 = str(got[self.writer].content.config_records["he"]["model_sha256"])
-        self.ledger.own.append(kind="key_custody", run_id=self.run_id, round=rounds, body={
+        self.ledger.own.append(kind="key_custody", run_id=self.run_id, round=last_round, body={
             "key": "he-secret", "event": "final model decrypted and written by the model writer", "party": "coordinator",
             "model_writer": self.writer, "model_sha256": self.model_sha256, "fingerprint": self.fingerprint})
 
