@@ -34,6 +34,7 @@ import numpy as np
 
 from fedcollab.core import NodeError, NodeErrorCode, ProtocolError, get_logger
 from fedcollab.protocols.evaluation import PooledMetrics, pooled_metrics
+from fedcollab.protocols.quantize import flatten_arrays, unflatten_arrays
 from fedcollab.protocols.wire import RecordKey
 from fedcollab.spec import Spec
 
@@ -143,20 +144,16 @@ def run_rounds(agg: Aggregation, spec: Spec, recorder: Any, *, first: int) -> No
 
 
 def flat_of(rec: Any, names: list[str]) -> np.ndarray:
-    """The named arrays of an ArrayRecord as one float64 vector, in order."""
-    return np.concatenate([rec[k].numpy().astype(np.float64).ravel() for k in names])
+    """The named arrays of an ArrayRecord as one float64 vector, in order (the one codec: ``quantize.flatten_arrays``)."""
+    return flatten_arrays(rec, names)
 
 
 def record_from_flat(flat: np.ndarray, like: Any, names: list[str]) -> Any:
-    """An ArrayRecord shaped and typed like ``like`` holding ``flat``."""
+    """An ArrayRecord shaped and typed like ``like`` holding ``flat`` (``quantize.unflatten_arrays``)."""
     from flwr.app import Array, ArrayRecord
 
-    out, offset = {}, 0
-    for k in names:
-        ref = like[k].numpy()
-        out[k] = Array(np.ascontiguousarray(flat[offset:offset + ref.size].reshape(ref.shape).astype(ref.dtype)))
-        offset += ref.size
-    return ArrayRecord(array_dict=out)
+    arrays = unflatten_arrays(flat, OrderedDict((k, like[k].numpy()) for k in names))
+    return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
 def numpy_of(arrays: Any, names: list[str]) -> OrderedDict[str, np.ndarray]:

@@ -420,10 +420,11 @@ class NodeRuntime:
         """
         from fedcollab.protocols.ddg import ddg_encode, ddg_generator
         from fedcollab.protocols.partner_dp import plan_distributed
+        from fedcollab.protocols.quantize import flatten_arrays
 
         self.check_participants(participants, server_round=server_round, stage="masked-input")
         names = list(old)
-        update = np.concatenate([np.asarray(new[k], dtype=np.float64).ravel() - np.asarray(old[k], dtype=np.float64).ravel() for k in names])
+        update = flatten_arrays(new, names) - flatten_arrays(old, names)
         plan = plan_distributed(self.spec, d=update.size)
         vector = ddg_encode(update, clip_l2=plan.clip, gamma=plan.gamma, beta=plan.beta, n_noise_shares=plan.n_honest,
                             sigma_total=plan.sigma_total, bits=plan.bits, generator=ddg_generator(), n_parties=plan.n_parties,

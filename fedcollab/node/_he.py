@@ -50,6 +50,7 @@ from fedcollab.crypto import (
     upload_hash,
     verify,
 )
+from fedcollab.protocols.quantize import flatten_arrays, unflatten_arrays
 from fedcollab.protocols.he import (
     decode_statistics_limbs,
     decode_weighted,
@@ -212,7 +213,7 @@ def make_upload(ctx: SecretContext, vector: np.ndarray, *, run_id: str, round_: 
 def encrypt_model(spec: Spec, ctx: SecretContext, arrays: dict[str, np.ndarray], *, weight: float, run_id: str, round_: int, me: str,
                   signing_key: Ed25519PrivateKey) -> dict[str, Any]:
     """The pre-weighted, fixed-point model as one flat vector filling every slot, encrypted and signed."""
-    flat = np.concatenate([np.asarray(v, dtype=np.float64).ravel() for v in arrays.values()])
+    flat = flatten_arrays(arrays)
     vec = encode_weighted(flat, weight=weight, clip=spec.he.clip, scale=spec.he.scale, max_abs=ctx.params.max_abs)
     return make_upload(ctx, vec, run_id=run_id, round_=round_, me=me, signing_key=signing_key)
 
@@ -293,14 +294,9 @@ def decode_model(total: np.ndarray, template: dict[str, np.ndarray], *, scale: f
     mean, weight = decode_weighted(total, scale=scale)
     if not 0 < weight <= 1.0 + 1e-3:
         raise UpdateError("the aggregate's total weight is outside (0, 1]")
-    out: OrderedDict[str, np.ndarray] = OrderedDict()
-    offset = 0
-    for k, v in template.items():
-        out[k] = mean[offset:offset + v.size].reshape(v.shape).astype(v.dtype)
-        offset += v.size
-    if offset != mean.size:
+    if mean.size != sum(np.size(v) for v in template.values()):
         raise UpdateError("the aggregate does not have the model's size")
-    return out
+    return unflatten_arrays(mean, template)
 
 
 def fedadam_step(current: dict[str, np.ndarray], aggregated: dict[str, np.ndarray], m: dict[str, np.ndarray] | None,

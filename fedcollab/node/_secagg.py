@@ -13,15 +13,10 @@ import numpy as np
 
 from fedcollab.core import PolicyRefused, ProtocolError
 from fedcollab.protocols import secagg
-from fedcollab.protocols.quantize import clip_vector, encode_update
+from fedcollab.protocols.quantize import clip_vector, encode_update, flatten_arrays
 from fedcollab.spec import Spec
 
 BITS = 32
-
-
-def flatten(arrays: dict[str, np.ndarray], names: list[str]) -> np.ndarray:
-    """One float64 vector of the named arrays, in order."""
-    return np.concatenate([np.asarray(arrays[k], dtype=np.float64).ravel() for k in names])
 
 
 def encode_for_secagg(spec: Spec, *, new: dict[str, np.ndarray], old: dict[str, np.ndarray], weight: float, max_weight: float,
@@ -33,7 +28,7 @@ def encode_for_secagg(spec: Spec, *, new: dict[str, np.ndarray], old: dict[str, 
     values, never a coordinator's request.
     """
     names = list(old)
-    update = flatten(new, names) - flatten(old, names)
+    update = flatten_arrays(new, names) - flatten_arrays(old, names)
     if clip_l2 is not None:
         update = clip_vector(update, bound=clip_l2, norm="l2")
     return encode_update(update, weight=weight, max_weight=max_weight, clip=spec.secagg.clip, scale=spec.secagg.scale,

@@ -8,12 +8,18 @@ sum back as signed and divides by the scale. The sum is exact as long as no part
 FedAvg weights travel inside the masked vector: :func:`pack` sends ``(w·x, w)``, so the
 aggregate is ``(Σ w·x, Σ w)`` and the coordinator never sees a single node's weight.
 :func:`encode_update` / :func:`decode_update` do the whole node / coordinator path.
+
+Model arrays become one vector and back in one way, for every protocol (SecAgg+, distributed DP,
+HE, central DP): :func:`flatten_arrays` (named arrays, in order, as float64) and
+:func:`unflatten_arrays` (shaped and typed like a template, the size checked).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
@@ -23,6 +29,40 @@ from fedcollab.privacy.mechanisms import clip_l2
 Bits = Literal[32, 64]
 _DTYPES: dict[int, type[np.unsignedinteger]] = {32: np.uint32, 64: np.uint64}
 _SIGNED: dict[int, type[np.signedinteger]] = {32: np.int32, 64: np.int64}
+
+
+def flatten_arrays(arrays: Mapping[str, Any], names: Sequence[str] | None = None) -> np.ndarray:
+    """One float64 vector of the named arrays, in order (``names``: all, in the mapping's order).
+
+    The arrays are numpy arrays or anything with ``.numpy()`` (Flower's ``Array``).
+    """
+    keys = list(arrays) if names is None else list(names)
+    if not keys:
+        return np.zeros(0)
+    return np.concatenate([np.asarray(a.numpy() if hasattr(a, "numpy") else a, dtype=np.float64).ravel()
+                           for a in (arrays[k] for k in keys)])
+
+
+def unflatten_arrays(flat: np.ndarray, like: Mapping[str, Any]) -> OrderedDict[str, np.ndarray]:
+    """``flat`` as arrays shaped and typed like ``like`` (same names, same order).
+
+    Raises
+    ------
+    UpdateError
+        ``flat`` does not have the template's total size.
+    """
+    flat = np.asarray(flat)
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
+    offset = 0
+    for k, ref in like.items():
+        ref = np.asarray(ref.numpy() if hasattr(ref, "numpy") else ref)
+        if offset + ref.size > flat.size:
+            raise UpdateError(f"a vector of {flat.size} values, expected {sum(np.size(v.numpy() if hasattr(v, 'numpy') else v) for v in like.values())}")
+        out[k] = flat[offset:offset + ref.size].reshape(ref.shape).astype(ref.dtype)
+        offset += ref.size
+    if offset != flat.size:
+        raise UpdateError(f"a vector of {flat.size} values, expected {offset}")
+    return out
 
 
 def dtype_for(bits: int) -> np.dtype:

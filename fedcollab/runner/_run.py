@@ -198,7 +198,8 @@ def run(
         Called with each round's record once the round is done, before the next one starts.
     resume : bool
         Continue the failed or interrupted run in ``out`` from its last checkpoint (same run id
-        and ledger; plain or secagg aggregation, with or without DP, trees included (not he), as ``submit --resume`` does).
+        and ledger; every aggregation mode, plain, secagg or he, with or without DP, trees included,
+        as ``submit --resume`` does).
     data : dict, optional
         Partner name -> pandas DataFrame of its rows, used instead of the spec's ``source`` (a
         notebook's frames). Each frame is validated against the spec's schema before the

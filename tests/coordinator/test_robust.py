@@ -18,7 +18,8 @@ from flwr.app import Array, ArrayRecord, Message, MessageType, Metadata, MetricR
 
 from fedcollab.coordinator._server import _strategy
 from fedcollab.core import SpecError
-from fedcollab.node._secagg import encode_for_secagg, flatten
+from fedcollab.node._secagg import encode_for_secagg
+from fedcollab.protocols.quantize import flatten_arrays as flatten
 from fedcollab.protocols.quantize import decode_update
 from fedcollab.spec import parse_spec
 from tests.conftest import ROOT

@@ -12,7 +12,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fedcollab.core import ConfigError, CryptoError, ProtocolError, UpdateError
 from fedcollab.crypto import combine_shares, expand_mask, share_from_bytes
 from fedcollab.protocols import secagg
-from fedcollab.protocols.quantize import check_headroom, clip_vector, decode_update, dequantize, encode_update, pack, quantize, unpack
+from fedcollab.protocols.quantize import (check_headroom, clip_vector, decode_update, dequantize, encode_update, flatten_arrays, pack,
+                                          quantize, unflatten_arrays, unpack)
 
 Stage = secagg.Stage
 NAMES = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot")
@@ -156,6 +157,25 @@ class TestQuantize:
 
 
 # --------------------------------------------------------------------------- config and graph
+
+
+class TestArrayCodec:
+    """The one vector codec every protocol uses for model arrays (SecAgg+, distributed DP, HE, central DP)."""
+
+    def test_round_trip_keeps_names_order_shapes_and_dtypes(self):
+        arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([7.5], dtype=np.float32), "k": np.array([[1, 2]], dtype=np.int64)}
+        flat = flatten_arrays(arrays)
+        assert flat.dtype == np.float64 and flat.tolist() == [0, 1, 2, 3, 4, 5, 7.5, 1, 2]
+        back = unflatten_arrays(flat, arrays)
+        assert list(back) == ["w", "b", "k"]
+        for k, v in arrays.items():
+            assert back[k].dtype == v.dtype and back[k].shape == v.shape and np.array_equal(back[k], v)
+        assert flatten_arrays(arrays, ["b", "w"]).tolist() == [7.5, 0, 1, 2, 3, 4, 5]
+
+    @pytest.mark.parametrize("size", [8, 10, 0])
+    def test_a_vector_of_another_size_is_refused(self, size):
+        with pytest.raises(UpdateError, match="expected 9"):
+            unflatten_arrays(np.zeros(size), {"w": np.zeros((3, 3))})
 
 
 class TestConfig:
