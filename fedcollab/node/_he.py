@@ -102,6 +102,17 @@ def record_upload(home: Path, run_id: str, round_: int, upload_hash_hex: str) ->
     write_private(path, json.dumps(done, sort_keys=True).encode())
 
 
+def forget_uploads_after(home: Path, run_id: str, round_: int) -> None:
+    """A resumed run's key reload: the uploads of rounds after the checkpoint's were the interrupted part's; they run again.
+
+    Without this, a node that does not upload a re-run round would still expect its old upload in that round's aggregate.
+    """
+    path = he_dir(home) / f"{run_id}-uploads.json"
+    if path.exists():
+        done = {k: v for k, v in json.loads(path.read_text()).items() if int(k) <= int(round_)}
+        write_private(path, json.dumps(done, sort_keys=True).encode())
+
+
 def my_upload(home: Path, run_id: str, round_: int) -> str | None:
     """The hash of this node's upload of ``round_`` (None: it sent none that round)."""
     path = he_dir(home) / f"{run_id}-uploads.json"
@@ -489,6 +500,7 @@ class HeHandlers:
                 raise ProtocolError("a key reload only opens a resumed run, once")
             ctx = secret_context(spec, home, run_id)
             st["he.rejoined"] = True
+            forget_uploads_after(home, run_id, int(st["he.resume_after"]))
             line = node.gate.ledger.append(kind="key_custody", run_id=run_id, round=0, body=custody_body(
                 spec, ctx, me=me, event=f"reloaded from this partner's folder: the run resumes after round {int(st['he.resume_after'])}")).decode()
             he_rec = publish_context(ctx, run_id=run_id, signing_key=key) if spec.he.resolved_key_holder(_partners(spec)) == me else {

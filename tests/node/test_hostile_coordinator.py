@@ -547,14 +547,16 @@ class TestHeResume:
         """The node's round-1 upload hash is kept in its folder: a checkpointed round-1 aggregate without it is refused
         (BAD_MODEL_UPDATE) in the resumed run, before any training, although the new Flower context knows nothing of round 1."""
         from fedcollab.crypto import aggregate_message, sign
-        from fedcollab.node._he import record_upload
+        from fedcollab.node._he import my_upload, record_upload
 
         node = Node(_spec("heart-disease-he.toml"), tmp_path)
         _setup(node)
         ctx = self._install_key(node)
         record_upload(node.home.root, RUN, 1, "ab" * 32)  # what train of round 1 recorded in the interrupted run
+        record_upload(node.home.root, RUN, 2, "ef" * 32)  # round 2, interrupted: it runs again after the resume
         self._resumed(node, 2)
         node.send("query", {"fedcollab.kind": "he", "he.stage": "rejoin"})
+        assert my_upload(node.home.root, RUN, 1) == "ab" * 32 and my_upload(node.home.root, RUN, 2) is None
         cts = ctx.encrypt(np.zeros(8, dtype=np.int64))
         included = sorted(f"{p}:{'cd' * 32}" for p in ("cleveland", "switzerland", "va-long-beach", "x"))
         coordinator = NodeHome(tmp_path / "coord").key()
