@@ -128,7 +128,15 @@ def run_rounds(agg: Aggregation, spec: Spec, recorder: Any, *, first: int) -> No
     pending: tuple[int, float, Trained] | None = None  # a round whose evaluation rides on the next train message
     for rnd in range(first, rounds + 1):
         t0 = time.perf_counter()
-        out = agg.train(rnd, pending[0] if pending is not None else None)
+        try:
+            out = agg.train(rnd, pending[0] if pending is not None else None)
+        except Exception:
+            if pending is not None:
+                # The previous round's record is kept even when this round fails (with the evaluation that came back, if any).
+                prnd, pt0, prev = pending
+                record_round(recorder, prnd, time.perf_counter() - pt0, prev.partners, prev.failed, getattr(agg, "deferred", None) or {},
+                             prev.arrays)
+            raise
         if pending is not None:
             prnd, pt0, prev = pending
             record_round(recorder, prnd, t0 - pt0, prev.partners, {**prev.failed, **out.failed}, out.deferred or {}, prev.arrays)
@@ -177,6 +185,8 @@ class PlainRounds:
         self.strategy, self.min_partners, self.fuse = strategy, min_partners, fuse_evaluate
         self.names = list(arrays.keys())
         self.central = PartnerDp(spec, link.ledger, d=flat_of(arrays, self.names).size) if spec.privacy.mode == "central" else None
+        #: The previous round's evaluation that rode on this round's train message (kept even if the round then fails).
+        self.deferred: dict[str, dict[str, Any]] | None = None
 
     def train(self, rnd: int, evaluate_previous: int | None) -> Trained:
         link, names = self.link, self.names
@@ -184,10 +194,10 @@ class PlainRounds:
         if evaluate_previous is not None:
             cfg["fedcollab.evaluate_round"] = evaluate_previous
         ok, failed = link.send_and_split(list(self.strategy.configure_train(rnd, self.arrays, cfg, link.grid)), rnd)
-        deferred = None
+        self.deferred = None
         if evaluate_previous is not None:
-            deferred = {link.node_names[m.metadata.src_node_id]: metric_parts(m.content.config_records["fedcollab.eval"])
-                        for m in ok if "fedcollab.eval" in m.content.config_records}
+            self.deferred = {link.node_names[m.metadata.src_node_id]: metric_parts(m.content.config_records["fedcollab.eval"])
+                             for m in ok if "fedcollab.eval" in m.content.config_records}
         checked = []
         for m in ok:
             name = link.node_names[m.metadata.src_node_id]
@@ -215,7 +225,7 @@ class PlainRounds:
             if new_arrays is None:
                 raise ProtocolError(f"round {rnd}: aggregation produced no model")
             self.arrays = new_arrays
-        return Trained(sorted(link.node_names[m.metadata.src_node_id] for m in checked), failed, numpy_of(self.arrays, names), deferred)
+        return Trained(sorted(link.node_names[m.metadata.src_node_id] for m in checked), failed, numpy_of(self.arrays, names), self.deferred)
 
     def checkpoint(self, directory: Path, rnd: int) -> None:
         write_checkpoint(directory, rnd, numpy_of(self.arrays, self.names))
