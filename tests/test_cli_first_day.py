@@ -154,6 +154,17 @@ def test_version():
     assert r.exit_code == 0 and r.stdout.strip() == f"fedcollab {__version__}"
 
 
+def test_library_run_of_a_vertical_spec_says_where_it_runs(tmp_path):
+    """`fedcollab.run` is the horizontal runner: a vertical spec is a ConfigError (exit 2) naming `layout` and the vertical
+    runner, before any partner's data is read (its columns would otherwise be reported missing)."""
+    import fedcollab
+    from fedcollab.core import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^layout: .*got layout = 'vertical'; run it with fedcollab.runner.run_vertical") as e:
+        fedcollab.run(ROOT / "protocols" / "heart-disease-vertical.toml", out=tmp_path)
+    assert e.value.exit_code == 2 and not any(tmp_path.iterdir())
+
+
 def test_resume_of_a_folder_without_a_run(tmp_path):
     """Every mode resumes (tests/e2e/test_resume_modes.py, test_he_simulation.py, test_gbdt_simulation.py); a folder with no
     interrupted run in it is a spec error (exit 2) that says what `--resume` expected, before any node is started."""

@@ -221,6 +221,10 @@ def run(
     if not isinstance(spec, Spec):
         spec_path = Path(spec)
         spec = load_spec(spec_path)
+    if spec.layout == "vertical":
+        # Different columns per party: PSI, then SecureBoost or vertical LR, with its own result (fedcollab/runner/_vertical.py).
+        raise ConfigError("layout: fedcollab.run runs horizontal specs (every partner holds the same columns), got layout = 'vertical'; "
+                          "run it with fedcollab.runner.run_vertical(spec, out=...) or `fedcollab run SPEC`")
     # Every partner's data, checked here first: in simulation the person running it is every
     # partner, so each sees their own message (partner, column, file) in a second.
     from fedcollab.runner._preflight import check_model_target, check_simulation_data
