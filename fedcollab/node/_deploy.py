@@ -36,6 +36,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -287,6 +288,37 @@ _APP_LOCK = threading.Lock()
 PULL_TIMEOUT = 20.0
 
 
+def task_heartbeat(client: Any, gone: threading.Event) -> Callable[[], bool]:
+    """A task's heartbeat to the SuperNode, as Flower's ``make_task_heartbeat_fn_http`` but without its SIGINT.
+
+    Flower's raises SIGINT in the whole process when the SuperNode no longer knows the task (it
+    has finished, or its run was interrupted and the task abandoned). In a ClientApp process of
+    its own that ends one task; here the tasks run in the node's process, whose SIGINT handler
+    stops the node, so a heartbeat racing a finished or abandoned task would shut the partner's
+    node down. This one only sets ``gone``; transport errors and 503/504 are retried (False).
+    """
+    import httpx
+    from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest  # pylint: disable=E0611
+
+    req = SendTaskHeartbeatRequest()
+
+    def fn() -> bool:
+        try:
+            res = client.SendTaskHeartbeat(req)
+        except httpx.TransportError:
+            return False
+        except httpx.HTTPStatusError as err:
+            if err.response.status_code in (httpx.codes.SERVICE_UNAVAILABLE, httpx.codes.GATEWAY_TIMEOUT):
+                return False
+            gone.set()  # e.g. the task's token is no longer valid: the task is over
+            return True
+        if not res.success:
+            gone.set()
+        return True
+
+    return fn
+
+
 def handle_task(node: NodeDeployment, egress: EgressLog, *, runtime_address: str, token: str, pulled: threading.Event | None = None,
                 stale: threading.Event | None = None) -> None:
     """Answer one task: pull, check the bundle, run the installed ClientApp, log egress, push.
@@ -295,7 +327,7 @@ def handle_task(node: NodeDeployment, egress: EgressLog, *, runtime_address: str
     the task's run was interrupted) pushes no reply; whatever it charged stays charged.
     """
     from flwr.common.constant import SubStatus
-    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.heartbeat import HeartbeatSender
     from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
@@ -306,7 +338,7 @@ def handle_task(node: NodeDeployment, egress: EgressLog, *, runtime_address: str
         interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), RuntimeTokenHttpInterceptor(token)],
         retry_invoker=make_simple_http_retry_invoker(),
     )
-    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    heartbeat = HeartbeatSender(task_heartbeat(client, threading.Event()))
     heartbeat.start()
     context = None
     sub_status, details = SubStatus.FAILED, "fedcollab node: task failed"
@@ -336,9 +368,10 @@ def handle_task(node: NodeDeployment, egress: EgressLog, *, runtime_address: str
         push_message(client, reply, context)
         sub_status, details = SubStatus.COMPLETED, ""
     finally:
-        push_task_output(client=client, context=context, sub_status=sub_status, details=details)
+        # The heartbeat stops before the task's output is pushed: after it, the SuperNode no longer knows the task.
         if heartbeat.is_running:
             heartbeat.stop()
+        push_task_output(client=client, context=context, sub_status=sub_status, details=details)
         client.close()
 
 

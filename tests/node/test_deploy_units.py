@@ -309,3 +309,65 @@ class TestSpecEnforcement:
         node.client_app({RUN_CONFIG_SPEC: encode_spec(text)}, flower_run_id=1)
         assert [s.name for s in built] == ["heart-disease-own-copy"]
         assert built[0].partners[[p.name for p in built[0].partners].index(self.PARTNER)].source.path == str((tmp_path / "data.csv").resolve())
+
+
+class TestTaskHeartbeat:
+    """A task's heartbeat must not stop the partner's node when the SuperNode no longer knows the task.
+
+    Found by the deployment suite: a heartbeat that raced a finished (or abandoned) task made Flower's
+    heartbeat function raise SIGINT in the node's process, whose handler stops the node; the node went
+    down in the middle of a run. The client below answers as the SuperNode's runtime API does for such a
+    task (``success = False``, or an HTTP error for a token it no longer accepts).
+    """
+
+    class _Runtime:
+        def __init__(self, success: bool = True, status: int | None = None) -> None:
+            self.success, self.status, self.calls = success, status, 0
+
+        def SendTaskHeartbeat(self, req):  # noqa: N802 - Flower's method name
+            import httpx
+            from types import SimpleNamespace
+
+            self.calls += 1
+            if self.status is not None:
+                request = httpx.Request("POST", "http://127.0.0.1/v1/runtime/send-task-heartbeat")
+                raise httpx.HTTPStatusError("refused", request=request, response=httpx.Response(self.status, request=request))
+            return SimpleNamespace(success=self.success)
+
+    def _sigints(self, fn):
+        import signal
+
+        got = []
+        old = signal.signal(signal.SIGINT, lambda *_: got.append(1))
+        try:
+            result = fn()
+        finally:
+            signal.signal(signal.SIGINT, old)
+        return result, len(got)
+
+    def test_flowers_own_heartbeat_raises_sigint_for_an_unknown_task(self):
+        """Why the node has its own: Flower 1.42's function raises SIGINT in the process (if this changes, ours can go)."""
+        from flwr.supercore.heartbeat import make_task_heartbeat_fn_http
+
+        _, sigints = self._sigints(make_task_heartbeat_fn_http(self._Runtime(success=False)))
+        assert sigints == 1
+
+    @pytest.mark.parametrize("success, status", [(False, None), (True, 401), (True, 500)])
+    def test_ours_marks_the_task_gone_and_raises_nothing(self, success, status):
+        import threading
+
+        from fedcollab.node._deploy import task_heartbeat
+
+        gone = threading.Event()
+        ok, sigints = self._sigints(task_heartbeat(self._Runtime(success=success, status=status), gone))
+        assert (ok, sigints, gone.is_set()) == (True, 0, True)
+
+    @pytest.mark.parametrize("status", [503, 504])
+    def test_ours_retries_an_unavailable_supernode_and_keeps_a_live_task(self, status):
+        import threading
+
+        from fedcollab.node._deploy import task_heartbeat
+
+        gone = threading.Event()
+        assert task_heartbeat(self._Runtime(status=status), gone)() is False and not gone.is_set()
+        assert task_heartbeat(self._Runtime(success=True), gone)() is True and not gone.is_set()
