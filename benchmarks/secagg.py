@@ -169,26 +169,33 @@ class Meter:
     def install(self) -> None:
         from flwr.superlink.grid import InMemoryGrid
 
-        orig = InMemoryGrid.send_and_receive
+        from fedcollab.coordinator import PollingGrid
+
         meter = self
 
-        def send_and_receive(self: Any, messages: Any, *, timeout: float | None = None) -> Any:
-            msgs = list(messages)
-            if not msgs:
-                return orig(self, msgs, timeout=timeout)
-            tag = _tag(msgs[0])
-            meter.down[tag] += sum(payload_bytes(m.content) for m in msgs)
-            t0 = time.perf_counter()
-            replies = list(orig(self, msgs, timeout=timeout))
-            meter.seconds[tag].append(time.perf_counter() - t0)
-            meter.calls[tag] += 1
-            for r in replies:
-                if not r.has_error():
-                    meter.up[tag] += payload_bytes(r.content)
-                    meter.up_msgs[tag] += 1
-            return replies
+        def metered(orig: Any) -> Any:
+            def send_and_receive(self: Any, messages: Any, *, timeout: float | None = None, **kw: Any) -> Any:
+                msgs = list(messages)
+                if not msgs:
+                    return orig(self, msgs, timeout=timeout, **kw)
+                tag = _tag(msgs[0])
+                meter.down[tag] += sum(payload_bytes(m.content) for m in msgs)
+                t0 = time.perf_counter()
+                replies = list(orig(self, msgs, timeout=timeout, **kw))
+                meter.seconds[tag].append(time.perf_counter() - t0)
+                meter.calls[tag] += 1
+                for r in replies:
+                    if not r.has_error():
+                        meter.up[tag] += payload_bytes(r.content)
+                        meter.up_msgs[tag] += 1
+                return replies
 
-        InMemoryGrid.send_and_receive = send_and_receive  # type: ignore[method-assign]
+            return send_and_receive
+
+        # Flower's strategies exchange through InMemoryGrid.send_and_receive; fedcollab's coordinator wraps the grid in
+        # PollingGrid (push, then short polls), which never calls it: both are metered, each exchange once.
+        InMemoryGrid.send_and_receive = metered(InMemoryGrid.send_and_receive)  # type: ignore[method-assign]
+        PollingGrid.send_and_receive = metered(PollingGrid.send_and_receive)  # type: ignore[method-assign]
 
         from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 
