@@ -134,6 +134,23 @@ class Deployment:
             time.sleep(0.2)
         raise AssertionError(f"no {pattern} of the run of {spec.name} within {timeout} s")
 
+    def interrupt_and_resume(self, spec: Path, checkpoint: str, log_name: str) -> tuple[Path, dict[str, str], int, dict]:
+        """Submit ``spec``, SIGKILL the coordinator once ``checkpoint`` is written, restart it, `submit --resume` the run.
+
+        Returns (the interrupted run's folder, every node's ledger text at the kill, the resumed submit's code and row).
+        """
+        proc = spawn(["submit", str(spec), "--home", str(self.coord), "--format", "json", "--timeout", "300"], self.base / log_name)
+        self.extra.append(proc)
+        old = self.wait_for(spec, f"checkpoints/{checkpoint}").parents[1]
+        assert self.coordinator is not None
+        stop(self.coordinator, sig=signal.SIGKILL)  # the SuperLink, its SuperExec and the ServerApp die together
+        stop(proc)
+        ledgers_before = {n: (self.base / "nodes" / n / "ledger.jsonl").read_text() for n in PARTNERS}
+        self.start_coordinator()
+        self.wait_online()  # the nodes reconnect by themselves
+        code, row = self.submit(spec, "--resume", old.name)
+        return old, ledgers_before, code, row
+
     def run_dir(self, flower_run_id: int) -> Path:
         return self.coord / "runs" / str(flower_run_id)
 
@@ -339,17 +356,7 @@ def test_coordinator_restart_resumes_from_checkpoint(deployment):
     """Kill the coordinator mid-run, restart it: nodes reconnect, the run resumes after its checkpoint, no release is lost."""
     d = deployment
     spec = d.spec("heart-3", rounds=3)
-    proc = spawn(["submit", str(spec), "--home", str(d.coord), "--format", "json", "--timeout", "300"], d.base / "submit-interrupted.log")
-    d.extra.append(proc)
-    ckpt = d.wait_for(spec, "checkpoints/checkpoint.npz")
-    old = ckpt.parents[1]
-    assert d.coordinator is not None
-    stop(d.coordinator, sig=signal.SIGKILL)  # the SuperLink, its SuperExec and the ServerApp die together
-    stop(proc)
-    ledgers_before = {n: (d.base / "nodes" / n / "ledger.jsonl").read_text() for n in PARTNERS}
-    d.start_coordinator()
-    d.wait_online()  # the nodes reconnect by themselves
-    code, row = d.submit(spec, "--resume", old.name)
+    old, ledgers_before, code, row = d.interrupt_and_resume(spec, "checkpoint.npz", "submit-interrupted.log")
     assert code == 0, row
     new = d.run_dir(row["run_id"])
     st, old_st = json.loads((new / "status.json").read_text()), json.loads((old / "status.json").read_text())
@@ -380,17 +387,7 @@ def test_coordinator_restart_resumes_a_gbdt_run_after_its_last_tree(deployment):
     spec.write_text(text)
     for partner in PARTNERS:
         assert cli("node", "approve", str(spec), "--home", str(d.base / "nodes" / partner)).returncode == 0
-    proc = spawn(["submit", str(spec), "--home", str(d.coord), "--format", "json", "--timeout", "300"], d.base / "submit-gbdt-interrupted.log")
-    d.extra.append(proc)
-    ckpt = d.wait_for(spec, "checkpoints/checkpoint.npz")
-    old = ckpt.parents[1]
-    assert d.coordinator is not None
-    stop(d.coordinator, sig=signal.SIGKILL)
-    stop(proc)
-    ledgers_before = {n: (d.base / "nodes" / n / "ledger.jsonl").read_text() for n in PARTNERS}
-    d.start_coordinator()
-    d.wait_online()
-    code, row = d.submit(spec, "--resume", old.name)
+    old, ledgers_before, code, row = d.interrupt_and_resume(spec, "checkpoint.npz", "submit-gbdt-interrupted.log")
     assert code == 0, (row, (d.base / "coordinator.log").read_text()[-3000:])
     new = d.run_dir(row["run_id"])
     st = json.loads((new / "status.json").read_text())
@@ -423,16 +420,7 @@ def test_coordinator_restart_resumes_an_he_run(deployment):
     narrow = policy_path.read_text()
     policy_path.write_text(policy_toml(load_policy(policy_path).model_copy(update={"allowed_aggregation": ["plain", "he"]})))
     try:
-        proc = spawn(["submit", str(spec), "--home", str(d.coord), "--format", "json", "--timeout", "300"], d.base / "submit-he-interrupted.log")
-        d.extra.append(proc)
-        old = d.wait_for(spec, "checkpoints/checkpoint.he.json").parents[1]
-        assert d.coordinator is not None
-        stop(d.coordinator, sig=signal.SIGKILL)
-        stop(proc)
-        ledgers_before = {n: (d.base / "nodes" / n / "ledger.jsonl").read_text() for n in PARTNERS}
-        d.start_coordinator()
-        d.wait_online()
-        code, row = d.submit(spec, "--resume", old.name)
+        old, ledgers_before, code, row = d.interrupt_and_resume(spec, "checkpoint.he.json", "submit-he-interrupted.log")
     finally:
         policy_path.write_text(narrow)
     assert code == 0, (row, (d.base / "coordinator.log").read_text()[-3000:])
