@@ -17,6 +17,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,6 +135,24 @@ class Deployment:
                     return path
             time.sleep(0.2)
         raise AssertionError(f"no {pattern} of the run of {spec.name} within {timeout} s")
+
+    def approve(self, spec: Path) -> None:
+        """Every partner approves ``spec`` with `fedcollab node approve`."""
+        for partner in PARTNERS:
+            assert cli("node", "approve", str(spec), "--home", str(self.base / "nodes" / partner)).returncode == 0
+
+    @contextmanager
+    def refuser_allows(self, *modes: str) -> Iterator[None]:
+        """REFUSER's policy allows ``modes`` (besides plain) while the block runs; its narrow policy comes back after."""
+        from fedcollab.spec import load_policy, policy_toml
+
+        path = self.base / "nodes" / REFUSER / "policy.toml"
+        narrow = path.read_text()
+        path.write_text(policy_toml(load_policy(path).model_copy(update={"allowed_aggregation": ["plain", *modes]})))
+        try:
+            yield
+        finally:
+            path.write_text(narrow)
 
     def interrupt_and_resume(self, spec: Path, checkpoint: str, log_name: str) -> tuple[Path, dict[str, str], int, dict]:
         """Submit ``spec``, SIGKILL the coordinator once ``checkpoint`` is written, restart it, `submit --resume` the run.
@@ -271,7 +291,7 @@ def test_gbdt_under_secagg_over_tls(deployment):
 
     from fedcollab.audit import verify_ledger
     from fedcollab.protocols.gbdt import from_xgboost_json
-    from fedcollab.spec import Roster, load_policy, policy_toml
+    from fedcollab.spec import Roster
 
     xgb = pytest.importorskip("xgboost")
     d = deployment
@@ -279,15 +299,9 @@ def test_gbdt_under_secagg_over_tls(deployment):
     text = text.replace("n_trees = 50", "n_trees = 2").replace("max_depth = 3", "max_depth = 2")
     spec = d.base / "gbdt-secagg.toml"
     spec.write_text(text)
-    for partner in PARTNERS:
-        assert cli("node", "approve", str(spec), "--home", str(d.base / "nodes" / partner)).returncode == 0
-    policy_path = d.base / "nodes" / REFUSER / "policy.toml"
-    narrow = policy_path.read_text()
-    policy_path.write_text(policy_toml(load_policy(policy_path).model_copy(update={"allowed_aggregation": ["plain", "secagg"]})))
-    try:
+    d.approve(spec)
+    with d.refuser_allows("secagg"):
         code, row = d.submit(spec)
-    finally:
-        policy_path.write_text(narrow)
     assert code == 0 and row["sub_status"] == "completed", (row, (d.base / "coordinator.log").read_text()[-3000:])
     run_id = row["run_id"]
     st = json.loads((d.run_dir(run_id) / "status.json").read_text())
@@ -385,8 +399,7 @@ def test_coordinator_restart_resumes_a_gbdt_run_after_its_last_tree(deployment):
     text = (ROOT / "protocols" / "heart-disease-gbdt.toml").read_text().replace("n_trees = 50", "n_trees = 4").replace("max_depth = 3", "max_depth = 2")
     spec = d.base / "gbdt-resume.toml"
     spec.write_text(text)
-    for partner in PARTNERS:
-        assert cli("node", "approve", str(spec), "--home", str(d.base / "nodes" / partner)).returncode == 0
+    d.approve(spec)
     old, ledgers_before, code, row = d.interrupt_and_resume(spec, "checkpoint.npz", "submit-gbdt-interrupted.log")
     assert code == 0, (row, (d.base / "coordinator.log").read_text()[-3000:])
     new = d.run_dir(row["run_id"])
@@ -409,20 +422,12 @@ def test_coordinator_restart_resumes_an_he_run(deployment):
     sent again), the resumed rounds leave only encrypted, and the model writer writes the final model the run ledger names."""
     import hashlib
 
-    from fedcollab.spec import load_policy, policy_toml
-
     d = deployment
     spec = d.base / "he-resume.toml"
     spec.write_text((ROOT / "protocols" / "heart-disease-he.toml").read_text().replace("rounds = 20", "rounds = 5"))
-    for partner in PARTNERS:
-        assert cli("node", "approve", str(spec), "--home", str(d.base / "nodes" / partner)).returncode == 0
-    policy_path = d.base / "nodes" / REFUSER / "policy.toml"
-    narrow = policy_path.read_text()
-    policy_path.write_text(policy_toml(load_policy(policy_path).model_copy(update={"allowed_aggregation": ["plain", "he"]})))
-    try:
+    d.approve(spec)
+    with d.refuser_allows("he"):
         old, ledgers_before, code, row = d.interrupt_and_resume(spec, "checkpoint.he.json", "submit-he-interrupted.log")
-    finally:
-        policy_path.write_text(narrow)
     assert code == 0, (row, (d.base / "coordinator.log").read_text()[-3000:])
     new = d.run_dir(row["run_id"])
     st = json.loads((new / "status.json").read_text())
