@@ -90,14 +90,19 @@ def secret_context(spec: Spec, home: Path, run_id: str) -> SecretContext:
     return load_secret_context(path.read_bytes(), params=params_of(spec))
 
 
+def _uploads(home: Path, run_id: str) -> tuple[Path, dict[str, str]]:
+    """This node's record of its upload hashes for ``run_id`` (round -> hash), and where it is kept."""
+    path = he_dir(home) / f"{run_id}-uploads.json"
+    return path, (json.loads(path.read_text()) if path.exists() else {})
+
+
 def record_upload(home: Path, run_id: str, round_: int, upload_hash_hex: str) -> None:
     """Keep the hash of this node's upload of ``round_`` in its folder (its latest, if the round ran again after a resume).
 
     The folder, not Flower's context, so that a resumed run (a new Flower run) still refuses an
     aggregate of an earlier round that leaves this node's upload out (issue 13, attack 6).
     """
-    path = he_dir(home) / f"{run_id}-uploads.json"
-    done = json.loads(path.read_text()) if path.exists() else {}
+    path, done = _uploads(home, run_id)
     done[str(int(round_))] = str(upload_hash_hex)
     write_private(path, json.dumps(done, sort_keys=True).encode())
 
@@ -107,18 +112,14 @@ def forget_uploads_after(home: Path, run_id: str, round_: int) -> None:
 
     Without this, a node that does not upload a re-run round would still expect its old upload in that round's aggregate.
     """
-    path = he_dir(home) / f"{run_id}-uploads.json"
+    path, done = _uploads(home, run_id)
     if path.exists():
-        done = {k: v for k, v in json.loads(path.read_text()).items() if int(k) <= int(round_)}
-        write_private(path, json.dumps(done, sort_keys=True).encode())
+        write_private(path, json.dumps({k: v for k, v in done.items() if int(k) <= int(round_)}, sort_keys=True).encode())
 
 
 def my_upload(home: Path, run_id: str, round_: int) -> str | None:
     """The hash of this node's upload of ``round_`` (None: it sent none that round)."""
-    path = he_dir(home) / f"{run_id}-uploads.json"
-    if not path.exists():
-        return None
-    got = json.loads(path.read_text()).get(str(int(round_)))
+    got = _uploads(home, run_id)[1].get(str(int(round_)))
     return str(got) if got is not None else None
 
 
