@@ -43,7 +43,7 @@ test-deployment: $(VENV)/.installed-dev
 	$(PY) -m pytest -q -p no:cacheprovider -m deployment tests
 
 schema: $(VENV)/.installed
-	$(VENV)/bin/fedcollab spec schema --out protocols
+	$(VENV)/bin/fedcollab spec schema --out schemas
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/utility.py

@@ -62,7 +62,7 @@ def bench_spec(n_silos: int, rows: int, folder: Path):
 
     from fedcollab.spec import parse_spec
 
-    base = tomllib.loads((ROOT / "protocols" / "heart-disease.toml").read_text())
+    base = tomllib.loads((ROOT / "specs" / "heart-disease.toml").read_text())
     partners = []
     for i in range(n_silos):
         path = folder / f"silo{i}.parquet"

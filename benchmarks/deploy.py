@@ -127,7 +127,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="fedcollab-deploy-bench-") as tmp:
         base = Path(tmp)
         spec_path = base / "heart.toml"
-        spec_path.write_text((ROOT / "protocols" / "heart-disease.toml").read_text().replace("rounds = 20", f"rounds = {args.rounds}"))
+        spec_path.write_text((ROOT / "specs" / "heart-disease.toml").read_text().replace("rounds = 20", f"rounds = {args.rounds}"))
         t0 = time.perf_counter()
         st = deploy(base / "deploy", spec_path, args.poll)
         deploy_wall = time.perf_counter() - t0

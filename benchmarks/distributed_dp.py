@@ -2,9 +2,9 @@
 
 Side by side in one run, for several model-initialisation seeds:
 
-* ``record_eps1``            protocols/heart-disease-dp.toml: record-level DP-SGD, epsilon = 1 per
+* ``record_eps1``            specs/heart-disease-dp.toml: record-level DP-SGD, epsilon = 1 per
                              hospital toward the coordinator (the foundation's DP configuration);
-* ``distributed_eps{1,3,8}`` protocols/heart-disease-ddp.toml: partner-level distributed discrete
+* ``distributed_eps{1,3,8}`` specs/heart-disease-ddp.toml: partner-level distributed discrete
                              Gaussian under SecAgg+, epsilon against the coordinator;
 * ``central_eps{1,3,8}``     the same spec with ``aggregation = "plain"``, ``privacy.mode = "central"``:
                              Gaussian noise added by the coordinator, epsilon against model recipients.
@@ -38,8 +38,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
-DP_SPEC = ROOT / "protocols" / "heart-disease-dp.toml"
-DDP_SPEC = ROOT / "protocols" / "heart-disease-ddp.toml"
+DP_SPEC = ROOT / "specs" / "heart-disease-dp.toml"
+DDP_SPEC = ROOT / "specs" / "heart-disease-ddp.toml"
 
 
 @dataclass(frozen=True)

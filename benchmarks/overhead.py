@@ -9,7 +9,7 @@ round, on Flower's simulation engine (Ray, ``num_cpus = 1`` per client).
 * ``flower``:    a ServerApp running ``flwr.serverapp.strategy.FedAvg.start`` and a ClientApp with
                  ``@app.train`` / ``@app.evaluate``; the arrays are prepared up front in the driver
                  with fedcollab's data layer and closed over by the ClientApp;
-* ``fedcollab``: ``fedcollab.run(protocols/heart-disease.toml)`` (no DP).
+* ``fedcollab``: ``fedcollab.run(specs/heart-disease.toml)`` (no DP).
 
 Each measured run is a fresh subprocess (Ray is started once per process); the order alternates
 over the repeats and medians are reported. Times are wall-clock, end to end, each including its
@@ -32,7 +32,7 @@ from typing import Any
 import _bench  # sets Flower's offline environment before flwr is imported (benchmarks/ is sys.path[0])
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC = ROOT / "protocols" / "heart-disease.toml"
+SPEC = ROOT / "specs" / "heart-disease.toml"
 GOAL_RATIO = 1.2
 
 

@@ -1,6 +1,6 @@
 """Encrypted scoring benchmark: plain and CKKS-encrypted scoring of the Heart test split, side by side.
 
-Model: the logistic regression of ``protocols/heart-disease.toml`` (trained here with
+Model: the logistic regression of ``specs/heart-disease.toml`` (trained here with
 ``fedcollab.run``, 20 rounds, no DP, unless ``--model RUN_DIR`` names an existing run folder).
 Rows: the pooled test split of the four hospitals (254 rows, 13 encoded features).
 
@@ -46,7 +46,7 @@ from fedcollab.privacy.mechanisms import fresh_generator  # noqa: E402
 from fedcollab.protocols.scoring import answer_request, build_request, decrypt_response, load_linear_model
 from fedcollab.spec import NodePolicy, Roster, ScoringPolicy, load_spec  # noqa: E402
 
-SPEC = ROOT / "protocols" / "heart-disease.toml"
+SPEC = ROOT / "specs" / "heart-disease.toml"
 
 
 def _encrypted(x: np.ndarray, model, tmp: Path) -> dict:

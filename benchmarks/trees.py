@@ -12,9 +12,9 @@ would see).
 Figures (mean over ``--seeds``, default 3; a seed sets the coordinator's random splits; DP noise
 comes from OS entropy, as at a node, so DP figures vary from run to run):
 
-* ``heart_auc_gbdt_nodp``: ``protocols/heart-disease-gbdt.toml`` (defaults: 50 trees, depth 3,
+* ``heart_auc_gbdt_nodp``: ``specs/heart-disease-gbdt.toml`` (defaults: 50 trees, depth 3,
   lr 0.1, 32 bins, lambda 1, min child weight 1); pooled test AUC (254 rows). Deterministic.
-* ``heart_auc_gbdt_dp_eps1``: ``protocols/heart-disease-gbdt-dp.toml`` (record-level epsilon = 1,
+* ``heart_auc_gbdt_dp_eps1``: ``specs/heart-disease-gbdt-dp.toml`` (record-level epsilon = 1,
   delta = 1e-3 per hospital, RDP; DP defaults: 50 random trees of depth 2, lr 1, lambda 500,
   Gaussian leaf sums); ``heart_auc_gbdt_secagg_dp_eps1``: the same with secagg-encoded sums.
 * ``heart_auc_sklearn_central`` / ``heart_auc_sklearn_local_only``: scikit-learn's
@@ -52,7 +52,7 @@ TARGETS = {"heart_auc_gbdt_nodp": 0.86, "heart_auc_gbdt_dp_eps1": 0.80, "gbdt_se
 
 
 def _heart(spec_name: str):
-    spec = load_spec(ROOT / "protocols" / spec_name)
+    spec = load_spec(ROOT / "specs" / spec_name)
     data = [load_partner_data(spec, p.name) for p in spec.partners]
     return spec, data
 
@@ -102,7 +102,7 @@ def _large(seed: int = 0) -> tuple[float, float]:
     partners = [(f"p{i}", *make(n)) for i in range(parts)]
     xt, yt = make(20_000)
     layout = layout_from_bounds([f"x{j}" for j in range(d)], np.tile([-4.0, 4.0], (d, 1)), n_bins=32, binary=[False] * d)
-    params = dataclasses.replace(load_spec(ROOT / "protocols" / "heart-disease-gbdt.toml").model.gbdt.resolved(record_dp=False),
+    params = dataclasses.replace(load_spec(ROOT / "specs" / "heart-disease-gbdt.toml").model.gbdt.resolved(record_dp=False),
                                  n_trees=50, max_depth=4)
     t0 = time.perf_counter()
     res = train_in_process(partners, layout=layout, params=params, plan=None, coordinator_rng=np.random.default_rng(seed))
@@ -122,8 +122,8 @@ def _simulate(spec, out: Path, data=None):
 
 def _simulation_figures(tmp: Path, *, large: bool) -> dict[str, float]:
     """Heart through Flower: plain vs secagg round time (same trees), the DP model under secagg; optionally 4 x 100k."""
-    spec = load_spec(ROOT / "protocols" / "heart-disease-gbdt.toml")
-    dp_spec = load_spec(ROOT / "protocols" / "heart-disease-gbdt-dp.toml")
+    spec = load_spec(ROOT / "specs" / "heart-disease-gbdt.toml")
+    dp_spec = load_spec(ROOT / "specs" / "heart-disease-gbdt-dp.toml")
     auc_plain, t_plain, _ = _simulate(spec, tmp / "plain")
     auc_sec, t_sec, _ = _simulate(spec.replace(aggregation="secagg"), tmp / "secagg")
     auc_dp_sec, _, _ = _simulate(dp_spec.replace(aggregation="secagg"), tmp / "secagg-dp")
@@ -228,7 +228,7 @@ def main() -> int:
         t = TARGETS.get(k)
         print(f"{k:34s} {v!s:>9s} {'' if t is None else t:>8}")
     # One verdict per acceptance figure measured in this run (issue 15): the AUC bars, the paired secagg-minus-plain
-    # DP difference, and the times; the round-time ratio is transport-bound (protocols/gbdt.md) and reported as it is.
+    # DP difference, and the times; the round-time ratio is transport-bound (docs/protocols/gbdt.md) and reported as it is.
     checks = {"heart_auc_gbdt_nodp": lambda v: v >= 0.86, "heart_auc_gbdt_dp_eps1": lambda v: v >= 0.80,
               "gbdt_secagg_minus_plain_dp_auc": lambda v: abs(v) <= 0.01, "gbdt_seconds_4x100k": lambda v: v <= 120,
               "gbdt_seconds_4x100k_sim": lambda v: v <= 120, "gbdt_secagg_vs_plain_round": lambda v: v <= 1.5}

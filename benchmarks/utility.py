@@ -3,8 +3,8 @@
 Runs the Heart collaboration (four hospitals, FLamby split, pooled test set of 254 rows) for
 several model-initialisation seeds in three configurations:
 
-* ``nodp``            protocols/heart-disease.toml     (no DP; exact federated statistics);
-* ``dp_eps1``         protocols/heart-disease-dp.toml  (record-level DP-SGD, epsilon = 1,
+* ``nodp``            specs/heart-disease.toml     (no DP; exact federated statistics);
+* ``dp_eps1``         specs/heart-disease-dp.toml  (record-level DP-SGD, epsilon = 1,
                       delta = 1e-3; scaling from the public bounds, no statistics release);
 * ``dp_eps1_dpstats`` the same with ``preprocessing.scaling = "dp_statistics"`` and
                       ``privacy.preprocessing_epsilon_share = 0.1`` (10% of epsilon spent on
@@ -38,8 +38,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
-NODP_SPEC = ROOT / "protocols" / "heart-disease.toml"
-DP_SPEC = ROOT / "protocols" / "heart-disease-dp.toml"
+NODP_SPEC = ROOT / "specs" / "heart-disease.toml"
+DP_SPEC = ROOT / "specs" / "heart-disease-dp.toml"
 POOLED_TEST_ROWS = 254
 
 #: Bars from the issue: (accuracy, AUC).

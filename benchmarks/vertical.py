@@ -14,7 +14,7 @@ PSI: two parties of ``--psi-n`` ids each (default 1,000,000), ``--psi-overlap`` 
   psi_seconds_1m`` is how many cores it got: below 2 when another process shares the machine).
 * ``psi_stage_seconds``: per stage; ``psi_wire_bytes``: the bytes of the three messages' payloads.
 
-Vertical Heart (``protocols/heart-disease-vertical.toml``: a clinic with the label and 4 columns,
+Vertical Heart (``specs/heart-disease-vertical.toml``: a clinic with the label and 4 columns,
 a lab with 6; each misses a seeded 15 % of the other's patients), through ``run_vertical`` (what
 ``fedcollab run`` does: PSI, each node's policy and ledger, SecureBoost, joint evaluation):
 
@@ -28,7 +28,7 @@ a lab with 6; each misses a seeded 15 % of the other's patients), through ``run_
   ``secureboost_vs_central_inprocess_seconds``: over central in-process GBDT (no transport at
   all): the cost of the cryptography alone.
 * ``vertical_lr_auc_joint`` / ``vertical_lr_auc_label_holder_only``: vertical logistic regression
-  (``protocols/heart-disease-vertical-lr.toml``) against the same Taylor-loss gradient descent on
+  (``specs/heart-disease-vertical-lr.toml``) against the same Taylor-loss gradient descent on
   the clinic's columns alone; ``vertical_lr_seconds_per_iteration``.
 
 Run:  .venv/bin/python benchmarks/vertical.py [--psi-only | --skip-psi] [--psi-n 1000000] [--psi-overlap 0.5] [--workers 2]
@@ -141,7 +141,7 @@ def bench_secureboost(tmp: Path, *, n_trees: int | None = None, plain: bool = Tr
     from fedcollab.runner._vertical import run_vertical
     from fedcollab.spec import load_spec, tree_params
 
-    spec = load_spec(ROOT / "protocols" / "heart-disease-vertical.toml")
+    spec = load_spec(ROOT / "specs" / "heart-disease-vertical.toml")
     params = tree_params(spec)
     if n_trees is not None:
         params = dataclasses.replace(params, n_trees=n_trees)
@@ -176,7 +176,7 @@ def bench_secureboost(tmp: Path, *, n_trees: int | None = None, plain: bool = Tr
     if plain:
         # Plain federated GBDT with the same trees (count, depth, bins, learning rate) through fedcollab.run
         # (Flower's simulation engine, plain sums): the four Heart hospitals, horizontally.
-        hspec = load_spec(ROOT / "protocols" / "heart-disease-gbdt.toml")
+        hspec = load_spec(ROOT / "specs" / "heart-disease-gbdt.toml")
         g = hspec.model.gbdt.model_copy(update={"n_trees": params.n_trees, "max_depth": params.max_depth, "learning_rate": params.learning_rate,
                                                 "n_bins": params.n_bins})
         hspec = hspec.model_copy(update={"model": hspec.model.model_copy(update={"gbdt": g})})
@@ -195,7 +195,7 @@ def bench_vertical_lr(tmp: Path) -> dict[str, Any]:
     from fedcollab.runner._vertical import run_vertical
     from fedcollab.spec import load_spec
 
-    spec = load_spec(ROOT / "protocols" / "heart-disease-vertical-lr.toml")
+    spec = load_spec(ROOT / "specs" / "heart-disease-vertical-lr.toml")
     res = run_vertical(spec, out=tmp / "vertical-lr")
     o = res.outcome
     assert o is not None

@@ -2,8 +2,8 @@
 
 Four hospitals (the UCI Heart Disease data shipped with fedcollab) train a logistic regression
 with FedAvg on Flower's simulation engine. Without ``--dp`` the spec is
-``protocols/heart-disease.toml`` (no privacy, exact federated statistics for scaling); with
-``--dp`` it is ``protocols/heart-disease-dp.toml`` (record-level DP-SGD at every hospital,
+``specs/heart-disease.toml`` (no privacy, exact federated statistics for scaling); with
+``--dp`` it is ``specs/heart-disease-dp.toml`` (record-level DP-SGD at every hospital,
 epsilon = 1, delta = 1e-3, scaling from public bounds). The script prints the pooled and
 per-partner test metrics and, with DP, each partner's epsilon as reported in the summary and as
 an auditor recomputes it from ``summary.json`` alone.
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SPECS = {False: ROOT / "protocols" / "heart-disease.toml", True: ROOT / "protocols" / "heart-disease-dp.toml"}
+SPECS = {False: ROOT / "specs" / "heart-disease.toml", True: ROOT / "specs" / "heart-disease-dp.toml"}
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -29,7 +29,7 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the collaboration and print what it produced."""
     parser = argparse.ArgumentParser(description="Run the four-hospital Heart Disease collaboration from Python.")
-    parser.add_argument("--dp", action="store_true", help="record-level DP-SGD, epsilon = 1 per hospital (protocols/heart-disease-dp.toml)")
+    parser.add_argument("--dp", action="store_true", help="record-level DP-SGD, epsilon = 1 per hospital (specs/heart-disease-dp.toml)")
     parser.add_argument("--rounds", type=int, default=None, help="override training.rounds (the DP plan is calibrated for the new count)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/heart-python or runs/heart-python-dp)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

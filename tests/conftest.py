@@ -71,14 +71,14 @@ def root() -> Path:
 def heart_spec():
     from fedcollab.spec import load_spec
 
-    return load_spec(ROOT / "protocols" / "heart-disease.toml")
+    return load_spec(ROOT / "specs" / "heart-disease.toml")
 
 
 @pytest.fixture(scope="session")
 def heart_dp_spec():
     from fedcollab.spec import load_spec
 
-    return load_spec(ROOT / "protocols" / "heart-disease-dp.toml")
+    return load_spec(ROOT / "specs" / "heart-disease-dp.toml")
 
 
 @pytest.fixture(scope="session")
@@ -95,7 +95,7 @@ def dp_run(tmp_path_factory, heart_dp_spec):
     spec = heart_dp_spec.model_copy(update={"training": heart_dp_spec.training.model_copy(update={"rounds": 3})})
     spec = spec.with_base_dir(heart_dp_spec.base_dir)
     out = tmp_path_factory.mktemp("dp-run")
-    return fedcollab.run(spec, out=out, spec_path=ROOT / "protocols" / "heart-disease-dp.toml")
+    return fedcollab.run(spec, out=out, spec_path=ROOT / "specs" / "heart-disease-dp.toml")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -19,14 +19,14 @@ def test_help(cmd):
 
 
 def test_validate_good(root):
-    r = runner.invoke(app, ["spec", "validate", str(root / "protocols" / "heart-disease.toml"), "--format", "json"])
+    r = runner.invoke(app, ["spec", "validate", str(root / "specs" / "heart-disease.toml"), "--format", "json"])
     assert r.exit_code == 0
     assert json.loads(r.stdout) == {"valid": True, "name": "heart-disease", "partners": ["cleveland", "hungary", "switzerland", "va-long-beach"]}
 
 
 def test_validate_bad(root, tmp_path):
     """A bad spec exits 2 and lists each problem with field and value."""
-    text = (root / "protocols" / "heart-disease-dp.toml").read_text().replace("target_epsilon = 1.0", "target_epsilon = -1.0")
+    text = (root / "specs" / "heart-disease-dp.toml").read_text().replace("target_epsilon = 1.0", "target_epsilon = -1.0")
     bad = tmp_path / "bad.toml"
     bad.write_text(text)
     r = runner.invoke(app, ["spec", "validate", str(bad), "--format", "json"])
@@ -60,7 +60,7 @@ def test_query_on_unknown_column_exits_before_simulating(root, tmp_path):
     q = tmp_path / "q.toml"
     q.write_text('name = "bad"\nepsilon = 1.0\ndelta = 1e-6\n[[statistics]]\nkind = "mean"\ncolumn = "bmi"\n')
     out = tmp_path / "out"
-    r = runner.invoke(app, ["query", str(root / "protocols" / "heart-disease.toml"), "--query", str(q), "--out", str(out)])
+    r = runner.invoke(app, ["query", str(root / "specs" / "heart-disease.toml"), "--query", str(q), "--out", str(out)])
     assert r.exit_code == 2
     assert "statistics[0].column" in r.output and "bmi" in r.output
     assert not out.exists()
@@ -69,7 +69,7 @@ def test_query_on_unknown_column_exits_before_simulating(root, tmp_path):
 def test_query_with_bad_epsilon_names_the_field(root, tmp_path):
     q = tmp_path / "q.toml"
     q.write_text('name = "bad"\nepsilon = -1.0\ndelta = 1e-6\n[[statistics]]\nkind = "count"\n')
-    r = runner.invoke(app, ["query", str(root / "protocols" / "heart-disease.toml"), "--query", str(q), "--out", str(tmp_path / "o")])
+    r = runner.invoke(app, ["query", str(root / "specs" / "heart-disease.toml"), "--query", str(q), "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "epsilon" in r.output and "-1" in r.output
 
 

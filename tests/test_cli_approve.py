@@ -22,7 +22,7 @@ def home(tmp_path):
 
 def test_approve_stores_the_spec_byte_for_byte_and_prints_its_hash(root, home):
     """The spec lands as approved/<sha256>.toml, unchanged; the hash is printed on one line."""
-    spec = root / "protocols" / "heart-disease.toml"
+    spec = root / "specs" / "heart-disease.toml"
     digest = hashlib.sha256(spec.read_bytes()).hexdigest()
     r = runner.invoke(app, ["node", "approve", str(spec), "--home", str(home)])
     assert r.exit_code == 0, r.output
@@ -34,7 +34,7 @@ def test_approve_stores_the_spec_byte_for_byte_and_prints_its_hash(root, home):
 
 def test_approve_json_output_parses(root, home):
     """--format json: one object with the hash and the stored path."""
-    spec = root / "protocols" / "heart-disease.toml"
+    spec = root / "specs" / "heart-disease.toml"
     r = runner.invoke(app, ["node", "approve", str(spec), "--home", str(home), "--format", "json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
@@ -58,6 +58,6 @@ def test_a_bad_spec_is_a_clear_error_and_nothing_is_approved(what, home, tmp_pat
 
 def test_a_missing_node_folder_is_a_clear_error(root, tmp_path):
     """--home that does not exist: exit 2 and `fedcollab node init` suggested."""
-    r = runner.invoke(app, ["node", "approve", str(root / "protocols" / "heart-disease.toml"), "--home", str(tmp_path / "none")])
+    r = runner.invoke(app, ["node", "approve", str(root / "specs" / "heart-disease.toml"), "--home", str(tmp_path / "none")])
     assert r.exit_code == 2, r.output
     assert "node init" in r.output

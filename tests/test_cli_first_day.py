@@ -24,7 +24,7 @@ from fedcollab.core import DataUnreadable, DataValidationError, NodeErrorCode
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
-HEART = ROOT / "protocols" / "heart-disease.toml"
+HEART = ROOT / "specs" / "heart-disease.toml"
 CLEVELAND_SOURCE = 'source = { path = "embedded://heart_disease_uci.csv", where = { dataset = "Cleveland" } }'
 
 
@@ -161,14 +161,14 @@ def test_library_run_of_a_vertical_spec_says_where_it_runs(tmp_path):
     from fedcollab.core import ConfigError
 
     with pytest.raises(ConfigError, match=r"^layout: .*got layout = 'vertical'; run it with fedcollab.runner.run_vertical") as e:
-        fedcollab.run(ROOT / "protocols" / "heart-disease-vertical.toml", out=tmp_path)
+        fedcollab.run(ROOT / "specs" / "heart-disease-vertical.toml", out=tmp_path)
     assert e.value.exit_code == 2 and not any(tmp_path.iterdir())
 
 
 def test_resume_of_a_folder_without_a_run(tmp_path):
     """Every mode resumes (tests/e2e/test_resume_modes.py, test_he_simulation.py, test_gbdt_simulation.py); a folder with no
     interrupted run in it is a spec error (exit 2) that says what `--resume` expected, before any node is started."""
-    r = runner.invoke(app, ["run", str(ROOT / "protocols" / "heart-disease-he.toml"), "--out", str(tmp_path), "--resume"])
+    r = runner.invoke(app, ["run", str(ROOT / "specs" / "heart-disease-he.toml"), "--out", str(tmp_path), "--resume"])
     assert r.exit_code == 2 and "--resume" in r.output and "summary.json" in r.output
     assert not (tmp_path / "nodes").exists()
 

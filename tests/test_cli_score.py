@@ -49,7 +49,7 @@ def test_help(cmd):
 
 def test_run_heart_test_split_matches_plain(heart_run, root, tmp_path):
     """Encrypted scoring of the whole Heart test split gives the plain accuracy (within 0.01)."""
-    r = runner.invoke(app, ["score", "run", "--spec", str(root / "protocols" / "heart-disease.toml"), "--model", str(heart_run),
+    r = runner.invoke(app, ["score", "run", "--spec", str(root / "specs" / "heart-disease.toml"), "--model", str(heart_run),
                             "--out", str(tmp_path / "s"), "--format", "json"])
     assert r.exit_code == 0, r.output
     info = json.loads(r.stdout)
@@ -60,14 +60,14 @@ def test_run_heart_test_split_matches_plain(heart_run, root, tmp_path):
     assert lines[0] == "row,partner,logit,probability" and lines[1].split(",")[1] == "cleveland"
     assert {ln.split(",")[1] for ln in lines[1:]} == {"cleveland", "hungary", "switzerland", "va-long-beach"}
     # The throwaway holder is fresh every time: a rerun into the same folder is not refused for budget.
-    again = runner.invoke(app, ["score", "run", "--spec", str(root / "protocols" / "heart-disease.toml"), "--model", str(heart_run),
+    again = runner.invoke(app, ["score", "run", "--spec", str(root / "specs" / "heart-disease.toml"), "--model", str(heart_run),
                                 "--out", str(tmp_path / "s"), "--format", "json"])
     assert again.exit_code == 0, again.output
 
 
 def test_file_exchange_budget_and_audit(heart_run, root, tmp_path):
     """encrypt (signed) -> apply -> decrypt as files; beyond the budget exits 5; the holder's ledger verifies."""
-    spec = str(root / "protocols" / "heart-disease.toml")
+    spec = str(root / "specs" / "heart-disease.toml")
     r = runner.invoke(app, ["node", "init", str(tmp_path / "telecom"), "--partner", "telecom", "--format", "json"])
     roster = json.loads(r.stdout)["roster_entry"]
     r = runner.invoke(app, ["node", "init", str(tmp_path / "bank"), "--partner", "bank", "--format", "json"])
@@ -124,6 +124,6 @@ def test_file_exchange_budget_and_audit(heart_run, root, tmp_path):
 
 def test_encrypt_needs_a_key(root, tmp_path):
     """`score encrypt` refuses to write an unsigned request (exit 2), naming --node and --key."""
-    r = runner.invoke(app, ["score", "encrypt", "--spec", str(root / "protocols" / "heart-disease.toml"), "--querier", "bank",
+    r = runner.invoke(app, ["score", "encrypt", "--spec", str(root / "specs" / "heart-disease.toml"), "--querier", "bank",
                             "--out", str(tmp_path / "r.req"), "--secret", str(tmp_path / "s.json")])
     assert r.exit_code == 2 and "--node" in r.output and not (tmp_path / "r.req").exists()

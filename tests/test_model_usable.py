@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from tests.conftest import ROOT
 
-SPEC = ROOT / "protocols" / "heart-disease.toml"
+SPEC = ROOT / "specs" / "heart-disease.toml"
 EMBEDDED = ROOT / "fedcollab" / "data" / "embedded" / "heart_disease_uci.csv"
 HOSPITALS = {"cleveland": "Cleveland", "hungary": "Hungary", "switzerland": "Switzerland", "va-long-beach": "VA Long Beach"}
 
@@ -71,7 +71,7 @@ class TestModelFile:
         import jsonschema
 
         summary = json.loads((short_run.out_dir / "summary.json").read_text())
-        jsonschema.validate(summary, json.loads((ROOT / "protocols" / "summary.schema.json").read_text()))
+        jsonschema.validate(summary, json.loads((ROOT / "schemas" / "summary.schema.json").read_text()))
         assert summary["model"]["feature_names"] == short_run.summary.model.feature_names
         assert [e["column"] for e in summary["model"]["encoding"]] == list(short_run.summary.model.encoding[i].column for i in range(10))
 
@@ -208,7 +208,7 @@ class TestFlowerApp:
         server = importlib.import_module("heart_app.server_app")
         client = importlib.import_module("heart_app.client_app")
         assert isinstance(server.app, ServerApp) and isinstance(client.app, ClientApp)
-        assert (root / "heart_app" / "spec.toml").read_bytes() == (ROOT / "fedcollab" / "protocols_dist" / "heart-disease.toml").read_bytes()
+        assert (root / "heart_app" / "spec.toml").read_bytes() == (ROOT / "fedcollab" / "specs" / "heart-disease.toml").read_bytes()
         for mod in [m for m in sys.modules if m.startswith("heart_app")]:
             monkeypatch.delitem(sys.modules, mod)
 
@@ -295,7 +295,7 @@ class TestDisplay:
         from fedcollab.cli._app import app
         from fedcollab.core import EXIT_CODE_HELP, ExitCode
 
-        text = (ROOT / "protocols" / "heart-disease-dp.toml").read_text()
+        text = (ROOT / "specs" / "heart-disease-dp.toml").read_text()
         import re
 
         bad = tmp_path / "bad.toml"

@@ -217,7 +217,7 @@ _VALIDATOR: Any = None
 
 
 def schema_problem(entry: dict[str, Any]) -> str | None:
-    """Why ``entry`` does not follow ``protocols/ledger.schema.json`` (naming the field), or None.
+    """Why ``entry`` does not follow ``schemas/ledger.schema.json`` (naming the field), or None.
 
     Release bodies are also checked against the pydantic :class:`Release` model the schema is
     generated from, so every later step may index the fields it needs.

@@ -191,7 +191,7 @@ def demo(
     fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     vertical: Annotated[bool, typer.Option("--vertical", help="Run the vertical demo instead: a clinic (label) and a lab hold different "
-                                           "columns about partly overlapping patients (protocols/heart-disease-vertical.toml).")] = False,
+                                           "columns about partly overlapping patients (specs/heart-disease-vertical.toml).")] = False,
 ) -> None:
     """Four hospitals train on the embedded Heart Disease data with record-level DP-SGD (ε = 1).
 
@@ -267,7 +267,7 @@ def spec_validate(
 
 
 @spec_app.command("schema")
-def spec_schema(out: Annotated[Path, typer.Option("--out", help="Folder to write the JSON Schemas to.")] = Path("protocols")) -> None:
+def spec_schema(out: Annotated[Path, typer.Option("--out", help="Folder to write the JSON Schemas to.")] = Path("schemas")) -> None:
     """Write the JSON Schemas of the spec and of summary.json."""
     from fedcollab.cli._schemas import write_schemas
 

@@ -1,6 +1,6 @@
 """``fedcollab audit epsilon``: recompute (or calibrate) epsilon from privacy events.
 
-The events are the ledger's (``protocols/schema/event.schema.json``), so an auditor can check any
+The events are the ledger's (``schemas/event.schema.json``), so an auditor can check any
 claim with nothing but the base install.
 """
 

@@ -14,7 +14,7 @@ from fedcollab.cli._errors import fail as _fail
 from fedcollab.core import ConfigError, FedcollabError
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates" / "flower_app"
-DEFAULT_SPEC = Path(__file__).resolve().parents[1] / "protocols_dist" / "heart-disease.toml"
+DEFAULT_SPEC = Path(__file__).resolve().parents[1] / "specs" / "heart-disease.toml"
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
 

@@ -17,17 +17,17 @@ def schemas() -> dict[str, dict]:
     summary = Summary.model_json_schema()
     summary["$id"] = "https://fedcollab.dev/schema/summary.schema.json"
     return {
-        "schema/spec.schema.json": spec,
+        "spec.schema.json": spec,
         "summary.schema.json": summary,
         "vertical-summary.schema.json": {**VerticalSummary.model_json_schema(), "$id": "https://fedcollab.dev/schema/vertical-summary.schema.json"},
-        "schema/event.schema.json": event_json_schema(),
+        "event.schema.json": event_json_schema(),
         "ledger.schema.json": ledger_entry_json_schema(),
-        "schema/policy.schema.json": {**NodePolicy.model_json_schema(), "$id": "https://fedcollab.dev/schema/policy.schema.json"},
+        "policy.schema.json": {**NodePolicy.model_json_schema(), "$id": "https://fedcollab.dev/schema/policy.schema.json"},
     }
 
 
 def write_schemas(out: Path) -> list[Path]:
-    """Write every schema under ``out`` (``protocols/`` in the repo)."""
+    """Write every schema under ``out`` (``schemas/`` in the repo)."""
     written = []
     for name, schema in schemas().items():
         path = out / name

@@ -49,7 +49,7 @@ log = get_logger("node.deploy")
 #: The Flower app the node serves (publisher/name in the bundle's pyproject.toml).
 FAB_ID = "fedcollab/fedcollab-deploy"
 RUN_CONFIG_SPEC = "fedcollab-spec"  # the run config key carrying the spec (base64 TOML)
-DEPLOY_APP_TOML = Path(__file__).resolve().parents[1] / "protocols_dist" / "deploy-app.toml"
+DEPLOY_APP_TOML = Path(__file__).resolve().parents[1] / "templates" / "deploy-app.toml"
 
 
 def build_bundle() -> tuple[bytes, str]:

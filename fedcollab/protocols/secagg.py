@@ -1,6 +1,6 @@
 """SecAgg+ (Bell et al. 2020) as pure stage functions: no Flower, no network, no clock.
 
-Spec: ``protocols/secagg.md``. Five stages (:class:`Stage`), each a pure function
+Spec: ``docs/protocols/secagg.md``. Five stages (:class:`Stage`), each a pure function
 ``(state, inbound) -> (state, outbound)`` on frozen dataclasses:
 
 ==============  =====================================  ======================================

@@ -1,4 +1,4 @@
-"""The published ``summary.json`` format (JSON Schema in ``protocols/summary.schema.json``)."""
+"""The published ``summary.json`` format (JSON Schema in ``schemas/summary.schema.json``)."""
 
 from __future__ import annotations
 
@@ -165,7 +165,7 @@ class Summary(_M):
 
 
 # --- vertical runs ---------------------------------------------------------------------------
-# A vertical run's summary.json (JSON Schema in ``protocols/vertical-summary.schema.json``): written
+# A vertical run's summary.json (JSON Schema in ``schemas/vertical-summary.schema.json``): written
 # by ``fedcollab run`` on a ``layout = "vertical"`` spec, read back by ``fedcollab predict``.
 
 

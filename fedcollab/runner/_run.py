@@ -40,7 +40,7 @@ FLOWER_ENV = {
     "RAY_DEDUP_LOGS": "0",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }
-DEMO_SPEC = Path(__file__).resolve().parents[1] / "protocols_dist" / "heart-disease-dp.toml"
+DEMO_SPEC = Path(__file__).resolve().parents[1] / "specs" / "heart-disease-dp.toml"
 
 
 def set_flower_env() -> None:
@@ -208,7 +208,7 @@ def run(
     Returns
     -------
     Result
-        Summary (``protocols/summary.schema.json``), per-round records and the final model.
+        Summary (``schemas/summary.schema.json``), per-round records and the final model.
 
     Raises
     ------

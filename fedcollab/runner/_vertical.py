@@ -50,7 +50,7 @@ from fedcollab.node import psi_runs_joined, vertical_policy_problem
 from fedcollab.spec import Spec, TreeParams, tree_params
 
 #: The vertical demo (``fedcollab demo --vertical``): a clinic and a lab, embedded Heart data.
-VERTICAL_DEMO_SPEC = Path(__file__).resolve().parents[1] / "protocols_dist" / "heart-disease-vertical.toml"
+VERTICAL_DEMO_SPEC = Path(__file__).resolve().parents[1] / "specs" / "heart-disease-vertical.toml"
 
 Aligner = Callable[[Sequence[str], Sequence[str], bytes], tuple[np.ndarray, np.ndarray, list[Release]]]
 
@@ -442,7 +442,7 @@ def run_vertical(spec: Spec, *, out: str | Path | None = None, nodes: str | Path
             pass
         summary = {**base, "status": "failed", "wall_seconds": round(time.perf_counter() - t0, 3),
                    "error": {"exit_code": code, "error": type(exc).__name__}, "ledger": _ledger_ref(ledger).model_dump(mode="json")}
-        VerticalSummary.model_validate(summary)  # the published format (protocols/vertical-summary.schema.json)
+        VerticalSummary.model_validate(summary)  # the published format (schemas/vertical-summary.schema.json)
         _write(out_dir / "summary.json", json.dumps(summary, indent=2))
         raise
     a_name, p_name = base["label_holder"], base["passive_party"]
@@ -469,7 +469,7 @@ def run_vertical(spec: Spec, *, out: str | Path | None = None, nodes: str | Path
     }
     # The spec as run (validated JSON), so that `fedcollab predict` can score new ids jointly later.
     _write(out_dir / "spec.json", spec.model_dump_json(by_alias=True, exclude_none=True, indent=2))
-    VerticalSummary.model_validate(summary)  # the published format (protocols/vertical-summary.schema.json)
+    VerticalSummary.model_validate(summary)  # the published format (schemas/vertical-summary.schema.json)
     _write(out_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=True))
     return VerticalResult(summary=summary, out_dir=out_dir if tmp is None else None, outcome=outcome)
 

@@ -2,7 +2,7 @@
 
 Every field is optional. Fields left out resolve to defaults measured on the Heart benchmark
 (``benchmarks/trees.py``), with one set for runs without DP and one for record-level DP, where
-shallower trees with a large learning rate and a large lambda spend the budget better (see protocols/gbdt.md).
+shallower trees with a large learning rate and a large lambda spend the budget better (see docs/protocols/gbdt.md).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class TreeParams:
 #: chosen among these cells' boundaries (public, so a node can check every edge it is sent).
 SKETCH_GRID = 256
 
-#: Defaults without DP and with record-level DP (measured: benchmarks/trees.py, protocols/gbdt.md).
+#: Defaults without DP and with record-level DP (measured: benchmarks/trees.py, docs/protocols/gbdt.md).
 DEFAULTS_NO_DP: dict[str, Any] = {"n_trees": 50, "max_depth": 3, "learning_rate": 0.1, "reg_lambda": 1.0, "min_child_weight": 1.0}
 DEFAULTS_DP: dict[str, Any] = {"n_trees": 50, "max_depth": 2, "learning_rate": 1.0, "reg_lambda": 500.0, "min_child_weight": 0.0}
 

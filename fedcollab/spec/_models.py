@@ -1,4 +1,4 @@
-"""Pydantic models of a collaboration spec (``protocols/*.toml``).
+"""Pydantic models of a collaboration spec (``specs/*.toml``).
 
 Every model is frozen, closed (``extra="forbid"``) and strict; numbers must be finite.
 Integral floats (``20.0``) are accepted where an integer is meant.
@@ -195,7 +195,7 @@ class ModelSpec(FrozenModel):
     hidden: list[PosInt] = Field(default_factory=list, description="MLP hidden layer widths.")
     target: str | None = Field(default=None, description="Custom model: `package.module:ClassName`, a torch.nn.Module built as Class(n_features, **options) returning one logit per row. The module is looked for in the spec's folder, then on PYTHONPATH and among installed packages; `spec validate` and `run` import it to check.")
     options: dict[str, Scalar] = Field(default_factory=dict, description="Keyword arguments of a custom model.")
-    gbdt: GbdtSpec | None = Field(default=None, description="Tree parameters of a `gbdt` model (all optional; see protocols/gbdt.md).")
+    gbdt: GbdtSpec | None = Field(default=None, description="Tree parameters of a `gbdt` model (all optional; see docs/protocols/gbdt.md).")
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:

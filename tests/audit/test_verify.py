@@ -199,12 +199,12 @@ def test_cli_verify_tampered(run_files, tmp_path):
 
 
 def test_ledger_lines_follow_published_schema(run_files, dp_run):
-    """Every line of the run ledger and of a node ledger validates against protocols/ledger.schema.json."""
+    """Every line of the run ledger and of a node ledger validates against schemas/ledger.schema.json."""
     import jsonschema
 
     from tests.conftest import ROOT
 
-    schema = json.loads((ROOT / "protocols" / "ledger.schema.json").read_text())
+    schema = json.loads((ROOT / "schemas" / "ledger.schema.json").read_text())
     path, _ = run_files
     kinds = set()
     for f in (path, dp_run.out_dir / "nodes" / "hungary" / "ledger.jsonl"):
@@ -223,7 +223,7 @@ def test_membership_check_on_the_run(dp_run):
     from tests.conftest import ROOT
 
     r = CliRunner().invoke(app, ["audit", "membership", str(dp_run.out_dir), "--partner", "hungary",
-                                 "--spec", str(ROOT / "protocols" / "heart-disease-dp.toml"), "--format", "json"])
+                                 "--spec", str(ROOT / "specs" / "heart-disease-dp.toml"), "--format", "json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["members"] == 172 and out["non_members"] == 89

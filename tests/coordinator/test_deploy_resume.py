@@ -39,7 +39,7 @@ def _submit_resume(tmp_path, monkeypatch, caplog, spec: str, he_checkpoint: str 
     key = Ed25519PrivateKey.generate()
     roster = Roster(parties={COORDINATOR: RosterEntry(signing_key=public_key_hex(key), role="coordinator")})
     (tmp_path / "roster.json").write_text(roster.model_dump_json())
-    text = (ROOT / "protocols" / spec).read_text()
+    text = (ROOT / "specs" / spec).read_text()
     _interrupted(tmp_path, text)
     if he_checkpoint is not None:
         (run_dir(tmp_path, 1) / "checkpoints" / "checkpoint.he.json").write_text(he_checkpoint)
@@ -69,7 +69,7 @@ def test_resume_refused_before_any_message(tmp_path, monkeypatch, caplog, spec, 
     key = Ed25519PrivateKey.generate()
     roster = Roster(parties={COORDINATOR: RosterEntry(signing_key=public_key_hex(key), role="coordinator")})
     (tmp_path / "roster.json").write_text(roster.model_dump_json())
-    text = (ROOT / "protocols" / spec).read_text()
+    text = (ROOT / "specs" / spec).read_text()
     _interrupted(tmp_path, text)
     monkeypatch.setenv(ENV_HOME, str(tmp_path))
     ctx = SimpleNamespace(run_id=2, run_config={RUN_CONFIG_SPEC: base64.b64encode(text.encode()).decode("ascii"), RUN_CONFIG_RESUME: "1"})

@@ -71,7 +71,7 @@ class Federation:
 
 
 def _run(tmp_path, lost, before_step=None):
-    spec = load_spec(ROOT / "protocols" / "heart-disease-gbdt.toml").replace(model={"gbdt": {"n_trees": N_TREES, "max_depth": 2}},
+    spec = load_spec(ROOT / "specs" / "heart-disease-gbdt.toml").replace(model={"gbdt": {"n_trees": N_TREES, "max_depth": 2}},
                                                                              training={"min_partners": 3})
     fed = Federation(spec, tmp_path, lost=lost, before_step=before_step)
     for n in fed.names:
@@ -135,7 +135,7 @@ def test_a_catch_up_never_rewinds_a_node(tmp_path):
     with nothing released (fewer trees than the node applied would have it answer a tree's sums twice)."""
     from fedcollab.protocols.gbdt import LevelRequest
 
-    spec = load_spec(ROOT / "protocols" / "heart-disease-gbdt.toml").replace(model={"gbdt": {"n_trees": 2, "max_depth": 1}})
+    spec = load_spec(ROOT / "specs" / "heart-disease-gbdt.toml").replace(model={"gbdt": {"n_trees": 2, "max_depth": 1}})
     fed = Federation(spec, tmp_path, lost=set())
     n = "cleveland"
     level = LevelRequest(tree=1, level=0, release="histogram", open=(0,)).to_wire()

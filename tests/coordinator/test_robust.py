@@ -28,7 +28,7 @@ SCALE = 100.0  # the poisoned partner scales its update by this factor
 
 
 def _raw(name: str = "heart-disease.toml") -> dict:
-    return tomllib.loads((ROOT / "protocols" / name).read_text())
+    return tomllib.loads((ROOT / "specs" / name).read_text())
 
 
 def _spec(n_partners: int = 4, name: str = "heart-disease.toml", **training):

@@ -12,7 +12,7 @@ from fedcollab.data import embedded_path, load_vertical_party, prepare_vertical_
 from fedcollab.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
-SPEC = load_spec(ROOT / "protocols" / "heart-disease-vertical.toml")
+SPEC = load_spec(ROOT / "specs" / "heart-disease-vertical.toml")
 
 
 def _lab() -> pd.DataFrame:

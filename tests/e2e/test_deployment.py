@@ -94,7 +94,7 @@ class Deployment:
         """Write the spec; every partner but ``unapproved`` approves it with `fedcollab node approve` (a node runs only what it approved)."""
         import hashlib
 
-        text = (ROOT / "protocols" / "heart-disease.toml").read_text().replace("rounds = 20", f"rounds = {rounds}" + (f"\n{training}" if training else ""))
+        text = (ROOT / "specs" / "heart-disease.toml").read_text().replace("rounds = 20", f"rounds = {rounds}" + (f"\n{training}" if training else ""))
         text = text.replace('aggregation = "plain"', f'aggregation = "{aggregation}"')
         path = self.base / f"{name}.toml"
         path.write_text(text)
@@ -295,7 +295,7 @@ def test_gbdt_under_secagg_over_tls(deployment):
 
     xgb = pytest.importorskip("xgboost")
     d = deployment
-    text = (ROOT / "protocols" / "heart-disease-gbdt.toml").read_text().replace('aggregation = "plain"', 'aggregation = "secagg"')
+    text = (ROOT / "specs" / "heart-disease-gbdt.toml").read_text().replace('aggregation = "plain"', 'aggregation = "secagg"')
     text = text.replace("n_trees = 50", "n_trees = 2").replace("max_depth = 3", "max_depth = 2")
     spec = d.base / "gbdt-secagg.toml"
     spec.write_text(text)
@@ -396,7 +396,7 @@ def test_coordinator_restart_resumes_a_gbdt_run_after_its_last_tree(deployment):
     import hashlib
 
     d = deployment
-    text = (ROOT / "protocols" / "heart-disease-gbdt.toml").read_text().replace("n_trees = 50", "n_trees = 4").replace("max_depth = 3", "max_depth = 2")
+    text = (ROOT / "specs" / "heart-disease-gbdt.toml").read_text().replace("n_trees = 50", "n_trees = 4").replace("max_depth = 3", "max_depth = 2")
     spec = d.base / "gbdt-resume.toml"
     spec.write_text(text)
     d.approve(spec)
@@ -424,7 +424,7 @@ def test_coordinator_restart_resumes_an_he_run(deployment):
 
     d = deployment
     spec = d.base / "he-resume.toml"
-    spec.write_text((ROOT / "protocols" / "heart-disease-he.toml").read_text().replace("rounds = 20", "rounds = 5"))
+    spec.write_text((ROOT / "specs" / "heart-disease-he.toml").read_text().replace("rounds = 20", "rounds = 5"))
     d.approve(spec)
     with d.refuser_allows("he"):
         old, ledgers_before, code, row = d.interrupt_and_resume(spec, "checkpoint.he.json", "submit-he-interrupted.log")
@@ -489,7 +489,7 @@ def test_vertical_secureboost_across_three_nodes(deployment):
     from tests.conftest import three_party_vertical_spec
 
     d = deployment
-    text = (ROOT / "protocols" / "heart-disease-vertical.toml").read_text().replace("n_trees = 30", "n_trees = 2").replace("max_depth = 3", "max_depth = 2")
+    text = (ROOT / "specs" / "heart-disease-vertical.toml").read_text().replace("n_trees = 30", "n_trees = 2").replace("max_depth = 3", "max_depth = 2")
     text = three_party_vertical_spec(text, d.base)  # writes ecg.csv and stress.csv next to the nodes' folders
     files = {"clinic": embedded_path("heart_vertical_clinic.csv"), "ecg": d.base / "ecg.csv", "stress": d.base / "stress.csv"}
     passive = ["ecg", "stress"]

@@ -34,7 +34,7 @@ def run(tmp_path_factory):
     from fedcollab.spec import load_spec, policy_toml
     from tests.conftest import ROOT
 
-    spec = load_spec(ROOT / "protocols" / "heart-disease-gbdt-dp.toml")
+    spec = load_spec(ROOT / "specs" / "heart-disease-gbdt-dp.toml")
     spec = spec.replace(aggregation="secagg", model={"gbdt": {"n_trees": N_TREES, "max_depth": DEPTH, "dp_split": "histogram"}},
                         training={"min_partners": 3})
     nodes = tmp_path_factory.mktemp("gbdt-nodes")
@@ -160,7 +160,7 @@ def quantile_run(tmp_path_factory):
     from fedcollab.spec import load_spec
     from tests.conftest import ROOT, fail_after_round_one_then_resume
 
-    spec = load_spec(ROOT / "protocols" / "heart-disease-gbdt-dp.toml")
+    spec = load_spec(ROOT / "specs" / "heart-disease-gbdt-dp.toml")
     spec = spec.replace(aggregation="secagg", model={"gbdt": {"n_trees": 3, "max_depth": 2, "bin_edges": "quantile"}})
     failed, before, res = fail_after_round_one_then_resume(spec, tmp_path_factory.mktemp("gbdt-quantile"))
     return spec, res, failed, before

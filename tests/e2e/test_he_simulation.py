@@ -23,7 +23,7 @@ def he_parts(tmp_path_factory):
     from fedcollab.spec import load_spec
     from tests.conftest import ROOT, fail_after_round_one_then_resume
 
-    base = load_spec(ROOT / "protocols" / "heart-disease-he.toml")
+    base = load_spec(ROOT / "specs" / "heart-disease-he.toml")
     spec = base.model_copy(update={"training": base.training.model_copy(update={"rounds": 2})}).with_base_dir(base.base_dir)
     failed, before, result = fail_after_round_one_then_resume(spec, tmp_path_factory.mktemp("he"))
     return spec, result, failed, before

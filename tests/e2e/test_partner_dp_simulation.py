@@ -14,10 +14,10 @@ def _spec(mutate):
     from fedcollab.spec import parse_spec
     from tests.conftest import ROOT
 
-    raw = tomllib.loads((ROOT / "protocols" / "heart-disease-ddp.toml").read_text())
+    raw = tomllib.loads((ROOT / "specs" / "heart-disease-ddp.toml").read_text())
     raw["training"]["rounds"] = 2
     mutate(raw)
-    return parse_spec(raw).with_base_dir(str(ROOT / "protocols"))
+    return parse_spec(raw).with_base_dir(str(ROOT / "specs"))
 
 
 @pytest.fixture(scope="module")

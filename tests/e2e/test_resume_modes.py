@@ -22,7 +22,7 @@ def resumed(tmp_path_factory):
     from fedcollab.spec import load_spec
     from tests.conftest import ROOT, fail_after_round_one_then_resume
 
-    spec = load_spec(ROOT / "protocols" / "heart-disease-ddp.toml").replace(training={"rounds": ROUNDS})
+    spec = load_spec(ROOT / "specs" / "heart-disease-ddp.toml").replace(training={"rounds": ROUNDS})
     out = tmp_path_factory.mktemp("ddp-resume")
     failed, lines_before, res = fail_after_round_one_then_resume(spec, out)
     return spec, out, failed, lines_before, res

@@ -14,7 +14,7 @@ def _short(path: str, *, rounds: int = 2, training: dict | None = None, secagg: 
     from fedcollab.spec import load_spec
     from tests.conftest import ROOT
 
-    base = load_spec(ROOT / "protocols" / path)
+    base = load_spec(ROOT / "specs" / path)
     update = {"training": base.training.model_copy(update={"rounds": rounds, **(training or {})})}
     if secagg:
         update["secagg"] = base.secagg.model_copy(update=secagg)

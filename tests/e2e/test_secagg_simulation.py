@@ -15,7 +15,7 @@ def pair(tmp_path_factory):
     from fedcollab.spec import load_spec
     from tests.conftest import ROOT
 
-    base = load_spec(ROOT / "protocols" / "heart-disease-secagg.toml")
+    base = load_spec(ROOT / "specs" / "heart-disease-secagg.toml")
     short = base.training.model_copy(update={"rounds": 2})
     secagg = base.model_copy(update={"training": short}).with_base_dir(base.base_dir)
     plain = base.model_copy(update={"training": short, "aggregation": "plain"}).with_base_dir(base.base_dir)
@@ -65,8 +65,8 @@ def dropout_run(tmp_path_factory):
     from fedcollab.spec import load_spec
     from tests.conftest import ROOT
 
-    base = load_spec(ROOT / "protocols" / "heart-disease-secagg.toml")
-    dp = load_spec(ROOT / "protocols" / "heart-disease-dp.toml")
+    base = load_spec(ROOT / "specs" / "heart-disease-secagg.toml")
+    dp = load_spec(ROOT / "specs" / "heart-disease-dp.toml")
     spec = base.model_copy(update={
         "training": base.training.model_copy(update={"rounds": 3, "min_partners": 3}),
         "privacy": dp.privacy,

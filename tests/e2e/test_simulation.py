@@ -60,11 +60,11 @@ class TestDpRun:
 
         out = dp_run.out_dir
         summary = json.loads((out / "summary.json").read_text())
-        jsonschema.validate(summary, json.loads((ROOT / "protocols" / "summary.schema.json").read_text()))
+        jsonschema.validate(summary, json.loads((ROOT / "schemas" / "summary.schema.json").read_text()))
         for key in ("schema_version", "run_id", "spec", "versions", "aggregation", "rounds", "wall_seconds"):
             assert key in summary
         assert set(summary["versions"]) >= {"fedcollab", "flwr", "opacus", "dp-accounting"}
-        assert summary["spec"]["sha256"] == hashlib.sha256((ROOT / "protocols" / "heart-disease-dp.toml").read_bytes()).hexdigest()
+        assert summary["spec"]["sha256"] == hashlib.sha256((ROOT / "specs" / "heart-disease-dp.toml").read_bytes()).hexdigest()
         lines = (out / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(x)["round"] for x in lines] == [1, 2, 3]
         model = out / summary["model"]["path"]

@@ -20,7 +20,7 @@ runner = CliRunner()
 
 
 def _small_spec(root: Path, tmp: Path, *, privacy: str = 'mode = "none"', extra: str = "", trees: int = 2, depth: int = 2) -> Path:
-    text = (root / "protocols" / "heart-disease-vertical.toml").read_text()
+    text = (root / "specs" / "heart-disease-vertical.toml").read_text()
     text = text.replace("n_trees = 30", f"n_trees = {trees}").replace("max_depth = 3", f"max_depth = {depth}")
     text = text.replace('[privacy]\nmode = "none"', "[privacy]\n" + privacy) + extra
     path = tmp / "vertical.toml"
@@ -63,7 +63,7 @@ def test_summary_and_model_parts(vertical_run):
 
 
 def test_summary_follows_the_published_schema_and_predict_names_a_broken_field(vertical_run, root, tmp_path):
-    """summary.json validates against protocols/vertical-summary.schema.json; `predict` on a summary whose
+    """summary.json validates against schemas/vertical-summary.schema.json; `predict` on a summary whose
     model part's sha256 is not one, or with no model parts, exits CONFIG_INVALID naming the field."""
     import shutil
 
@@ -71,7 +71,7 @@ def test_summary_follows_the_published_schema_and_predict_names_a_broken_field(v
 
     out, _ = vertical_run
     summary = json.loads((out / "summary.json").read_text())
-    jsonschema.validate(summary, json.loads((root / "protocols" / "vertical-summary.schema.json").read_text()))
+    jsonschema.validate(summary, json.loads((root / "schemas" / "vertical-summary.schema.json").read_text()))
     emb = root / "fedcollab" / "data" / "embedded"
     for broken, field in ((lambda d: d["model_parts"]["lab"].update(sha256="not-a-digest"), "model_parts.lab.sha256"),
                           (lambda d: d.pop("model_parts"), "model_parts")):
@@ -206,7 +206,7 @@ def test_audit_report_lists_the_vertical_releases(vertical_run, tmp_path):
 
 def test_vertical_logistic_regression_runs_and_charges_both_ways(root, tmp_path):
     """`kind = "logistic_regression"`: each party's gradient for the other is a release, charged under record DP."""
-    text = (root / "protocols" / "heart-disease-vertical-lr.toml").read_text().replace("rounds = 60", "rounds = 8")
+    text = (root / "specs" / "heart-disease-vertical-lr.toml").read_text().replace("rounds = 60", "rounds = 8")
     text = text.replace('[privacy]\nmode = "none"', '[privacy]\nmode = "record"\ntarget_epsilon = 3.0\ndelta = 1e-5')
     spec = tmp_path / "vlr.toml"
     spec.write_text(text)
@@ -245,7 +245,7 @@ def test_the_split_follows_the_ids_not_the_psi_order():
 
 
 def test_spec_validate_describes_a_vertical_spec(root):
-    r = runner.invoke(app, ["spec", "validate", str(root / "protocols" / "heart-disease-vertical.toml")])
+    r = runner.invoke(app, ["spec", "validate", str(root / "specs" / "heart-disease-vertical.toml")])
     text = " ".join(r.output.split())
     assert r.exit_code == 0 and "vertical" in text and "label holder clinic" in text and "SecureBoost" in text and "scaling" not in text
 
@@ -353,6 +353,6 @@ def test_three_parties_run_score_and_verify(root, tmp_path):
 
 
 def test_resume_is_refused_for_a_vertical_spec(root, tmp_path):
-    r = runner.invoke(app, ["run", str(root / "protocols" / "heart-disease-vertical.toml"), "--out", str(tmp_path / "o"), "--resume", "--format", "json"])
+    r = runner.invoke(app, ["run", str(root / "specs" / "heart-disease-vertical.toml"), "--out", str(tmp_path / "o"), "--resume", "--format", "json"])
     assert r.exit_code == int(ExitCode.CONFIG_INVALID) and "vertical runs cannot be resumed" in r.output
     assert not (tmp_path / "o" / "ledger.jsonl").exists()

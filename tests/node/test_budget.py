@@ -59,7 +59,7 @@ class TestAcrossRuns:
 
         from tests.conftest import ROOT
 
-        schema = json.loads((ROOT / "protocols" / "ledger.schema.json").read_text())
+        schema = json.loads((ROOT / "schemas" / "ledger.schema.json").read_text())
         for e in entries:
             jsonschema.validate(e, schema)
         # Nothing was released after the refusal, and the node's ledger verifies with its budget intact.

@@ -158,7 +158,7 @@ class TestLocalSpec:
         from fedcollab.coordinator._deploy import decode_spec, encode_spec
         from fedcollab.node._deploy import decode_run_spec
 
-        text = (root / "protocols" / "heart-disease.toml").read_text()
+        text = (root / "specs" / "heart-disease.toml").read_text()
         _, a = decode_spec(encode_spec(text))
         b = decode_run_spec(encode_spec(text))
         assert a.model_dump() == b.model_dump() and a.name == "heart-disease"
@@ -182,7 +182,7 @@ class TestApprovedRunSpec:
         from fedcollab.core import NodeCoded, NodeErrorCode, node_code_for
         from fedcollab.node._deploy import approved_run_spec
 
-        text = (root / "protocols" / "heart-disease.toml").read_text()
+        text = (root / "specs" / "heart-disease.toml").read_text()
         with pytest.raises(NodeCoded) as exc:
             approved_run_spec(tmp_path, encode_spec(text))
         assert node_code_for(exc.value) == NodeErrorCode.SPEC_NOT_APPROVED
@@ -192,7 +192,7 @@ class TestApprovedRunSpec:
         from fedcollab.node._deploy import approved_run_spec
         from fedcollab.node._home import NodeHome
 
-        text = (root / "protocols" / "heart-disease.toml").read_text()
+        text = (root / "specs" / "heart-disease.toml").read_text()
         NodeHome(tmp_path).approve_spec(text.encode())
         assert approved_run_spec(tmp_path, encode_spec(text)).name == "heart-disease"
 
@@ -202,7 +202,7 @@ class TestApprovedRunSpec:
         from fedcollab.node._deploy import approved_run_spec
         from fedcollab.node._home import NodeHome
 
-        text = (root / "protocols" / "heart-disease.toml").read_text()
+        text = (root / "specs" / "heart-disease.toml").read_text()
         NodeHome(tmp_path).approve_spec(text.encode())
         with pytest.raises(NodeCoded):
             approved_run_spec(tmp_path, encode_spec(text + " "))
@@ -220,7 +220,7 @@ class TestSpecEnforcement:
         from fedcollab.runner._run import simulated_policy
         from fedcollab.spec import load_spec
 
-        spec = load_spec(root / "protocols" / "heart-disease.toml")
+        spec = load_spec(root / "specs" / "heart-disease.toml")
         home = init_node_home(tmp_path / self.PARTNER, partner=self.PARTNER, policy=simulated_policy(spec, self.PARTNER))
         roster = {self.PARTNER: home.public_key(), "coordinator": public_key_hex(init_node_home(tmp_path / "coord", partner="coord").key())}
         return NodeDeployment(home=home.root, partner=self.PARTNER, data=data, roster=roster, approved_bundles=frozenset()), home
@@ -253,7 +253,7 @@ class TestSpecEnforcement:
         missing = tmp_path / "never-read.csv"  # the data file does not even exist: a refusal must not need it
         node, home = self._node(root, tmp_path, missing)
         ledger_before = home.ledger_path.read_text() if home.ledger_path.exists() else ""
-        run_config = {RUN_CONFIG_SPEC: encode_spec((root / "protocols" / "heart-disease.toml").read_text())}
+        run_config = {RUN_CONFIG_SPEC: encode_spec((root / "specs" / "heart-disease.toml").read_text())}
         egress = EgressLog(tmp_path / "egress.jsonl")
         for message_type, cfg in [("query", {"fedcollab.kind": "setup", "scaling": "none"}), ("train", {"server-round": 1}),
                                   ("evaluate", {"server-round": 1})]:
@@ -274,7 +274,7 @@ class TestSpecEnforcement:
         from fedcollab.node._deploy import RUN_CONFIG_SPEC
         from fedcollab.protocols.wire import RecordKey
 
-        text = (root / "protocols" / "heart-disease.toml").read_text()
+        text = (root / "specs" / "heart-disease.toml").read_text()
         node, home = self._node(root, tmp_path, tmp_path / "data.csv")
         run_config = {RUN_CONFIG_SPEC: encode_spec(text)}
         first = node.client_app(run_config, flower_run_id=1)
@@ -299,7 +299,7 @@ class TestSpecEnforcement:
         from fedcollab.coordinator._deploy import encode_spec
         from fedcollab.node._deploy import RUN_CONFIG_SPEC
 
-        text = (root / "protocols" / "heart-disease.toml").read_text()
+        text = (root / "specs" / "heart-disease.toml").read_text()
         node, home = self._node(root, tmp_path, tmp_path / "data.csv")
         digest = home.approve_spec(text.encode())
         # Mark the node's copy (as if the partner's folder held a different, approved text under that hash).

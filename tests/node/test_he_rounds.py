@@ -35,7 +35,7 @@ def spec():
     from fedcollab.spec import load_spec
     from tests.conftest import ROOT
 
-    return load_spec(ROOT / "protocols" / "heart-disease-he.toml")
+    return load_spec(ROOT / "specs" / "heart-disease-he.toml")
 
 
 @pytest.fixture(scope="module")

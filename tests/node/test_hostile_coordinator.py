@@ -36,7 +36,7 @@ EVIL = "tests.node._evil_model"
 
 
 def _spec(name: str):
-    return load_spec(ROOT / "protocols" / name)
+    return load_spec(ROOT / "specs" / name)
 
 
 class Node:

@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def spec():
-    raw = tomllib.loads((ROOT / "protocols" / "heart-disease-ddp.toml").read_text())
-    return parse_spec(raw).with_base_dir(str(ROOT / "protocols"))
+    raw = tomllib.loads((ROOT / "specs" / "heart-disease-ddp.toml").read_text())
+    return parse_spec(raw).with_base_dir(str(ROOT / "specs"))
 
 
 def node(spec, root, *, budget=8.0, run_id="run-ddp") -> NodeRuntime:

@@ -272,7 +272,7 @@ def secagg_spec():
     from fedcollab.spec import load_spec
     from tests.conftest import ROOT
 
-    return load_spec(ROOT / "protocols" / "heart-disease-secagg.toml")
+    return load_spec(ROOT / "specs" / "heart-disease-secagg.toml")
 
 
 class TestDriversWithDropouts:

@@ -31,7 +31,7 @@ PARTIES = ("clinic", "lab")
 
 
 def _spec(tmp_path, *, trees: int = 1, depth: int = 1):
-    text = (ROOT / "protocols" / "heart-disease-vertical.toml").read_text()
+    text = (ROOT / "specs" / "heart-disease-vertical.toml").read_text()
     text = text.replace("n_trees = 30", f"n_trees = {trees}").replace("max_depth = 3", f"max_depth = {depth}")
     path = tmp_path / "vertical.toml"
     path.write_text(text)
@@ -214,7 +214,7 @@ def test_three_parties_over_the_relay(tmp_path):
     The clinic talks to each passive party over its own sealed channel; the coordinator relays between three nodes;
     each passive party's thresholds stay at its node, and each is charged only for its own releases.
     """
-    text = (ROOT / "protocols" / "heart-disease-vertical.toml").read_text().replace("n_trees = 30", "n_trees = 1").replace("max_depth = 3", "max_depth = 2")
+    text = (ROOT / "specs" / "heart-disease-vertical.toml").read_text().replace("n_trees = 30", "n_trees = 1").replace("max_depth = 3", "max_depth = 2")
     text = three_party_vertical_spec(text, tmp_path)
     (tmp_path / "three.toml").write_text(text)
     spec = load_spec(tmp_path / "three.toml")

@@ -46,12 +46,12 @@ from tests.conftest import ROOT
 
 @pytest.fixture(scope="module")
 def spec():
-    return load_spec(ROOT / "protocols" / "heart-disease-gbdt.toml")
+    return load_spec(ROOT / "specs" / "heart-disease-gbdt.toml")
 
 
 @pytest.fixture(scope="module")
 def dp_spec():
-    return load_spec(ROOT / "protocols" / "heart-disease-gbdt-dp.toml")
+    return load_spec(ROOT / "specs" / "heart-disease-gbdt-dp.toml")
 
 
 @pytest.fixture(scope="module")
@@ -397,7 +397,7 @@ class TestWire:
 class TestSpec:
     @pytest.fixture()
     def raw(self):
-        return tomllib.loads((ROOT / "protocols" / "heart-disease-gbdt-dp.toml").read_text())
+        return tomllib.loads((ROOT / "specs" / "heart-disease-gbdt-dp.toml").read_text())
 
     def _problems(self, data):
         with pytest.raises(SpecError) as exc:
@@ -576,7 +576,7 @@ class TestQuantileSketch:
 
 @pytest.fixture()
 def raw_dp():
-    return tomllib.loads((ROOT / "protocols" / "heart-disease-gbdt-dp.toml").read_text())
+    return tomllib.loads((ROOT / "specs" / "heart-disease-gbdt-dp.toml").read_text())
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def ddp_spec(**partner):
-    raw = tomllib.loads((ROOT / "protocols" / "heart-disease-ddp.toml").read_text())
+    raw = tomllib.loads((ROOT / "specs" / "heart-disease-ddp.toml").read_text())
     raw["privacy"]["partner"].update(partner)
     return parse_spec(raw)
 
 
 def central_spec(**partner):
-    raw = tomllib.loads((ROOT / "protocols" / "heart-disease-ddp.toml").read_text())
+    raw = tomllib.loads((ROOT / "specs" / "heart-disease-ddp.toml").read_text())
     raw["aggregation"] = "plain"
     raw["privacy"]["mode"] = "central"
     raw["privacy"]["partner"].update(partner)

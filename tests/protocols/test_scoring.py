@@ -176,7 +176,7 @@ class TestProtocol:
 
         from tests.conftest import ROOT
 
-        schema = json.loads((ROOT / "protocols" / "ledger.schema.json").read_text())
+        schema = json.loads((ROOT / "schemas" / "ledger.schema.json").read_text())
         for ln in ledger.lines():
             jsonschema.validate(ln.entry, schema)
 
@@ -265,7 +265,7 @@ class TestAuthentication:
 
         from tests.conftest import ROOT
 
-        schema = json.loads((ROOT / "protocols" / "ledger.schema.json").read_text())
+        schema = json.loads((ROOT / "schemas" / "ledger.schema.json").read_text())
         for ln in ledger.lines():
             jsonschema.validate(ln.entry, schema)
         return body

@@ -42,7 +42,7 @@ from fedcollab.protocols.vertical import (  # noqa: E402
 from fedcollab.spec import load_spec, tree_params  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-SPEC = ROOT / "protocols" / "heart-disease-vertical.toml"
+SPEC = ROOT / "specs" / "heart-disease-vertical.toml"
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ from fedcollab.protocols.vertical import (  # noqa: E402
 from fedcollab.spec import load_spec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-SPEC = ROOT / "protocols" / "heart-disease-vertical.toml"
+SPEC = ROOT / "specs" / "heart-disease-vertical.toml"
 
 
 def central_taylor_gd(xa, y, xp, *, iterations, learning_rate, l2):

@@ -39,7 +39,7 @@ def _hex(sk: Ed25519PrivateKey) -> str:
 
 @pytest.fixture(scope="module")
 def spec(root):
-    s = load_spec(root / "protocols" / "heart-disease-vertical.toml")
+    s = load_spec(root / "specs" / "heart-disease-vertical.toml")
     g = s.model.gbdt.model_copy(update={"n_trees": 2, "max_depth": 3})
     return s.model_copy(update={"model": s.model.model_copy(update={"gbdt": g})})
 

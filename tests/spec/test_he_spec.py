@@ -13,7 +13,7 @@ from tests.conftest import ROOT
 
 @pytest.fixture()
 def raw() -> dict:
-    return tomllib.loads((ROOT / "protocols" / "heart-disease-he.toml").read_text())
+    return tomllib.loads((ROOT / "specs" / "heart-disease-he.toml").read_text())
 
 
 def problems(data: dict) -> list[str]:

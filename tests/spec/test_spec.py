@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture()
 def raw() -> dict:
-    return tomllib.loads((ROOT / "protocols" / "heart-disease-dp.toml").read_text())
+    return tomllib.loads((ROOT / "specs" / "heart-disease-dp.toml").read_text())
 
 
 def problems(data: dict) -> list[str]:
@@ -40,11 +40,6 @@ class TestValid:
         """`rounds = 20.0` is read as 20."""
         raw["training"]["rounds"] = 20.0
         assert parse_spec(raw).training.rounds == 20
-
-    def test_packaged_copies_match(self):
-        """The specs shipped inside the package are the ones in protocols/."""
-        for name in ("heart-disease.toml", "heart-disease-dp.toml", "heart-disease-vertical.toml"):
-            assert (ROOT / "protocols" / name).read_bytes() == (ROOT / "fedcollab" / "protocols_dist" / name).read_bytes()
 
 
 class TestInvalid:
@@ -136,18 +131,18 @@ class TestInvalid:
 
 class TestSchemaExport:
     def test_committed_schemas_are_current(self):
-        """protocols/schema/spec.schema.json and protocols/summary.schema.json match the models."""
+        """schemas/spec.schema.json and schemas/summary.schema.json match the models."""
         from fedcollab.cli._schemas import schemas
 
         for name, schema in schemas().items():
-            on_disk = json.loads((ROOT / "protocols" / name).read_text())
+            on_disk = json.loads((ROOT / "schemas" / name).read_text())
             assert on_disk == json.loads(json.dumps(schema)), f"regenerate with `make schema` ({name})"
 
     def test_schema_accepts_shipped_spec(self, raw):
         """The exported JSON Schema accepts the shipped spec and rejects an unknown field."""
         import jsonschema
 
-        schema = json.loads((ROOT / "protocols" / "schema" / "spec.schema.json").read_text())
+        schema = json.loads((ROOT / "schemas" / "spec.schema.json").read_text())
         jsonschema.validate(raw, schema)
         raw["surprise"] = 1
         with pytest.raises(jsonschema.ValidationError):
@@ -175,7 +170,7 @@ def test_spec_reference_is_current():
 class TestPartnerLevelPrivacy:
     @pytest.fixture()
     def ddp(self) -> dict:
-        return tomllib.loads((ROOT / "protocols" / "heart-disease-ddp.toml").read_text())
+        return tomllib.loads((ROOT / "specs" / "heart-disease-ddp.toml").read_text())
 
     def test_shipped_distributed_spec(self, ddp):
         """The shipped spec: distributed DP, t_min = 4 partners - 1 dropout, no DP-SGD."""

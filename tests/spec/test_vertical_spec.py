@@ -12,7 +12,7 @@ from fedcollab.core import SpecError
 from fedcollab.spec import load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
-SPEC = ROOT / "protocols" / "heart-disease-vertical.toml"
+SPEC = ROOT / "specs" / "heart-disease-vertical.toml"
 
 
 def _data() -> dict[str, Any]:
@@ -104,6 +104,6 @@ def test_three_parties_are_accepted_for_secureboost_not_for_linear_models() -> N
     d["partners"].append({"name": "stress", "source": lab["source"], "columns": ["thalch", "exang", "oldpeak"]})
     from fedcollab.spec import parse_spec
 
-    assert len(parse_spec(d, base_dir=ROOT / "protocols").partners) == 3
+    assert len(parse_spec(d, base_dir=ROOT / "specs").partners) == 3
     d["model"] = {"kind": "logistic_regression"}
     assert "with model kind 'logistic_regression' takes exactly 2 partners" in _problems(d)

@@ -13,7 +13,7 @@ Mapping to dp-accounting (``dp_accounting.dp_event``):
 * ``NonPrivate()``             -> ``NonPrivateDpEvent()`` (epsilon = infinity)
 
 The same events, as JSON, are described by :func:`event_json_schema` (published as
-``protocols/schema/event.schema.json`` and shared with the ledger).
+``schemas/event.schema.json`` and shared with the ledger).
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def mechanism_from_dict(
 def event_json_schema() -> dict[str, Any]:
     """The JSON Schema of one privacy event (a :data:`Mechanism`), shared by the ledger and the CLI.
 
-    Published as ``protocols/schema/event.schema.json`` by ``fedcollab spec schema``.
+    Published as ``schemas/event.schema.json`` by ``fedcollab spec schema``.
     """
     schema = _MECHANISM.json_schema()
     schema["$id"] = "https://fedcollab.dev/schema/event.schema.json"

@@ -10,7 +10,7 @@ Kinds: ``release`` (a privacy event, recorded before the release leaves the part
 answered or refused by a model holder, with the querier's row count and key fingerprint), ``receipt`` (the coordinator chains the
 hashes of node entries in arrival order), ``close`` (the coordinator lists every party's chain
 head), ``countersign`` (a node signs the close entry's hash). JSON Schema:
-``protocols/ledger.schema.json``.
+``schemas/ledger.schema.json``.
 """
 
 from __future__ import annotations
@@ -354,7 +354,7 @@ def claim(eps_run: float, eps_total: float, *, delta: float, accountant: str) ->
 
 
 def ledger_entry_json_schema() -> dict[str, Any]:
-    """JSON Schema of one ledger line (published as ``protocols/ledger.schema.json``)."""
+    """JSON Schema of one ledger line (published as ``schemas/ledger.schema.json``)."""
     release = Release.model_json_schema(ref_template="#/$defs/{model}")
     defs: dict[str, Any] = release.pop("$defs", {})
     defs["Release"] = release

@@ -1,7 +1,7 @@
 """Federated histogram gradient-boosted trees (horizontal), exported as an XGBoost model.
 
 Pure functions and records; the Flower wiring (node adapter, coordinator strategy) calls them.
-See protocols/gbdt.md for the protocol, its messages, the DP sensitivity and the threat model.
+See docs/protocols/gbdt.md for the protocol, its messages, the DP sensitivity and the threat model.
 
 * binning: public bin edges from the schema bounds, binning of encoded rows (missing bin per feature)
 * sketch: quantile bin edges from the nodes' (noisy) count sketch on a fine public grid

@@ -1,4 +1,4 @@
-"""Private set intersection for vertical collaboration (protocols/psi.md).
+"""Private set intersection for vertical collaboration (docs/protocols/psi.md).
 
 * ecdh: ECDH-PSI on ristretto255, a prime-order group (libsodium through rbcl) as pure
   stages (active_init, passive_init, passive_reply, active_match, passive_finish), and

@@ -1,4 +1,4 @@
-"""ECDH private set intersection on ristretto255, a prime-order group (protocols/psi.md).
+"""ECDH private set intersection on ristretto255, a prime-order group (docs/protocols/psi.md).
 
 Two parties hold record ids (strings): the *active* party (label holder) and the *passive* one.
 With a per-run domain separator ``domain`` both hash each id to the group,
