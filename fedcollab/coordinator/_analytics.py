@@ -9,7 +9,6 @@ noisy sum. Profile: every node releases its own locally noised vector.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from fedcollab.core import NodeError, NodeErrorCode, ProtocolError, TransportError, get_logger
-from fedcollab.coordinator._exchange import code_name
+from fedcollab.core import NodeError, ProtocolError, TransportError, get_logger
+from fedcollab.coordinator._exchange import Link, code_name
 from fedcollab.coordinator._ledger import RunLedger
 from fedcollab.coordinator._secagg import secure_sum
 from fedcollab.protocols.wire import RecordKey
@@ -39,7 +38,7 @@ class AnalyticsRecorder:
     participants: list[str] = field(default_factory=list)
     min_group_size: int = 0
     profile: Profile | None = None
-    failures: dict[str, int] = field(default_factory=dict)
+    failures: dict[str, list[int]] = field(default_factory=dict)  # partner -> codes, as in training runs
     seconds: dict[str, float] = field(default_factory=dict)
     finished: bool = False
 
@@ -53,59 +52,20 @@ def default_n_honest(spec: Spec, query: QuerySpec) -> int:
     return honest_minimum(query, n_partners=n, threshold=spec.secagg.resolved_threshold(n))
 
 
-def _make(spec: Spec, recorder: AnalyticsRecorder, ledger: RunLedger, timeout: float, body: Callable[..., None]) -> Any:
-    """A ServerApp that waits for the nodes, runs ``body(grid, exchange, node_ids)`` and closes the ledger."""
-    from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+def _make(spec: Spec, recorder: AnalyticsRecorder, ledger: RunLedger, timeout: float, body: Callable[[Link, list[int]], None]) -> Any:
+    """A ServerApp that waits for the nodes, runs ``body(link, node_ids)`` and closes the ledger.
+
+    Exchanges go through the one ``Link`` (coordinator/_exchange.py); analytics has no setup
+    stage, so the first exchange names the nodes (``Link.broadcast``).
+    """
+    from flwr.app import Context, MessageType
     from flwr.serverapp import Grid, ServerApp
 
     app = ServerApp()
-    partners = {p.name for p in spec.partners}
-    names: dict[int, str] = {}  # Flower node id -> partner, learned from the first replies
-
-    def exchange(grid: Grid, targets: list[int], cfg: dict[str, Any], extra: dict[int, dict[str, dict[str, Any]]] | None = None,
-                 ) -> tuple[dict[str, Message], dict[str, int]]:
-        """One exchange of QUERY messages: (replies by partner, error codes by partner); ledger lines accepted."""
-        msgs = []
-        for nid in targets:
-            content = RecordDict({RecordKey.CONFIG: ConfigRecord({"fedcollab.run_id": ledger.run_id, **cfg})})
-            for k, v in (extra or {}).get(nid, {}).items():
-                content[k] = ConfigRecord(v)
-            msgs.append(Message(content=content, message_type=MessageType.QUERY, dst_node_id=nid))
-        ok: dict[str, Message] = {}
-        failed: dict[str, int] = {}
-        for m in grid.send_and_receive(msgs, timeout=timeout):
-            nid = m.metadata.src_node_id
-            if m.has_error():
-                failed[names.get(nid, f"node-{nid}")] = int(m.error.code) if m.error.code else int(NodeErrorCode.INTERNAL)
-                continue
-            recs = m.content.config_records
-            info = recs.get(RecordKey.INFO) or recs.get(RecordKey.ERROR)
-            if nid not in names and info is not None and "partner" in info:
-                name = str(info["partner"])
-                if name not in partners or name in names.values():
-                    raise ProtocolError("unknown or duplicate partner identity")
-                names[nid] = name
-            name = names.get(nid, f"node-{nid}")
-            rec = recs.get(RecordKey.RELEASES)
-            if rec is not None:
-                if name not in partners:
-                    raise ProtocolError("ledger entries from an unidentified node")
-                ledger.accept(json.loads(str(rec["lines"])), party=name, round=0)
-            if RecordKey.ERROR in recs:
-                failed[name] = int(recs[RecordKey.ERROR]["code"])
-            else:
-                ok[name] = m
-        for nid in targets:
-            name = names.get(nid, f"node-{nid}")
-            if name not in ok and name not in failed:
-                failed[name] = int(NodeErrorCode.INTERNAL)
-        for name, code in failed.items():
-            recorder.failures[name] = code
-            log.warning("partner %s replied with error code %d (%s)", name, code, code_name(code))
-        return ok, failed
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        link = Link(grid, ledger=ledger, recorder=recorder, timeout=timeout, partner_names={p.name for p in spec.partners})
         deadline = time.monotonic() + timeout
         n = len(spec.partners)
         while len(node_ids := sorted(grid.get_node_ids())) < n:
@@ -113,52 +73,47 @@ def _make(spec: Spec, recorder: AnalyticsRecorder, ledger: RunLedger, timeout: f
                 raise TransportError(f"only {len(node_ids)} of {n} nodes connected")
             time.sleep(0.1)
         try:
-            body(grid, exchange, node_ids, names)
+            body(link, node_ids)
         finally:
             # Close: every chain head listed, signed, then countersigned by every identified node.
-            known = [nid for nid in node_ids if nid in names]
+            known = [nid for nid in node_ids if nid in link.node_names]
             if known and ledger.heads:
                 close = ledger.close(0, partners=[p.name for p in spec.partners])
-                exchange(grid, known, {"fedcollab.kind": "analytics.close", "close": close.decode()})
+                link.broadcast(0, MessageType.QUERY, {"fedcollab.kind": "analytics.close", "close": close.decode()}, known)
         recorder.finished = True
 
     return app
+
+
+def _codes(failed: dict[str, int]) -> list[str]:
+    return [f"{k}: code {v} ({code_name(v)})" for k, v in sorted(failed.items())]
 
 
 def make_query_server_app(spec: Spec, query: QuerySpec, recorder: AnalyticsRecorder, *, ledger: RunLedger, timeout: float = 600.0) -> Any:
     """The ServerApp answering ``query``: check, answer, secure sum, decode, suppress."""
     n_honest = default_n_honest(spec, query)
 
-    def body(grid: Any, exchange: Any, node_ids: list[int], names: dict[int, str]) -> None:
+    def body(link: Link, node_ids: list[int]) -> None:
+        from flwr.app import MessageType
 
         cfg = {"query": query.model_dump_json(), "n_honest": n_honest, "n_parties": len(node_ids)}
         t0 = time.perf_counter()
         stage("check")
-        ok, failed = exchange(grid, node_ids, {"fedcollab.kind": "analytics.check", **cfg})
+        ok, failed = link.broadcast(0, MessageType.QUERY, {"fedcollab.kind": "analytics.check", **cfg}, node_ids)
         if failed:
-            raise NodeError("the query was refused; nothing was released:", codes=failed,
-                            problems=[f"{k}: code {v} ({code_name(v)})" for k, v in sorted(failed.items())])
+            raise NodeError("the query was refused; nothing was released:", codes=failed, problems=_codes(failed))
         stage("answer")
-        ok, failed = exchange(grid, node_ids, {"fedcollab.kind": "analytics.query", **cfg})
+        ok, failed = link.broadcast(0, MessageType.QUERY, {"fedcollab.kind": "analytics.query", **cfg}, node_ids)
         if failed:
-            raise NodeError("some nodes failed to answer the query; no aggregate was computed:", codes=failed,
-                            problems=[f"{k}: code {v} ({code_name(v)})" for k, v in sorted(failed.items())])
+            raise NodeError("some nodes failed to answer the query; no aggregate was computed:", codes=failed, problems=_codes(failed))
         recorder.min_group_size = max(int(m.content.config_records[RecordKey.INFO]["min_group_size"]) for m in ok.values())
         plan = plan_query(query, spec.data_schema, n_honest=n_honest)
         if any(int(m.content.config_records[RecordKey.INFO]["length"]) != plan.layout.length for m in ok.values()):
             raise ProtocolError("a node encoded the query with another layout")
         recorder.seconds["answer"] = time.perf_counter() - t0
         stage("secure aggregation")
-        by_name = {v: k for k, v in names.items()}
-
-        def send(stage_name: str, requests: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-            got, _ = exchange(grid, [by_name[p] for p in requests], {"fedcollab.kind": "secagg", "secagg.stage": stage_name, "secagg.round": 1},
-                              extra={by_name[p]: {"secagg": r} for p, r in requests.items()})
-            return {p: dict(m.content.config_records["secagg"]) for p, m in got.items() if "secagg" in m.content.config_records}
-
-        roster_keys = {k: v.signing_key for k, v in ledger.roster.parties.items()}
         total, survivors = secure_sum(spec, run_id=ledger.run_id, round_=1, participants=sorted(ok), length=plan.layout.length, bits=64,
-                                      roster_keys=roster_keys, send=send)
+                                      roster_keys=link.roster_keys(), send=link.secagg_sender(1))
         recorder.seconds["secure_sum"] = time.perf_counter() - t0 - recorder.seconds["answer"]
         recorder.participants = survivors
         recorder.plan = plan
@@ -177,10 +132,12 @@ def make_profile_server_app(spec: Spec, recorder: AnalyticsRecorder, *, ledger: 
     """The ServerApp collecting every node's locally noised profile."""
     schema = spec.data_schema
 
-    def body(grid: Any, exchange: Any, node_ids: list[int], names: dict[int, str]) -> None:
+    def body(link: Link, node_ids: list[int]) -> None:
+        from flwr.app import MessageType
+
         if recorder.on_stage:
             recorder.on_stage("profile")
-        ok, failed = exchange(grid, node_ids, {"fedcollab.kind": "analytics.profile", "epsilon": epsilon, "delta": delta})
+        ok, failed = link.broadcast(0, MessageType.QUERY, {"fedcollab.kind": "analytics.profile", "epsilon": epsilon, "delta": delta}, node_ids)
         blocks = profile_layout(schema)
         vectors = {p: np.asarray(m.content.config_records[RecordKey.INFO]["profile"], dtype=np.float64) for p, m in ok.items()}
         recorder.participants = sorted(vectors)

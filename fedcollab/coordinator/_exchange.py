@@ -154,6 +154,60 @@ class Link:
             out[name] = m
         return out
 
+    def identify(self, replies: list[Any]) -> None:
+        """Name the nodes from the partner their replies state (an INFO or ERROR record's ``partner``).
+
+        For protocols without a setup stage (analytics): the first exchange names the nodes. A name
+        outside the spec's partners, or one a second node claims, stops the run (ProtocolError); a
+        node claiming another's name still cannot sign that party's ledger entries.
+        """
+        from fedcollab.core import ProtocolError
+        from fedcollab.protocols.wire import RecordKey
+
+        for m in replies:
+            nid = m.metadata.src_node_id
+            if m.has_error() or nid in self.node_names:
+                continue
+            recs = m.content.config_records
+            info = recs.get(RecordKey.INFO) or recs.get(RecordKey.ERROR)
+            if info is None or "partner" not in info:
+                continue
+            name = str(info["partner"])
+            if name not in self.partner_names or name in self.node_names.values():
+                raise ProtocolError("unknown or duplicate partner identity")
+            self.node_names[nid] = name
+
+    def broadcast(self, rnd: int, message_type: str, cfg: dict[str, Any], node_ids: list[int]) -> tuple[dict[str, Any], dict[str, int]]:
+        """The same config to ``node_ids``: ``(replies by partner, {partner: code})``, the nodes named from their replies.
+
+        A node that does not answer is a failure here (code INTERNAL, recorded like a refusal): the
+        caller needs every partner's answer, not a quorum. Every reply's ledger entries are accepted.
+        """
+        from flwr.app import ConfigRecord, Message, RecordDict
+
+        from fedcollab.core import NodeErrorCode, ProtocolError, get_logger
+        from fedcollab.protocols.wire import RecordKey
+
+        msgs = [Message(content=RecordDict({RecordKey.CONFIG: ConfigRecord({"fedcollab.run_id": self.ledger.run_id, **cfg})}),
+                        message_type=message_type, dst_node_id=nid) for nid in node_ids]
+        replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
+        self.identify(replies)
+        got, failed = self.split_replies(replies, rnd)
+        out = {}
+        for m in got:
+            name = self.node_names.get(m.metadata.src_node_id)
+            if name is None:
+                raise ProtocolError("a reply from a node that did not name its partner")
+            if RecordKey.RELEASES in m.content.config_records:
+                self.collect_lines(m, name, rnd)
+            out[name] = m
+        silent = {self.node_names.get(nid, f"node-{nid}") for nid in node_ids} - set(out) - set(failed)
+        for name in sorted(silent):
+            failed[name] = int(NodeErrorCode.INTERNAL)
+            self.recorder.failures.setdefault(name, []).append(failed[name])
+            get_logger("coordinator").warning("round %d %s: no answer from %s", rnd, message_type, name)
+        return out, failed
+
     def secagg_sender(self, rnd: int) -> Callable[[str, dict[str, dict[str, Any]]], dict[str, dict[str, Any]]]:
         """``send(stage, {partner: request}) -> {partner: reply}``: one stand-alone exchange of a SecAgg+ stage of round ``rnd``."""
         from flwr.app import MessageType

@@ -155,7 +155,7 @@ def run_query(spec: Spec | str | Path, query: QuerySpec | str | Path, *, out: st
         from fedcollab.core import NodeError
 
         if recorder.failures:
-            raise NodeError("the query was refused; nothing was released:", codes=recorder.failures)
+            raise NodeError("the query was refused; nothing was released:", codes={k: v[-1] for k, v in recorder.failures.items()})
         raise TransportError("the simulation ended before the query was answered")
     plan = recorder.plan
     privacy = {"mode": plan.mode, "unit": "record", "observer": "coordinator", "aggregation": "secagg (SecAgg+, mod 2^64)",

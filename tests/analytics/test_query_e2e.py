@@ -71,3 +71,29 @@ def test_profile_end_to_end_flags_switzerland(heart_spec, tmp_path, capsys):
     assert (tmp_path / "profile.html").exists()
     rep = verify_ledger(tmp_path / "ledger.jsonl", load_roster(tmp_path / "roster.json"))
     assert rep.exit_code == ExitCode.OK, [f.message for f in rep.findings]
+
+
+def test_one_refusal_stops_the_query_before_anything_is_released(heart_spec, tmp_path):
+    """A partner whose policy does not allow `count` refuses at the check stage: the coordinator raises NodeError naming it
+    with its code, keeps its signed refusal in the run ledger, and no node releases anything (the answer stage never runs)."""
+    from fedcollab.core import NodeError, NodeErrorCode
+    from fedcollab.node import init_node_home
+    from fedcollab.runner._query import analytics_policy, run_query
+    from fedcollab.spec import StatisticsPolicy, parse_query
+
+    nodes = tmp_path / "nodes"
+    for p in heart_spec.partners:
+        policy = analytics_policy(heart_spec, p.name)
+        if p.name == "hungary":
+            policy = policy.model_copy(update={"statistics": StatisticsPolicy(allowed_queries=["mean"])})
+        init_node_home(nodes / p.name, partner=p.name, policy=policy, dataset=p.dataset_id)
+    q = parse_query({"name": "refused", "epsilon": 1.0, "delta": 1e-6, "statistics": [{"kind": "count"}]})
+    with pytest.raises(NodeError) as err:
+        run_query(heart_spec, q, out=tmp_path / "out", nodes=nodes)
+    assert err.value.codes == {"hungary": int(NodeErrorCode.POLICY_REFUSED)}
+    entries = [json.loads(x) for x in (tmp_path / "out" / "ledger.jsonl").read_text().splitlines()]
+    assert [(e["party"], e["body"]["code"]) for e in entries if e["kind"] == "refusal"] == [("hungary", int(NodeErrorCode.POLICY_REFUSED))]
+    assert not [e for e in entries if e["kind"] == "release"]
+    for p in heart_spec.partners:  # nothing released at any node either
+        own = [json.loads(x) for x in (nodes / p.name / "ledger.jsonl").read_text().splitlines()]
+        assert not [e for e in own if e["kind"] == "release"], p.name
