@@ -11,13 +11,14 @@ from typing import Any
 
 from fedcollab.core import TransportError
 from fedcollab.coordinator import AnalyticsRecorder, RunLedger, default_n_honest, make_profile_server_app, make_query_server_app
-from fedcollab.node import NodeHome, init_node_home, make_analytics_client_app
+from fedcollab.node import NodeHome, make_analytics_client_app
 from fedcollab.protocols.profile import Profile
 from fedcollab.spec import BudgetSpec, NodePolicy, QuerySpec, Spec, check_query, load_query, load_spec
 from fedcollab.runner._run import (
     SIMULATED_BUDGET_EPSILON,
     _coordinator_and_roster,
     _keep_previous_ledger,
+    prepare_simulated_nodes,
     set_flower_env,
     simulate_apps,
     simulated_policy,
@@ -65,16 +66,6 @@ def analytics_policy(spec: Spec, partner: str) -> NodePolicy:
     return base.model_copy(update={"budgets": [budget], "allow_non_private_training": False})
 
 
-def _homes(spec: Spec, nodes_dir: Path) -> dict[str, NodeHome]:
-    homes = {}
-    for p in spec.partners:
-        home = NodeHome(nodes_dir / p.name)
-        if not home.exists():
-            home = init_node_home(home.root, partner=p.name, policy=analytics_policy(spec, p.name), dataset=p.dataset_id)
-        homes[p.name] = home
-    return homes
-
-
 def _prepare(spec: Spec | str | Path, out: str | Path | None, nodes: str | Path | None) -> tuple[Spec, Path, Any, dict[str, NodeHome], RunLedger, Any]:
     if not isinstance(spec, Spec):
         spec = load_spec(spec)
@@ -86,7 +77,7 @@ def _prepare(spec: Spec | str | Path, out: str | Path | None, nodes: str | Path 
         tmp = tempfile.TemporaryDirectory(prefix="fedcollab-query-")
     out_dir = Path(out) if out is not None else Path(tmp.name)  # type: ignore[union-attr]
     out_dir.mkdir(parents=True, exist_ok=True)
-    homes = _homes(spec, Path(nodes) if nodes is not None else out_dir / "nodes")
+    homes = prepare_simulated_nodes(spec, Path(nodes) if nodes is not None else out_dir / "nodes", policy=analytics_policy)
     key, roster = _coordinator_and_roster(out_dir, homes)
     ledger_path = out_dir / "ledger.jsonl"
     if ledger_path.exists():

@@ -673,15 +673,16 @@ def simulated_policy(spec: Spec, partner: str) -> NodePolicy:
     )
 
 
-def prepare_simulated_nodes(spec: Spec, nodes_dir: Path) -> dict[str, NodeHome]:
-    """A node folder per partner under ``nodes_dir`` (created with :func:`simulated_policy` if missing)."""
+def prepare_simulated_nodes(spec: Spec, nodes_dir: Path, *, policy: Callable[[Spec, str], NodePolicy] | None = None) -> dict[str, NodeHome]:
+    """A node folder per partner under ``nodes_dir``, created with ``policy(spec, partner)`` (default :func:`simulated_policy`) if missing."""
+    make_policy = policy or simulated_policy
     homes = {}
     for p in spec.partners:
         home = NodeHome(nodes_dir / p.name)
         if not home.exists():
             # The dataset id comes from the spec's partner entry here only because the person running
             # a simulation is every partner; from then on it is the node folder's (node.json).
-            home = init_node_home(home.root, partner=p.name, policy=simulated_policy(spec, p.name), dataset=p.dataset_id)
+            home = init_node_home(home.root, partner=p.name, policy=make_policy(spec, p.name), dataset=p.dataset_id)
         homes[p.name] = home
     return homes
 
