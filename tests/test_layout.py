@@ -10,6 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = ROOT / "fedcollab" / "specs"
+#: Folders that are not the source tree (environments, outputs, build products).
+NOT_SOURCE = {".venv", ".git", "runs", "build", "dist", ".hypothesis"}
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 
 
@@ -23,7 +25,7 @@ def test_specs_ship_once_as_package_data():
     assert not (ROOT / "protocols").exists() and not (ROOT / "fedcollab" / "protocols_dist").exists()
     # No second copy of a shipped spec anywhere else in the tree (examples are their own specs).
     texts = {p.read_bytes() for p in SPECS.glob("*.toml")}
-    others = [p for p in ROOT.rglob("*.toml") if ".venv" not in p.parts and "runs" not in p.parts
+    others = [p for p in ROOT.rglob("*.toml") if not NOT_SOURCE & set(p.relative_to(ROOT).parts)
               and p.resolve().parent != SPECS and p.read_bytes() in texts]
     assert others == []
 
@@ -43,7 +45,7 @@ def test_schemas_live_in_one_folder():
     from fedcollab.cli._schemas import schemas
 
     assert sorted(schemas()) == sorted(p.name for p in (ROOT / "schemas").glob("*.json"))
-    stray = [p for p in ROOT.rglob("*.schema.json") if p.parent != ROOT / "schemas" and ".venv" not in p.parts]
+    stray = [p for p in ROOT.rglob("*.schema.json") if p.parent != ROOT / "schemas" and not NOT_SOURCE & set(p.relative_to(ROOT).parts)]
     assert stray == []
 
 
