@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from fedcollab.core import NodeError, ProtocolError, TransportError, get_logger
-from fedcollab.coordinator._exchange import Link, code_name
+from fedcollab.core import NodeError, ProtocolError, get_logger
+from fedcollab.coordinator._exchange import Link, code_name, wait_for_nodes
 from fedcollab.coordinator._ledger import RunLedger
 from fedcollab.coordinator._secagg import secure_sum
 from fedcollab.protocols.wire import RecordKey
@@ -66,12 +66,7 @@ def _make(spec: Spec, recorder: AnalyticsRecorder, ledger: RunLedger, timeout: f
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         link = Link(grid, ledger=ledger, recorder=recorder, timeout=timeout, partner_names={p.name for p in spec.partners})
-        deadline = time.monotonic() + timeout
-        n = len(spec.partners)
-        while len(node_ids := sorted(grid.get_node_ids())) < n:
-            if time.monotonic() > deadline:
-                raise TransportError(f"only {len(node_ids)} of {n} nodes connected")
-            time.sleep(0.1)
+        node_ids = wait_for_nodes(grid, len(spec.partners), timeout)
         try:
             body(link, node_ids)
         finally:

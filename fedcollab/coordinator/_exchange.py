@@ -146,9 +146,18 @@ class Link:
         got, failed = self.send_and_split(msgs, rnd)
         if failed:
             get_logger("coordinator").warning("round %d %s: no answer from %s", rnd, message_type, sorted(failed))
+        return self._by_partner(got, rnd)
+
+    def _by_partner(self, got: list[Any], rnd: int) -> dict[str, Any]:
+        """Answered replies by partner, their ledger entries accepted; a reply from an unnamed node is a ProtocolError."""
+        from fedcollab.core import ProtocolError
+        from fedcollab.protocols.wire import RecordKey
+
         out = {}
         for m in got:
-            name = self.node_names[m.metadata.src_node_id]
+            name = self.node_names.get(m.metadata.src_node_id)
+            if name is None:
+                raise ProtocolError("a reply from a node that did not name its partner")
             if RecordKey.RELEASES in m.content.config_records:
                 self.collect_lines(m, name, rnd)
             out[name] = m
@@ -185,7 +194,7 @@ class Link:
         """
         from flwr.app import ConfigRecord, Message, RecordDict
 
-        from fedcollab.core import NodeErrorCode, ProtocolError, get_logger
+        from fedcollab.core import NodeErrorCode, get_logger
         from fedcollab.protocols.wire import RecordKey
 
         msgs = [Message(content=RecordDict({RecordKey.CONFIG: ConfigRecord({"fedcollab.run_id": self.ledger.run_id, **cfg})}),
@@ -193,14 +202,7 @@ class Link:
         replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
         self.identify(replies)
         got, failed = self.split_replies(replies, rnd)
-        out = {}
-        for m in got:
-            name = self.node_names.get(m.metadata.src_node_id)
-            if name is None:
-                raise ProtocolError("a reply from a node that did not name its partner")
-            if RecordKey.RELEASES in m.content.config_records:
-                self.collect_lines(m, name, rnd)
-            out[name] = m
+        out = self._by_partner(got, rnd)
         silent = {self.node_names.get(nid, f"node-{nid}") for nid in node_ids} - set(out) - set(failed)
         for name in sorted(silent):
             failed[name] = int(NodeErrorCode.INTERNAL)
@@ -222,6 +224,20 @@ class Link:
     def roster_keys(self) -> dict[str, str]:
         """Every roster party's Ed25519 public key (hex)."""
         return {k: v.signing_key for k, v in self.ledger.roster.parties.items()}
+
+
+def wait_for_nodes(grid: Any, n: int, timeout: float) -> list[int]:
+    """The Flower node ids connected once at least ``n`` are (sorted); TransportError after ``timeout`` seconds."""
+    import time
+
+    from fedcollab.core import TransportError
+
+    deadline = time.monotonic() + timeout
+    while len(node_ids := sorted(grid.get_node_ids())) < n:
+        if time.monotonic() > deadline:
+            raise TransportError(f"only {len(node_ids)} of {n} nodes connected")
+        time.sleep(0.1)
+    return node_ids
 
 
 def code_name(code: int) -> str:

@@ -12,12 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from fedcollab.core import NodeError, ProtocolError, TransportError, get_logger
+from fedcollab.core import NodeError, ProtocolError, get_logger
 from fedcollab.models import build_model, model_arrays
 from fedcollab.privacy.accounting import Release
 from fedcollab.protocols.statistics import STATS_BITS, Scaling, combine_statistics, decode_statistics, scaling_from_bounds
 from fedcollab.protocols.wire import MessageKind, RecordKey
-from fedcollab.coordinator._exchange import Link, code_name
+from fedcollab.coordinator._exchange import Link, code_name, wait_for_nodes
 from fedcollab.coordinator._ledger import RunLedger
 from fedcollab.coordinator._rounds import Aggregation, PlainRounds, RoundRecord, record_round, run_rounds, write_checkpoint
 from fedcollab.coordinator._secagg import SecaggRounds, secure_sum
@@ -163,11 +163,7 @@ def _setup(spec: Spec, link: Link, resume: tuple[int, dict[str, np.ndarray]] | N
     n_partners, min_partners = len(spec.partners), _min_partners(spec)
     n_features = len(spec.data_schema.encoded_features())
     bounds = np.asarray(spec.data_schema.encoded_bounds(), dtype=np.float64).reshape(-1, 2)
-    deadline = time.monotonic() + timeout
-    while len(node_ids := list(link.grid.get_node_ids())) < n_partners:
-        if time.monotonic() > deadline:
-            raise TransportError(f"only {len(node_ids)} of {n_partners} nodes connected")
-        time.sleep(0.1)
+    node_ids = wait_for_nodes(link.grid, n_partners, timeout)
     scaling_name = "none" if spec.model.kind == "gbdt" else spec.resolved_scaling  # trees need no scaling: no statistics leave
     setup_cfg = ConfigRecord({"fedcollab.kind": str(MessageKind.SETUP), "scaling": scaling_name, "fedcollab.run_id": ledger.run_id})
     if resume:

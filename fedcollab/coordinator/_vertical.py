@@ -19,11 +19,11 @@ ledger entries come back with its replies and go into the run ledger.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from typing import Any
 
-from fedcollab.core import NodeError, NodeErrorCode, ProtocolError, TransportError, get_logger
+from fedcollab.core import NodeError, NodeErrorCode, ProtocolError, get_logger
+from fedcollab.coordinator._exchange import wait_for_nodes
 from fedcollab.coordinator._ledger import RunLedger
 from fedcollab.protocols.wire import MessageKind, RecordKey
 from fedcollab.spec import Spec
@@ -92,11 +92,7 @@ def run_vertical(spec: Spec, grid: Any, *, ledger: RunLedger, timeout: float, on
         return ok
 
     # --- hello --------------------------------------------------------------------------------
-    deadline = time.monotonic() + timeout
-    while len(node_ids := list(grid.get_node_ids())) < len(names):
-        if time.monotonic() > deadline:
-            raise TransportError(f"only {len(node_ids)} of {len(names)} nodes connected")
-        time.sleep(0.1)
+    node_ids = wait_for_nodes(grid, len(names), timeout)
     got = send({nid: {RecordKey.CONFIG: cfg("hello")} for nid in node_ids}, members=None)
     members: dict[int, str] = {}
     adverts: dict[str, dict[str, bytes]] = {}

@@ -110,3 +110,22 @@ def test_an_answer_lost_after_the_nodes_are_named_is_reported_by_partner(heart_s
     assert "secagg" not in {k for _, k in grid.kinds}
     assert sorted(e["party"] for e in _releases(out_dir / "ledger.jsonl")) == ["cleveland", "switzerland", "va-long-beach"]
     assert len(_releases(tmp_path / "nodes" / "hungary" / "ledger.jsonl")) == 1
+
+
+def test_wait_for_nodes_returns_once_enough_are_connected_and_names_the_shortfall():
+    """The one wait every coordinator (training setup, analytics, the vertical relay) does before its first exchange."""
+    from fedcollab.coordinator._exchange import wait_for_nodes
+    from fedcollab.core import TransportError
+
+    class Arriving:
+        def __init__(self):
+            self.calls = 0
+
+        def get_node_ids(self):
+            self.calls += 1
+            return [9, 3, 5][: min(3, self.calls)]
+
+    grid = Arriving()
+    assert wait_for_nodes(grid, 3, timeout=5.0) == [3, 5, 9] and grid.calls == 3
+    with pytest.raises(TransportError, match="only 1 of 4 nodes connected"):
+        wait_for_nodes(type("One", (), {"get_node_ids": lambda self: [1]})(), 4, timeout=0.15)
