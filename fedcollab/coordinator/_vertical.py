@@ -1,6 +1,7 @@
 """The coordinator's side of a vertical run in deployment: a relay of sealed messages.
 
-The label holder drives the run (PSI, SecureBoost, joint evaluation); the coordinator only
+The label holder drives the run (PSI, SecureBoost or vertical logistic regression, joint
+evaluation); the coordinator only
 carries each party's sealed bytes to the party they are addressed to (:mod:`fedcollab.node._vertical`):
 
 1. ``hello`` to every connected node: the partners of the spec answer with their identity and
@@ -43,8 +44,6 @@ def run_vertical(spec: Spec, grid: Any, *, ledger: RunLedger, timeout: float, on
     assert v is not None, "a vertical spec"
     names = [p.name for p in spec.partners]
     active = v.label_holder
-    if spec.model.kind != "gbdt":
-        raise ProtocolError("deployment runs vertical SecureBoost (model.kind = 'gbdt'); vertical logistic regression runs with `fedcollab run` only")
 
     def cfg(stage: str | None, **extra: Any) -> dict[str, Any]:
         c: dict[str, Any] = {"fedcollab.kind": KIND, "fedcollab.run_id": ledger.run_id, **extra}
@@ -149,7 +148,7 @@ def run_vertical(spec: Spec, grid: Any, *, ledger: RunLedger, timeout: float, on
         raise ProtocolError(f"vertical run: the label holder did not finish within {MAX_STEPS} steps")
 
     # --- close --------------------------------------------------------------------------------
-    close = ledger.close(int(report.get("trees", 0)), partners=names)
+    close = ledger.close(int(report.get("trees", report.get("iterations", 0))), partners=names)
     got = send({nid: {RecordKey.CONFIG: {"fedcollab.kind": str(MessageKind.CLOSE), "fedcollab.run_id": ledger.run_id, "close": close.decode()}}
                 for nid in members}, members=members)
     for nid, m in got.items():

@@ -8,11 +8,13 @@ columns) and where the run stands (a stage out of order is refused with ``OUT_OF
 1. ``hello``: the PSI cap (``vertical.max_psi_runs``), then a fresh per-run X25519 key signed
    with the node's Ed25519 key (:class:`fedcollab.crypto.SealAdvert`);
 2. ``keys``: the other parties' adverts, each checked against the node's own roster; the
-   label holder starts its run (:func:`active_protocol`) and returns its first outbox;
+   label holder starts its run (:func:`active_protocol` for SecureBoost, :func:`active_lr_protocol`
+   for logistic regression) and returns its first outbox;
 3. ``step``: sealed messages in, sealed messages out (the label holder: ``{passive: bytes}``;
    a passive party: ``{label holder: bytes}``); when the label holder's run ends, each node
    writes its own part of the model in its folder (``vertical/<run>/model.json`` at the label
-   holder, ``vertical/<run>/lookup.json`` at a passive party: the thresholds stay there);
+   holder; at a passive party ``vertical/<run>/lookup.json`` for SecureBoost, the thresholds
+   staying there, or ``vertical/<run>/weights.json`` for vertical logistic regression);
 4. ``close``: the node countersigns the coordinator's close and forgets the run.
 
 The coordinator relays sealed bytes only. Every release is checked and recorded by the node's
@@ -162,7 +164,7 @@ class VerticalNode:
     def _keys(self, run_id: str, run: _Run, records: Any) -> dict[str, Any]:
         from fedcollab.crypto import SealAdvert
         from fedcollab.data import load_vertical_party
-        from fedcollab.protocols.vertical import PassiveParty, active_protocol
+        from fedcollab.protocols.vertical import active_lr_protocol, active_protocol, passive_party
 
         rec = records.get("vertical.adverts")
         peers = self.passives if run.role == "active" else [self.active]
@@ -176,12 +178,17 @@ class VerticalNode:
         data = load_vertical_party(self.spec, self.partner)
         pol = self.gate.policy.vertical
         record = self._record(run_id, run)
-        if run.role == "active":
-            run.engine = active_protocol(self.spec, data, self.passives, run_id=run_id, record=record, min_intersection=pol.min_intersection)
-            return self._outbox(run, next(run.engine))
+        # The node's own noise generator (flooding, DP), seeded from the OS CSPRNG for this run.
         rng = np.random.default_rng(np.random.SeedSequence(entropy=int.from_bytes(os.urandom(32), "big")))
-        run.engine = PassiveParty(self.spec, data, active=self.active, run_id=run_id, record=record, rng=rng,
-                                  min_intersection=pol.min_intersection, min_node_rows=pol.min_node_rows)
+        if run.role == "active":
+            if self.spec.model.kind == "logistic_regression":
+                run.engine = active_lr_protocol(self.spec, data, self.passives, run_id=run_id, record=record, rng=rng,
+                                                min_intersection=pol.min_intersection)
+            else:
+                run.engine = active_protocol(self.spec, data, self.passives, run_id=run_id, record=record, min_intersection=pol.min_intersection)
+            return self._outbox(run, next(run.engine))
+        run.engine = passive_party(self.spec, data, active=self.active, run_id=run_id, record=record, rng=rng,
+                                   min_intersection=pol.min_intersection, min_node_rows=pol.min_node_rows)
         return {KIND: {"ready": True}}
 
     def _outbox(self, run: _Run, outbox: dict[str, tuple[object, ...]]) -> dict[str, Any]:
@@ -216,16 +223,20 @@ class VerticalNode:
         replies = tuple(r for m in msgs for r in run.engine.handle(m))
         out = self._outbox(run, {self.active: replies})
         if run.engine.finished:
-            out[RecordKey.INFO] = self._write_part(run_id, "lookup.json", _lookup(self.passives.index(self.partner) + 1, run.engine.table))
+            out[RecordKey.INFO] = self._write_part(run_id, *run.engine.document())  # lookup.json (its thresholds) or weights.json
             run.done = True
         return out
 
     def _finish_active(self, run_id: str, run: _Run, result: Any) -> dict[str, Any]:
-        from fedcollab.protocols.vertical import model_document
+        from fedcollab.protocols.vertical import ActiveLrResult, lr_model_document, model_document
 
-        info = self._write_part(run_id, "model.json", model_document(result.model))
-        info.update(intersection=result.intersection, n_train=result.n_train, n_test=result.n_test, trees=len(result.model.trees),
-                    passive_splits=result.passive_splits, test_accuracy=result.test_accuracy)
+        if isinstance(result, ActiveLrResult):
+            info = self._write_part(run_id, "model.json", lr_model_document(result.features, result.weights, result.intercept))
+            info.update(model="vertical-logistic-regression", iterations=result.iterations)
+        else:
+            info = self._write_part(run_id, "model.json", model_document(result.model))
+            info.update(model="secureboost", trees=len(result.model.trees), passive_splits=result.passive_splits)
+        info.update(intersection=result.intersection, n_train=result.n_train, n_test=result.n_test, test_accuracy=result.test_accuracy)
         if np.isfinite(result.test_auc):
             info["test_auc"] = result.test_auc
         run.done = True
@@ -248,12 +259,6 @@ class VerticalNode:
         self.runs.pop(run_id, None)
         return countersign_close(self.gate.ledger, party=self.partner, run_id=run_id, close_line=close_line, coordinator_key=coordinator_key,
                                  partners=[p.name for p in self.spec.partners])
-
-
-def _lookup(owner: int, table: Any) -> dict[str, Any]:
-    from fedcollab.protocols.vertical import lookup_document
-
-    return lookup_document(table, owner)
 
 
 def _new_lines(node: VerticalNode, start: int) -> list[str]:

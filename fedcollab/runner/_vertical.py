@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from fedcollab.core import DataValidationError, NodeErrorCode, PolicyRefused
+from fedcollab.core import NodeErrorCode, PolicyRefused
 from fedcollab.data import VerticalPartyData, load_vertical_party
 from fedcollab.privacy.accounting import NonPrivate, Release, compute_epsilon
 from fedcollab.protocols.gbdt import BinLayout
@@ -39,8 +39,11 @@ from fedcollab.protocols.vertical import (
     lookup_document,
     model_document,
     passive_decisions,
+    lr_model_document,
     passive_layout,
     plan_vertical_dp,
+    release_test_metrics,
+    scale_to_unit,
     spec_split,
     train_vertical_in_process,
     vertical_domain,
@@ -215,44 +218,22 @@ def simulate_vertical(spec: Spec, *, align: Aligner | None = plain_align, rng: n
 def _test_metrics(active_name: str, y: np.ndarray, prob: np.ndarray, *, round_: int, record: Recorder | None,
                   releases: dict[str, list[Release]]) -> tuple[float, float]:
     """The label holder's test AUC and accuracy on its own labels, released to the coordinator (recorded first)."""
-    auc, acc = _auc(y, prob), float(np.mean((prob >= 0.5) == (y == 1)))
-    mev = Release(kind="test_metrics", about="test", unit="record", observer="coordinator", added_by=active_name, party=active_name,
-                  round=round_, mechanism=NonPrivate(), details={"rows": int(len(y)), **({"auc": auc} if math.isfinite(auc) else {}), "accuracy": acc})
-    if record is not None:
-        record(mev, json.dumps({"auc": auc, "accuracy": acc}).encode())
-    releases[active_name].append(mev)
+    ev, auc, acc = release_test_metrics(active_name, y, prob, round_=round_, record=record)
+    releases[active_name].append(ev)
     return auc, acc
-
-
-def scale_to_unit(spec: Spec, party: VerticalPartyData, x: np.ndarray) -> np.ndarray:
-    """A party's encoded features scaled to [0, 1] by the schema's public bounds (vertical LR; no data-dependent scaling)."""
-    schema = spec.data_schema
-    names = schema.encoded_features()
-    b = np.array([schema.encoded_bounds()[names.index(n)] for n in party.feature_names], dtype=np.float64).reshape(-1, 2)
-    width = np.where(b[:, 1] > b[:, 0], b[:, 1] - b[:, 0], 1.0)
-    arr = np.asarray(x, dtype=np.float64)
-    if not np.isfinite(arr).all():
-        bad = [party.feature_names[j] for j in np.flatnonzero(~np.isfinite(arr).all(axis=0))]
-        raise DataValidationError(f"{party.partner}: vertical logistic regression needs complete rows; column(s) {', '.join(bad)} have missing "
-                                  "values (set schema.missing = 'drop_rows')")
-    return np.clip((arr - b[:, 0]) / width, 0.0, 1.0)
 
 
 def _simulate_lr(spec: Spec, active: tuple[VerticalPartyData, np.ndarray, np.ndarray], passive: tuple[VerticalPartyData, np.ndarray],
                  train: np.ndarray, test: np.ndarray, *, psi_releases: list[Release], t_align: float, record: Recorder | None,
                  rng: np.random.Generator | None, on_tree: Callable[[int], None] | None) -> VerticalOutcome:
     """Vertical logistic regression on the aligned rows (two CKKS keys, masked gradients; docs/vertical-lr.md)."""
-    from fedcollab.protocols.vertical import GradientAnswer, plan_vertical_lr_dp, predict_vertical_lr_in_process, train_vertical_lr_in_process
+    from fedcollab.protocols.vertical import GradientAnswer, lr_setup, predict_vertical_lr_in_process, train_vertical_lr_in_process
 
     a, xa_raw, y = active
     p, xp_raw = passive
     xa, xp = scale_to_unit(spec, a, xa_raw), scale_to_unit(spec, p, xp_raw)
-    iterations = spec.training.rounds
-    plan = None
-    if spec.privacy.mode == "record":
-        assert spec.privacy.target_epsilon is not None and spec.privacy.delta is not None
-        plan = plan_vertical_lr_dp(iterations=iterations, d_active=xa.shape[1], d_passive=xp.shape[1], target_epsilon=spec.privacy.target_epsilon,
-                                   delta=spec.privacy.delta)
+    params, plan = lr_setup(spec)  # from the spec, as each node derives them in deployment
+    iterations = params.iterations
     done = [0]
 
     def seen(_to: str, msg: object) -> None:
@@ -262,7 +243,7 @@ def _simulate_lr(spec: Spec, active: tuple[VerticalPartyData, np.ndarray, np.nda
 
     t0 = time.perf_counter()
     res = train_vertical_lr_in_process((a.partner, xa[train], y[train]), (p.partner, xp[train]), iterations=iterations,
-                                       learning_rate=spec.training.learning_rate, rng=rng, record=record, plan=plan, on_message=seen)
+                                       learning_rate=params.learning_rate, rng=rng, record=record, plan=plan, on_message=seen)
     t_train = time.perf_counter() - t0
     releases: dict[str, list[Release]] = {a.partner: [], p.partner: []}
     for r in psi_releases:
@@ -307,11 +288,7 @@ def _model_json(outcome: VerticalOutcome) -> dict[str, Any]:
 def _lr_json(outcome: VerticalOutcome, *, active: bool) -> dict[str, Any]:
     m = outcome.model
     names = outcome.feature_names[0 if active else 1]
-    doc: dict[str, Any] = {"format": "fedcollab-vertical-lr-v1", "features": list(names), "scaling": "public_bounds_unit",
-                           "weights": [float(w) for w in (m.active_weights if active else m.passive_weights)]}
-    if active:
-        doc["intercept"] = float(m.intercept)
-    return doc
+    return lr_model_document(names, m.active_weights if active else m.passive_weights, m.intercept if active else None)
 
 
 def _plan_json(outcome: VerticalOutcome) -> dict[str, Any] | None:

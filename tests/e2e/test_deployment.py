@@ -496,8 +496,8 @@ def test_vertical_secureboost_across_three_nodes(deployment):
     roster = Roster.model_validate_json((d.coord / "roster.json").read_text())
     parties = dict(roster.parties)
     for name in files:
-        policy = NodePolicy(partner=name, allow_non_private_training=True, allowed_model_kinds=["gbdt"], test_metrics="public", min_test_rows=10,
-                            vertical=VerticalPolicy(allowed=True, min_intersection=100))
+        policy = NodePolicy(partner=name, allow_non_private_training=True, allowed_model_kinds=["gbdt", "logistic_regression"],
+                            test_metrics="public", min_test_rows=10, vertical=VerticalPolicy(allowed=True, min_intersection=100))
         parties[name] = RosterEntry(signing_key=init_node_home(d.base / "nodes" / name, partner=name, policy=policy).public_key())
     text_roster = Roster(parties=parties).model_dump_json(indent=2)
     (d.coord / "roster.json").write_text(text_roster)  # the coordinator reads its roster at every run
@@ -552,4 +552,36 @@ def test_vertical_secureboost_across_three_nodes(deployment):
     mine = Roster(parties={k: e for k, e in parties.items() if k in ("coordinator", *files)})
     rep = verify_ledger(d.run_dir(row["run_id"]) / "ledger.jsonl", mine)
     assert int(rep.exit_code) == 0, rep.findings
+
+    # Vertical logistic regression on the same nodes: the clinic and the ECG lab (two parties, two CKKS keys);
+    # the stress lab is not a partner of this spec and refuses its hello, left alone.
+    lr = d.base / "vertical-lr.toml"
+    lr.write_text(_two_party_lr_spec(d.base))
+    for name in ("clinic", "ecg"):
+        assert cli("node", "approve", str(lr), "--home", str(d.base / "nodes" / name)).returncode == 0
+    code, row = d.submit(lr)
+    assert code == 0 and row["sub_status"] == "completed", (row, (d.base / "coordinator.log").read_text()[-3000:])
+    st = json.loads((d.run_dir(row["run_id"]) / "status.json").read_text())
+    v = st["vertical"]
+    assert v["model"] == "vertical-logistic-regression" and v["iterations"] == 8 and v["passive_parties"] == ["ecg"], v
+    assert st["auc"] > 0.7
+    weights = json.loads((d.base / "nodes" / "ecg" / v["model_parts"]["ecg"]["model_part"]).read_text())
+    assert v["model_parts"]["ecg"]["model_part"].endswith("weights.json") and len(weights["weights"]) == 1 + 3 + 2  # fbs, cp (3), restecg (2)
+    # The ECG lab's weights stay at the ECG lab: none of them is in the coordinator's files.
+    coordinator_view = "".join(p.read_text(errors="replace") for p in d.run_dir(row["run_id"]).rglob("*") if p.is_file())
+    assert not any(repr(w) in coordinator_view for w in weights["weights"])
+    rep = verify_ledger(d.run_dir(row["run_id"]) / "ledger.jsonl", Roster(parties={k: e for k, e in parties.items() if k in ("coordinator", "clinic", "ecg")}))
+    assert int(rep.exit_code) == 0, rep.findings
+    assert not d.egress("stress", row["run_id"]) or all(e["error_code"] is not None for e in d.egress("stress", row["run_id"]))
     stop(*procs.values())
+
+
+def _two_party_lr_spec(base) -> str:
+    """The vertical LR Heart spec between the clinic and the ECG lab only (its files written by ``three_party_vertical_spec``)."""
+    from tests.conftest import three_party_vertical_spec
+
+    text = three_party_vertical_spec((ROOT / "specs" / "heart-disease-vertical-lr.toml").read_text().replace("rounds = 60 ", "rounds = 8 "), base)
+    text = text[:text.index('[[partners]]\nname = "stress"')] + text[text.index("[schema]"):]
+    old = 'features = ["age", "sex", "trestbps", "chol", "cp", "fbs", "restecg", "thalch", "exang", "oldpeak"]'
+    assert old in text and "rounds = 8 " in text, "the vertical LR spec changed"
+    return text.replace(old, 'features = ["age", "sex", "trestbps", "chol", "cp", "fbs", "restecg"]')

@@ -38,18 +38,18 @@ def _spec(tmp_path, *, trees: int = 1, depth: int = 1):
     return load_spec(path)
 
 
-def _policy(name: str, **vertical) -> NodePolicy:
-    return NodePolicy(partner=name, allow_non_private_training=True, allowed_model_kinds=["gbdt"], test_metrics="public", min_test_rows=10,
+def _policy(name: str, *, kinds=("gbdt",), **vertical) -> NodePolicy:
+    return NodePolicy(partner=name, allow_non_private_training=True, allowed_model_kinds=list(kinds), test_metrics="public", min_test_rows=10,
                       vertical=VerticalPolicy(allowed=True, min_intersection=100, **vertical))
 
 
 class Grid:
     """The coordinator's grid, delivering to in-process ClientApps (node ids 1, 2, ...)."""
 
-    def __init__(self, spec, tmp_path, *, tamper=None, parties=PARTIES) -> None:
+    def __init__(self, spec, tmp_path, *, tamper=None, parties=PARTIES, kinds=("gbdt",)) -> None:
         self.homes = {n: NodeHome(tmp_path / n) for n in parties}
         for n, h in self.homes.items():
-            init_node_home(h.root, partner=n, policy=_policy(n))
+            init_node_home(h.root, partner=n, policy=_policy(n, kinds=kinds))
         coord = init_node_home(tmp_path / "coord", partner="coord")
         self.key = coord.key()
         self.roster = {"coordinator": public_key_hex(self.key), **{n: h.public_key() for n, h in self.homes.items()}}
@@ -242,3 +242,45 @@ def test_three_parties_over_the_relay(tmp_path):
     splits = [n for tree in model["trees"] for n in tree if n["left"] != -1]
     assert splits and all(n["owner"] in (0, 1, 2) for n in splits) and {n["owner"] for n in splits} & {1, 2}
     assert all(n["threshold"] != n["threshold"] for n in splits if n["owner"] != 0)  # NaN: only a reference at the clinic
+
+
+def test_vertical_logistic_regression_through_the_relay(tmp_path):
+    """Issue 16: vertical LR in deployment. The nodes train it through the coordinator's relay; each keeps its own weights."""
+    import numpy as np
+
+    spec = load_spec(ROOT / "specs" / "heart-disease-vertical-lr.toml")
+    spec = spec.model_copy(update={"training": spec.training.model_copy(update={"rounds": 6})})
+    grid = Grid(spec, tmp_path, kinds=("logistic_regression",))
+    ledger = RunLedger(tmp_path / "ledger.jsonl", key=grid.key, roster=grid.ledger_run_roster(), run_id="run-lr")
+    out = run_vertical(spec, grid, ledger=ledger, timeout=30)
+    assert out["model"] == "vertical-logistic-regression" and out["iterations"] == 6 and "trees" not in out
+    assert out["steps"] == 2 + 2 * 6 and out["test_auc"] > 0.75 and out["intersection"] == out["n_train"] + out["n_test"]
+    clinic = json.loads((grid.homes["clinic"].root / out["model_parts"]["clinic"]["model_part"]).read_text())
+    lab = json.loads((grid.homes["lab"].root / out["model_parts"]["lab"]["model_part"]).read_text())
+    assert out["model_parts"]["lab"]["model_part"].endswith("/weights.json") and "intercept" not in lab
+    assert "intercept" in clinic and len(clinic["weights"]) == len(clinic["features"])
+    assert int(verify_ledger(tmp_path / "ledger.jsonl", grid.ledger_run_roster()).exit_code) == 0
+    # Every gradient release is in each node's own ledger, charged to it, observed by the other party.
+    for party, observer in (("clinic", "passive_party"), ("lab", "label_holder")):
+        rel = [e["body"]["release"] for e in _entries(grid.homes[party]) if e["kind"] == "release"]
+        assert sum(1 for r in rel if r["kind"] == "vertical_gradient" and r["observer"] == observer) == 6
+    # The lab's weights never crossed the coordinator: no reply carries their bytes.
+    wb = [np.float64(w).tobytes() for w in lab["weights"]]
+    blob = b"".join(bytes(v) for r in grid.sent for k in ("vertical.out",) if (rec := r.content.config_records.get(k)) is not None
+                    for v in rec.values())
+    assert blob and not any(w in blob for w in wb)
+
+
+def test_vertical_logistic_regression_needs_the_model_kind_in_every_policy(tmp_path):
+    """A lab whose policy allows only trees refuses a vertical LR run at hello, with a code; nothing sealed leaves it."""
+    spec = load_spec(ROOT / "specs" / "heart-disease-vertical-lr.toml")
+    grid = Grid(spec, tmp_path, kinds=("logistic_regression",))
+    from fedcollab.spec import policy_toml
+
+    grid.homes["lab"].policy_path.write_text(policy_toml(_policy("lab", kinds=("gbdt",))))
+    ledger = RunLedger(tmp_path / "ledger.jsonl", key=grid.key, roster=grid.ledger_run_roster(), run_id="run-lr2")
+    with pytest.raises(NodeError) as err:
+        run_vertical(spec, grid, ledger=ledger, timeout=30)
+    assert err.value.codes == {"lab": int(NodeErrorCode.POLICY_REFUSED)}
+    assert [e["kind"] for e in _entries(grid.homes["lab"])][-1] == "refusal"
+    assert "logistic_regression" in _entries(grid.homes["lab"])[-1]["body"]["reason"]

@@ -1,4 +1,4 @@
-"""Vertical SecureBoost as sealed messages through a relaying coordinator (the deployment path, in-process).
+"""Vertical runs (SecureBoost, logistic regression) as sealed messages through a relaying coordinator (the deployment path, in-process).
 
 The label holder's generator and the passive party's handler exchange codec bytes sealed end to
 end; the coordinator in the middle only relays. The model must be the one the function-call
@@ -7,7 +7,6 @@ protocol trains on the same records, and the coordinator's whole view must be se
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -21,16 +20,18 @@ from fedcollab.data import load_vertical_party
 from fedcollab.protocols.vertical import (
     CommonRows,
     EncryptedBinSums,
+    PassiveLrParty,
     LevelQuery,
-    PassiveParty,
     SplitNotice,
     LevelSplits,
+    active_lr_protocol,
     active_protocol,
     decode_message,
     encode_message,
+    passive_party,
     relay,
 )
-from fedcollab.spec import load_spec, tree_params
+from fedcollab.spec import load_spec
 
 
 def _hex(sk: Ed25519PrivateKey) -> str:
@@ -52,8 +53,8 @@ def _run(spec, *, run_id="r1", min_intersection=1, tamper=None):
     ka, kp = SealKey.generate(run_id, "clinic"), SealKey.generate(run_id, "lab")
     ca = ka.channel(kp.advert(skp), roster_key=_hex(skp))
     cp = kp.channel(ka.advert(ska), roster_key=_hex(ska))
-    lab = PassiveParty(spec, p, active="clinic", run_id=run_id, record=lambda r, b: books["lab"].append(r), rng=np.random.default_rng(1),
-                       min_intersection=min_intersection)
+    lab = passive_party(spec, p, active="clinic", run_id=run_id, record=lambda r, b: books["lab"].append(r), rng=np.random.default_rng(1),
+                        min_intersection=min_intersection)
 
     def lab_node(wire: bytes) -> bytes:
         msgs = decode_message(cp.open("vertical", wire))
@@ -65,7 +66,9 @@ def _run(spec, *, run_id="r1", min_intersection=1, tamper=None):
     def seen(src, dst, wire):
         view.append(wire)
 
-    gen = active_protocol(spec, a, ["lab"], run_id=run_id, record=lambda r, b: books["clinic"].append(r))
+    record = lambda r, b: books["clinic"].append(r)  # noqa: E731
+    gen = (active_lr_protocol(spec, a, ["lab"], run_id=run_id, record=record, rng=np.random.default_rng(2))
+           if spec.model.kind == "logistic_regression" else active_protocol(spec, a, ["lab"], run_id=run_id, record=record))
     res = relay(gen, {"lab": lab_node if tamper is None else tamper(lab_node)}, to_wire=lambda _p, m: ca.seal("vertical", encode_message(m)),
                 from_wire=lambda _p, b: decode_message(ca.open("vertical", b)), seen=seen)
     return res, lab, books, view
@@ -154,3 +157,64 @@ def test_codec_round_trip_and_refusals():
         encode_message({"a": 1})
     with pytest.raises(ProtocolError, match="claims"):
         decode_message(raw[:-3])
+
+
+# ------------------------------------------------------------------------------ vertical logistic regression
+
+
+@pytest.fixture(scope="module")
+def lr_spec(root):
+    s = load_spec(root / "specs" / "heart-disease-vertical-lr.toml")
+    return s.model_copy(update={"training": s.training.model_copy(update={"rounds": 12})})
+
+
+@pytest.fixture(scope="module")
+def lr_sealed_run(lr_spec):
+    return _run(lr_spec)
+
+
+def test_vertical_lr_over_sealed_messages_is_the_function_call_model(lr_spec, lr_sealed_run):
+    """The label holder's generator and the lab's handler train the model the in-process driver trains on the same records."""
+    from fedcollab.runner._vertical import simulate_vertical
+
+    res, lab, books, view = lr_sealed_run
+    assert isinstance(lab, PassiveLrParty) and lab.finished
+    ref = simulate_vertical(lr_spec, rng=np.random.default_rng(5))
+    assert (res.intersection, res.n_train, res.n_test, res.iterations) == (ref.intersection, ref.n_train, ref.n_test, 12)
+    # Equal up to the CKKS approximation and the flooding noise (independent draws in the two runs).
+    assert np.abs(res.weights - ref.model.active_weights).max() < 5e-3
+    assert abs(res.intercept - ref.model.intercept) < 5e-3
+    assert np.abs(lab.weights - ref.model.passive_weights).max() < 5e-3 and np.abs(lab.weights).max() > 0.05
+    assert res.test_auc == pytest.approx(ref.test_auc, abs=5e-3) and res.test_auc > 0.8
+    # Each party's book: its PSI release, one gradient release per iteration to the other party, and the joint prediction.
+    kinds = {p: sorted(f"{r.kind}->{r.observer}" for r in rs) for p, rs in books.items()}
+    assert kinds["clinic"] == ["psi_intersection->passive_party", "test_metrics->coordinator", *["vertical_gradient->passive_party"] * 12]
+    assert kinds["lab"] == ["psi_intersection->label_holder", *["vertical_gradient->label_holder"] * 12, "vertical_logit->label_holder"]
+    # Two relay exchanges per iteration after PSI and the key adverts: the coordinator carried sealed bytes only.
+    assert len(view) == 2 * (2 + 2 * 12)
+    for wire in view:
+        with pytest.raises(ProtocolError):
+            decode_message(wire)
+    name, doc = lab.document()
+    assert name == "weights.json" and doc["weights"] == [float(w) for w in lab.weights] and "intercept" not in doc
+
+
+def test_vertical_lr_passive_refuses_messages_out_of_order(lr_spec):
+    """Prediction before training ends, or a training message before the common rows, is refused by the lab's handler."""
+    from fedcollab.protocols.vertical import GradientAnswer, PredictRequest
+
+    p = load_vertical_party(lr_spec, "lab")
+    lab = passive_party(lr_spec, p, active="clinic", run_id="r9", record=lambda r, b: None, rng=np.random.default_rng(1))
+    with pytest.raises(ProtocolError, match="before the common rows"):
+        lab.handle(GradientAnswer(iteration=0, answer=np.zeros(3)))
+    with pytest.raises(ProtocolError, match="decided once, after training"):
+        lab.handle(PredictRequest())
+
+
+def test_vertical_lr_codec_round_trip():
+    from fedcollab.protocols.vertical import GradientExchange, LrKeyAdvert
+
+    adv = LrKeyAdvert(party="lab", context=b"ctx", n_records=5, n_features=2)
+    ex = GradientExchange(iteration=3, answer=np.array([1.5, -2.0]), query=(b"a", b"bc"))
+    got = decode_message(encode_message((adv, ex)))
+    assert got[0] == adv and got[1].iteration == 3 and got[1].query == (b"a", b"bc") and np.array_equal(got[1].answer, ex.answer)

@@ -20,6 +20,7 @@ import numpy as np
 
 from fedcollab.core import ProtocolError
 from fedcollab.protocols.psi import BlindedSet, IntersectionNotice, PassiveReply
+from fedcollab.protocols.vertical._logistic import EncryptedLogits, GradientAnswer, GradientExchange, LrKeyAdvert, PartialLogits, ResidualQuery
 from fedcollab.protocols.vertical._secureboost import (
     EncryptedBinSums,
     EncryptedGradients,
@@ -33,7 +34,8 @@ from fedcollab.protocols.vertical._secureboost import (
 )
 
 _MESSAGE_CLASSES: list[type] = [BlindedSet, PassiveReply, IntersectionNotice, PassiveAdvert, KeyBundle, EncryptedGradients, LevelQuery,
-                                EncryptedBinSums, SplitNotice, LevelSplits, SplitPartition, LevelPartitions]
+                                EncryptedBinSums, SplitNotice, LevelSplits, SplitPartition, LevelPartitions,
+                                LrKeyAdvert, EncryptedLogits, ResidualQuery, GradientExchange, GradientAnswer, PartialLogits]
 #: The classes a vertical message may hold, by name (extended by :func:`register`).
 MESSAGES: dict[str, type] = {c.__name__: c for c in _MESSAGE_CLASSES}
 _DTYPES = {"bool": np.dtype(bool), "int64": np.dtype(np.int64), "float64": np.dtype(np.float64)}

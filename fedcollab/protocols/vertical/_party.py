@@ -1,4 +1,4 @@
-"""Vertical SecureBoost as messages: the label holder drives, each passive party answers.
+"""Vertical runs as messages (SecureBoost, logistic regression): the label holder drives, each passive party answers.
 
 What runs at a node when the parties are separate processes (deployment) rather than function
 calls (:func:`fedcollab.protocols.vertical.train_vertical_in_process`, simulation):
@@ -12,6 +12,10 @@ calls (:func:`fedcollab.protocols.vertical.train_vertical_in_process`, simulatio
   (:class:`PredictRequest` / :class:`Decisions`, the last exchange).
 * :class:`PassiveParty` answers one message at a time (:meth:`PassiveParty.handle`), with the
   stage functions' own checks (a repeat, a level not queried, a split outside its layout: refused).
+* :func:`active_lr_protocol` and :class:`PassiveLrParty` are the same for vertical logistic
+  regression (:mod:`fedcollab.protocols.vertical._logistic`): the same PSI and split, then two
+  exchanges per iteration, and joint prediction (the passive party's partial logits on the test
+  rows) riding on the last one. :func:`passive_party` picks the handler for the spec's model.
 
 Every release is handed to ``record(release, payload)`` (the node's budget gate: check, record,
 then send) *before* the message carrying it is returned. Messages cross the coordinator in
@@ -30,11 +34,34 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedcollab.core import DataValidationError, PolicyRefused, ProtocolError
-from fedcollab.data import VerticalPartyData
+from fedcollab.data import VerticalPartyData, encoded_names, party_features
 from fedcollab.privacy.accounting import NonPrivate, Release
 from fedcollab.protocols import psi
 from fedcollab.protocols.gbdt import BinLayout, layout_from_bounds
 from fedcollab.protocols.vertical._codec import register
+from fedcollab.protocols.vertical._logistic import (
+    EncryptedLogits,
+    GradientAnswer,
+    GradientExchange,
+    LrKeyAdvert,
+    PartialLogits,
+    PassiveLrState,
+    ResidualQuery,
+    VerticalLrDpPlan,
+    VerticalLrParams,
+    active_lr_gradient,
+    active_lr_init,
+    active_lr_keys,
+    active_lr_predict,
+    active_lr_residual,
+    passive_lr_gradient,
+    passive_lr_init,
+    passive_lr_keys,
+    passive_lr_logits,
+    passive_lr_predict,
+    passive_lr_update,
+    plan_vertical_lr_dp,
+)
 from fedcollab.protocols.vertical._secureboost import (
     EncryptedBinSums,
     EncryptedGradients,
@@ -204,19 +231,27 @@ class ActiveResult:
     passive_splits: int
 
 
-def active_protocol(spec: Spec, data: VerticalPartyData, passives: Sequence[str], *, run_id: str, record: Recorder,
-                    min_intersection: int = 1, params: TreeParams | None = None,
-                    on_tree: Callable[[int], None] | None = None) -> Generator[Outbox, Mapping[str, Sequence[object]], ActiveResult]:
-    """The label holder's run (see the module docstring); ``min_intersection``: its policy's minimum."""
+@dataclass(frozen=True)
+class _Aligned:
+    """The alignment's outcome at the label holder: its rows of the records common to all, their split, the next outbox."""
+
+    sel: np.ndarray  # the label holder's rows of the common records, in the final order
+    train: np.ndarray
+    test: np.ndarray
+    opening: Outbox  # the last PSI's notice and every party's common rows: the first exchange of training
+
+
+def _align(spec: Spec, data: VerticalPartyData, passives: Sequence[str], *, run_id: str, record: Recorder,
+           min_intersection: int) -> Generator[Outbox, Mapping[str, Sequence[object]], _Aligned]:
+    """ECDH-PSI with each passive party in turn, the policy minimum, the keyed split (any vertical model)."""
     v = spec.vertical
-    if v is None or data.y is None or not passives:
-        raise ProtocolError("vertical: the label holder's run needs a vertical spec, its labels and at least one passive party")
+    assert v is not None
     if v.psi_reveal != "both":
         raise ProtocolError("vertical: training needs psi_reveal = 'both' (both parties must know the common records to split them)")
-    params = params or tree_params(spec)
     domain = vertical_domain(spec, run_id)
     sel = np.arange(len(data.ids), dtype=np.int64)
     perms: dict[str, np.ndarray] = {}
+    notice: object = None
     for k, p in enumerate(passives):
         st, blinded = psi.active_init([data.ids[i] for i in sel], domain + b"|" + p.encode(), party=data.partner, reveal=v.psi_reveal)
         inbox = yield {p: (blinded,)}
@@ -243,15 +278,46 @@ def active_protocol(spec: Spec, data: VerticalPartyData, passives: Sequence[str]
     train, test = spec_split(spec, [data.ids[i] for i in sel])
     # The last PSI's notice and every party's common rows travel together (one exchange fewer).
     last = passives[-1]
-    inbox = yield {p: ((notice,) if p == last else ()) + (CommonRows(positions=perms[p]),) for p in passives}
-    adverts = []
+    opening = {p: ((notice,) if p == last else ()) + (CommonRows(positions=perms[p]),) for p in passives}
+    return _Aligned(sel=sel, train=train, test=test, opening=opening)
+
+
+def _opened(inbox: Mapping[str, Sequence[object]], passives: Sequence[str]) -> dict[str, tuple[object, ...]]:
+    """Each party's replies to the opening exchange, the last PSI party's acknowledgement taken off."""
+    out = {}
     for p in passives:
         got = tuple(inbox.get(p, ()))
-        if p == last:
+        if p == passives[-1]:
             _only({p: got[:1]}, p, Ack)
             got = got[1:]
-        adverts.append(_only({p: got}, p, PassiveAdvert))
-    xa, y = data.x[sel], data.y[sel]
+        out[p] = got
+    return out
+
+
+def release_test_metrics(party: str, y: np.ndarray, prob: np.ndarray, *, round_: int, record: Recorder | None) -> tuple[Release, float, float]:
+    """The label holder's test AUC and accuracy on its own labels: the release to the coordinator (recorded first), AUC, accuracy."""
+    auc, acc = _auc(y, prob), float(np.mean((prob >= 0.5) == (y == 1)))
+    ev = Release(kind="test_metrics", about="test", unit="record", observer="coordinator", added_by=party, party=party,
+                 round=round_, mechanism=NonPrivate(), details={"rows": int(len(y)), **({"auc": auc} if math.isfinite(auc) else {}), "accuracy": acc})
+    if record is not None:
+        record(ev, json.dumps({"auc": auc, "accuracy": acc}).encode())
+    return ev, auc, acc
+
+
+def active_protocol(spec: Spec, data: VerticalPartyData, passives: Sequence[str], *, run_id: str, record: Recorder,
+                    min_intersection: int = 1, params: TreeParams | None = None,
+                    on_tree: Callable[[int], None] | None = None) -> Generator[Outbox, Mapping[str, Sequence[object]], ActiveResult]:
+    """The label holder's SecureBoost run (see the module docstring); ``min_intersection``: its policy's minimum."""
+    v = spec.vertical
+    if v is None or data.y is None or not passives:
+        raise ProtocolError("vertical: the label holder's run needs a vertical spec, its labels and at least one passive party")
+    params = params or tree_params(spec)
+    al = yield from _align(spec, data, passives, run_id=run_id, record=record, min_intersection=min_intersection)
+    train, test = al.train, al.test
+    inbox = yield al.opening
+    opened = _opened(inbox, passives)
+    adverts = [_only(opened, p, PassiveAdvert) for p in passives]
+    xa, y = data.x[al.sel], data.y[al.sel]
     lay_a = active_layout(spec, data, params)
     state = active_init(data.partner, xa[train], y[train], lay_a, base_score=params.base_score)
     plans = None
@@ -296,43 +362,135 @@ def active_protocol(spec: Spec, data: VerticalPartyData, passives: Sequence[str]
             raise ProtocolError(f"vertical: {p!r}'s decisions must be (k, 2) integer keys and (k, {n_test}) booleans")
         dec.update({(int(a), int(b)): left[i] for i, (a, b) in enumerate(keys)})
     prob = 1.0 / (1.0 + np.exp(-active_margin(model, xa[test], lay_a, dec)))
-    yt = y[test]
-    auc, acc = _auc(yt, prob), float(np.mean((prob >= 0.5) == (yt == 1)))
-    mev = Release(kind="test_metrics", about="test", unit="record", observer="coordinator", added_by=data.partner, party=data.partner,
-                  round=params.n_trees, mechanism=NonPrivate(), details={"rows": int(n_test), **({"auc": auc} if math.isfinite(auc) else {}),
-                                                                         "accuracy": acc})
-    record(mev, json.dumps({"auc": auc, "accuracy": acc}).encode())
+    _, auc, acc = release_test_metrics(data.partner, y[test], prob, round_=params.n_trees, record=record)
     splits_total = sum(1 for tr in trees for nd in tr.nodes if nd.left >= 0 and nd.owner > 0)
-    return ActiveResult(model=model, intersection=int(len(sel)), n_train=int(len(train)), n_test=int(n_test), test_auc=auc, test_accuracy=acc,
-                        passive_splits=splits_total)
+    return ActiveResult(model=model, intersection=int(len(al.sel)), n_train=int(len(train)), n_test=int(n_test), test_auc=auc,
+                        test_accuracy=acc, passive_splits=splits_total)
+
+
+# ----------------------------------------------------------------------------------- vertical logistic regression
+
+
+def scale_to_unit(spec: Spec, party: VerticalPartyData, x: np.ndarray) -> np.ndarray:
+    """A party's encoded features scaled to [0, 1] by the schema's public bounds (vertical LR; no data-dependent scaling)."""
+    schema = spec.data_schema
+    names = schema.encoded_features()
+    b = np.array([schema.encoded_bounds()[names.index(n)] for n in party.feature_names], dtype=np.float64).reshape(-1, 2)
+    width = np.where(b[:, 1] > b[:, 0], b[:, 1] - b[:, 0], 1.0)
+    arr = np.asarray(x, dtype=np.float64)
+    if not np.isfinite(arr).all():
+        bad = [party.feature_names[j] for j in np.flatnonzero(~np.isfinite(arr).all(axis=0))]
+        raise DataValidationError(f"{party.partner}: vertical logistic regression needs complete rows; column(s) {', '.join(bad)} have missing "
+                                  "values (set schema.missing = 'drop_rows')")
+    return np.clip((arr - b[:, 0]) / width, 0.0, 1.0)
+
+
+def lr_setup(spec: Spec) -> tuple[VerticalLrParams, VerticalLrDpPlan | None]:
+    """Both parties' vertical-LR parameters and DP plan, from the spec alone (each party derives them itself).
+
+    The feature counts are those the spec gives each party (its columns, one-hot encoded), so a
+    party's noise never depends on what the other party claims.
+    """
+    v = spec.vertical
+    assert v is not None and spec.model.kind == "logistic_regression"
+    passive = next(p.name for p in spec.partners if p.name != v.label_holder)
+    d_a = len(encoded_names(spec.data_schema, party_features(spec, v.label_holder)))
+    d_p = len(encoded_names(spec.data_schema, party_features(spec, passive)))
+    params = VerticalLrParams(iterations=spec.training.rounds, learning_rate=float(spec.training.learning_rate))
+    plan = None
+    if spec.privacy.mode == "record":
+        assert spec.privacy.target_epsilon is not None and spec.privacy.delta is not None
+        plan = plan_vertical_lr_dp(iterations=params.iterations, d_active=d_a, d_passive=d_p, target_epsilon=spec.privacy.target_epsilon,
+                                   delta=spec.privacy.delta)
+    return params, plan
+
+
+def lr_model_document(features: Sequence[str], weights: np.ndarray, intercept: float | None = None) -> dict[str, object]:
+    """A party's part of a vertical LR model, as its node writes it (the label holder's with the intercept)."""
+    doc: dict[str, object] = {"format": "fedcollab-vertical-lr-v1", "features": list(features), "scaling": "public_bounds_unit",
+                              "weights": [float(w) for w in weights]}
+    if intercept is not None:
+        doc["intercept"] = float(intercept)
+    return doc
+
+
+@dataclass(frozen=True)
+class ActiveLrResult:
+    """What the label holder's vertical LR run produced: its weights and intercept (the passive party keeps its own), the counts."""
+
+    weights: np.ndarray
+    intercept: float
+    features: tuple[str, ...]
+    intersection: int
+    n_train: int
+    n_test: int
+    test_auc: float
+    test_accuracy: float
+    iterations: int
+
+
+def active_lr_protocol(spec: Spec, data: VerticalPartyData, passives: Sequence[str], *, run_id: str, record: Recorder,
+                       rng: np.random.Generator | None, min_intersection: int = 1,
+                       on_iteration: Callable[[int], None] | None = None) -> Generator[Outbox, Mapping[str, Sequence[object]], ActiveLrResult]:
+    """The label holder's vertical logistic regression run, in the same outbox/inbox form as :func:`active_protocol`.
+
+    PSI and the split as for SecureBoost; then the key adverts ride with the common rows, and each
+    iteration of :mod:`fedcollab.protocols.vertical._logistic` takes two exchanges (the residual
+    query out, the gradient exchange back; the gradient answer out, the next encrypted logits
+    back). The last answer carries the prediction request; the passive party's partial logits
+    on the test rows come back with it. ``rng``: the label holder's flooding (and DP) noise.
+    """
+    v = spec.vertical
+    if v is None or data.y is None or len(passives) != 1:
+        raise ProtocolError("vertical-lr: the label holder's run needs a vertical spec, its labels and exactly one passive party")
+    (p,) = passives
+    params, plan = lr_setup(spec)
+    al = yield from _align(spec, data, passives, run_id=run_id, record=record, min_intersection=min_intersection)
+    xa, y = scale_to_unit(spec, data, data.x[al.sel]), data.y[al.sel]
+    state, advert = active_lr_init(data.partner, xa[al.train], y[al.train], params=params, plan=plan)
+    inbox = yield {p: al.opening[p] + (advert,)}
+    got = _opened(inbox, passives)[p]
+    if len(got) != 2 or not isinstance(got[0], LrKeyAdvert) or not isinstance(got[1], EncryptedLogits):
+        raise ProtocolError(f"vertical-lr: expected {p!r}'s key advert and first encrypted logits, got {[type(m).__name__ for m in got]}")
+    state = active_lr_keys(state, got[0])
+    logits = got[1]
+    for it in range(params.iterations):
+        state, query = active_lr_residual(state, logits, rng=rng)
+        inbox = yield {p: (query,)}
+        state, answer, event = active_lr_gradient(state, _only(inbox, p, GradientExchange), rng=rng)  # type: ignore[arg-type]
+        record(event, answer.answer.tobytes())
+        last = it == params.iterations - 1
+        inbox = yield {p: (answer, PredictRequest()) if last else (answer,)}
+        if not last:
+            logits = _only(inbox, p, EncryptedLogits)  # type: ignore[assignment]
+        if on_iteration is not None:
+            on_iteration(it)
+    partial = _only(inbox, p, PartialLogits)
+    prob = active_lr_predict(state.w, xa[al.test], partial)  # type: ignore[arg-type]
+    _, auc, acc = release_test_metrics(data.partner, y[al.test], prob, round_=params.iterations, record=record)
+    return ActiveLrResult(weights=state.w[:-1].copy(), intercept=float(state.w[-1]), features=tuple(data.feature_names),
+                          intersection=int(len(al.sel)), n_train=int(len(al.train)), n_test=int(len(al.test)), test_auc=auc,
+                          test_accuracy=acc, iterations=params.iterations)
 
 
 # ----------------------------------------------------------------------------------- passive party
 
 
-class PassiveParty:
-    """A passive party's side of a run: one message in, its replies out (checked by the stage functions)."""
+class _PassiveAligned:
+    """What every passive party does first: its PSI with the label holder, then the common rows (any vertical model)."""
 
     def __init__(self, spec: Spec, data: VerticalPartyData, *, active: str, run_id: str, record: Recorder,
-                 rng: np.random.Generator | None, min_intersection: int = 1, min_node_rows: int = 1, params: TreeParams | None = None) -> None:
+                 rng: np.random.Generator | None, min_intersection: int = 1) -> None:
         if spec.vertical is None:
             raise ProtocolError("vertical: a passive party needs a vertical spec")
         self.spec, self.data, self.active, self.run_id, self.record, self.rng = spec, data, active, run_id, record, rng
-        self.params = params or tree_params(spec)
         self.min_intersection = max(int(min_intersection), spec.vertical.min_intersection)
-        self.min_node_rows = int(min_node_rows)
         self._psi: psi.PassiveState | None = None
         self._psi_rows: np.ndarray | None = None
-        self._state: PassiveState | None = None
         self._test_x: np.ndarray | None = None
-        self._plan: object | None = None
+        self._started = False
         self.predicted = False
         self.finished = False
-
-    @property
-    def table(self) -> Mapping[tuple[int, int], LookupEntry]:
-        """Its lookup table so far (never leaves the node)."""
-        return dict(self._state.table) if self._state is not None else {}
 
     def handle(self, msg: object) -> tuple[object, ...]:
         """Answer one message from the label holder."""
@@ -357,34 +515,19 @@ class PassiveParty:
             return (Ack(what="psi"),)
         if isinstance(msg, CommonRows):
             return (self._common(msg),)
-        if isinstance(msg, KeyBundle):
-            self._state = passive_keys(self._need_state(), msg)
-            return ()
-        if isinstance(msg, EncryptedGradients):
-            self._state = passive_gradients(self._need_state(), msg)
-            return ()
-        if isinstance(msg, LevelQuery):
-            self._state, reply, event = passive_bin_sums(self._need_state(), msg, plan=self._plan, rng=self.rng)  # type: ignore[arg-type]
-            self.record(event, b"".join(reply.ciphertexts))
-            return (reply,)
-        if isinstance(msg, LevelSplits):
-            self._state, parts, events = passive_level_splits(self._need_state(), msg)
-            for event, part in zip(events, parts.parts):
-                self.record(event, np.asarray(part.left, dtype=bool).tobytes())
-            return (parts,)
         if isinstance(msg, PredictRequest):
-            out = self._decide(msg)
-            self.finished = True  # the last message of a run: the lookup table is this party's to keep
+            if not self._started or self.predicted or msg.about != "test" or self._test_x is None:
+                raise ProtocolError("vertical: the test rows are decided once, after training")
+            self.predicted = True
+            out = self._predict()
+            self.finished = True  # the last message of a run: its part of the model is this party's to keep
             return (out,)
-        raise ProtocolError(f"vertical: a passive party does not answer {type(msg).__name__}")
-
-    def _need_state(self) -> PassiveState:
-        if self._state is None:
+        if not self._started:
             raise ProtocolError("vertical: a training message before the common rows")
-        return self._state
+        return self._train(msg)
 
-    def _common(self, msg: CommonRows) -> PassiveAdvert:
-        if self._psi_rows is None or self._state is not None:
+    def _common(self, msg: CommonRows) -> object:
+        if self._psi_rows is None or self._started:
             raise ProtocolError("vertical: the common rows come once, after this party's PSI")
         pos = np.asarray(msg.positions)
         n = len(self._psi_rows)
@@ -394,7 +537,62 @@ class PassiveParty:
             raise PolicyRefused(f"vertical.min_intersection: the records common to all are {pos.size}, fewer than the {self.min_intersection} required")
         rows = self._psi_rows[pos.astype(np.int64)]
         train, test = spec_split(self.spec, [self.data.ids[i] for i in rows])
-        x = self.data.x[rows]
+        advert = self._start(self.data.x[rows], train, test)
+        self._started = True
+        return advert
+
+    # The model's part (a subclass each).
+    def _start(self, x: np.ndarray, train: np.ndarray, test: np.ndarray) -> object:
+        raise NotImplementedError
+
+    def _train(self, msg: object) -> tuple[object, ...]:
+        raise NotImplementedError
+
+    def _predict(self) -> object:
+        raise NotImplementedError
+
+
+class PassiveParty(_PassiveAligned):
+    """A passive party's side of a SecureBoost run: one message in, its replies out (checked by the stage functions)."""
+
+    def __init__(self, spec: Spec, data: VerticalPartyData, *, active: str, run_id: str, record: Recorder,
+                 rng: np.random.Generator | None, min_intersection: int = 1, min_node_rows: int = 1, params: TreeParams | None = None) -> None:
+        super().__init__(spec, data, active=active, run_id=run_id, record=record, rng=rng, min_intersection=min_intersection)
+        self.params = params or tree_params(spec)
+        self.min_node_rows = int(min_node_rows)
+        self._state: PassiveState | None = None
+        self._plan: object | None = None
+
+    @property
+    def table(self) -> Mapping[tuple[int, int], LookupEntry]:
+        """Its lookup table so far (never leaves the node)."""
+        return dict(self._state.table) if self._state is not None else {}
+
+    def document(self) -> tuple[str, dict[str, object]]:
+        """Its part of the model as its node writes it: ``(file name, document)``."""
+        owner = [p.name for p in self.spec.partners if p.name != self.active].index(self.data.partner) + 1
+        return "lookup.json", lookup_document(self.table, owner)
+
+    def _train(self, msg: object) -> tuple[object, ...]:
+        assert self._state is not None
+        if isinstance(msg, KeyBundle):
+            self._state = passive_keys(self._state, msg)
+            return ()
+        if isinstance(msg, EncryptedGradients):
+            self._state = passive_gradients(self._state, msg)
+            return ()
+        if isinstance(msg, LevelQuery):
+            self._state, reply, event = passive_bin_sums(self._state, msg, plan=self._plan, rng=self.rng)  # type: ignore[arg-type]
+            self.record(event, b"".join(reply.ciphertexts))
+            return (reply,)
+        if isinstance(msg, LevelSplits):
+            self._state, parts, events = passive_level_splits(self._state, msg)
+            for event, part in zip(events, parts.parts):
+                self.record(event, np.asarray(part.left, dtype=bool).tobytes())
+            return (parts,)
+        raise ProtocolError(f"vertical: a passive party does not answer {type(msg).__name__}")
+
+    def _start(self, x: np.ndarray, train: np.ndarray, test: np.ndarray) -> PassiveAdvert:
         layout = passive_layout(self.spec, self.data, x[train], self.params)
         spec = self.spec
         if spec.privacy.mode == "record":
@@ -407,12 +605,9 @@ class PassiveParty:
         self._test_x = x[test]
         return advert
 
-    def _decide(self, msg: PredictRequest) -> Decisions:
-        state = self._need_state()
-        if self.predicted or msg.about != "test" or self._test_x is None:
-            raise ProtocolError("vertical: the test rows are decided once, after training")
-        self.predicted = True
-        mine = passive_decisions(state.table, self._test_x)
+    def _predict(self) -> Decisions:
+        assert self._state is not None and self._test_x is not None
+        mine = passive_decisions(self._state.table, self._test_x)
         keys = sorted(mine)
         left = np.array([np.asarray(mine[k], dtype=bool) for k in keys], dtype=bool).reshape(len(keys), len(self._test_x))
         ev = Release(kind="vertical_partition", about="test", unit="record", observer="label_holder", added_by=self.data.partner,
@@ -420,6 +615,68 @@ class PassiveParty:
                      details={"rows": int(len(self._test_x)), "splits": len(keys), "joint_prediction": True})
         self.record(ev, b"".join(np.asarray(mine[k], dtype=bool).tobytes() for k in keys))
         return Decisions(keys=np.array(keys, dtype=np.int64).reshape(-1, 2), left=left)
+
+
+class PassiveLrParty(_PassiveAligned):
+    """A passive party's side of a vertical logistic regression run (the counterpart of :func:`active_lr_protocol`)."""
+
+    def __init__(self, spec: Spec, data: VerticalPartyData, *, active: str, run_id: str, record: Recorder,
+                 rng: np.random.Generator | None, min_intersection: int = 1) -> None:
+        super().__init__(spec, data, active=active, run_id=run_id, record=record, rng=rng, min_intersection=min_intersection)
+        self.params, self.plan = lr_setup(spec)
+        self._state: PassiveLrState | None = None
+
+    @property
+    def weights(self) -> np.ndarray:
+        """Its weights so far (they never leave the node)."""
+        return self._state.w.copy() if self._state is not None else np.zeros(len(self.data.feature_names))
+
+    def document(self) -> tuple[str, dict[str, object]]:
+        """Its part of the model as its node writes it: ``(file name, document)``."""
+        return "weights.json", lr_model_document(self.data.feature_names, self.weights)
+
+    def _start(self, x: np.ndarray, train: np.ndarray, test: np.ndarray) -> LrKeyAdvert:
+        if self.rng is None:
+            raise ProtocolError("vertical-lr: the passive party needs the node's noise generator (flooding, DP)")
+        xs = scale_to_unit(self.spec, self.data, x)
+        self._state, advert = passive_lr_init(self.data.partner, xs[train], params=self.params, plan=self.plan)
+        self._test_x = xs[test]
+        return advert
+
+    def _train(self, msg: object) -> tuple[object, ...]:
+        assert self._state is not None
+        if isinstance(msg, LrKeyAdvert):
+            self._state = passive_lr_keys(self._state, msg)
+            self._state, logits = passive_lr_logits(self._state)
+            return (logits,)
+        if isinstance(msg, ResidualQuery):
+            self._state, out, event = passive_lr_gradient(self._state, msg, rng=self.rng)
+            self.record(event, out.answer.tobytes())
+            return (out,)
+        if isinstance(msg, GradientAnswer):
+            self._state = passive_lr_update(self._state, msg)
+            if self._state.iteration >= self.params.iterations:
+                return ()
+            self._state, logits = passive_lr_logits(self._state)
+            return (logits,)
+        raise ProtocolError(f"vertical-lr: a passive party does not answer {type(msg).__name__}")
+
+    def _predict(self) -> PartialLogits:
+        assert self._state is not None and self._test_x is not None
+        if self._state.iteration < self.params.iterations:
+            raise ProtocolError(f"vertical-lr: prediction before training ended ({self._state.iteration} of {self.params.iterations} iterations)")
+        out, event = passive_lr_predict(self.data.partner, self._state.w, self._test_x, round_=self.params.iterations)
+        self.record(event, out.values.tobytes())
+        return out
+
+
+def passive_party(spec: Spec, data: VerticalPartyData, *, active: str, run_id: str, record: Recorder, rng: np.random.Generator | None,
+                  min_intersection: int = 1, min_node_rows: int = 1) -> PassiveParty | PassiveLrParty:
+    """The passive party's handler for the spec's model kind (SecureBoost or vertical logistic regression)."""
+    if spec.model.kind == "logistic_regression":
+        return PassiveLrParty(spec, data, active=active, run_id=run_id, record=record, rng=rng, min_intersection=min_intersection)
+    return PassiveParty(spec, data, active=active, run_id=run_id, record=record, rng=rng, min_intersection=min_intersection,
+                        min_node_rows=min_node_rows)
 
 
 # ----------------------------------------------------------------------------------- in-process transport
@@ -452,5 +709,7 @@ def relay(active: Generator[Outbox, Mapping[str, Sequence[object]], ActiveResult
         return stop.value  # type: ignore[no-any-return]
 
 
-__all__ = ["Ack", "ActiveResult", "CommonRows", "Decisions", "PassiveParty", "PredictRequest", "active_layout", "active_protocol",
-           "lookup_document", "model_document", "passive_layout", "relay", "spec_split", "split_aligned", "vertical_domain"]
+__all__ = ["Ack", "ActiveLrResult", "ActiveResult", "CommonRows", "Decisions", "PassiveLrParty", "PassiveParty", "PredictRequest",
+           "active_layout", "active_lr_protocol", "active_protocol", "lookup_document", "lr_model_document", "lr_setup", "model_document",
+           "passive_layout", "passive_party", "relay", "release_test_metrics", "scale_to_unit", "spec_split", "split_aligned",
+           "vertical_domain"]
