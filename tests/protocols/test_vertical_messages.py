@@ -218,3 +218,23 @@ def test_vertical_lr_codec_round_trip():
     ex = GradientExchange(iteration=3, answer=np.array([1.5, -2.0]), query=(b"a", b"bc"))
     got = decode_message(encode_message((adv, ex)))
     assert got[0] == adv and got[1].iteration == 3 and got[1].query == (b"a", b"bc") and np.array_equal(got[1].answer, ex.answer)
+
+
+def test_vertical_lr_record_dp_over_messages_uses_each_partys_own_plan(lr_spec):
+    """Under record-level DP each party plans from its own spec (feature counts from the columns it gives each party) and charges every gradient."""
+    from fedcollab.protocols.vertical import lr_setup
+    from fedcollab.spec import PrivacySpec
+
+    spec = lr_spec.model_copy(update={"privacy": PrivacySpec(mode="record", target_epsilon=2.0, delta=1e-3),
+                                      "training": lr_spec.training.model_copy(update={"rounds": 4})})
+    _, plan = lr_setup(spec)
+    counts = tuple(len(load_vertical_party(spec, n).feature_names) for n in ("clinic", "lab"))
+    assert plan is not None and (plan.d_active, plan.d_passive) == counts == (4, 9) and plan.epsilon <= 2.0 + 1e-9
+    res, lab, books, _ = _run(spec)
+    for party, sens in (("clinic", plan.sensitivity_passive), ("lab", plan.sensitivity_active)):
+        grads = [r for r in books[party] if r.kind == "vertical_gradient"]
+        assert len(grads) == 4
+        for r in grads:
+            assert r.mechanism.noise_multiplier == pytest.approx(plan.z) and r.details["sensitivity"] == pytest.approx(sens)
+            assert r.details["sigma"] == pytest.approx(plan.z * sens)
+    assert np.isfinite(res.weights).all() and np.isfinite(lab.weights).all()
