@@ -538,18 +538,61 @@ def _check_arrays(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> No
             raise UpdateError("non-finite parameters")
 
 
-def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str], *, frames: dict[str, Any] | None = None) -> Any:
-    """The Flower ClientApp of a node taking part in ``spec``.
+#: The message kinds of a statistics run (``fedcollab.node._analytics``); its SecAgg+ stages are
+#: kind ``secagg`` after an ``analytics.query``, told apart by the node's own context state.
+ANALYTICS_KINDS = ("analytics.check", "analytics.query", "analytics.profile", "analytics.close")
+
+
+def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str], *, frames: dict[str, Any] | None = None,
+                    statistics: bool = False) -> Any:
+    """The Flower ClientApp of a node taking part in ``spec``: one app, every message routed by its kind.
 
     ``homes`` maps partner -> node folder; ``roster`` maps every party (the coordinator
     included) to its Ed25519 signing key (hex), as the partner obtained it out of band.
     ``frames`` (simulation from Python): partner -> pandas DataFrame used instead of the spec's source.
+
+    A message goes to the adapter of its protocol, each behind the same shell mod (a failure
+    leaves as its code and the node's new ledger entries, never text) and its own order rule:
+
+    * a horizontal spec's training (setup, train, evaluate, their SecAgg+ and HE stages, close):
+      the shell, the policy mod and the order mod (``fedcollab.node._mods``);
+    * a vertical spec's runs (kind ``vertical``: PSI, SecureBoost, vertical LR; ``fedcollab.node._vertical``);
+    * with ``statistics`` (``fedcollab query`` / ``profile``, simulation): the statistics kinds
+      (:data:`ANALYTICS_KINDS` and the SecAgg+ stages of an open query; ``fedcollab.node._analytics``).
+      Without it, as in deployment, a statistics message goes to the training adapter, which
+      refuses it (``BAD_REQUEST``, recorded): a node answers only the protocols its run offers.
     """
+    from flwr.app import ConfigRecord, Context, Message
+    from flwr.clientapp import ClientApp
+
     if spec.layout == "vertical":
-        # Vertical runs (deployment): PSI and SecureBoost as sealed messages (fedcollab/node/_vertical.py).
         from fedcollab.node._vertical import make_vertical_client_app
 
-        return make_vertical_client_app(spec, homes, roster)
+        main = make_vertical_client_app(spec, homes, roster)
+    else:
+        main = _training_app(spec, homes, roster, frames=frames)
+    stats = None
+    if statistics:
+        from fedcollab.node._analytics import make_analytics_client_app
+
+        stats = make_analytics_client_app(spec, homes, roster)
+
+    def route(msg: Message, context: Context) -> Message:
+        if stats is not None and msg.metadata.message_type.split(".")[0] == "query":
+            kind = str(msg.content.config_records.get(RecordKey.CONFIG, ConfigRecord()).get("fedcollab.kind", ""))
+            if kind in ANALYTICS_KINDS or (kind == "secagg" and "analytics" in context.state.config_records):
+                return stats(msg, context)  # type: ignore[no-any-return]
+        return main(msg, context)  # type: ignore[no-any-return]
+
+    app = ClientApp()
+    app.query()(route)
+    app.train()(route)
+    app.evaluate()(route)
+    return app
+
+
+def _training_app(spec: Spec, homes: dict[str, str], roster: dict[str, str], *, frames: dict[str, Any] | None = None) -> Any:
+    """The training adapter of :func:`make_client_app` (a horizontal spec): shell, policy and order mods, then the handlers."""
     frames = dict(frames or {})
     coordinator_key = roster["coordinator"]
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -826,4 +869,4 @@ def make_client_app(spec: Spec, homes: dict[str, str], roster: dict[str, str], *
     return app
 
 
-__all__ = ["NodeRuntime", "make_client_app"]
+__all__ = ["ANALYTICS_KINDS", "NodeRuntime", "make_client_app"]

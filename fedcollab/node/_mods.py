@@ -1,7 +1,8 @@
 """The partner's protections as Flower mods: they wrap every message the node's ClientApp answers.
 
-``make_client_app`` builds ``ClientApp(mods=[shell_mod(...), policy_mod, order_mod])``; Flower wraps
-every registered handler (query, train, evaluate) in the same chain, outermost first:
+``make_client_app`` is the node's one ClientApp; it routes each message by its kind to a protocol's
+adapter. The training adapter is ``ClientApp(mods=[shell_mod(...), policy_mod, order_mod])``; Flower
+wraps every registered handler (query, train, evaluate) in the same chain, outermost first:
 
 * :func:`shell_mod` opens the node for the message (its own spec, policy and ledger: never a spec
   the message carries) and turns any failure below it into a closed code plus the node's new ledger
@@ -17,9 +18,10 @@ every registered handler (query, train, evaluate) in the same chain, outermost f
 The node the shell opened travels to the inner mods and the handler in a context variable
 (:func:`current`), set for exactly one message.
 
-The analytics ClientApp (``fedcollab.node._analytics``) uses the same shell, with
+The statistics adapter (``fedcollab.node._analytics``) uses the same shell, with
 :func:`analytics_order_mod` for its own order (checks, one query with its SecAgg+ stages or one
-profile, the close); :func:`analytics_order_problem` is its pure rule.
+profile, the close); :func:`analytics_order_problem` is its pure rule. The vertical adapter
+(``fedcollab.node._vertical``) uses the same shell and keeps its run's order itself.
 """
 
 from __future__ import annotations
@@ -123,10 +125,17 @@ def spec_rounds(spec: Spec) -> int:
     return spec.training.rounds
 
 
+#: The query kinds of a training run (its setup and close, its SecAgg+ and HE stages).
+TRAINING_QUERY_KINDS = frozenset({str(MessageKind.SETUP), str(MessageKind.CLOSE), "secagg", "he"})
+
+
 def order_problem(spec: Spec, req: Request, at: OrderState) -> tuple[NodeErrorCode, str] | None:
     """Why ``req`` is out of order at a node where the run stands at ``at`` (None: in order)."""
     out = NodeErrorCode.OUT_OF_ORDER
     rounds = spec_rounds(spec)
+    if req.category == "query" and req.kind not in TRAINING_QUERY_KINDS:
+        # Another protocol's message (a statistics query, a vertical stage) sent to a training run: not offered here.
+        return NodeErrorCode.BAD_REQUEST, f"a query of kind {req.kind!r}, which a training run does not answer"
     if at.closed:
         return out, f"{req.what} after the run's close"
     if req.category == "query" and req.kind == MessageKind.SETUP:

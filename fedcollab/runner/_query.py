@@ -11,7 +11,7 @@ from typing import Any
 
 from fedcollab.core import TransportError
 from fedcollab.coordinator import AnalyticsRecorder, RunLedger, default_n_honest, make_profile_server_app, make_query_server_app
-from fedcollab.node import NodeHome, make_analytics_client_app
+from fedcollab.node import NodeHome, make_client_app
 from fedcollab.protocols.profile import Profile
 from fedcollab.spec import BudgetSpec, NodePolicy, QuerySpec, Spec, check_query, load_query, load_spec
 from fedcollab.runner._run import (
@@ -139,7 +139,7 @@ def run_query(spec: Spec | str | Path, query: QuerySpec | str | Path, *, out: st
     t0 = time.perf_counter()
     with _Stages(progress, 4, what="query", partners=len(sp.partners)) as stages:
         recorder.on_stage = stages
-        client = make_analytics_client_app(sp, {k: str(v.root) for k, v in homes.items()}, {k: v.signing_key for k, v in roster.parties.items()})
+        client = make_client_app(sp, {k: str(v.root) for k, v in homes.items()}, {k: v.signing_key for k, v in roster.parties.items()}, statistics=True)
         simulate_apps(sp, make_query_server_app(sp, q, recorder, ledger=ledger, timeout=timeout), client)
     wall = time.perf_counter() - t0
     if recorder.plan is None:
@@ -173,7 +173,7 @@ def run_profile(spec: Spec | str | Path, *, out: str | Path | None = None, nodes
     t0 = time.perf_counter()
     with _Stages(progress, 1, what="profile", partners=len(sp.partners)) as stages:
         recorder.on_stage = stages
-        client = make_analytics_client_app(sp, {k: str(v.root) for k, v in homes.items()}, {k: v.signing_key for k, v in roster.parties.items()})
+        client = make_client_app(sp, {k: str(v.root) for k, v in homes.items()}, {k: v.signing_key for k, v in roster.parties.items()}, statistics=True)
         simulate_apps(sp, make_profile_server_app(sp, recorder, ledger=ledger, epsilon=epsilon, delta=delta, timeout=timeout), client)
     wall = time.perf_counter() - t0
     if recorder.profile is None:

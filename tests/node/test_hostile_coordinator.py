@@ -565,3 +565,33 @@ class TestHeResume:
         before = len(node.entries())
         reply = node.send("train", {"server-round": 2, "he.total_rows": 1e6, **_scaling(node.spec)}, extra={"he.aggregate": agg})
         node.rejected(reply, NodeErrorCode.BAD_MODEL_UPDATE, before)
+
+
+class TestOneClientApp:
+    """``make_client_app`` is the node's one ClientApp: each message goes to its protocol's adapter, only if the run offers it."""
+
+    QUERY = {"name": "rows", "epsilon": 1.0, "delta": 1e-6, "statistics": [{"kind": "count"}]}
+
+    def test_a_statistics_query_to_a_training_node_is_refused(self, plain):
+        """Deployment builds the app without statistics: an analytics query (even after setup) is refused, recorded, nothing answered."""
+        for at_setup in (False, True):
+            if at_setup:
+                _setup(plain)
+            for cfg in ({"fedcollab.kind": "analytics.query", "query": json.dumps(self.QUERY)},
+                        {"fedcollab.kind": "analytics.profile", "epsilon": 1.0, "delta": 1e-5},
+                        {"fedcollab.kind": "vertical", "vertical.stage": "hello"}):
+                before = len(plain.entries())
+                new = plain.refused(plain.send("query", cfg), NodeErrorCode.BAD_REQUEST, before)
+                assert "does not answer" in new[-1]["body"]["reason"]
+        assert not any(e["kind"] == "release" and e["body"]["release"]["kind"].startswith("query") for e in plain.entries())
+
+    def test_with_statistics_the_same_app_answers_both_protocols(self, tmp_path):
+        """The simulation's app (``statistics=True``): a statistics check goes to the statistics adapter, setup to the training one."""
+        node = Node(_spec("heart-disease-dp.toml"), tmp_path)  # a budget for the query
+        roster = {PARTNER: node.home.public_key(), "coordinator": public_key_hex(NodeHome(tmp_path / "coord").key())}
+        node.app = make_client_app(node.spec, {PARTNER: str(node.home.root)}, roster, statistics=True)
+        reply = node.send("query", {"fedcollab.kind": "analytics.check", "query": json.dumps(self.QUERY)})
+        info = reply.content.config_records[RecordKey.INFO]
+        assert RecordKey.ERROR not in reply.content.config_records and int(info["length"]) >= 1 and "min_group_size" in info
+        with pytest.warns(Warning, match="delta"):  # the DP spec's budget warns for 172 rows
+            assert RecordKey.INFO in _setup(node).content.config_records
