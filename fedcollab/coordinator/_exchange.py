@@ -2,8 +2,8 @@
 
 :class:`Link` is how every training protocol's coordinator side talks to the nodes: one message
 per partner, replies by partner, coded refusals and dropouts recorded once, every reply's ledger
-entries accepted into the run ledger. The round loop, its strategies (plain, SecAgg+, HE) and the
-tree steps all use it.
+entries accepted into the run ledger. The round loop, its strategies (plain, SecAgg+, HE), the
+tree steps, the statistics runs and the vertical relay all use it.
 
 :class:`PollingGrid`: push, then poll with a short interval that grows.
 
@@ -163,12 +163,14 @@ class Link:
             out[name] = m
         return out
 
-    def identify(self, replies: list[Any]) -> None:
+    def identify(self, replies: list[Any], *, strangers: bool = False) -> None:
         """Name the nodes from the partner their replies state (an INFO or ERROR record's ``partner``).
 
-        For protocols without a setup stage (analytics): the first exchange names the nodes. A name
-        outside the spec's partners, or one a second node claims, stops the run (ProtocolError); a
-        node claiming another's name still cannot sign that party's ledger entries.
+        For protocols without a setup stage (analytics, vertical): the first exchange names the
+        nodes. A name outside the spec's partners, or one a second node claims, stops the run
+        (ProtocolError); a node claiming another's name still cannot sign that party's ledger
+        entries. With ``strangers`` a refusal from a node that names no partner of the spec (a
+        node of another collaboration on the same SuperLink) leaves that node unnamed instead.
         """
         from fedcollab.core import ProtocolError
         from fedcollab.protocols.wire import RecordKey
@@ -182,15 +184,21 @@ class Link:
             if info is None or "partner" not in info:
                 continue
             name = str(info["partner"])
+            if strangers and name not in self.partner_names and RecordKey.ERROR in recs:
+                continue
             if name not in self.partner_names or name in self.node_names.values():
                 raise ProtocolError("unknown or duplicate partner identity")
             self.node_names[nid] = name
 
-    def broadcast(self, rnd: int, message_type: str, cfg: dict[str, Any], node_ids: list[int]) -> tuple[dict[str, Any], dict[str, int]]:
+    def broadcast(self, rnd: int, message_type: str, cfg: dict[str, Any], node_ids: list[int], *,
+                  strangers: bool = False) -> tuple[dict[str, Any], dict[str, int]]:
         """The same config to ``node_ids``: ``(replies by partner, {partner: code})``, the nodes named from their replies.
 
         A node that does not answer is a failure here (code INTERNAL, recorded like a refusal): the
         caller needs every partner's answer, not a quorum. Every reply's ledger entries are accepted.
+        With ``strangers`` (every connected node asked, some of other collaborations): the exchange
+        ends once every partner of the spec has answered, and a node that did not name one of them
+        (refused, or silent) is left alone: not a failure, not named.
         """
         from flwr.app import ConfigRecord, Message, RecordDict
 
@@ -199,11 +207,19 @@ class Link:
 
         msgs = [Message(content=RecordDict({RecordKey.CONFIG: ConfigRecord({"fedcollab.run_id": self.ledger.run_id, **cfg})}),
                         message_type=message_type, dst_node_id=nid) for nid in node_ids]
-        replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
-        self.identify(replies)
+        if strangers:  # (a PollingGrid's ``until``: the exchange is over once every partner of the spec has answered)
+            replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout, until=lambda got: self.partner_names <= {_claimed(m) for m in got}))
+        else:
+            replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
+        self.identify(replies, strangers=strangers)
+        if strangers:
+            replies = [m for m in replies if m.metadata.src_node_id in self.node_names or _claimed(m) in self.partner_names]
         got, failed = self.split_replies(replies, rnd)
         out = self._by_partner(got, rnd)
-        silent = {self.node_names.get(nid, f"node-{nid}") for nid in node_ids} - set(out) - set(failed)
+        if strangers:
+            silent = self.partner_names - set(out) - set(failed)  # a partner of the spec that never answered
+        else:
+            silent = {self.node_names.get(nid, f"node-{nid}") for nid in node_ids} - set(out) - set(failed)
         for name in sorted(silent):
             failed[name] = int(NodeErrorCode.INTERNAL)
             self.recorder.failures.setdefault(name, []).append(failed[name])
@@ -224,6 +240,17 @@ class Link:
     def roster_keys(self) -> dict[str, str]:
         """Every roster party's Ed25519 public key (hex)."""
         return {k: v.signing_key for k, v in self.ledger.roster.parties.items()}
+
+
+def _claimed(m: Any) -> str | None:
+    """The partner a reply names (its INFO or ERROR record's ``partner``), None if it names none."""
+    from fedcollab.protocols.wire import RecordKey
+
+    if m.has_error():
+        return None
+    recs = m.content.config_records
+    rec = recs.get(RecordKey.INFO) or recs.get(RecordKey.ERROR)
+    return str(rec["partner"]) if rec is not None and "partner" in rec else None
 
 
 def wait_for_nodes(grid: Any, n: int, timeout: float) -> list[int]:

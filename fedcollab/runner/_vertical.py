@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import time
 import uuid
@@ -93,12 +92,6 @@ class VerticalOutcome:
     feature_names: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
     tables: dict[str, dict[tuple[int, int], LookupEntry]] = dataclasses.field(default_factory=dict)  # per passive party (gbdt)
     passive_features: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
-
-
-def _auc(y: np.ndarray, score: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(y, score)) if len(np.unique(y)) == 2 else math.nan
 
 
 def align_parties(active: VerticalPartyData, passives: Sequence[VerticalPartyData], domain: bytes, *, align: Aligner | None,

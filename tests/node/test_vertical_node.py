@@ -284,3 +284,25 @@ def test_vertical_logistic_regression_needs_the_model_kind_in_every_policy(tmp_p
     assert err.value.codes == {"lab": int(NodeErrorCode.POLICY_REFUSED)}
     assert [e["kind"] for e in _entries(grid.homes["lab"])][-1] == "refusal"
     assert "logistic_regression" in _entries(grid.homes["lab"])[-1]["body"]["reason"]
+
+
+def test_a_node_of_another_collaboration_is_left_alone(spec, tmp_path):
+    """A horizontal training node on the same SuperLink gets the hello, refuses it (a training run does not answer
+    vertical stages: BAD_REQUEST, recorded in its own ledger) and is left alone; the vertical run completes without it."""
+    from fedcollab.runner._run import simulated_policy
+
+    grid = Grid(spec, tmp_path)
+    heart = load_spec(ROOT / "specs" / "heart-disease.toml")
+    other = NodeHome(tmp_path / "hungary")
+    init_node_home(other.root, partner="hungary", policy=simulated_policy(heart, "hungary"))
+    from fedcollab.node import make_client_app
+
+    app = make_client_app(heart, {"hungary": str(other.root)}, {"coordinator": grid.roster["coordinator"], "hungary": other.public_key()})
+    grid.nodes[3] = (app, Context(run_id=1, node_id=3, node_config={"partner": "hungary"}, state=RecordDict(), run_config={}))
+    ledger = RunLedger(tmp_path / "ledger.jsonl", key=grid.key, roster=grid.ledger_run_roster(), run_id="run-stranger")
+    out = run_vertical(spec, grid, ledger=ledger, timeout=30)
+    assert out["trees"] == 1 and out["passive_parties"] == ["lab"]
+    refusals = [e for e in _entries(other) if e["kind"] == "refusal"]
+    assert len(refusals) == 1 and int(refusals[0]["body"]["code"]) == int(NodeErrorCode.BAD_REQUEST)
+    assert [e["kind"] for e in _entries(other)] == ["refusal"]  # nothing else: asked once, at hello
+    assert int(verify_ledger(tmp_path / "ledger.jsonl", grid.ledger_run_roster()).exit_code) == 0
