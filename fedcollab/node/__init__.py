@@ -16,7 +16,7 @@ _WHERE = {
     # the node folder: policy, keys, ledger, rollback anchor
     "ANCHOR_DIR_ENV": "_home", "NodeHome": "_home", "countersign_close": "_home", "init_node_home": "_home",
     # the ClientApp and local training
-    "NodeRuntime": "_client", "make_client_app": "_client",
+    "NodeRuntime": "_client", "make_client_app": "_client", "refuse_over_budget": "_client",
     "evaluate_model": "_training", "per_example_losses": "_training", "train_model": "_training",
     # the other ClientApps and their node-side state
     "make_analytics_client_app": "_analytics",

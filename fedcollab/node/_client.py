@@ -76,6 +76,32 @@ def _frame_key(frame: Any) -> str:
     return "|frame:" + h.hexdigest()
 
 
+def refuse_over_budget(gate: Any, planned: list[Release], *, run_id: str, partner: str) -> None:
+    """Refuse a run whose planned releases do not fit what is left of the node's budget (composed with its ledger).
+
+    The preflight of every protocol, before anything is spent: ``BUDGET_EXHAUSTED``, the refusal
+    recorded in the node's ledger, nothing else written. A unit without a budget passes only if
+    every planned release of it is non-private (the policy decides on those one by one).
+    """
+    for (unit, _observer), (run, so_far, total, budget) in gate.would_spend_all(planned, run_id=run_id).items():
+        if budget is None:
+            if all(r.non_private for r in planned if r.unit == unit):
+                continue  # unbudgeted data, non-private releases allowed by the policy
+            reason = f"no budget for unit {unit}"
+            text = f"plan needs a budget for dataset {gate.dataset} (unit {unit}) and the policy has none"
+        elif total > budget["epsilon"] * (1 + 1e-9):
+            left = max(0.0, budget["epsilon"] - so_far)
+            reason = f"the run's plan needs epsilon {_num(run)} (unit {unit}), {_num(left)} left of {_num(budget['epsilon'])}"
+            text = (f"plan needs {_num(run)}, {_num(left)} left of {_num(budget['epsilon'])} for dataset {gate.dataset}"
+                    f"{'' if unit == 'record' else ' (unit ' + unit + ')'}; budgets carry over between runs through the node folders "
+                    "(--nodes DIR, default OUT/nodes); delete a simulated partner's node folder to start afresh")
+        else:
+            continue
+        gate.refuse_request(run_id=run_id, round=0, code=int(NodeErrorCode.BUDGET_EXHAUSTED), reason=reason)
+        log.error("partner %s refused the run at setup: %s", partner, text)
+        raise BudgetExhausted(text)
+
+
 def _partner_name(spec: Spec, node_config: Any) -> str:
     if "partner" in node_config:
         name = str(node_config["partner"])
@@ -264,23 +290,7 @@ class NodeRuntime:
                 reason = "policy forbids the non-private releases about training rows the plan makes"
                 self.gate.refuse_request(run_id=self.run_id, round=0, code=int(NodeErrorCode.POLICY_REFUSED), reason=reason)
                 raise PolicyRefused(reason)
-        for (unit, _observer), (run, so_far, total, budget) in self.gate.would_spend_all(planned, run_id=self.run_id).items():
-            if budget is None:
-                if all(r.non_private for r in planned if r.unit == unit):
-                    continue  # unbudgeted data, non-private releases allowed by the policy
-                reason = f"no budget for unit {unit}"
-                text = f"plan needs a budget for dataset {self.dataset} (unit {unit}) and the policy has none"
-            elif total > budget["epsilon"] * (1 + 1e-9):
-                left = max(0.0, budget["epsilon"] - so_far)
-                reason = f"the run's plan needs epsilon {_num(run)} (unit {unit}), {_num(left)} left of {_num(budget['epsilon'])}"
-                text = (f"plan needs {_num(run)}, {_num(left)} left of {_num(budget['epsilon'])} for dataset {self.dataset}"
-                        f"{'' if unit == 'record' else ' (unit ' + unit + ')'}; budgets carry over between runs through the node folders "
-                        "(--nodes DIR, default OUT/nodes); delete a simulated partner's node folder to start afresh")
-            else:
-                continue
-            self.gate.refuse_request(run_id=self.run_id, round=0, code=int(NodeErrorCode.BUDGET_EXHAUSTED), reason=reason)
-            log.error("partner %s refused the run at setup: %s", self.partner, text)
-            raise BudgetExhausted(text)
+        refuse_over_budget(self.gate, planned, run_id=self.run_id, partner=self.partner)
 
     def _release(self, payload: bytes, **kw: Any) -> str:
         """Check the release against the policy and budget, record it, and return its ledger line."""
@@ -869,4 +879,4 @@ def _training_app(spec: Spec, homes: dict[str, str], roster: dict[str, str], *, 
     return app
 
 
-__all__ = ["ANALYTICS_KINDS", "NodeRuntime", "make_client_app"]
+__all__ = ["ANALYTICS_KINDS", "NodeRuntime", "make_client_app", "refuse_over_budget"]

@@ -5,8 +5,10 @@ Every message of a vertical run is a Flower ``query`` with ``fedcollab.kind = "v
 (:func:`vertical_policy_problem`: vertical runs allowed, the privacy mode, the model kind, the
 columns) and where the run stands (a stage out of order is refused with ``OUT_OF_ORDER``):
 
-1. ``hello``: the PSI cap (``vertical.max_psi_runs``), then a fresh per-run X25519 key signed
-   with the node's Ed25519 key (:class:`fedcollab.crypto.SealAdvert`);
+1. ``hello``: the PSI cap (``vertical.max_psi_runs``), the whole run's planned noisy releases
+   against what is left of the budget (:func:`~fedcollab.protocols.vertical.planned_releases`;
+   ``BUDGET_EXHAUSTED``), then a fresh per-run X25519 key signed with the node's Ed25519 key
+   (:class:`fedcollab.crypto.SealAdvert`);
 2. ``keys``: the other parties' adverts, each checked against the node's own roster; the
    label holder starts its run (:func:`active_protocol` for SecureBoost, :func:`active_lr_protocol`
    for logistic regression) and returns its first outbox;
@@ -33,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from fedcollab.core import NodeCoded, NodeErrorCode, PolicyRefused, ProtocolError, get_logger, node_code_for
+from fedcollab.core import BudgetExhausted, NodeCoded, NodeErrorCode, PolicyRefused, ProtocolError, get_logger, node_code_for
 from fedcollab.protocols.wire import MessageKind, RecordKey
 
 log = get_logger("node.vertical")
@@ -153,6 +155,14 @@ class VerticalNode:
         if runs >= pol.vertical.max_psi_runs:
             self.refuse(run_id, NodeErrorCode.POLICY_REFUSED,
                         f"the node already joined {runs} PSI run(s) on this dataset; its policy allows {pol.vertical.max_psi_runs}")
+        # The whole run's planned noisy releases against what is left of the budget, before the PSI spends anything.
+        from fedcollab.node._client import refuse_over_budget
+        from fedcollab.protocols.vertical import planned_releases
+
+        try:
+            refuse_over_budget(self.gate, planned_releases(self.spec, self.partner), run_id=run_id, partner=self.partner)
+        except BudgetExhausted:
+            raise NodeCoded(NodeErrorCode.BUDGET_EXHAUSTED) from None
         if len(self.runs) >= 8:
             self.runs.pop(next(iter(self.runs)))  # abandoned runs do not pile up
         key = SealKey.generate(run_id, self.partner)

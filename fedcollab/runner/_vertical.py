@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from fedcollab.core import NodeErrorCode, PolicyRefused
+from fedcollab.core import BudgetExhausted, NodeErrorCode, PolicyRefused
 from fedcollab.data import VerticalPartyData, load_vertical_party
 from fedcollab.privacy.accounting import NonPrivate, Release, compute_epsilon
 from fedcollab.protocols.gbdt import BinLayout
@@ -341,6 +341,16 @@ class _Books:
             if problem is not None:
                 self.refuse(p.name, code=NodeErrorCode.POLICY_REFUSED, reason=problem)
                 raise PolicyRefused(f"{p.name}: {problem}")
+        for p in self.spec.partners:  # each node's whole planned spend against what is left of its budget, before the PSI
+            from fedcollab.node import refuse_over_budget
+            from fedcollab.protocols.vertical import planned_releases
+
+            try:
+                refuse_over_budget(self.gates[p.name], planned_releases(self.spec, p.name), run_id=self.run_id, partner=p.name)
+            except BudgetExhausted:
+                ln = self.gates[p.name].ledger.lines()[-1]
+                self.ledger.accept([ln.raw.decode()], party=p.name, round=self.last_round)  # the node's refusal into the run ledger
+                raise
 
     def after_align(self, intersection: int, psi_releases: list[Release]) -> None:
         for r in psi_releases:

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fedcollab.cli import app
-from fedcollab.core import ExitCode
+from fedcollab.core import ExitCode, NodeErrorCode
 
 runner = CliRunner()
 
@@ -356,3 +356,51 @@ def test_resume_is_refused_for_a_vertical_spec(root, tmp_path):
     r = runner.invoke(app, ["run", str(root / "specs" / "heart-disease-vertical.toml"), "--out", str(tmp_path / "o"), "--resume", "--format", "json"])
     assert r.exit_code == int(ExitCode.CONFIG_INVALID) and "vertical runs cannot be resumed" in r.output
     assert not (tmp_path / "o" / "ledger.jsonl").exists()
+
+
+def test_a_plan_over_the_budget_is_refused_before_the_psi(root, tmp_path):
+    """The lab's budget (epsilon 1) cannot pay for the run's planned bin sums (epsilon 2): refused at preflight, nothing spent."""
+    import re
+
+    spec = _small_spec(root, tmp_path, privacy='mode = "record"\ntarget_epsilon = 2.0\ndelta = 1e-5')
+    spec.write_text(spec.read_text().replace("n_bins = 16", "n_bins = 16\ndp_split = \"histogram\"")
+                    .replace("min_intersection = 100", "min_intersection = 100\npassive_bins = \"public\""))
+    out = tmp_path / "out"
+    _nodes(spec, out)
+    policy = out / "nodes" / "lab" / "policy.toml"
+    text, n = re.subn(r'(unit = "record"\n(?:.*\n)*?epsilon = )[0-9.e+-]+', r"\g<1>1.0", policy.read_text(), count=1)
+    assert n == 1, policy.read_text()
+    policy.write_text(text)
+    r = runner.invoke(app, ["run", str(spec), "--out", str(out), "--format", "json"])
+    assert r.exit_code == int(ExitCode.BUDGET_EXHAUSTED), r.output
+    s = json.loads((out / "summary.json").read_text())
+    assert s["status"] == "failed"
+    for party in ("clinic", "lab"):
+        mine = [json.loads(x) for x in (out / "nodes" / party / "ledger.jsonl").read_text().splitlines()]
+        assert not [e for e in mine if e["run_id"] == s["run_id"] and e["kind"] == "release"], party  # no PSI, no bin sums
+    lab = [json.loads(x) for x in (out / "nodes" / "lab" / "ledger.jsonl").read_text().splitlines()]
+    assert lab[-1]["kind"] == "refusal" and "plan needs epsilon" in lab[-1]["body"]["reason"]
+    # The run ledger verifies as an aborted run (its close says so), the lab's refusal in it, no finding.
+    r = runner.invoke(app, ["audit", "verify", str(out / "ledger.jsonl"), "--roster", str(out / "roster.json"), "--format", "json"])
+    assert r.exit_code == int(ExitCode.LEDGER_ABORTED) and json.loads(r.stdout)["findings"] == [], r.output
+    run = [json.loads(x) for x in (out / "ledger.jsonl").read_text().splitlines()]
+    assert [(e["kind"], e["party"]) for e in run] == [("refusal", "lab"), ("receipt", "coordinator"), ("abort", "coordinator")]
+    assert int(run[0]["body"]["code"]) == int(NodeErrorCode.BUDGET_EXHAUSTED) and run[-1]["body"]["reason"] == "BudgetExhausted"
+
+
+def test_planned_releases_are_the_runs_noisy_releases(root):
+    """The preflight's plan: epsilon of each party's planned releases at the target; none for the tree label holder or without DP."""
+    from fedcollab.privacy.accounting import compute_epsilon
+    from fedcollab.protocols.vertical import planned_releases
+    from fedcollab.spec import PrivacySpec, load_spec
+
+    dp = PrivacySpec(mode="record", target_epsilon=1.0, delta=1e-3)
+    trees = load_spec(root / "specs" / "heart-disease-vertical.toml")
+    lr = load_spec(root / "specs" / "heart-disease-vertical-lr.toml")
+    assert planned_releases(trees, "lab") == [] and planned_releases(lr, "clinic") == []
+    trees, lr = (s.model_copy(update={"privacy": dp}) for s in (trees, lr))
+    assert planned_releases(trees, "clinic") == []
+    for spec, party, n in ((trees, "lab", 30 * 3), (lr, "clinic", 60), (lr, "lab", 60)):
+        got = planned_releases(spec, party)
+        assert len(got) == n and all(r.about == "train" and not r.non_private for r in got)
+        assert compute_epsilon([r.mechanism for r in got], delta=1e-3, accountant="rdp").epsilon == pytest.approx(1.0, rel=1e-3)

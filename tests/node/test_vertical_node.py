@@ -306,3 +306,26 @@ def test_a_node_of_another_collaboration_is_left_alone(spec, tmp_path):
     assert len(refusals) == 1 and int(refusals[0]["body"]["code"]) == int(NodeErrorCode.BAD_REQUEST)
     assert [e["kind"] for e in _entries(other)] == ["refusal"]  # nothing else: asked once, at hello
     assert int(verify_ledger(tmp_path / "ledger.jsonl", grid.ledger_run_roster()).exit_code) == 0
+
+
+def test_a_plan_over_the_budget_is_refused_at_hello(tmp_path):
+    """Deployment: a lab whose budget (epsilon 1) cannot pay for the LR run's planned gradients (epsilon 2) refuses at hello,
+    BUDGET_EXHAUSTED, before any PSI; its ledger gains the refusal only."""
+    from fedcollab.spec import BudgetSpec, PrivacySpec, policy_toml
+
+    spec = load_spec(ROOT / "specs" / "heart-disease-vertical-lr.toml")
+    spec = spec.model_copy(update={"privacy": PrivacySpec(mode="record", target_epsilon=2.0, delta=1e-5),
+                                   "training": spec.training.model_copy(update={"rounds": 4})})
+    grid = Grid(spec, tmp_path, kinds=("logistic_regression",))
+    for name, budget in (("clinic", 5.0), ("lab", 1.0)):
+        pol = _policy(name, kinds=("logistic_regression",)).model_copy(update={
+            "allowed_privacy_modes": ["record"], "budgets": [BudgetSpec(dataset=name, unit="record", epsilon=budget, delta=1e-5)]})
+        grid.homes[name].policy_path.write_text(policy_toml(pol))
+    before = len(_entries(grid.homes["lab"]))
+    ledger = RunLedger(tmp_path / "ledger.jsonl", key=grid.key, roster=grid.ledger_run_roster(), run_id="run-over")
+    with pytest.raises(NodeError) as err:
+        run_vertical(spec, grid, ledger=ledger, timeout=30)
+    assert err.value.codes == {"lab": int(NodeErrorCode.BUDGET_EXHAUSTED)}
+    new = _entries(grid.homes["lab"])[before:]
+    assert [e["kind"] for e in new] == ["refusal"] and "plan needs epsilon 2" in new[0]["body"]["reason"]
+    assert not [e for e in _entries(grid.homes["clinic"]) if e["kind"] == "release"]

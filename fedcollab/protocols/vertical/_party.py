@@ -35,7 +35,7 @@ import numpy as np
 
 from fedcollab.core import DataValidationError, PolicyRefused, ProtocolError
 from fedcollab.data import VerticalPartyData, encoded_names, party_features
-from fedcollab.privacy.accounting import NonPrivate, Release
+from fedcollab.privacy.accounting import GaussianMechanism, NonPrivate, Release
 from fedcollab.protocols import psi
 from fedcollab.protocols.gbdt import BinLayout, layout_from_bounds
 from fedcollab.protocols.vertical._codec import register
@@ -414,6 +414,35 @@ def lr_model_document(features: Sequence[str], weights: np.ndarray, intercept: f
     return doc
 
 
+def planned_releases(spec: Spec, party: str) -> list[Release]:
+    """The noisy releases about training rows ``party`` makes in a vertical run of ``spec`` (its budget preflight).
+
+    Under record-level DP: vertical LR, every party one Gaussian gradient release per iteration
+    (to the other party); SecureBoost, every passive party one Gaussian bin-sum release per level
+    of every tree (to the label holder; a tree that stops early makes fewer). Without DP: none are
+    charged (the run's releases are non-private; the policy and the gate decide on them one by one).
+    Every planned noise multiplier is the one the run will use, from the spec alone.
+    """
+    v = spec.vertical
+    if v is None or spec.privacy.mode != "record":
+        return []
+    active = party == v.label_holder
+    if spec.model.kind == "logistic_regression":
+        params, plan = lr_setup(spec)
+        assert plan is not None
+        return [Release(kind="vertical_gradient", about="train", unit="record", observer="passive_party" if active else "label_holder",
+                        added_by=party, party=party, round=i, mechanism=GaussianMechanism(noise_multiplier=plan.z, releases=1),
+                        details={"iteration": i, "planned": True}) for i in range(params.iterations)]
+    if active:
+        return []
+    assert spec.privacy.target_epsilon is not None and spec.privacy.delta is not None
+    params = tree_params(spec)
+    dp = plan_vertical_dp(params, n_features=1, target_epsilon=spec.privacy.target_epsilon, delta=spec.privacy.delta)  # z: by releases only
+    return [_release("vertical_histogram", party=party, observer="label_holder", tree=t, level=lv,
+                     mech=GaussianMechanism(noise_multiplier=dp.z, releases=1), planned=True)
+            for t in range(params.n_trees) for lv in range(params.max_depth)]
+
+
 @dataclass(frozen=True)
 class ActiveLrResult:
     """What the label holder's vertical LR run produced: its weights and intercept (the passive party keeps its own), the counts."""
@@ -711,5 +740,5 @@ def relay(active: Generator[Outbox, Mapping[str, Sequence[object]], ActiveResult
 
 __all__ = ["Ack", "ActiveLrResult", "ActiveResult", "CommonRows", "Decisions", "PassiveLrParty", "PassiveParty", "PredictRequest",
            "active_layout", "active_lr_protocol", "active_protocol", "lookup_document", "lr_model_document", "lr_setup", "model_document",
-           "passive_layout", "passive_party", "relay", "release_test_metrics", "scale_to_unit", "spec_split", "split_aligned",
+           "passive_layout", "passive_party", "planned_releases", "relay", "release_test_metrics", "scale_to_unit", "spec_split", "split_aligned",
            "vertical_domain"]
