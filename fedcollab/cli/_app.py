@@ -113,7 +113,7 @@ def run(
     nodes: Annotated[Path | None, typer.Option("--nodes", help="Simulated partners' node folders (keys, policies, ledgers); reuse it to keep budgets across runs. Default OUT/nodes.")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table or json (the summary on stdout; on failure a JSON error object).")] = "table",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log node and coordinator events.")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the failed or interrupted run in OUT from its last checkpoint (every aggregation mode, with or without DP, trees included; not vertical).")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the failed or interrupted run in OUT from its last checkpoint (every aggregation mode, with or without DP, trees and vertical runs included).")] = False,
 ) -> None:
     """Run a collaboration on Flower's simulation engine (one machine, offline).
 
@@ -128,11 +128,7 @@ def run(
     try:
         loaded = load_spec(spec)
         if loaded.layout == "vertical":
-            if resume:
-                from fedcollab.core import ConfigError
-
-                raise ConfigError("--resume: vertical runs cannot be resumed in this version (run them again), got a spec with layout = 'vertical'")
-            _run_vertical(loaded, spec, out=out or Path("runs") / spec.stem, nodes=nodes, fmt=fmt)
+            _run_vertical(loaded, spec, out=out or Path("runs") / spec.stem, nodes=nodes, fmt=fmt, resume=resume)
             return
         # Before torch and Flower load: a data problem is named (partner, column, file) in a second.
         check_simulation_data(loaded)
@@ -146,12 +142,12 @@ def run(
     _emit(result, fmt)
 
 
-def _run_vertical(spec: Any, spec_path: Path | None, *, out: Path, nodes: Path | None, fmt: str) -> None:
-    """A vertical spec: PSI alignment, SecureBoost, joint evaluation (fedcollab.runner._vertical)."""
+def _run_vertical(spec: Any, spec_path: Path | None, *, out: Path, nodes: Path | None, fmt: str, resume: bool = False) -> None:
+    """A vertical spec: PSI alignment, SecureBoost or vertical LR, joint evaluation (fedcollab.runner._vertical)."""
     from fedcollab.runner import run_vertical
 
     try:
-        result = run_vertical(spec, out=out, nodes=nodes, spec_path=spec_path, progress=fmt == "table")
+        result = run_vertical(spec, out=out, nodes=nodes, spec_path=spec_path, progress=fmt == "table", resume=resume)
     except FedcollabError as exc:
         if fmt == "json":
             raise _fail_json(exc) from None

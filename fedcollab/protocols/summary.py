@@ -240,6 +240,8 @@ class VerticalSummary(_M):
     privacy: VerticalPrivacy | None = None
     model_parts: dict[str, ModelPart] | None = None
     transport: str | None = None
+    resumed_after: int | None = Field(default=None, ge=1, description="`run --resume`: the trees (SecureBoost) or iterations (LR) the "
+                                      "interrupted run had finished; this run continued from its parties' checkpoints.")
 
     @model_validator(mode="after")
     def _complete(self) -> VerticalSummary:

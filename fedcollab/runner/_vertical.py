@@ -18,25 +18,29 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedcollab.core import BudgetExhausted, NodeErrorCode, PolicyRefused
+from fedcollab.core import BudgetExhausted, ConfigError, NodeErrorCode, PolicyRefused, ProtocolError
 from fedcollab.data import VerticalPartyData, load_vertical_party
 from fedcollab.privacy.accounting import NonPrivate, Release, compute_epsilon
 from fedcollab.protocols.gbdt import BinLayout
 from fedcollab.protocols.vertical import (
     LookupEntry,
+    VerticalModel,
+    LrStart,
     Recorder,
+    SecureBoostStart,
     VerticalDpPlan,
     active_layout,
     active_margin,
     lookup_document,
     model_document,
+    model_from_document,
     passive_decisions,
     lr_model_document,
     passive_layout,
@@ -44,6 +48,7 @@ from fedcollab.protocols.vertical import (
     release_test_metrics,
     scale_to_unit,
     spec_split,
+    table_from_document,
     train_vertical_in_process,
     vertical_domain,
 )
@@ -131,13 +136,17 @@ def simulate_vertical(spec: Spec, *, align: Aligner | None = plain_align, rng: n
                       params: TreeParams | None = None, record: Recorder | None = None,
                       after_align: Callable[[int, list[Release]], None] | None = None,
                       on_tree: Callable[[int], None] | None = None, min_node_rows: int | dict[str, int] = 1,
-                      run_id: str | None = None) -> VerticalOutcome:
+                      run_id: str | None = None, checkpoint: Callable[[int, dict[str, dict[str, Any]]], None] | None = None,
+                      resume: Mapping[str, Mapping[str, Any]] | None = None) -> VerticalOutcome:
     """Run the vertical spec on this machine (every party's data read from its source).
 
     ``align``: None = ECDH-PSI (what a run does); ``plain_align`` (the default here, for tests and
     benchmarks) = a plain set intersection. ``after_align(intersection, psi releases)`` runs before
     training (the nodes' PSI caps and minimum intersection); ``record`` sees every release before
     its message is handed over; ``min_node_rows``: each passive party's policy minimum.
+    ``checkpoint(done, party -> its checkpoint body)`` is called after every tree (iteration) but
+    the last; ``resume`` (party -> the body of its last checkpoint) continues from them with no new
+    PSI: each party's aligned rows come from its own checkpoint.
     """
     v = spec.vertical
     assert v is not None, "a vertical spec"
@@ -150,23 +159,53 @@ def simulate_vertical(spec: Spec, *, align: Aligner | None = plain_align, rng: n
     # Per-run domain separator for hashing ids to the group: a run's blinded points mean nothing in another run.
     run_id = run_id or uuid.uuid4().hex[:16]
     domain = vertical_domain(spec, run_id)
-    t0 = time.perf_counter()
-    ia, rows, psi_releases = align_parties(a, ps, domain, align=align, reveal=v.psi_reveal)
-    t_align = time.perf_counter() - t0
-    if after_align is not None:
-        after_align(len(ia), list(psi_releases))
+    if resume is not None:
+        ia, rows, _done = resumed_rows(resume, a, ps)  # the alignment of the interrupted run: no second PSI
+        psi_releases: list[Release] = []
+        t_align = 0.0
+    else:
+        t0 = time.perf_counter()
+        ia, rows, psi_releases = align_parties(a, ps, domain, align=align, reveal=v.psi_reveal)
+        t_align = time.perf_counter() - t0
+        if after_align is not None:
+            after_align(len(ia), list(psi_releases))
     if len(ia) < v.min_intersection:
         raise PolicyRefused(f"vertical.min_intersection: the parties share {len(ia)} record(s), fewer than the {v.min_intersection} the spec requires")
     train, test = spec_split(spec, [a.ids[i] for i in ia])
     xa, y = a.x[ia], a.y[ia]
     xps = {p.partner: p.x[rows[p.partner]] for p in ps}
+    own_rows = {active_name: _rows_doc(a, ia), **{p.partner: _rows_doc(p, rows[p.partner]) for p in ps}}
     if spec.model.kind == "logistic_regression":
         p = ps[0]
+        lr_start = None
+        if resume is not None:
+            lr_start = LrStart(iterations=int(resume[active_name]["done"]), active_weights=_floats(resume[active_name], "weights"),
+                               passive_weights=_floats(resume[p.partner], "weights"))
+
+        def lr_checkpoint(st: LrStart) -> None:
+            if checkpoint is not None:
+                checkpoint(st.iterations, {active_name: {**own_rows[active_name], "weights": st.active_weights.tolist()},
+                                           p.partner: {**own_rows[p.partner], "weights": st.passive_weights.tolist()}})
+
         return _simulate_lr(spec, (a, xa, y), (p, xps[p.partner]), train, test, psi_releases=list(psi_releases), t_align=t_align, record=record,
-                            rng=rng, on_tree=on_tree)
+                            rng=rng, on_tree=on_tree, start=lr_start, on_checkpoint=lr_checkpoint)
     assert params is not None
     lay_a = active_layout(spec, a, params)
     lays = {p.partner: passive_layout(spec, p, xps[p.partner][train], params) for p in ps}
+    start = None
+    if resume is not None:
+        start = SecureBoostStart(trees=model_from_document(resume[active_name].get("model"), what=f"{active_name}'s checkpoint: model").trees,
+                                 margin=_floats(resume[active_name], "margin"),
+                                 tables={p.partner: table_from_document(resume[p.partner].get("lookup"), what=f"{p.partner}'s checkpoint: lookup")
+                                         for p in ps})
+
+    def tree_checkpoint(st: SecureBoostStart) -> None:
+        if checkpoint is not None:
+            part = VerticalModel(trees=st.trees, base_score=params.base_score, active_features=lay_a.feature_names)
+            checkpoint(len(st.trees), {active_name: {**own_rows[active_name], "model": model_document(part), "margin": st.margin.tolist()},
+                                       **{p.partner: {**own_rows[p.partner], "lookup": lookup_document(st.tables[p.partner], k + 1)}
+                                          for k, p in enumerate(ps)}})
+
     plans: list[VerticalDpPlan | None] = [None] * len(ps)
     if spec.privacy.mode == "record":
         assert spec.privacy.target_epsilon is not None and spec.privacy.delta is not None
@@ -177,7 +216,8 @@ def simulate_vertical(spec: Spec, *, align: Aligner | None = plain_align, rng: n
     mins = [min_node_rows.get(p.partner, 1) if isinstance(min_node_rows, dict) else int(min_node_rows) for p in ps]
     t0 = time.perf_counter()
     res = train_vertical_in_process((active_name, xa[train], y[train], lay_a), [(p.partner, xps[p.partner][train], lays[p.partner]) for p in ps],
-                                    params=params, plan=plans, rng=rng, record=record, on_tree=on_tree, min_node_rows=mins)
+                                    params=params, plan=plans, rng=rng, record=record, on_tree=on_tree, min_node_rows=mins,
+                                    start=start, on_checkpoint=tree_checkpoint)
     t_train = time.perf_counter() - t0
     releases: dict[str, list[Release]] = {active_name: [], **{p.partner: [] for p in ps}}
     for r in psi_releases:
@@ -208,6 +248,50 @@ def simulate_vertical(spec: Spec, *, align: Aligner | None = plain_align, rng: n
                            passive_features={p.partner: tuple(p.feature_names) for p in ps})
 
 
+def _ids_digest(ids: Sequence[str]) -> str:
+    return hashlib.sha256("\x00".join(ids).encode()).hexdigest()
+
+
+def _rows_doc(party: VerticalPartyData, rows: np.ndarray) -> dict[str, Any]:
+    """A party's rows of the aligned records (indices into its own file) and a digest of their ids, for its checkpoint."""
+    return {"rows": [int(i) for i in rows], "ids_sha256": _ids_digest([party.ids[int(i)] for i in rows])}
+
+
+def _floats(doc: Mapping[str, Any], key: str) -> np.ndarray:
+    try:
+        arr = np.asarray(doc[key], dtype=np.float64)
+    except (KeyError, TypeError, ValueError):
+        raise ProtocolError(f"checkpoint: {key}: expected a list of numbers, got {type(doc.get(key)).__name__}") from None
+    if arr.ndim != 1 or not np.isfinite(arr).all():
+        raise ProtocolError(f"checkpoint: {key}: expected a list of finite numbers, got shape {arr.shape}")
+    return arr
+
+
+def resumed_rows(resume: Mapping[str, Mapping[str, Any]], active: VerticalPartyData,
+                 passives: Sequence[VerticalPartyData]) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
+    """Each party's aligned rows from its own checkpoint, checked against its file (the same ids) and the others (the same count, the same step)."""
+    out: dict[str, np.ndarray] = {}
+    done: dict[str, int] = {}
+    for party in (active, *passives):
+        doc = resume.get(party.partner)
+        if doc is None:
+            raise ConfigError(f"--resume: no checkpoint of {party.partner} (expected one per party)")
+        try:
+            rows = np.asarray(doc["rows"], dtype=np.int64)
+            done[party.partner] = int(doc["done"])
+        except (KeyError, TypeError, ValueError):
+            raise ConfigError(f"--resume: {party.partner}'s checkpoint: expected `rows` (a list of row numbers) and `done`, got a malformed one") from None
+        if rows.ndim != 1 or len(rows) == 0 or rows.min() < 0 or rows.max() >= len(party.ids) or len(np.unique(rows)) != len(rows):
+            raise ConfigError(f"--resume: {party.partner}'s checkpoint: rows: expected distinct row numbers of its {len(party.ids)} records, got others")
+        if _ids_digest([party.ids[int(i)] for i in rows]) != doc.get("ids_sha256"):
+            raise ConfigError(f"--resume: {party.partner}'s data changed since the interrupted run (the checkpoint's aligned ids differ from its file's)")
+        out[party.partner] = rows
+    if len({len(r) for r in out.values()}) != 1 or len(set(done.values())) != 1:
+        raise ConfigError("--resume: the parties' checkpoints disagree (rows " + ", ".join(f"{k} {len(r)}" for k, r in out.items())
+                          + "; done " + ", ".join(f"{k} {d}" for k, d in done.items()) + ")")
+    return out.pop(active.partner), out, next(iter(done.values()))
+
+
 def _test_metrics(active_name: str, y: np.ndarray, prob: np.ndarray, *, round_: int, record: Recorder | None,
                   releases: dict[str, list[Release]]) -> tuple[float, float]:
     """The label holder's test AUC and accuracy on its own labels, released to the coordinator (recorded first)."""
@@ -218,7 +302,8 @@ def _test_metrics(active_name: str, y: np.ndarray, prob: np.ndarray, *, round_: 
 
 def _simulate_lr(spec: Spec, active: tuple[VerticalPartyData, np.ndarray, np.ndarray], passive: tuple[VerticalPartyData, np.ndarray],
                  train: np.ndarray, test: np.ndarray, *, psi_releases: list[Release], t_align: float, record: Recorder | None,
-                 rng: np.random.Generator | None, on_tree: Callable[[int], None] | None) -> VerticalOutcome:
+                 rng: np.random.Generator | None, on_tree: Callable[[int], None] | None, start: LrStart | None = None,
+                 on_checkpoint: Callable[[LrStart], None] | None = None) -> VerticalOutcome:
     """Vertical logistic regression on the aligned rows (two CKKS keys, masked gradients; docs/vertical-lr.md)."""
     from fedcollab.protocols.vertical import GradientAnswer, lr_setup, predict_vertical_lr_in_process, train_vertical_lr_in_process
 
@@ -227,7 +312,7 @@ def _simulate_lr(spec: Spec, active: tuple[VerticalPartyData, np.ndarray, np.nda
     xa, xp = scale_to_unit(spec, a, xa_raw), scale_to_unit(spec, p, xp_raw)
     params, plan = lr_setup(spec)  # from the spec, as each node derives them in deployment
     iterations = params.iterations
-    done = [0]
+    done = [start.iterations if start is not None else 0]
 
     def seen(_to: str, msg: object) -> None:
         if isinstance(msg, GradientAnswer) and on_tree is not None:
@@ -236,7 +321,8 @@ def _simulate_lr(spec: Spec, active: tuple[VerticalPartyData, np.ndarray, np.nda
 
     t0 = time.perf_counter()
     res = train_vertical_lr_in_process((a.partner, xa[train], y[train]), (p.partner, xp[train]), iterations=iterations,
-                                       learning_rate=params.learning_rate, rng=rng, record=record, plan=plan, on_message=seen)
+                                       learning_rate=params.learning_rate, rng=rng, record=record, plan=plan, on_message=seen,
+                                       start=start, on_checkpoint=on_checkpoint)
     t_train = time.perf_counter() - t0
     releases: dict[str, list[Release]] = {a.partner: [], p.partner: []}
     for r in psi_releases:
@@ -327,14 +413,18 @@ class _Books:
         line = self.gates[party].refuse_request(run_id=self.run_id, round=self.last_round, code=int(code), reason=reason)
         self.ledger.accept([line.decode()], party=party, round=self.last_round)
 
-    def preflight(self) -> None:
-        """Each node's own policy, before any record of it is touched (PSI included)."""
+    def preflight(self, *, after: int = 0) -> None:
+        """Each node's own policy, before any record of it is touched (PSI included).
+
+        ``after``: a resumed run's finished trees (iterations): it runs no new PSI (no PSI cap to
+        check) and plans only the releases still to come.
+        """
         v = self.spec.vertical
         assert v is not None
         for p in self.spec.partners:
             pol = self.homes[p.name].policy()
             problem = vertical_policy_problem(self.spec, p.name, pol)
-            if problem is None:
+            if problem is None and not after:
                 runs = psi_runs_joined(self.gates[p.name])
                 if runs >= pol.vertical.max_psi_runs:
                     problem = f"the node already joined {runs} PSI run(s) on this dataset; its policy allows {pol.vertical.max_psi_runs}"
@@ -346,7 +436,7 @@ class _Books:
             from fedcollab.protocols.vertical import planned_releases
 
             try:
-                refuse_over_budget(self.gates[p.name], planned_releases(self.spec, p.name), run_id=self.run_id, partner=p.name)
+                refuse_over_budget(self.gates[p.name], planned_releases(self.spec, p.name, after=after), run_id=self.run_id, partner=p.name)
             except BudgetExhausted:
                 ln = self.gates[p.name].ledger.lines()[-1]
                 self.ledger.accept([ln.raw.decode()], party=p.name, round=self.last_round)  # the node's refusal into the run ledger
@@ -374,47 +464,80 @@ class _Books:
 
 def run_vertical(spec: Spec, *, out: str | Path | None = None, nodes: str | Path | None = None, spec_path: str | Path | None = None,
                  progress: bool = False, align: Aligner | None = None, rng: np.random.Generator | None = None,
-                 params: TreeParams | None = None) -> VerticalResult:
+                 params: TreeParams | None = None, resume: bool = False) -> VerticalResult:
     """Run a vertical spec on this machine with both parties' node folders, ledgers and budgets.
 
     Writes ``summary.json``, ``ledger.jsonl``, ``roster.json`` into ``out`` and each party's part
     of the model into its node folder (``nodes/<label holder>/vertical/<run>/model.json``,
     ``nodes/<passive>/vertical/<run>/lookup.json``: the passive party's thresholds never leave it).
+    After every tree (iteration) but the last, each party writes its own checkpoint in its node
+    folder (``vertical/<run>/checkpoint.json``); ``resume`` continues the failed or interrupted run
+    in ``out`` from them, under the same run id and ledger, with no new PSI (docs/vertical.md, "Resume").
     """
     import tempfile
 
-    from fedcollab.runner._run import _coordinator_and_roster, _ledger_ref, _set_aside_previous, _spec_ref, _versions, prepare_simulated_nodes
+    from fedcollab.runner._run import (
+        _carry_unsent_entries,
+        _coordinator_and_roster,
+        _earlier_releases,
+        _ledger_ref,
+        _node_heads,
+        _set_aside_previous,
+        _spec_ref,
+        _versions,
+        prepare_simulated_nodes,
+    )
     from fedcollab.coordinator import RunLedger
 
     v = spec.vertical
     assert v is not None, "a vertical spec"
+    if resume and out is None:
+        raise ConfigError("--resume: expected --out, the folder of the interrupted run, got none")
     tmp = tempfile.TemporaryDirectory(prefix="fedcollab-vertical-") if out is None else None
     out_dir = Path(out) if out is not None else Path(tmp.name)  # type: ignore[union-attr]
     out_dir.mkdir(parents=True, exist_ok=True)
-    _set_aside_previous(out_dir)
-    run_id = uuid.uuid4().hex[:16]
+    spec_ref = _spec_ref(spec, Path(spec_path) if spec_path is not None else None)
+    if resume:
+        run_id = _resume_point(out_dir, spec_ref.sha256)
+    else:
+        _set_aside_previous(out_dir)
+        run_id = uuid.uuid4().hex[:16]
     homes = prepare_simulated_nodes(spec, Path(nodes) if nodes is not None else out_dir / "nodes")
+    checkpoints = _Checkpoints(homes, run_id, spec_ref.sha256)
+    resume_docs = checkpoints.read([p.name for p in spec.partners]) if resume else None
+    done = int(next(iter(resume_docs.values()))["done"]) if resume_docs else 0
     key, roster = _coordinator_and_roster(out_dir, homes)
-    ledger = RunLedger(out_dir / "ledger.jsonl", key=key, roster=roster, run_id=run_id)
+    ledger_path = out_dir / "ledger.jsonl"
+    ledger = RunLedger(ledger_path, key=key, roster=roster, run_id=run_id)
+    earlier: list[Release] = []
+    if resume:
+        ledger.heads.update(_node_heads(ledger_path))
+        earlier = _earlier_releases(ledger_path, run_id)
+        ledger.releases.extend(earlier)
+        _carry_unsent_entries(ledger, homes, done)
+        earlier = _earlier_releases(ledger_path, run_id)  # with the entries the interruption left at the nodes
     books = _Books(spec, homes, ledger, run_id)
+    books.last_round = done
     lr = spec.model.kind == "logistic_regression"
     if params is None and not lr:
         params = tree_params(spec)
     steps = spec.training.rounds if lr else params.n_trees  # type: ignore[union-attr]
-    spec_ref = _spec_ref(spec, Path(spec_path) if spec_path is not None else None)
     t0 = time.perf_counter()
     base = {"run_id": run_id, "layout": "vertical", "spec": spec_ref.model_dump(mode="json"), "versions": _versions(),
             "label_holder": v.label_holder, "passive_party": next(p.name for p in spec.partners if p.name != v.label_holder),
-            "passive_parties": [p.name for p in spec.partners if p.name != v.label_holder], "psi_reveal": v.psi_reveal}
+            "passive_parties": [p.name for p in spec.partners if p.name != v.label_holder], "psi_reveal": v.psi_reveal,
+            **({"resumed_after": done} if resume else {})}
     try:
-        books.preflight()
+        books.preflight(after=done)
         aligner = align  # None: ECDH-PSI with each passive party
         with _TreeProgress(steps, progress, label="vertical LR" if lr else "SecureBoost", unit="iterations" if lr else "trees") as prog:
+            if done:
+                prog.tree(done - 1)
             outcome = simulate_vertical(spec, align=aligner, rng=rng, params=params, record=books.record, after_align=books.after_align,
-                                        on_tree=prog.tree, run_id=run_id,
+                                        on_tree=prog.tree, run_id=run_id, checkpoint=checkpoints.write, resume=resume_docs,
                                         min_node_rows={n: homes[n].policy().vertical.min_node_rows for n in base["passive_parties"]})
         books.close()
-    except Exception as exc:
+    except BaseException as exc:  # Ctrl-C included: the summary says the run failed, so that --resume can continue it
         code = int(getattr(exc, "exit_code", 1))
         try:
             ledger.abort(books.last_round, reason=type(exc).__name__, exit_code=code, codes={})
@@ -425,6 +548,11 @@ def run_vertical(spec: Spec, *, out: str | Path | None = None, nodes: str | Path
         VerticalSummary.model_validate(summary)  # the published format (schemas/vertical-summary.schema.json)
         _write(out_dir / "summary.json", json.dumps(summary, indent=2))
         raise
+    for r in earlier:  # the interrupted part's releases count in the summary's privacy section
+        outcome.releases.setdefault(r.party, [])
+    for party, rels in outcome.releases.items():
+        rels[:0] = [r for r in earlier if r.party == party]
+    checkpoints.remove([p.name for p in spec.partners])
     a_name, p_name = base["label_holder"], base["passive_party"]
     parts = {}
     docs = ((a_name, _model_json(outcome), "model.json"), *((n, _lookup_json(outcome, n), "lookup.json") for n in base["passive_parties"])) if not lr \
@@ -452,6 +580,64 @@ def run_vertical(spec: Spec, *, out: str | Path | None = None, nodes: str | Path
     VerticalSummary.model_validate(summary)  # the published format (schemas/vertical-summary.schema.json)
     _write(out_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=True))
     return VerticalResult(summary=summary, out_dir=out_dir if tmp is None else None, outcome=outcome)
+
+
+#: A party's checkpoint of a vertical run, in its node folder: ``vertical/<run>/checkpoint.json``.
+CHECKPOINT_FORMAT = "fedcollab-vertical-checkpoint-v1"
+
+
+class _Checkpoints:
+    """Each simulated party's own checkpoint, written in its own node folder (never in the run folder)."""
+
+    def __init__(self, homes: dict[str, Any], run_id: str, spec_sha256: str) -> None:
+        self.homes, self.run_id, self.spec_sha256 = homes, run_id, spec_sha256
+
+    def path(self, party: str) -> Path:
+        return Path(self.homes[party].root) / "vertical" / self.run_id / "checkpoint.json"
+
+    def write(self, done: int, bodies: dict[str, dict[str, Any]]) -> None:
+        for party, body in bodies.items():
+            path = self.path(party)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            doc = {"format": CHECKPOINT_FORMAT, "run_id": self.run_id, "spec_sha256": self.spec_sha256, "party": party, "done": int(done), **body}
+            _write(path, json.dumps(doc))
+
+    def read(self, parties: Sequence[str]) -> dict[str, dict[str, Any]]:
+        docs = {}
+        for party in parties:
+            path = self.path(party)
+            try:
+                doc = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"--resume: no checkpoint of {party} at {path} ({type(exc).__name__}); the run stopped before its first tree "
+                                  "(iteration) ended: run it again") from None
+            want = {"format": CHECKPOINT_FORMAT, "run_id": self.run_id, "spec_sha256": self.spec_sha256, "party": party}
+            for k, w in want.items():
+                got = doc.get(k) if isinstance(doc, dict) else None
+                if got != w:
+                    raise ConfigError(f"--resume: {path}: {k}: expected {w!r}, got {got!r}")
+            if isinstance(doc.get("done"), bool) or not isinstance(doc.get("done"), int) or doc["done"] < 1:
+                raise ConfigError(f"--resume: {path}: done: expected an int >= 1, got {doc.get('done')!r}")
+            docs[party] = doc
+        return docs
+
+    def remove(self, parties: Sequence[str]) -> None:
+        for party in parties:
+            self.path(party).unlink(missing_ok=True)
+
+
+def _resume_point(out_dir: Path, spec_sha256: str) -> str:
+    """The run id of the failed or interrupted vertical run in ``out_dir`` (refused if it completed or ran another spec)."""
+    try:
+        old = VerticalSummary.model_validate_json((out_dir / "summary.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--resume: expected the summary.json of a failed or interrupted vertical run in {out_dir}, got none "
+                          f"({type(exc).__name__})") from None
+    if old.status == "completed":
+        raise ConfigError(f"--resume: the run {old.run_id} in {out_dir} completed; there is nothing to resume")
+    if old.spec.sha256 != spec_sha256:
+        raise ConfigError(f"--resume: the spec differs from the interrupted run's (spec.sha256 {old.spec.sha256[:12]}..., got {spec_sha256[:12]}...)")
+    return old.run_id
 
 
 class _TreeProgress:
@@ -499,7 +685,7 @@ def predict_vertical(run_dir: str | Path, files: dict[str, str | Path], *, nodes
 
     from fedcollab.core import ConfigError, validate_config
     from fedcollab.node import NodeHome
-    from fedcollab.protocols.vertical import VerticalModel, VerticalNode, VerticalTree, active_lr_predict, passive_lr_predict
+    from fedcollab.protocols.vertical import active_lr_predict, passive_lr_predict
     from fedcollab.spec import SourceSpec, parse_spec
 
     run = Path(run_dir)
@@ -565,13 +751,10 @@ def predict_vertical(run_dir: str | Path, files: dict[str, str | Path], *, nodes
     p, p_name = ps[0], p_names[0]
     xp = p.x[rows[p_name]]
     if docs[a_name]["format"] == "fedcollab-secureboost-v1":
-        model = VerticalModel(trees=tuple(VerticalTree(nodes=tuple(VerticalNode(**n) for n in t)) for t in docs[a_name]["trees"]),
-                              base_score=float(docs[a_name]["base_score"]), active_features=tuple(docs[a_name]["active_features"]))
+        model = model_from_document(docs[a_name], what=f"{a_name}'s model.json")
         dec: dict[tuple[int, int], np.ndarray] = {}
         for q in ps:  # each passive party evaluates its own splits at its own node; only left/right leaves it
-            table = {(int(e["tree"]), int(e["node"])): LookupEntry(feature=int(e["feature"]), bin_index=int(e["bin_index"]),
-                                                                    threshold=float(e["threshold"]), default_left=bool(e["default_left"]))
-                     for e in docs[q.partner]["entries"]}
+            table = table_from_document(docs[q.partner], what=f"{q.partner}'s lookup.json")
             mine = passive_decisions(table, q.x[rows[q.partner]])
             ev = Release(kind="vertical_partition", about="test", unit="record", observer="label_holder", added_by=q.partner, party=q.partner,
                          round=0, mechanism=NonPrivate(), declared_public=True, details={"rows": int(len(ia)), "splits": len(mine), "joint_prediction": True})

@@ -352,10 +352,109 @@ def test_three_parties_run_score_and_verify(root, tmp_path):
     assert len(pd.read_csv(tmp_path / "scores.csv")) == s["intersection"]
 
 
-def test_resume_is_refused_for_a_vertical_spec(root, tmp_path):
-    r = runner.invoke(app, ["run", str(root / "specs" / "heart-disease-vertical.toml"), "--out", str(tmp_path / "o"), "--resume", "--format", "json"])
-    assert r.exit_code == int(ExitCode.CONFIG_INVALID) and "vertical runs cannot be resumed" in r.output
-    assert not (tmp_path / "o" / "ledger.jsonl").exists()
+def _interrupt(monkeypatch, at: int) -> None:
+    """Ctrl-C as the progress bar reaches tree (iteration) ``at``: SecureBoost has written its checkpoint of ``at + 1`` trees;
+    vertical LR has made iteration ``at``'s two gradient releases but not yet checkpointed it."""
+    from fedcollab.runner import _vertical
+
+    orig = _vertical._TreeProgress.tree
+
+    def tree(self, t: int) -> None:
+        orig(self, t)
+        if t == at:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(_vertical._TreeProgress, "tree", tree)
+
+
+def _same_trees(a: list, b: list) -> bool:
+    """The same tree structure and splits; values equal up to float summation order (the PSI order differs run to run)."""
+    if len(a) != len(b) or any(len(x) != len(y) for x, y in zip(a, b)):
+        return False
+    for ta, tb in zip(a, b):
+        for na, nb in zip(ta, tb):
+            for k in na:
+                if isinstance(na[k], float):
+                    if not (math.isnan(na[k]) and math.isnan(nb[k])) and na[k] != pytest.approx(nb[k], rel=1e-9, abs=1e-12):
+                        return False
+                elif na[k] != nb[k]:
+                    return False
+    return True
+
+
+def test_an_interrupted_secureboost_run_resumes_from_each_partys_checkpoint(vertical_run, root, tmp_path, monkeypatch):
+    """Interrupted after 2 of 3 trees, `run --resume` grows only the third: no second PSI, no bin sums twice, the model of an uninterrupted run."""
+    spec = _small_spec(root, tmp_path, trees=3, depth=3)  # vertical_run's spec
+    out = tmp_path / "out"
+    _interrupt(monkeypatch, 1)
+    r = runner.invoke(app, ["run", str(spec), "--out", str(out), "--format", "json"])
+    assert r.exit_code != 0
+    failed = json.loads((out / "summary.json").read_text())
+    assert failed["status"] == "failed" and failed["error"]["error"] == "KeyboardInterrupt"
+    # Each party's checkpoint is in its own node folder: the label holder's trees and margins, the lab's thresholds.
+    ck = {p: json.loads((out / "nodes" / p / "vertical" / failed["run_id"] / "checkpoint.json").read_text()) for p in ("clinic", "lab")}
+    assert ck["clinic"]["done"] == ck["lab"]["done"] == 2 and len(ck["clinic"]["model"]["trees"]) == 2
+    assert "lookup" not in ck["clinic"] and "margin" not in ck["lab"] and "model" not in ck["lab"]
+    assert all(math.isnan(n["threshold"]) for t in ck["clinic"]["model"]["trees"] for n in t if n["owner"] == 1)
+    assert not (out / "checkpoints").exists()
+    monkeypatch.undo()
+    r = runner.invoke(app, ["run", str(spec), "--out", str(out), "--resume", "--format", "json"])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["status"] == "completed" and s["run_id"] == failed["run_id"] and s["resumed_after"] == 2 and s["trees"] == 3
+    assert s["intersection"] == vertical_run[1]["intersection"]
+    assert not list((out / "nodes").glob("*/vertical/*/checkpoint.json")), "checkpoints are removed once the model is written"
+    whole = json.loads(Path(vertical_run[1]["model_parts"]["clinic"]["path"]).read_text())
+    resumed = json.loads(Path(s["model_parts"]["clinic"]["path"]).read_text())
+    assert _same_trees(resumed["trees"], whole["trees"])
+    assert s["metrics"]["test_auc"] == pytest.approx(vertical_run[1]["metrics"]["test_auc"], abs=1e-9)
+    # The books: one PSI per party, each level's bin sums once (3 trees x 3 levels), the summary counting both parts.
+    rel = [e["body"]["release"] for e in map(json.loads, (out / "ledger.jsonl").read_text().splitlines()) if e["kind"] == "release"]
+    assert sorted(r["party"] for r in rel if r["kind"] == "psi_intersection") == ["clinic", "lab"]
+    levels = [(r["details"]["tree"], r["details"]["level"]) for r in rel if r["kind"] == "vertical_histogram"]
+    assert len(levels) == len(set(levels)) == 9
+    assert s["privacy"]["parties"]["lab"]["releases"] == vertical_run[1]["privacy"]["parties"]["lab"]["releases"]
+    r = runner.invoke(app, ["audit", "verify", str(out / "ledger.jsonl"), "--roster", str(out / "roster.json"), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["run", str(spec), "--out", str(out), "--resume", "--format", "json"])
+    assert r.exit_code == int(ExitCode.CONFIG_INVALID) and "nothing to resume" in r.output
+
+
+def test_an_interrupted_vertical_lr_run_resumes_and_charges_the_repeated_iteration(root, tmp_path, monkeypatch):
+    """Interrupted inside iteration 3 of 8 (its gradients already released), resumed from the checkpoint after iteration 2:
+    iteration 3 runs again and both parts' releases are charged, none lost."""
+    text = (root / "specs" / "heart-disease-vertical-lr.toml").read_text().replace("rounds = 60", "rounds = 8")
+    text = text.replace('[privacy]\nmode = "none"', '[privacy]\nmode = "record"\ntarget_epsilon = 3.0\ndelta = 1e-5')
+    spec = tmp_path / "vlr.toml"
+    spec.write_text(text)
+    out = tmp_path / "out"
+    _interrupt(monkeypatch, 3)
+    r = runner.invoke(app, ["run", str(spec), "--out", str(out), "--format", "json"])
+    assert r.exit_code != 0
+    run_id = json.loads((out / "summary.json").read_text())["run_id"]
+    ck = json.loads((out / "nodes" / "lab" / "vertical" / run_id / "checkpoint.json").read_text())
+    assert ck["done"] == 3 and len(ck["weights"]) > 0 and "intercept" not in ck
+    monkeypatch.undo()
+    # A changed spec is not a resume of this run.
+    changed = tmp_path / "changed.toml"
+    changed.write_text(text.replace("rounds = 8", "rounds = 9"))
+    r = runner.invoke(app, ["run", str(changed), "--out", str(out), "--resume", "--format", "json"])
+    assert r.exit_code == int(ExitCode.CONFIG_INVALID) and "spec differs" in r.output
+    r = runner.invoke(app, ["run", str(spec), "--out", str(out), "--resume", "--format", "json"])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["resumed_after"] == 3 and s["iterations"] == 8 and s["metrics"]["test_auc"] > 0.8
+    rel = [e["body"]["release"] for e in map(json.loads, (out / "ledger.jsonl").read_text().splitlines()) if e["kind"] == "release"]
+    for party in ("clinic", "lab"):
+        its = sorted(r["details"]["iteration"] for r in rel if r["kind"] == "vertical_gradient" and r["party"] == party)
+        assert its == [0, 1, 2, 3, 3, 4, 5, 6, 7], (party, its)
+        assert s["privacy"]["parties"][party]["releases"]["vertical_gradient->" + ("passive_party" if party == "clinic" else "label_holder")] == 9
+    assert sum(1 for r in rel if r["kind"] == "psi_intersection") == 2
+    r = runner.invoke(app, ["audit", "verify", str(out / "ledger.jsonl"), "--roster", str(out / "roster.json"), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    spend = {(g["party"], g["observer"]): g["epsilon"] for g in json.loads(r.stdout)["spend"]}
+    # Nine charged gradient releases each, one more than the plan's eight: above the target, as the ledger says.
+    assert spend[("lab", "label_holder")] > 3.0 and spend[("lab", "label_holder")] == pytest.approx(s["privacy"]["parties"]["lab"]["epsilon"]["label_holder"], rel=1e-6)
 
 
 def test_a_plan_over_the_budget_is_refused_before_the_psi(root, tmp_path):

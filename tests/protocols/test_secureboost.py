@@ -206,3 +206,22 @@ def test_three_parties_equal_central_gbdt_on_all_joined_columns(heart) -> None:
     # each passive party keeps only its own thresholds, and records its own releases
     assert set(res.tables["ecg"]).isdisjoint(res.tables["stress"])
     assert {r.party for r in res.releases["ecg"]} == {"ecg"} and any(r.kind == "vertical_histogram" for r in res.releases["stress"])
+
+
+def test_a_run_resumed_from_a_checkpoint_grows_the_trees_an_uninterrupted_run_grows(heart, run) -> None:
+    """The state after tree 1 (the label holder's margins, the lab's table) is all a resumed run needs: same trees, same table."""
+    from fedcollab.protocols.vertical import SecureBoostStart
+
+    h = heart
+    seen: list[SecureBoostStart] = []
+    args = (("clinic", h["xa"], h["y"], h["lay_a"]), ("lab", h["xp"], h["lay_p"]))
+    train_vertical_in_process(*args, params=h["params"], plan=None, on_checkpoint=seen.append)
+    assert [len(s.trees) for s in seen] == [1, 2], "after every tree but the last"
+    resumed = train_vertical_in_process(*args, params=h["params"], plan=None, start=seen[0])
+    assert resumed.model == run.model and resumed.tables == run.tables
+    assert [ev.round for ev in resumed.releases["lab"] if ev.kind == "vertical_histogram"] == [1, 1, 2, 2], "only trees 1 and 2 release"
+    bad = [dataclasses.replace(seen[0], margin=seen[0].margin[:-1]), dataclasses.replace(seen[0], tables={}),
+           dataclasses.replace(seen[0], trees=seen[1].trees + seen[1].trees), dataclasses.replace(seen[0], tables={"lab": seen[1].tables["lab"]})]
+    for start, match in zip(bad, ["margins must be 250", "lookup table for each", "starts after 1..2", "entries of tree 1"]):
+        with pytest.raises(ProtocolError, match=match):
+            train_vertical_in_process(*args, params=h["params"], plan=None, start=start)

@@ -278,3 +278,26 @@ def test_record_dp_noise_is_planned_added_and_charged(heart) -> None:
     assert np.abs(_joined(r) - plain).max() > 1e-3  # noise was added
     with pytest.raises(ProtocolError, match=r"scaled to \[-1, 1\]"):
         train_vertical_lr_in_process(("clinic", h["xa"] * 3, h["y"]), ("lab", h["xp"]), iterations=1, learning_rate=1.0, plan=plan)
+
+
+def test_a_run_resumed_from_a_checkpoint_continues_the_weights(synthetic) -> None:
+    """Resumed after 4 of 10 iterations with fresh keys: the weights of an uninterrupted run (up to the flooding noise), iterations 4..9 only."""
+    from fedcollab.core import ProtocolError
+    from fedcollab.protocols.vertical import LrStart
+
+    xa, y, xp = synthetic
+    seen: list[LrStart] = []
+    kw = dict(iterations=10, learning_rate=1.0, l2=0.01)
+    whole = train_vertical_lr_in_process(("bank", xa, y), ("telco", xp), rng=np.random.default_rng(1), on_checkpoint=seen.append, **kw)
+    assert [s.iterations for s in seen] == list(range(1, 10))
+    resumed = train_vertical_lr_in_process(("bank", xa, y), ("telco", xp), rng=np.random.default_rng(2), start=seen[3], **kw)
+    assert [e.round for e in resumed.releases["telco"]] == list(range(4, 10))
+    assert np.allclose(resumed.model.active_weights, whole.model.active_weights, atol=5e-3)
+    assert np.allclose(resumed.model.passive_weights, whole.model.passive_weights, atol=5e-3)
+    assert not np.allclose(seen[3].passive_weights, whole.model.passive_weights, atol=5e-3), "the resumed run did train"
+    with pytest.raises(ProtocolError, match="passive_weights must be"):
+        train_vertical_lr_in_process(("bank", xa, y), ("telco", xp), rng=np.random.default_rng(2),
+                                     start=LrStart(iterations=4, active_weights=seen[3].active_weights, passive_weights=np.zeros(1)), **kw)
+    with pytest.raises(ProtocolError, match="starts after 1..9"):
+        train_vertical_lr_in_process(("bank", xa, y), ("telco", xp), rng=np.random.default_rng(2),
+                                     start=LrStart(iterations=10, active_weights=seen[3].active_weights, passive_weights=seen[3].passive_weights), **kw)

@@ -32,6 +32,7 @@ from fedcollab.protocols.vertical._logistic import (
     passive_lr_logits,
     passive_lr_predict,
     passive_lr_update,
+    LrStart,
     plan_vertical_lr_dp,
     predict_vertical_lr_in_process,
     train_vertical_lr_in_process,
@@ -55,6 +56,7 @@ from fedcollab.protocols.vertical._party import (
     lr_model_document,
     lr_setup,
     model_document,
+    model_from_document,
     passive_layout,
     passive_party,
     planned_releases,
@@ -63,6 +65,7 @@ from fedcollab.protocols.vertical._party import (
     scale_to_unit,
     spec_split,
     split_aligned,
+    table_from_document,
     vertical_domain,
 )
 from fedcollab.protocols.vertical._secureboost import (
@@ -106,7 +109,7 @@ from fedcollab.protocols.vertical._secureboost import (
     scale_bits,
     train_tree,
 )
-from fedcollab.protocols.vertical._train import Recorder, VerticalTrainResult, train_vertical_in_process
+from fedcollab.protocols.vertical._train import Recorder, SecureBoostStart, VerticalTrainResult, train_vertical_in_process
 
 __all__ = [
     "Ack",
@@ -129,6 +132,7 @@ __all__ = [
     "LevelSplits",
     "LookupEntry",
     "LrKeyAdvert",
+    "LrStart",
     "PROTOCOL",
     "PartialLogits",
     "PassiveAdvert",
@@ -139,6 +143,7 @@ __all__ = [
     "PredictRequest",
     "Recorder",
     "ResidualQuery",
+    "SecureBoostStart",
     "SplitNotice",
     "SplitPartition",
     "VerticalDpPlan",
@@ -175,6 +180,7 @@ __all__ = [
     "lr_model_document",
     "lr_setup",
     "model_document",
+    "model_from_document",
     "passive_bin_sums",
     "passive_decisions",
     "passive_gradients",
@@ -201,6 +207,7 @@ __all__ = [
     "scale_to_unit",
     "spec_split",
     "split_aligned",
+    "table_from_document",
     "train_tree",
     "train_vertical_in_process",
     "train_vertical_lr_in_process",

@@ -526,17 +526,43 @@ def _payload(msg: object) -> bytes:
     return b"".join(parts)
 
 
+@dataclass(frozen=True)
+class LrStart:
+    """Where a resumed vertical LR run picks up: the iterations done and each party's weights after them.
+
+    ``active_weights`` ends with the intercept (as :attr:`ActiveLrState.w`); each party's part is
+    kept at its own node (its checkpoint), never sent to the other.
+    """
+
+    iterations: int
+    active_weights: np.ndarray
+    passive_weights: np.ndarray
+
+
+def _check_lr_start(start: LrStart, iterations: int, d_a: int, d_p: int) -> None:
+    k = start.iterations
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < iterations:
+        raise ProtocolError(f"vertical-lr: a resumed run starts after 1..{iterations - 1} iteration(s), got {k!r}.")
+    for what, w, d in (("active_weights", start.active_weights, d_a + 1), ("passive_weights", start.passive_weights, d_p)):
+        arr = np.asarray(w, dtype=np.float64)
+        if arr.shape != (d,) or not np.isfinite(arr).all():
+            raise ProtocolError(f"vertical-lr: the resumed run's {what} must be {d} finite values, got shape {arr.shape}.")
+
+
 def train_vertical_lr_in_process(active: tuple[str, np.ndarray, np.ndarray], passive: tuple[str, np.ndarray], *, iterations: int,
                                  learning_rate: float, l2: float = 0.0, rng: np.random.Generator | None = None,
                                  record: Recorder | None = None, plan: VerticalLrDpPlan | None = None,
                                  flood_std: float = LR_FLOOD_STD, keep_messages: bool = False,
-                                 on_message: Callable[[str, object], None] | None = None) -> VerticalLrResult:
+                                 on_message: Callable[[str, object], None] | None = None, start: LrStart | None = None,
+                                 on_checkpoint: Callable[[LrStart], None] | None = None) -> VerticalLrResult:
     """Vertical LR between ``active = (name, x_a, y)`` and ``passive = (name, x_p)`` (aligned rows), both as function calls.
 
     ``record(release, payload)`` sees every release before the message carrying it is handed over
     (a raise stops the run with that message unsent); ``on_message(receiver, message)`` is called as
     each message is handed over (after its release is recorded). ``rng`` seeds both parties' noise generators
     (flooding, DP); ``None`` draws a seed from the OS CSPRNG. ``messages`` holds ``(receiver, message)``.
+    ``start`` resumes after ``start.iterations`` iterations (fresh CKKS keys, the weights given);
+    ``on_checkpoint`` receives the state after every iteration but the last.
     """
     import secrets
     import time
@@ -568,8 +594,14 @@ def train_vertical_lr_in_process(active: tuple[str, np.ndarray, np.ndarray], pas
     hand(a_name, adv_p)
     a = active_lr_keys(a, adv_p)
     p = passive_lr_keys(p, adv_a)
+    first = 0
+    if start is not None:
+        _check_lr_start(start, iterations, x_a.shape[1], x_p.shape[1])
+        first = start.iterations
+        a = replace(a, w=np.asarray(start.active_weights, dtype=np.float64).copy(), iteration=first)
+        p = replace(p, w=np.asarray(start.passive_weights, dtype=np.float64).copy(), iteration=first)
     t0 = time.perf_counter()
-    for _ in range(iterations):
+    for _ in range(first, iterations):
         p, logits = passive_lr_logits(p)
         hand(a_name, logits)
         a, query = active_lr_residual(a, logits, rng=rng_a)
@@ -579,7 +611,9 @@ def train_vertical_lr_in_process(active: tuple[str, np.ndarray, np.ndarray], pas
         a, answer, ev_a = active_lr_gradient(a, exchange, rng=rng_a)
         hand(p_name, answer, ev_a)
         p = passive_lr_update(p, answer)
-    spi = (time.perf_counter() - t0) / iterations
+        if on_checkpoint is not None and p.iteration < iterations:
+            on_checkpoint(LrStart(iterations=p.iteration, active_weights=a.w.copy(), passive_weights=p.w.copy()))
+    spi = (time.perf_counter() - t0) / max(1, iterations - first)
     model = VerticalLrModel(active_weights=a.w[:-1].copy(), intercept=float(a.w[-1]), passive_weights=p.w.copy())
     return VerticalLrResult(model=model, releases=releases, wire_bytes=wire, seconds_per_iteration=spi, messages=messages)
 

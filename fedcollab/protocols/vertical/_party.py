@@ -73,6 +73,7 @@ from fedcollab.protocols.vertical._secureboost import (
     PassiveAdvert,
     PassiveState,
     VerticalModel,
+    VerticalNode,
     VerticalTree,
     _release,
     active_begin_tree,
@@ -164,6 +165,32 @@ def lookup_document(table: Mapping[tuple[int, int], LookupEntry], owner: int) ->
 
     return {"format": "fedcollab-secureboost-lookup-v1", "owner": owner,
             "entries": [{"tree": t, "node": n, **dataclasses.asdict(e)} for (t, n), e in sorted(table.items())]}
+
+
+def model_from_document(doc: Mapping[str, object], *, what: str = "model.json") -> VerticalModel:
+    """The label holder's SecureBoost part read back from :func:`model_document`'s form (refused by field if malformed)."""
+    if not isinstance(doc, Mapping) or doc.get("format") != "fedcollab-secureboost-v1":
+        got = doc.get("format") if isinstance(doc, Mapping) else type(doc).__name__
+        raise ProtocolError(f"{what}: format: expected 'fedcollab-secureboost-v1', got {got!r}")
+    try:
+        trees = tuple(VerticalTree(nodes=tuple(VerticalNode(**n) for n in t)) for t in doc["trees"])  # type: ignore[attr-defined]
+        return VerticalModel(trees=trees, base_score=float(doc["base_score"]), active_features=tuple(doc["active_features"]))  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"{what}: expected trees of tree nodes, base_score and active_features, got a malformed document ({type(exc).__name__})") from None
+
+
+def table_from_document(doc: Mapping[str, object], *, what: str = "lookup.json") -> dict[tuple[int, int], LookupEntry]:
+    """A passive party's lookup table read back from :func:`lookup_document`'s form (refused by field if malformed)."""
+    if not isinstance(doc, Mapping) or doc.get("format") != "fedcollab-secureboost-lookup-v1":
+        got = doc.get("format") if isinstance(doc, Mapping) else type(doc).__name__
+        raise ProtocolError(f"{what}: format: expected 'fedcollab-secureboost-lookup-v1', got {got!r}")
+    try:
+        return {(int(e["tree"]), int(e["node"])): LookupEntry(feature=int(e["feature"]), bin_index=int(e["bin_index"]),
+                                                              threshold=float(e["threshold"]), default_left=bool(e["default_left"]))
+                for e in doc["entries"]}  # type: ignore[attr-defined]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"{what}: entries: expected tree, node, feature, bin_index, threshold, default_left each, got a malformed entry "
+                            f"({type(exc).__name__})") from None
 
 
 def _auc(y: np.ndarray, score: np.ndarray) -> float:
@@ -414,8 +441,10 @@ def lr_model_document(features: Sequence[str], weights: np.ndarray, intercept: f
     return doc
 
 
-def planned_releases(spec: Spec, party: str) -> list[Release]:
+def planned_releases(spec: Spec, party: str, *, after: int = 0) -> list[Release]:
     """The noisy releases about training rows ``party`` makes in a vertical run of ``spec`` (its budget preflight).
+
+    ``after``: a resumed run's trees (SecureBoost) or iterations (LR) already done; only the rest are planned.
 
     Under record-level DP: vertical LR, every party one Gaussian gradient release per iteration
     (to the other party); SecureBoost, every passive party one Gaussian bin-sum release per level
@@ -432,7 +461,7 @@ def planned_releases(spec: Spec, party: str) -> list[Release]:
         assert plan is not None
         return [Release(kind="vertical_gradient", about="train", unit="record", observer="passive_party" if active else "label_holder",
                         added_by=party, party=party, round=i, mechanism=GaussianMechanism(noise_multiplier=plan.z, releases=1),
-                        details={"iteration": i, "planned": True}) for i in range(params.iterations)]
+                        details={"iteration": i, "planned": True}) for i in range(after, params.iterations)]
     if active:
         return []
     assert spec.privacy.target_epsilon is not None and spec.privacy.delta is not None
@@ -440,7 +469,7 @@ def planned_releases(spec: Spec, party: str) -> list[Release]:
     dp = plan_vertical_dp(params, n_features=1, target_epsilon=spec.privacy.target_epsilon, delta=spec.privacy.delta)  # z: by releases only
     return [_release("vertical_histogram", party=party, observer="label_holder", tree=t, level=lv,
                      mech=GaussianMechanism(noise_multiplier=dp.z, releases=1), planned=True)
-            for t in range(params.n_trees) for lv in range(params.max_depth)]
+            for t in range(after, params.n_trees) for lv in range(params.max_depth)]
 
 
 @dataclass(frozen=True)
