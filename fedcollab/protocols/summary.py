@@ -223,7 +223,7 @@ class VerticalSummary(_M):
     passive_party: str = Field(description="The first passive party (all of them: passive_parties).")
     passive_parties: list[str] = Field(min_length=1)
     psi_reveal: str
-    status: Literal["completed", "failed"]
+    status: Literal["completed", "failed", "interrupted"]
     wall_seconds: float = Field(ge=0)
     ledger: LedgerRef
     error: VerticalError | None = None
@@ -245,9 +245,9 @@ class VerticalSummary(_M):
 
     @model_validator(mode="after")
     def _complete(self) -> VerticalSummary:
-        if self.status == "failed":
+        if self.status != "completed":
             if self.error is None:
-                raise ValueError("status 'failed' needs `error` (exit_code, error)")
+                raise ValueError(f"status {self.status!r} needs `error` (exit_code, error)")
             return self
         missing = [f for f in ("intersection", "n_train", "n_test", "metrics", "model", "seconds", "privacy", "model_parts") if getattr(self, f) is None]
         if missing:

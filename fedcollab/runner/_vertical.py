@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from fedcollab.core import BudgetExhausted, ConfigError, NodeErrorCode, PolicyRefused, ProtocolError
+from fedcollab.core import BudgetExhausted, ConfigError, ExitCode, NodeErrorCode, PolicyRefused, ProtocolError, RunInterrupted
 from fedcollab.data import VerticalPartyData, load_vertical_party
 from fedcollab.privacy.accounting import NonPrivate, Release, compute_epsilon
 from fedcollab.protocols.gbdt import BinLayout
@@ -537,16 +537,21 @@ def run_vertical(spec: Spec, *, out: str | Path | None = None, nodes: str | Path
                                         on_tree=prog.tree, run_id=run_id, checkpoint=checkpoints.write, resume=resume_docs,
                                         min_node_rows={n: homes[n].policy().vertical.min_node_rows for n in base["passive_parties"]})
         books.close()
-    except BaseException as exc:  # Ctrl-C included: the summary says the run failed, so that --resume can continue it
-        code = int(getattr(exc, "exit_code", 1))
+    except BaseException as exc:  # Ctrl-C included: the summary says the run failed or was interrupted, so that --resume can continue it
+        stopped = isinstance(exc, (KeyboardInterrupt, RunInterrupted))
+        err = RunInterrupted if stopped else type(exc)
+        code = int(ExitCode.INTERRUPTED) if stopped else int(getattr(exc, "exit_code", 1))
         try:
-            ledger.abort(books.last_round, reason=type(exc).__name__, exit_code=code, codes={})
+            ledger.abort(books.last_round, reason=err.__name__, exit_code=code, codes={})
         except Exception:  # noqa: BLE001 - the original error matters more
             pass
-        summary = {**base, "status": "failed", "wall_seconds": round(time.perf_counter() - t0, 3),
-                   "error": {"exit_code": code, "error": type(exc).__name__}, "ledger": _ledger_ref(ledger).model_dump(mode="json")}
+        summary = {**base, "status": "interrupted" if stopped else "failed", "wall_seconds": round(time.perf_counter() - t0, 3),
+                   "error": {"exit_code": code, "error": err.__name__}, "ledger": _ledger_ref(ledger).model_dump(mode="json")}
         VerticalSummary.model_validate(summary)  # the published format (schemas/vertical-summary.schema.json)
         _write(out_dir / "summary.json", json.dumps(summary, indent=2))
+        if isinstance(exc, KeyboardInterrupt):
+            raise RunInterrupted(f"the run was interrupted (Ctrl-C) after {books.last_round} tree(s) or iteration(s); "
+                                 f"continue it with `fedcollab run SPEC --out {out_dir} --resume`") from None
         raise
     for r in earlier:  # the interrupted part's releases count in the summary's privacy section
         outcome.releases.setdefault(r.party, [])

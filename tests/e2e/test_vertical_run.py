@@ -388,9 +388,9 @@ def test_an_interrupted_secureboost_run_resumes_from_each_partys_checkpoint(vert
     out = tmp_path / "out"
     _interrupt(monkeypatch, 1)
     r = runner.invoke(app, ["run", str(spec), "--out", str(out), "--format", "json"])
-    assert r.exit_code != 0
+    assert r.exit_code == int(ExitCode.INTERRUPTED) and "--resume" in r.output
     failed = json.loads((out / "summary.json").read_text())
-    assert failed["status"] == "failed" and failed["error"]["error"] == "KeyboardInterrupt"
+    assert failed["status"] == "interrupted" and failed["error"] == {"exit_code": 130, "error": "RunInterrupted"}
     # Each party's checkpoint is in its own node folder: the label holder's trees and margins, the lab's thresholds.
     ck = {p: json.loads((out / "nodes" / p / "vertical" / failed["run_id"] / "checkpoint.json").read_text()) for p in ("clinic", "lab")}
     assert ck["clinic"]["done"] == ck["lab"]["done"] == 2 and len(ck["clinic"]["model"]["trees"]) == 2
@@ -430,7 +430,7 @@ def test_an_interrupted_vertical_lr_run_resumes_and_charges_the_repeated_iterati
     out = tmp_path / "out"
     _interrupt(monkeypatch, 3)
     r = runner.invoke(app, ["run", str(spec), "--out", str(out), "--format", "json"])
-    assert r.exit_code != 0
+    assert r.exit_code == int(ExitCode.INTERRUPTED)
     run_id = json.loads((out / "summary.json").read_text())["run_id"]
     ck = json.loads((out / "nodes" / "lab" / "vertical" / run_id / "checkpoint.json").read_text())
     assert ck["done"] == 3 and len(ck["weights"]) > 0 and "intercept" not in ck
