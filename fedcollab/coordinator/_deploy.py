@@ -101,22 +101,26 @@ def _main(grid: Any, context: Any) -> None:
         run_id = uuid.uuid4().hex[:16]
         resume = None
         previous = str(context.run_config.get(RUN_CONFIG_RESUME, "") or "")
-        if previous:
+        if previous and spec.layout == "vertical":
+            run_id = _resume_vertical_from(run_dir(home, int(previous)), text, out)
+            status.update(resumed_from=int(previous))
+        elif previous:
             run_id, resume = _resume_from(run_dir(home, int(previous)), text, out, spec)
             status.update(resumed_from=int(previous), resumed_after_round=resume[0])
         status["fedcollab_run_id"] = run_id
         ledger = RunLedger(out / "ledger.jsonl", key=key, roster=roster, run_id=run_id)
+        if previous and spec.layout == "vertical":
+            ledger.heads.update(_node_heads(out / "ledger.jsonl"))  # the carried-over ledger's last entry of each node
         recorder = CoordinatorRecorder(checkpoint_dir=out / "checkpoints", on_round=on_round)
         if spec.layout == "vertical":
-            # PSI and SecureBoost between the parties, relayed sealed (fedcollab/coordinator/_vertical.py).
-            if resume is not None:
-                raise ConfigError("resume: a vertical run cannot be resumed (its parties' state is per run); submit it again")
+            # PSI and SecureBoost between the parties, relayed sealed (fedcollab/coordinator/_vertical.py);
+            # a resumed run goes on from each node's own checkpoint.
             from fedcollab.coordinator._vertical import run_vertical
 
             timeout = float(spec.training.stage_timeout or context.run_config.get(RUN_CONFIG_TIMEOUT, 600.0))
             status.update(state="running", layout="vertical")
             _write_json(out / "status.json", status)
-            result = run_vertical(spec, PollingGrid(grid, longest=REPLY_POLL_SECONDS), ledger=ledger, timeout=timeout)
+            result = run_vertical(spec, PollingGrid(grid, longest=REPLY_POLL_SECONDS), ledger=ledger, timeout=timeout, resume=bool(previous))
             status.update(state="completed", exit_code=0, finished=time.time(), vertical=result,
                           accuracy=result.get("test_accuracy"), auc=result.get("test_auc"))
             _write_json(out / "status.json", status)
@@ -200,6 +204,31 @@ def _resume_from(old: Path, spec_text: str, out: Path, spec: Any) -> tuple[str, 
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(old / "checkpoints" / HE_CHECKPOINT, out / "checkpoints" / HE_CHECKPOINT)
     return str(old_status["fedcollab_run_id"]), (last, arrays)
+
+
+def _resume_vertical_from(old: Path, spec_text: str, out: Path) -> str:
+    """The interrupted vertical run's fedcollab run id; its ledger is carried over whole (the nodes hold the checkpoints)."""
+    import shutil
+
+    try:
+        old_status = json.loads((old / "status.json").read_text())
+        old_spec = (old / "spec.toml").read_text()
+        run_id = str(old_status["fedcollab_run_id"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"cannot resume from {old}: no status or spec ({type(exc).__name__})") from None
+    if old_spec != spec_text:
+        raise ConfigError("resume: the submitted spec differs from the interrupted run's")
+    if old_status.get("state") == "completed":
+        raise ConfigError("resume: that run completed")
+    shutil.copyfile(old / "ledger.jsonl", out / "ledger.jsonl")
+    return run_id
+
+
+def _node_heads(path: Path) -> dict[str, str]:
+    """Each node's last entry in a carried-over run ledger."""
+    from fedcollab.privacy.accounting import parse_lines
+
+    return {str(ln.entry["party"]): ln.hash for ln in parse_lines(path.read_bytes()) if ln.entry.get("party") != "coordinator"}
 
 
 def _build_app() -> Any:

@@ -20,6 +20,8 @@ the coordinator's one exchange helper (:class:`~fedcollab.coordinator._exchange.
 
 from __future__ import annotations
 
+import json
+
 from collections.abc import Callable
 from typing import Any
 
@@ -43,8 +45,13 @@ class _Failures:
         self.failures: dict[str, list[int]] = {}
 
 
-def run_vertical(spec: Spec, grid: Any, *, ledger: RunLedger, timeout: float, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Run a vertical spec through ``grid``; returns the run's outcome (the label holder's report and each party's model part)."""
+def run_vertical(spec: Spec, grid: Any, *, ledger: RunLedger, timeout: float, on_step: Callable[[int], None] | None = None,
+                 resume: bool = False) -> dict[str, Any]:
+    """Run a vertical spec through ``grid``; returns the run's outcome (the label holder's report and each party's model part).
+
+    ``resume``: the run (``ledger.run_id``) was interrupted; every node goes on from its own
+    checkpoint of it (the hello says so; no PSI runs again).
+    """
     from flwr.app import MessageType
 
     v = spec.vertical
@@ -73,7 +80,9 @@ def run_vertical(spec: Spec, grid: Any, *, ledger: RunLedger, timeout: float, on
 
     # --- hello: every connected node; the spec's partners name themselves, other collaborations' nodes are left alone
     node_ids = wait_for_nodes(grid, len(names), timeout)
-    got, failed = link.broadcast(0, MessageType.QUERY, cfg("hello"), node_ids, strangers=True)
+    # A resumed run's hello names the run ledger's last entry of each party: each node returns what came after it.
+    again = {"vertical.resume": True, "vertical.heads": json.dumps(dict(ledger.heads))} if resume else {}
+    got, failed = link.broadcast(0, MessageType.QUERY, cfg("hello", **again), node_ids, strangers=True)
     stop_on(failed)
     adverts: dict[str, dict[str, bytes]] = {}
     for name, m in got.items():
@@ -120,7 +129,7 @@ def run_vertical(spec: Spec, grid: Any, *, ledger: RunLedger, timeout: float, on
     send({p: {RecordKey.CONFIG: {"fedcollab.kind": str(MessageKind.CLOSE), "fedcollab.run_id": ledger.run_id, "close": close.decode()}}
           for p in names})
     return {"layout": "vertical", "label_holder": active, "passive_parties": [n for n in names if n != active], "steps": step + 1,
-            "relayed_bytes": relayed, "model_parts": parts, **report}
+            "relayed_bytes": relayed, "model_parts": parts, **({"resumed": True} if resume else {}), **report}
 
 
 def _records(m: Any, key: str) -> dict[str, bytes]:

@@ -19,6 +19,14 @@ columns) and where the run stands (a stage out of order is refused with ``OUT_OF
    staying there, or ``vertical/<run>/weights.json`` for vertical logistic regression);
 4. ``close``: the node countersigns the coordinator's close and forgets the run.
 
+Resume: after every tree (iteration) but the last, each node writes its own state of the run in
+its folder (``vertical/<run>/checkpoint.json``: its aligned rows and their ids' digest; the label
+holder's trees and margins or weights; a passive party's lookup table or weights). A ``hello``
+with ``vertical.resume`` (``submit --resume``) starts the run again from that checkpoint, with no
+PSI: only the releases after it are preflighted, and the label holder's ``ResumeRows`` opening
+must name the rows of each passive party's own checkpoint. The checkpoint is removed when the
+node writes its part of the model.
+
 The coordinator relays sealed bytes only. Every release is checked and recorded by the node's
 budget gate before the message carrying it leaves; the new ledger lines travel with the reply.
 Per-run state lives in memory: the deployment executor is one long-lived process.
@@ -42,6 +50,8 @@ log = get_logger("node.vertical")
 
 KIND = "vertical"
 STAGES = ("hello", "keys", "step")
+#: A node's checkpoint of a vertical run, in its folder: ``vertical/<run>/checkpoint.json`` (the same format as a simulated party's).
+CHECKPOINT_FORMAT = "fedcollab-vertical-checkpoint-v1"
 SEAL_KIND = "vertical"  # the message kind bound into every sealed message's associated data
 
 
@@ -77,6 +87,7 @@ class _Run:
     key: Any  # SealKey
     channels: dict[str, Any] = field(default_factory=dict)
     engine: Any = None  # the label holder's generator, or the passive party's PassiveParty
+    resume: dict[str, Any] | None = None  # the body of its checkpoint, when the run resumes
     lines: list[str] = field(default_factory=list)  # ledger lines recorded while answering the current message
     done: bool = False
     result: dict[str, Any] | None = None
@@ -123,9 +134,13 @@ class VerticalNode:
         self.check(run_id)
         run = self.runs.get(run_id)
         if stage == "hello":
-            if run is not None:
+            resume = bool(cfg.get("vertical.resume", False))
+            if run is not None and not resume:
                 self.refuse(run_id, NodeErrorCode.OUT_OF_ORDER, "a second hello in the same vertical run")
-            return self._hello(run_id), []
+            # A resumed run starts again from this node's checkpoint on disk, whatever it still held in memory
+            # (the coordinator restarted while this node ran on): the steps after it are executed, and charged, again.
+            heads = json.loads(str(cfg.get("vertical.heads", "{}"))) if resume else {}
+            return self._hello(run_id, resume=resume), self._unsent(run_id, heads.get(self.partner) if isinstance(heads, dict) else None)
         if run is None or (stage == "keys") != (run.engine is None) or run.done:
             self.refuse(run_id, NodeErrorCode.OUT_OF_ORDER, f"vertical stage {stage!r} out of order")
         assert run is not None
@@ -147,28 +162,84 @@ class VerticalNode:
 
         return record
 
-    def _hello(self, run_id: str) -> dict[str, Any]:
+    # --- checkpoints: this node's own state of a run, in its own folder ------------------------
+    def _checkpoint_path(self, run_id: str) -> Path:
+        if not run_id.replace("-", "").isalnum():
+            raise ProtocolError("vertical: a run id must be letters, digits and dashes")
+        return self.home.root / "vertical" / run_id / "checkpoint.json"
+
+    def _spec_digest(self) -> str:
+        return hashlib.sha256(self.spec.model_dump_json(by_alias=True).encode()).hexdigest()
+
+    def _checkpointer(self, run_id: str) -> Any:
+        from fedcollab.node._home import _write_atomic
+
+        path = self._checkpoint_path(run_id)
+
+        def write(done: int, body: dict[str, Any]) -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            doc = {"format": CHECKPOINT_FORMAT, "run_id": run_id, "party": self.partner, "spec_sha256": self._spec_digest(), "done": int(done), **body}
+            _write_atomic(path, json.dumps(doc))
+
+        return write
+
+    def _read_checkpoint(self, run_id: str) -> dict[str, Any]:
+        """Its checkpoint of ``run_id`` (a resumed run), refused with a code if absent or not this run's, party's or spec's."""
+        path = self._checkpoint_path(run_id)
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            self.refuse(run_id, NodeErrorCode.BAD_REQUEST, "a resumed vertical run without this node's checkpoint of it")
+        want = {"format": CHECKPOINT_FORMAT, "run_id": run_id, "party": self.partner, "spec_sha256": self._spec_digest()}
+        done = doc.get("done") if isinstance(doc, dict) else None
+        if not isinstance(doc, dict) or any(doc.get(k) != v for k, v in want.items()) or isinstance(done, bool) or not isinstance(done, int) or done < 1:
+            self.refuse(run_id, NodeErrorCode.BAD_REQUEST, "the node's checkpoint is not of this run, party and spec")
+        return doc
+
+    def _unsent(self, run_id: str, head: object) -> list[str]:
+        """This node's entries of ``run_id`` after ``head`` (the run ledger's last of them): those whose reply an interruption lost.
+
+        Only the contiguous entries of this run right after the head (the run ledger must keep the
+        node's chain unbroken); none when the head is not in this node's ledger.
+        """
+        lines = [ln for ln in self.gate.ledger.lines() if ln.entry.get("party") == self.partner]
+        if head is None:
+            start = next((i for i, ln in enumerate(lines) if ln.entry.get("run_id") == run_id), len(lines))
+        else:
+            start = next((i + 1 for i, ln in enumerate(lines) if ln.hash == head), len(lines))
+        out = []
+        for ln in lines[start:]:
+            if ln.entry.get("run_id") != run_id:
+                break
+            out.append(ln.raw.decode())
+        return out
+
+    def _hello(self, run_id: str, *, resume: bool = False) -> dict[str, Any]:
         from fedcollab.crypto import SealKey
 
         pol = self.gate.policy
+        doc = self._read_checkpoint(run_id) if resume else None
         runs = psi_runs_joined(self.gate)
-        if runs >= pol.vertical.max_psi_runs:
+        if doc is None and runs >= pol.vertical.max_psi_runs:  # a resumed run runs no PSI
             self.refuse(run_id, NodeErrorCode.POLICY_REFUSED,
                         f"the node already joined {runs} PSI run(s) on this dataset; its policy allows {pol.vertical.max_psi_runs}")
-        # The whole run's planned noisy releases against what is left of the budget, before the PSI spends anything.
+        # The whole run's planned noisy releases against what is left of the budget, before the PSI spends anything
+        # (a resumed run: those after its checkpoint; a passive party's may be a step ahead of the label holder's).
         from fedcollab.node._client import refuse_over_budget
         from fedcollab.protocols.vertical import planned_releases
 
+        after = 0 if doc is None else int(doc["done"]) - (0 if self.partner == self.active else 1)
         try:
-            refuse_over_budget(self.gate, planned_releases(self.spec, self.partner), run_id=run_id, partner=self.partner)
+            refuse_over_budget(self.gate, planned_releases(self.spec, self.partner, after=after), run_id=run_id, partner=self.partner)
         except BudgetExhausted:
             raise NodeCoded(NodeErrorCode.BUDGET_EXHAUSTED) from None
         if len(self.runs) >= 8:
             self.runs.pop(next(iter(self.runs)))  # abandoned runs do not pile up
+        self.runs.pop(run_id, None)
         key = SealKey.generate(run_id, self.partner)
-        self.runs[run_id] = _Run(role="active" if self.partner == self.active else "passive", key=key)
+        self.runs[run_id] = _Run(role="active" if self.partner == self.active else "passive", key=key, resume=doc)
         adv = key.advert(self.home.key())
-        return {RecordKey.INFO: {"partner": self.partner, "role": self.runs[run_id].role},
+        return {RecordKey.INFO: {"partner": self.partner, "role": self.runs[run_id].role, **({"resume_after": int(doc["done"])} if doc else {})},
                 KIND: {"public": adv.public, "signature": adv.signature}}
 
     def _keys(self, run_id: str, run: _Run, records: Any) -> dict[str, Any]:
@@ -190,15 +261,17 @@ class VerticalNode:
         record = self._record(run_id, run)
         # The node's own noise generator (flooding, DP), seeded from the OS CSPRNG for this run.
         rng = np.random.default_rng(np.random.SeedSequence(entropy=int.from_bytes(os.urandom(32), "big")))
+        ck = {"checkpoint": self._checkpointer(run_id), "resume": run.resume}
         if run.role == "active":
             if self.spec.model.kind == "logistic_regression":
                 run.engine = active_lr_protocol(self.spec, data, self.passives, run_id=run_id, record=record, rng=rng,
-                                                min_intersection=pol.min_intersection)
+                                                min_intersection=pol.min_intersection, **ck)
             else:
-                run.engine = active_protocol(self.spec, data, self.passives, run_id=run_id, record=record, min_intersection=pol.min_intersection)
+                run.engine = active_protocol(self.spec, data, self.passives, run_id=run_id, record=record, min_intersection=pol.min_intersection,
+                                             **ck)
             return self._outbox(run, next(run.engine))
         run.engine = passive_party(self.spec, data, active=self.active, run_id=run_id, record=record, rng=rng,
-                                   min_intersection=pol.min_intersection, min_node_rows=pol.min_node_rows)
+                                   min_intersection=pol.min_intersection, min_node_rows=pol.min_node_rows, **ck)
         return {KIND: {"ready": True}}
 
     def _outbox(self, run: _Run, outbox: dict[str, tuple[object, ...]]) -> dict[str, Any]:
@@ -234,6 +307,7 @@ class VerticalNode:
         out = self._outbox(run, {self.active: replies})
         if run.engine.finished:
             out[RecordKey.INFO] = self._write_part(run_id, *run.engine.document())  # lookup.json (its thresholds) or weights.json
+            self._checkpoint_path(run_id).unlink(missing_ok=True)
             run.done = True
         return out
 
@@ -249,6 +323,7 @@ class VerticalNode:
         info.update(intersection=result.intersection, n_train=result.n_train, n_test=result.n_test, test_accuracy=result.test_accuracy)
         if np.isfinite(result.test_auc):
             info["test_auc"] = result.test_auc
+        self._checkpoint_path(run_id).unlink(missing_ok=True)
         run.done = True
         return {RecordKey.INFO: info, KIND: {"done": True}}
 
@@ -324,9 +399,11 @@ def make_vertical_client_app(spec: Any, homes: dict[str, str], roster: dict[str,
         stage = str(cfg.get("vertical.stage", ""))
         if kind != KIND or stage not in STAGES:
             node.refuse(run_id, NodeErrorCode.BAD_REQUEST, f"not a vertical message (kind {kind!r}, stage {stage!r})")
-        out, _ = node.answer(stage, run_id, cfg, msg.content.config_records)
+        out, lines = node.answer(stage, run_id, cfg, msg.content.config_records)
+        # A resumed run's hello also carries the entries an interruption kept from the run ledger (older than any new one).
+        carried = lines if stage == "hello" else []
         content = RecordDict({k: ConfigRecord(v) for k, v in out.items()})
-        content[RecordKey.RELEASES] = ConfigRecord({"lines": json.dumps(_new_lines(node, start))})
+        content[RecordKey.RELEASES] = ConfigRecord({"lines": json.dumps(carried + _new_lines(node, start))})
         return Message(content=content, reply_to=msg)
 
     # train and evaluate are not vertical messages: refused with a code (through the same shell).

@@ -22,7 +22,7 @@ from fedcollab.coordinator._vertical import run_vertical
 from fedcollab.core import NodeError, NodeErrorCode
 from fedcollab.node import NodeHome, init_node_home
 from fedcollab.node._vertical import make_vertical_client_app
-from fedcollab.privacy.accounting import public_key_hex
+from fedcollab.privacy.accounting import parse_lines, public_key_hex
 from fedcollab.protocols.wire import RecordKey
 from fedcollab.spec import NodePolicy, Roster, RosterEntry, VerticalPolicy, load_spec
 from tests.conftest import ROOT, three_party_vertical_spec
@@ -57,7 +57,14 @@ class Grid:
         self.nodes = {i + 1: (app, Context(run_id=1, node_id=i + 1, node_config={"partner": n}, state=RecordDict(), run_config={}))
                       for i, n in enumerate(parties)}
         self.tamper = tamper  # (node id, message) -> message: what a hostile coordinator changes on the way
+        self.lose = None  # () -> bool: lose the reply just answered (the coordinator stops)
         self.sent: list[Message] = []
+
+    def restart(self, spec) -> None:
+        """Every node process starts again on its own folder (its in-memory runs are gone, its files stay)."""
+        app = make_vertical_client_app(spec, {n: str(h.root) for n, h in self.homes.items()}, self.roster)
+        self.nodes = {nid: (app, Context(run_id=2, node_id=nid, node_config=dict(ctx.node_config), state=RecordDict(), run_config={}))
+                      for nid, (_, ctx) in self.nodes.items()}
 
     def get_node_ids(self):
         return list(self.nodes)
@@ -70,6 +77,8 @@ class Grid:
             msg = self.tamper(nid, msg)
         app, ctx = self.nodes[nid]
         reply = app(msg, ctx)
+        if self.lose is not None and self.lose():
+            raise KeyboardInterrupt  # the coordinator dies with the node's reply (and the ledger lines in it) unread
         self.sent.append(reply)
         return reply
 
@@ -329,3 +338,113 @@ def test_a_plan_over_the_budget_is_refused_at_hello(tmp_path):
     new = _entries(grid.homes["lab"])[before:]
     assert [e["kind"] for e in new] == ["refusal"] and "plan needs epsilon 2" in new[0]["body"]["reason"]
     assert not [e for e in _entries(grid.homes["clinic"]) if e["kind"] == "release"]
+
+
+def _interrupted(spec, grid, ledger_path, run_id, *, restart: bool = True, lose_reply: bool = False):
+    """Run until the label holder's first checkpoint exists, then stop the coordinator (Ctrl-C); restart every node
+    (or, with ``restart=False``, leave them running with the run still in memory, as when only the coordinator restarts).
+    ``lose_reply``: the coordinator stops with the next node reply unread (its ledger lines missing from the run ledger)."""
+    ledger = RunLedger(ledger_path, key=grid.key, roster=grid.ledger_run_roster(), run_id=run_id)
+    ck = grid.homes["clinic"].root / "vertical" / run_id / "checkpoint.json"
+    seen = [0]
+
+    def stop(step: int) -> None:
+        if ck.exists():
+            raise KeyboardInterrupt
+
+    def lose() -> bool:
+        seen[0] += ck.exists()
+        return seen[0] >= 2  # the reply after the one that made the checkpoint
+
+    if lose_reply:
+        grid.lose = lose
+    with pytest.raises(KeyboardInterrupt):
+        run_vertical(spec, grid, ledger=ledger, timeout=30, on_step=None if lose_reply else stop)
+    grid.lose = None
+    if restart:
+        grid.restart(spec)
+    done = {p: json.loads((h.root / "vertical" / run_id / "checkpoint.json").read_text())["done"] for p, h in grid.homes.items()}
+    resumed = RunLedger(ledger_path, key=grid.key, roster=grid.ledger_run_roster(), run_id=run_id)
+    resumed.heads.update({e["party"]: ln.hash for ln in parse_lines(ledger_path.read_bytes()) if (e := ln.entry)["party"] != "coordinator"})
+    return resumed, done
+
+
+def test_a_deployed_secureboost_run_resumes_from_each_nodes_checkpoint(tmp_path):
+    """Interrupted in tree 1 of 3, the restarted nodes go on from their own checkpoints: no second PSI, the
+    re-executed level charged again, the model of an uninterrupted run, the ledger verifies."""
+    spec = _spec(tmp_path, trees=3, depth=2)
+    whole_grid = Grid(spec, tmp_path / "whole")
+    whole = run_vertical(spec, whole_grid, ledger=RunLedger(tmp_path / "whole.jsonl", key=whole_grid.key, roster=whole_grid.ledger_run_roster(),
+                                                            run_id="run-whole"), timeout=30)
+    # A node without a checkpoint of the run refuses to resume it, with a recorded code.
+    with pytest.raises(NodeError):
+        run_vertical(spec, whole_grid, ledger=RunLedger(tmp_path / "other.jsonl", key=whole_grid.key, roster=whole_grid.ledger_run_roster(),
+                                                        run_id="run-other"), timeout=30, resume=True)
+    assert _entries(whole_grid.homes["clinic"])[-1]["kind"] == "refusal"
+    grid = Grid(spec, tmp_path / "cut")
+    ledger, done = _interrupted(spec, grid, tmp_path / "ledger.jsonl", "run-cut")
+    assert done == {"clinic": 1, "lab": 1}
+    lab_ck = json.loads((grid.homes["lab"].root / "vertical" / "run-cut" / "checkpoint.json").read_text())
+    assert "lookup" in lab_ck and "margin" not in lab_ck and all(e["tree"] == 0 for e in lab_ck["lookup"]["entries"])
+    out = run_vertical(spec, grid, ledger=ledger, timeout=30, resume=True)
+    assert out["resumed"] is True and out["trees"] == 3 and out["intersection"] == whole["intersection"]
+    assert out["test_auc"] == pytest.approx(whole["test_auc"], abs=1e-9) and out["passive_splits"] == whole["passive_splits"]
+    for party in ("clinic", "lab"):
+        assert not (grid.homes[party].root / "vertical" / "run-cut" / "checkpoint.json").exists()
+        rel = [e["body"]["release"] for e in _entries(grid.homes[party]) if e["kind"] == "release" and e["run_id"] == "run-cut"]
+        assert sum(1 for r in rel if r["kind"] == "psi_intersection") == 1, party
+    lab = [e["body"]["release"] for e in _entries(grid.homes["lab"]) if e["kind"] == "release" and e["run_id"] == "run-cut"]
+    levels = sorted((r["details"]["tree"], r["details"]["level"]) for r in lab if r["kind"] == "vertical_histogram")
+    assert levels == [(0, 0), (0, 1), (1, 0), (1, 0), (1, 1), (2, 0), (2, 1)], "tree 1's first level ran before the stop and again after"
+    mine = json.loads((grid.homes["clinic"].root / out["model_parts"]["clinic"]["model_part"]).read_text())
+    ref = json.loads((whole_grid.homes["clinic"].root / whole["model_parts"]["clinic"]["model_part"]).read_text())
+    shape = [[(n["left"], n["right"], n["owner"], n["feature"], n["bin_index"]) for n in t] for t in mine["trees"]]
+    assert shape == [[(n["left"], n["right"], n["owner"], n["feature"], n["bin_index"]) for n in t] for t in ref["trees"]]
+    assert int(verify_ledger(tmp_path / "ledger.jsonl", grid.ledger_run_roster()).exit_code) == 0
+
+
+def test_a_deployed_vertical_lr_run_resumes_from_each_nodes_checkpoint(tmp_path):
+    """Vertical LR stopped after its first iteration: the nodes resume at iteration 1, every gradient released once per iteration."""
+    spec = load_spec(ROOT / "specs" / "heart-disease-vertical-lr.toml")
+    spec = spec.model_copy(update={"training": spec.training.model_copy(update={"rounds": 6})})
+    grid = Grid(spec, tmp_path, kinds=("logistic_regression",))
+    ledger, done = _interrupted(spec, grid, tmp_path / "ledger.jsonl", "run-lr-cut", restart=False, lose_reply=True)
+    assert done == {"clinic": 1, "lab": 1}
+    lost = [e for e in _entries(grid.homes["lab"]) if e["run_id"] == "run-lr-cut" and e["kind"] == "release"][-1]
+    assert lost["body"]["release"]["details"]["iteration"] == 1, "the lab's gradient release of iteration 1 left in the lost reply"
+    run_ledger = [json.loads(x) for x in (tmp_path / "ledger.jsonl").read_text().splitlines()]
+    assert not [e for e in run_ledger if e["party"] == "lab" and e["seq"] == lost["seq"]], "the run ledger lacks it"
+    lab_ck = json.loads((grid.homes["lab"].root / "vertical" / "run-lr-cut" / "checkpoint.json").read_text())
+    assert {"weights", "previous", "rows", "ids_sha256"} <= set(lab_ck)
+    out = run_vertical(spec, grid, ledger=ledger, timeout=30, resume=True)
+    assert out["iterations"] == 6 and out["test_auc"] > 0.75 and out["steps"] == 1 + 2 * 5  # no PSI step: the opening, then two a remaining iteration
+    for party in ("clinic", "lab"):
+        rel = [e["body"]["release"] for e in _entries(grid.homes[party]) if e["kind"] == "release" and e["run_id"] == "run-lr-cut"]
+        its = sorted(r["details"]["iteration"] for r in rel if r["kind"] == "vertical_gradient")
+        # The lab's release of iteration 1 (in the lost reply) is made again after the resume: charged twice, lost never.
+        assert its == (list(range(6)) if party == "clinic" else [0, 1, 1, 2, 3, 4, 5]), (party, its)
+        assert sum(1 for r in rel if r["kind"] == "psi_intersection") == 1
+    assert int(verify_ledger(tmp_path / "ledger.jsonl", grid.ledger_run_roster()).exit_code) == 0
+
+
+def test_a_coordinator_cannot_resume_one_party_and_start_another_afresh(tmp_path):
+    """The label holder resumes from its checkpoint; the lab is told to start a new run: it refuses the resume notice (recorded, coded)."""
+    spec = _spec(tmp_path, trees=3, depth=2)
+    grid = Grid(spec, tmp_path / "cut")
+    ledger, _ = _interrupted(spec, grid, tmp_path / "ledger.jsonl", "run-mix")
+    lab_id = next(nid for nid, (_, ctx) in grid.nodes.items() if ctx.node_config["partner"] == "lab")
+
+    def fresh_lab(nid, msg):
+        cfg = msg.content.config_records.get(RecordKey.CONFIG)
+        if nid == lab_id and cfg is not None and "vertical.resume" in cfg:
+            cfg = ConfigRecord({k: v for k, v in cfg.items() if k != "vertical.resume"})
+            msg.content[RecordKey.CONFIG] = cfg
+        return msg
+
+    grid.tamper = fresh_lab
+    with pytest.raises(NodeError) as err:
+        run_vertical(spec, grid, ledger=ledger, timeout=30, resume=True)
+    assert err.value.codes == {"lab": int(NodeErrorCode.BAD_REQUEST)}
+    last = _entries(grid.homes["lab"])[-1]
+    assert last["kind"] == "refusal" and last["body"]["reason"] == "vertical step: ProtocolError"  # the class, never the text
+    assert (grid.homes["lab"].root / "vertical" / "run-mix" / "checkpoint.json").exists(), "the lab's checkpoint is kept"

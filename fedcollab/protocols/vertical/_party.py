@@ -25,6 +25,7 @@ then send) *before* the message carrying it is returned. Messages cross the coor
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -212,6 +213,19 @@ class CommonRows:
 
 @register
 @dataclass(frozen=True)
+class ResumeRows:
+    """Label holder -> passive party, opening a resumed run instead of the PSI: go on after ``done`` trees (iterations) on your checkpoint's rows.
+
+    ``ids_sha256`` is the digest of the common ids in the run's order (:func:`aligned_ids_digest`):
+    the passive party refuses unless its own checkpoint's rows give the same.
+    """
+
+    done: int
+    ids_sha256: str
+
+
+@register
+@dataclass(frozen=True)
 class PredictRequest:
     """Label holder -> passive party, once, after training: decide your splits on the test rows (the run's last message)."""
 
@@ -266,6 +280,44 @@ class _Aligned:
     train: np.ndarray
     test: np.ndarray
     opening: Outbox  # the last PSI's notice and every party's common rows: the first exchange of training
+    resumed: bool = False  # from the label holder's checkpoint: the opening is a ResumeRows to each passive party
+
+
+#: Called by a party's run with the body of its checkpoint and the trees (iterations) it covers; the node writes it.
+Checkpointer = Callable[[int, dict[str, object]], None]
+
+
+def aligned_ids_digest(ids: Sequence[str]) -> str:
+    """SHA-256 of the common ids in the run's order: the same at every party of one alignment."""
+    return hashlib.sha256("\x00".join(ids).encode()).hexdigest()
+
+
+def _rows_body(data: VerticalPartyData, rows: np.ndarray) -> dict[str, object]:
+    return {"rows": [int(i) for i in rows], "ids_sha256": aligned_ids_digest([data.ids[int(i)] for i in rows])}
+
+
+def checkpoint_rows(data: VerticalPartyData, doc: Mapping[str, object]) -> np.ndarray:
+    """A party's aligned rows from its own checkpoint, refused unless its file still has those ids."""
+    try:
+        rows = np.asarray(doc["rows"], dtype=np.int64)
+    except (KeyError, TypeError, ValueError):
+        raise ProtocolError("vertical resume: the checkpoint's `rows` must be a list of row numbers") from None
+    if rows.ndim != 1 or rows.size == 0 or rows.min() < 0 or rows.max() >= len(data.ids) or np.unique(rows).size != rows.size:
+        raise ProtocolError(f"vertical resume: the checkpoint's `rows` must be distinct row numbers of the party's {len(data.ids)} records")
+    if aligned_ids_digest([data.ids[int(i)] for i in rows]) != doc.get("ids_sha256"):
+        raise ProtocolError("vertical resume: the party's data changed since the checkpoint (its aligned ids differ)")
+    return rows
+
+
+def _resumed(spec: Spec, data: VerticalPartyData, passives: Sequence[str], doc: Mapping[str, object]) -> tuple[_Aligned, int]:
+    """The label holder's alignment from its checkpoint (no PSI) and the opening that tells each passive party where to go on."""
+    sel = checkpoint_rows(data, doc)
+    done = doc.get("done")
+    if isinstance(done, bool) or not isinstance(done, int) or done < 1:
+        raise ProtocolError(f"vertical resume: the checkpoint's `done` must be an int >= 1, got {done!r}")
+    train, test = spec_split(spec, [data.ids[i] for i in sel])
+    notice = ResumeRows(done=done, ids_sha256=str(doc["ids_sha256"]))
+    return _Aligned(sel=sel, train=train, test=test, opening={p: (notice,) for p in passives}, resumed=True), done
 
 
 def _align(spec: Spec, data: VerticalPartyData, passives: Sequence[str], *, run_id: str, record: Recorder,
@@ -309,12 +361,12 @@ def _align(spec: Spec, data: VerticalPartyData, passives: Sequence[str], *, run_
     return _Aligned(sel=sel, train=train, test=test, opening=opening)
 
 
-def _opened(inbox: Mapping[str, Sequence[object]], passives: Sequence[str]) -> dict[str, tuple[object, ...]]:
-    """Each party's replies to the opening exchange, the last PSI party's acknowledgement taken off."""
+def _opened(inbox: Mapping[str, Sequence[object]], passives: Sequence[str], *, resumed: bool = False) -> dict[str, tuple[object, ...]]:
+    """Each party's replies to the opening exchange, the last PSI party's acknowledgement taken off (none in a resumed run)."""
     out = {}
     for p in passives:
         got = tuple(inbox.get(p, ()))
-        if p == passives[-1]:
+        if p == passives[-1] and not resumed:
             _only({p: got[:1]}, p, Ack)
             got = got[1:]
         out[p] = got
@@ -333,20 +385,39 @@ def release_test_metrics(party: str, y: np.ndarray, prob: np.ndarray, *, round_:
 
 def active_protocol(spec: Spec, data: VerticalPartyData, passives: Sequence[str], *, run_id: str, record: Recorder,
                     min_intersection: int = 1, params: TreeParams | None = None,
-                    on_tree: Callable[[int], None] | None = None) -> Generator[Outbox, Mapping[str, Sequence[object]], ActiveResult]:
-    """The label holder's SecureBoost run (see the module docstring); ``min_intersection``: its policy's minimum."""
+                    on_tree: Callable[[int], None] | None = None, checkpoint: Checkpointer | None = None,
+                    resume: Mapping[str, object] | None = None) -> Generator[Outbox, Mapping[str, Sequence[object]], ActiveResult]:
+    """The label holder's SecureBoost run (see the module docstring); ``min_intersection``: its policy's minimum.
+
+    ``checkpoint(done, body)`` receives its state once every passive party has answered the first
+    level of tree ``done`` (so no passive checkpoint is older than the label holder's); ``resume``
+    (the body of its last checkpoint) opens with :class:`ResumeRows` instead of the PSI and grows
+    the trees after ``done``.
+    """
     v = spec.vertical
     if v is None or data.y is None or not passives:
         raise ProtocolError("vertical: the label holder's run needs a vertical spec, its labels and at least one passive party")
     params = params or tree_params(spec)
-    al = yield from _align(spec, data, passives, run_id=run_id, record=record, min_intersection=min_intersection)
+    if resume is not None:
+        al, first = _resumed(spec, data, passives, resume)
+        before = model_from_document(resume.get("model"), what="the label holder's checkpoint: model")  # type: ignore[arg-type]
+        if len(before.trees) != first or first >= params.n_trees:
+            raise ProtocolError(f"vertical resume: the checkpoint holds {len(before.trees)} tree(s) for done = {first} of {params.n_trees}")
+    else:
+        al = yield from _align(spec, data, passives, run_id=run_id, record=record, min_intersection=min_intersection)
+        first, before = 0, None
     train, test = al.train, al.test
     inbox = yield al.opening
-    opened = _opened(inbox, passives)
+    opened = _opened(inbox, passives, resumed=al.resumed)
     adverts = [_only(opened, p, PassiveAdvert) for p in passives]
     xa, y = data.x[al.sel], data.y[al.sel]
     lay_a = active_layout(spec, data, params)
     state = active_init(data.partner, xa[train], y[train], lay_a, base_score=params.base_score)
+    if before is not None:
+        margin = np.asarray(resume.get("margin"), dtype=np.float64)  # type: ignore[union-attr]
+        if margin.shape != state.margin.shape or not np.isfinite(margin).all():
+            raise ProtocolError(f"vertical resume: the checkpoint's margins must be {len(state.margin)} finite values, got shape {margin.shape}")
+        state = dataclasses.replace(state, margin=margin)
     plans = None
     if spec.privacy.mode == "record":
         assert spec.privacy.target_epsilon is not None and spec.privacy.delta is not None
@@ -354,11 +425,12 @@ def active_protocol(spec: Spec, data: VerticalPartyData, passives: Sequence[str]
                                   delta=spec.privacy.delta) for ad in adverts]
     state, bundle = active_keys(state, adverts, plan=plans)  # type: ignore[arg-type]
     pending: dict[str, list[object]] = {p: [bundle] for p in passives}
-    trees: list[VerticalTree] = []
-    for t in range(params.n_trees):
+    trees: list[VerticalTree] = list(before.trees) if before is not None else []
+    for t in range(first, params.n_trees):
         grow, grads = active_begin_tree(state, t, plan=plans)
         for p in passives:
             pending[p].append(grads)
+        saved = t == first or checkpoint is None  # tree `first`'s state is the run's start (or the checkpoint it resumed)
         while True:
             grow, query = active_query(grow, params)
             if query is None:
@@ -370,6 +442,10 @@ def active_protocol(spec: Spec, data: VerticalPartyData, passives: Sequence[str]
             inbox = yield {p: tuple(pending[p]) for p in passives}
             pending = {p: [] for p in passives}
             sums = [_only(inbox, p, EncryptedBinSums) for p in passives]
+            if not saved and checkpoint is not None:
+                part = VerticalModel(trees=tuple(trees), base_score=params.base_score, active_features=lay_a.feature_names)
+                checkpoint(t, {**_rows_body(data, al.sel), "model": model_document(part), "margin": [float(m) for m in state.margin]})
+                saved = True
             grow, splits = active_bin_sums(state, grow, sums, params)  # type: ignore[arg-type]
             if splits:
                 inbox = yield {passives[k - 1]: (msg,) for k, msg in splits.items()}
@@ -489,7 +565,8 @@ class ActiveLrResult:
 
 def active_lr_protocol(spec: Spec, data: VerticalPartyData, passives: Sequence[str], *, run_id: str, record: Recorder,
                        rng: np.random.Generator | None, min_intersection: int = 1,
-                       on_iteration: Callable[[int], None] | None = None) -> Generator[Outbox, Mapping[str, Sequence[object]], ActiveLrResult]:
+                       on_iteration: Callable[[int], None] | None = None, checkpoint: Checkpointer | None = None,
+                       resume: Mapping[str, object] | None = None) -> Generator[Outbox, Mapping[str, Sequence[object]], ActiveLrResult]:
     """The label holder's vertical logistic regression run, in the same outbox/inbox form as :func:`active_protocol`.
 
     PSI and the split as for SecureBoost; then the key adverts ride with the common rows, and each
@@ -503,16 +580,30 @@ def active_lr_protocol(spec: Spec, data: VerticalPartyData, passives: Sequence[s
         raise ProtocolError("vertical-lr: the label holder's run needs a vertical spec, its labels and exactly one passive party")
     (p,) = passives
     params, plan = lr_setup(spec)
-    al = yield from _align(spec, data, passives, run_id=run_id, record=record, min_intersection=min_intersection)
+    if resume is not None:
+        al, first = _resumed(spec, data, passives, resume)
+        if first >= params.iterations:
+            raise ProtocolError(f"vertical resume: the checkpoint's done = {first} leaves none of the {params.iterations} iterations")
+    else:
+        al = yield from _align(spec, data, passives, run_id=run_id, record=record, min_intersection=min_intersection)
+        first = 0
     xa, y = scale_to_unit(spec, data, data.x[al.sel]), data.y[al.sel]
     state, advert = active_lr_init(data.partner, xa[al.train], y[al.train], params=params, plan=plan)
+    if resume is not None:
+        w = np.asarray(resume.get("weights"), dtype=np.float64)
+        if w.shape != state.w.shape or not np.isfinite(w).all():
+            raise ProtocolError(f"vertical resume: the checkpoint's weights must be {len(state.w)} finite values, got shape {w.shape}")
+        state = dataclasses.replace(state, w=w, iteration=first)
     inbox = yield {p: al.opening[p] + (advert,)}
-    got = _opened(inbox, passives)[p]
+    got = _opened(inbox, passives, resumed=al.resumed)[p]
     if len(got) != 2 or not isinstance(got[0], LrKeyAdvert) or not isinstance(got[1], EncryptedLogits):
         raise ProtocolError(f"vertical-lr: expected {p!r}'s key advert and first encrypted logits, got {[type(m).__name__ for m in got]}")
     state = active_lr_keys(state, got[0])
     logits = got[1]
-    for it in range(params.iterations):
+    for it in range(first, params.iterations):
+        if it > first and checkpoint is not None:
+            # The passive party's logits of this iteration say it applied the last answer (and checkpointed it).
+            checkpoint(it, {**_rows_body(data, al.sel), "weights": [float(x) for x in state.w]})
         state, query = active_lr_residual(state, logits, rng=rng)
         inbox = yield {p: (query,)}
         state, answer, event = active_lr_gradient(state, _only(inbox, p, GradientExchange), rng=rng)  # type: ignore[arg-type]
@@ -538,10 +629,13 @@ class _PassiveAligned:
     """What every passive party does first: its PSI with the label holder, then the common rows (any vertical model)."""
 
     def __init__(self, spec: Spec, data: VerticalPartyData, *, active: str, run_id: str, record: Recorder,
-                 rng: np.random.Generator | None, min_intersection: int = 1) -> None:
+                 rng: np.random.Generator | None, min_intersection: int = 1, checkpoint: Checkpointer | None = None,
+                 resume: Mapping[str, object] | None = None) -> None:
         if spec.vertical is None:
             raise ProtocolError("vertical: a passive party needs a vertical spec")
         self.spec, self.data, self.active, self.run_id, self.record, self.rng = spec, data, active, run_id, record, rng
+        self.checkpoint, self._resume = checkpoint, resume
+        self._rows: np.ndarray | None = None  # its rows of the common records, in the run's order
         self.min_intersection = max(int(min_intersection), spec.vertical.min_intersection)
         self._psi: psi.PassiveState | None = None
         self._psi_rows: np.ndarray | None = None
@@ -554,9 +648,11 @@ class _PassiveAligned:
         """Answer one message from the label holder."""
         if self.finished:
             raise ProtocolError("vertical: the run is finished; no more messages are answered")
+        if isinstance(msg, ResumeRows):
+            return (self._resumed(msg),)
         if isinstance(msg, psi.BlindedSet):
-            if self._psi is not None:
-                raise ProtocolError("vertical: the PSI already ran in this run; a second one is refused")
+            if self._psi is not None or self._resume is not None:
+                raise ProtocolError("vertical: the PSI already ran in this run (or the run resumes one); a second one is refused")
             domain = vertical_domain(self.spec, self.run_id) + b"|" + self.data.partner.encode()
             st = psi.passive_init(self.data.ids, domain, party=self.data.partner)
             self._psi, reply = psi.passive_reply(st, msg)
@@ -596,8 +692,30 @@ class _PassiveAligned:
         rows = self._psi_rows[pos.astype(np.int64)]
         train, test = spec_split(self.spec, [self.data.ids[i] for i in rows])
         advert = self._start(self.data.x[rows], train, test)
+        self._rows = rows
         self._started = True
         return advert
+
+    def _resumed(self, msg: ResumeRows) -> object:
+        """Open a resumed run on the rows of its own checkpoint (no PSI), at the label holder's ``done``."""
+        if self._resume is None or self._started or self._psi is not None:
+            raise ProtocolError("vertical: a resume notice opens only a run this node resumes from its checkpoint")
+        rows = checkpoint_rows(self.data, self._resume)
+        if msg.ids_sha256 != self._resume.get("ids_sha256"):
+            raise ProtocolError("vertical resume: the label holder resumes other common records than this party's checkpoint")
+        train, test = spec_split(self.spec, [self.data.ids[i] for i in rows])
+        advert = self._start(self.data.x[rows], train, test)
+        self._restore(int(msg.done), int(self._resume["done"]))  # type: ignore[call-overload]
+        self._rows = rows
+        self._started = True
+        return advert
+
+    def _body(self) -> dict[str, object]:
+        assert self._rows is not None
+        return _rows_body(self.data, self._rows)
+
+    def _restore(self, done: int, mine: int) -> None:
+        raise NotImplementedError
 
     # The model's part (a subclass each).
     def _start(self, x: np.ndarray, train: np.ndarray, test: np.ndarray) -> object:
@@ -614,8 +732,10 @@ class PassiveParty(_PassiveAligned):
     """A passive party's side of a SecureBoost run: one message in, its replies out (checked by the stage functions)."""
 
     def __init__(self, spec: Spec, data: VerticalPartyData, *, active: str, run_id: str, record: Recorder,
-                 rng: np.random.Generator | None, min_intersection: int = 1, min_node_rows: int = 1, params: TreeParams | None = None) -> None:
-        super().__init__(spec, data, active=active, run_id=run_id, record=record, rng=rng, min_intersection=min_intersection)
+                 rng: np.random.Generator | None, min_intersection: int = 1, min_node_rows: int = 1, params: TreeParams | None = None,
+                 checkpoint: Checkpointer | None = None, resume: Mapping[str, object] | None = None) -> None:
+        super().__init__(spec, data, active=active, run_id=run_id, record=record, rng=rng, min_intersection=min_intersection,
+                         checkpoint=checkpoint, resume=resume)
         self.params = params or tree_params(spec)
         self.min_node_rows = int(min_node_rows)
         self._state: PassiveState | None = None
@@ -631,6 +751,14 @@ class PassiveParty(_PassiveAligned):
         owner = [p.name for p in self.spec.partners if p.name != self.active].index(self.data.partner) + 1
         return "lookup.json", lookup_document(self.table, owner)
 
+    def _restore(self, done: int, mine: int) -> None:
+        # Its table after `done` trees is its checkpoint's entries of those trees (the label holder may be a tree behind).
+        if not 1 <= done <= mine:
+            raise ProtocolError(f"vertical resume: the label holder resumes after {done} tree(s); this party's checkpoint covers {mine}")
+        assert self._state is not None and self._resume is not None
+        table = table_from_document(self._resume.get("lookup"), what="the checkpoint's lookup")  # type: ignore[arg-type]
+        self._state = dataclasses.replace(self._state, table={k: e for k, e in table.items() if k[0] < done})
+
     def _train(self, msg: object) -> tuple[object, ...]:
         assert self._state is not None
         if isinstance(msg, KeyBundle):
@@ -638,6 +766,8 @@ class PassiveParty(_PassiveAligned):
             return ()
         if isinstance(msg, EncryptedGradients):
             self._state = passive_gradients(self._state, msg)
+            if self.checkpoint is not None and msg.tree >= 1:
+                self.checkpoint(int(msg.tree), {**self._body(), "lookup": self.document()[1]})  # its table after the earlier trees
             return ()
         if isinstance(msg, LevelQuery):
             self._state, reply, event = passive_bin_sums(self._state, msg, plan=self._plan, rng=self.rng)  # type: ignore[arg-type]
@@ -679,8 +809,10 @@ class PassiveLrParty(_PassiveAligned):
     """A passive party's side of a vertical logistic regression run (the counterpart of :func:`active_lr_protocol`)."""
 
     def __init__(self, spec: Spec, data: VerticalPartyData, *, active: str, run_id: str, record: Recorder,
-                 rng: np.random.Generator | None, min_intersection: int = 1) -> None:
-        super().__init__(spec, data, active=active, run_id=run_id, record=record, rng=rng, min_intersection=min_intersection)
+                 rng: np.random.Generator | None, min_intersection: int = 1, checkpoint: Checkpointer | None = None,
+                 resume: Mapping[str, object] | None = None) -> None:
+        super().__init__(spec, data, active=active, run_id=run_id, record=record, rng=rng, min_intersection=min_intersection,
+                         checkpoint=checkpoint, resume=resume)
         self.params, self.plan = lr_setup(spec)
         self._state: PassiveLrState | None = None
 
@@ -701,6 +833,16 @@ class PassiveLrParty(_PassiveAligned):
         self._test_x = xs[test]
         return advert
 
+    def _restore(self, done: int, mine: int) -> None:
+        assert self._state is not None and self._resume is not None
+        key = "weights" if done == mine else "previous" if done == mine - 1 else None
+        if key is None or done < 1 or done >= self.params.iterations or key not in self._resume:
+            raise ProtocolError(f"vertical resume: the label holder resumes after {done} iteration(s); this party's checkpoint covers {mine}")
+        w = np.asarray(self._resume[key], dtype=np.float64)
+        if w.shape != self._state.w.shape or not np.isfinite(w).all():
+            raise ProtocolError(f"vertical resume: the checkpoint's {key} must be {len(self._state.w)} finite values, got shape {w.shape}")
+        self._state = dataclasses.replace(self._state, w=w, iteration=done)
+
     def _train(self, msg: object) -> tuple[object, ...]:
         assert self._state is not None
         if isinstance(msg, LrKeyAdvert):
@@ -712,9 +854,13 @@ class PassiveLrParty(_PassiveAligned):
             self.record(event, out.answer.tobytes())
             return (out,)
         if isinstance(msg, GradientAnswer):
+            before = self._state.w.copy()
             self._state = passive_lr_update(self._state, msg)
             if self._state.iteration >= self.params.iterations:
                 return ()
+            if self.checkpoint is not None:  # the label holder checkpoints this iteration when its next logits arrive: keep one earlier too
+                self.checkpoint(self._state.iteration, {**self._body(), "weights": [float(x) for x in self._state.w],
+                                                        "previous": [float(x) for x in before]})
             self._state, logits = passive_lr_logits(self._state)
             return (logits,)
         raise ProtocolError(f"vertical-lr: a passive party does not answer {type(msg).__name__}")
@@ -729,12 +875,19 @@ class PassiveLrParty(_PassiveAligned):
 
 
 def passive_party(spec: Spec, data: VerticalPartyData, *, active: str, run_id: str, record: Recorder, rng: np.random.Generator | None,
-                  min_intersection: int = 1, min_node_rows: int = 1) -> PassiveParty | PassiveLrParty:
-    """The passive party's handler for the spec's model kind (SecureBoost or vertical logistic regression)."""
+                  min_intersection: int = 1, min_node_rows: int = 1, checkpoint: Checkpointer | None = None,
+                  resume: Mapping[str, object] | None = None) -> PassiveParty | PassiveLrParty:
+    """The passive party's handler for the spec's model kind (SecureBoost or vertical logistic regression).
+
+    ``checkpoint(done, body)`` receives its state as each tree (iteration) after the first begins;
+    ``resume`` (the body of its last checkpoint) makes it answer a :class:`ResumeRows` opening
+    instead of a PSI.
+    """
     if spec.model.kind == "logistic_regression":
-        return PassiveLrParty(spec, data, active=active, run_id=run_id, record=record, rng=rng, min_intersection=min_intersection)
+        return PassiveLrParty(spec, data, active=active, run_id=run_id, record=record, rng=rng, min_intersection=min_intersection,
+                              checkpoint=checkpoint, resume=resume)
     return PassiveParty(spec, data, active=active, run_id=run_id, record=record, rng=rng, min_intersection=min_intersection,
-                        min_node_rows=min_node_rows)
+                        min_node_rows=min_node_rows, checkpoint=checkpoint, resume=resume)
 
 
 # ----------------------------------------------------------------------------------- in-process transport
