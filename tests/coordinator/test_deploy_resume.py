@@ -1,5 +1,5 @@
-"""`fedcollab submit --resume` at the deployed coordinator: vertical runs, and HE runs without a readable encrypted
-checkpoint, are refused before anything is sent.
+"""`fedcollab submit --resume` at the deployed coordinator: HE runs without a readable encrypted checkpoint, and
+vertical runs that completed or changed spec, are refused before anything is sent.
 
 Calls the ServerApp's body (`_main`) in-process with no grid at all: a refusal that came after any
 message would fail on the missing grid with exit code 1, not the spec error's 2.
@@ -64,18 +64,22 @@ def test_he_resume_needs_its_encrypted_checkpoint(tmp_path, monkeypatch, caplog,
     assert status["state"] == "failed" and status["exit_code"] == 2 and status["error"] == "ConfigError"
 
 
-@pytest.mark.parametrize("spec, what", [("heart-disease-vertical-lr.toml", "a vertical run cannot be resumed")])
-def test_resume_refused_before_any_message(tmp_path, monkeypatch, caplog, spec, what):
+@pytest.mark.parametrize("state, changed, what", [("completed", False, "that run completed"),
+                                                    ("failed", True, "the submitted spec differs from the interrupted run's")])
+def test_a_vertical_resume_is_refused_before_any_message(tmp_path, monkeypatch, caplog, state, changed, what):
+    """A vertical run resumes from its nodes' checkpoints (tests/node/test_vertical_node.py); one that completed, or
+    another spec than the interrupted run's, is refused before anything is sent, and the refusal says which."""
     key = Ed25519PrivateKey.generate()
     roster = Roster(parties={COORDINATOR: RosterEntry(signing_key=public_key_hex(key), role="coordinator")})
     (tmp_path / "roster.json").write_text(roster.model_dump_json())
-    text = (ROOT / "specs" / spec).read_text()
-    _interrupted(tmp_path, text)
+    text = (ROOT / "specs" / "heart-disease-vertical-lr.toml").read_text()
+    _interrupted(tmp_path, text.replace("rounds = 60", "rounds = 61") if changed else text)
+    (run_dir(tmp_path, 1) / "status.json").write_text(json.dumps({"state": state, "fedcollab_run_id": "r-old"}))
     monkeypatch.setenv(ENV_HOME, str(tmp_path))
     ctx = SimpleNamespace(run_id=2, run_config={RUN_CONFIG_SPEC: base64.b64encode(text.encode()).decode("ascii"), RUN_CONFIG_RESUME: "1"})
     with caplog.at_level("ERROR"), pytest.raises(RuntimeError, match=rf"^{EXIT_PREFIX}2: ConfigError"):
         _main(None, ctx)  # no grid: anything sent would fail with exit 1
-    assert what in caplog.text and "submit it again" in caplog.text  # the coordinator's log says which mode, and what to do
+    assert what in caplog.text
     status = json.loads((run_dir(tmp_path, 2) / "status.json").read_text())
     assert status["state"] == "failed" and status["exit_code"] == 2 and status["error"] == "ConfigError"
-    assert status["resumed_from"] == 1 and status["fedcollab_run_id"] == "r-old"
+    assert not (run_dir(tmp_path, 2) / "ledger.jsonl").exists() or not (run_dir(tmp_path, 2) / "ledger.jsonl").read_text()
