@@ -253,6 +253,9 @@ def submit(
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the run to finish and exit with its outcome.")] = True,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the run.")] = 1800.0,
     resume: Annotated[int | None, typer.Option("--resume", help="Continue this interrupted run (Flower run id) from its last checkpoint.")] = None,
+    score: Annotated[str | None, typer.Option("--score", help="A vertical spec: score the nodes' current records jointly with the model of this "
+                                              "completed run (its fedcollab run id, status.json's fedcollab_run_id); the scores stay at the "
+                                              "label holder's node (vertical/<run>/scores.csv).")] = None,
     fmt: Fmt = "table",
 ) -> None:
     """Start a run on the deployment; exits with the run's true outcome (0 completed, else fedcollab's code)."""
@@ -266,7 +269,7 @@ def submit(
 
     try:
         with Console(stderr=True).status("waiting for the run", spinner="dots") if (wait and fmt != "json") else _null():
-            row = do_submit(addr, cafile, spec, wait=wait, timeout=timeout, on_status=show, resume=resume)
+            row = do_submit(addr, cafile, spec, wait=wait, timeout=timeout, on_status=show, resume=resume, score=score)
     except FedcollabError as exc:
         raise _fail(exc) from None
     if fmt == "json":

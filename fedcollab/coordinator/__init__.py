@@ -18,7 +18,7 @@ _WHERE = {
     "AnalyticsRecorder": "_analytics", "default_n_honest": "_analytics",
     "make_profile_server_app": "_analytics", "make_query_server_app": "_analytics",
     # deployment: the run config the ServerApp reads
-    "RUN_CONFIG_RESUME": "_deploy", "RUN_CONFIG_SPEC": "_deploy", "RUN_CONFIG_TIMEOUT": "_deploy", "encode_spec": "_deploy",
+    "RUN_CONFIG_RESUME": "_deploy", "RUN_CONFIG_SCORE": "_deploy", "RUN_CONFIG_SPEC": "_deploy", "RUN_CONFIG_TIMEOUT": "_deploy", "encode_spec": "_deploy",
 }
 
 __all__ = sorted(_WHERE)

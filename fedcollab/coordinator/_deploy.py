@@ -38,6 +38,7 @@ ENV_HOME = "FEDCOLLAB_COORDINATOR_HOME"
 RUN_CONFIG_SPEC = "fedcollab-spec"
 RUN_CONFIG_TIMEOUT = "fedcollab-timeout"
 RUN_CONFIG_RESUME = "fedcollab-resume"  # the Flower run id of an interrupted run to continue ("" = a new run)
+RUN_CONFIG_SCORE = "fedcollab-score"  # a vertical spec: the fedcollab run id of the trained run to score with ("" = train)
 #: The longest wait between the ServerApp's polls for replies (Flower's HttpGrid sleeps 3 s between polls).
 REPLY_POLL_SECONDS = 0.25
 #: Prefix of a failed run's details, read back by ``fedcollab submit``.
@@ -101,6 +102,10 @@ def _main(grid: Any, context: Any) -> None:
         run_id = uuid.uuid4().hex[:16]
         resume = None
         previous = str(context.run_config.get(RUN_CONFIG_RESUME, "") or "")
+        score = str(context.run_config.get(RUN_CONFIG_SCORE, "") or "")
+        if score and (spec.layout != "vertical" or previous):
+            raise ConfigError("--score: scores new records of a vertical run (a vertical spec, not resumed), got "
+                              + ("a resume" if previous else f"layout = {spec.layout!r}"))
         if previous and spec.layout == "vertical":
             run_id = _resume_vertical_from(run_dir(home, int(previous)), text, out)
             status.update(resumed_from=int(previous))
@@ -120,7 +125,10 @@ def _main(grid: Any, context: Any) -> None:
             timeout = float(spec.training.stage_timeout or context.run_config.get(RUN_CONFIG_TIMEOUT, 600.0))
             status.update(state="running", layout="vertical")
             _write_json(out / "status.json", status)
-            result = run_vertical(spec, PollingGrid(grid, longest=REPLY_POLL_SECONDS), ledger=ledger, timeout=timeout, resume=bool(previous))
+            if score:
+                status.update(scoring=score)
+            result = run_vertical(spec, PollingGrid(grid, longest=REPLY_POLL_SECONDS), ledger=ledger, timeout=timeout, resume=bool(previous),
+                                  score=score or None)
             status.update(state="completed", exit_code=0, finished=time.time(), vertical=result,
                           accuracy=result.get("test_accuracy"), auc=result.get("test_auc"))
             _write_json(out / "status.json", status)

@@ -46,11 +46,13 @@ class _Failures:
 
 
 def run_vertical(spec: Spec, grid: Any, *, ledger: RunLedger, timeout: float, on_step: Callable[[int], None] | None = None,
-                 resume: bool = False) -> dict[str, Any]:
+                 resume: bool = False, score: str | None = None) -> dict[str, Any]:
     """Run a vertical spec through ``grid``; returns the run's outcome (the label holder's report and each party's model part).
 
     ``resume``: the run (``ledger.run_id``) was interrupted; every node goes on from its own
-    checkpoint of it (the hello says so; no PSI runs again).
+    checkpoint of it (the hello says so; no PSI runs again). ``score``: the fedcollab run id of a
+    completed run of this spec: score the nodes' current records jointly with its model (each node
+    uses its own part; the scores stay at the label holder, ``vertical/<run>/scores.csv``).
     """
     from flwr.app import MessageType
 
@@ -82,6 +84,8 @@ def run_vertical(spec: Spec, grid: Any, *, ledger: RunLedger, timeout: float, on
     node_ids = wait_for_nodes(grid, len(names), timeout)
     # A resumed run's hello names the run ledger's last entry of each party: each node returns what came after it.
     again = {"vertical.resume": True, "vertical.heads": json.dumps(dict(ledger.heads))} if resume else {}
+    if score is not None:
+        again["vertical.score"] = score
     got, failed = link.broadcast(0, MessageType.QUERY, cfg("hello", **again), node_ids, strangers=True)
     stop_on(failed)
     adverts: dict[str, dict[str, bytes]] = {}
@@ -129,7 +133,8 @@ def run_vertical(spec: Spec, grid: Any, *, ledger: RunLedger, timeout: float, on
     send({p: {RecordKey.CONFIG: {"fedcollab.kind": str(MessageKind.CLOSE), "fedcollab.run_id": ledger.run_id, "close": close.decode()}}
           for p in names})
     return {"layout": "vertical", "label_holder": active, "passive_parties": [n for n in names if n != active], "steps": step + 1,
-            "relayed_bytes": relayed, "model_parts": parts, **({"resumed": True} if resume else {}), **report}
+            "relayed_bytes": relayed, "model_parts": parts, **({"resumed": True} if resume else {}),
+            **({"scored_with": score} if score is not None else {}), **report}
 
 
 def _records(m: Any, key: str) -> dict[str, bytes]:

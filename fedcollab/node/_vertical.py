@@ -27,6 +27,14 @@ PSI: only the releases after it are preflighted, and the label holder's ``Resume
 must name the rows of each passive party's own checkpoint. The checkpoint is removed when the
 node writes its part of the model.
 
+Scoring (``submit --score RUN``): a ``hello`` with ``vertical.score = RUN`` makes the node read its
+own part of the trained run ``RUN`` from its folder (refused with ``BAD_REQUEST`` if it has none)
+and run :func:`~fedcollab.protocols.vertical.active_score_protocol` (the label holder, which
+writes ``vertical/<run>/scores.csv`` and reports only the count) or
+:class:`~fedcollab.protocols.vertical.PassiveScorer` on its current records: a fresh PSI, then
+its decisions or partial logits on every common record, recorded first. No noisy release, so
+nothing is preflighted against the budget; the PSI cap and minimum intersection apply.
+
 The coordinator relays sealed bytes only. Every release is checked and recorded by the node's
 budget gate before the message carrying it leaves; the new ledger lines travel with the reply.
 Per-run state lives in memory: the deployment executor is one long-lived process.
@@ -88,6 +96,7 @@ class _Run:
     channels: dict[str, Any] = field(default_factory=dict)
     engine: Any = None  # the label holder's generator, or the passive party's PassiveParty
     resume: dict[str, Any] | None = None  # the body of its checkpoint, when the run resumes
+    part: dict[str, Any] | None = None  # a scoring run: its own part of the trained model
     lines: list[str] = field(default_factory=list)  # ledger lines recorded while answering the current message
     done: bool = False
     result: dict[str, Any] | None = None
@@ -140,7 +149,11 @@ class VerticalNode:
             # A resumed run starts again from this node's checkpoint on disk, whatever it still held in memory
             # (the coordinator restarted while this node ran on): the steps after it are executed, and charged, again.
             heads = json.loads(str(cfg.get("vertical.heads", "{}"))) if resume else {}
-            return self._hello(run_id, resume=resume), self._unsent(run_id, heads.get(self.partner) if isinstance(heads, dict) else None)
+            score = str(cfg.get("vertical.score", "") or "")
+            if score and resume:
+                self.refuse(run_id, NodeErrorCode.BAD_REQUEST, "a scoring run is not resumed (score again)")
+            return (self._hello(run_id, resume=resume, score=score or None),
+                    self._unsent(run_id, heads.get(self.partner) if isinstance(heads, dict) else None) if resume else [])
         if run is None or (stage == "keys") != (run.engine is None) or run.done:
             self.refuse(run_id, NodeErrorCode.OUT_OF_ORDER, f"vertical stage {stage!r} out of order")
         assert run is not None
@@ -214,11 +227,25 @@ class VerticalNode:
             out.append(ln.raw.decode())
         return out
 
-    def _hello(self, run_id: str, *, resume: bool = False) -> dict[str, Any]:
+    def _read_part(self, run_id: str, trained: str) -> dict[str, Any]:
+        """Its own part of the trained run ``trained`` (a scoring run), from its own folder; refused with a code if absent."""
+        name = "model.json" if self.partner == self.active else "weights.json" if self.spec.model.kind == "logistic_regression" else "lookup.json"
+        if not trained.replace("-", "").isalnum() or len(trained) > 64:
+            self.refuse(run_id, NodeErrorCode.BAD_REQUEST, "a scoring run names a trained run id that is not letters, digits and dashes")
+        try:
+            doc = json.loads((self.home.root / "vertical" / trained / name).read_text())
+        except (OSError, ValueError):
+            self.refuse(run_id, NodeErrorCode.BAD_REQUEST, f"a scoring run of a model this node holds no part of (vertical/{trained}/{name})")
+        if not isinstance(doc, dict):
+            self.refuse(run_id, NodeErrorCode.BAD_REQUEST, "the node's model part is malformed")
+        return doc
+
+    def _hello(self, run_id: str, *, resume: bool = False, score: str | None = None) -> dict[str, Any]:
         from fedcollab.crypto import SealKey
 
         pol = self.gate.policy
         doc = self._read_checkpoint(run_id) if resume else None
+        part = self._read_part(run_id, score) if score else None
         runs = psi_runs_joined(self.gate)
         if doc is None and runs >= pol.vertical.max_psi_runs:  # a resumed run runs no PSI
             self.refuse(run_id, NodeErrorCode.POLICY_REFUSED,
@@ -229,15 +256,16 @@ class VerticalNode:
         from fedcollab.protocols.vertical import planned_releases
 
         after = 0 if doc is None else int(doc["done"]) - (0 if self.partner == self.active else 1)
+        planned = [] if part is not None else planned_releases(self.spec, self.partner, after=after)  # scoring: declared releases only
         try:
-            refuse_over_budget(self.gate, planned_releases(self.spec, self.partner, after=after), run_id=run_id, partner=self.partner)
+            refuse_over_budget(self.gate, planned, run_id=run_id, partner=self.partner)
         except BudgetExhausted:
             raise NodeCoded(NodeErrorCode.BUDGET_EXHAUSTED) from None
         if len(self.runs) >= 8:
             self.runs.pop(next(iter(self.runs)))  # abandoned runs do not pile up
         self.runs.pop(run_id, None)
         key = SealKey.generate(run_id, self.partner)
-        self.runs[run_id] = _Run(role="active" if self.partner == self.active else "passive", key=key, resume=doc)
+        self.runs[run_id] = _Run(role="active" if self.partner == self.active else "passive", key=key, resume=doc, part=part)
         adv = key.advert(self.home.key())
         return {RecordKey.INFO: {"partner": self.partner, "role": self.runs[run_id].role, **({"resume_after": int(doc["done"])} if doc else {})},
                 KIND: {"public": adv.public, "signature": adv.signature}}
@@ -256,9 +284,19 @@ class VerticalNode:
                 raise ProtocolError(f"vertical keys: {peer!r} is not in this node's roster")
             adv = SealAdvert(party=peer, public=bytes(rec[f"{peer}.public"]), signature=bytes(rec[f"{peer}.signature"]))
             run.channels[peer] = run.key.channel(adv, roster_key=self.roster[peer])
-        data = load_vertical_party(self.spec, self.partner)
+        data = load_vertical_party(self.spec, self.partner, scoring=run.part is not None)  # scoring: no label needed
         pol = self.gate.policy.vertical
         record = self._record(run_id, run)
+        if run.part is not None:
+            from fedcollab.protocols.vertical import PassiveScorer, active_score_protocol
+
+            if run.role == "active":
+                run.engine = active_score_protocol(self.spec, data, self.passives, run_id=run_id, record=record, part=run.part,
+                                                   min_intersection=pol.min_intersection)
+                return self._outbox(run, next(run.engine))
+            run.engine = PassiveScorer(self.spec, data, active=self.active, run_id=run_id, record=record, part=run.part,
+                                       min_intersection=pol.min_intersection)
+            return {KIND: {"ready": True}}
         # The node's own noise generator (flooding, DP), seeded from the OS CSPRNG for this run.
         rng = np.random.default_rng(np.random.SeedSequence(entropy=int.from_bytes(os.urandom(32), "big")))
         ck = {"checkpoint": self._checkpointer(run_id), "resume": run.resume}
@@ -305,15 +343,24 @@ class VerticalNode:
             raise ProtocolError("vertical step: a passive party takes one message, from the label holder")
         replies = tuple(r for m in msgs for r in run.engine.handle(m))
         out = self._outbox(run, {self.active: replies})
-        if run.engine.finished:
+        if run.engine.finished and run.part is not None:
+            out[RecordKey.INFO] = {"partner": self.partner, "scored": int(run.engine.scored)}
+            run.done = True
+        elif run.engine.finished:
             out[RecordKey.INFO] = self._write_part(run_id, *run.engine.document())  # lookup.json (its thresholds) or weights.json
             self._checkpoint_path(run_id).unlink(missing_ok=True)
             run.done = True
         return out
 
     def _finish_active(self, run_id: str, run: _Run, result: Any) -> dict[str, Any]:
-        from fedcollab.protocols.vertical import ActiveLrResult, lr_model_document, model_document
+        from fedcollab.protocols.vertical import ActiveLrResult, ScoreResult, lr_model_document, model_document
 
+        if isinstance(result, ScoreResult):
+            # The scores stay here (vertical/<run>/scores.csv); the coordinator learns how many records were scored.
+            info = self._write_scores(run_id, result)
+            info.update(model="scoring", scored=result.intersection, intersection=result.intersection)
+            run.done = True
+            return {RecordKey.INFO: info, KIND: {"done": True}}
         if isinstance(result, ActiveLrResult):
             info = self._write_part(run_id, "model.json", lr_model_document(result.features, result.weights, result.intercept))
             info.update(model="vertical-logistic-regression", iterations=result.iterations)
@@ -326,6 +373,26 @@ class VerticalNode:
         self._checkpoint_path(run_id).unlink(missing_ok=True)
         run.done = True
         return {RecordKey.INFO: info, KIND: {"done": True}}
+
+    def _write_scores(self, run_id: str, result: Any) -> dict[str, Any]:
+        import csv
+        import io
+
+        from fedcollab.node._home import _write_atomic
+
+        if not run_id.replace("-", "").isalnum():
+            raise ProtocolError("vertical: a run id must be letters, digits and dashes")
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        assert self.spec.vertical is not None
+        w.writerow([self.spec.vertical.id_column, "score", "predicted"])
+        for i, p in zip(result.ids, result.scores):
+            w.writerow([i, repr(float(p)), int(p >= 0.5)])
+        folder = self.home.root / "vertical" / run_id
+        folder.mkdir(parents=True, exist_ok=True)
+        text = buf.getvalue()
+        _write_atomic(folder / "scores.csv", text)
+        return {"partner": self.partner, "model_part": f"vertical/{run_id}/scores.csv", "sha256": hashlib.sha256(text.encode()).hexdigest()}
 
     def _write_part(self, run_id: str, name: str, doc: dict[str, Any]) -> dict[str, Any]:
         from fedcollab.node._home import _write_atomic

@@ -202,17 +202,19 @@ def run_status(address: str, ca_cert: str | Path, run_id: int | None = None) -> 
 
 def submit(address: str, ca_cert: str | Path, spec_path: str | Path, *, wait: bool = True, timeout: float = 1800.0,
            run_timeout: float = 600.0, on_status: Callable[[dict[str, Any]], None] | None = None, poll: float = 1.0,
-           resume: int | None = None) -> dict[str, Any]:
+           resume: int | None = None, score: str | None = None) -> dict[str, Any]:
     """Start a run of the spec on the deployment; with ``wait``, block until it finishes and return its outcome.
 
     ``resume`` is the Flower run id of a run interrupted by a coordinator restart: the new run
-    continues it from its last checkpoint (same fedcollab run id and ledger).
+    continues it from its last checkpoint (same fedcollab run id and ledger). ``score`` (a vertical
+    spec) is the fedcollab run id of a completed run: the nodes score their current records jointly
+    with its model, the scores staying at the label holder's node.
     """
     from flwr.common.serde import fab_to_proto, user_config_to_proto
     from flwr.proto.control_pb2 import StartRunRequest  # pylint: disable=E0611
     from flwr.supercore.fab import Fab
 
-    from fedcollab.coordinator import RUN_CONFIG_RESUME, RUN_CONFIG_SPEC, RUN_CONFIG_TIMEOUT, encode_spec
+    from fedcollab.coordinator import RUN_CONFIG_RESUME, RUN_CONFIG_SCORE, RUN_CONFIG_SPEC, RUN_CONFIG_TIMEOUT, encode_spec
     from fedcollab.node import build_bundle
     from fedcollab.spec import load_spec
 
@@ -221,7 +223,8 @@ def submit(address: str, ca_cert: str | Path, spec_path: str | Path, *, wait: bo
     fab, sha = build_bundle()
     req = StartRunRequest(fab=fab_to_proto(Fab(sha, fab, {})),
                           override_config=user_config_to_proto({RUN_CONFIG_SPEC: encode_spec(p.read_text()), RUN_CONFIG_TIMEOUT: float(run_timeout),
-                                                                            RUN_CONFIG_RESUME: str(resume) if resume is not None else ""}))
+                                                                            RUN_CONFIG_RESUME: str(resume) if resume is not None else "",
+                                                                            RUN_CONFIG_SCORE: score or ""}))
     with control_client(address, ca_cert) as c:
         res = c.StartRun(req)
     if not res.HasField("run_id"):

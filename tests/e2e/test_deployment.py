@@ -553,6 +553,19 @@ def test_vertical_secureboost_across_three_nodes(deployment):
     rep = verify_ledger(d.run_dir(row["run_id"]) / "ledger.jsonl", mine)
     assert int(rep.exit_code) == 0, rep.findings
 
+    # Joint scoring with the deployed model (`submit --score RUN`): a fresh PSI, each node's own part, the scores at the clinic only.
+    trained = st["fedcollab_run_id"]
+    code, row = d.submit(spec, "--score", trained)
+    assert code == 0 and row["sub_status"] == "completed", (row, (d.base / "coordinator.log").read_text()[-3000:])
+    sst = json.loads((d.run_dir(row["run_id"]) / "status.json").read_text())
+    sv = sst["vertical"]
+    assert sst["scoring"] == trained and sv["model"] == "scoring" and sv["scored"] == sv["intersection"] == v["intersection"], sv
+    scores = (d.base / "nodes" / "clinic" / sv["model_parts"]["clinic"]["model_part"]).read_text().splitlines()
+    assert scores[0] == "id,score,predicted" and len(scores) == 1 + v["intersection"]
+    view = "".join(p.read_text(errors="replace") for p in d.run_dir(row["run_id"]).rglob("*") if p.is_file())
+    assert scores[1].split(",")[1] not in view, "no score reached the coordinator"
+    assert int(verify_ledger(d.run_dir(row["run_id"]) / "ledger.jsonl", mine).exit_code) == 0
+
     # Vertical logistic regression on the same nodes: the clinic and the ECG lab (two parties, two CKKS keys);
     # the stress lab is not a partner of this spec and refuses its hello, left alone.
     lr = d.base / "vertical-lr.toml"

@@ -448,3 +448,48 @@ def test_a_coordinator_cannot_resume_one_party_and_start_another_afresh(tmp_path
     last = _entries(grid.homes["lab"])[-1]
     assert last["kind"] == "refusal" and last["body"]["reason"] == "vertical step: ProtocolError"  # the class, never the text
     assert (grid.homes["lab"].root / "vertical" / "run-mix" / "checkpoint.json").exists(), "the lab's checkpoint is kept"
+
+
+def _scored_test_auc(spec, grid, out) -> float:
+    """The AUC of a scoring run's scores on the trained run's test split (keyed by id, so the same records)."""
+    import pandas as pd
+    from sklearn.metrics import roc_auc_score
+
+    from fedcollab.data import load_vertical_party
+    from fedcollab.protocols.vertical import spec_split
+
+    scores = pd.read_csv(grid.homes["clinic"].root / out["model_parts"]["clinic"]["model_part"], dtype={spec.vertical.id_column: str})
+    clinic = load_vertical_party(spec, "clinic")
+    label = dict(zip(clinic.ids, clinic.y))
+    ids = list(scores[spec.vertical.id_column])
+    _, test = spec_split(spec, ids)
+    return float(roc_auc_score([label[ids[i]] for i in test], scores["score"].to_numpy()[test]))
+
+
+@pytest.mark.parametrize("kind", ["gbdt", "logistic_regression"])
+def test_a_deployed_model_scores_the_nodes_records_jointly(tmp_path, kind):
+    """`submit --score RUN`: a fresh PSI, each node's own part of the trained model, the scores only at the label holder:
+    on the trained run's test records they give its test AUC; a node without a part of that run refuses."""
+    if kind == "gbdt":
+        spec = _spec(tmp_path, trees=2, depth=2)
+    else:
+        spec = load_spec(ROOT / "specs" / "heart-disease-vertical-lr.toml")
+        spec = spec.model_copy(update={"training": spec.training.model_copy(update={"rounds": 4})})
+    grid = Grid(spec, tmp_path, kinds=(kind,))
+    roster = grid.ledger_run_roster()
+    trained = run_vertical(spec, grid, ledger=RunLedger(tmp_path / "train.jsonl", key=grid.key, roster=roster, run_id="run-t"), timeout=30)
+    sent = len(grid.sent)
+    out = run_vertical(spec, grid, ledger=RunLedger(tmp_path / "score.jsonl", key=grid.key, roster=roster, run_id="score-1"), timeout=30,
+                       score="run-t")
+    assert out["model"] == "scoring" and out["scored_with"] == "run-t" and out["steps"] == 2
+    assert out["scored"] == out["intersection"] == trained["intersection"]
+    assert out["model_parts"]["clinic"]["model_part"] == "vertical/score-1/scores.csv" and set(out["model_parts"]) == {"clinic"}
+    assert _scored_test_auc(spec, grid, out) == pytest.approx(trained["test_auc"], abs=1e-9)
+    # The scores never crossed the coordinator: its replies carry sealed bytes, counts and the file's digest only.
+    assert not any("score" in k for r in grid.sent[sent:] for rec in r.content.config_records.values() for k in rec.keys() if k != "scored")
+    lab = [e["body"]["release"] for e in _entries(grid.homes["lab"]) if e["kind"] == "release" and e["run_id"] == "score-1"]
+    assert sorted(r["kind"] for r in lab) == ["psi_intersection", "vertical_logit" if kind != "gbdt" else "vertical_partition"], lab
+    assert int(verify_ledger(tmp_path / "score.jsonl", roster).exit_code) == 0
+    with pytest.raises(NodeError) as err:
+        run_vertical(spec, grid, ledger=RunLedger(tmp_path / "s2.jsonl", key=grid.key, roster=roster, run_id="score-2"), timeout=30, score="run-none")
+    assert set(err.value.codes.values()) == {int(NodeErrorCode.BAD_REQUEST)}

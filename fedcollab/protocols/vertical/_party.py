@@ -622,6 +622,69 @@ def active_lr_protocol(spec: Spec, data: VerticalPartyData, passives: Sequence[s
                           test_accuracy=acc, iterations=params.iterations)
 
 
+# ----------------------------------------------------------------------------------- joint scoring of new records
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """A scoring run at the label holder: the common ids in the run's order and their scores (both stay at its node)."""
+
+    ids: tuple[str, ...]
+    scores: np.ndarray
+    intersection: int
+
+
+def _lr_part(doc: Mapping[str, object], n: int, what: str) -> np.ndarray:
+    if not isinstance(doc, Mapping) or doc.get("format") != "fedcollab-vertical-lr-v1":
+        raise ProtocolError(f"{what}: format: expected 'fedcollab-vertical-lr-v1', got {doc.get('format') if isinstance(doc, Mapping) else None!r}")
+    w = np.asarray(doc.get("weights"), dtype=np.float64)
+    if w.shape != (n,) or not np.isfinite(w).all():
+        raise ProtocolError(f"{what}: weights: expected {n} finite values, got shape {w.shape}")
+    return w
+
+
+def active_score_protocol(spec: Spec, data: VerticalPartyData, passives: Sequence[str], *, run_id: str, record: Recorder,
+                          part: Mapping[str, object], min_intersection: int = 1) -> Generator[Outbox, Mapping[str, Sequence[object]], ScoreResult]:
+    """Score the label holder's records with a trained vertical model, jointly: a fresh PSI, then every passive party's part.
+
+    ``part`` is the label holder's own part of the model (its ``model.json``). The opening carries
+    the common rows and the :class:`PredictRequest`; each passive party answers with its decisions
+    (SecureBoost: left or right per row and split, its thresholds staying with it) or its partial
+    logits (LR) on **every** common record, recorded in its ledger. The scores never leave the
+    label holder's node. Two relay steps in all.
+    """
+    v = spec.vertical
+    if v is None or not passives:
+        raise ProtocolError("vertical scoring: the label holder's run needs a vertical spec and at least one passive party")
+    trees = model_from_document(part, what="the label holder's model part") if part.get("format") == "fedcollab-secureboost-v1" else None
+    if trees is None and len(passives) != 1:
+        raise ProtocolError("vertical scoring: a vertical LR model has exactly one passive party")
+    al = yield from _align(spec, data, passives, run_id=run_id, record=record, min_intersection=min_intersection)
+    inbox = yield {p: al.opening[p] + (PredictRequest(),) for p in passives}
+    got = _opened(inbox, passives)
+    x = data.x[al.sel]
+    n = len(al.sel)
+    for p in passives:
+        if len(got[p]) != 2 or not isinstance(got[p][0], Ack):
+            raise ProtocolError(f"vertical scoring: expected {p!r}'s acknowledgement and its answer, got {[type(m).__name__ for m in got[p]]}")
+    if trees is not None:
+        dec: dict[tuple[int, int], np.ndarray] = {}
+        for p in passives:
+            d = _only({p: got[p][1:]}, p, Decisions)
+            keys, left = np.asarray(d.keys), np.asarray(d.left)  # type: ignore[attr-defined]
+            if keys.ndim != 2 or keys.shape[1:] != (2,) or keys.dtype.kind != "i" or left.dtype != bool or left.shape != (len(keys), n):
+                raise ProtocolError(f"vertical scoring: {p!r}'s decisions must be (k, 2) integer keys and (k, {n}) booleans")
+            dec.update({(int(a), int(b)): left[i] for i, (a, b) in enumerate(keys)})
+        prob = 1.0 / (1.0 + np.exp(-active_margin(trees, x, None, dec)))
+    else:
+        w = _lr_part(part, len(data.feature_names), "the label holder's model part")
+        b = part.get("intercept")
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b):
+            raise ProtocolError(f"the label holder's model part: intercept: expected a finite number, got {b!r}")
+        prob = active_lr_predict(np.append(w, float(b)), scale_to_unit(spec, data, x), _only({passives[0]: got[passives[0]][1:]}, passives[0], PartialLogits))  # type: ignore[arg-type]
+    return ScoreResult(ids=tuple(data.ids[i] for i in al.sel), scores=np.asarray(prob, dtype=np.float64), intersection=n)
+
+
 # ----------------------------------------------------------------------------------- passive party
 
 
@@ -870,6 +933,54 @@ class PassiveLrParty(_PassiveAligned):
         if self._state.iteration < self.params.iterations:
             raise ProtocolError(f"vertical-lr: prediction before training ended ({self._state.iteration} of {self.params.iterations} iterations)")
         out, event = passive_lr_predict(self.data.partner, self._state.w, self._test_x, round_=self.params.iterations)
+        self.record(event, out.values.tobytes())
+        return out
+
+
+class PassiveScorer(_PassiveAligned):
+    """A passive party's side of a scoring run (:func:`active_score_protocol`): its PSI, then its part of the model on every common record.
+
+    ``part`` is its own part of the trained model (``lookup.json`` or ``weights.json``, read from
+    its node folder). What leaves it is what joint prediction in training releases: its decisions
+    (left or right per row and split) or its partial logits, recorded in its ledger first.
+    """
+
+    def __init__(self, spec: Spec, data: VerticalPartyData, *, active: str, run_id: str, record: Recorder, part: Mapping[str, object],
+                 min_intersection: int = 1) -> None:
+        super().__init__(spec, data, active=active, run_id=run_id, record=record, rng=None, min_intersection=min_intersection)
+        if part.get("format") == "fedcollab-secureboost-lookup-v1":
+            self._table: dict[tuple[int, int], LookupEntry] | None = table_from_document(part, what="this party's lookup.json")
+            self._weights: np.ndarray | None = None
+        else:
+            self._table, self._weights = None, _lr_part(part, len(data.feature_names), "this party's weights.json")
+        self.scored = 0
+
+    def document(self) -> None:
+        """A scoring run writes no part of a model."""
+        return None
+
+    def _start(self, x: np.ndarray, train: np.ndarray, test: np.ndarray) -> Ack:
+        self._test_x = x  # every common record is scored, not only a test split
+        return Ack(what="rows")
+
+    def _train(self, msg: object) -> tuple[object, ...]:
+        raise ProtocolError(f"vertical scoring: a passive party does not answer {type(msg).__name__} in a scoring run")
+
+    def _predict(self) -> object:
+        assert self._test_x is not None
+        x = self._test_x
+        self.scored = len(x)
+        if self._table is not None:
+            mine = passive_decisions(self._table, x)
+            keys = sorted(mine)
+            ev = Release(kind="vertical_partition", about="test", unit="record", observer="label_holder", added_by=self.data.partner,
+                         party=self.data.partner, round=0, mechanism=NonPrivate(), declared_public=True,
+                         details={"rows": int(len(x)), "splits": len(keys), "joint_prediction": True, "scoring": True})
+            self.record(ev, b"".join(np.asarray(mine[k], dtype=bool).tobytes() for k in keys))
+            left = np.array([np.asarray(mine[k], dtype=bool) for k in keys], dtype=bool).reshape(len(keys), len(x))
+            return Decisions(keys=np.array(keys, dtype=np.int64).reshape(-1, 2), left=left)
+        assert self._weights is not None
+        out, event = passive_lr_predict(self.data.partner, self._weights, scale_to_unit(self.spec, self.data, x), round_=0)
         self.record(event, out.values.tobytes())
         return out
 
