@@ -185,6 +185,29 @@ def _main(grid: Any, context: Any) -> None:
     _write_json(out / "status.json", status)
 
 
+def _carry_over(old: Path, spec_text: str, out: Path, load: Any = None) -> tuple[str, Any]:
+    """The interrupted run's fedcollab run id (and what ``load()`` reads of it); its ledger is copied into ``out`` whole.
+
+    Refused (a ConfigError, before any message) without a status, spec or checkpoint, with
+    another spec than the submitted one, or when that run completed.
+    """
+    import shutil
+
+    try:
+        old_status = json.loads((old / "status.json").read_text())
+        old_spec = (old / "spec.toml").read_text()
+        run_id = str(old_status["fedcollab_run_id"])
+        loaded = load() if load is not None else None
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"cannot resume from {old}: no status, spec or checkpoint ({type(exc).__name__})") from None
+    if old_spec != spec_text:
+        raise ConfigError("resume: the submitted spec differs from the interrupted run's")
+    if old_status.get("state") == "completed":
+        raise ConfigError("resume: that run completed")
+    shutil.copyfile(old / "ledger.jsonl", out / "ledger.jsonl")
+    return run_id, loaded
+
+
 def _resume_from(old: Path, spec_text: str, out: Path, spec: Any) -> tuple[str, tuple[int, dict[str, Any]]]:
     """The interrupted run's fedcollab run id and its last checkpoint; its ledger is carried over whole.
 
@@ -197,39 +220,16 @@ def _resume_from(old: Path, spec_text: str, out: Path, spec: Any) -> tuple[str, 
     from fedcollab.coordinator._he import HE_CHECKPOINT
     from fedcollab.coordinator._server import load_checkpoint
 
-    try:
-        old_status = json.loads((old / "status.json").read_text())
-        old_spec = (old / "spec.toml").read_text()
-        last, arrays = load_checkpoint(old / "checkpoints", spec)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"cannot resume from {old}: no status, spec or checkpoint ({type(exc).__name__})") from None
-    if old_spec != spec_text:
-        raise ConfigError("resume: the submitted spec differs from the interrupted run's")
-    if old_status.get("state") == "completed":
-        raise ConfigError("resume: that run completed")
-    shutil.copyfile(old / "ledger.jsonl", out / "ledger.jsonl")
+    run_id, (last, arrays) = _carry_over(old, spec_text, out, lambda: load_checkpoint(old / "checkpoints", spec))
     if spec.aggregation == "he":
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(old / "checkpoints" / HE_CHECKPOINT, out / "checkpoints" / HE_CHECKPOINT)
-    return str(old_status["fedcollab_run_id"]), (last, arrays)
+    return run_id, (last, arrays)
 
 
 def _resume_vertical_from(old: Path, spec_text: str, out: Path) -> str:
     """The interrupted vertical run's fedcollab run id; its ledger is carried over whole (the nodes hold the checkpoints)."""
-    import shutil
-
-    try:
-        old_status = json.loads((old / "status.json").read_text())
-        old_spec = (old / "spec.toml").read_text()
-        run_id = str(old_status["fedcollab_run_id"])
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"cannot resume from {old}: no status or spec ({type(exc).__name__})") from None
-    if old_spec != spec_text:
-        raise ConfigError("resume: the submitted spec differs from the interrupted run's")
-    if old_status.get("state") == "completed":
-        raise ConfigError("resume: that run completed")
-    shutil.copyfile(old / "ledger.jsonl", out / "ledger.jsonl")
-    return run_id
+    return _carry_over(old, spec_text, out)[0]
 
 
 def _node_heads(path: Path) -> dict[str, str]:
