@@ -58,8 +58,7 @@ log = get_logger("node.vertical")
 
 KIND = "vertical"
 STAGES = ("hello", "keys", "step")
-#: A node's checkpoint of a vertical run, in its folder: ``vertical/<run>/checkpoint.json`` (the same format as a simulated party's).
-CHECKPOINT_FORMAT = "fedcollab-vertical-checkpoint-v1"
+
 SEAL_KIND = "vertical"  # the message kind bound into every sealed message's associated data
 
 
@@ -191,6 +190,8 @@ class VerticalNode:
 
         def write(done: int, body: dict[str, Any]) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
+            from fedcollab.protocols.vertical import CHECKPOINT_FORMAT
+
             doc = {"format": CHECKPOINT_FORMAT, "run_id": run_id, "party": self.partner, "spec_sha256": self._spec_digest(), "done": int(done), **body}
             _write_atomic(path, json.dumps(doc))
 
@@ -203,6 +204,8 @@ class VerticalNode:
             doc = json.loads(path.read_text())
         except (OSError, ValueError):
             self.refuse(run_id, NodeErrorCode.BAD_REQUEST, "a resumed vertical run without this node's checkpoint of it")
+        from fedcollab.protocols.vertical import CHECKPOINT_FORMAT
+
         want = {"format": CHECKPOINT_FORMAT, "run_id": run_id, "party": self.partner, "spec_sha256": self._spec_digest()}
         done = doc.get("done") if isinstance(doc, dict) else None
         if not isinstance(doc, dict) or any(doc.get(k) != v for k, v in want.items()) or isinstance(done, bool) or not isinstance(done, int) or done < 1:

@@ -30,6 +30,7 @@ from fedcollab.data import VerticalPartyData, load_vertical_party
 from fedcollab.privacy.accounting import NonPrivate, Release, compute_epsilon
 from fedcollab.protocols.gbdt import BinLayout
 from fedcollab.protocols.vertical import (
+    CHECKPOINT_FORMAT,
     LookupEntry,
     VerticalModel,
     LrStart,
@@ -38,6 +39,7 @@ from fedcollab.protocols.vertical import (
     VerticalDpPlan,
     active_layout,
     active_margin,
+    aligned_ids_digest,
     lookup_document,
     model_document,
     model_from_document,
@@ -46,6 +48,7 @@ from fedcollab.protocols.vertical import (
     passive_layout,
     plan_vertical_dp,
     release_test_metrics,
+    rows_body,
     scale_to_unit,
     spec_split,
     table_from_document,
@@ -174,7 +177,7 @@ def simulate_vertical(spec: Spec, *, align: Aligner | None = plain_align, rng: n
     train, test = spec_split(spec, [a.ids[i] for i in ia])
     xa, y = a.x[ia], a.y[ia]
     xps = {p.partner: p.x[rows[p.partner]] for p in ps}
-    own_rows = {active_name: _rows_doc(a, ia), **{p.partner: _rows_doc(p, rows[p.partner]) for p in ps}}
+    own_rows = {active_name: rows_body(a, ia), **{p.partner: rows_body(p, rows[p.partner]) for p in ps}}
     if spec.model.kind == "logistic_regression":
         p = ps[0]
         lr_start = None
@@ -248,15 +251,6 @@ def simulate_vertical(spec: Spec, *, align: Aligner | None = plain_align, rng: n
                            passive_features={p.partner: tuple(p.feature_names) for p in ps})
 
 
-def _ids_digest(ids: Sequence[str]) -> str:
-    return hashlib.sha256("\x00".join(ids).encode()).hexdigest()
-
-
-def _rows_doc(party: VerticalPartyData, rows: np.ndarray) -> dict[str, Any]:
-    """A party's rows of the aligned records (indices into its own file) and a digest of their ids, for its checkpoint."""
-    return {"rows": [int(i) for i in rows], "ids_sha256": _ids_digest([party.ids[int(i)] for i in rows])}
-
-
 def _floats(doc: Mapping[str, Any], key: str) -> np.ndarray:
     try:
         arr = np.asarray(doc[key], dtype=np.float64)
@@ -283,7 +277,7 @@ def resumed_rows(resume: Mapping[str, Mapping[str, Any]], active: VerticalPartyD
             raise ConfigError(f"--resume: {party.partner}'s checkpoint: expected `rows` (a list of row numbers) and `done`, got a malformed one") from None
         if rows.ndim != 1 or len(rows) == 0 or rows.min() < 0 or rows.max() >= len(party.ids) or len(np.unique(rows)) != len(rows):
             raise ConfigError(f"--resume: {party.partner}'s checkpoint: rows: expected distinct row numbers of its {len(party.ids)} records, got others")
-        if _ids_digest([party.ids[int(i)] for i in rows]) != doc.get("ids_sha256"):
+        if aligned_ids_digest([party.ids[int(i)] for i in rows]) != doc.get("ids_sha256"):
             raise ConfigError(f"--resume: {party.partner}'s data changed since the interrupted run (the checkpoint's aligned ids differ from its file's)")
         out[party.partner] = rows
     if len({len(r) for r in out.values()}) != 1 or len(set(done.values())) != 1:
@@ -585,10 +579,6 @@ def run_vertical(spec: Spec, *, out: str | Path | None = None, nodes: str | Path
     VerticalSummary.model_validate(summary)  # the published format (schemas/vertical-summary.schema.json)
     _write(out_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=True))
     return VerticalResult(summary=summary, out_dir=out_dir if tmp is None else None, outcome=outcome)
-
-
-#: A party's checkpoint of a vertical run, in its node folder: ``vertical/<run>/checkpoint.json``.
-CHECKPOINT_FORMAT = "fedcollab-vertical-checkpoint-v1"
 
 
 class _Checkpoints:

@@ -292,7 +292,12 @@ def aligned_ids_digest(ids: Sequence[str]) -> str:
     return hashlib.sha256("\x00".join(ids).encode()).hexdigest()
 
 
-def _rows_body(data: VerticalPartyData, rows: np.ndarray) -> dict[str, object]:
+#: A party's checkpoint of a vertical run in its node folder (``vertical/<run>/checkpoint.json``), simulated or deployed.
+CHECKPOINT_FORMAT = "fedcollab-vertical-checkpoint-v1"
+
+
+def rows_body(data: VerticalPartyData, rows: np.ndarray) -> dict[str, object]:
+    """A party's aligned rows (indices into its own file) and the digest of their ids: the part of its checkpoint every model shares."""
     return {"rows": [int(i) for i in rows], "ids_sha256": aligned_ids_digest([data.ids[int(i)] for i in rows])}
 
 
@@ -444,7 +449,7 @@ def active_protocol(spec: Spec, data: VerticalPartyData, passives: Sequence[str]
             sums = [_only(inbox, p, EncryptedBinSums) for p in passives]
             if not saved and checkpoint is not None:
                 part = VerticalModel(trees=tuple(trees), base_score=params.base_score, active_features=lay_a.feature_names)
-                checkpoint(t, {**_rows_body(data, al.sel), "model": model_document(part), "margin": [float(m) for m in state.margin]})
+                checkpoint(t, {**rows_body(data, al.sel), "model": model_document(part), "margin": [float(m) for m in state.margin]})
                 saved = True
             grow, splits = active_bin_sums(state, grow, sums, params)  # type: ignore[arg-type]
             if splits:
@@ -603,7 +608,7 @@ def active_lr_protocol(spec: Spec, data: VerticalPartyData, passives: Sequence[s
     for it in range(first, params.iterations):
         if it > first and checkpoint is not None:
             # The passive party's logits of this iteration say it applied the last answer (and checkpointed it).
-            checkpoint(it, {**_rows_body(data, al.sel), "weights": [float(x) for x in state.w]})
+            checkpoint(it, {**rows_body(data, al.sel), "weights": [float(x) for x in state.w]})
         state, query = active_lr_residual(state, logits, rng=rng)
         inbox = yield {p: (query,)}
         state, answer, event = active_lr_gradient(state, _only(inbox, p, GradientExchange), rng=rng)  # type: ignore[arg-type]
@@ -775,7 +780,7 @@ class _PassiveAligned:
 
     def _body(self) -> dict[str, object]:
         assert self._rows is not None
-        return _rows_body(self.data, self._rows)
+        return rows_body(self.data, self._rows)
 
     def _restore(self, done: int, mine: int) -> None:
         raise NotImplementedError
