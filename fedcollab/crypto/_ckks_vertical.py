@@ -94,8 +94,31 @@ def _finite(v: np.ndarray, what: str, limit: float = MAX_ABS_VALUE) -> np.ndarra
     return arr
 
 
-def _serialize_public(ctx: Any) -> bytes:
-    return bytes(ctx.serialize(save_public_key=False, save_secret_key=False, save_galois_keys=False, save_relin_keys=False))
+def _serialize_public(ctx: Any, *, public_key: bool = False) -> bytes:
+    return bytes(ctx.serialize(save_public_key=public_key, save_secret_key=False, save_galois_keys=False, save_relin_keys=False))
+
+
+def _has_public_key(ctx: Any) -> bool:
+    try:
+        return bool(ctx.has_public_key())
+    except ValueError:  # TenSEAL raises for a symmetric context instead of answering False
+        return False
+
+
+def _encrypt(ctx: Any, values: np.ndarray) -> list[bytes]:
+    """``values`` (n,), one a slot, zero-padded to whole ciphertexts, under ``ctx``'s key."""
+    ts = _ts()
+    v = _finite(values, "values")
+    if v.ndim != 1 or v.size == 0:
+        raise CryptoError(f"`values` must be a non-empty 1-D array, got shape {v.shape}.")
+    s = slots()
+    out = []
+    for c in range(n_chunks(v.size)):
+        block = np.zeros(s)
+        part = v[c * s:(c + 1) * s]
+        block[: part.size] = part
+        out.append(bytes(ts.ckks_vector(ctx, block.tolist()).serialize()))
+    return out
 
 
 class _Base:
@@ -130,36 +153,35 @@ class LrSecretContext(_Base):
         return "LrSecretContext(ckks-8192, secret key held)"
 
     @classmethod
-    def generate(cls) -> LrSecretContext:
-        """A fresh key; SEAL draws it and the encryption noise from the OS CSPRNG."""
+    def generate(cls, *, public_key: bool = False) -> LrSecretContext:
+        """A fresh key; SEAL draws it and the encryption noise from the OS CSPRNG.
+
+        ``public_key``: an asymmetric key whose public part travels with :meth:`public_bytes`, so
+        that other parties can encrypt under it (the key holders of the several-passive protocol);
+        otherwise symmetric (only the owner encrypts).
+        """
         ts = _ts()
+        kind = ts.ENCRYPTION_TYPE.ASYMMETRIC if public_key else ts.ENCRYPTION_TYPE.SYMMETRIC
         ctx = ts.context(ts.SCHEME_TYPE.CKKS, poly_modulus_degree=POLY_MODULUS_DEGREE, coeff_mod_bit_sizes=list(COEFF_MOD_BIT_SIZES),
-                         encryption_type=ts.ENCRYPTION_TYPE.SYMMETRIC, n_threads=1)
+                         encryption_type=kind, n_threads=1)
         ctx.global_scale = 2.0**SCALE_BITS
-        return cls(ctx)
+        out = cls(ctx)
+        out._public = bool(public_key)
+        return out
+
+    _public = False
 
     def has_secret_key(self) -> bool:
         """True (a secret context)."""
         return bool(self._ctx.has_secret_key())
 
     def public_bytes(self) -> bytes:
-        """The context without any key (what the other party receives)."""
-        return _serialize_public(self._ctx)
+        """The context without its secret key (what the other parties receive): with the public key only if generated with one."""
+        return _serialize_public(self._ctx, public_key=self._public)
 
     def encrypt(self, values: np.ndarray) -> list[bytes]:
         """``values`` (n,), one a slot, zero-padded to whole ciphertexts."""
-        ts = _ts()
-        v = _finite(values, "values")
-        if v.ndim != 1 or v.size == 0:
-            raise CryptoError(f"`values` must be a non-empty 1-D array, got shape {v.shape}.")
-        s = slots()
-        out = []
-        for c in range(n_chunks(v.size)):
-            block = np.zeros(s)
-            part = v[c * s:(c + 1) * s]
-            block[: part.size] = part
-            out.append(bytes(ts.ckks_vector(self._ctx, block.tolist()).serialize()))
-        return out
+        return _encrypt(self._ctx, values)
 
     def decrypt_sums(self, blobs: Sequence[bytes], *, used: int) -> np.ndarray:
         """Each ciphertext (a :meth:`LrPublicContext.masked_products` result) decrypted, its first ``used`` slots summed."""
@@ -179,8 +201,8 @@ class LrPublicContext(_Base):
         return "LrPublicContext(ckks-8192, no key)"
 
     @classmethod
-    def from_bytes(cls, data: object, *, field: str = "context") -> LrPublicContext:
-        """Load and check the other party's context: CKKS, these parameters, no secret key."""
+    def from_bytes(cls, data: object, *, field: str = "context", public_key: bool = False) -> LrPublicContext:
+        """Load and check the other party's context: CKKS, these parameters, no secret key (``public_key``: its public key required)."""
         ts = _ts()
         if not isinstance(data, (bytes, bytearray)) or not 0 < len(data) <= (1 << 20):
             raise CryptoError(f"`{field}` must be 1 to {1 << 20} bytes.")
@@ -196,7 +218,42 @@ class LrPublicContext(_Base):
         bits = _chain_bits(ctx)
         if tuple(bits) != COEFF_MOD_BIT_SIZES or not math.isclose(ctx.global_scale, 2.0**SCALE_BITS):
             raise CryptoError(f"`{field}` must have coefficient modulus {list(COEFF_MOD_BIT_SIZES)} bits and scale 2^{SCALE_BITS}, got {bits}.")
+        if public_key and not _has_public_key(ctx):
+            raise CryptoError(f"`{field}` must carry the key holder's public key (others encrypt under it).")
         return cls(ctx)
+
+    def encrypt(self, values: np.ndarray) -> list[bytes]:
+        """``values`` under the key owner's public key (fresh ciphertexts, as :meth:`LrSecretContext.encrypt`); needs a public key."""
+        if not _has_public_key(self._ctx):
+            raise CryptoError("this context carries no public key; only its owner encrypts under it.")
+        return _encrypt(self._ctx, values)
+
+    def add(self, parts: Sequence[Sequence[bytes]], *, offset: np.ndarray | None = None, n: int) -> list[bytes]:
+        """Chunk by chunk, the sum of several parties' fresh ciphertexts of ``n`` values, plus a plaintext ``offset`` (n,).
+
+        The sums stay at the first level (scale 2^40): what :meth:`masked_products` takes.
+        """
+        k = n_chunks(n)
+        if not parts or any(len(p) != k for p in parts):
+            raise CryptoError(f"`parts` must be one or more lists of {k} ciphertexts, got {[len(p) for p in parts]}.")
+        off = None if offset is None else _finite(offset, "offset")
+        if off is not None and off.shape != (n,):
+            raise CryptoError(f"`offset` must have shape ({n},), got {off.shape}.")
+        s = slots()
+        out = []
+        for c in range(k):
+            acc = None
+            for i, p in enumerate(parts):
+                vec = self.load(p[c], field=f"parts[{i}][{c}]", fresh=True)
+                acc = vec if acc is None else acc + vec
+            assert acc is not None
+            if off is not None:
+                block = np.zeros(s)
+                piece = off[c * s:(c + 1) * s]
+                block[: piece.size] = piece
+                acc = acc + block.tolist()
+            out.append(bytes(acc.serialize()))
+        return out
 
     def has_secret_key(self) -> bool:
         """Always False (checked on loading)."""

@@ -34,6 +34,7 @@ from fedcollab.protocols.vertical import (
     LookupEntry,
     VerticalModel,
     LrStart,
+    MultiLrStart,
     Recorder,
     SecureBoostStart,
     VerticalDpPlan,
@@ -178,6 +179,19 @@ def simulate_vertical(spec: Spec, *, align: Aligner | None = plain_align, rng: n
     xa, y = a.x[ia], a.y[ia]
     xps = {p.partner: p.x[rows[p.partner]] for p in ps}
     own_rows = {active_name: rows_body(a, ia), **{p.partner: rows_body(p, rows[p.partner]) for p in ps}}
+    if spec.model.kind == "logistic_regression" and len(ps) > 1:
+        multi_start = None
+        if resume is not None:
+            multi_start = MultiLrStart(iterations=int(resume[active_name]["done"]), active_weights=_floats(resume[active_name], "weights"),
+                                       passive_weights={q.partner: _floats(resume[q.partner], "weights") for q in ps})
+
+        def multi_checkpoint(st: MultiLrStart) -> None:
+            if checkpoint is not None:
+                checkpoint(st.iterations, {active_name: {**own_rows[active_name], "weights": st.active_weights.tolist()},
+                                           **{q: {**own_rows[q], "weights": w.tolist()} for q, w in st.passive_weights.items()}})
+
+        return _simulate_lr_multi(spec, (a, xa, y), [(q, xps[q.partner]) for q in ps], train, test, psi_releases=list(psi_releases),
+                                  t_align=t_align, record=record, rng=rng, on_tree=on_tree, start=multi_start, on_checkpoint=multi_checkpoint)
     if spec.model.kind == "logistic_regression":
         p = ps[0]
         lr_start = None
@@ -332,6 +346,61 @@ def _simulate_lr(spec: Spec, active: tuple[VerticalPartyData, np.ndarray, np.nda
                            feature_names=(tuple(a.feature_names), tuple(p.feature_names)))
 
 
+def _simulate_lr_multi(spec: Spec, active: tuple[VerticalPartyData, np.ndarray, np.ndarray], passives: Sequence[tuple[VerticalPartyData, np.ndarray]],
+                       train: np.ndarray, test: np.ndarray, *, psi_releases: list[Release], t_align: float, record: Recorder | None,
+                       rng: np.random.Generator | None, on_tree: Callable[[int], None] | None, start: MultiLrStart | None = None,
+                       on_checkpoint: Callable[[MultiLrStart], None] | None = None) -> VerticalOutcome:
+    """Vertical logistic regression with several passive parties (two key holders; docs/vertical-lr.md, "Several passive parties")."""
+    from fedcollab.protocols.vertical import (
+        PartialLogits,
+        VerticalLrModel,
+        active_lr_predict,
+        lr_setup,
+        passive_lr_predict,
+        train_vertical_lr_multi_in_process,
+    )
+
+    a, xa_raw, y = active
+    xa = scale_to_unit(spec, a, xa_raw)
+    xps = {p.partner: scale_to_unit(spec, p, x) for p, x in passives}
+    params, plan = lr_setup(spec)
+    done = [start.iterations if start is not None else 0]
+
+    def seen(_to: str, msg: object) -> None:
+        if type(msg).__name__ == "GradientAnswer" and _to == passives[-1][0].partner and on_tree is not None:
+            on_tree(done[0])
+            done[0] += 1
+
+    t0 = time.perf_counter()
+    res = train_vertical_lr_multi_in_process((a.partner, xa[train], y[train]), [(p, x[train]) for p, x in xps.items()],
+                                             iterations=params.iterations, learning_rate=params.learning_rate, rng=rng, record=record,
+                                             plan=plan, on_message=seen, start=start, on_checkpoint=on_checkpoint)  # type: ignore[arg-type]
+    t_train = time.perf_counter() - t0
+    releases: dict[str, list[Release]] = {a.partner: [], **{p: [] for p in xps}}
+    for r in psi_releases:
+        releases.setdefault(r.party, []).append(r)
+    for k, vv in res.releases.items():
+        releases[k].extend(vv)
+    total = np.zeros(len(test))
+    for p, x in xps.items():  # joint prediction: each passive party's partial logits on the test rows (recorded first)
+        msg, ev = passive_lr_predict(p, res.passive_weights[p], x[test], round_=params.iterations)
+        if record is not None:
+            record(ev, msg.values.tobytes())
+        releases[p].append(ev)
+        total += msg.values
+    w_a = np.append(res.active_weights, res.intercept)
+    prob = active_lr_predict(w_a, xa[test], PartialLogits(rows=len(test), values=total))
+    auc, acc = _test_metrics(a.partner, y[test], prob, round_=params.iterations, record=record, releases=releases)
+    first = passives[0][0].partner
+    model = VerticalLrModel(active_weights=res.active_weights, intercept=res.intercept, passive_weights=res.passive_weights[first],
+                            parts=dict(res.passive_weights))
+    return VerticalOutcome(model=model, table={}, layouts=None, plan=plan, releases=releases, intersection=len(train) + len(test),
+                           n_train=len(train), n_test=len(test), test_auc=auc, test_accuracy=acc, seconds_align=t_align, seconds_train=t_train,
+                           wire_bytes=res.wire_bytes, data={"xa": xa, "xp": xps[first], "xps": xps, "y": y, "train": train, "test": test},
+                           kind="logistic_regression", feature_names=(tuple(a.feature_names), tuple(passives[0][0].feature_names)),
+                           passive_features={p.partner: tuple(p.feature_names) for p, _ in passives})
+
+
 def releases_summary(spec: Spec, outcome: VerticalOutcome) -> dict[str, Any]:
     """Per party: its releases by kind and observer, and the epsilon of its noisy ones (per unit and observer)."""
     out: dict[str, Any] = {}
@@ -358,10 +427,13 @@ def _model_json(outcome: VerticalOutcome) -> dict[str, Any]:
     return model_document(outcome.model)
 
 
-def _lr_json(outcome: VerticalOutcome, *, active: bool) -> dict[str, Any]:
+def _lr_json(outcome: VerticalOutcome, *, active: bool, party: str | None = None) -> dict[str, Any]:
     m = outcome.model
-    names = outcome.feature_names[0 if active else 1]
-    return lr_model_document(names, m.active_weights if active else m.passive_weights, m.intercept if active else None)
+    if active:
+        return lr_model_document(outcome.feature_names[0], m.active_weights, m.intercept)
+    if party is not None and party in m.parts:
+        return lr_model_document(outcome.passive_features.get(party, outcome.feature_names[1]), m.parts[party])
+    return lr_model_document(outcome.feature_names[1], m.passive_weights)
 
 
 def _plan_json(outcome: VerticalOutcome) -> dict[str, Any] | None:
@@ -371,6 +443,10 @@ def _plan_json(outcome: VerticalOutcome) -> dict[str, Any] | None:
     if outcome.kind == "gbdt":
         return {"z": plan.z, "sigma": plan.sigma, "epsilon": plan.epsilon, "delta": plan.delta, "unit": "record", "observer": "label_holder",
                 "covers": "the per-bin sums the label holder decrypts (not the split partitions)"}
+    if type(plan).__name__ == "MultiLrDpPlan":
+        return {"z": plan.z, "epsilon": plan.epsilon, "delta": plan.delta, "unit": "record", "observer": "each other party",
+                "covers": "every other party's gradient, which each party's residual share feeds (noised by the key holder that decrypts it); "
+                          "epsilon composes all of a party's releases, whoever observes them"}
     return {"z": plan.z, "epsilon": plan.epsilon, "delta": plan.delta, "unit": "record", "observer": "each other party",
             "covers": "each party's gradient released to the other (X_a^T d by the passive party, X_p^T d by the label holder)"}
 
@@ -552,10 +628,11 @@ def run_vertical(spec: Spec, *, out: str | Path | None = None, nodes: str | Path
     for party, rels in outcome.releases.items():
         rels[:0] = [r for r in earlier if r.party == party]
     checkpoints.remove([p.name for p in spec.partners])
-    a_name, p_name = base["label_holder"], base["passive_party"]
+    a_name = base["label_holder"]
     parts = {}
     docs = ((a_name, _model_json(outcome), "model.json"), *((n, _lookup_json(outcome, n), "lookup.json") for n in base["passive_parties"])) if not lr \
-        else ((a_name, _lr_json(outcome, active=True), "model.json"), (p_name, _lr_json(outcome, active=False), "weights.json"))
+        else ((a_name, _lr_json(outcome, active=True), "model.json"),
+              *((n, _lr_json(outcome, active=False, party=n), "weights.json") for n in base["passive_parties"]))
     for name, doc, fname in docs:
         d = homes[name].root / "vertical" / run_id
         d.mkdir(parents=True, exist_ok=True)
@@ -680,7 +757,7 @@ def predict_vertical(run_dir: str | Path, files: dict[str, str | Path], *, nodes
 
     from fedcollab.core import ConfigError, validate_config
     from fedcollab.node import NodeHome
-    from fedcollab.protocols.vertical import active_lr_predict, passive_lr_predict
+    from fedcollab.protocols.vertical import PartialLogits, active_lr_predict, passive_lr_predict
     from fedcollab.spec import SourceSpec, parse_spec
 
     run = Path(run_dir)
@@ -743,8 +820,6 @@ def predict_vertical(run_dir: str | Path, files: dict[str, str | Path], *, nodes
         raise PolicyRefused(f"{name}: vertical.min_intersection: the scoring files share {len(ia)} id(s), "
                             f"fewer than the {need} {name}'s policy requires" + (f" (also refused by {', '.join(list(short)[1:])})" if len(short) > 1 else ""))
     xa = a.x[ia]
-    p, p_name = ps[0], p_names[0]
-    xp = p.x[rows[p_name]]
     if docs[a_name]["format"] == "fedcollab-secureboost-v1":
         model = model_from_document(docs[a_name], what=f"{a_name}'s model.json")
         dec: dict[tuple[int, int], np.ndarray] = {}
@@ -757,8 +832,12 @@ def predict_vertical(run_dir: str | Path, files: dict[str, str | Path], *, nodes
             dec.update(mine)
         prob = 1.0 / (1.0 + np.exp(-active_margin(model, xa, None, dec)))
     else:
-        msg, ev = passive_lr_predict(p_name, np.array(docs[p_name]["weights"]), scale_to_unit(spec, p, xp))
-        gates[p_name].record(ev, run_id=run_id, payload=msg.values.tobytes())
-        prob = active_lr_predict(np.append(np.array(docs[a_name]["weights"]), docs[a_name]["intercept"]), scale_to_unit(spec, a, xa), msg)
+        total = np.zeros(len(ia))
+        for q in ps:  # each passive party's partial logits on the common records, recorded at its node first
+            msg, ev = passive_lr_predict(q.partner, np.array(docs[q.partner]["weights"]), scale_to_unit(spec, q, q.x[rows[q.partner]]))
+            gates[q.partner].record(ev, run_id=run_id, payload=msg.values.tobytes())
+            total += msg.values
+        prob = active_lr_predict(np.append(np.array(docs[a_name]["weights"]), docs[a_name]["intercept"]), scale_to_unit(spec, a, xa),
+                                 PartialLogits(rows=len(ia), values=total))
     ids = [a.ids[i] for i in ia]
     return pd.DataFrame({v.id_column: ids, "score": prob, "predicted": (prob >= 0.5).astype(int)})

@@ -45,9 +45,6 @@ def vertical_problems(spec: Any) -> list[str]:
     names = [p.name for p in spec.partners]
     if len(spec.partners) < 2:
         out.append(f"layout = 'vertical' takes at least 2 partners (the label holder and one or more others), got {len(spec.partners)}")
-    elif len(spec.partners) > 2 and spec.model.kind == "logistic_regression":
-        out.append(f"layout = 'vertical' with model kind 'logistic_regression' takes exactly 2 partners in this version, got {len(spec.partners)} "
-                   "(SecureBoost, kind 'gbdt', takes several passive parties)")
     if v.label_holder not in names:
         out.append(f"vertical.label_holder `{v.label_holder}` is not a partner; partners are {names}")
     if v.id_column not in declared:

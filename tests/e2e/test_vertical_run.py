@@ -503,3 +503,61 @@ def test_planned_releases_are_the_runs_noisy_releases(root):
         got = planned_releases(spec, party)
         assert len(got) == n and all(r.about == "train" and not r.non_private for r in got)
         assert compute_epsilon([r.mechanism for r in got], delta=1e-3, accountant="rdp").epsilon == pytest.approx(1.0, rel=1e-3)
+
+
+def test_vertical_lr_with_two_passive_parties_runs_resumes_scores_and_verifies(root, tmp_path, monkeypatch):
+    """Vertical LR with the lab's columns split between an ECG lab and a stress-test lab (two key holders), under record DP:
+    interrupted inside iteration 3 of 6, resumed, every party's share charged once per other party's gradient and
+    iteration (iteration 3 twice), each passive party's weights at its own node, joint scoring with all three files."""
+    import pandas as pd
+
+    from tests.conftest import three_party_vertical_spec
+
+    text = (root / "specs" / "heart-disease-vertical-lr.toml").read_text().replace("rounds = 60", "rounds = 6")
+    text = text.replace('[privacy]\nmode = "none"', '[privacy]\nmode = "record"\ntarget_epsilon = 3.0\ndelta = 1e-5')
+    spec = tmp_path / "three-lr.toml"
+    spec.write_text(three_party_vertical_spec(text, tmp_path))
+    out = tmp_path / "out"
+    _interrupt(monkeypatch, 3)
+    r = runner.invoke(app, ["run", str(spec), "--out", str(out), "--format", "json"])
+    assert r.exit_code == int(ExitCode.INTERRUPTED), r.output
+    run_id = json.loads((out / "summary.json").read_text())["run_id"]
+    for name in ("clinic", "ecg", "stress"):
+        ck = json.loads((out / "nodes" / name / "vertical" / run_id / "checkpoint.json").read_text())
+        assert ck["done"] == 3 and len(ck["weights"]) == {"clinic": 5, "ecg": 6, "stress": 3}[name], (name, len(ck["weights"]))
+    monkeypatch.undo()
+    r = runner.invoke(app, ["run", str(spec), "--out", str(out), "--resume", "--format", "json"])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["resumed_after"] == 3 and s["passive_parties"] == ["ecg", "stress"] and s["metrics"]["test_auc"] > 0.75
+    rel = [e["body"]["release"] for e in map(json.loads, (out / "ledger.jsonl").read_text().splitlines()) if e["kind"] == "release"]
+    for party in ("clinic", "ecg", "stress"):
+        mine = [r for r in rel if r["kind"] == "vertical_gradient" and r["party"] == party]
+        others = {"clinic", "ecg", "stress"} - {party}
+        for other in others:  # one release per iteration of the other party's gradient, which this party's share feeds
+            its = sorted(r["details"]["iteration"] for r in mine if r["details"]["recipient"] == other)
+            # iteration 3 (and, for a party that had already sent its next share, 4) charged twice; none lost
+            assert set(its) == set(range(6)) and its.count(3) == 2 and max(its.count(i) for i in its) == 2, (party, other, its)
+        assert {r["details"]["decrypted_by"] for r in mine} <= {"ecg", "stress"}
+    for name in ("ecg", "stress"):
+        part = json.loads(Path(s["model_parts"][name]["path"]).read_text())
+        assert Path(s["model_parts"][name]["path"]).is_relative_to(out / "nodes" / name) and len(part["weights"]) == {"ecg": 6, "stress": 3}[name]
+    r = runner.invoke(app, ["audit", "verify", str(out / "ledger.jsonl"), "--roster", str(out / "roster.json"), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    spend = json.loads(r.stdout)["spend"]
+    # All of a party's releases together: 14 of the plan's 12 (iteration 3 twice, for both other parties), above the target of 3.
+    from fedcollab.privacy.accounting import GaussianMechanism, compute_epsilon
+
+    z = s["privacy"]["plan"]["z"]
+    assert compute_epsilon([GaussianMechanism(noise_multiplier=z, releases=12)], delta=1e-5, accountant="rdp").epsilon == pytest.approx(3.0, rel=1e-4)
+    clinic_obs = [g for g in spend if g["party"] == "clinic" and g["observer"] == "passive_party"]
+    assert clinic_obs[0]["releases"] == 14 and clinic_obs[0]["epsilon"] > 3.0
+    emb = root / "fedcollab" / "data" / "embedded"
+    pd.read_csv(emb / "heart_vertical_clinic.csv").drop(columns=["num"]).to_csv(tmp_path / "clinic_new.csv", index=False)
+    r = runner.invoke(app, ["predict", "--model", str(out), "--data", str(tmp_path / "clinic_new.csv"), "--party-data", f"ecg={tmp_path / 'ecg.csv'}",
+                            "--party-data", f"stress={tmp_path / 'stress.csv'}", "--out", str(tmp_path / "scores.csv"), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    scores = pd.read_csv(tmp_path / "scores.csv")
+    assert len(scores) == s["intersection"] and scores["score"].between(0, 1).all()
+    logits = [json.loads(x) for x in (out / "nodes" / "stress" / "ledger.jsonl").read_text().splitlines()]
+    assert any(e["kind"] == "release" and e["body"]["release"]["kind"] == "vertical_logit" and e["run_id"].startswith("score-") for e in logits)

@@ -97,7 +97,7 @@ def test_layout_and_columns_must_agree() -> None:
     assert "at least 2 partners" in _problems(d)
 
 
-def test_three_parties_are_accepted_for_secureboost_not_for_linear_models() -> None:
+def test_three_parties_are_accepted_for_secureboost_and_for_logistic_regression() -> None:
     d = _data()
     lab = d["partners"][1]
     d["partners"][1] = {**lab, "columns": ["cp", "fbs", "restecg"]}
@@ -106,4 +106,4 @@ def test_three_parties_are_accepted_for_secureboost_not_for_linear_models() -> N
 
     assert len(parse_spec(d, base_dir=ROOT / "specs").partners) == 3
     d["model"] = {"kind": "logistic_regression"}
-    assert "with model kind 'logistic_regression' takes exactly 2 partners" in _problems(d)
+    assert [p.name for p in parse_spec(d, base_dir=ROOT / "specs").partners] == ["clinic", "lab", "stress"]

@@ -5,6 +5,8 @@
 * train: the whole protocol in-process (tests, benchmarks)
 * logistic: vertical logistic regression (two CKKS keys, masked gradients; docs/vertical-lr.md),
   its stages, optional DP plan, joint prediction and in-process driver
+* logistic_multi: vertical logistic regression with several passive parties (two key holders,
+  every message through the label holder; docs/vertical-lr.md, "Several passive parties")
 """
 
 from fedcollab.protocols.vertical._logistic import (
@@ -59,6 +61,7 @@ from fedcollab.protocols.vertical._party import (
     active_score_protocol,
     lookup_document,
     lr_model_document,
+    lr_roles,
     lr_setup,
     model_document,
     aligned_ids_digest,
@@ -116,6 +119,24 @@ from fedcollab.protocols.vertical._secureboost import (
     scale_bits,
     train_tree,
 )
+from fedcollab.protocols.vertical._logistic_multi import (
+    DecryptAnswer,
+    DecryptRequest,
+    LrMultiAdvert,
+    LrMultiKeys,
+    LrMultiPassive,
+    MultiLrDpPlan,
+    MultiLrResult,
+    MultiLrStart,
+    MultiQuery,
+    MultiResidual,
+    Roles,
+    SharedLogits,
+    contribution_releases,
+    lr_multi_active,
+    plan_multi_lr_dp,
+    train_vertical_lr_multi_in_process,
+)
 from fedcollab.protocols.vertical._train import Recorder, SecureBoostStart, VerticalTrainResult, train_vertical_in_process
 
 __all__ = [
@@ -127,6 +148,8 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "CommonRows",
     "Decisions",
+    "DecryptAnswer",
+    "DecryptRequest",
     "EncryptedBinSums",
     "EncryptedGradients",
     "EncryptedLogits",
@@ -140,7 +163,15 @@ __all__ = [
     "LevelSplits",
     "LookupEntry",
     "LrKeyAdvert",
+    "LrMultiAdvert",
+    "LrMultiKeys",
+    "LrMultiPassive",
     "LrStart",
+    "MultiLrDpPlan",
+    "MultiLrResult",
+    "MultiLrStart",
+    "MultiQuery",
+    "MultiResidual",
     "PROTOCOL",
     "PartialLogits",
     "PassiveAdvert",
@@ -153,8 +184,10 @@ __all__ = [
     "Recorder",
     "ResidualQuery",
     "ResumeRows",
+    "Roles",
     "ScoreResult",
     "SecureBoostStart",
+    "SharedLogits",
     "SplitNotice",
     "SplitPartition",
     "VerticalDpPlan",
@@ -186,11 +219,14 @@ __all__ = [
     "active_score_protocol",
     "aligned_ids_digest",
     "assemble_ensemble",
+    "contribution_releases",
     "decode_message",
     "encode_message",
     "joint_layout",
     "lookup_document",
     "lr_model_document",
+    "lr_multi_active",
+    "lr_roles",
     "lr_setup",
     "model_document",
     "model_from_document",
@@ -208,6 +244,7 @@ __all__ = [
     "passive_lr_predict",
     "passive_lr_update",
     "passive_party",
+    "plan_multi_lr_dp",
     "plan_vertical_dp",
     "plan_vertical_lr_dp",
     "planned_releases",
@@ -225,5 +262,6 @@ __all__ = [
     "train_tree",
     "train_vertical_in_process",
     "train_vertical_lr_in_process",
+    "train_vertical_lr_multi_in_process",
     "vertical_domain",
 ]

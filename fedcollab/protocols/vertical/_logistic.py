@@ -461,11 +461,16 @@ def passive_lr_update(state: PassiveLrState, msg: GradientAnswer) -> PassiveLrSt
 
 @dataclass(frozen=True)
 class VerticalLrModel:
-    """Both parties' parts of the model: ``w_a`` and the intercept at the active party, ``w_p`` at the passive one."""
+    """Every party's part of the model: ``w_a`` and the intercept at the active party, ``w_p`` at the passive one.
+
+    ``parts``: each passive party's weights by name (with several passive parties ``passive_weights``
+    is the first one's).
+    """
 
     active_weights: np.ndarray
     intercept: float
     passive_weights: np.ndarray
+    parts: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def passive_lr_predict(party: str, w_p: np.ndarray, x_p: np.ndarray, *, round_: int = 0) -> tuple[PartialLogits, Release]:
@@ -614,7 +619,7 @@ def train_vertical_lr_in_process(active: tuple[str, np.ndarray, np.ndarray], pas
         if on_checkpoint is not None and p.iteration < iterations:
             on_checkpoint(LrStart(iterations=p.iteration, active_weights=a.w.copy(), passive_weights=p.w.copy()))
     spi = (time.perf_counter() - t0) / max(1, iterations - first)
-    model = VerticalLrModel(active_weights=a.w[:-1].copy(), intercept=float(a.w[-1]), passive_weights=p.w.copy())
+    model = VerticalLrModel(active_weights=a.w[:-1].copy(), intercept=float(a.w[-1]), passive_weights=p.w.copy(), parts={p_name: p.w.copy()})
     return VerticalLrResult(model=model, releases=releases, wire_bytes=wire, seconds_per_iteration=spi, messages=messages)
 
 

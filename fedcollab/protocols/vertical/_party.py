@@ -63,6 +63,7 @@ from fedcollab.protocols.vertical._logistic import (
     passive_lr_update,
     plan_vertical_lr_dp,
 )
+from fedcollab.protocols.vertical._logistic_multi import MultiLrDpPlan, Roles, contribution_releases, plan_multi_lr_dp
 from fedcollab.protocols.vertical._secureboost import (
     EncryptedBinSums,
     EncryptedGradients,
@@ -493,23 +494,36 @@ def scale_to_unit(spec: Spec, party: VerticalPartyData, x: np.ndarray) -> np.nda
     return np.clip((arr - b[:, 0]) / width, 0.0, 1.0)
 
 
-def lr_setup(spec: Spec) -> tuple[VerticalLrParams, VerticalLrDpPlan | None]:
-    """Both parties' vertical-LR parameters and DP plan, from the spec alone (each party derives them itself).
+def lr_roles(spec: Spec) -> Roles:
+    """Who is who in a vertical LR run of ``spec``: the label holder, the passive parties in the spec's order, each one's feature count."""
+    v = spec.vertical
+    assert v is not None and spec.model.kind == "logistic_regression"
+    names = [p.name for p in spec.partners]
+    feats = {n: len(encoded_names(spec.data_schema, party_features(spec, n))) for n in names}
+    return Roles(active=v.label_holder, passives=tuple(n for n in names if n != v.label_holder), features=feats)
+
+
+def lr_setup(spec: Spec) -> tuple[VerticalLrParams, VerticalLrDpPlan | MultiLrDpPlan | None]:
+    """Every party's vertical-LR parameters and DP plan, from the spec alone (each party derives them itself).
 
     The feature counts are those the spec gives each party (its columns, one-hot encoded), so a
-    party's noise never depends on what the other party claims.
+    party's noise never depends on what another party claims. One passive party: the two-key
+    protocol's :class:`VerticalLrDpPlan`; several: :class:`MultiLrDpPlan` (docs/vertical-lr.md).
     """
     v = spec.vertical
     assert v is not None and spec.model.kind == "logistic_regression"
-    passive = next(p.name for p in spec.partners if p.name != v.label_holder)
-    d_a = len(encoded_names(spec.data_schema, party_features(spec, v.label_holder)))
-    d_p = len(encoded_names(spec.data_schema, party_features(spec, passive)))
+    passives = [p.name for p in spec.partners if p.name != v.label_holder]
     params = VerticalLrParams(iterations=spec.training.rounds, learning_rate=float(spec.training.learning_rate))
-    plan = None
-    if spec.privacy.mode == "record":
-        assert spec.privacy.target_epsilon is not None and spec.privacy.delta is not None
-        plan = plan_vertical_lr_dp(iterations=params.iterations, d_active=d_a, d_passive=d_p, target_epsilon=spec.privacy.target_epsilon,
-                                   delta=spec.privacy.delta)
+    if spec.privacy.mode != "record":
+        return params, None
+    assert spec.privacy.target_epsilon is not None and spec.privacy.delta is not None
+    if len(passives) > 1:
+        return params, plan_multi_lr_dp(iterations=params.iterations, parties=len(spec.partners), target_epsilon=spec.privacy.target_epsilon,
+                                        delta=spec.privacy.delta)
+    d_a = len(encoded_names(spec.data_schema, party_features(spec, v.label_holder)))
+    d_p = len(encoded_names(spec.data_schema, party_features(spec, passives[0])))
+    plan = plan_vertical_lr_dp(iterations=params.iterations, d_active=d_a, d_passive=d_p, target_epsilon=spec.privacy.target_epsilon,
+                               delta=spec.privacy.delta)
     return params, plan
 
 
@@ -528,7 +542,7 @@ def planned_releases(spec: Spec, party: str, *, after: int = 0) -> list[Release]
     ``after``: a resumed run's trees (SecureBoost) or iterations (LR) already done; only the rest are planned.
 
     Under record-level DP: vertical LR, every party one Gaussian gradient release per iteration
-    (to the other party); SecureBoost, every passive party one Gaussian bin-sum release per level
+    per other party (the other party's gradient, which its share feeds); SecureBoost, every passive party one Gaussian bin-sum release per level
     of every tree (to the label holder; a tree that stops early makes fewer). Without DP: none are
     charged (the run's releases are non-private; the policy and the gate decide on them one by one).
     Every planned noise multiplier is the one the run will use, from the spec alone.
@@ -539,6 +553,8 @@ def planned_releases(spec: Spec, party: str, *, after: int = 0) -> list[Release]
     active = party == v.label_holder
     if spec.model.kind == "logistic_regression":
         params, plan = lr_setup(spec)
+        if isinstance(plan, MultiLrDpPlan):
+            return [ev for i in range(after, params.iterations) for ev in contribution_releases(lr_roles(spec), party, i, plan, planned=True)]
         assert plan is not None
         return [Release(kind="vertical_gradient", about="train", unit="record", observer="passive_party" if active else "label_holder",
                         added_by=party, party=party, round=i, mechanism=GaussianMechanism(noise_multiplier=plan.z, releases=1),
@@ -1037,6 +1053,6 @@ def relay(active: Generator[Outbox, Mapping[str, Sequence[object]], ActiveResult
 
 
 __all__ = ["Ack", "ActiveLrResult", "ActiveResult", "CommonRows", "Decisions", "PassiveLrParty", "PassiveParty", "PredictRequest",
-           "active_layout", "active_lr_protocol", "active_protocol", "lookup_document", "lr_model_document", "lr_setup", "model_document",
+           "active_layout", "active_lr_protocol", "active_protocol", "lookup_document", "lr_model_document", "lr_roles", "lr_setup", "model_document",
            "passive_layout", "passive_party", "planned_releases", "relay", "release_test_metrics", "scale_to_unit", "spec_split", "split_aligned",
            "vertical_domain"]
