@@ -31,7 +31,7 @@ _NOTES = {
     "psi_intersection": "the intersection of the parties' record ids (size, and membership when revealed), declared (docs/vertical.md)",
     "vertical_histogram": "per-bin gradient and hessian sums over the passive party's bins, decrypted by the label holder, without DP",
     "vertical_partition": "which records go left at a split (or are open at a level): SecureBoost's instance space, declared",
-    "vertical_gradient": "one party's gradient of the vertical logistic regression, computed from the other's data, without DP",
+    "vertical_gradient": "one party's gradient of the vertical logistic regression, computed from the other parties' data, without DP",
     "vertical_logit": "the passive party's partial logits of the rows scored jointly, declared",
 }
 _PARTNER_KINDS = {"distributed": ("coordinator", "ddg_update", "ddg"), "central": ("model_recipients", "central_dp_update", "gaussian")}

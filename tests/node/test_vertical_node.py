@@ -280,6 +280,36 @@ def test_vertical_logistic_regression_through_the_relay(tmp_path):
     assert blob and not any(w in blob for w in wb)
 
 
+def test_vertical_logistic_regression_with_two_passive_parties_through_the_relay(tmp_path):
+    """Vertical LR with the lab split into an ECG lab and a stress lab, deployed: two key holders, three relay steps an
+    iteration, each passive party's weights only at its node, each party's share booked once per other party's gradient."""
+    import numpy as np
+
+    text = (ROOT / "specs" / "heart-disease-vertical-lr.toml").read_text().replace("rounds = 60", "rounds = 4")
+    (tmp_path / "three-lr.toml").write_text(three_party_vertical_spec(text, tmp_path))
+    spec = load_spec(tmp_path / "three-lr.toml")
+    parties = ("clinic", "ecg", "stress")
+    grid = Grid(spec, tmp_path, parties=parties, kinds=("logistic_regression",))
+    ledger = RunLedger(tmp_path / "ledger.jsonl", key=grid.key, roster=grid.ledger_run_roster(), run_id="run-lr3")
+    out = run_vertical(spec, grid, ledger=ledger, timeout=30)
+    assert out["model"] == "vertical-logistic-regression" and out["passive_parties"] == ["ecg", "stress"] and out["test_auc"] > 0.7
+    assert int(verify_ledger(tmp_path / "ledger.jsonl", grid.ledger_run_roster()).exit_code) == 0
+    blob = b"".join(bytes(v) for r in grid.sent for k in ("vertical.out",) if (rec := r.content.config_records.get(k)) is not None
+                    for v in rec.values())
+    for name in ("ecg", "stress"):
+        part = json.loads((grid.homes[name].root / out["model_parts"][name]["model_part"]).read_text())
+        assert len(part["weights"]) == {"ecg": 6, "stress": 3}[name] and "intercept" not in part
+        assert not any(np.float64(w).tobytes() in blob for w in part["weights"]), name  # its weights never crossed
+    for party in parties:
+        rel = [e["body"]["release"] for e in _entries(grid.homes[party]) if e["kind"] == "release" and e["body"]["release"]["kind"] == "vertical_gradient"]
+        want = sorted((i, x) for i in range(4) for x in set(parties) - {party})
+        assert sorted((r["details"]["iteration"], r["details"]["recipient"]) for r in rel) == want, party
+    # the deployed model scores the nodes' records jointly: both passive parties' partial logits, the scores at the clinic's node
+    score = run_vertical(spec, grid, ledger=RunLedger(tmp_path / "score.jsonl", key=grid.key, roster=grid.ledger_run_roster(), run_id="score-3"),
+                         timeout=30, score="run-lr3")
+    assert score["scored"] == out["intersection"] and _scored_test_auc(spec, grid, score) == pytest.approx(out["test_auc"], abs=1e-9)
+
+
 def test_vertical_logistic_regression_needs_the_model_kind_in_every_policy(tmp_path):
     """A lab whose policy allows only trees refuses a vertical LR run at hello, with a code; nothing sealed leaves it."""
     spec = load_spec(ROOT / "specs" / "heart-disease-vertical-lr.toml")
@@ -424,6 +454,29 @@ def test_a_deployed_vertical_lr_run_resumes_from_each_nodes_checkpoint(tmp_path)
         # The lab's release of iteration 1 (in the lost reply) is made again after the resume: charged twice, lost never.
         assert its == (list(range(6)) if party == "clinic" else [0, 1, 1, 2, 3, 4, 5]), (party, its)
         assert sum(1 for r in rel if r["kind"] == "psi_intersection") == 1
+    assert int(verify_ledger(tmp_path / "ledger.jsonl", grid.ledger_run_roster()).exit_code) == 0
+
+
+def test_a_deployed_vertical_lr_run_with_two_passive_parties_resumes(tmp_path):
+    """Three-party vertical LR stopped once the clinic has checkpointed, every node restarted: each resumes from its own
+    checkpoint (no second PSI), every party's share of every iteration booked for each other party, the ledger verifies."""
+    text = (ROOT / "specs" / "heart-disease-vertical-lr.toml").read_text().replace("rounds = 60", "rounds = 4")
+    (tmp_path / "three-lr.toml").write_text(three_party_vertical_spec(text, tmp_path))
+    spec = load_spec(tmp_path / "three-lr.toml")
+    parties = ("clinic", "ecg", "stress")
+    grid = Grid(spec, tmp_path / "cut", parties=parties, kinds=("logistic_regression",))
+    ledger, done = _interrupted(spec, grid, tmp_path / "ledger.jsonl", "run-lr3-cut")
+    assert done["clinic"] == 1 and set(done.values()) <= {1, 2}
+    out = run_vertical(spec, grid, ledger=ledger, timeout=30, resume=True)
+    assert out["iterations"] == 4 and out["test_auc"] > 0.7
+    for party in parties:
+        rel = [e["body"]["release"] for e in _entries(grid.homes[party]) if e["kind"] == "release" and e["run_id"] == "run-lr3-cut"]
+        # one PSI per passive party (the clinic's two, and its notice to the ECG lab of the records common to all), none after the resume
+        assert sum(1 for r in rel if r["kind"] == "psi_intersection") == (3 if party == "clinic" else 1), party
+        for other in set(parties) - {party}:
+            its = sorted(r["details"]["iteration"] for r in rel if r["kind"] == "vertical_gradient" and r["details"]["recipient"] == other)
+            assert set(its) == set(range(4)) and max(its.count(i) for i in its) <= 2, (party, other, its)
+        assert not (grid.homes[party].root / "vertical" / "run-lr3-cut" / "checkpoint.json").exists()
     assert int(verify_ledger(tmp_path / "ledger.jsonl", grid.ledger_run_roster()).exit_code) == 0
 
 

@@ -42,6 +42,7 @@ from fedcollab.protocols.gbdt import BinLayout, layout_from_bounds
 from fedcollab.protocols.vertical._codec import register
 from fedcollab.protocols.vertical._logistic import (
     EncryptedLogits,
+    _answer,
     GradientAnswer,
     GradientExchange,
     LrKeyAdvert,
@@ -63,7 +64,15 @@ from fedcollab.protocols.vertical._logistic import (
     passive_lr_update,
     plan_vertical_lr_dp,
 )
-from fedcollab.protocols.vertical._logistic_multi import MultiLrDpPlan, Roles, contribution_releases, plan_multi_lr_dp
+from fedcollab.protocols.vertical._logistic_multi import (
+    LrMultiAdvert,
+    LrMultiPassive,
+    MultiLrDpPlan,
+    Roles,
+    contribution_releases,
+    lr_multi_active,
+    plan_multi_lr_dp,
+)
 from fedcollab.protocols.vertical._secureboost import (
     EncryptedBinSums,
     EncryptedGradients,
@@ -597,8 +606,11 @@ def active_lr_protocol(spec: Spec, data: VerticalPartyData, passives: Sequence[s
     on the test rows come back with it. ``rng``: the label holder's flooding (and DP) noise.
     """
     v = spec.vertical
-    if v is None or data.y is None or len(passives) != 1:
-        raise ProtocolError("vertical-lr: the label holder's run needs a vertical spec, its labels and exactly one passive party")
+    if v is None or data.y is None or not passives:
+        raise ProtocolError("vertical-lr: the label holder's run needs a vertical spec, its labels and at least one passive party")
+    if len(passives) > 1:
+        return (yield from _active_lr_multi(spec, data, passives, run_id=run_id, record=record, rng=rng, min_intersection=min_intersection,
+                                            on_iteration=on_iteration, checkpoint=checkpoint, resume=resume))
     (p,) = passives
     params, plan = lr_setup(spec)
     if resume is not None:
@@ -643,6 +655,51 @@ def active_lr_protocol(spec: Spec, data: VerticalPartyData, passives: Sequence[s
                           test_accuracy=acc, iterations=params.iterations)
 
 
+def _active_lr_multi(spec: Spec, data: VerticalPartyData, passives: Sequence[str], *, run_id: str, record: Recorder,
+                     rng: np.random.Generator | None, min_intersection: int, on_iteration: Callable[[int], None] | None,
+                     checkpoint: Checkpointer | None, resume: Mapping[str, object] | None) -> Generator[Outbox, Mapping[str, Sequence[object]], ActiveLrResult]:
+    """:func:`active_lr_protocol` with several passive parties: the same PSI and split, then :func:`lr_multi_active` (three exchanges an iteration)."""
+    roles = lr_roles(spec)
+    if tuple(passives) != roles.passives:
+        raise ProtocolError(f"vertical-lr: the passive parties must be the spec's, in its order: {list(roles.passives)}, got {list(passives)}")
+    params, plan = lr_setup(spec)
+    assert plan is None or isinstance(plan, MultiLrDpPlan)
+    weights = None
+    if resume is not None:
+        al, first = _resumed(spec, data, passives, resume)
+        if first >= params.iterations:
+            raise ProtocolError(f"vertical resume: the checkpoint's done = {first} leaves none of the {params.iterations} iterations")
+        weights = np.asarray(resume.get("weights"), dtype=np.float64)
+    else:
+        al = yield from _align(spec, data, passives, run_id=run_id, record=record, min_intersection=min_intersection)
+        first = 0
+    xa, y = scale_to_unit(spec, data, data.x[al.sel]), data.y[al.sel]
+    assert y is not None
+    inbox = yield {p: al.opening[p] for p in passives}
+    got = _opened(inbox, passives, resumed=al.resumed)
+    adverts = {}
+    for p in passives:
+        if len(got[p]) != 1 or not isinstance(got[p][0], LrMultiAdvert):
+            raise ProtocolError(f"vertical-lr: expected {p!r}'s advert, got {[type(m).__name__ for m in got[p]]}")
+        adverts[p] = got[p][0]
+
+    def ckpt(done: int, w: np.ndarray) -> None:
+        if checkpoint is not None:
+            checkpoint(done, {**rows_body(data, al.sel), "weights": [float(x) for x in w]})
+
+    w, inbox = yield from lr_multi_active(xa[al.train], y[al.train], roles=roles, adverts=adverts, params=params, plan=plan, rng=rng,
+                                          record=record, first=first, weights=weights, final=(PredictRequest(),), on_iteration=on_iteration,
+                                          checkpoint=ckpt)
+    total = np.zeros(len(al.test))
+    for p in passives:
+        part = _only(inbox, p, PartialLogits)
+        total += _answer(part.values, len(al.test), f"{p}'s partial logits")  # type: ignore[attr-defined]
+    prob = active_lr_predict(w, xa[al.test], PartialLogits(rows=len(al.test), values=total))
+    _, auc, acc = release_test_metrics(data.partner, y[al.test], prob, round_=params.iterations, record=record)
+    return ActiveLrResult(weights=w[:-1].copy(), intercept=float(w[-1]), features=tuple(data.feature_names), intersection=int(len(al.sel)),
+                          n_train=int(len(al.train)), n_test=int(len(al.test)), test_auc=auc, test_accuracy=acc, iterations=params.iterations)
+
+
 # ----------------------------------------------------------------------------------- joint scoring of new records
 
 
@@ -678,8 +735,6 @@ def active_score_protocol(spec: Spec, data: VerticalPartyData, passives: Sequenc
     if v is None or not passives:
         raise ProtocolError("vertical scoring: the label holder's run needs a vertical spec and at least one passive party")
     trees = model_from_document(part, what="the label holder's model part") if part.get("format") == "fedcollab-secureboost-v1" else None
-    if trees is None and len(passives) != 1:
-        raise ProtocolError("vertical scoring: a vertical LR model has exactly one passive party")
     al = yield from _align(spec, data, passives, run_id=run_id, record=record, min_intersection=min_intersection)
     inbox = yield {p: al.opening[p] + (PredictRequest(),) for p in passives}
     got = _opened(inbox, passives)
@@ -702,7 +757,11 @@ def active_score_protocol(spec: Spec, data: VerticalPartyData, passives: Sequenc
         b = part.get("intercept")
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b):
             raise ProtocolError(f"the label holder's model part: intercept: expected a finite number, got {b!r}")
-        prob = active_lr_predict(np.append(w, float(b)), scale_to_unit(spec, data, x), _only({passives[0]: got[passives[0]][1:]}, passives[0], PartialLogits))  # type: ignore[arg-type]
+        total = np.zeros(n)
+        for p in passives:  # every passive party's partial logits, summed at the label holder
+            part = _only({p: got[p][1:]}, p, PartialLogits)
+            total += _answer(part.values, n, f"{p}'s partial logits")  # type: ignore[attr-defined]
+        prob = active_lr_predict(np.append(w, float(b)), scale_to_unit(spec, data, x), PartialLogits(rows=n, values=total))
     return ScoreResult(ids=tuple(data.ids[i] for i in al.sel), scores=np.asarray(prob, dtype=np.float64), intersection=n)
 
 
@@ -958,6 +1017,67 @@ class PassiveLrParty(_PassiveAligned):
         return out
 
 
+class PassiveLrMultiParty(_PassiveAligned):
+    """A passive party's side of a vertical LR run with several passive parties (:class:`LrMultiPassive` after the PSI)."""
+
+    def __init__(self, spec: Spec, data: VerticalPartyData, *, active: str, run_id: str, record: Recorder,
+                 rng: np.random.Generator | None, min_intersection: int = 1, checkpoint: Checkpointer | None = None,
+                 resume: Mapping[str, object] | None = None) -> None:
+        super().__init__(spec, data, active=active, run_id=run_id, record=record, rng=rng, min_intersection=min_intersection,
+                         checkpoint=checkpoint, resume=resume)
+        self.params, plan = lr_setup(spec)
+        assert plan is None or isinstance(plan, MultiLrDpPlan)
+        self.plan = plan
+        self.roles = lr_roles(spec)
+        self._node: LrMultiPassive | None = None
+
+    @property
+    def weights(self) -> np.ndarray:
+        """Its weights so far (they never leave the node)."""
+        return self._node.w.copy() if self._node is not None else np.zeros(len(self.data.feature_names))
+
+    def document(self) -> tuple[str, dict[str, object]]:
+        """Its part of the model as its node writes it: ``(file name, document)``."""
+        return "weights.json", lr_model_document(self.data.feature_names, self.weights)
+
+    def _start(self, x: np.ndarray, train: np.ndarray, test: np.ndarray) -> LrMultiAdvert:
+        if self.rng is None:
+            raise ProtocolError("vertical-lr: the passive party needs the node's noise generator (flooding, DP)")
+        xs = scale_to_unit(self.spec, self.data, x)
+        self._node = LrMultiPassive(self.data.partner, xs[train], roles=self.roles, params=self.params, plan=self.plan, rng=self.rng,
+                                    record=self.record)
+        self._test_x = xs[test]
+        return self._node.advert()
+
+    def _restore(self, done: int, mine: int) -> None:
+        assert self._node is not None and self._resume is not None
+        key = "weights" if done == mine else "previous" if done == mine - 1 else None
+        if key is None or done < 1 or done >= self.params.iterations or key not in self._resume:
+            raise ProtocolError(f"vertical resume: the label holder resumes after {done} iteration(s); this party's checkpoint covers {mine}")
+        w = np.asarray(self._resume[key], dtype=np.float64)
+        if w.shape != self._node.w.shape or not np.isfinite(w).all():
+            raise ProtocolError(f"vertical resume: the checkpoint's {key} must be {len(self._node.w)} finite values, got shape {w.shape}")
+        self._node.w, self._node.iteration = w, done
+
+    def _train(self, msg: object) -> tuple[object, ...]:
+        assert self._node is not None
+        before = self._node.w.copy()
+        out = self._node.handle(msg)
+        if isinstance(msg, GradientAnswer) and out and self.checkpoint is not None:
+            # written before its next share leaves; the label holder checkpoints this iteration when every share has arrived
+            self.checkpoint(self._node.iteration, {**self._body(), "weights": [float(x) for x in self._node.w],
+                                                   "previous": [float(x) for x in before]})
+        return out
+
+    def _predict(self) -> PartialLogits:
+        assert self._node is not None and self._test_x is not None
+        if self._node.iteration < self.params.iterations:
+            raise ProtocolError(f"vertical-lr: prediction before training ended ({self._node.iteration} of {self.params.iterations} iterations)")
+        out, event = passive_lr_predict(self.data.partner, self._node.w, self._test_x, round_=self.params.iterations)
+        self.record(event, out.values.tobytes())
+        return out
+
+
 class PassiveScorer(_PassiveAligned):
     """A passive party's side of a scoring run (:func:`active_score_protocol`): its PSI, then its part of the model on every common record.
 
@@ -1008,13 +1128,16 @@ class PassiveScorer(_PassiveAligned):
 
 def passive_party(spec: Spec, data: VerticalPartyData, *, active: str, run_id: str, record: Recorder, rng: np.random.Generator | None,
                   min_intersection: int = 1, min_node_rows: int = 1, checkpoint: Checkpointer | None = None,
-                  resume: Mapping[str, object] | None = None) -> PassiveParty | PassiveLrParty:
+                  resume: Mapping[str, object] | None = None) -> PassiveParty | PassiveLrParty | PassiveLrMultiParty:
     """The passive party's handler for the spec's model kind (SecureBoost or vertical logistic regression).
 
     ``checkpoint(done, body)`` receives its state as each tree (iteration) after the first begins;
     ``resume`` (the body of its last checkpoint) makes it answer a :class:`ResumeRows` opening
     instead of a PSI.
     """
+    if spec.model.kind == "logistic_regression" and spec.vertical is not None and len(spec.partners) > 2:
+        return PassiveLrMultiParty(spec, data, active=active, run_id=run_id, record=record, rng=rng, min_intersection=min_intersection,
+                                   checkpoint=checkpoint, resume=resume)
     if spec.model.kind == "logistic_regression":
         return PassiveLrParty(spec, data, active=active, run_id=run_id, record=record, rng=rng, min_intersection=min_intersection,
                               checkpoint=checkpoint, resume=resume)
@@ -1052,7 +1175,7 @@ def relay(active: Generator[Outbox, Mapping[str, Sequence[object]], ActiveResult
         return stop.value  # type: ignore[no-any-return]
 
 
-__all__ = ["Ack", "ActiveLrResult", "ActiveResult", "CommonRows", "Decisions", "PassiveLrParty", "PassiveParty", "PredictRequest",
+__all__ = ["Ack", "ActiveLrResult", "ActiveResult", "CommonRows", "Decisions", "PassiveLrMultiParty", "PassiveLrParty", "PassiveParty", "PredictRequest",
            "active_layout", "active_lr_protocol", "active_protocol", "lookup_document", "lr_model_document", "lr_roles", "lr_setup", "model_document",
            "passive_layout", "passive_party", "planned_releases", "relay", "release_test_metrics", "scale_to_unit", "spec_split", "split_aligned",
            "vertical_domain"]
