@@ -33,6 +33,10 @@ a lab with 6; each misses a seeded 15 % of the other's patients), through ``run_
   same spec as deployed nodes run it (PSI and training as sealed codec messages, relayed):
   its test AUC, its seconds over the in-process run's (alignment and training), its relay
   steps and relayed megabytes.
+* ``vertical_lr_three_party_*``: the same rows with the lab's columns split between an ECG lab and
+  a stress lab (two passive parties, the two-key-holder protocol), beside the two-party protocol
+  in the same run: test AUC of each, the largest weight difference, seconds three over two, and
+  seconds and megabytes per iteration.
 
 Run:  .venv/bin/python benchmarks/vertical.py [--psi-only | --skip-psi] [--psi-n 1000000] [--psi-overlap 0.5] [--workers 2]
 """
@@ -220,6 +224,49 @@ def bench_vertical_lr(tmp: Path) -> dict[str, Any]:
             "vertical_lr_relay_steps": relay["steps"], "vertical_lr_relay_mb": round(relay["bytes"] / 1e6, 2)}
 
 
+def bench_vertical_lr_multi(tmp: Path) -> dict[str, Any]:
+    """Vertical LR with the lab's columns split between two passive parties, beside the two-party protocol on the same rows.
+
+    The aligned, scaled rows of the two-party Heart run; the lab's columns split as an ECG lab
+    (``cp``, ``fbs``, ``restecg``: its first 6 encoded columns) and a stress lab (``thalch``,
+    ``exang``, ``oldpeak``). Both protocols in one process, same iterations and learning rate:
+    the same model (up to the CKKS flooding noise), at the price of a third exchange and two
+    public-key encryptions a party and iteration.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    from fedcollab.protocols.vertical import train_vertical_lr_in_process, train_vertical_lr_multi_in_process
+    from fedcollab.runner._vertical import run_vertical
+    from fedcollab.spec import load_spec
+
+    spec = load_spec(ROOT / "specs" / "heart-disease-vertical-lr.toml")
+    o = run_vertical(spec, out=tmp / "vertical-lr-rows").outcome
+    assert o is not None
+    d = o.data
+    tr, te, y = d["train"], d["test"], d["y"]
+    xa, xp = d["xa"], d["xp"]
+    ecg, stress = xp[:, :6], xp[:, 6:]
+    kw = dict(iterations=spec.training.rounds, learning_rate=spec.training.learning_rate, rng=np.random.default_rng(0))
+    t0 = time.perf_counter()
+    two = train_vertical_lr_in_process(("clinic", xa[tr], y[tr]), ("lab", xp[tr]), **kw)  # type: ignore[arg-type]
+    t_two = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    three = train_vertical_lr_multi_in_process(("clinic", xa[tr], y[tr]), [("ecg", ecg[tr]), ("stress", stress[tr])], **kw)  # type: ignore[arg-type]
+    t_three = time.perf_counter() - t0
+    m2 = two.model
+    w2 = np.concatenate([m2.active_weights, [m2.intercept], m2.passive_weights])
+    w3 = np.concatenate([three.active_weights, [three.intercept], three.passive_weights["ecg"], three.passive_weights["stress"]])
+    auc2 = float(roc_auc_score(y[te], xa[te] @ m2.active_weights + m2.intercept + xp[te] @ m2.passive_weights))
+    auc3 = float(roc_auc_score(y[te], xa[te] @ three.active_weights + three.intercept + ecg[te] @ three.passive_weights["ecg"]
+                               + stress[te] @ three.passive_weights["stress"]))
+    it = spec.training.rounds
+    return {"vertical_lr_three_party_auc": round(auc3, 4), "vertical_lr_two_party_auc_same_rows": round(auc2, 4),
+            "vertical_lr_three_vs_two_party_max_weight_diff": float(f"{np.abs(w3 - w2).max():.2e}"),
+            "vertical_lr_three_vs_two_party_seconds": round(t_three / max(t_two, 1e-9), 2),
+            "vertical_lr_three_party_seconds_per_iteration": round(t_three / it, 4),
+            "vertical_lr_three_party_wire_mb_per_iteration": round(three.wire_bytes / it / 1e6, 2)}
+
+
 def _vertical_lr_relay(spec: Any) -> dict[str, Any]:
     """The same spec as the deployed nodes run it: PSI and training as codec messages sealed end to end, relayed.
 
@@ -275,6 +322,8 @@ def main() -> int:
             out |= bench_secureboost(Path(tmp), n_trees=args.trees)
             console.print("[cyan]vertical[/] vertical logistic regression ...")
             out |= bench_vertical_lr(Path(tmp))
+            console.print("[cyan]vertical[/] vertical logistic regression with two passive parties ...")
+            out |= bench_vertical_lr_multi(Path(tmp))
     if not args.skip_psi:
         out |= bench_primitive()
         out |= bench_psi(args.psi_n, args.psi_overlap, workers=args.workers)
