@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Protocol
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -365,7 +366,12 @@ def passive_lr_logits(state: PassiveLrState) -> tuple[PassiveLrState, EncryptedL
     return replace(state, expect="residual"), EncryptedLogits(iteration=state.iteration, chunks=chunks)
 
 
-def _share(v: np.ndarray, plan: VerticalLrDpPlan | None, what: str) -> np.ndarray:
+class _Clipping(Protocol):
+    residual_clip: float
+
+
+def _share(v: np.ndarray, plan: _Clipping | None, what: str) -> np.ndarray:
+    """A party's residual share: clipped to the plan's ``[-c, c]`` under DP, else refused when it diverges."""
     if plan is not None:
         return np.clip(v, -plan.residual_clip, plan.residual_clip)
     if not np.isfinite(v).all() or np.abs(v).max() > MAX_ABS_LOGIT:

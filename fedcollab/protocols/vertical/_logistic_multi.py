@@ -67,10 +67,10 @@ from fedcollab.crypto import LR_FLOOD_STD, LrPublicContext, LrSecretContext, lr_
 from fedcollab.privacy.accounting import GaussianMechanism, NonPrivate, Release, calibrate_noise_multiplier, compute_epsilon
 from fedcollab.protocols.vertical._codec import register
 from fedcollab.protocols.vertical._logistic import (
-    MAX_ABS_LOGIT,
     GradientAnswer,
     VerticalLrParams,
     _answer,
+    _share,
     _nbytes,
     _step,
 )
@@ -227,14 +227,6 @@ class Roles:
         return "label_holder" if party == self.active else "passive_party"
 
 
-def _clip(v: np.ndarray, plan: MultiLrDpPlan | None, what: str) -> np.ndarray:
-    if plan is not None:
-        return np.clip(v, -plan.residual_clip, plan.residual_clip)
-    if not np.isfinite(v).all() or np.abs(v).max() > MAX_ABS_LOGIT:
-        raise ProtocolError(f"vertical-lr: {what} exceed |{MAX_ABS_LOGIT:g}| (diverging; lower the learning rate).")
-    return v
-
-
 def _matrix(x: np.ndarray, what: str, plan: MultiLrDpPlan | None) -> np.ndarray:
     arr = np.asarray(x, dtype=np.float64)
     if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1 or not np.isfinite(arr).all():
@@ -351,7 +343,7 @@ class LrMultiPassive:
 
     def share(self) -> np.ndarray:
         """Its residual share ``0.25 X_k w_k`` (clipped under DP)."""
-        return _clip(0.25 * (self.x @ self.w), self.plan, f"{self.party}'s partial logits")
+        return _share(0.25 * (self.x @ self.w), self.plan, f"{self.party}'s partial logits")
 
     def _logits(self) -> SharedLogits:
         if self.iteration >= self.params.iterations:
@@ -488,7 +480,7 @@ def lr_multi_active(x: np.ndarray, y: np.ndarray, *, roles: Roles, adverts: Mapp
                          _ciphertexts(sl.second, lr_n_chunks(n), f"{p}'s share under the second key"))
         if it > first and checkpoint is not None:
             checkpoint(it, w.copy())
-        a = _clip(0.25 * (xa @ w) + 0.5 - yy, plan, "the label holder's residual share")
+        a = _share(0.25 * (xa @ w) + 0.5 - yy, plan, "the label holder's residual share")
         for ev in contribution_releases(roles, roles.active, it, plan):
             if record is not None:
                 record(ev, a.tobytes())

@@ -962,7 +962,16 @@ class PassiveLrParty(_PassiveAligned):
     @property
     def weights(self) -> np.ndarray:
         """Its weights so far (they never leave the node)."""
-        return self._state.w.copy() if self._state is not None else np.zeros(len(self.data.feature_names))
+        now = self._now()
+        return now[0].copy() if now is not None else np.zeros(len(self.data.feature_names))
+
+    def _now(self) -> tuple[np.ndarray, int] | None:
+        """Its weights and the iterations it has applied (None before the common rows)."""
+        return (self._state.w, self._state.iteration) if self._state is not None else None
+
+    def _set(self, w: np.ndarray, done: int) -> None:
+        assert self._state is not None
+        self._state = dataclasses.replace(self._state, w=w, iteration=done)
 
     def document(self) -> tuple[str, dict[str, object]]:
         """Its part of the model as its node writes it: ``(file name, document)``."""
@@ -977,14 +986,15 @@ class PassiveLrParty(_PassiveAligned):
         return advert
 
     def _restore(self, done: int, mine: int) -> None:
-        assert self._state is not None and self._resume is not None
+        now = self._now()
+        assert now is not None and self._resume is not None
         key = "weights" if done == mine else "previous" if done == mine - 1 else None
         if key is None or done < 1 or done >= self.params.iterations or key not in self._resume:
             raise ProtocolError(f"vertical resume: the label holder resumes after {done} iteration(s); this party's checkpoint covers {mine}")
         w = np.asarray(self._resume[key], dtype=np.float64)
-        if w.shape != self._state.w.shape or not np.isfinite(w).all():
-            raise ProtocolError(f"vertical resume: the checkpoint's {key} must be {len(self._state.w)} finite values, got shape {w.shape}")
-        self._state = dataclasses.replace(self._state, w=w, iteration=done)
+        if w.shape != now[0].shape or not np.isfinite(w).all():
+            raise ProtocolError(f"vertical resume: the checkpoint's {key} must be {len(now[0])} finite values, got shape {w.shape}")
+        self._set(w, done)
 
     def _train(self, msg: object) -> tuple[object, ...]:
         assert self._state is not None
@@ -1009,15 +1019,16 @@ class PassiveLrParty(_PassiveAligned):
         raise ProtocolError(f"vertical-lr: a passive party does not answer {type(msg).__name__}")
 
     def _predict(self) -> PartialLogits:
-        assert self._state is not None and self._test_x is not None
-        if self._state.iteration < self.params.iterations:
-            raise ProtocolError(f"vertical-lr: prediction before training ended ({self._state.iteration} of {self.params.iterations} iterations)")
-        out, event = passive_lr_predict(self.data.partner, self._state.w, self._test_x, round_=self.params.iterations)
+        now = self._now()
+        assert now is not None and self._test_x is not None
+        if now[1] < self.params.iterations:
+            raise ProtocolError(f"vertical-lr: prediction before training ended ({now[1]} of {self.params.iterations} iterations)")
+        out, event = passive_lr_predict(self.data.partner, now[0], self._test_x, round_=self.params.iterations)
         self.record(event, out.values.tobytes())
         return out
 
 
-class PassiveLrMultiParty(_PassiveAligned):
+class PassiveLrMultiParty(PassiveLrParty):
     """A passive party's side of a vertical LR run with several passive parties (:class:`LrMultiPassive` after the PSI)."""
 
     def __init__(self, spec: Spec, data: VerticalPartyData, *, active: str, run_id: str, record: Recorder,
@@ -1025,39 +1036,25 @@ class PassiveLrMultiParty(_PassiveAligned):
                  resume: Mapping[str, object] | None = None) -> None:
         super().__init__(spec, data, active=active, run_id=run_id, record=record, rng=rng, min_intersection=min_intersection,
                          checkpoint=checkpoint, resume=resume)
-        self.params, plan = lr_setup(spec)
-        assert plan is None or isinstance(plan, MultiLrDpPlan)
-        self.plan = plan
+        assert self.plan is None or isinstance(self.plan, MultiLrDpPlan)
         self.roles = lr_roles(spec)
         self._node: LrMultiPassive | None = None
 
-    @property
-    def weights(self) -> np.ndarray:
-        """Its weights so far (they never leave the node)."""
-        return self._node.w.copy() if self._node is not None else np.zeros(len(self.data.feature_names))
+    def _now(self) -> tuple[np.ndarray, int] | None:
+        return (self._node.w, self._node.iteration) if self._node is not None else None
 
-    def document(self) -> tuple[str, dict[str, object]]:
-        """Its part of the model as its node writes it: ``(file name, document)``."""
-        return "weights.json", lr_model_document(self.data.feature_names, self.weights)
+    def _set(self, w: np.ndarray, done: int) -> None:
+        assert self._node is not None
+        self._node.w, self._node.iteration = w, done
 
-    def _start(self, x: np.ndarray, train: np.ndarray, test: np.ndarray) -> LrMultiAdvert:
+    def _start(self, x: np.ndarray, train: np.ndarray, test: np.ndarray) -> LrMultiAdvert:  # type: ignore[override]
         if self.rng is None:
             raise ProtocolError("vertical-lr: the passive party needs the node's noise generator (flooding, DP)")
         xs = scale_to_unit(self.spec, self.data, x)
-        self._node = LrMultiPassive(self.data.partner, xs[train], roles=self.roles, params=self.params, plan=self.plan, rng=self.rng,
-                                    record=self.record)
+        self._node = LrMultiPassive(self.data.partner, xs[train], roles=self.roles, params=self.params, plan=self.plan,  # type: ignore[arg-type]
+                                    rng=self.rng, record=self.record)
         self._test_x = xs[test]
         return self._node.advert()
-
-    def _restore(self, done: int, mine: int) -> None:
-        assert self._node is not None and self._resume is not None
-        key = "weights" if done == mine else "previous" if done == mine - 1 else None
-        if key is None or done < 1 or done >= self.params.iterations or key not in self._resume:
-            raise ProtocolError(f"vertical resume: the label holder resumes after {done} iteration(s); this party's checkpoint covers {mine}")
-        w = np.asarray(self._resume[key], dtype=np.float64)
-        if w.shape != self._node.w.shape or not np.isfinite(w).all():
-            raise ProtocolError(f"vertical resume: the checkpoint's {key} must be {len(self._node.w)} finite values, got shape {w.shape}")
-        self._node.w, self._node.iteration = w, done
 
     def _train(self, msg: object) -> tuple[object, ...]:
         assert self._node is not None
@@ -1067,14 +1064,6 @@ class PassiveLrMultiParty(_PassiveAligned):
             # written before its next share leaves; the label holder checkpoints this iteration when every share has arrived
             self.checkpoint(self._node.iteration, {**self._body(), "weights": [float(x) for x in self._node.w],
                                                    "previous": [float(x) for x in before]})
-        return out
-
-    def _predict(self) -> PartialLogits:
-        assert self._node is not None and self._test_x is not None
-        if self._node.iteration < self.params.iterations:
-            raise ProtocolError(f"vertical-lr: prediction before training ended ({self._node.iteration} of {self.params.iterations} iterations)")
-        out, event = passive_lr_predict(self.data.partner, self._node.w, self._test_x, round_=self.params.iterations)
-        self.record(event, out.values.tobytes())
         return out
 
 
