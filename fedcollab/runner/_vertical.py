@@ -40,7 +40,7 @@ from fedcollab.protocols.vertical import (
     VerticalDpPlan,
     active_layout,
     active_margin,
-    aligned_ids_digest,
+    checkpoint_rows,
     lookup_document,
     model_document,
     model_from_document,
@@ -285,15 +285,10 @@ def resumed_rows(resume: Mapping[str, Mapping[str, Any]], active: VerticalPartyD
         if doc is None:
             raise ConfigError(f"--resume: no checkpoint of {party.partner} (expected one per party)")
         try:
-            rows = np.asarray(doc["rows"], dtype=np.int64)
             done[party.partner] = int(doc["done"])
         except (KeyError, TypeError, ValueError):
-            raise ConfigError(f"--resume: {party.partner}'s checkpoint: expected `rows` (a list of row numbers) and `done`, got a malformed one") from None
-        if rows.ndim != 1 or len(rows) == 0 or rows.min() < 0 or rows.max() >= len(party.ids) or len(np.unique(rows)) != len(rows):
-            raise ConfigError(f"--resume: {party.partner}'s checkpoint: rows: expected distinct row numbers of its {len(party.ids)} records, got others")
-        if aligned_ids_digest([party.ids[int(i)] for i in rows]) != doc.get("ids_sha256"):
-            raise ConfigError(f"--resume: {party.partner}'s data changed since the interrupted run (the checkpoint's aligned ids differ from its file's)")
-        out[party.partner] = rows
+            raise ConfigError(f"--resume: {party.partner}'s checkpoint: done: expected the number of trees or iterations done, got a malformed one") from None
+        out[party.partner] = checkpoint_rows(party, doc, error=ConfigError, what=f"--resume: {party.partner}'s checkpoint")
     if len({len(r) for r in out.values()}) != 1 or len(set(done.values())) != 1:
         raise ConfigError("--resume: the parties' checkpoints disagree (rows " + ", ".join(f"{k} {len(r)}" for k, r in out.items())
                           + "; done " + ", ".join(f"{k} {d}" for k, d in done.items()) + ")")

@@ -561,3 +561,26 @@ def test_vertical_lr_with_two_passive_parties_runs_resumes_scores_and_verifies(r
     assert len(scores) == s["intersection"] and scores["score"].between(0, 1).all()
     logits = [json.loads(x) for x in (out / "nodes" / "stress" / "ledger.jsonl").read_text().splitlines()]
     assert any(e["kind"] == "release" and e["body"]["release"]["kind"] == "vertical_logit" and e["run_id"].startswith("score-") for e in logits)
+
+
+def test_a_resume_is_refused_when_a_partys_file_no_longer_holds_its_checkpointed_ids(root):
+    """The runner's and the node's resume share one check of a party's checkpointed rows (ConfigError here, naming the party)."""
+    import numpy as np
+
+    from fedcollab.core import ConfigError, ProtocolError
+    from fedcollab.data import load_vertical_party
+    from fedcollab.protocols.vertical import checkpoint_rows, rows_body
+    from fedcollab.runner._vertical import resumed_rows
+    from fedcollab.spec import load_spec
+
+    spec = load_spec(root / "specs" / "heart-disease-vertical.toml")
+    clinic, lab = load_vertical_party(spec, "clinic"), load_vertical_party(spec, "lab")
+    docs = {"clinic": {**rows_body(clinic, np.arange(5)), "done": 2}, "lab": {**rows_body(lab, np.arange(5)), "done": 2}}
+    assert len(resumed_rows(docs, clinic, [lab])[0]) == 5
+    moved = {**docs, "lab": {**docs["lab"], "rows": list(range(1, 6))}}  # the same count, other records: the ids' digest differs
+    with pytest.raises(ConfigError, match="--resume: lab's checkpoint: the party's data changed"):
+        resumed_rows(moved, clinic, [lab])
+    with pytest.raises(ConfigError, match="--resume: lab's checkpoint: rows: expected distinct"):
+        resumed_rows({**docs, "lab": {**docs["lab"], "rows": [0, 0, 1]}}, clinic, [lab])
+    with pytest.raises(ProtocolError, match="vertical resume: the checkpoint: the party's data changed"):
+        checkpoint_rows(lab, moved["lab"])

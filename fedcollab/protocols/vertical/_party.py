@@ -311,16 +311,21 @@ def rows_body(data: VerticalPartyData, rows: np.ndarray) -> dict[str, object]:
     return {"rows": [int(i) for i in rows], "ids_sha256": aligned_ids_digest([data.ids[int(i)] for i in rows])}
 
 
-def checkpoint_rows(data: VerticalPartyData, doc: Mapping[str, object]) -> np.ndarray:
-    """A party's aligned rows from its own checkpoint, refused unless its file still has those ids."""
+def checkpoint_rows(data: VerticalPartyData, doc: Mapping[str, object], *, error: type[Exception] = ProtocolError,
+                    what: str = "vertical resume: the checkpoint") -> np.ndarray:
+    """A party's aligned rows from its own checkpoint, refused unless its file still has those ids.
+
+    ``error`` / ``what``: the refusal's class and wording (the node's ``ProtocolError``; ``fedcollab
+    run --resume`` raises ``ConfigError`` naming the party's checkpoint).
+    """
     try:
         rows = np.asarray(doc["rows"], dtype=np.int64)
     except (KeyError, TypeError, ValueError):
-        raise ProtocolError("vertical resume: the checkpoint's `rows` must be a list of row numbers") from None
+        raise error(f"{what}: rows: expected a list of row numbers") from None
     if rows.ndim != 1 or rows.size == 0 or rows.min() < 0 or rows.max() >= len(data.ids) or np.unique(rows).size != rows.size:
-        raise ProtocolError(f"vertical resume: the checkpoint's `rows` must be distinct row numbers of the party's {len(data.ids)} records")
+        raise error(f"{what}: rows: expected distinct row numbers of the party's {len(data.ids)} records, got others")
     if aligned_ids_digest([data.ids[int(i)] for i in rows]) != doc.get("ids_sha256"):
-        raise ProtocolError("vertical resume: the party's data changed since the checkpoint (its aligned ids differ)")
+        raise error(f"{what}: the party's data changed since the checkpoint (its aligned ids differ from its file's)")
     return rows
 
 
