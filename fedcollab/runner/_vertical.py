@@ -34,6 +34,7 @@ from fedcollab.protocols.vertical import (
     LookupEntry,
     VerticalModel,
     LrStart,
+    MultiLrDpPlan,
     MultiLrStart,
     Recorder,
     SecureBoostStart,
@@ -347,6 +348,7 @@ def _simulate_lr_multi(spec: Spec, active: tuple[VerticalPartyData, np.ndarray, 
                        on_checkpoint: Callable[[MultiLrStart], None] | None = None) -> VerticalOutcome:
     """Vertical logistic regression with several passive parties (two key holders; docs/vertical-lr.md, "Several passive parties")."""
     from fedcollab.protocols.vertical import (
+        GradientAnswer,
         PartialLogits,
         VerticalLrModel,
         active_lr_predict,
@@ -362,7 +364,7 @@ def _simulate_lr_multi(spec: Spec, active: tuple[VerticalPartyData, np.ndarray, 
     done = [start.iterations if start is not None else 0]
 
     def seen(_to: str, msg: object) -> None:
-        if type(msg).__name__ == "GradientAnswer" and _to == passives[-1][0].partner and on_tree is not None:
+        if isinstance(msg, GradientAnswer) and _to == passives[-1][0].partner and on_tree is not None:
             on_tree(done[0])
             done[0] += 1
 
@@ -438,7 +440,7 @@ def _plan_json(outcome: VerticalOutcome) -> dict[str, Any] | None:
     if outcome.kind == "gbdt":
         return {"z": plan.z, "sigma": plan.sigma, "epsilon": plan.epsilon, "delta": plan.delta, "unit": "record", "observer": "label_holder",
                 "covers": "the per-bin sums the label holder decrypts (not the split partitions)"}
-    if type(plan).__name__ == "MultiLrDpPlan":
+    if isinstance(plan, MultiLrDpPlan):
         return {"z": plan.z, "epsilon": plan.epsilon, "delta": plan.delta, "unit": "record", "observer": "each other party",
                 "covers": "every other party's gradient, which each party's residual share feeds (noised by the key holder that decrypts it); "
                           "epsilon composes all of a party's releases, whoever observes them"}
